@@ -1,0 +1,46 @@
+//! Compiles the seccomp filters in seccomp/*.json to BPF at build time; src/seccomp.rs embeds
+//! the result. A filter that fails to compile fails the build.
+
+use std::env;
+use std::fs::{self, File};
+use std::path::PathBuf;
+
+use seccompiler::{compile_from_json, TargetArch};
+
+/// One filter per thread role; each JSON file holds one filter named for its role.
+const ROLES: &[&str] = &["vmm", "vcpu"];
+
+fn main() {
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let arch = match env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
+        Ok("x86_64") => TargetArch::x86_64,
+        Ok(other) => panic!("bulkhead's seccomp filters are written for x86_64, not {other}"),
+        Err(e) => panic!("CARGO_CFG_TARGET_ARCH unset: {e}"),
+    };
+    for role in ROLES {
+        let src = PathBuf::from("seccomp").join(format!("{role}.json"));
+        println!("cargo:rerun-if-changed={}", src.display());
+        let file =
+            File::open(&src).unwrap_or_else(|e| panic!("cannot open {}: {e}", src.display()));
+        let mut filters = compile_from_json(file, arch)
+            .unwrap_or_else(|e| panic!("cannot compile {}: {e}", src.display()));
+        let program = filters
+            .remove(*role)
+            .unwrap_or_else(|| panic!("{} has no filter named {role:?}", src.display()));
+        assert!(
+            filters.is_empty(),
+            "{} holds filters other than {role:?}",
+            src.display()
+        );
+        let mut bytes = Vec::with_capacity(program.len() * 8);
+        for insn in &program {
+            bytes.extend_from_slice(&insn.code.to_le_bytes());
+            bytes.push(insn.jt);
+            bytes.push(insn.jf);
+            bytes.extend_from_slice(&insn.k.to_le_bytes());
+        }
+        let dst = out_dir.join(format!("{role}.bpf"));
+        fs::write(&dst, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", dst.display()));
+    }
+    println!("cargo:rerun-if-changed=build.rs");
+}

@@ -1,0 +1,52 @@
+/* exitcodes: ends the VM each way bulkhead knows, picked by `mode=` on the command line.
+ *   mode=exit        (default) write `exit=N` to the guest-exit port
+ *   mode=reset       ask the i8042 to reset the CPU
+ *   mode=triple      fault with no usable IDT: a triple fault
+ *   mode=halt        halt with interrupts disabled
+ *   mode=unassigned  read and write a port and an MMIO address no device claims; exit 0 when
+ *                    every read came back all-ones, 1 otherwise
+ */
+#include "lib/rt.h"
+
+#define UNASSIGNED_PORT 0x3000
+/* In the 32-bit MMIO gap, where no device is placed. */
+#define UNASSIGNED_MMIO 0xd0000000ULL
+
+static void triple_fault(void) {
+    /* An IDT with limit 0: the #UD from ud2 can not be delivered, nor the #DF that follows. */
+    struct { u16 limit; u64 base; } __attribute__((packed)) idt = {0, 0};
+    __asm__ volatile("lidt %0; ud2" : : "m"(idt));
+}
+
+static int unassigned(void) {
+    int ok = 1;
+    ok &= inb(UNASSIGNED_PORT) == 0xff;
+    ok &= inw(UNASSIGNED_PORT) == 0xffff;
+    ok &= inl(UNASSIGNED_PORT) == 0xffffffffu;
+    outb(UNASSIGNED_PORT, 0x12);
+    ok &= mmio_read32(UNASSIGNED_MMIO) == 0xffffffffu;
+    mmio_write32(UNASSIGNED_MMIO, 0x12345678);
+    puts(ok ? "unassigned: all reads were all-ones\n" : "unassigned: a read was not all-ones\n");
+    return ok ? 0 : 1;
+}
+
+void guest_main(const u8 *zero_page) {
+    int len;
+    const char *mode = cmdline_value(zero_page, "mode", &len);
+    if (!mode || str_eq(mode, len, "exit")) {
+        exit_guest((u8)cmdline_u64(zero_page, "exit", 0));
+    } else if (str_eq(mode, len, "reset")) {
+        puts("exitcodes: resetting through the i8042\n");
+        outb(I8042_COMMAND_PORT, 0xfe);
+    } else if (str_eq(mode, len, "triple")) {
+        puts("exitcodes: triple fault\n");
+        triple_fault();
+    } else if (str_eq(mode, len, "halt")) {
+        puts("exitcodes: halting with interrupts off\n");
+        halt_forever();
+    } else if (str_eq(mode, len, "unassigned")) {
+        exit_guest((u8)unassigned());
+    }
+    puts("exitcodes: unknown mode\n");
+    exit_guest(0x7f);
+}

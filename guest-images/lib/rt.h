@@ -1,0 +1,69 @@
+/* Runtime for bulkhead's freestanding test guests: port I/O, the serial console, the guest
+ * ports, and the boot information bulkhead passes. Plain integer code only: the nested PVM
+ * host's instruction emulator lacks SSE/XSAVE paths and int3. */
+#ifndef BULKHEAD_GUEST_RT_H
+#define BULKHEAD_GUEST_RT_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define GUEST_EXIT_PORT 0xf4
+#define BOOT_COMPLETE_PORT 0xf5
+#define SERIAL_PORT 0x3f8
+#define I8042_COMMAND_PORT 0x64
+
+/* Offsets into the Linux zero page (struct boot_params). */
+#define BP_E820_ENTRIES 0x1e8
+#define BP_CMD_LINE_PTR 0x228
+#define BP_E820_TABLE 0x2d0
+#define E820_RAM 1
+
+struct e820_entry {
+    u64 addr;
+    u64 size;
+    u32 type;
+} __attribute__((packed));
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u64 rdmsr(u32 msr) {
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((u64)hi << 32) | lo;
+}
+static inline void wrmsr(u32 msr, u64 v) {
+    __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+}
+static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d) {
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+static inline u64 mmio_read64(u64 addr) { return *(volatile u64 *)addr; }
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+
+void putc(char c);
+void puts(const char *s);
+void put_dec(u64 v);
+void put_hex(u64 v);
+void boot_complete(void);
+__attribute__((noreturn)) void exit_guest(u8 status);
+__attribute__((noreturn)) void halt_forever(void);
+
+/* The kernel command line bulkhead passed. */
+const char *cmdline(const u8 *zero_page);
+/* Value of `key=...` on the command line as a string (NULL if absent); `len` gets its length. */
+const char *cmdline_value(const u8 *zero_page, const char *key, int *len);
+/* Value of `key=N` as a number, or `dflt` when absent or not a number. */
+u64 cmdline_u64(const u8 *zero_page, const char *key, u64 dflt);
+int str_eq(const char *a, int alen, const char *b);
+
+void *memset(void *dst, int c, unsigned long n);
+void *memcpy(void *dst, const void *src, unsigned long n);
+
+#endif

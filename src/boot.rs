@@ -1,0 +1,455 @@
+//! Loading the kernel, initrd and command line, and writing the boot information the kernel
+//! reads (Linux zero page or PVH start info).
+//!
+//! Any static ELF64 with a 64-bit entry point boots like a vmlinux; an ELF with a PVH note is
+//! entered through PVH instead; anything else must be a bzImage.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::{Error as ElfError, PvhBootCapability};
+use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::layout;
+use crate::arch::x86_64::regs::EntryMode;
+
+/// The boot protocol's magic numbers.
+const BOOT_FLAG: u16 = 0xaa55;
+const HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const LOADER_UNDEFINED: u8 = 0xff;
+const PVH_MAGIC: u32 = 0x336e_c578;
+/// The 64-bit entry point is 0x200 past the start of a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// Where an initrd may go when the kernel does not say (boot protocol < 2.03).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+const PAGE_SIZE: u64 = 4096;
+/// What bulkhead puts on every command line, before the user's part, so the user can override.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k";
+
+/// Errors while loading what the guest boots from.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is neither an ELF kernel nor a bzImage")]
+    NotAKernel { path: PathBuf },
+    #[error("cannot load kernel {path}: {source}")]
+    Kernel {
+        path: PathBuf,
+        #[source]
+        source: loader::Error,
+    },
+    #[error("initrd {path} is {size} bytes but only {room} bytes of RAM are free for it; give the VM more memory")]
+    InitrdTooBig { path: PathBuf, size: u64, room: u64 },
+    #[error("cannot read initrd {path}: {source}")]
+    Initrd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the kernel command line: {0}")]
+    Cmdline(#[from] linux_loader::cmdline::Error),
+    #[error("cannot write {what} into guest memory: {source}")]
+    GuestWrite {
+        what: &'static str,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("the memory map has {0} entries, more than the boot tables hold")]
+    MemoryMapTooBig(usize),
+}
+
+impl BootError {
+    /// True when the error lies in what the user gave (a bad file), not in the VMM.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(
+            self,
+            BootError::GuestWrite { .. } | BootError::MemoryMapTooBig(_)
+        )
+    }
+}
+
+/// A kernel placed in guest memory.
+#[derive(Debug, Clone)]
+pub struct LoadedKernel {
+    pub entry: u64,
+    pub mode: EntryMode,
+    /// First byte after the kernel image.
+    pub end: u64,
+    /// The bzImage setup header, for the zero page.
+    pub setup_header: Option<setup_header>,
+}
+
+/// An initrd placed in guest memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedInitrd {
+    pub addr: u64,
+    pub size: u64,
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
+    File::open(path).map_err(|source| BootError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Loads the kernel at `path` into `mem`.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let mut file = open("kernel", path)?;
+    let himem = Some(GuestAddress(layout::HIMEM_START));
+    let kernel_err = |source| BootError::Kernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    match Elf::load(mem, None, &mut file, himem) {
+        Ok(result) => {
+            let (entry, mode) = match result.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => (addr.0, EntryMode::Pvh),
+                _ => (result.kernel_load.0, EntryMode::Linux64),
+            };
+            Ok(LoadedKernel {
+                entry,
+                mode,
+                end: result.kernel_end,
+                setup_header: None,
+            })
+        }
+        Err(loader::Error::Elf(ElfError::InvalidElfMagicNumber)) => {
+            match BzImage::load(mem, None, &mut file, himem) {
+                Ok(result) => Ok(LoadedKernel {
+                    entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                    mode: EntryMode::Linux64,
+                    end: result.kernel_end,
+                    setup_header: result.setup_header,
+                }),
+                Err(loader::Error::Bzimage(_)) if !looks_like_bzimage(&mut file) => {
+                    Err(BootError::NotAKernel {
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(e) => Err(kernel_err(e)),
+            }
+        }
+        Err(e) => Err(kernel_err(e)),
+    }
+}
+
+/// True when the file has the "HdrS" setup-header magic, so a load failure is about a broken
+/// bzImage rather than a file of some other kind.
+fn looks_like_bzimage(file: &mut File) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    file.seek(SeekFrom::Start(0x202)).is_ok()
+        && file.read_exact(&mut magic).is_ok()
+        && u32::from_le_bytes(magic) == HDR_MAGIC
+}
+
+/// Places the initrd at the highest page-aligned address it fits below the MMIO gap (and below
+/// the kernel's limit), above the kernel.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mem_bytes: u64,
+    kernel: &LoadedKernel,
+) -> Result<LoadedInitrd, BootError> {
+    let mut file = open("initrd", path)?;
+    let initrd_err = |source| BootError::Initrd {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = file.seek(SeekFrom::End(0)).map_err(initrd_err)?;
+    file.rewind().map_err(initrd_err)?;
+    let limit = match &kernel.setup_header {
+        Some(hdr) if hdr.version >= 0x203 => u64::from(hdr.initrd_addr_max) + 1,
+        _ => DEFAULT_INITRD_ADDR_MAX + 1,
+    };
+    let top = layout::low_ram_end(mem_bytes).min(limit);
+    let floor = kernel
+        .end
+        .max(layout::HIMEM_START)
+        .next_multiple_of(PAGE_SIZE);
+    let room = top.saturating_sub(floor);
+    if size > room {
+        return Err(BootError::InitrdTooBig {
+            path: path.to_path_buf(),
+            size,
+            room,
+        });
+    }
+    let addr = (top - size) & !(PAGE_SIZE - 1);
+    let len = usize::try_from(size).map_err(|_| BootError::InitrdTooBig {
+        path: path.to_path_buf(),
+        size,
+        room,
+    })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|e| initrd_err(std::io::Error::other(e.to_string())))?;
+    Ok(LoadedInitrd { addr, size })
+}
+
+/// Builds the full command line: bulkhead's part, then the user's boot arguments, then the
+/// user's init arguments (everything after ` -- `).
+pub fn build_cmdline(user: &str, extra: &[String]) -> Result<Cmdline, BootError> {
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE)?;
+    cmdline.insert_str(BASE_CMDLINE)?;
+    for item in extra {
+        cmdline.insert_str(item)?;
+    }
+    let (boot, init) = split_init_args(user);
+    if !boot.trim().is_empty() {
+        cmdline.insert_str(boot.trim())?;
+    }
+    if let Some(init) = init {
+        cmdline.insert_init_args(init.trim())?;
+    }
+    Ok(cmdline)
+}
+
+/// Splits `user` at its first standalone `--`.
+fn split_init_args(user: &str) -> (&str, Option<&str>) {
+    let trimmed = user.trim_start();
+    if let Some(rest) = trimmed.strip_prefix("--") {
+        if rest.is_empty() || rest.starts_with(' ') {
+            return ("", Some(rest));
+        }
+    }
+    match user.find(" -- ") {
+        Some(i) => (&user[..i], Some(&user[i + 4..])),
+        None => match user.strip_suffix(" --") {
+            Some(boot) => (boot, Some("")),
+            None => (user, None),
+        },
+    }
+}
+
+/// Writes the command line and the boot information for `kernel` into guest memory.
+pub fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    kernel: &LoadedKernel,
+    initrd: Option<&LoadedInitrd>,
+    cmdline: &Cmdline,
+) -> Result<(), BootError> {
+    let cmdline_bytes = cmdline.as_cstring()?.into_bytes_with_nul();
+    mem.write_slice(&cmdline_bytes, GuestAddress(layout::CMDLINE_START))
+        .map_err(|source| BootError::GuestWrite {
+            what: "command line",
+            source,
+        })?;
+    let cmdline_len = cmdline_bytes.len().saturating_sub(1) as u32;
+    match kernel.mode {
+        EntryMode::Linux64 => write_zero_page(mem, mem_bytes, kernel, initrd, cmdline_len),
+        EntryMode::Pvh => write_pvh_info(mem, mem_bytes, initrd),
+    }
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    kernel: &LoadedKernel,
+    initrd: Option<&LoadedInitrd>,
+    cmdline_len: u32,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    match kernel.setup_header {
+        Some(hdr) => params.hdr = hdr,
+        None => {
+            params.hdr.boot_flag = BOOT_FLAG;
+            params.hdr.header = HDR_MAGIC;
+            params.hdr.kernel_alignment = 0x0100_0000;
+        }
+    }
+    params.hdr.type_of_loader = LOADER_UNDEFINED;
+    params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len;
+    if let Some(initrd) = initrd {
+        params.hdr.ramdisk_image = initrd.addr as u32;
+        params.hdr.ramdisk_size = initrd.size as u32;
+    }
+    let map = layout::memory_map(mem_bytes);
+    if map.len() > params.e820_table.len() {
+        return Err(BootError::MemoryMapTooBig(map.len()));
+    }
+    for (slot, entry) in params.e820_table.iter_mut().zip(map.iter()) {
+        *slot = boot_e820_entry {
+            addr: entry.addr,
+            size: entry.size,
+            r#type: entry.kind as u32,
+        };
+    }
+    params.e820_entries = map.len() as u8;
+    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_START))
+        .map_err(|source| BootError::GuestWrite {
+            what: "zero page",
+            source,
+        })
+}
+
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    initrd: Option<&LoadedInitrd>,
+) -> Result<(), BootError> {
+    let write_err = |what| move |source| BootError::GuestWrite { what, source };
+    let map = layout::memory_map(mem_bytes);
+    if map.len() > layout::PVH_MEMMAP_MAX_ENTRIES {
+        return Err(BootError::MemoryMapTooBig(map.len()));
+    }
+    for (i, entry) in map.iter().enumerate() {
+        let e = hvm_memmap_table_entry {
+            addr: entry.addr,
+            size: entry.size,
+            type_: entry.kind as u32,
+            reserved: 0,
+        };
+        let addr =
+            layout::PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+        mem.write_obj(e, GuestAddress(addr))
+            .map_err(write_err("PVH memory map"))?;
+    }
+    let mut info = hvm_start_info {
+        magic: PVH_MAGIC,
+        version: 1,
+        cmdline_paddr: layout::CMDLINE_START,
+        memmap_paddr: layout::PVH_MEMMAP_START,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some(initrd) = initrd {
+        let module = hvm_modlist_entry {
+            paddr: initrd.addr,
+            size: initrd.size,
+            ..Default::default()
+        };
+        mem.write_obj(module, GuestAddress(layout::PVH_MODLIST_START))
+            .map_err(write_err("PVH module list"))?;
+        info.nr_modules = 1;
+        info.modlist_paddr = layout::PVH_MODLIST_START;
+    }
+    mem.write_obj(info, GuestAddress(layout::PVH_INFO_START))
+        .map_err(write_err("PVH start info"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem(size: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    #[test]
+    fn user_arguments_follow_bulkheads_and_init_arguments_come_last() {
+        let c = build_cmdline("quiet exit=3 -- /bin/sh -c 'echo hi'", &[]).unwrap();
+        let s = c.as_cstring().unwrap().into_string().unwrap();
+        assert_eq!(
+            s,
+            "console=ttyS0 reboot=k quiet exit=3 -- /bin/sh -c 'echo hi'"
+        );
+    }
+
+    #[test]
+    fn bulkhead_additions_stay_before_the_init_separator() {
+        let c = build_cmdline(
+            "-- init-arg",
+            &["virtio_mmio.device=4K@0xd0000000:5".to_string()],
+        )
+        .unwrap();
+        let s = c.as_cstring().unwrap().into_string().unwrap();
+        let sep = s.find(" -- ").unwrap();
+        assert!(s.find("virtio_mmio").unwrap() < sep, "{s}");
+        assert!(s.ends_with("-- init-arg"));
+    }
+
+    #[test]
+    fn empty_user_command_line_gives_the_base() {
+        let c = build_cmdline("", &[]).unwrap();
+        assert_eq!(c.as_cstring().unwrap().into_string().unwrap(), BASE_CMDLINE);
+    }
+
+    #[test]
+    fn too_long_command_line_is_refused() {
+        assert!(build_cmdline(&"a".repeat(layout::CMDLINE_MAX_SIZE), &[]).is_err());
+    }
+
+    #[test]
+    fn file_that_is_neither_elf_nor_bzimage_is_named_as_such() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-boot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("junk");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = load_kernel(&mem(16 << 20), &path).unwrap_err();
+        assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+        assert!(err.is_bad_input());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn initrd_goes_page_aligned_at_the_top_of_low_ram_or_is_refused() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-initrd-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("initrd");
+        std::fs::write(&path, vec![7u8; 5000]).unwrap();
+        let m = mem(16 << 20);
+        let kernel = LoadedKernel {
+            entry: 0x10_0000,
+            mode: EntryMode::Linux64,
+            end: 0x20_0000,
+            setup_header: None,
+        };
+        let initrd = load_initrd(&m, &path, 16 << 20, &kernel).unwrap();
+        assert_eq!(initrd.addr % PAGE_SIZE, 0);
+        assert!(initrd.addr + initrd.size <= 16 << 20);
+        assert!(initrd.addr >= kernel.end);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(initrd.addr + 4999)).unwrap(),
+            7
+        );
+
+        let fat_kernel = LoadedKernel {
+            end: (16 << 20) - 4096,
+            ..kernel
+        };
+        let err = load_initrd(&m, &path, 16 << 20, &fat_kernel).unwrap_err();
+        assert!(
+            matches!(err, BootError::InitrdTooBig { size: 5000, .. }),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn zero_page_carries_the_memory_map_and_command_line() {
+        let m = mem(32 << 20);
+        let kernel = LoadedKernel {
+            entry: 0x10_0000,
+            mode: EntryMode::Linux64,
+            end: 0x20_0000,
+            setup_header: None,
+        };
+        let cmdline = build_cmdline("x=1", &[]).unwrap();
+        write_boot_info(&m, 32 << 20, &kernel, None, &cmdline).unwrap();
+        let params: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
+        let entries = params.e820_entries;
+        assert_eq!(usize::from(entries), layout::memory_map(32 << 20).len());
+        let ptr = params.hdr.cmd_line_ptr;
+        assert_eq!(u64::from(ptr), layout::CMDLINE_START);
+        let last = params.e820_table[usize::from(entries) - 1];
+        let end = last.addr + last.size;
+        assert_eq!(end, 32 << 20);
+    }
+}

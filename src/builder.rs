@@ -1,0 +1,214 @@
+//! The boot recipe: validated config in, a ready-to-run [`Vmm`] out.
+//!
+//! 1. open KVM and check it; 2. create this VM's own memory; 3. create the VM (memslots,
+//! irqchip, PIT); 4. attach devices; 5. load kernel, initrd and command line, write the boot
+//! tables; 6. create and configure the vCPUs.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::sync::Arc;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{mptable, ArchError};
+use crate::boot::{self, BootError};
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::devices::legacy::{
+    self, BootCompletePort, GuestExitPort, IoDelayPort, SerialPort, I8042,
+};
+use crate::devices::{Bus, BusError};
+use crate::exit::ExitSignal;
+use crate::telemetry::VmCounters;
+use crate::vmm::Vmm;
+use crate::vstate::kvm::{self, KvmError};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError, VcpuIo};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    Cpuid(#[source] kvm_ioctls::Error),
+    #[error("cannot create an eventfd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open console file {path}: {source}")]
+    ConsoleFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BuildError {
+    /// True when the user can fix this by changing their input or host setup (exit status 2).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            BuildError::Kvm(e) => e.is_bad_input(),
+            BuildError::Boot(e) => e.is_bad_input(),
+            BuildError::ConsoleFile { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Builds the VM described by `config`, ready for [`Vmm::run`].
+pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
+    let kvm = kvm::open_kvm(&config.kvm_device)?;
+    kvm::check_vcpu_limit(&kvm, config.vcpus)?;
+    let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
+    let vm = Vm::new(&kvm, guest_memory)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|source| BuildError::EventFd {
+        what: "VM exit",
+        source,
+    })?);
+    let (console_out, console_input) = console(&config.console)?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
+        what: "the serial IRQ",
+        source,
+    })?;
+    vm.register_irqfd(&serial_irq, legacy::SERIAL_IRQ)?;
+    let serial = Arc::new(SerialPort::new(serial_irq, console_out));
+    let pio = pio_bus(&serial, &exit)?;
+
+    let mem = vm.memory();
+    let kernel = boot::load_kernel(mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(mem, path, config.mem_bytes(), &kernel)?),
+        None => None,
+    };
+    let cmdline = boot::build_cmdline(&config.cmdline, &[])?;
+    boot::write_boot_info(mem, config.mem_bytes(), &kernel, initrd.as_ref(), &cmdline)?;
+    mptable::setup_mptable(mem, config.vcpus)?;
+
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::Cpuid)?;
+    let mut vcpus = Vec::new();
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(&vm, index)?;
+        let boot = (index == 0).then_some(BootEntry {
+            entry: kernel.entry,
+            mode: kernel.mode,
+        });
+        vcpu.configure(&supported_cpuid, config.vcpus, mem, boot)?;
+        vcpus.push(vcpu);
+    }
+    log::debug!(
+        "built VM {} for tenant {}: {} vCPU(s), {} MiB, kernel entry {:#x} ({:?})",
+        config.vm_id,
+        config.tenant,
+        config.vcpus,
+        config.mem_mib,
+        kernel.entry,
+        kernel.mode
+    );
+
+    let io = Arc::new(VcpuIo {
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+        counters: Arc::new(VmCounters::default()),
+        exit,
+    });
+    Ok(Vmm {
+        vm,
+        vcpus,
+        io,
+        serial,
+        console_input,
+        seccomp: config.seccomp,
+        test_hook: config.test_hook,
+    })
+}
+
+fn pio_bus(serial: &Arc<SerialPort>, exit: &Arc<ExitSignal>) -> Result<Bus, BuildError> {
+    let mut pio = Bus::new();
+    pio.insert(
+        serial.clone(),
+        legacy::SERIAL_PORT_BASE,
+        legacy::SERIAL_PORT_LEN,
+    )?;
+    pio.insert(
+        Arc::new(I8042::new(exit.clone())),
+        legacy::I8042_PORT_BASE,
+        legacy::I8042_PORT_LEN,
+    )?;
+    pio.insert(
+        Arc::new(GuestExitPort(exit.clone())),
+        legacy::GUEST_EXIT_PORT,
+        1,
+    )?;
+    pio.insert(
+        Arc::new(BootCompletePort::default()),
+        legacy::BOOT_COMPLETE_PORT,
+        1,
+    )?;
+    pio.insert(Arc::new(IoDelayPort), legacy::IO_DELAY_PORT, 1)?;
+    Ok(pio)
+}
+
+/// The console's output sink and, for stdio, its input source.
+fn console(config: &ConsoleConfig) -> Result<(Box<dyn Write + Send>, Option<File>), BuildError> {
+    match config {
+        ConsoleConfig::Stdio => {
+            let stdin = dup_stdin();
+            Ok((Box::new(std::io::stdout()), stdin))
+        }
+        ConsoleConfig::None => Ok((Box::new(std::io::sink()), None)),
+        ConsoleConfig::File(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::ConsoleFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok((Box::new(file), None))
+        }
+    }
+}
+
+/// A duplicate of stdin for the event loop, or None when stdin is closed or can not be
+/// polled (a regular file or /dev/null never signals readiness to epoll).
+fn dup_stdin() -> Option<File> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata("/dev/stdin").ok()?;
+    let kind = meta.file_type();
+    if !(kind.is_fifo() || kind.is_socket() || kind.is_char_device()) || is_dev_null(&meta) {
+        return None;
+    }
+    // SAFETY: dup of fd 0 has no memory effects; a negative result means no stdin.
+    let fd = unsafe { libc::dup(libc::STDIN_FILENO) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a fresh descriptor that only this File owns.
+    Some(unsafe { File::from_raw_fd(fd) })
+}
+
+fn is_dev_null(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/dev/null").is_ok_and(|null| null.rdev() == meta.rdev())
+}

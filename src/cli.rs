@@ -1,0 +1,106 @@
+//! Command-line parsing. Turns flags into a [`RawConfig`] laid over the config file's.
+
+use std::path::PathBuf;
+
+use bulkhead::config::TestHook;
+use bulkhead::RawConfig;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "A minimal KVM VMM: one tenant microVM per process"
+)]
+pub struct Cli {
+    /// Log level for messages on stderr.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info, global = true)]
+    pub log_level: LogLevel,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot one VM and wait for it to end; exits with the guest's status.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Settings as JSON (same names as the flags, with underscores); flags override it.
+    #[arg(long, value_name = "FILE.json")]
+    pub config: Option<PathBuf>,
+    /// Kernel: an ELF vmlinux (or any static ELF64 with a 64-bit entry) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line, added after bulkhead's own arguments; `-- ARGS` go to init.
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// Guest RAM in MiB [default: 128].
+    #[arg(long, value_name = "N")]
+    pub mem_mib: Option<u64>,
+    /// Serial console: stdio, none or file:PATH [default: stdio].
+    #[arg(long, value_name = "stdio|file:PATH|none")]
+    pub console: Option<String>,
+    /// Tenant this VM belongs to [default: default].
+    #[arg(long, value_name = "ID")]
+    pub tenant: Option<String>,
+    /// This VM's id [default: random].
+    #[arg(long, value_name = "ID")]
+    pub vm_id: Option<String>,
+    /// Run without seccomp filters. For debugging only: the VMM is then unconfined.
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// KVM device to open.
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub kvm_device: Option<PathBuf>,
+    /// Misbehave on purpose so tests can prove a defence (debug builds only).
+    #[arg(long, value_name = "HOOK", hide = true)]
+    pub test_hook: Option<TestHook>,
+}
+
+impl RunArgs {
+    /// The settings given as flags.
+    pub fn raw_config(&self) -> RawConfig {
+        RawConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            console: self.console.clone(),
+            tenant: self.tenant.clone(),
+            vm_id: self.vm_id.clone(),
+            seccomp: self.no_seccomp.then_some(false),
+            kvm_device: self.kvm_device.clone(),
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! Validated VM settings, from command-line flags and a JSON file (flags win).
+//!
+//! This module never opens files: the caller reads the JSON file and hands over its text, and
+//! paths are only checked for shape here; the boot module opens them.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Smallest guest RAM accepted; below this even the test guests' page tables and stacks are
+/// cramped, and a Linux guest can not decompress.
+pub const MIN_MEM_MIB: u64 = 16;
+/// Default guest RAM.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Default vCPU count.
+pub const DEFAULT_VCPUS: u32 = 1;
+/// The MP table names CPUs by 8-bit APIC id and 0xff is the broadcast id, so 254 vCPUs is the
+/// most this board can describe. KVM's own limit is checked when the VM is built.
+pub const MAX_VCPUS: u32 = 254;
+/// Linux's COMMAND_LINE_SIZE on x86.
+pub const MAX_CMDLINE_LEN: usize = 2048;
+/// Longest tenant or VM id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Errors in user-supplied settings.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid config file: {0}")]
+    Json(String),
+    #[error("no kernel given: pass --kernel PATH or set \"kernel\" in the config file")]
+    MissingKernel,
+    #[error("--vcpus {0} is out of range: it must be between 1 and {MAX_VCPUS}")]
+    VcpuCount(u32),
+    #[error("--mem-mib {0} is too small: a VM needs at least {MIN_MEM_MIB} MiB")]
+    MemoryTooSmall(u64),
+    #[error("--mem-mib {requested} is more than this host's {host} MiB of RAM")]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("invalid --console {0:?}: expected stdio, none or file:PATH")]
+    Console(String),
+    #[error("invalid {field} {value:?}: use 1 to {MAX_ID_LEN} characters from A-Z a-z 0-9 . _ -")]
+    Id { field: &'static str, value: String },
+    #[error("the kernel command line is {0} bytes; the limit is {max} including bulkhead's additions", max = MAX_CMDLINE_LEN - 1)]
+    CmdlineTooLong(usize),
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("no random source for a VM id: {0}")]
+    Random(String),
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ConsoleConfig {
+    /// The VMM's stdin and stdout.
+    #[default]
+    Stdio,
+    /// Appended to a file (guest output only).
+    File(PathBuf),
+    /// Discarded; the port still works so the guest does not notice.
+    None,
+}
+
+impl std::str::FromStr for ConsoleConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdio" => Ok(ConsoleConfig::Stdio),
+            "none" => Ok(ConsoleConfig::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(path))),
+                _ => Err(ConfigError::Console(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for ConsoleConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsoleConfig::Stdio => write!(f, "stdio"),
+            ConsoleConfig::None => write!(f, "none"),
+            ConsoleConfig::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// Debugging hooks that make the VMM misbehave on purpose, so tests can prove its defences.
+/// Only compiled into debug builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestHook {
+    /// The vCPU thread makes a system call its seccomp filter forbids before its first KVM_RUN.
+    VcpuForbiddenSyscall,
+    /// The VMM thread does the same before serving its event loop.
+    VmmForbiddenSyscall,
+}
+
+impl std::str::FromStr for TestHook {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vcpu-forbidden-syscall" => Ok(TestHook::VcpuForbiddenSyscall),
+            "vmm-forbidden-syscall" => Ok(TestHook::VmmForbiddenSyscall),
+            _ => Err(format!("unknown test hook {s:?}")),
+        }
+    }
+}
+
+/// Settings as given, before validation. Both the JSON file and the flags produce one; the
+/// flags' one is laid over the file's.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub vcpus: Option<u32>,
+    pub mem_mib: Option<u64>,
+    pub console: Option<String>,
+    pub tenant: Option<String>,
+    pub vm_id: Option<String>,
+    /// `false` disables the seccomp filters (debugging only).
+    pub seccomp: Option<bool>,
+    /// Path of the KVM device; `/dev/kvm` unless given.
+    pub kvm_device: Option<PathBuf>,
+}
+
+impl RawConfig {
+    /// Parses the text of a JSON config file. Unknown fields are errors.
+    pub fn from_json(text: &str) -> Result<RawConfig, ConfigError> {
+        serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))
+    }
+
+    /// Lays `over` on top of `self`: every field set in `over` wins.
+    pub fn overlay(self, over: RawConfig) -> RawConfig {
+        RawConfig {
+            kernel: over.kernel.or(self.kernel),
+            initrd: over.initrd.or(self.initrd),
+            cmdline: over.cmdline.or(self.cmdline),
+            vcpus: over.vcpus.or(self.vcpus),
+            mem_mib: over.mem_mib.or(self.mem_mib),
+            console: over.console.or(self.console),
+            tenant: over.tenant.or(self.tenant),
+            vm_id: over.vm_id.or(self.vm_id),
+            seccomp: over.seccomp.or(self.seccomp),
+            kvm_device: over.kvm_device.or(self.kvm_device),
+        }
+    }
+}
+
+/// Validated settings for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The user's part of the kernel command line; bulkhead adds its own in front.
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub console: ConsoleConfig,
+    pub tenant: String,
+    pub vm_id: String,
+    pub seccomp: bool,
+    pub kvm_device: PathBuf,
+    pub test_hook: Option<TestHook>,
+}
+
+impl VmConfig {
+    /// Validates `raw` against this host (`host_mem_mib` is its RAM).
+    pub fn from_raw(raw: RawConfig, host_mem_mib: u64) -> Result<VmConfig, ConfigError> {
+        let kernel = raw.kernel.ok_or(ConfigError::MissingKernel)?;
+        let vcpus = raw.vcpus.unwrap_or(DEFAULT_VCPUS);
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(ConfigError::VcpuCount(vcpus));
+        }
+        let mem_mib = raw.mem_mib.unwrap_or(DEFAULT_MEM_MIB);
+        if mem_mib < MIN_MEM_MIB {
+            return Err(ConfigError::MemoryTooSmall(mem_mib));
+        }
+        if mem_mib > host_mem_mib {
+            return Err(ConfigError::MemoryTooLarge {
+                requested: mem_mib,
+                host: host_mem_mib,
+            });
+        }
+        let console = match raw.console {
+            Some(c) => c.parse()?,
+            None => ConsoleConfig::default(),
+        };
+        let cmdline = raw.cmdline.unwrap_or_default();
+        if cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        // bulkhead's own additions are checked again when the full line is built.
+        if cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
+        }
+        let tenant = raw.tenant.unwrap_or_else(|| "default".to_string());
+        validate_id("--tenant", &tenant)?;
+        let vm_id = match raw.vm_id {
+            Some(id) => id,
+            None => random_vm_id()?,
+        };
+        validate_id("--vm-id", &vm_id)?;
+        Ok(VmConfig {
+            kernel,
+            initrd: raw.initrd,
+            cmdline,
+            vcpus,
+            mem_mib,
+            console,
+            tenant,
+            vm_id,
+            seccomp: raw.seccomp.unwrap_or(true),
+            kvm_device: raw.kvm_device.unwrap_or_else(|| PathBuf::from("/dev/kvm")),
+            test_hook: None,
+        })
+    }
+
+    /// Guest RAM in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+fn validate_id(field: &'static str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_ID_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Id {
+            field,
+            value: value.to_string(),
+        })
+    }
+}
+
+/// A 128-bit random id in hex, from getrandom(2) (no file is opened).
+fn random_vm_id() -> Result<String, ConfigError> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: the buffer is valid for writes of its full length, and getrandom writes at most
+    // that many bytes.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if usize::try_from(n).ok() != Some(bytes.len()) {
+        return Err(ConfigError::Random(
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// This host's RAM in MiB, from sysinfo(2).
+pub fn host_mem_mib() -> u64 {
+    // SAFETY: sysinfo only writes into the struct we pass, which is zero-initialised POD.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable sysinfo struct.
+    let rc = unsafe { libc::sysinfo(&mut info) };
+    if rc != 0 {
+        return u64::MAX;
+    }
+    (info.totalram as u64).saturating_mul(u64::from(info.mem_unit)) >> 20
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_with_kernel() -> RawConfig {
+        RawConfig {
+            kernel: Some("k".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_one_vcpu_128_mib_stdio_and_random_id() {
+        let a = VmConfig::from_raw(raw_with_kernel(), 1 << 20).unwrap();
+        let b = VmConfig::from_raw(raw_with_kernel(), 1 << 20).unwrap();
+        assert_eq!(a.vcpus, 1);
+        assert_eq!(a.mem_mib, 128);
+        assert_eq!(a.console, ConsoleConfig::Stdio);
+        assert_eq!(a.vm_id.len(), 32);
+        assert_ne!(a.vm_id, b.vm_id);
+        assert!(a.seccomp);
+    }
+
+    #[test]
+    fn flags_override_file_fields_they_set_and_keep_the_rest() {
+        let file = RawConfig::from_json(r#"{"kernel":"a","vcpus":2,"mem_mib":64}"#).unwrap();
+        let flags = RawConfig {
+            vcpus: Some(4),
+            ..Default::default()
+        };
+        let merged = file.overlay(flags);
+        assert_eq!(merged.kernel, Some(PathBuf::from("a")));
+        assert_eq!(merged.vcpus, Some(4));
+        assert_eq!(merged.mem_mib, Some(64));
+    }
+
+    #[test]
+    fn unknown_json_field_is_refused() {
+        let err = RawConfig::from_json(r#"{"kernel":"a","vcpu":2}"#).unwrap_err();
+        assert!(matches!(err, ConfigError::Json(m) if m.contains("unknown field `vcpu`")));
+    }
+
+    #[test]
+    fn out_of_range_vcpus_and_memory_are_refused() {
+        let mut raw = raw_with_kernel();
+        raw.vcpus = Some(0);
+        assert_eq!(
+            VmConfig::from_raw(raw.clone(), 1024),
+            Err(ConfigError::VcpuCount(0))
+        );
+        raw.vcpus = Some(255);
+        assert_eq!(
+            VmConfig::from_raw(raw.clone(), 1024),
+            Err(ConfigError::VcpuCount(255))
+        );
+        raw.vcpus = None;
+        raw.mem_mib = Some(15);
+        assert_eq!(
+            VmConfig::from_raw(raw.clone(), 1024),
+            Err(ConfigError::MemoryTooSmall(15))
+        );
+        raw.mem_mib = Some(2048);
+        assert_eq!(
+            VmConfig::from_raw(raw, 1024),
+            Err(ConfigError::MemoryTooLarge {
+                requested: 2048,
+                host: 1024
+            })
+        );
+    }
+
+    #[test]
+    fn console_accepts_the_three_forms_only() {
+        assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
+        assert_eq!("none".parse(), Ok(ConsoleConfig::None));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(ConsoleConfig::File("/tmp/x".into()))
+        );
+        assert!("file:".parse::<ConsoleConfig>().is_err());
+        assert!("tcp:1".parse::<ConsoleConfig>().is_err());
+    }
+
+    #[test]
+    fn ids_with_path_or_shell_characters_are_refused() {
+        for bad in ["", "a/b", "a b", "..;rm", &"x".repeat(65)] {
+            let mut raw = raw_with_kernel();
+            raw.tenant = Some(bad.to_string());
+            assert!(VmConfig::from_raw(raw, 1024).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn command_line_with_nul_or_too_long_is_refused() {
+        let mut raw = raw_with_kernel();
+        raw.cmdline = Some("a\0b".into());
+        assert_eq!(
+            VmConfig::from_raw(raw.clone(), 1024),
+            Err(ConfigError::CmdlineNul)
+        );
+        raw.cmdline = Some("a".repeat(MAX_CMDLINE_LEN));
+        assert!(matches!(
+            VmConfig::from_raw(raw, 1024),
+            Err(ConfigError::CmdlineTooLong(_))
+        ));
+    }
+}

@@ -1,0 +1,22 @@
+//! The few legacy PC devices a microVM keeps: one 16550A serial port, the i8042 (only for
+//! its reset line), and bulkhead's own guest ports for exit status and boot timing.
+
+pub mod i8042;
+pub mod ports;
+pub mod serial;
+
+pub use i8042::I8042;
+pub use ports::{BootCompletePort, GuestExitPort, IoDelayPort};
+pub use serial::{EventFdTrigger, SerialPort};
+
+/// I/O ports of the devices above.
+pub const SERIAL_PORT_BASE: u64 = 0x3f8;
+pub const SERIAL_PORT_LEN: u64 = 8;
+pub const SERIAL_IRQ: u32 = 4;
+pub const I8042_PORT_BASE: u64 = 0x60;
+pub const I8042_PORT_LEN: u64 = 5;
+pub const GUEST_EXIT_PORT: u64 = 0xf4;
+pub const BOOT_COMPLETE_PORT: u64 = 0xf5;
+/// Linux writes here to delay I/O; swallowing it keeps the unassigned-port counters about
+/// things that matter.
+pub const IO_DELAY_PORT: u64 = 0x80;

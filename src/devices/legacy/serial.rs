@@ -1,0 +1,138 @@
+//! The 16550A UART at 0x3f8 (vm-superio), wired to the console and to IRQ 4 by irqfd.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::BusDevice;
+use crate::warn_limited;
+
+/// Raises an interrupt by writing an irqfd.
+#[derive(Debug)]
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.write(1)
+    }
+}
+
+type Uart = Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>;
+
+/// A serial port whose output goes to `out`.
+pub struct SerialPort {
+    uart: Mutex<Uart>,
+}
+
+impl SerialPort {
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> SerialPort {
+        SerialPort {
+            uart: Mutex::new(Serial::new(EventFdTrigger(irq), out)),
+        }
+    }
+
+    /// Queues console input for the guest. Returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let room = uart.fifo_capacity();
+        let take = bytes.len().min(room);
+        if take == 0 {
+            return 0;
+        }
+        match bytes.get(..take).map(|b| uart.enqueue_raw_bytes(b)) {
+            Some(Ok(n)) => n,
+            _ => 0,
+        }
+    }
+
+    /// Writes out anything the console writer buffered.
+    pub fn flush(&self) {
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = uart.writer_mut().flush();
+    }
+}
+
+impl BusDevice for SerialPort {
+    fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+        let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
+            return false;
+        };
+        *byte = self
+            .uart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset);
+        true
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> bool {
+        let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
+            return false;
+        };
+        let result = self
+            .uart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, *byte);
+        if let Err(e) = result {
+            // The console sink failing (a closed pipe, a full disk) must not stop the guest.
+            warn_limited!("serial console write failed: {e:?}");
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<StdMutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn bytes_written_to_the_data_register_reach_the_console() {
+        let sink = Sink::default();
+        let port = SerialPort::new(EventFd::new(0).unwrap(), Box::new(sink.clone()));
+        for b in b"hi\n" {
+            assert!(port.write(0, &[*b]));
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn wide_accesses_are_refused() {
+        let port = SerialPort::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        assert!(!port.write(0, &[1, 2]));
+        let mut two = [0u8; 2];
+        assert!(!port.read(5, &mut two));
+    }
+
+    #[test]
+    fn console_input_becomes_readable_with_data_ready_set() {
+        let port = SerialPort::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        assert_eq!(port.enqueue_input(b"ab"), 2);
+        let mut lsr = [0u8];
+        assert!(port.read(5, &mut lsr));
+        assert_eq!(lsr[0] & 1, 1);
+        let mut rbr = [0u8];
+        assert!(port.read(0, &mut rbr));
+        assert_eq!(rbr[0], b'a');
+    }
+}

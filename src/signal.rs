@@ -1,0 +1,180 @@
+//! Signal handlers: the seccomp violation reporter (SIGSYS) and the vCPU kick.
+//!
+//! Both run on whatever thread the signal hits, so they only touch atomics, const-initialised
+//! thread-locals and the stack, and call only write(2) and _exit(2): no allocation, no locks,
+//! no `log`.
+
+use std::cell::Cell;
+use std::io;
+use std::sync::atomic::{fence, AtomicI64, AtomicU64, Ordering};
+
+use kvm_bindings::kvm_run;
+
+use crate::exit::status;
+
+/// Seccomp violations seen by this process (at most one: the first ends the process).
+pub static SECCOMP_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+/// The system call number of the last violation, -1 if none.
+pub static SECCOMP_LAST_SYSCALL: AtomicI64 = AtomicI64::new(-1);
+
+thread_local! {
+    /// This thread's role name, for violation reports.
+    static THREAD_NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
+    /// This vCPU thread's kvm_run page, so a kick can set `immediate_exit` on it.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Records `name` (truncated to 15 bytes) as this thread's name for violation reports.
+pub fn set_thread_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let len = name.len().min(15);
+    buf[..len].copy_from_slice(&name.as_bytes()[..len]);
+    THREAD_NAME.with(|c| c.set(buf));
+}
+
+/// Makes kicks on this thread set `immediate_exit` in `run`. Pass null before the vCPU fd
+/// (and so the mapping) goes away.
+pub fn set_kvm_run(run: *mut kvm_run) {
+    KVM_RUN.with(|c| c.set(run));
+}
+
+/// The real-time signal used to kick vCPUs out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Appends `bytes` to `buf` at `*pos`, as far as they fit.
+fn put(buf: &mut [u8], pos: &mut usize, bytes: &[u8]) {
+    for &b in bytes {
+        if let Some(slot) = buf.get_mut(*pos) {
+            *slot = b;
+            *pos += 1;
+        }
+    }
+}
+
+/// Appends `n` in decimal without allocating.
+fn put_decimal(buf: &mut [u8], pos: &mut usize, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        put(buf, pos, b"-");
+    }
+    put(buf, pos, &digits[i..]);
+}
+
+/// Formats the one-line violation report.
+fn format_violation(buf: &mut [u8], thread: &[u8], syscall: i64) -> usize {
+    let mut pos = 0;
+    put(buf, &mut pos, b"bulkhead: seccomp violation: thread ");
+    let name_len = thread.iter().position(|&b| b == 0).unwrap_or(thread.len());
+    put(
+        buf,
+        &mut pos,
+        if name_len == 0 {
+            b"unnamed"
+        } else {
+            &thread[..name_len]
+        },
+    );
+    put(buf, &mut pos, b" made forbidden system call ");
+    put_decimal(buf, &mut pos, syscall);
+    put(buf, &mut pos, b"; ending the VM with status ");
+    put_decimal(buf, &mut pos, i64::from(status::SECCOMP_VIOLATION));
+    put(buf, &mut pos, b"\n");
+    pos
+}
+
+extern "C" fn sigsys_handler(
+    num: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    if num != libc::SIGSYS || info.is_null() {
+        return;
+    }
+    // SAFETY: for SIGSYS the kernel fills siginfo's `_sigsys` member: after the three ints
+    // and padding of the header (16 bytes) come `_call_addr` (8 bytes) and then `_syscall`
+    // (an int) at byte 24, i.e. int index 6. `info` is non-null and points at a full siginfo.
+    let syscall = i64::from(unsafe { *info.cast::<i32>().add(6) });
+    SECCOMP_VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    SECCOMP_LAST_SYSCALL.store(syscall, Ordering::Relaxed);
+    let name = THREAD_NAME.with(|c| c.get());
+    let mut buf = [0u8; 192];
+    let len = format_violation(&mut buf, &name, syscall);
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf[..len]` is initialised.
+    unsafe {
+        libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len);
+        libc::_exit(status::SECCOMP_VIOLATION);
+    }
+}
+
+extern "C" fn kick_handler(
+    _num: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    let run = KVM_RUN.with(|c| c.get());
+    if !run.is_null() {
+        // SAFETY: `run` is this thread's own kvm_run mapping, set by the vCPU loop while it
+        // owns the vCPU fd and cleared before the fd is dropped; immediate_exit is a plain
+        // byte the kernel reads at KVM_RUN entry.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+    fence(Ordering::SeqCst);
+}
+
+fn install(signum: libc::c_int, handler: usize) -> io::Result<()> {
+    // SAFETY: an all-zero sigaction is a valid "no flags, empty mask" value.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = handler;
+    // No SA_RESTART: a kick must make KVM_RUN return EINTR.
+    act.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `act.sa_mask` is a valid sigset_t owned by us.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: `act` is fully initialised and the handler has the SA_SIGINFO signature.
+    if unsafe { libc::sigaction(signum, &act, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Installs the SIGSYS reporter and the vCPU kick handler for the whole process.
+pub fn install_handlers() -> io::Result<()> {
+    install(libc::SIGSYS, sigsys_handler as *const () as usize)?;
+    install(kick_signal(), kick_handler as *const () as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violation_report_names_thread_and_syscall() {
+        let mut buf = [0u8; 192];
+        let mut name = [0u8; 16];
+        name[..5].copy_from_slice(b"vcpu0");
+        let n = format_violation(&mut buf, &name, 41);
+        let line = std::str::from_utf8(&buf[..n]).unwrap();
+        assert_eq!(
+            line,
+            "bulkhead: seccomp violation: thread vcpu0 made forbidden system call 41; ending the VM with status 159\n"
+        );
+    }
+
+    #[test]
+    fn report_is_cut_rather_than_overflowing_a_small_buffer() {
+        let mut buf = [0u8; 10];
+        let n = format_violation(&mut buf, &[b'x'; 16], i64::MIN);
+        assert_eq!(n, 10);
+    }
+}

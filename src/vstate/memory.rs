@@ -1,0 +1,203 @@
+//! Dedicated guest RAM for one VM.
+//!
+//! RAM is one anonymous memfd per VM, sized once and sealed so nobody can grow or shrink it,
+//! mapped `MAP_SHARED | MAP_NORESERVE` into this process only. The mappings are excluded from
+//! core dumps (`MADV_DONTDUMP`: tenant data must not land in a host crash dump) and from
+//! children (`MADV_DONTFORK`), and are never KSM candidates: KSM only merges private anonymous
+//! pages, and `MADV_UNMERGEABLE` is asserted anyway so a later change of mapping type can not
+//! silently make tenant pages shareable across VMs (a cross-tenant side channel).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
+
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
+
+use crate::arch::x86_64::layout;
+
+/// Errors while creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create the guest RAM memfd: {0}")]
+    Memfd(#[source] std::io::Error),
+    #[error("cannot size the guest RAM memfd to {size} bytes: {source}")]
+    Truncate {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot seal the guest RAM memfd: {0}")]
+    Seal(#[source] std::io::Error),
+    #[error("cannot map {size} bytes of guest RAM at guest address {addr:#x}: {source}")]
+    Map {
+        addr: u64,
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest RAM region at {0:#x} does not fit the guest address space")]
+    Region(u64),
+    #[error("guest RAM regions overlap: {0}")]
+    Collection(#[from] vm_memory::GuestRegionCollectionError),
+    #[error("madvise({advice}) on guest RAM failed: {source}")]
+    Madvise {
+        advice: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Creates `mem_bytes` of zeroed guest RAM laid out around the MMIO gap.
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let file = Arc::new(sealed_memfd(mem_bytes)?);
+    let mut regions = Vec::new();
+    let mut file_offset = 0u64;
+    for (guest_addr, size) in layout::ram_regions(mem_bytes) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::Region(guest_addr))?;
+        let mapping = MmapRegion::build(
+            Some(FileOffset::from_arc(file.clone(), file_offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(|source| MemoryError::Map {
+            addr: guest_addr,
+            size,
+            source,
+        })?;
+        advise(mapping.as_ptr(), len)?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(guest_addr))
+            .ok_or(MemoryError::Region(guest_addr))?;
+        regions.push(region);
+        file_offset += size;
+    }
+    Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+fn sealed_memfd(size: u64) -> Result<File, MemoryError> {
+    let name = c"bulkhead-guest-ram";
+    // SAFETY: `name` is a valid NUL-terminated string; the flags are valid memfd flags.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|source| MemoryError::Truncate { size, source })?;
+    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a valid memfd takes an int argument and touches no memory of ours.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if rc != 0 {
+        return Err(MemoryError::Seal(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+fn advise(addr: *mut u8, len: usize) -> Result<(), MemoryError> {
+    for (advice, name) in [
+        (libc::MADV_DONTDUMP, "MADV_DONTDUMP"),
+        (libc::MADV_DONTFORK, "MADV_DONTFORK"),
+        (libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE"),
+    ] {
+        // SAFETY: [addr, addr+len) is a mapping we just created and own; these advices change
+        // only dump, fork and KSM behaviour, never the contents or validity of the pages.
+        let rc = unsafe { libc::madvise(addr.cast(), len, advice) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            // Kernels built without KSM reject MADV_UNMERGEABLE; with no KSM there is
+            // nothing to opt out of.
+            if advice == libc::MADV_UNMERGEABLE && err.raw_os_error() == Some(libc::EINVAL) {
+                continue;
+            }
+            return Err(MemoryError::Madvise {
+                advice: name,
+                source: err,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Host address and size of each region, for memslots and reports.
+pub fn host_regions(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u64)> {
+    mem.iter()
+        .map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    fn smaps_flags_for(addr: u64) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
+                    {
+                        inside = lo <= addr && addr < hi;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return Some(flags.trim().to_string());
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn guest_ram_is_zeroed_and_split_around_the_gap() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        let mut buf = [0xffu8; 4096];
+        for addr in [0u64, 0x10_0000, (64 << 20) - 4096] {
+            mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            assert!(buf.iter().all(|&b| b == 0));
+        }
+        // A big VM: only the address space is reserved (MAP_NORESERVE), nothing is touched.
+        let big = create_guest_memory((4 << 30) + (64 << 20)).unwrap();
+        let regions = host_regions(&big);
+        assert_eq!(regions.len(), 2);
+        assert_eq!((regions[0].0, regions[0].1), (0, layout::MMIO_GAP_START));
+        assert_eq!(
+            (regions[1].0, regions[1].1),
+            (layout::MMIO_GAP_END, (64 << 20) + (1 << 30))
+        );
+    }
+
+    #[test]
+    fn guest_ram_is_shared_undumpable_unforkable_and_not_mergeable() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let host = host_regions(&mem)[0].2;
+        let flags = smaps_flags_for(host).expect("mapping not found in smaps");
+        let flags: Vec<&str> = flags.split_whitespace().collect();
+        for want in ["sh", "dd", "dc"] {
+            assert!(flags.contains(&want), "missing {want} in {flags:?}");
+        }
+        assert!(
+            !flags.contains(&"mg"),
+            "mapping is KSM-mergeable: {flags:?}"
+        );
+    }
+
+    #[test]
+    fn guest_ram_memfd_refuses_to_grow_or_shrink() {
+        let file = sealed_memfd(1 << 20).unwrap();
+        assert!(file.set_len(2 << 20).is_err());
+        assert!(file.set_len(4096).is_err());
+    }
+}

@@ -1,0 +1,6 @@
+//! VM state: the KVM handle, guest memory, the VM with its memslots and irqchip, and vCPUs.
+
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

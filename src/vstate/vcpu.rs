@@ -1,0 +1,420 @@
+//! A vCPU: its setup, and the run loop that sends each KVM exit to its handler.
+//!
+//! Everything a guest can put in an exit (ports, addresses, data) is untrusted. Port and MMIO
+//! accesses go to the buses, which refuse what they do not understand; abnormal exits end the
+//! VM with a distinct reason. Nothing here panics on guest data.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_mp_state, CpuId, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+
+use super::vm::Vm;
+use crate::arch::x86_64::regs::{self, EntryMode};
+use crate::arch::x86_64::{cpuid, msr, ArchError};
+use crate::devices::{Bus, BusAccess};
+use crate::exit::{ExitSignal, VmExitReason};
+use crate::telemetry::VmCounters;
+use crate::{debug_limited, signal, warn_limited};
+
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Errors creating, configuring or running a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {index}: {source}")]
+    Create {
+        index: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot configure vCPU {index}: {what}: {source}")]
+    Configure {
+        index: u32,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {index}")]
+    Msrs {
+        index: u32,
+        set: usize,
+        wanted: usize,
+    },
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+}
+
+/// Where the boot vCPU starts.
+#[derive(Debug, Clone, Copy)]
+pub struct BootEntry {
+    pub entry: u64,
+    pub mode: EntryMode,
+}
+
+/// What a vCPU shares with the VMM thread while it runs.
+#[derive(Debug, Default)]
+pub struct VcpuShared {
+    /// The thread's kernel id, published when the thread starts.
+    pub tid: AtomicI32,
+    /// Set by the VMM before a kick: check whether this vCPU can ever run again.
+    pub check_halt: AtomicBool,
+    /// This vCPU was last seen halted with interrupts off, or waiting for a startup IPI.
+    pub stuck: AtomicBool,
+}
+
+/// What the run loop dispatches guest accesses to and reports into.
+pub struct VcpuIo {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub counters: Arc<VmCounters>,
+    pub exit: Arc<ExitSignal>,
+}
+
+/// One vCPU, created and configured on the VMM thread, then moved to its own thread to run.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn new(vm: &Vm, index: u32) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Vcpu { index, fd })
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Sets CPUID, MSRs, the local APIC's LINT pins and the FPU; for the boot vCPU also the
+    /// entry registers and boot page tables. The other vCPUs wait for INIT/SIPI.
+    pub fn configure(
+        &self,
+        supported_cpuid: &CpuId,
+        vcpus: u32,
+        mem: &GuestMemoryMmap,
+        boot: Option<BootEntry>,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let kvm_err = |what| {
+            move |source| VcpuError::Configure {
+                index,
+                what,
+                source,
+            }
+        };
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::filter_cpuid(&mut cpuid, index, vcpus);
+        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID"))?;
+
+        let msrs = msr::boot_msrs()?;
+        let set = self.fd.set_msrs(&msrs).map_err(kvm_err("MSRs"))?;
+        if set != msrs.as_slice().len() {
+            return Err(VcpuError::Msrs {
+                index,
+                set,
+                wanted: msrs.as_slice().len(),
+            });
+        }
+
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(kvm_err("reading the local APIC"))?;
+        set_lvt_mode(&mut lapic.regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+        set_lvt_mode(&mut lapic.regs, APIC_LVT_LINT1, APIC_MODE_NMI);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(kvm_err("the local APIC"))?;
+
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(kvm_err("the FPU"))?;
+
+        if let Some(boot) = boot {
+            let mut sregs = self
+                .fd
+                .get_sregs()
+                .map_err(kvm_err("reading system registers"))?;
+            regs::setup_boot_sregs(mem, boot.mode, &mut sregs)?;
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(kvm_err("system registers"))?;
+            self.fd
+                .set_regs(&regs::boot_regs(boot.entry, boot.mode))
+                .map_err(kvm_err("registers"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the guest until the VM is asked to stop. Must be called on the vCPU's own thread,
+    /// after its seccomp filter is in place.
+    pub fn run(mut self, io: &VcpuIo, shared: &VcpuShared) {
+        signal::set_kvm_run(self.fd.get_kvm_run());
+        while !io.exit.is_stopping() {
+            let action = match self.fd.run() {
+                Ok(exit) => {
+                    VmCounters::inc(&io.counters.vcpu_exits);
+                    shared.stuck.store(false, Ordering::Relaxed);
+                    handle_exit(exit, self.index, io)
+                }
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    if shared.check_halt.swap(false, Ordering::AcqRel) {
+                        shared.stuck.store(self.is_stuck(), Ordering::Release);
+                    }
+                    ExitAction::Continue
+                }
+                Err(e) if e.errno() == libc::EAGAIN => ExitAction::Continue,
+                Err(e) => ExitAction::Stop(VmExitReason::VcpuFailed {
+                    vcpu: self.index,
+                    error: format!("KVM_RUN failed: {e}"),
+                }),
+            };
+            match action {
+                ExitAction::Continue => {}
+                ExitAction::InternalError => {
+                    let suberror = self.internal_error_suberror();
+                    VmCounters::inc(&io.counters.vcpu_failures);
+                    io.exit.request(VmExitReason::InternalError {
+                        vcpu: self.index,
+                        suberror,
+                    });
+                }
+                ExitAction::Stop(reason) => {
+                    if !reason.is_orderly() {
+                        VmCounters::inc(&io.counters.vcpu_failures);
+                    }
+                    io.exit.request(reason);
+                }
+            }
+        }
+        signal::set_kvm_run(std::ptr::null_mut());
+    }
+
+    /// True if this vCPU can not run again on its own: halted with interrupts disabled, or
+    /// still waiting for INIT/SIPI.
+    fn is_stuck(&self) -> bool {
+        let Ok(kvm_mp_state { mp_state }) = self.fd.get_mp_state() else {
+            return false;
+        };
+        match mp_state {
+            KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => true,
+            KVM_MP_STATE_HALTED => self.fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0),
+            _ => false,
+        }
+    }
+
+    fn internal_error_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+        // member the kernel filled.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+}
+
+fn set_lvt_mode(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
+    let Some(bytes) = regs.get_mut(offset..offset + 4) else {
+        return;
+    };
+    let mut raw = [0u8; 4];
+    for (dst, src) in raw.iter_mut().zip(bytes.iter()) {
+        *dst = *src as u8;
+    }
+    let value = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
+    for (dst, src) in bytes.iter_mut().zip(value.to_le_bytes()) {
+        *dst = src as libc::c_char;
+    }
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    Continue,
+    /// Needs the exit's details from kvm_run, which the borrow of the exit hides.
+    InternalError,
+    Stop(VmExitReason),
+}
+
+fn count_access(io: &VcpuIo, access: BusAccess, what: &str, addr: u64, len: usize, is_write: bool) {
+    let c = &io.counters;
+    let counter = match (access, what, is_write) {
+        (BusAccess::Handled, ..) => return,
+        (BusAccess::Refused, ..) => &c.device_refused_accesses,
+        (BusAccess::Unassigned, "port", false) => &c.pio_unassigned_reads,
+        (BusAccess::Unassigned, "port", true) => &c.pio_unassigned_writes,
+        (BusAccess::Unassigned, _, false) => &c.mmio_unassigned_reads,
+        (BusAccess::Unassigned, _, true) => &c.mmio_unassigned_writes,
+    };
+    VmCounters::inc(counter);
+    let dir = if is_write { "write to" } else { "read of" };
+    match access {
+        BusAccess::Refused => warn_limited!("refused {len}-byte {dir} {what} {addr:#x}"),
+        _ => debug_limited!("{len}-byte {dir} unassigned {what} {addr:#x}"),
+    }
+}
+
+/// Handles one exit. A free function over the exit and the buses so it can be tested without
+/// KVM.
+pub fn handle_exit(exit: VcpuExit<'_>, vcpu: u32, io: &VcpuIo) -> ExitAction {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            let access = io.pio.read(u64::from(port), data);
+            count_access(io, access, "port", u64::from(port), data.len(), false);
+            ExitAction::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            let access = io.pio.write(u64::from(port), data);
+            count_access(io, access, "port", u64::from(port), data.len(), true);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            let access = io.mmio.read(addr, data);
+            count_access(io, access, "MMIO address", addr, data.len(), false);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            let access = io.mmio.write(addr, data);
+            count_access(io, access, "MMIO address", addr, data.len(), true);
+            ExitAction::Continue
+        }
+        // A kick that landed while KVM was already on its way out.
+        VcpuExit::Intr => ExitAction::Continue,
+        // Only reached without an in-kernel LAPIC; the halt watchdog covers the usual case.
+        VcpuExit::Hlt => ExitAction::Stop(VmExitReason::AllHalted),
+        VcpuExit::Shutdown => ExitAction::Stop(VmExitReason::TripleFault { vcpu }),
+        VcpuExit::InternalError => ExitAction::InternalError,
+        VcpuExit::FailEntry(reason, _cpu) => {
+            ExitAction::Stop(VmExitReason::FailEntry { vcpu, reason })
+        }
+        VcpuExit::SystemEvent(kind, _)
+            if kind == KVM_SYSTEM_EVENT_RESET || kind == KVM_SYSTEM_EVENT_SHUTDOWN =>
+        {
+            ExitAction::Stop(VmExitReason::Reset)
+        }
+        other => {
+            let exit = format!("{other:?}");
+            warn_limited!("vCPU {vcpu}: unhandled KVM exit {exit}");
+            ExitAction::Stop(VmExitReason::UnhandledExit { vcpu, exit })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::legacy::{GuestExitPort, SerialPort};
+
+    fn io() -> VcpuIo {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(GuestExitPort(exit.clone())), 0xf4, 1)
+            .unwrap();
+        let serial = SerialPort::new(
+            vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+            Box::new(std::io::sink()),
+        );
+        pio.insert(Arc::new(serial), 0x3f8, 8).unwrap();
+        VcpuIo {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            counters: Arc::default(),
+            exit,
+        }
+    }
+
+    #[test]
+    fn unassigned_port_read_is_all_ones_and_counted() {
+        let io = io();
+        let mut data = [0u8; 2];
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x1234, &mut data), 0, &io),
+            ExitAction::Continue
+        );
+        assert_eq!(data, [0xff, 0xff]);
+        assert_eq!(io.counters.snapshot().pio_unassigned_reads, 1);
+    }
+
+    #[test]
+    fn unassigned_mmio_write_is_dropped_and_counted() {
+        let io = io();
+        assert_eq!(
+            handle_exit(VcpuExit::MmioWrite(0xd000_0000, &[1, 2, 3, 4]), 0, &io),
+            ExitAction::Continue
+        );
+        let mut data = [0u8; 8];
+        handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut data), 0, &io);
+        assert_eq!(data, [0xff; 8]);
+        let s = io.counters.snapshot();
+        assert_eq!((s.mmio_unassigned_writes, s.mmio_unassigned_reads), (1, 1));
+    }
+
+    #[test]
+    fn guest_exit_port_write_requests_exit_with_its_status() {
+        let io = io();
+        handle_exit(VcpuExit::IoOut(0xf4, &[9]), 0, &io);
+        assert_eq!(io.exit.reason(), Some(VmExitReason::GuestExit(9)));
+    }
+
+    #[test]
+    fn refused_device_access_is_counted_separately() {
+        let io = io();
+        handle_exit(VcpuExit::IoOut(0x3f8, &[1, 2]), 0, &io);
+        handle_exit(VcpuExit::IoOut(0xf4, &[1, 2, 3, 4]), 0, &io);
+        assert_eq!(io.counters.snapshot().device_refused_accesses, 2);
+        assert!(!io.exit.is_stopping());
+    }
+
+    #[test]
+    fn abnormal_exits_each_stop_with_their_own_reason() {
+        let io = io();
+        assert_eq!(
+            handle_exit(VcpuExit::Shutdown, 2, &io),
+            ExitAction::Stop(VmExitReason::TripleFault { vcpu: 2 })
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::InternalError, 0, &io),
+            ExitAction::InternalError
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::FailEntry(0x1f, 0), 1, &io),
+            ExitAction::Stop(VmExitReason::FailEntry {
+                vcpu: 1,
+                reason: 0x1f
+            })
+        );
+        assert!(matches!(
+            handle_exit(VcpuExit::Unknown, 0, &io),
+            ExitAction::Stop(VmExitReason::UnhandledExit { .. })
+        ));
+        assert!(matches!(
+            handle_exit(VcpuExit::Unsupported(999), 0, &io),
+            ExitAction::Stop(VmExitReason::UnhandledExit { .. })
+        ));
+    }
+
+    #[test]
+    fn lvt_mode_is_set_without_touching_other_bits() {
+        let mut regs = [0 as libc::c_char; 1024];
+        regs[APIC_LVT_LINT0] = 0x30;
+        regs[APIC_LVT_LINT0 + 2] = 0x01; // mask bit 16
+        set_lvt_mode(&mut regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+        assert_eq!(regs[APIC_LVT_LINT0] as u8, 0x30);
+        assert_eq!(regs[APIC_LVT_LINT0 + 1] as u8, 0x07);
+        assert_eq!(regs[APIC_LVT_LINT0 + 2] as u8, 0x01);
+    }
+}
