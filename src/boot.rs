@@ -99,23 +99,46 @@ pub struct LoadedInitrd {
     pub size: u64,
 }
 
-fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
-    File::open(path).map_err(|source| BootError::Open {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+/// A boot input file, opened before anything else is set up so a bad path is reported first.
+#[derive(Debug)]
+pub struct BootFile {
+    pub path: PathBuf,
+    pub file: File,
 }
 
-/// Loads the kernel at `path` into `mem`.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = open("kernel", path)?;
+impl BootFile {
+    /// Opens `path`; `what` names it in errors ("kernel", "initrd").
+    pub fn open(what: &'static str, path: &Path) -> Result<BootFile, BootError> {
+        let open_err = |source| BootError::Open {
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(open_err(std::io::Error::other("not a regular file")));
+        }
+        Ok(BootFile {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+}
+
+/// Loads the kernel into `mem`.
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    kernel: &mut BootFile,
+) -> Result<LoadedKernel, BootError> {
+    let path = kernel.path.as_path();
+    let file = &mut kernel.file;
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let kernel_err = |source| BootError::Kernel {
         path: path.to_path_buf(),
         source,
     };
-    match Elf::load(mem, None, &mut file, himem) {
+    match Elf::load(mem, None, file, himem) {
         Ok(result) => {
             let (entry, mode) = match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => (addr.0, EntryMode::Pvh),
@@ -129,14 +152,14 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             })
         }
         Err(loader::Error::Elf(ElfError::InvalidElfMagicNumber)) => {
-            match BzImage::load(mem, None, &mut file, himem) {
+            match BzImage::load(mem, None, file, himem) {
                 Ok(result) => Ok(LoadedKernel {
                     entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
                     mode: EntryMode::Linux64,
                     end: result.kernel_end,
                     setup_header: result.setup_header,
                 }),
-                Err(loader::Error::Bzimage(_)) if !looks_like_bzimage(&mut file) => {
+                Err(loader::Error::Bzimage(_)) if !looks_like_bzimage(file) => {
                     Err(BootError::NotAKernel {
                         path: path.to_path_buf(),
                     })
@@ -162,11 +185,12 @@ fn looks_like_bzimage(file: &mut File) -> bool {
 /// the kernel's limit), above the kernel.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    initrd: &mut BootFile,
     mem_bytes: u64,
     kernel: &LoadedKernel,
 ) -> Result<LoadedInitrd, BootError> {
-    let mut file = open("initrd", path)?;
+    let path = initrd.path.as_path();
+    let file = &mut initrd.file;
     let initrd_err = |source| BootError::Initrd {
         path: path.to_path_buf(),
         source,
@@ -196,7 +220,7 @@ pub fn load_initrd(
         size,
         room,
     })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+    mem.read_exact_volatile_from(GuestAddress(addr), file, len)
         .map_err(|e| initrd_err(std::io::Error::other(e.to_string())))?;
     Ok(LoadedInitrd { addr, size })
 }
@@ -392,10 +416,25 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("junk");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        let err = load_kernel(&mem(16 << 20), &path).unwrap_err();
+        let mut kernel = BootFile::open("kernel", &path).unwrap();
+        let err = load_kernel(&mem(16 << 20), &mut kernel).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         assert!(err.is_bad_input());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn directory_or_missing_file_is_refused_when_opened() {
+        assert!(matches!(
+            BootFile::open("kernel", Path::new("/")),
+            Err(BootError::Open { .. })
+        ));
+        let err = BootFile::open("initrd", Path::new("/nonexistent/initrd")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot open initrd /nonexistent/initrd"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -411,7 +450,8 @@ mod tests {
             end: 0x20_0000,
             setup_header: None,
         };
-        let initrd = load_initrd(&m, &path, 16 << 20, &kernel).unwrap();
+        let mut file = BootFile::open("initrd", &path).unwrap();
+        let initrd = load_initrd(&m, &mut file, 16 << 20, &kernel).unwrap();
         assert_eq!(initrd.addr % PAGE_SIZE, 0);
         assert!(initrd.addr + initrd.size <= 16 << 20);
         assert!(initrd.addr >= kernel.end);
@@ -424,7 +464,7 @@ mod tests {
             end: (16 << 20) - 4096,
             ..kernel
         };
-        let err = load_initrd(&m, &path, 16 << 20, &fat_kernel).unwrap_err();
+        let err = load_initrd(&m, &mut file, 16 << 20, &fat_kernel).unwrap_err();
         assert!(
             matches!(err, BootError::InitrdTooBig { size: 5000, .. }),
             "{err}"

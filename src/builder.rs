@@ -1,8 +1,12 @@
 //! The boot recipe: validated config in, a ready-to-run [`Vmm`] out.
 //!
-//! 1. open KVM and check it; 2. create this VM's own memory; 3. create the VM (memslots,
-//! irqchip, PIT); 4. attach devices; 5. load kernel, initrd and command line, write the boot
-//! tables; 6. create and configure the vCPUs.
+//! 1. open the kernel and initrd files, so a bad path is reported before anything else;
+//! 2. open KVM and check it;
+//! 3. create this VM's own memory;
+//! 4. create the VM (memslots, irqchip, PIT);
+//! 5. attach devices;
+//! 6. load kernel, initrd and command line, write the boot tables;
+//! 7. create and configure the vCPUs.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -12,7 +16,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{mptable, ArchError};
-use crate::boot::{self, BootError};
+use crate::boot::{self, BootError, BootFile};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::devices::legacy::{
     self, BootCompletePort, GuestExitPort, IoDelayPort, SerialPort, I8042,
@@ -73,6 +77,11 @@ impl BuildError {
 
 /// Builds the VM described by `config`, ready for [`Vmm::run`].
 pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
+    let mut kernel_file = BootFile::open("kernel", &config.kernel)?;
+    let mut initrd_file = match &config.initrd {
+        Some(path) => Some(BootFile::open("initrd", path)?),
+        None => None,
+    };
     let kvm = kvm::open_kvm(&config.kvm_device)?;
     kvm::check_vcpu_limit(&kvm, config.vcpus)?;
     let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
@@ -92,9 +101,9 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let pio = pio_bus(&serial, &exit)?;
 
     let mem = vm.memory();
-    let kernel = boot::load_kernel(mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(mem, path, config.mem_bytes(), &kernel)?),
+    let kernel = boot::load_kernel(mem, &mut kernel_file)?;
+    let initrd = match initrd_file.as_mut() {
+        Some(file) => Some(boot::load_initrd(mem, file, config.mem_bytes(), &kernel)?),
         None => None,
     };
     let cmdline = boot::build_cmdline(&config.cmdline, &[])?;

@@ -1,0 +1,202 @@
+//! Every kind of bad input is refused with a clear message and exit status 2, never a panic.
+
+mod common;
+
+use common::{bulkhead, guest, kvm_available, run_guest, scratch};
+
+fn assert_refused(run: &common::Run, needle: &str) {
+    assert_eq!(run.status, 2, "expected status 2; stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains(needle),
+        "expected {needle:?} in stderr: {}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("panicked"),
+        "panic on bad input: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn missing_kernel_is_refused_before_kvm_is_touched() {
+    let run = bulkhead(&[
+        "run",
+        "--kernel",
+        "/nonexistent/vmlinux",
+        "--kvm-device",
+        "/nonexistent/kvm",
+    ]);
+    assert_refused(&run, "cannot open kernel /nonexistent/vmlinux");
+}
+
+#[test]
+fn no_kernel_at_all_is_refused() {
+    assert_refused(&bulkhead(&["run"]), "no kernel given");
+}
+
+#[test]
+fn kernel_that_is_a_directory_is_refused() {
+    assert_refused(
+        &bulkhead(&["run", "--kernel", "/"]),
+        "cannot open kernel /: not a regular file",
+    );
+}
+
+#[test]
+fn missing_initrd_is_refused() {
+    let kernel = guest("hello");
+    let run = bulkhead(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
+    assert_refused(&run, "cannot open initrd /nonexistent/initrd");
+}
+
+#[test]
+fn file_that_is_neither_elf_nor_bzimage_is_refused() {
+    if !kvm_available("file_that_is_neither_elf_nor_bzimage_is_refused") {
+        return;
+    }
+    let dir = scratch("not-a-kernel");
+    let junk = dir.join("junk.bin");
+    std::fs::write(&junk, vec![0x42u8; 64 * 1024]).unwrap();
+    let run = bulkhead(&["run", "--kernel", junk.to_str().unwrap()]);
+    assert_refused(&run, "is neither an ELF kernel nor a bzImage");
+}
+
+#[test]
+fn initrd_larger_than_guest_ram_is_refused() {
+    if !kvm_available("initrd_larger_than_guest_ram_is_refused") {
+        return;
+    }
+    let dir = scratch("big-initrd");
+    let initrd = dir.join("initrd.img");
+    let file = std::fs::File::create(&initrd).unwrap();
+    file.set_len(20 << 20).unwrap();
+    let run = run_guest(
+        "hello",
+        &["--mem-mib", "16", "--initrd", initrd.to_str().unwrap()],
+    );
+    assert_refused(&run, "give the VM more memory");
+}
+
+#[test]
+fn initrd_that_fits_is_accepted() {
+    if !kvm_available("initrd_that_fits_is_accepted") {
+        return;
+    }
+    let dir = scratch("small-initrd");
+    let initrd = dir.join("initrd.img");
+    std::fs::write(&initrd, vec![1u8; 1 << 20]).unwrap();
+    let run = run_guest(
+        "hello",
+        &[
+            "--mem-mib",
+            "16",
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "exit=5",
+        ],
+    );
+    assert_eq!(run.status, 5, "stderr: {}", run.stderr);
+}
+
+#[test]
+fn vcpu_count_of_zero_or_beyond_the_limit_is_refused() {
+    let kernel = guest("hello");
+    for n in ["0", "255", "100000"] {
+        let run = bulkhead(&["run", "--kernel", kernel.to_str().unwrap(), "--vcpus", n]);
+        assert_refused(&run, "out of range");
+    }
+    assert_refused(
+        &bulkhead(&["run", "--kernel", "k", "--vcpus", "-1"]),
+        "'-1'",
+    );
+}
+
+#[test]
+fn memory_below_16_mib_or_beyond_the_host_is_refused() {
+    let kernel = guest("hello");
+    let kernel = kernel.to_str().unwrap();
+    assert_refused(
+        &bulkhead(&["run", "--kernel", kernel, "--mem-mib", "15"]),
+        "too small",
+    );
+    assert_refused(
+        &bulkhead(&["run", "--kernel", kernel, "--mem-mib", "1099511627776"]),
+        "more than this host's",
+    );
+}
+
+#[test]
+fn unknown_flag_is_refused() {
+    assert_refused(
+        &bulkhead(&["run", "--kernel", "k", "--frobnicate"]),
+        "--frobnicate",
+    );
+    assert_refused(&bulkhead(&["launch"]), "launch");
+}
+
+#[test]
+fn bad_console_and_ids_are_refused() {
+    let kernel = guest("hello");
+    let kernel = kernel.to_str().unwrap();
+    assert_refused(
+        &bulkhead(&["run", "--kernel", kernel, "--console", "tcp:80"]),
+        "invalid --console",
+    );
+    assert_refused(
+        &bulkhead(&["run", "--kernel", kernel, "--tenant", "a/../b"]),
+        "invalid --tenant",
+    );
+    assert_refused(
+        &bulkhead(&["run", "--kernel", kernel, "--vm-id", ""]),
+        "invalid --vm-id",
+    );
+}
+
+#[test]
+fn unknown_json_field_is_refused_and_names_the_field() {
+    let dir = scratch("bad-json");
+    let cfg = dir.join("vm.json");
+    std::fs::write(&cfg, r#"{"kernel": "k", "memory": 64}"#).unwrap();
+    assert_refused(
+        &bulkhead(&["run", "--config", cfg.to_str().unwrap()]),
+        "unknown field `memory`",
+    );
+    std::fs::write(&cfg, "{not json").unwrap();
+    assert_refused(
+        &bulkhead(&["run", "--config", cfg.to_str().unwrap()]),
+        "invalid config file",
+    );
+    assert_refused(
+        &bulkhead(&["run", "--config", "/nonexistent.json"]),
+        "cannot read config file",
+    );
+}
+
+#[test]
+fn unusable_kvm_device_is_refused_with_how_to_fix_it() {
+    let kernel = guest("hello");
+    let run = bulkhead(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--kvm-device",
+        "/nonexistent/kvm",
+    ]);
+    assert_refused(&run, "modprobe");
+    let run = bulkhead(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--kvm-device",
+        "/dev/null",
+    ]);
+    assert_refused(&run, "/dev/null");
+}

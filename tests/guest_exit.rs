@@ -1,0 +1,132 @@
+//! A guest's way of ending reaches the caller as bulkhead's exit status, and its serial output
+//! arrives on stdout.
+
+mod common;
+
+use common::{kvm_available, run_guest};
+
+#[test]
+fn guest_chosen_exit_status_becomes_bulkheads_exit_status() {
+    if !kvm_available("guest_chosen_exit_status_becomes_bulkheads_exit_status") {
+        return;
+    }
+    for status in [0, 7, 255] {
+        let run = run_guest("hello", &["--cmdline", &format!("exit={status}")]);
+        assert_eq!(run.status, status, "stderr: {}", run.stderr);
+    }
+}
+
+#[test]
+fn serial_output_reaches_stdout_and_boot_complete_is_logged_once() {
+    if !kvm_available("serial_output_reaches_stdout_and_boot_complete_is_logged_once") {
+        return;
+    }
+    let run = run_guest("hello", &[]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert_eq!(
+        run.stdout_count("hello from the bulkhead test guest"),
+        1,
+        "stdout: {}",
+        run.stdout
+    );
+    assert_eq!(
+        run.stderr.matches("guest boot complete in ").count(),
+        1,
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn console_file_receives_guest_output_and_stdout_stays_clean() {
+    if !kvm_available("console_file_receives_guest_output_and_stdout_stays_clean") {
+        return;
+    }
+    let dir = common::scratch("console-file");
+    let log = dir.join("console.log");
+    let run = run_guest("hello", &["--console", &format!("file:{}", log.display())]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert!(run.stdout.is_empty(), "stdout: {}", run.stdout);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("hello from the bulkhead test guest"),
+        "console file: {text}"
+    );
+    let none = run_guest("hello", &["--console", "none"]);
+    assert_eq!(none.status, 0);
+    assert!(none.stdout.is_empty());
+}
+
+#[test]
+fn guest_reset_through_the_i8042_ends_the_run_with_status_zero() {
+    if !kvm_available("guest_reset_through_the_i8042_ends_the_run_with_status_zero") {
+        return;
+    }
+    let run = run_guest("exitcodes", &["--cmdline", "mode=reset"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert!(run.stdout.contains("resetting through the i8042"));
+    assert!(
+        run.stderr.contains("guest reset the machine"),
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn triple_fault_ends_the_run_with_status_81() {
+    if !kvm_available("triple_fault_ends_the_run_with_status_81") {
+        return;
+    }
+    let run = run_guest("exitcodes", &["--cmdline", "mode=triple"]);
+    assert_eq!(run.status, 81, "stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains("vCPU 0 triple-faulted"),
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn halt_with_interrupts_off_on_every_vcpu_ends_the_run_with_status_80() {
+    if !kvm_available("halt_with_interrupts_off_on_every_vcpu_ends_the_run_with_status_80") {
+        return;
+    }
+    // With two vCPUs the second is never started, so it waits for a SIPI forever too.
+    for vcpus in ["1", "2"] {
+        let run = run_guest("exitcodes", &["--cmdline", "mode=halt", "--vcpus", vcpus]);
+        assert_eq!(run.status, 80, "vcpus {vcpus}, stderr: {}", run.stderr);
+        assert!(
+            run.stderr.contains("all vCPUs halted"),
+            "stderr: {}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn unassigned_port_and_mmio_reads_are_all_ones_and_every_access_is_counted() {
+    if !kvm_available("unassigned_port_and_mmio_reads_are_all_ones_and_every_access_is_counted") {
+        return;
+    }
+    let run = run_guest(
+        "exitcodes",
+        &["--cmdline", "mode=unassigned", "--log-level", "debug"],
+    );
+    assert_eq!(
+        run.status, 0,
+        "guest saw a read that was not all-ones; stderr: {}",
+        run.stderr
+    );
+    for counter in [
+        "pio_unassigned_reads=3",
+        "pio_unassigned_writes=1",
+        "mmio_unassigned_reads=1",
+        "mmio_unassigned_writes=1",
+    ] {
+        assert!(
+            run.stderr.contains(counter),
+            "missing {counter} in: {}",
+            run.stderr
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! Each thread's seccomp filter traps a forbidden system call: proved by making the real
+//! threads misbehave through a debug-build test hook, not by reading the JSON.
+
+mod common;
+
+use common::{kvm_available, run_guest};
+
+#[test]
+fn vcpu_thread_forbidden_syscall_is_trapped_and_reported() {
+    if !kvm_available("vcpu_thread_forbidden_syscall_is_trapped_and_reported") {
+        return;
+    }
+    let run = run_guest(
+        "hello",
+        &[
+            "--test-hook",
+            "vcpu-forbidden-syscall",
+            "--cmdline",
+            "exit=3",
+        ],
+    );
+    assert_eq!(run.status, 159, "stderr: {}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("seccomp violation: thread vcpu0 made forbidden system call 41"),
+        "stderr: {}",
+        run.stderr
+    );
+    assert!(
+        !run.stdout.contains("hello from"),
+        "guest ran after the violation: {}",
+        run.stdout
+    );
+}
+
+#[test]
+fn vmm_thread_forbidden_syscall_is_trapped_and_reported() {
+    if !kvm_available("vmm_thread_forbidden_syscall_is_trapped_and_reported") {
+        return;
+    }
+    let run = run_guest("hello", &["--test-hook", "vmm-forbidden-syscall"]);
+    assert_eq!(run.status, 159, "stderr: {}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("seccomp violation: thread vmm made forbidden system call 41"),
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn without_seccomp_the_same_syscall_goes_through_and_a_warning_is_printed() {
+    if !kvm_available("without_seccomp_the_same_syscall_goes_through_and_a_warning_is_printed") {
+        return;
+    }
+    let run = run_guest(
+        "hello",
+        &[
+            "--test-hook",
+            "vcpu-forbidden-syscall",
+            "--no-seccomp",
+            "--cmdline",
+            "exit=3",
+        ],
+    );
+    assert_eq!(run.status, 3, "stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains("seccomp filters are OFF"),
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_normal_run_makes_no_forbidden_syscall_on_any_thread() {
+    if !kvm_available("a_normal_run_makes_no_forbidden_syscall_on_any_thread") {
+        return;
+    }
+    for (guest, args) in [
+        ("hello", vec!["--cmdline", "exit=0"]),
+        ("smp", vec!["--vcpus", "4"]),
+        ("exitcodes", vec!["--cmdline", "mode=halt", "--vcpus", "2"]),
+        (
+            "exitcodes",
+            vec!["--cmdline", "mode=unassigned", "--log-level", "trace"],
+        ),
+    ] {
+        let run = run_guest(guest, &args);
+        assert!(
+            !run.stderr.contains("seccomp violation"),
+            "{guest}: {}",
+            run.stderr
+        );
+        assert_ne!(run.status, 159, "{guest}");
+    }
+}
