@@ -1,1 +1,130 @@
-fn main() {}
+//! Start-to-exit time, CPU time and peak RSS of a whole `bulkhead run` on the freestanding
+//! test guest, next to Firecracker on the same guest when ../shared/anchors/firecracker is
+//! present. Run with `cargo bench --bench boot`; `BENCH_RUNS=N` sets the sample count.
+//!
+//! Both VMMs boot `exitcodes mode=reset`: it prints one line on the serial port and resets
+//! through the i8042, the one way to end a VM that both understand.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Sample {
+    wall: Duration,
+    cpu: Duration,
+    max_rss_kib: i64,
+    status: i32,
+}
+
+fn run_once(cmd: &mut Command) -> Sample {
+    let start = Instant::now();
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet reaped; `status` and `usage` are valid for writes.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = start.elapsed();
+    assert_eq!(rc, pid, "wait4 failed");
+    std::mem::forget(child); // already reaped by wait4
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Sample {
+        wall,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss,
+        status: if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 },
+    }
+}
+
+fn report(name: &str, mut samples: Vec<Sample>) {
+    assert!(samples.iter().all(|s| s.status == 0), "{name}: a run did not exit 0");
+    samples.sort_by_key(|s| s.wall);
+    let n = samples.len();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let median = &samples[n / 2];
+    let mut cpu: Vec<Duration> = samples.iter().map(|s| s.cpu).collect();
+    cpu.sort();
+    let mut rss: Vec<i64> = samples.iter().map(|s| s.max_rss_kib).collect();
+    rss.sort();
+    println!(
+        "{name:<28} runs={n:<3} wall median={:>6.2} ms min={:>6.2} ms p90={:>6.2} ms  cpu median={:>5.2} ms  peak RSS median={:>5.1} MiB",
+        ms(median.wall),
+        ms(samples[0].wall),
+        ms(samples[(n * 9 / 10).min(n - 1)].wall),
+        ms(cpu[n / 2]),
+        rss[n / 2] as f64 / 1024.0,
+    );
+}
+
+fn build_guest(manifest: &Path) -> PathBuf {
+    let out = manifest.join("target/guest-images");
+    let ok = Command::new("make")
+        .args(["-s", "-C"])
+        .arg(manifest.join("guest-images"))
+        .arg(format!("OUT={}", out.display()))
+        .status()
+        .expect("make")
+        .success();
+    assert!(ok, "building the test guests failed");
+    out.join("exitcodes")
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` does not: then just smoke-test.
+    let benchmarking = std::env::args().any(|a| a == "--bench");
+    let runs: usize = if benchmarking {
+        std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(50)
+    } else {
+        1
+    };
+    if !Path::new("/dev/kvm").exists() {
+        println!("boot bench skipped: /dev/kvm missing");
+        return;
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guest = build_guest(manifest);
+    let bulkhead = env!("CARGO_BIN_EXE_bulkhead");
+
+    for (name, extra) in [("bulkhead (seccomp on)", vec![]), ("bulkhead (--no-seccomp)", vec!["--no-seccomp"])] {
+        let samples = (0..runs)
+            .map(|_| {
+                let mut cmd = Command::new(bulkhead);
+                cmd.args(["run", "--kernel"]).arg(&guest).args(["--cmdline", "mode=reset", "--log-level", "error"]);
+                cmd.args(&extra);
+                run_once(&mut cmd)
+            })
+            .collect();
+        report(name, samples);
+    }
+
+    let firecracker = manifest.join("../shared/anchors/firecracker/firecracker");
+    if !firecracker.exists() {
+        println!("firecracker anchor not found at {}; no side-by-side figure", firecracker.display());
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cfg = dir.join("fc.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"console=ttyS0 reboot=k mode=reset"}},"drives":[],"machine-config":{{"vcpu_count":1,"mem_size_mib":128}}}}"#,
+            guest.display()
+        ),
+    )
+    .expect("write fc config");
+    let samples = (0..runs)
+        .map(|i| {
+            let sock = dir.join(format!("fc-{i}.sock"));
+            let mut cmd = Command::new(&firecracker);
+            cmd.arg("--api-sock").arg(&sock).arg("--config-file").arg(&cfg);
+            cmd.args(["--no-seccomp", "--level", "Error"]);
+            let s = run_once(&mut cmd);
+            let _ = std::fs::remove_file(&sock);
+            s
+        })
+        .collect();
+    report("firecracker (no seccomp)", samples);
+    let _ = std::fs::remove_dir_all(&dir);
+}
