@@ -18,7 +18,12 @@ struct Sample {
 
 fn run_once(cmd: &mut Command) -> Sample {
     let start = Instant::now();
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
@@ -33,12 +38,19 @@ fn run_once(cmd: &mut Command) -> Sample {
         wall,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
         max_rss_kib: usage.ru_maxrss,
-        status: if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 },
+        status: if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        },
     }
 }
 
 fn report(name: &str, mut samples: Vec<Sample>) {
-    assert!(samples.iter().all(|s| s.status == 0), "{name}: a run did not exit 0");
+    assert!(
+        samples.iter().all(|s| s.status == 0),
+        "{name}: a run did not exit 0"
+    );
     samples.sort_by_key(|s| s.wall);
     let n = samples.len();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -74,7 +86,10 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` does not: then just smoke-test.
     let benchmarking = std::env::args().any(|a| a == "--bench");
     let runs: usize = if benchmarking {
-        std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(50)
+        std::env::var("BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50)
     } else {
         1
     };
@@ -86,11 +101,19 @@ fn main() {
     let guest = build_guest(manifest);
     let bulkhead = env!("CARGO_BIN_EXE_bulkhead");
 
-    for (name, extra) in [("bulkhead (seccomp on)", vec![]), ("bulkhead (--no-seccomp)", vec!["--no-seccomp"])] {
+    for (name, extra) in [
+        ("bulkhead (seccomp on)", vec![]),
+        ("bulkhead (--no-seccomp)", vec!["--no-seccomp"]),
+    ] {
         let samples = (0..runs)
             .map(|_| {
                 let mut cmd = Command::new(bulkhead);
-                cmd.args(["run", "--kernel"]).arg(&guest).args(["--cmdline", "mode=reset", "--log-level", "error"]);
+                cmd.args(["run", "--kernel"]).arg(&guest).args([
+                    "--cmdline",
+                    "mode=reset",
+                    "--log-level",
+                    "error",
+                ]);
                 cmd.args(&extra);
                 run_once(&mut cmd)
             })
@@ -100,7 +123,10 @@ fn main() {
 
     let firecracker = manifest.join("../shared/anchors/firecracker/firecracker");
     if !firecracker.exists() {
-        println!("firecracker anchor not found at {}; no side-by-side figure", firecracker.display());
+        println!(
+            "firecracker anchor not found at {}; no side-by-side figure",
+            firecracker.display()
+        );
         return;
     }
     let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
@@ -118,7 +144,10 @@ fn main() {
         .map(|i| {
             let sock = dir.join(format!("fc-{i}.sock"));
             let mut cmd = Command::new(&firecracker);
-            cmd.arg("--api-sock").arg(&sock).arg("--config-file").arg(&cfg);
+            cmd.arg("--api-sock")
+                .arg(&sock)
+                .arg("--config-file")
+                .arg(&cfg);
             cmd.args(["--no-seccomp", "--level", "Error"]);
             let s = run_once(&mut cmd);
             let _ = std::fs::remove_file(&sock);

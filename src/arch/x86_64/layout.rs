@@ -189,7 +189,11 @@ mod tests {
                 w[1]
             );
         }
-        const { assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START) };
+        const {
+            assert!(
+                BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START
+            )
+        };
         const { assert!(PVH_MEMMAP_START + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= ZERO_PAGE_START) };
     }
 }
