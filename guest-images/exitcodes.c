@@ -30,11 +30,11 @@ static int unassigned(void) {
     return ok ? 0 : 1;
 }
 
-void guest_main(const u8 *zero_page) {
+void guest_main(void) {
     int len;
-    const char *mode = cmdline_value(zero_page, "mode", &len);
+    const char *mode = cmdline_value("mode", &len);
     if (!mode || str_eq(mode, len, "exit")) {
-        exit_guest((u8)cmdline_u64(zero_page, "exit", 0));
+        exit_guest((u8)cmdline_u64("exit", 0));
     } else if (str_eq(mode, len, "reset")) {
         puts("exitcodes: resetting through the i8042\n");
         outb(I8042_COMMAND_PORT, 0xfe);

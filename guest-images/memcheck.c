@@ -53,7 +53,12 @@ static int is_zero(u64 addr) { return *(volatile u64 *)addr == 0; }
 static int fill(u64 addr) { *(volatile u64 *)addr = pattern(addr); return 1; }
 static int holds_pattern(u64 addr) { return *(volatile u64 *)addr == pattern(addr); }
 
-void guest_main(const u8 *zero_page) {
+void guest_main(void) {
+    const u8 *zero_page = boot_zero_page;
+    if (!zero_page) {
+        puts("memcheck: FAIL: needs the Linux boot protocol's e820 map\n");
+        exit_guest(1);
+    }
     u64 bad = ~0ULL;
     u64 pages = walk(zero_page, is_zero, &bad);
     if (bad != ~0ULL) {

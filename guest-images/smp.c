@@ -73,8 +73,7 @@ static u8 my_apic_id(void) {
     return (u8)(b >> 24);
 }
 
-void guest_main(const u8 *zero_page) {
-    (void)zero_page;
+void guest_main(void) {
     u8 ids[MAX_CPUS];
     int n = mp_processors(ids);
     u8 bsp = my_apic_id();

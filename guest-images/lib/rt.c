@@ -1,5 +1,8 @@
 #include "rt.h"
 
+const u8 *boot_zero_page;
+const u8 *boot_pvh_info;
+
 void putc(char c) {
     /* Wait for the transmit holding register to be empty (LSR bit 5). */
     for (int i = 0; i < 100000 && !(inb(SERIAL_PORT + 5) & 0x20); i++) {
@@ -46,13 +49,32 @@ void exit_guest(u8 status) {
     halt_forever();
 }
 
-const char *cmdline(const u8 *zero_page) {
-    u32 ptr = *(const u32 *)(zero_page + BP_CMD_LINE_PTR);
-    return ptr ? (const char *)(u64)ptr : "";
+const char *cmdline(void) {
+    u64 ptr = 0;
+    if (boot_pvh_info) {
+        ptr = *(const u64 *)(boot_pvh_info + PVH_CMDLINE_PADDR);
+    } else if (boot_zero_page) {
+        ptr = *(const u32 *)(boot_zero_page + BP_CMD_LINE_PTR);
+    }
+    return ptr ? (const char *)ptr : "";
 }
 
-const char *cmdline_value(const u8 *zero_page, const char *key, int *len) {
-    const char *p = cmdline(zero_page);
+int initrd(u64 *addr, u64 *size) {
+    if (boot_pvh_info) {
+        if (*(const u32 *)(boot_pvh_info + PVH_NR_MODULES) == 0) return 0;
+        const u64 *module = (const u64 *)*(const u64 *)(boot_pvh_info + PVH_MODLIST_PADDR);
+        *addr = module[0];
+        *size = module[1];
+        return 1;
+    }
+    if (!boot_zero_page) return 0;
+    *addr = *(const u32 *)(boot_zero_page + BP_RAMDISK_IMAGE);
+    *size = *(const u32 *)(boot_zero_page + BP_RAMDISK_SIZE);
+    return *size != 0;
+}
+
+const char *cmdline_value(const char *key, int *len) {
+    const char *p = cmdline();
     while (*p) {
         while (*p == ' ') p++;
         const char *k = key;
@@ -71,9 +93,9 @@ const char *cmdline_value(const u8 *zero_page, const char *key, int *len) {
     return 0;
 }
 
-u64 cmdline_u64(const u8 *zero_page, const char *key, u64 dflt) {
+u64 cmdline_u64(const char *key, u64 dflt) {
     int len;
-    const char *v = cmdline_value(zero_page, key, &len);
+    const char *v = cmdline_value(key, &len);
     if (!v || len == 0) return dflt;
     u64 n = 0;
     for (int i = 0; i < len; i++) {

@@ -17,9 +17,23 @@ typedef long long i64;
 
 /* Offsets into the Linux zero page (struct boot_params). */
 #define BP_E820_ENTRIES 0x1e8
+#define BP_SETUP_SECTS 0x1f1
+#define BP_RAMDISK_IMAGE 0x218
+#define BP_RAMDISK_SIZE 0x21c
 #define BP_CMD_LINE_PTR 0x228
 #define BP_E820_TABLE 0x2d0
 #define E820_RAM 1
+
+/* Offsets into the PVH struct hvm_start_info. */
+#define PVH_MAGIC 0x336ec578u
+#define PVH_NR_MODULES 12
+#define PVH_MODLIST_PADDR 16
+#define PVH_CMDLINE_PADDR 24
+#define PVH_MEMMAP_ENTRIES 48
+
+/* How bulkhead entered the guest: exactly one of these is set before guest_main runs. */
+extern const u8 *boot_zero_page; /* Linux 64-bit boot protocol (RSI) */
+extern const u8 *boot_pvh_info;  /* PVH (EBX) */
 
 struct e820_entry {
     u64 addr;
@@ -56,11 +70,13 @@ __attribute__((noreturn)) void exit_guest(u8 status);
 __attribute__((noreturn)) void halt_forever(void);
 
 /* The kernel command line bulkhead passed. */
-const char *cmdline(const u8 *zero_page);
+const char *cmdline(void);
 /* Value of `key=...` on the command line as a string (NULL if absent); `len` gets its length. */
-const char *cmdline_value(const u8 *zero_page, const char *key, int *len);
+const char *cmdline_value(const char *key, int *len);
 /* Value of `key=N` as a number, or `dflt` when absent or not a number. */
-u64 cmdline_u64(const u8 *zero_page, const char *key, u64 dflt);
+u64 cmdline_u64(const char *key, u64 dflt);
+/* Where the initrd was placed; returns 0 when there is none. */
+int initrd(u64 *addr, u64 *size);
 int str_eq(const char *a, int alen, const char *b);
 
 void *memset(void *dst, int c, unsigned long n);
