@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_superio::{I8042Device, Trigger};
 
-use crate::devices::BusDevice;
+use super::ByteRegisters;
 use crate::exit::{ExitSignal, VmExitReason};
 
 /// Turns the controller's reset line into a VM exit.
@@ -31,35 +31,28 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&self, offset: u64, data: &mut [u8]) -> bool {
-        let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
-            return false;
-        };
-        *byte = self
-            .inner
+impl ByteRegisters for I8042 {
+    fn read_byte(&self, offset: u8) -> u8 {
+        self.inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .read(offset);
-        true
+            .read(offset)
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> bool {
-        let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
-            return false;
-        };
+    fn write_byte(&self, offset: u8, value: u8) {
+        // The only error is the reset trigger's, which is infallible.
         let _ = self
             .inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .write(offset, *byte);
-        true
+            .write(offset, value);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::BusDevice;
 
     #[test]
     fn reset_command_ends_the_vm_with_reset() {

@@ -9,6 +9,33 @@ pub use i8042::I8042;
 pub use ports::{BootCompletePort, GuestExitPort, IoDelayPort};
 pub use serial::{EventFdTrigger, SerialPort};
 
+use crate::devices::BusDevice;
+
+/// A device whose registers are single bytes at offsets below 256 (the UART, the i8042).
+/// The bus adapter below refuses any other access before the device sees it.
+pub trait ByteRegisters: Send + Sync {
+    fn read_byte(&self, offset: u8) -> u8;
+    fn write_byte(&self, offset: u8, value: u8);
+}
+
+impl<T: ByteRegisters> BusDevice for T {
+    fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+        let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
+            return false;
+        };
+        *byte = self.read_byte(offset);
+        true
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> bool {
+        let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
+            return false;
+        };
+        self.write_byte(offset, *byte);
+        true
+    }
+}
+
 /// I/O ports of the devices above.
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;
 pub const SERIAL_PORT_LEN: u64 = 8;

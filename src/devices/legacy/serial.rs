@@ -7,7 +7,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::BusDevice;
+use super::ByteRegisters;
 use crate::warn_limited;
 
 /// Raises an interrupt by writing an irqfd.
@@ -57,33 +57,24 @@ impl SerialPort {
     }
 }
 
-impl BusDevice for SerialPort {
-    fn read(&self, offset: u64, data: &mut [u8]) -> bool {
-        let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
-            return false;
-        };
-        *byte = self
-            .uart
+impl ByteRegisters for SerialPort {
+    fn read_byte(&self, offset: u8) -> u8 {
+        self.uart
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .read(offset);
-        true
+            .read(offset)
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> bool {
-        let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
-            return false;
-        };
+    fn write_byte(&self, offset: u8, value: u8) {
         let result = self
             .uart
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .write(offset, *byte);
+            .write(offset, value);
         if let Err(e) = result {
             // The console sink failing (a closed pipe, a full disk) must not stop the guest.
             warn_limited!("serial console write failed: {e:?}");
         }
-        true
     }
 }
 
@@ -92,6 +83,7 @@ mod tests {
     use std::sync::{Arc, Mutex as StdMutex};
 
     use super::*;
+    use crate::devices::BusDevice;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<StdMutex<Vec<u8>>>);
