@@ -67,6 +67,22 @@ static void delay(u64 loops) {
     }
 }
 
+/* What bulkhead promises about CPUID: no VMX or SVM (no nested virtualization), the
+ * hypervisor bit set, and the logical processor count equal to the vCPU count. */
+static void check_cpuid(int vcpus) {
+    u32 a, b, c, d;
+    cpuid(1, &a, &b, &c, &d);
+    if (c & (1u << 5)) fail("CPUID shows VMX");
+    if (!(c & (1u << 31))) fail("CPUID lacks the hypervisor bit");
+    if ((int)((b >> 16) & 0xff) != vcpus) fail("CPUID logical processor count differs from the MP table");
+    cpuid(0x80000000u, &a, &b, &c, &d);
+    if (a >= 0x80000001u) {
+        cpuid(0x80000001u, &a, &b, &c, &d);
+        if (c & (1u << 2)) fail("CPUID shows SVM");
+    }
+    puts("cpuid: nested virtualization hidden, hypervisor bit set\n");
+}
+
 static u8 my_apic_id(void) {
     u32 a, b, c, d;
     cpuid(1, &a, &b, &c, &d);
@@ -80,6 +96,7 @@ void guest_main(void) {
     puts("smp: MP table lists ");
     put_dec((u64)n);
     puts(" processors\n");
+    check_cpuid(n);
     puts("vcpu ");
     put_dec(bsp);
     puts(" checked in\n");

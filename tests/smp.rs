@@ -1,4 +1,5 @@
-//! Every vCPU given with --vcpus is listed in the MP table, starts, and checks in.
+//! Every vCPU given with --vcpus is listed in the MP table and CPUID, starts, and checks in;
+//! CPUID hides nested virtualization.
 
 mod common;
 
@@ -19,6 +20,12 @@ fn every_vcpu_checks_in_through_the_serial_port() {
         assert!(
             run.stdout
                 .contains(&format!("smp: MP table lists {vcpus} processors")),
+            "stdout: {}",
+            run.stdout
+        );
+        assert!(
+            run.stdout
+                .contains("cpuid: nested virtualization hidden, hypervisor bit set"),
             "stdout: {}",
             run.stdout
         );
