@@ -24,7 +24,7 @@ use crate::devices::legacy::{
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitSignal;
 use crate::telemetry::VmCounters;
-use crate::vmm::Vmm;
+use crate::vmm::{RawTerminal, Vmm};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError, VcpuIo};
@@ -92,13 +92,22 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         source,
     })?);
     let (console_out, console_input) = console(&config.console)?;
+    let raw_terminal = console_input
+        .as_ref()
+        .and_then(|_| RawTerminal::new(libc::STDIN_FILENO));
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
         what: "the serial IRQ",
         source,
     })?;
     vm.register_irqfd(&serial_irq, legacy::SERIAL_IRQ)?;
     let serial = Arc::new(SerialPort::new(serial_irq, console_out));
-    let pio = pio_bus(&serial, &exit)?;
+    let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
+        what: "the keyboard IRQ",
+        source,
+    })?;
+    vm.register_irqfd(&keyboard_irq, legacy::I8042_IRQ)?;
+    let i8042 = Arc::new(I8042::new(keyboard_irq, exit.clone()));
+    let pio = pio_bus(&serial, &i8042, &exit)?;
 
     let mem = vm.memory();
     let kernel = boot::load_kernel(mem, &mut kernel_file)?;
@@ -145,12 +154,17 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         io,
         serial,
         console_input,
+        raw_terminal,
         seccomp: config.seccomp,
         test_hook: config.test_hook,
     })
 }
 
-fn pio_bus(serial: &Arc<SerialPort>, exit: &Arc<ExitSignal>) -> Result<Bus, BuildError> {
+fn pio_bus(
+    serial: &Arc<SerialPort>,
+    i8042: &Arc<I8042>,
+    exit: &Arc<ExitSignal>,
+) -> Result<Bus, BuildError> {
     let mut pio = Bus::new();
     pio.insert(
         serial.clone(),
@@ -158,7 +172,7 @@ fn pio_bus(serial: &Arc<SerialPort>, exit: &Arc<ExitSignal>) -> Result<Bus, Buil
         legacy::SERIAL_PORT_LEN,
     )?;
     pio.insert(
-        Arc::new(I8042::new(exit.clone())),
+        i8042.clone(),
         legacy::I8042_PORT_BASE,
         legacy::I8042_PORT_LEN,
     )?;

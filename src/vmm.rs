@@ -62,6 +62,44 @@ pub struct ConsoleInput {
     pub serial: Arc<SerialPort>,
 }
 
+/// Puts a terminal in raw mode so every keystroke (Ctrl-C included) reaches the guest, and
+/// restores its settings when dropped.
+pub struct RawTerminal {
+    fd: libc::c_int,
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Raw mode on `fd`, or None when it is not a terminal.
+    pub fn new(fd: libc::c_int) -> Option<RawTerminal> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: an all-zero termios is a valid buffer for tcgetattr to fill.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid, writable termios.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: `raw` is a valid termios.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: `raw` is a valid termios derived from the terminal's own settings.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawTerminal { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: `saved` holds the settings read from this same terminal.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
 /// A VM ready to run: built by [`crate::builder::build_vm`].
 pub struct Vmm {
     pub(crate) vm: Vm,
@@ -69,6 +107,7 @@ pub struct Vmm {
     pub(crate) io: Arc<VcpuIo>,
     pub(crate) serial: Arc<SerialPort>,
     pub(crate) console_input: Option<File>,
+    pub(crate) raw_terminal: Option<RawTerminal>,
     pub(crate) seccomp: bool,
     pub(crate) test_hook: Option<TestHook>,
 }
@@ -100,6 +139,7 @@ impl Vmm {
             io,
             serial,
             console_input,
+            raw_terminal,
             seccomp,
             test_hook,
         } = self;
@@ -184,6 +224,7 @@ impl Vmm {
             }
         }
         serial.flush();
+        drop(raw_terminal);
         drop(vm);
         let reason = exit.reason().unwrap_or(VmExitReason::VcpuFailed {
             vcpu: 0,

@@ -77,9 +77,16 @@ pub fn scratch(test: &str) -> PathBuf {
 
 /// Runs `bulkhead` with `args`, killing it after `limit`.
 pub fn bulkhead_with_limit(args: &[&str], limit: Duration) -> Run {
+    command_with_limit(
+        Command::new(env!("CARGO_BIN_EXE_bulkhead")).args(args),
+        limit,
+    )
+}
+
+/// Runs `cmd` with stdin closed, collecting its output, killing it after `limit`.
+pub fn command_with_limit(cmd: &mut Command, limit: Duration) -> Run {
     let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-        .args(args)
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -105,7 +112,7 @@ pub fn bulkhead_with_limit(args: &[&str], limit: Duration) -> Run {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "bulkhead {args:?} still running after {limit:?}; stderr so far: {}",
+                "{cmd:?} still running after {limit:?}; stderr so far: {}",
                 err_reader.join().unwrap_or_default()
             );
         }

@@ -55,16 +55,14 @@ pub fn config_table(vcpus: u32) -> Vec<u8> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 2;
-    // ISA IRQ n goes to IOAPIC pin n; pin 0 carries the 8259's ExtINT.
+    // ISA IRQ n is an ordinary interrupt on IOAPIC pin n, as KVM's default GSI routing wires
+    // them; the in-kernel PIT raises GSI 0. Declaring pin 0 ExtINT instead leaves Linux
+    // without a route for the timer (it oopses in setup_IO_APIC). The 8259's ExtINT reaches
+    // the CPUs through LINT0, below.
     for irq in 0..IOAPIC_PINS {
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
         entries.extend_from_slice(&[
             ENTRY_IO_INTERRUPT,
-            kind,
+            INT_TYPE_INT,
             0,
             0,
             BUS_ID_ISA,
@@ -188,6 +186,30 @@ mod tests {
         assert_eq!(cpus, vec![0, 1, 2]);
         assert_eq!(bsp, 1);
         assert_eq!(u16::from_le_bytes([t[4], t[5]]) as usize, t.len());
+    }
+
+    #[test]
+    fn every_isa_irq_including_the_timer_is_an_ordinary_interrupt_on_its_own_pin() {
+        let t = config_table(1);
+        let mut off = HEADER_LEN + PROCESSOR_ENTRY_LEN;
+        let mut routed = Vec::new();
+        while off < t.len() {
+            if t[off] == ENTRY_IO_INTERRUPT {
+                assert_eq!(t[off + 1], INT_TYPE_INT, "IRQ {} is not mp_INT", t[off + 5]);
+                assert_eq!(
+                    t[off + 5],
+                    t[off + 7],
+                    "IRQ {} not on its own pin",
+                    t[off + 5]
+                );
+                routed.push(t[off + 5]);
+            }
+            if t[off] == ENTRY_LOCAL_INTERRUPT && t[off + 7] == 0 {
+                assert_eq!(t[off + 1], INT_TYPE_EXTINT, "LINT0 must carry ExtINT");
+            }
+            off += 8;
+        }
+        assert_eq!(routed, (0..IOAPIC_PINS).collect::<Vec<u8>>());
     }
 
     #[test]

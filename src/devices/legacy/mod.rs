@@ -42,6 +42,7 @@ pub const SERIAL_PORT_LEN: u64 = 8;
 pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_PORT_BASE: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
+pub const I8042_IRQ: u32 = 1;
 pub const GUEST_EXIT_PORT: u64 = 0xf4;
 pub const BOOT_COMPLETE_PORT: u64 = 0xf5;
 /// Linux writes here to delay I/O; swallowing it keeps the unassigned-port counters about

@@ -1,0 +1,163 @@
+//! Real Linux guests under bulkhead, through the nested lane (scripts/nested-kvm): QEMU in
+//! software emulation provides an L1 VM with working KVM, and bulkhead boots the project's
+//! Linux guest inside it. This host's own /dev/kvm can not run a Linux kernel.
+//!
+//! The lane is slow (each run boots two kernels under TCG), so the runs are few, serialised,
+//! and each checks several things.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// The lane uses both cores; two at once would only slow each other into timeouts.
+static LANE: Mutex<()> = Mutex::new(());
+
+struct LinuxImages {
+    vmlinux: PathBuf,
+    bzimage: PathBuf,
+    initramfs: PathBuf,
+}
+
+fn lane_available(test: &str) -> bool {
+    let missing: Vec<&str> = ["qemu-system-x86_64", "busybox", "cpio"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool} || test -x /bin/{tool}"))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() && std::path::Path::new("/usr/src/linux-source-6.1.tar.xz").exists() {
+        return true;
+    }
+    let why = format!("the nested lane needs qemu-system-x86, busybox-static, cpio and linux-source-6.1 (missing: {missing:?}); .ci/run installs them");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    false
+}
+
+fn images() -> &'static LinuxImages {
+    static IMAGES: OnceLock<LinuxImages> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guest-images/build-linux");
+        let out = Command::new(&script)
+            .output()
+            .expect("cannot run guest-images/build-linux");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "build-linux failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let get = |key: &str| -> PathBuf {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("build-linux printed no {key}=: {stdout}"))
+        };
+        LinuxImages {
+            vmlinux: get("vmlinux"),
+            bzimage: get("bzimage"),
+            initramfs: get("initramfs"),
+        }
+    })
+}
+
+/// Runs `bulkhead run ARGS` inside the lane; stdout and stderr of the L1 console are merged.
+fn lane_run(args: &[&str]) -> common::Run {
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
+    let mut full = vec![
+        script.to_str().unwrap(),
+        "--timeout",
+        "240",
+        "--",
+        "bulkhead",
+        "run",
+    ];
+    full.extend_from_slice(args);
+    let mut run = common::command_with_limit(
+        Command::new("env")
+            .arg(format!("BULKHEAD_BIN={}", env!("CARGO_BIN_EXE_bulkhead")))
+            .args(&full),
+        Duration::from_secs(300),
+    );
+    run.stdout = run.stdout.replace('\r', "");
+    run
+}
+
+fn boot_args<'a>(kernel: &'a std::path::Path, cmdline: &'a str, vcpus: &'a str) -> Vec<&'a str> {
+    vec![
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        images().initramfs.to_str().unwrap(),
+        "--vcpus",
+        vcpus,
+        "--mem-mib",
+        "256",
+        "--cmdline",
+        cmdline,
+    ]
+}
+
+#[test]
+fn linux_boots_to_init_from_vmlinux_with_one_and_two_vcpus_and_returns_the_commands_status() {
+    let test =
+        "linux_boots_to_init_from_vmlinux_with_one_and_two_vcpus_and_returns_the_commands_status";
+    if !lane_available(test) {
+        return;
+    }
+    let kernel = &images().vmlinux;
+    for vcpus in ["1", "2"] {
+        // The command's status is the number of CPUs the guest sees, plus 10.
+        let cmdline = "bulkhead.marker=lane-test -- sh -c \"cat /proc/cmdline; exit $((10 + $(grep -c ^processor /proc/cpuinfo)))\"";
+        let run = lane_run(&boot_args(kernel, cmdline, vcpus));
+        let want: i32 = 10 + vcpus.parse::<i32>().unwrap();
+        assert_eq!(run.status, want, "vcpus {vcpus}: output\n{}", run.stdout);
+        assert!(
+            run.stdout.contains("bulkhead-init: boot complete"),
+            "{}",
+            run.stdout
+        );
+        assert!(
+            run.stdout.contains("bulkhead.marker=lane-test"),
+            "command line did not reach the guest: {}",
+            run.stdout
+        );
+        assert!(
+            run.stdout.contains("guest boot complete in "),
+            "no boot time: {}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
+fn linux_boots_from_bzimage_and_a_zero_status_comes_back_as_zero() {
+    let test = "linux_boots_from_bzimage_and_a_zero_status_comes_back_as_zero";
+    if !lane_available(test) {
+        return;
+    }
+    let kernel = &images().bzimage;
+    let run = lane_run(&boot_args(
+        kernel,
+        "-- sh -c \"echo from-the-guest; exit 0\"",
+        "1",
+    ));
+    assert_eq!(run.status, 0, "output\n{}", run.stdout);
+    assert!(run.stdout.contains("from-the-guest"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("guest boot complete in "),
+        "{}",
+        run.stdout
+    );
+}
