@@ -241,11 +241,16 @@ fn validate_id(field: &'static str, value: &str) -> Result<(), ConfigError> {
 }
 
 /// A 128-bit random id in hex, from getrandom(2) (no file is opened).
+///
+/// An id needs to be unique, not secret, so this never waits for the entropy pool: a freshly
+/// booted host (or the nested lane's L1) may not have one for seconds. GRND_INSECURE asks for
+/// bytes from the not-yet-seeded generator instead of blocking.
 fn random_vm_id() -> Result<String, ConfigError> {
+    const GRND_INSECURE: libc::c_uint = 0x0004;
     let mut bytes = [0u8; 16];
     // SAFETY: the buffer is valid for writes of its full length, and getrandom writes at most
     // that many bytes.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), GRND_INSECURE) };
     if usize::try_from(n).ok() != Some(bytes.len()) {
         return Err(ConfigError::Random(
             std::io::Error::last_os_error().to_string(),

@@ -90,9 +90,14 @@ fn lane_run(args: &[&str]) -> common::Run {
             .args(&full),
         Duration::from_secs(300),
     );
-    run.stdout = run.stdout.replace('\r', "");
+    // The console already merges the guest's and bulkhead's output; add nested-kvm's own
+    // messages (a timeout, a failed L1) so a failure shows everything.
+    run.stdout = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
     run
 }
+
+/// A guest kernel panic becomes a triple fault (status 81), not a hang until the time limit.
+const FAIL_FAST: &str = "panic=-1 reboot=t";
 
 fn boot_args<'a>(kernel: &'a std::path::Path, cmdline: &'a str, vcpus: &'a str) -> Vec<&'a str> {
     vec![
@@ -119,8 +124,10 @@ fn linux_boots_to_init_from_vmlinux_with_one_and_two_vcpus_and_returns_the_comma
     let kernel = &images().vmlinux;
     for vcpus in ["1", "2"] {
         // The command's status is the number of CPUs the guest sees, plus 10.
-        let cmdline = "bulkhead.marker=lane-test -- sh -c \"cat /proc/cmdline; exit $((10 + $(grep -c ^processor /proc/cpuinfo)))\"";
-        let run = lane_run(&boot_args(kernel, cmdline, vcpus));
+        let cmdline = format!(
+            "{FAIL_FAST} bulkhead.marker=lane-test -- sh -c \"cat /proc/cmdline; exit $((10 + $(grep -c ^processor /proc/cpuinfo)))\""
+        );
+        let run = lane_run(&boot_args(kernel, &cmdline, vcpus));
         let want: i32 = 10 + vcpus.parse::<i32>().unwrap();
         assert_eq!(run.status, want, "vcpus {vcpus}: output\n{}", run.stdout);
         assert!(
@@ -148,11 +155,8 @@ fn linux_boots_from_bzimage_and_a_zero_status_comes_back_as_zero() {
         return;
     }
     let kernel = &images().bzimage;
-    let run = lane_run(&boot_args(
-        kernel,
-        "-- sh -c \"echo from-the-guest; exit 0\"",
-        "1",
-    ));
+    let cmdline = format!("{FAIL_FAST} -- sh -c \"echo from-the-guest; exit 0\"");
+    let run = lane_run(&boot_args(kernel, &cmdline, "1"));
     assert_eq!(run.status, 0, "output\n{}", run.stdout);
     assert!(run.stdout.contains("from-the-guest"), "{}", run.stdout);
     assert!(

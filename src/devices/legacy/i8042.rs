@@ -21,6 +21,8 @@ const COMMAND: u8 = 4;
 const STATUS_OUTPUT_FULL: u8 = 1 << 0;
 const STATUS_SYSTEM: u8 = 1 << 2;
 const STATUS_LAST_WAS_COMMAND: u8 = 1 << 3;
+/// Set when the keyboard is not inhibited by a keylock; a guest that finds it clear warns.
+const STATUS_NOT_INHIBITED: u8 = 1 << 4;
 
 const CTR_KBD_INT: u8 = 1 << 0;
 const CTR_SYSTEM: u8 = 1 << 2;
@@ -170,7 +172,7 @@ impl ByteRegisters for I8042 {
         match offset {
             DATA => state.output.pop_front().unwrap_or(0),
             COMMAND => {
-                let mut status = state.ctr & STATUS_SYSTEM;
+                let mut status = (state.ctr & STATUS_SYSTEM) | STATUS_NOT_INHIBITED;
                 if !state.output.is_empty() {
                     status |= STATUS_OUTPUT_FULL;
                 }
@@ -238,6 +240,15 @@ mod tests {
             irq.read().is_err(),
             "interrupt raised with interrupts disabled"
         );
+    }
+
+    #[test]
+    fn status_reports_no_keylock_and_the_system_flag() {
+        let (dev, _, _) = controller();
+        let status = dev.read_byte(COMMAND);
+        assert_ne!(status & STATUS_NOT_INHIBITED, 0);
+        assert_ne!(status & STATUS_SYSTEM, 0);
+        assert_eq!(status & STATUS_OUTPUT_FULL, 0);
     }
 
     #[test]
