@@ -165,3 +165,48 @@ fn linux_boots_from_bzimage_and_a_zero_status_comes_back_as_zero() {
         run.stdout
     );
 }
+
+#[test]
+fn nested_kvm_attaches_disks_whose_writes_reach_the_host_file_unless_read_only() {
+    let test = "nested_kvm_attaches_disks_whose_writes_reach_the_host_file_unless_read_only";
+    if !lane_available(test) {
+        return;
+    }
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("lane-disk");
+    let (rw, ro) = (dir.join("rw.img"), dir.join("ro.img"));
+    for disk in [&rw, &ro] {
+        std::fs::File::create(disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
+    let write = "echo LANE-DISK-OK | dd of=\"$2\" conv=notrunc 2>/dev/null; sync; true";
+    let ro_spec = format!("{},ro", ro.display());
+    for spec in [rw.to_str().unwrap(), ro_spec.as_str()] {
+        let run = common::command_with_limit(
+            Command::new(&script).args([
+                "--timeout",
+                "120",
+                "--",
+                "sh",
+                "-c",
+                write,
+                "x",
+                "--disk",
+                spec,
+            ]),
+            Duration::from_secs(180),
+        );
+        assert_eq!(run.status, 0, "{spec}: {}{}", run.stdout, run.stderr);
+    }
+    assert!(
+        std::fs::read(&rw).unwrap().starts_with(b"LANE-DISK-OK\n"),
+        "write did not reach the host file"
+    );
+    assert!(
+        std::fs::read(&ro).unwrap().iter().all(|&b| b == 0),
+        "a read-only disk was written"
+    );
+}
