@@ -5,6 +5,7 @@
  *   mode=halt        halt with interrupts disabled
  *   mode=unassigned  read and write a port and an MMIO address no device claims; exit 0 when
  *                    every read came back all-ones, 1 otherwise
+ *   mode=echo        read a line from the serial console, echo it, exit with the number it holds
  */
 #include "lib/rt.h"
 
@@ -30,6 +31,22 @@ static int unassigned(void) {
     return ok ? 0 : 1;
 }
 
+/* Reads console input until a newline; returns the decimal number typed (at most 255). */
+static u8 echo_line(void) {
+    u64 n = 0;
+    puts("echo: ready\n");
+    for (;;) {
+        while (!(inb(SERIAL_PORT + 5) & 1)) {
+        }
+        char c = (char)inb(SERIAL_PORT);
+        if (c == '\r' || c == '\n') break;
+        putc(c);
+        if (c >= '0' && c <= '9' && n < 1000) n = n * 10 + (u64)(c - '0');
+    }
+    puts("\n");
+    return n > 255 ? 255 : (u8)n;
+}
+
 void guest_main(void) {
     int len;
     const char *mode = cmdline_value("mode", &len);
@@ -46,6 +63,8 @@ void guest_main(void) {
         halt_forever();
     } else if (str_eq(mode, len, "unassigned")) {
         exit_guest((u8)unassigned());
+    } else if (str_eq(mode, len, "echo")) {
+        exit_guest(echo_line());
     }
     puts("exitcodes: unknown mode\n");
     exit_guest(0x7f);

@@ -38,6 +38,36 @@ fn serial_output_reaches_stdout_and_boot_complete_is_logged_once() {
 }
 
 #[test]
+fn console_input_on_stdin_reaches_the_guests_serial_port() {
+    if !kvm_available("console_input_on_stdin_reaches_the_guests_serial_port") {
+        return;
+    }
+    let kernel = common::guest("exitcodes");
+    let run = common::command_with_input(
+        std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead")).args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "mode=echo",
+        ]),
+        Some(b"42\n"),
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(
+        run.status, 42,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert_eq!(
+        run.stdout_count("42"),
+        1,
+        "guest did not echo its input: {}",
+        run.stdout
+    );
+}
+
+#[test]
 fn console_file_receives_guest_output_and_stdout_stays_clean() {
     if !kvm_available("console_file_receives_guest_output_and_stdout_stays_clean") {
         return;

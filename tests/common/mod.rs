@@ -85,13 +85,29 @@ pub fn bulkhead_with_limit(args: &[&str], limit: Duration) -> Run {
 
 /// Runs `cmd` with stdin closed, collecting its output, killing it after `limit`.
 pub fn command_with_limit(cmd: &mut Command, limit: Duration) -> Run {
+    command_with_input(cmd, None, limit)
+}
+
+/// Runs `cmd` with `input` on a pipe to its stdin (or stdin closed), killing it after `limit`.
+pub fn command_with_input(cmd: &mut Command, input: Option<&[u8]>, limit: Duration) -> Run {
     let start = Instant::now();
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start bulkhead");
+    if let Some(input) = input {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(input)
+            .expect("cannot write to bulkhead's stdin");
+    }
     let mut stdout = child.stdout.take().expect("piped stdout");
     let mut stderr = child.stderr.take().expect("piped stderr");
     let out_reader = std::thread::spawn(move || {
