@@ -1,0 +1,749 @@
+//! The virtio-mmio register block (virtio 1.2, section 4.2.2), version 2 only.
+//!
+//! The transport holds the driver's negotiation state and refuses anything the specification
+//! does not allow at that point: status changes out of order, feature or queue writes after
+//! FEATURES_OK or DRIVER_OK, a queue size above QueueNumMax or not a power of two, a queue made
+//! ready with misaligned rings, a notify for a queue that does not exist, config writes before
+//! the driver is ready, and any control register access that is not 32 bits wide and aligned.
+//! Each refusal is counted per device by [`TransportViolation`]; none panics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+
+use super::{QueueConfig, VirtioDevice};
+use crate::devices::BusDevice;
+use crate::warn_limited;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+/// "BLKH": what the guest sees as the vendor.
+const VENDOR_ID: u32 = 0x484b_4c42;
+/// The register block, config space included.
+pub const MMIO_LEN: u64 = 0x1000;
+const CONFIG_START: u64 = VIRTIO_MMIO_CONFIG as u64;
+
+/// Why the transport refused a driver request. One counter per reason per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum TransportViolation {
+    /// A control register access not 32 bits wide and aligned, or outside the block.
+    BadAccess,
+    /// A status write that skips or undoes a step of the initialisation sequence.
+    BadStatusTransition,
+    /// Driver features outside what the device offered, or without VIRTIO_F_VERSION_1.
+    BadFeatures,
+    /// A feature write outside the DRIVER..FEATURES_OK window.
+    FeaturesReadOnly,
+    /// A queue register write before FEATURES_OK or after DRIVER_OK.
+    QueueReadOnly,
+    /// QueueNum above QueueNumMax, zero, or not a power of two.
+    BadQueueSize,
+    /// QueueReady with a missing, misaligned or unset ring, or a bad size.
+    BadQueueSetup,
+    /// QueueSel or QueueNotify naming a queue that does not exist.
+    NoSuchQueue,
+    /// A config space write before DRIVER_OK, or one the device refused.
+    ConfigWriteRefused,
+    /// A read-only register written, or a write-only register read.
+    WrongDirection,
+}
+
+const VIOLATION_KINDS: usize = 10;
+
+impl TransportViolation {
+    pub const ALL: [TransportViolation; VIOLATION_KINDS] = [
+        TransportViolation::BadAccess,
+        TransportViolation::BadStatusTransition,
+        TransportViolation::BadFeatures,
+        TransportViolation::FeaturesReadOnly,
+        TransportViolation::QueueReadOnly,
+        TransportViolation::BadQueueSize,
+        TransportViolation::BadQueueSetup,
+        TransportViolation::NoSuchQueue,
+        TransportViolation::ConfigWriteRefused,
+        TransportViolation::WrongDirection,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportViolation::BadAccess => "bad_access",
+            TransportViolation::BadStatusTransition => "bad_status_transition",
+            TransportViolation::BadFeatures => "bad_features",
+            TransportViolation::FeaturesReadOnly => "features_read_only",
+            TransportViolation::QueueReadOnly => "queue_read_only",
+            TransportViolation::BadQueueSize => "bad_queue_size",
+            TransportViolation::BadQueueSetup => "bad_queue_setup",
+            TransportViolation::NoSuchQueue => "no_such_queue",
+            TransportViolation::ConfigWriteRefused => "config_write_refused",
+            TransportViolation::WrongDirection => "wrong_direction",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct QueueState {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+impl QueueState {
+    fn config(&self) -> QueueConfig {
+        QueueConfig {
+            size: self.size,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        }
+    }
+
+    /// Sizes and alignments from virtio 1.2, section 2.7 (split virtqueues).
+    fn is_valid(&self) -> bool {
+        self.size != 0
+            && self.size <= self.max_size
+            && self.size.is_power_of_two()
+            && self.desc_table % 16 == 0
+            && self.avail_ring % 2 == 0
+            && self.used_ring % 4 == 0
+    }
+}
+
+struct State {
+    device: Box<dyn VirtioDevice>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueState>,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+/// A virtio device behind its virtio-mmio register block.
+pub struct MmioTransport {
+    state: Mutex<State>,
+    violations: [AtomicU64; VIOLATION_KINDS],
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>) -> MmioTransport {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max_size| QueueState {
+                max_size,
+                ..Default::default()
+            })
+            .collect();
+        MmioTransport {
+            state: Mutex::new(State {
+                device,
+                status: 0,
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                driver_features: 0,
+                queue_sel: 0,
+                queues,
+                interrupt_status: 0,
+                config_generation: 0,
+            }),
+            violations: Default::default(),
+        }
+    }
+
+    /// How often the driver was refused for `reason`.
+    pub fn violations(&self, reason: TransportViolation) -> u64 {
+        self.violations[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// The driver status register as the guest last left it (plus NEEDS_RESET if set).
+    pub fn status(&self) -> u32 {
+        self.lock().status
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn refuse(&self, reason: TransportViolation, offset: u64) -> bool {
+        self.violations[reason as usize].fetch_add(1, Ordering::Relaxed);
+        warn_limited!(
+            "virtio-mmio: refused {} at register {offset:#x}",
+            reason.name()
+        );
+        false
+    }
+
+    fn device_features(state: &State) -> u64 {
+        state.device.features() | (1u64 << VIRTIO_F_VERSION_1)
+    }
+
+    fn read_register(&self, state: &State, offset: u32) -> Option<u32> {
+        let queue = state.queues.get(state.queue_sel as usize);
+        let features = Self::device_features(state);
+        Some(match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => VERSION,
+            VIRTIO_MMIO_DEVICE_ID => state.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match state.device_features_sel {
+                0 => features as u32,
+                1 => (features >> 32) as u32,
+                _ => 0,
+            },
+            // A queue that does not exist reads as size 0: the driver must not use it.
+            VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),
+            VIRTIO_MMIO_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
+            VIRTIO_MMIO_INTERRUPT_STATUS => state.interrupt_status,
+            VIRTIO_MMIO_STATUS => state.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => state.config_generation,
+            // No shared memory regions: length all-ones means "none".
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            _ => return None,
+        })
+    }
+
+    fn write_status(&self, state: &mut State, value: u32, offset: u64) -> bool {
+        if value == 0 {
+            state.device.reset();
+            let queues = state.queues.iter().map(|q| QueueState {
+                max_size: q.max_size,
+                ..Default::default()
+            });
+            state.queues = queues.collect();
+            state.status = 0;
+            state.driver_features = 0;
+            state.interrupt_status = 0;
+            state.queue_sel = 0;
+            return true;
+        }
+        let old = state.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        if value & VIRTIO_CONFIG_S_FAILED != 0 {
+            state.status |= VIRTIO_CONFIG_S_FAILED;
+            return true;
+        }
+        const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+        const DRV: u32 = ACK | VIRTIO_CONFIG_S_DRIVER;
+        const FOK: u32 = DRV | VIRTIO_CONFIG_S_FEATURES_OK;
+        const DOK: u32 = FOK | VIRTIO_CONFIG_S_DRIVER_OK;
+        let allowed = matches!(
+            (old, value),
+            (0, ACK) | (ACK, DRV) | (DRV, FOK) | (FOK, DOK)
+        );
+        if old == value {
+            return true;
+        }
+        if !allowed || old & VIRTIO_CONFIG_S_FAILED != 0 {
+            return self.refuse(TransportViolation::BadStatusTransition, offset);
+        }
+        if value == FOK {
+            let offered = Self::device_features(state);
+            let acked = state.driver_features;
+            if acked & !offered != 0 || acked & (1u64 << VIRTIO_F_VERSION_1) == 0 {
+                // FEATURES_OK stays clear, which tells the driver the negotiation failed.
+                return self.refuse(TransportViolation::BadFeatures, offset);
+            }
+        }
+        if value == DOK {
+            if state.queues.iter().any(|q| q.ready && !q.is_valid()) {
+                return self.refuse(TransportViolation::BadQueueSetup, offset);
+            }
+            let queues: Vec<QueueConfig> = state
+                .queues
+                .iter()
+                .filter(|q| q.ready)
+                .map(QueueState::config)
+                .collect();
+            let features = state.driver_features;
+            if let Err(e) = state.device.activate(features, &queues) {
+                warn_limited!("virtio-mmio: device activation failed: {e}");
+                state.status = value | VIRTIO_CONFIG_S_NEEDS_RESET;
+                return true;
+            }
+        }
+        state.status = value;
+        true
+    }
+
+    fn write_register(&self, state: &mut State, offset: u32, value: u32) -> bool {
+        let at = u64::from(offset);
+        let features_open = state.status & VIRTIO_CONFIG_S_DRIVER != 0
+            && state.status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK) == 0;
+        let queues_open = state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && state.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => state.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => state.driver_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
+                if !features_open {
+                    return self.refuse(TransportViolation::FeaturesReadOnly, at);
+                }
+                let shift = match state.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return self.refuse(TransportViolation::BadFeatures, at),
+                };
+                state.driver_features = (state.driver_features & !(0xffff_ffffu64 << shift))
+                    | (u64::from(value) << shift);
+            }
+            VIRTIO_MMIO_QUEUE_SEL => {
+                if !queues_open {
+                    return self.refuse(TransportViolation::QueueReadOnly, at);
+                }
+                if value as usize >= state.queues.len() {
+                    return self.refuse(TransportViolation::NoSuchQueue, at);
+                }
+                state.queue_sel = value;
+            }
+            VIRTIO_MMIO_QUEUE_NUM
+            | VIRTIO_MMIO_QUEUE_READY
+            | VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                if !queues_open {
+                    return self.refuse(TransportViolation::QueueReadOnly, at);
+                }
+                return self.write_queue_register(state, offset, value);
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                // Notifications normally arrive by ioeventfd and never reach here; one that
+                // does is either for a queue that does not exist or sent before DRIVER_OK.
+                if value as usize >= state.queues.len() {
+                    return self.refuse(TransportViolation::NoSuchQueue, at);
+                }
+            }
+            VIRTIO_MMIO_INTERRUPT_ACK => state.interrupt_status &= !value,
+            VIRTIO_MMIO_STATUS => return self.write_status(state, value, at),
+            _ => return self.refuse(TransportViolation::WrongDirection, at),
+        }
+        true
+    }
+
+    fn write_queue_register(&self, state: &mut State, offset: u32, value: u32) -> bool {
+        let at = u64::from(offset);
+        let Some(queue) = state.queues.get_mut(state.queue_sel as usize) else {
+            return self.refuse(TransportViolation::NoSuchQueue, at);
+        };
+        if queue.ready && offset != VIRTIO_MMIO_QUEUE_READY {
+            // A live queue's layout can not change under the device.
+            return self.refuse(TransportViolation::QueueReadOnly, at);
+        }
+        let set_low = |field: &mut u64| *field = (*field & !0xffff_ffff) | u64::from(value);
+        let set_high = |field: &mut u64| *field = (*field & 0xffff_ffff) | (u64::from(value) << 32);
+        match offset {
+            VIRTIO_MMIO_QUEUE_NUM => {
+                let size = u16::try_from(value).unwrap_or(0);
+                if size == 0 || size > queue.max_size || !size.is_power_of_two() {
+                    return self.refuse(TransportViolation::BadQueueSize, at);
+                }
+                queue.size = size;
+            }
+            VIRTIO_MMIO_QUEUE_READY => match value {
+                0 => queue.ready = false,
+                1 => {
+                    if !queue.is_valid() {
+                        return self.refuse(TransportViolation::BadQueueSetup, at);
+                    }
+                    queue.ready = true;
+                }
+                _ => return self.refuse(TransportViolation::BadQueueSetup, at),
+            },
+            VIRTIO_MMIO_QUEUE_DESC_LOW => set_low(&mut queue.desc_table),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => set_high(&mut queue.desc_table),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => set_low(&mut queue.avail_ring),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => set_high(&mut queue.avail_ring),
+            VIRTIO_MMIO_QUEUE_USED_LOW => set_low(&mut queue.used_ring),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => set_high(&mut queue.used_ring),
+            _ => return self.refuse(TransportViolation::WrongDirection, at),
+        }
+        true
+    }
+
+    /// Marks a used-buffer interrupt pending (the device then signals its irqfd).
+    pub fn raise_used_buffer(&self) {
+        self.lock().interrupt_status |= VIRTIO_MMIO_INT_VRING;
+    }
+
+    /// The device can not go on: the driver must reset it.
+    pub fn set_needs_reset(&self) {
+        let mut state = self.lock();
+        state.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        state.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+    }
+}
+
+/// Splits an access into (register, value) when it is a 32-bit aligned control register access.
+fn control_register(offset: u64, len: usize) -> Option<u32> {
+    (offset < CONFIG_START && len == 4 && offset % 4 == 0).then_some(offset as u32)
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+        let state = self.lock();
+        if offset >= CONFIG_START {
+            return state.device.read_config(offset - CONFIG_START, data);
+        }
+        let Some(register) = control_register(offset, data.len()) else {
+            drop(state);
+            return self.refuse(TransportViolation::BadAccess, offset);
+        };
+        match self.read_register(&state, register) {
+            Some(value) => {
+                data.copy_from_slice(&value.to_le_bytes());
+                true
+            }
+            None => {
+                drop(state);
+                self.refuse(TransportViolation::WrongDirection, offset)
+            }
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> bool {
+        let mut state = self.lock();
+        if offset >= CONFIG_START {
+            if state.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+                || !state.device.write_config(offset - CONFIG_START, data)
+            {
+                drop(state);
+                return self.refuse(TransportViolation::ConfigWriteRefused, offset);
+            }
+            state.config_generation = state.config_generation.wrapping_add(1);
+            return true;
+        }
+        let (Some(register), Ok(bytes)) = (
+            control_register(offset, data.len()),
+            <[u8; 4]>::try_from(data),
+        ) else {
+            drop(state);
+            return self.refuse(TransportViolation::BadAccess, offset);
+        };
+        self.write_register(&mut state, register, u32::from_le_bytes(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const FEATURE_X: u64 = 1 << 5;
+
+    #[derive(Default)]
+    struct Seen {
+        activated: Option<(u64, Vec<QueueConfig>)>,
+        resets: u32,
+        config: [u8; 8],
+    }
+
+    struct MockDevice {
+        seen: Arc<Mutex<Seen>>,
+        fail_activation: bool,
+    }
+
+    impl VirtioDevice for MockDevice {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn features(&self) -> u64 {
+            FEATURE_X
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256, 16]
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
+            let seen = self.seen.lock().unwrap();
+            let Some(src) = usize::try_from(offset)
+                .ok()
+                .and_then(|o| seen.config.get(o..o + data.len()))
+            else {
+                return false;
+            };
+            data.copy_from_slice(src);
+            true
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+            let mut seen = self.seen.lock().unwrap();
+            let Some(dst) = usize::try_from(offset)
+                .ok()
+                .and_then(|o| seen.config.get_mut(o..o + data.len()))
+            else {
+                return false;
+            };
+            dst.copy_from_slice(data);
+            true
+        }
+        fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), String> {
+            if self.fail_activation {
+                return Err("no".into());
+            }
+            self.seen.lock().unwrap().activated = Some((features, queues.to_vec()));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.seen.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn transport(fail_activation: bool) -> (MmioTransport, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let dev = MockDevice {
+            seen: seen.clone(),
+            fail_activation,
+        };
+        (MmioTransport::new(Box::new(dev)), seen)
+    }
+
+    fn r(t: &MmioTransport, reg: u32) -> u32 {
+        let mut b = [0u8; 4];
+        assert!(t.read(u64::from(reg), &mut b), "read of {reg:#x} refused");
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &MmioTransport, reg: u32, value: u32) -> bool {
+        t.write(u64::from(reg), &value.to_le_bytes())
+    }
+
+    const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    const DRV: u32 = ACK | VIRTIO_CONFIG_S_DRIVER;
+    const FOK: u32 = DRV | VIRTIO_CONFIG_S_FEATURES_OK;
+    const DOK: u32 = FOK | VIRTIO_CONFIG_S_DRIVER_OK;
+
+    /// Negotiates VERSION_1 and FEATURE_X, leaving the device at FEATURES_OK.
+    fn negotiate(t: &MmioTransport) {
+        assert!(w(t, VIRTIO_MMIO_STATUS, ACK));
+        assert!(w(t, VIRTIO_MMIO_STATUS, DRV));
+        assert!(w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0));
+        assert!(w(t, VIRTIO_MMIO_DRIVER_FEATURES, FEATURE_X as u32));
+        assert!(w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1));
+        assert!(w(
+            t,
+            VIRTIO_MMIO_DRIVER_FEATURES,
+            1 << (VIRTIO_F_VERSION_1 - 32)
+        ));
+        assert!(w(t, VIRTIO_MMIO_STATUS, FOK));
+        assert_eq!(r(t, VIRTIO_MMIO_STATUS), FOK);
+    }
+
+    fn setup_queue(t: &MmioTransport, index: u32, size: u32, desc: u64) -> bool {
+        w(t, VIRTIO_MMIO_QUEUE_SEL, index)
+            && w(t, VIRTIO_MMIO_QUEUE_NUM, size)
+            && w(t, VIRTIO_MMIO_QUEUE_DESC_LOW, desc as u32)
+            && w(t, VIRTIO_MMIO_QUEUE_DESC_HIGH, (desc >> 32) as u32)
+            && w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000)
+            && w(t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0)
+            && w(t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000)
+            && w(t, VIRTIO_MMIO_QUEUE_USED_HIGH, 0)
+            && w(t, VIRTIO_MMIO_QUEUE_READY, 1)
+    }
+
+    #[test]
+    fn identity_registers_describe_a_version_2_device() {
+        let (t, _) = transport(false);
+        assert_eq!(r(&t, VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
+        assert_eq!(r(&t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&t, VIRTIO_MMIO_DEVICE_ID), 4);
+        assert_eq!(r(&t, VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+        assert!(w(&t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1));
+        assert_eq!(
+            r(&t, VIRTIO_MMIO_DEVICE_FEATURES),
+            1 << (VIRTIO_F_VERSION_1 - 32)
+        );
+    }
+
+    #[test]
+    fn a_well_behaved_driver_activates_the_device_with_its_queues() {
+        let (t, seen) = transport(false);
+        negotiate(&t);
+        assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+        assert!(setup_queue(&t, 0, 128, 0x1_0000_1000));
+        assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+        assert_eq!(r(&t, VIRTIO_MMIO_STATUS), DOK);
+        let (features, queues) = seen
+            .lock()
+            .unwrap()
+            .activated
+            .clone()
+            .expect("not activated");
+        assert_eq!(features, FEATURE_X | (1 << VIRTIO_F_VERSION_1));
+        assert_eq!(
+            queues,
+            vec![QueueConfig {
+                size: 128,
+                desc_table: 0x1_0000_1000,
+                avail_ring: 0x2000,
+                used_ring: 0x3000
+            }]
+        );
+        assert!(TransportViolation::ALL
+            .iter()
+            .all(|&v| t.violations(v) == 0));
+    }
+
+    #[test]
+    fn status_that_skips_a_step_is_refused_and_counted() {
+        let (t, _) = transport(false);
+        assert!(!w(&t, VIRTIO_MMIO_STATUS, DOK));
+        assert!(w(&t, VIRTIO_MMIO_STATUS, ACK));
+        assert!(!w(&t, VIRTIO_MMIO_STATUS, FOK));
+        assert_eq!(r(&t, VIRTIO_MMIO_STATUS), ACK);
+        assert_eq!(t.violations(TransportViolation::BadStatusTransition), 2);
+    }
+
+    #[test]
+    fn features_without_version_1_or_not_offered_fail_negotiation() {
+        for acked in [FEATURE_X, FEATURE_X | (1 << 40) | (1 << VIRTIO_F_VERSION_1)] {
+            let (t, _) = transport(false);
+            w(&t, VIRTIO_MMIO_STATUS, ACK);
+            w(&t, VIRTIO_MMIO_STATUS, DRV);
+            w(&t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+            w(&t, VIRTIO_MMIO_DRIVER_FEATURES, acked as u32);
+            w(&t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+            w(&t, VIRTIO_MMIO_DRIVER_FEATURES, (acked >> 32) as u32);
+            assert!(!w(&t, VIRTIO_MMIO_STATUS, FOK));
+            assert_eq!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+            assert_eq!(t.violations(TransportViolation::BadFeatures), 1);
+        }
+    }
+
+    #[test]
+    fn features_and_queues_are_read_only_outside_their_window() {
+        let (t, _) = transport(false);
+        // Queues before FEATURES_OK, features before DRIVER.
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 16));
+        assert!(!w(&t, VIRTIO_MMIO_DRIVER_FEATURES, 1));
+        negotiate(&t);
+        assert!(!w(&t, VIRTIO_MMIO_DRIVER_FEATURES, 0));
+        assert!(setup_queue(&t, 0, 16, 0x1000));
+        assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_SEL, 1));
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x5000));
+        assert_eq!(t.violations(TransportViolation::QueueReadOnly), 3);
+        assert_eq!(t.violations(TransportViolation::FeaturesReadOnly), 2);
+    }
+
+    #[test]
+    fn queue_sizes_above_the_maximum_zero_or_not_a_power_of_two_are_refused() {
+        let (t, _) = transport(false);
+        negotiate(&t);
+        w(&t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        // Queue 1 allows 16: too big, zero, and (below the maximum) not a power of two.
+        for bad in [0, 3, 12, 17, 32, 0x1_0000] {
+            assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, bad), "size {bad} accepted");
+        }
+        assert!(w(&t, VIRTIO_MMIO_QUEUE_NUM, 16));
+        assert!(w(&t, VIRTIO_MMIO_QUEUE_NUM, 4));
+        assert_eq!(t.violations(TransportViolation::BadQueueSize), 6);
+    }
+
+    #[test]
+    fn a_queue_with_misaligned_rings_or_no_size_can_not_be_made_ready() {
+        let (t, _) = transport(false);
+        negotiate(&t);
+        assert!(!setup_queue(&t, 0, 16, 0x1008));
+        w(&t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_READY, 1));
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_READY, 2));
+        assert_eq!(t.violations(TransportViolation::BadQueueSetup), 3);
+        assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn a_ready_queue_keeps_its_layout() {
+        let (t, _) = transport(false);
+        negotiate(&t);
+        assert!(setup_queue(&t, 0, 16, 0x1000));
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 32));
+        assert_eq!(t.violations(TransportViolation::QueueReadOnly), 1);
+    }
+
+    #[test]
+    fn selecting_or_notifying_a_queue_that_does_not_exist_is_refused() {
+        let (t, _) = transport(false);
+        negotiate(&t);
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_SEL, 2));
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_NOTIFY, 7));
+        assert!(w(&t, VIRTIO_MMIO_QUEUE_NOTIFY, 1));
+        assert_eq!(t.violations(TransportViolation::NoSuchQueue), 2);
+    }
+
+    #[test]
+    fn config_writes_before_driver_ok_are_refused_and_later_ones_bump_the_generation() {
+        let (t, seen) = transport(false);
+        assert!(!t.write(CONFIG_START, &[1, 2]));
+        negotiate(&t);
+        assert!(!t.write(CONFIG_START, &[1, 2]));
+        assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+        let generation = r(&t, VIRTIO_MMIO_CONFIG_GENERATION);
+        assert!(t.write(CONFIG_START + 2, &[7, 8]));
+        assert_eq!(r(&t, VIRTIO_MMIO_CONFIG_GENERATION), generation + 1);
+        assert_eq!(&seen.lock().unwrap().config[2..4], &[7, 8]);
+        assert!(
+            !t.write(CONFIG_START + 7, &[1, 2]),
+            "write past the config space accepted"
+        );
+        assert_eq!(t.violations(TransportViolation::ConfigWriteRefused), 3);
+        let mut b = [0u8; 2];
+        assert!(t.read(CONFIG_START + 2, &mut b));
+        assert_eq!(b, [7, 8]);
+    }
+
+    #[test]
+    fn control_register_accesses_must_be_32_bit_and_aligned() {
+        let (t, _) = transport(false);
+        let mut two = [0u8; 2];
+        assert!(!t.read(0, &mut two));
+        assert_eq!(two, [0, 0]);
+        assert!(!t.write(u64::from(VIRTIO_MMIO_STATUS) + 1, &[1, 0, 0, 0]));
+        assert!(!t.write(u64::from(VIRTIO_MMIO_STATUS), &[1]));
+        assert_eq!(t.violations(TransportViolation::BadAccess), 3);
+        assert_eq!(r(&t, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn writing_a_read_only_register_or_reading_a_write_only_one_is_refused() {
+        let (t, _) = transport(false);
+        assert!(!w(&t, VIRTIO_MMIO_MAGIC_VALUE, 0));
+        let mut b = [0u8; 4];
+        assert!(!t.read(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), &mut b));
+        assert_eq!(t.violations(TransportViolation::WrongDirection), 2);
+    }
+
+    #[test]
+    fn writing_zero_to_status_resets_device_and_queues() {
+        let (t, seen) = transport(false);
+        negotiate(&t);
+        assert!(setup_queue(&t, 0, 16, 0x1000));
+        assert!(w(&t, VIRTIO_MMIO_STATUS, 0));
+        assert_eq!(r(&t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(seen.lock().unwrap().resets, 1);
+        negotiate(&t);
+        assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn failed_activation_marks_the_device_as_needing_reset() {
+        let (t, seen) = transport(true);
+        negotiate(&t);
+        assert!(setup_queue(&t, 0, 16, 0x1000));
+        assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+        assert_ne!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(seen.lock().unwrap().activated.is_none());
+    }
+}
