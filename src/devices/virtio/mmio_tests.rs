@@ -1,0 +1,310 @@
+//! Unit tests of the virtio-mmio transport, driven the way a Linux driver drives it, and
+//! with each request the transport must refuse.
+
+use std::sync::Arc;
+
+use super::*;
+
+const FEATURE_X: u64 = 1 << 5;
+
+#[derive(Default)]
+struct Seen {
+    activated: Option<(u64, Vec<QueueConfig>)>,
+    resets: u32,
+    config: [u8; 8],
+}
+
+struct MockDevice {
+    seen: Arc<Mutex<Seen>>,
+    fail_activation: bool,
+}
+
+impl VirtioDevice for MockDevice {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn features(&self) -> u64 {
+        FEATURE_X
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256, 16]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
+        let seen = self.seen.lock().unwrap();
+        let Some(src) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| seen.config.get(o..o + data.len()))
+        else {
+            return false;
+        };
+        data.copy_from_slice(src);
+        true
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        let mut seen = self.seen.lock().unwrap();
+        let Some(dst) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| seen.config.get_mut(o..o + data.len()))
+        else {
+            return false;
+        };
+        dst.copy_from_slice(data);
+        true
+    }
+    fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), String> {
+        if self.fail_activation {
+            return Err("no".into());
+        }
+        self.seen.lock().unwrap().activated = Some((features, queues.to_vec()));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.seen.lock().unwrap().resets += 1;
+    }
+}
+
+fn transport(fail_activation: bool) -> (MmioTransport, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let dev = MockDevice {
+        seen: seen.clone(),
+        fail_activation,
+    };
+    (MmioTransport::new(Box::new(dev)), seen)
+}
+
+fn r(t: &MmioTransport, reg: u32) -> u32 {
+    let mut b = [0u8; 4];
+    assert!(t.read(u64::from(reg), &mut b), "read of {reg:#x} refused");
+    u32::from_le_bytes(b)
+}
+
+fn w(t: &MmioTransport, reg: u32, value: u32) -> bool {
+    t.write(u64::from(reg), &value.to_le_bytes())
+}
+
+const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const DRV: u32 = ACK | VIRTIO_CONFIG_S_DRIVER;
+const FOK: u32 = DRV | VIRTIO_CONFIG_S_FEATURES_OK;
+const DOK: u32 = FOK | VIRTIO_CONFIG_S_DRIVER_OK;
+
+/// Negotiates VERSION_1 and FEATURE_X, leaving the device at FEATURES_OK.
+fn negotiate(t: &MmioTransport) {
+    assert!(w(t, VIRTIO_MMIO_STATUS, ACK));
+    assert!(w(t, VIRTIO_MMIO_STATUS, DRV));
+    assert!(w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0));
+    assert!(w(t, VIRTIO_MMIO_DRIVER_FEATURES, FEATURE_X as u32));
+    assert!(w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1));
+    assert!(w(
+        t,
+        VIRTIO_MMIO_DRIVER_FEATURES,
+        1 << (VIRTIO_F_VERSION_1 - 32)
+    ));
+    assert!(w(t, VIRTIO_MMIO_STATUS, FOK));
+    assert_eq!(r(t, VIRTIO_MMIO_STATUS), FOK);
+}
+
+fn setup_queue(t: &MmioTransport, index: u32, size: u32, desc: u64) -> bool {
+    w(t, VIRTIO_MMIO_QUEUE_SEL, index)
+        && w(t, VIRTIO_MMIO_QUEUE_NUM, size)
+        && w(t, VIRTIO_MMIO_QUEUE_DESC_LOW, desc as u32)
+        && w(t, VIRTIO_MMIO_QUEUE_DESC_HIGH, (desc >> 32) as u32)
+        && w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000)
+        && w(t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0)
+        && w(t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000)
+        && w(t, VIRTIO_MMIO_QUEUE_USED_HIGH, 0)
+        && w(t, VIRTIO_MMIO_QUEUE_READY, 1)
+}
+
+#[test]
+fn identity_registers_describe_a_version_2_device() {
+    let (t, _) = transport(false);
+    assert_eq!(r(&t, VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
+    assert_eq!(r(&t, VIRTIO_MMIO_VERSION), 2);
+    assert_eq!(r(&t, VIRTIO_MMIO_DEVICE_ID), 4);
+    assert_eq!(r(&t, VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+    assert!(w(&t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1));
+    assert_eq!(
+        r(&t, VIRTIO_MMIO_DEVICE_FEATURES),
+        1 << (VIRTIO_F_VERSION_1 - 32)
+    );
+}
+
+#[test]
+fn a_well_behaved_driver_activates_the_device_with_its_queues() {
+    let (t, seen) = transport(false);
+    negotiate(&t);
+    assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+    assert!(setup_queue(&t, 0, 128, 0x1_0000_1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    assert_eq!(r(&t, VIRTIO_MMIO_STATUS), DOK);
+    let (features, queues) = seen
+        .lock()
+        .unwrap()
+        .activated
+        .clone()
+        .expect("not activated");
+    assert_eq!(features, FEATURE_X | (1 << VIRTIO_F_VERSION_1));
+    assert_eq!(
+        queues,
+        vec![QueueConfig {
+            size: 128,
+            desc_table: 0x1_0000_1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000
+        }]
+    );
+    assert!(TransportViolation::ALL
+        .iter()
+        .all(|&v| t.violations(v) == 0));
+}
+
+#[test]
+fn status_that_skips_a_step_is_refused_and_counted() {
+    let (t, _) = transport(false);
+    assert!(!w(&t, VIRTIO_MMIO_STATUS, DOK));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, ACK));
+    assert!(!w(&t, VIRTIO_MMIO_STATUS, FOK));
+    assert_eq!(r(&t, VIRTIO_MMIO_STATUS), ACK);
+    assert_eq!(t.violations(TransportViolation::BadStatusTransition), 2);
+}
+
+#[test]
+fn features_without_version_1_or_not_offered_fail_negotiation() {
+    for acked in [FEATURE_X, FEATURE_X | (1 << 40) | (1 << VIRTIO_F_VERSION_1)] {
+        let (t, _) = transport(false);
+        w(&t, VIRTIO_MMIO_STATUS, ACK);
+        w(&t, VIRTIO_MMIO_STATUS, DRV);
+        w(&t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(&t, VIRTIO_MMIO_DRIVER_FEATURES, acked as u32);
+        w(&t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(&t, VIRTIO_MMIO_DRIVER_FEATURES, (acked >> 32) as u32);
+        assert!(!w(&t, VIRTIO_MMIO_STATUS, FOK));
+        assert_eq!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        assert_eq!(t.violations(TransportViolation::BadFeatures), 1);
+    }
+}
+
+#[test]
+fn features_and_queues_are_read_only_outside_their_window() {
+    let (t, _) = transport(false);
+    // Queues before FEATURES_OK, features before DRIVER.
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 16));
+    assert!(!w(&t, VIRTIO_MMIO_DRIVER_FEATURES, 1));
+    negotiate(&t);
+    assert!(!w(&t, VIRTIO_MMIO_DRIVER_FEATURES, 0));
+    assert!(setup_queue(&t, 0, 16, 0x1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_SEL, 1));
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x5000));
+    assert_eq!(t.violations(TransportViolation::QueueReadOnly), 3);
+    assert_eq!(t.violations(TransportViolation::FeaturesReadOnly), 2);
+}
+
+#[test]
+fn queue_sizes_above_the_maximum_zero_or_not_a_power_of_two_are_refused() {
+    let (t, _) = transport(false);
+    negotiate(&t);
+    w(&t, VIRTIO_MMIO_QUEUE_SEL, 1);
+    // Queue 1 allows 16: too big, zero, and (below the maximum) not a power of two.
+    for bad in [0, 3, 12, 17, 32, 0x1_0000] {
+        assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, bad), "size {bad} accepted");
+    }
+    assert!(w(&t, VIRTIO_MMIO_QUEUE_NUM, 16));
+    assert!(w(&t, VIRTIO_MMIO_QUEUE_NUM, 4));
+    assert_eq!(t.violations(TransportViolation::BadQueueSize), 6);
+}
+
+#[test]
+fn a_queue_with_misaligned_rings_or_no_size_can_not_be_made_ready() {
+    let (t, _) = transport(false);
+    negotiate(&t);
+    assert!(!setup_queue(&t, 0, 16, 0x1008));
+    w(&t, VIRTIO_MMIO_QUEUE_SEL, 1);
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_READY, 1));
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_READY, 2));
+    assert_eq!(t.violations(TransportViolation::BadQueueSetup), 3);
+    assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 0);
+}
+
+#[test]
+fn a_ready_queue_keeps_its_layout() {
+    let (t, _) = transport(false);
+    negotiate(&t);
+    assert!(setup_queue(&t, 0, 16, 0x1000));
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 32));
+    assert_eq!(t.violations(TransportViolation::QueueReadOnly), 1);
+}
+
+#[test]
+fn selecting_or_notifying_a_queue_that_does_not_exist_is_refused() {
+    let (t, _) = transport(false);
+    negotiate(&t);
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_SEL, 2));
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_NOTIFY, 7));
+    assert!(w(&t, VIRTIO_MMIO_QUEUE_NOTIFY, 1));
+    assert_eq!(t.violations(TransportViolation::NoSuchQueue), 2);
+}
+
+#[test]
+fn config_writes_before_driver_ok_are_refused_and_later_ones_bump_the_generation() {
+    let (t, seen) = transport(false);
+    assert!(!t.write(CONFIG_START, &[1, 2]));
+    negotiate(&t);
+    assert!(!t.write(CONFIG_START, &[1, 2]));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    let generation = r(&t, VIRTIO_MMIO_CONFIG_GENERATION);
+    assert!(t.write(CONFIG_START + 2, &[7, 8]));
+    assert_eq!(r(&t, VIRTIO_MMIO_CONFIG_GENERATION), generation + 1);
+    assert_eq!(&seen.lock().unwrap().config[2..4], &[7, 8]);
+    assert!(
+        !t.write(CONFIG_START + 7, &[1, 2]),
+        "write past the config space accepted"
+    );
+    assert_eq!(t.violations(TransportViolation::ConfigWriteRefused), 3);
+    let mut b = [0u8; 2];
+    assert!(t.read(CONFIG_START + 2, &mut b));
+    assert_eq!(b, [7, 8]);
+}
+
+#[test]
+fn control_register_accesses_must_be_32_bit_and_aligned() {
+    let (t, _) = transport(false);
+    let mut two = [0u8; 2];
+    assert!(!t.read(0, &mut two));
+    assert_eq!(two, [0, 0]);
+    assert!(!t.write(u64::from(VIRTIO_MMIO_STATUS) + 1, &[1, 0, 0, 0]));
+    assert!(!t.write(u64::from(VIRTIO_MMIO_STATUS), &[1]));
+    assert_eq!(t.violations(TransportViolation::BadAccess), 3);
+    assert_eq!(r(&t, VIRTIO_MMIO_STATUS), 0);
+}
+
+#[test]
+fn writing_a_read_only_register_or_reading_a_write_only_one_is_refused() {
+    let (t, _) = transport(false);
+    assert!(!w(&t, VIRTIO_MMIO_MAGIC_VALUE, 0));
+    let mut b = [0u8; 4];
+    assert!(!t.read(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), &mut b));
+    assert_eq!(t.violations(TransportViolation::WrongDirection), 2);
+}
+
+#[test]
+fn writing_zero_to_status_resets_device_and_queues() {
+    let (t, seen) = transport(false);
+    negotiate(&t);
+    assert!(setup_queue(&t, 0, 16, 0x1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, 0));
+    assert_eq!(r(&t, VIRTIO_MMIO_STATUS), 0);
+    assert_eq!(seen.lock().unwrap().resets, 1);
+    negotiate(&t);
+    assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 0);
+}
+
+#[test]
+fn failed_activation_marks_the_device_as_needing_reset() {
+    let (t, seen) = transport(true);
+    negotiate(&t);
+    assert!(setup_queue(&t, 0, 16, 0x1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    assert_ne!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert!(seen.lock().unwrap().activated.is_none());
+}
