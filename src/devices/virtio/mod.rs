@@ -5,6 +5,7 @@
 //! transport in [`mmio`] enforces the driver's side of the protocol and counts every request
 //! it refuses, by reason.
 
+pub mod chain;
 pub mod mmio;
 
 pub use mmio::{MmioTransport, TransportViolation};

@@ -1,0 +1,273 @@
+//! Reading a descriptor chain from guest memory, with every reason for refusing it named.
+//!
+//! virtio-queue's chain iterator simply stops on a bad index, a loop, an over-long chain or a
+//! bad indirect table, and does not say why. Devices here walk chains through [`read_chain`]
+//! instead, which checks each descriptor against virtio 1.2 section 2.7 and bulkhead's own
+//! stricter rules, and returns a [`ChainViolation`] the queue handler counts.
+//!
+//! Stricter than the specification: every buffer must lie wholly inside one guest RAM region
+//! (not merely inside RAM), and no buffer may overlap the queue's own rings, so a device can
+//! never be made to write over the structures it reads its work from.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::QueueConfig;
+
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+const DESC_SIZE: u64 = 16;
+
+/// Why a chain (or a queue's rings) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainViolation {
+    /// A head or `next` index beyond the descriptor table.
+    IndexOutOfRange,
+    /// The chain comes back to a descriptor it already used.
+    Loop,
+    /// More descriptors than the queue size (virtio 1.2, 2.7.5.2).
+    TooManyDescriptors,
+    /// A descriptor with length zero.
+    ZeroLength,
+    /// The buffers add up to more than the device accepts in one request.
+    TooLong,
+    /// A buffer not wholly inside one guest RAM region.
+    OutsideRam,
+    /// A buffer overlapping the queue's descriptor table, available ring or used ring.
+    OverlapsRings,
+    /// A device-readable buffer after a device-writable one (virtio 1.2, 2.7.4.2).
+    ReadableAfterWritable,
+    /// An indirect descriptor when VIRTIO_F_INDIRECT_DESC was not negotiated.
+    IndirectNotNegotiated,
+    /// INDIRECT and NEXT set together (virtio 1.2, 2.7.5.3.1).
+    IndirectWithNext,
+    /// An indirect descriptor inside an indirect table.
+    NestedIndirect,
+    /// An indirect table that is empty, not a whole number of descriptors, too big, or not in RAM.
+    BadIndirectTable,
+    /// The queue's own rings are not wholly inside guest RAM.
+    RingOutsideRam,
+    /// The available index moved by more than the queue size since the device last looked.
+    AvailIndexJump,
+}
+
+/// One buffer of a validated chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    pub addr: u64,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// A chain that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub head: u16,
+    pub buffers: Vec<Buffer>,
+}
+
+impl Chain {
+    pub fn readable_len(&self) -> u64 {
+        self.buffers
+            .iter()
+            .filter(|b| !b.writable)
+            .map(|b| u64::from(b.len))
+            .sum()
+    }
+
+    pub fn writable_len(&self) -> u64 {
+        self.buffers
+            .iter()
+            .filter(|b| b.writable)
+            .map(|b| u64::from(b.len))
+            .sum()
+    }
+}
+
+/// The guest-physical ranges a split virtqueue occupies.
+pub fn ring_ranges(queue: &QueueConfig) -> [(u64, u64); 3] {
+    let size = u64::from(queue.size);
+    [
+        (queue.desc_table, DESC_SIZE * size),
+        // flags, idx, ring[size], used_event
+        (queue.avail_ring, 6 + 2 * size),
+        // flags, idx, ring[size] of (id, len), avail_event
+        (queue.used_ring, 6 + 8 * size),
+    ]
+}
+
+/// True when `[addr, addr + len)` lies wholly inside one RAM region.
+fn in_one_region(mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    mem.find_region(GuestAddress(addr)).is_some_and(|r| {
+        r.start_addr()
+            .0
+            .checked_add(r.len())
+            .is_some_and(|region_end| end <= region_end)
+    })
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
+}
+
+/// Checks that the queue's rings lie wholly inside guest RAM (alignment and size are the
+/// transport's checks).
+pub fn check_rings(mem: &GuestMemoryMmap, queue: &QueueConfig) -> Result<(), ChainViolation> {
+    if ring_ranges(queue)
+        .iter()
+        .all(|&(addr, len)| in_one_region(mem, addr, len))
+    {
+        Ok(())
+    } else {
+        Err(ChainViolation::RingOutsideRam)
+    }
+}
+
+/// How many new chains the driver made available, refusing a jump beyond the queue size.
+pub fn avail_progress(
+    last_seen: u16,
+    avail_idx: u16,
+    queue_size: u16,
+) -> Result<u16, ChainViolation> {
+    let new = avail_idx.wrapping_sub(last_seen);
+    if new > queue_size {
+        return Err(ChainViolation::AvailIndexJump);
+    }
+    Ok(new)
+}
+
+/// A descriptor as it lies in guest memory.
+#[derive(Debug, Clone, Copy)]
+struct RawDescriptor {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+fn read_descriptor(
+    mem: &GuestMemoryMmap,
+    table: u64,
+    index: u16,
+) -> Result<RawDescriptor, ChainViolation> {
+    let at = table
+        .checked_add(u64::from(index) * DESC_SIZE)
+        .ok_or(ChainViolation::OutsideRam)?;
+    let mut raw = [0u8; 16];
+    mem.read_slice(&mut raw, GuestAddress(at))
+        .map_err(|_| ChainViolation::OutsideRam)?;
+    let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
+    Ok(RawDescriptor {
+        addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+        len: u32::from_le_bytes([l0, l1, l2, l3]),
+        flags: u16::from_le_bytes([f0, f1]),
+        next: u16::from_le_bytes([n0, n1]),
+    })
+}
+
+/// Reads and validates the chain starting at descriptor `head` of `queue`.
+///
+/// `indirect_ok` says whether VIRTIO_F_INDIRECT_DESC was negotiated; `max_bytes` caps the sum
+/// of all buffer lengths (the device's largest request).
+pub fn read_chain(
+    mem: &GuestMemoryMmap,
+    queue: &QueueConfig,
+    head: u16,
+    indirect_ok: bool,
+    max_bytes: u64,
+) -> Result<Chain, ChainViolation> {
+    let rings = ring_ranges(queue);
+    let check_buffer = |addr: u64, len: u64| -> Result<(), ChainViolation> {
+        if !in_one_region(mem, addr, len) {
+            return Err(ChainViolation::OutsideRam);
+        }
+        if rings.iter().any(|&ring| overlaps((addr, len), ring)) {
+            return Err(ChainViolation::OverlapsRings);
+        }
+        Ok(())
+    };
+
+    let mut table = queue.desc_table;
+    let mut table_len = queue.size;
+    let mut visited = vec![0u64; usize::from(table_len).div_ceil(64)];
+    let mut in_indirect = false;
+    let mut index = head;
+    let mut buffers: Vec<Buffer> = Vec::new();
+    let mut total: u64 = 0;
+    let mut seen_writable = false;
+    loop {
+        if index >= table_len {
+            return Err(ChainViolation::IndexOutOfRange);
+        }
+        let (word, bit) = (usize::from(index / 64), 1u64 << (index % 64));
+        match visited.get_mut(word) {
+            Some(w) if *w & bit != 0 => return Err(ChainViolation::Loop),
+            Some(w) => *w |= bit,
+            None => return Err(ChainViolation::IndexOutOfRange),
+        }
+        let desc = read_descriptor(mem, table, index)?;
+
+        if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            if in_indirect {
+                return Err(ChainViolation::NestedIndirect);
+            }
+            if !indirect_ok {
+                return Err(ChainViolation::IndirectNotNegotiated);
+            }
+            if desc.flags & VIRTQ_DESC_F_NEXT != 0 {
+                return Err(ChainViolation::IndirectWithNext);
+            }
+            let entries = u64::from(desc.len) / DESC_SIZE;
+            if desc.len == 0
+                || u64::from(desc.len) % DESC_SIZE != 0
+                || entries > u64::from(queue.size)
+            {
+                return Err(ChainViolation::BadIndirectTable);
+            }
+            if !in_one_region(mem, desc.addr, u64::from(desc.len)) {
+                return Err(ChainViolation::BadIndirectTable);
+            }
+            check_buffer(desc.addr, u64::from(desc.len))?;
+            table = desc.addr;
+            table_len = u16::try_from(entries).map_err(|_| ChainViolation::BadIndirectTable)?;
+            visited = vec![0u64; usize::from(table_len).div_ceil(64)];
+            in_indirect = true;
+            index = 0;
+            continue;
+        }
+
+        if buffers.len() >= usize::from(queue.size) {
+            return Err(ChainViolation::TooManyDescriptors);
+        }
+        if desc.len == 0 {
+            return Err(ChainViolation::ZeroLength);
+        }
+        check_buffer(desc.addr, u64::from(desc.len))?;
+        let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
+        if !writable && seen_writable {
+            return Err(ChainViolation::ReadableAfterWritable);
+        }
+        seen_writable |= writable;
+        total += u64::from(desc.len);
+        if total > max_bytes {
+            return Err(ChainViolation::TooLong);
+        }
+        buffers.push(Buffer {
+            addr: desc.addr,
+            len: desc.len,
+            writable,
+        });
+
+        if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
+            return Ok(Chain { head, buffers });
+        }
+        index = desc.next;
+    }
+}
+
+#[cfg(test)]
+#[path = "chain_tests.rs"]
+mod tests;
