@@ -250,18 +250,42 @@ pub enum ExitAction {
     Stop(VmExitReason),
 }
 
-fn count_access(io: &VcpuIo, access: BusAccess, what: &str, addr: u64, len: usize, is_write: bool) {
+/// Which bus an access went to: it picks the counters and names the address in logs.
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    Port,
+    Mmio,
+}
+
+impl Space {
+    fn label(self) -> &'static str {
+        match self {
+            Space::Port => "port",
+            Space::Mmio => "MMIO address",
+        }
+    }
+}
+
+fn count_access(
+    io: &VcpuIo,
+    access: BusAccess,
+    space: Space,
+    addr: u64,
+    len: usize,
+    is_write: bool,
+) {
     let c = &io.counters;
-    let counter = match (access, what, is_write) {
+    let counter = match (access, space, is_write) {
         (BusAccess::Handled, ..) => return,
         (BusAccess::Refused, ..) => &c.device_refused_accesses,
-        (BusAccess::Unassigned, "port", false) => &c.pio_unassigned_reads,
-        (BusAccess::Unassigned, "port", true) => &c.pio_unassigned_writes,
-        (BusAccess::Unassigned, _, false) => &c.mmio_unassigned_reads,
-        (BusAccess::Unassigned, _, true) => &c.mmio_unassigned_writes,
+        (BusAccess::Unassigned, Space::Port, false) => &c.pio_unassigned_reads,
+        (BusAccess::Unassigned, Space::Port, true) => &c.pio_unassigned_writes,
+        (BusAccess::Unassigned, Space::Mmio, false) => &c.mmio_unassigned_reads,
+        (BusAccess::Unassigned, Space::Mmio, true) => &c.mmio_unassigned_writes,
     };
     VmCounters::inc(counter);
     let dir = if is_write { "write to" } else { "read of" };
+    let what = space.label();
     match access {
         BusAccess::Refused => warn_limited!("refused {len}-byte {dir} {what} {addr:#x}"),
         _ => debug_limited!("{len}-byte {dir} unassigned {what} {addr:#x}"),
@@ -274,22 +298,22 @@ pub fn handle_exit(exit: VcpuExit<'_>, vcpu: u32, io: &VcpuIo) -> ExitAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
             let access = io.pio.read(u64::from(port), data);
-            count_access(io, access, "port", u64::from(port), data.len(), false);
+            count_access(io, access, Space::Port, u64::from(port), data.len(), false);
             ExitAction::Continue
         }
         VcpuExit::IoOut(port, data) => {
             let access = io.pio.write(u64::from(port), data);
-            count_access(io, access, "port", u64::from(port), data.len(), true);
+            count_access(io, access, Space::Port, u64::from(port), data.len(), true);
             ExitAction::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
             let access = io.mmio.read(addr, data);
-            count_access(io, access, "MMIO address", addr, data.len(), false);
+            count_access(io, access, Space::Mmio, addr, data.len(), false);
             ExitAction::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             let access = io.mmio.write(addr, data);
-            count_access(io, access, "MMIO address", addr, data.len(), true);
+            count_access(io, access, Space::Mmio, addr, data.len(), true);
             ExitAction::Continue
         }
         // A kick that landed while KVM was already on its way out.
