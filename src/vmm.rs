@@ -211,7 +211,7 @@ impl Vmm {
 
         // Stop every vCPU: the exit signal is set, so each leaves its loop once kicked.
         for t in &threads {
-            kick(&t.handle);
+            kick(t.handle.as_pthread_t());
         }
         let mut remaining = vcpu_count;
         while remaining > 0 {
@@ -299,10 +299,14 @@ fn forbidden_syscall() {
     }
 }
 
-fn kick(handle: &thread::JoinHandle<()>) {
-    // SAFETY: the pthread is alive (its JoinHandle is held and not joined), and the kick
-    // signal has a handler installed for the whole process.
-    unsafe { libc::pthread_kill(handle.as_pthread_t(), signal::kick_signal()) };
+/// Sends the kick signal to a vCPU thread, making it leave KVM_RUN.
+///
+/// Only call this for a vCPU thread of the running VM: [`Vmm::run`] holds every vCPU's
+/// JoinHandle and joins none of them until after the last kick, so the pthread is alive.
+fn kick(pthread: libc::pthread_t) {
+    // SAFETY: the thread is alive (see above), and the kick signal has a handler installed for
+    // the whole process, so it interrupts KVM_RUN instead of killing the process.
+    unsafe { libc::pthread_kill(pthread, signal::kick_signal()) };
 }
 
 /// Finds VMs that can never run again: every vCPU asleep in KVM and each, when kicked and
@@ -363,10 +367,7 @@ impl HaltWatchdog {
             let stuck = v.shared.stuck.load(Ordering::Acquire);
             if !stuck && v.sleeping_ticks >= SLEEP_TICKS_BEFORE_CHECK && self.tick >= v.next_check {
                 v.shared.check_halt.store(true, Ordering::Release);
-                // SAFETY: the thread is alive for as long as the VMM runs its event loop
-                // (threads are only joined after the loop ends), and the kick signal has a
-                // handler.
-                unsafe { libc::pthread_kill(v.pthread, signal::kick_signal()) };
+                kick(v.pthread);
                 v.next_check = self.tick + u64::from(v.backoff);
                 v.backoff = (v.backoff * 2).min(MAX_CHECK_BACKOFF);
             }
