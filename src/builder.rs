@@ -95,17 +95,9 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let raw_terminal = console_input
         .as_ref()
         .and_then(|_| RawTerminal::new(libc::STDIN_FILENO));
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
-        what: "the serial IRQ",
-        source,
-    })?;
-    vm.register_irqfd(&serial_irq, legacy::SERIAL_IRQ)?;
+    let serial_irq = irq_line(&vm, legacy::SERIAL_IRQ, "the serial IRQ")?;
     let serial = Arc::new(SerialPort::new(serial_irq, console_out));
-    let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd {
-        what: "the keyboard IRQ",
-        source,
-    })?;
-    vm.register_irqfd(&keyboard_irq, legacy::I8042_IRQ)?;
+    let keyboard_irq = irq_line(&vm, legacy::I8042_IRQ, "the keyboard IRQ")?;
     let i8042 = Arc::new(I8042::new(keyboard_irq, exit.clone()));
     let pio = pio_bus(&serial, &i8042, &exit)?;
 
@@ -158,6 +150,14 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         seccomp: config.seccomp,
         test_hook: config.test_hook,
     })
+}
+
+/// An eventfd that raises `gsi` when written (an irqfd); `what` names it in errors.
+fn irq_line(vm: &Vm, gsi: u32, what: &'static str) -> Result<EventFd, BuildError> {
+    let evt =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd { what, source })?;
+    vm.register_irqfd(&evt, gsi)?;
+    Ok(evt)
 }
 
 fn pio_bus(
