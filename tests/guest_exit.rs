@@ -42,18 +42,7 @@ fn console_input_on_stdin_reaches_the_guests_serial_port() {
     if !kvm_available("console_input_on_stdin_reaches_the_guests_serial_port") {
         return;
     }
-    let kernel = common::guest("exitcodes");
-    let run = common::command_with_input(
-        std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead")).args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "mode=echo",
-        ]),
-        Some(b"42\n"),
-        std::time::Duration::from_secs(60),
-    );
+    let run = common::run_guest_with_input("exitcodes", &["--cmdline", "mode=echo"], Some(b"42\n"));
     assert_eq!(
         run.status, 42,
         "stdout: {}\nstderr: {}",

@@ -152,11 +152,15 @@ pub fn bulkhead(args: &[&str]) -> Run {
     bulkhead_with_limit(args, Duration::from_secs(60))
 }
 
-/// Runs a test guest: `bulkhead run --kernel <guest> <extra...>`.
+/// Runs a test guest: `bulkhead run --kernel <guest> <extra...>`, stdin closed.
 pub fn run_guest(name: &str, extra: &[&str]) -> Run {
+    run_guest_with_input(name, extra, None)
+}
+
+/// Runs a test guest with `input` (if any) on bulkhead's stdin, and a 60 s limit.
+pub fn run_guest_with_input(name: &str, extra: &[&str], input: Option<&[u8]>) -> Run {
     let kernel = guest(name);
-    let kernel = kernel.to_str().expect("utf-8 path");
-    let mut args = vec!["run", "--kernel", kernel];
-    args.extend_from_slice(extra);
-    bulkhead(&args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+    cmd.arg("run").arg("--kernel").arg(kernel).args(extra);
+    command_with_input(&mut cmd, input, Duration::from_secs(60))
 }
