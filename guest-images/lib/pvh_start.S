@@ -1,7 +1,7 @@
 /* PVH entry, as a Linux vmlinux has it: an ELF note names a 32-bit entry point, which bulkhead
  * enters in flat 32-bit protected mode with paging off and EBX pointing at hvm_start_info.
  * Build page tables identity-mapping the first 1 GiB, switch to long mode, note the start info
- * and call guest_main. */
+ * and continue in start.S's guest_entry64. */
     .section .note.Xen, "a", @note
     .balign 4
     .long 4                      /* name size: "Xen\0" */
@@ -55,15 +55,9 @@ pvh_start64:
     mov %ax, %ds
     mov %ax, %es
     mov %ax, %ss
-    lea __stack_top(%rip), %rsp
     mov pvh_info_phys(%rip), %eax
     mov %rax, boot_pvh_info(%rip)
-    call guest_main
-    mov $0xfe, %al
-    out %al, $0xf4
-2:  cli
-    hlt
-    jmp 2b
+    jmp guest_entry64
 
     .section .data
     .balign 8
