@@ -10,8 +10,8 @@
 #include "lib/rt.h"
 
 #define UNASSIGNED_PORT 0x3000
-/* In the 32-bit MMIO gap, where no device is placed. */
-#define UNASSIGNED_MMIO 0xd0000000ULL
+/* The start of the 32-bit MMIO gap: the virtio devices begin at 0xd0000000. */
+#define UNASSIGNED_MMIO 0xc0000000ULL
 
 static void triple_fault(void) {
     /* An IDT with limit 0: the #UD from ud2 can not be delivered, nor the #DF that follows. */

@@ -4,7 +4,8 @@
 //! 2. open KVM and check it;
 //! 3. create this VM's own memory;
 //! 4. create the VM (memslots, irqchip, PIT);
-//! 5. attach devices;
+//! 5. attach devices: legacy ports, then virtio-mmio (disks in order, then rng), each with
+//!    its ioeventfds and irqfd, announced on the kernel command line;
 //! 6. load kernel, initrd and command line, write the boot tables;
 //! 7. create and configure the vCPUs.
 
@@ -15,11 +16,16 @@ use std::sync::Arc;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::{mptable, ArchError};
+use crate::arch::x86_64::{layout, mptable, ArchError};
 use crate::boot::{self, BootError, BootFile};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::devices::legacy::{
     self, BootCompletePort, GuestExitPort, IoDelayPort, SerialPort, I8042,
+};
+use crate::devices::virtio::block::{Block, BlockError, BlockQueue, Disk};
+use crate::devices::virtio::rng::{Rng, RngQueue};
+use crate::devices::virtio::{
+    mmio, DeviceShared, MmioTransport, QueueHandler, VirtioDevice, VirtioWorker,
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitSignal;
@@ -55,6 +61,8 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Disk(#[from] BlockError),
     #[error("cannot open console file {path}: {source}")]
     ConsoleFile {
         path: std::path::PathBuf,
@@ -69,7 +77,7 @@ impl BuildError {
         match self {
             BuildError::Kvm(e) => e.is_bad_input(),
             BuildError::Boot(e) => e.is_bad_input(),
-            BuildError::ConsoleFile { .. } => true,
+            BuildError::ConsoleFile { .. } | BuildError::Disk(_) => true,
             _ => false,
         }
     }
@@ -82,6 +90,13 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         Some(path) => Some(BootFile::open("initrd", path)?),
         None => None,
     };
+    let mut disks = Vec::with_capacity(config.disks.len());
+    for disk in &config.disks {
+        disks.push((
+            Disk::open(&disk.path, disk.read_only, &disk.id)?,
+            disk.id.clone(),
+        ));
+    }
     let kvm = kvm::open_kvm(&config.kvm_device)?;
     kvm::check_vcpu_limit(&kvm, config.vcpus)?;
     let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
@@ -101,13 +116,37 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let i8042 = Arc::new(I8042::new(keyboard_irq, exit.clone()));
     let pio = pio_bus(&serial, &i8042, &exit)?;
 
+    let mut virtio = VirtioBus::default();
+    for (index, (disk, id)) in disks.into_iter().enumerate() {
+        log::debug!(
+            "virtio-blk{index}: id {id}, {} sectors{}",
+            disk.sectors,
+            if disk.read_only { ", read-only" } else { "" }
+        );
+        let device = Box::new(Block::new(&disk));
+        virtio.attach(
+            &vm,
+            format!("virtio-blk{index}"),
+            device,
+            Box::new(BlockQueue::new(disk)),
+        )?;
+    }
+    if config.rng {
+        virtio.attach(
+            &vm,
+            "virtio-rng0".to_string(),
+            Box::new(Rng),
+            Box::new(RngQueue),
+        )?;
+    }
+
     let mem = vm.memory();
     let kernel = boot::load_kernel(mem, &mut kernel_file)?;
     let initrd = match initrd_file.as_mut() {
         Some(file) => Some(boot::load_initrd(mem, file, config.mem_bytes(), &kernel)?),
         None => None,
     };
-    let cmdline = boot::build_cmdline(&config.cmdline, &[])?;
+    let cmdline = boot::build_cmdline(&config.cmdline, &virtio.cmdline)?;
     boot::write_boot_info(mem, config.mem_bytes(), &kernel, initrd.as_ref(), &cmdline)?;
     mptable::setup_mptable(mem, config.vcpus)?;
 
@@ -136,7 +175,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
 
     let io = Arc::new(VcpuIo {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(virtio.bus),
         counters: Arc::new(VmCounters::default()),
         exit,
     });
@@ -145,11 +184,63 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         vcpus,
         io,
         serial,
+        virtio_devices: virtio.devices,
+        virtio_workers: virtio.workers,
         console_input,
         raw_terminal,
         seccomp: config.seccomp,
         test_hook: config.test_hook,
     })
+}
+
+/// The virtio-mmio devices being attached, in the order the guest will find them.
+#[derive(Default)]
+struct VirtioBus {
+    bus: Bus,
+    cmdline: Vec<String>,
+    devices: Vec<Arc<DeviceShared>>,
+    workers: Vec<VirtioWorker>,
+}
+
+impl VirtioBus {
+    /// Places `device` in the next register block and IRQ, with an ioeventfd per queue (so a
+    /// notification never stops a vCPU) and an irqfd, and gives its queues to `handler`.
+    fn attach(
+        &mut self,
+        vm: &Vm,
+        name: String,
+        device: Box<dyn VirtioDevice>,
+        handler: Box<dyn QueueHandler>,
+    ) -> Result<(), BuildError> {
+        let index = self.devices.len();
+        let base = layout::VIRTIO_MMIO_BASE + index as u64 * layout::VIRTIO_MMIO_STRIDE;
+        let irq = layout::VIRTIO_IRQ_BASE + index as u32;
+        let event_fd = |what| {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd { what, source })
+        };
+        let irq_evt = irq_line(vm, irq, "a virtio IRQ")?;
+        let shared = Arc::new(DeviceShared::new(
+            name,
+            irq_evt,
+            event_fd("a virtio state change")?,
+        ));
+        let notify = base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
+        let mut queue_evts = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() as u32 {
+            let evt = event_fd("a virtio queue")?;
+            vm.register_mmio_ioevent(&evt, notify, queue)?;
+            queue_evts.push(evt);
+        }
+        let mem = vm.memory().clone();
+        let transport = MmioTransport::new(device, shared.clone(), mem.clone());
+        self.bus.insert(Arc::new(transport), base, mmio::MMIO_LEN)?;
+        self.cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        self.workers
+            .push(VirtioWorker::new(shared.clone(), mem, queue_evts, handler));
+        self.devices.push(shared);
+        Ok(())
+    }
 }
 
 /// An eventfd that raises `gsi` when written (an irqfd); `what` names it in errors.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use bulkhead::config::TestHook;
+use bulkhead::config::{RawDisk, TestHook};
 use bulkhead::RawConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -76,6 +76,14 @@ pub struct RunArgs {
     /// This VM's id [default: random].
     #[arg(long, value_name = "ID")]
     pub vm_id: Option<String>,
+    /// Attach a virtio block device backed by a raw file (repeatable). `ro` makes it
+    /// read-only whatever the guest asks; `id` is what the guest reads as its id [default:
+    /// diskN].
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
+    pub disks: Vec<RawDisk>,
+    /// Leave out the virtio-rng device (present by default).
+    #[arg(long)]
+    pub no_rng: bool,
     /// Run without seccomp filters. For debugging only: the VMM is then unconfined.
     #[arg(long)]
     pub no_seccomp: bool,
@@ -101,6 +109,8 @@ impl RunArgs {
             vm_id: self.vm_id.clone(),
             seccomp: self.no_seccomp.then_some(false),
             kvm_device: self.kvm_device.clone(),
+            disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
+            rng: self.no_rng.then_some(false),
         }
     }
 }

@@ -22,6 +22,10 @@ pub const MAX_VCPUS: u32 = 254;
 pub const MAX_CMDLINE_LEN: usize = 2048;
 /// Longest tenant or VM id.
 pub const MAX_ID_LEN: usize = 64;
+/// Longest disk id: what virtio-blk's GET_ID can return.
+pub const MAX_DISK_ID_LEN: usize = 20;
+/// Virtio devices take IRQs 5 to 23, one each.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// Errors in user-supplied settings.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -46,6 +50,16 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("no random source for a VM id: {0}")]
     Random(String),
+    #[error("invalid --disk {0:?}: expected PATH[,ro][,id=NAME]")]
+    Disk(String),
+    #[error("invalid disk id {0:?}: use 1 to {MAX_DISK_ID_LEN} characters from A-Z a-z 0-9 . _ -")]
+    DiskId(String),
+    #[error("two disks have the id {0:?}; disk ids must be unique")]
+    DuplicateDiskId(String),
+    #[error("disk {0} is given twice; a VM can not attach one file as two disks")]
+    DuplicateDisk(PathBuf),
+    #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit (one IRQ each)")]
+    TooManyDevices(usize),
 }
 
 /// Where the guest's serial console goes.
@@ -107,6 +121,47 @@ impl std::str::FromStr for TestHook {
     }
 }
 
+/// A disk as given: `--disk PATH[,ro][,id=NAME]`, or an entry of `disks` in the JSON file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawDisk {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for RawDisk {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Disk(s.to_string());
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
+        let mut disk = RawDisk {
+            path: PathBuf::from(path),
+            ..Default::default()
+        };
+        for part in parts {
+            match part.split_once('=') {
+                None if part == "ro" && !disk.read_only => disk.read_only = true,
+                Some(("id", id)) if disk.id.is_none() => disk.id = Some(id.to_string()),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(disk)
+    }
+}
+
+/// A validated disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What the guest reads with GET_ID (and sees as the disk's serial).
+    pub id: String,
+}
+
 /// Settings as given, before validation. Both the JSON file and the flags produce one; the
 /// flags' one is laid over the file's.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -124,6 +179,10 @@ pub struct RawConfig {
     pub seccomp: Option<bool>,
     /// Path of the KVM device; `/dev/kvm` unless given.
     pub kvm_device: Option<PathBuf>,
+    /// Block devices, in the order the guest sees them.
+    pub disks: Option<Vec<RawDisk>>,
+    /// `false` leaves out the virtio-rng device.
+    pub rng: Option<bool>,
 }
 
 impl RawConfig {
@@ -145,6 +204,8 @@ impl RawConfig {
             vm_id: over.vm_id.or(self.vm_id),
             seccomp: over.seccomp.or(self.seccomp),
             kvm_device: over.kvm_device.or(self.kvm_device),
+            disks: over.disks.or(self.disks),
+            rng: over.rng.or(self.rng),
         }
     }
 }
@@ -163,6 +224,8 @@ pub struct VmConfig {
     pub vm_id: String,
     pub seccomp: bool,
     pub kvm_device: PathBuf,
+    pub disks: Vec<DiskConfig>,
+    pub rng: bool,
     pub test_hook: Option<TestHook>,
 }
 
@@ -203,6 +266,12 @@ impl VmConfig {
             None => random_vm_id()?,
         };
         validate_id("--vm-id", &vm_id)?;
+        let disks = validate_disks(raw.disks.unwrap_or_default())?;
+        let rng = raw.rng.unwrap_or(true);
+        let devices = disks.len() + usize::from(rng);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
         Ok(VmConfig {
             kernel,
             initrd: raw.initrd,
@@ -214,6 +283,8 @@ impl VmConfig {
             vm_id,
             seccomp: raw.seccomp.unwrap_or(true),
             kvm_device: raw.kvm_device.unwrap_or_else(|| PathBuf::from("/dev/kvm")),
+            disks,
+            rng,
             test_hook: None,
         })
     }
@@ -224,13 +295,43 @@ impl VmConfig {
     }
 }
 
-fn validate_id(field: &'static str, value: &str) -> Result<(), ConfigError> {
-    let ok = !value.is_empty()
-        && value.len() <= MAX_ID_LEN
+fn id_chars_ok(value: &str, max: usize) -> bool {
+    !value.is_empty()
+        && value.len() <= max
         && value
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Gives each disk an id (`diskN` by default) and checks ids and paths are unique. Paths are
+/// compared as given: the lock taken when the disk is opened catches the rest.
+fn validate_disks(raw: Vec<RawDisk>) -> Result<Vec<DiskConfig>, ConfigError> {
+    let mut disks: Vec<DiskConfig> = Vec::with_capacity(raw.len());
+    for (index, disk) in raw.into_iter().enumerate() {
+        let id = disk.id.unwrap_or_else(|| format!("disk{index}"));
+        if !id_chars_ok(&id, MAX_DISK_ID_LEN) {
+            return Err(ConfigError::DiskId(id));
+        }
+        if disks.iter().any(|d| d.id == id) {
+            return Err(ConfigError::DuplicateDiskId(id));
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err(ConfigError::Disk(String::new()));
+        }
+        if disks.iter().any(|d| d.path == disk.path) {
+            return Err(ConfigError::DuplicateDisk(disk.path));
+        }
+        disks.push(DiskConfig {
+            path: disk.path,
+            read_only: disk.read_only,
+            id,
+        });
+    }
+    Ok(disks)
+}
+
+fn validate_id(field: &'static str, value: &str) -> Result<(), ConfigError> {
+    if id_chars_ok(value, MAX_ID_LEN) {
         Ok(())
     } else {
         Err(ConfigError::Id {

@@ -61,6 +61,9 @@ fn run(args: &RunArgs) -> i32 {
     match vmm.run() {
         Ok(outcome) => {
             log::debug!("VM {} counters: {}", config.vm_id, outcome.counters);
+            for device in &outcome.devices {
+                log::debug!("VM {} device {device}", config.vm_id);
+            }
             let message = format!(
                 "VM {} (tenant {}): {}",
                 config.vm_id, config.tenant, outcome.reason

@@ -20,10 +20,11 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::TestHook;
 use crate::devices::legacy::SerialPort;
+use crate::devices::virtio::{DeviceShared, VirtioWorker};
 use crate::exit::{ExitSignal, VmExitReason};
 use crate::seccomp::{self, ThreadRole};
 use crate::signal;
-use crate::telemetry::VmCounters;
+use crate::telemetry::{DeviceSnapshot, VmCounters};
 use crate::vstate::vcpu::{Vcpu, VcpuIo, VcpuShared};
 use crate::vstate::vm::Vm;
 
@@ -106,6 +107,8 @@ pub struct Vmm {
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) io: Arc<VcpuIo>,
     pub(crate) serial: Arc<SerialPort>,
+    pub(crate) virtio_devices: Vec<Arc<DeviceShared>>,
+    pub(crate) virtio_workers: Vec<VirtioWorker>,
     pub(crate) console_input: Option<File>,
     pub(crate) raw_terminal: Option<RawTerminal>,
     pub(crate) seccomp: bool,
@@ -117,6 +120,8 @@ pub struct Vmm {
 pub struct RunOutcome {
     pub reason: VmExitReason,
     pub counters: crate::telemetry::CounterSnapshot,
+    /// Each virtio device's counters, in attach order.
+    pub devices: Vec<DeviceSnapshot>,
 }
 
 struct VcpuThread {
@@ -138,6 +143,8 @@ impl Vmm {
             vcpus,
             io,
             serial,
+            virtio_devices,
+            virtio_workers,
             console_input,
             raw_terminal,
             seccomp,
@@ -189,6 +196,9 @@ impl Vmm {
             finished: false,
         }));
         event_manager.add_subscriber(events.clone());
+        for worker in virtio_workers {
+            event_manager.add_subscriber(Arc::new(Mutex::new(worker)));
+        }
 
         // INVARIANT: the VMM filter is in place before any guest I/O is served.
         if seccomp {
@@ -233,6 +243,10 @@ impl Vmm {
         Ok(RunOutcome {
             reason,
             counters: io.counters.snapshot(),
+            devices: virtio_devices
+                .iter()
+                .map(|d| d.counters.snapshot(d.name()))
+                .collect(),
         })
     }
 }

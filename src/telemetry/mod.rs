@@ -4,5 +4,7 @@
 //! consistent-enough copy for reporting, not a transaction.
 
 pub mod counters;
+pub mod devices;
 
 pub use counters::{CounterSnapshot, VmCounters};
+pub use devices::DeviceSnapshot;

@@ -1,7 +1,7 @@
 //! The VM: its KVM fd, its guest memory registered as memslots, and the in-kernel irqchip.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -26,6 +26,13 @@ pub enum VmError {
         slot: u32,
         addr: u64,
         size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot attach an ioeventfd at MMIO {addr:#x} (value {value}): {source}")]
+    Ioeventfd {
+        addr: u64,
+        value: u32,
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -105,6 +112,23 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    /// Makes a 32-bit guest write of `value` to MMIO `addr` signal `evt` inside KVM, with no
+    /// exit to user space.
+    pub fn register_mmio_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        value: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), value)
+            .map_err(|source| VmError::Ioeventfd {
+                addr,
+                value,
+                source,
+            })
     }
 
     pub fn fd(&self) -> &VmFd {

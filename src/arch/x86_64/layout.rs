@@ -57,6 +57,11 @@ pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// Number of IOAPIC pins (and so legacy GSIs) the in-kernel irqchip has.
 pub const IOAPIC_PINS: u8 = 24;
+/// Virtio-mmio devices: one 4 KiB register block each, from here up, inside the MMIO gap.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// Device n raises IRQ 5 + n (IOAPIC pins 5 to 23; the legacy devices use 1 and 4).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 
 /// The guest RAM regions for `mem_bytes` of RAM: below the MMIO gap, then above 4 GiB.
 pub fn ram_regions(mem_bytes: u64) -> Vec<(u64, u64)> {

@@ -20,6 +20,7 @@ const DESC_SIZE: u64 = 16;
 
 /// Why a chain (or a queue's rings) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub enum ChainViolation {
     /// A head or `next` index beyond the descriptor table.
     IndexOutOfRange,
@@ -49,6 +50,44 @@ pub enum ChainViolation {
     RingOutsideRam,
     /// The available index moved by more than the queue size since the device last looked.
     AvailIndexJump,
+}
+
+impl ChainViolation {
+    pub const ALL: [ChainViolation; 14] = [
+        ChainViolation::IndexOutOfRange,
+        ChainViolation::Loop,
+        ChainViolation::TooManyDescriptors,
+        ChainViolation::ZeroLength,
+        ChainViolation::TooLong,
+        ChainViolation::OutsideRam,
+        ChainViolation::OverlapsRings,
+        ChainViolation::ReadableAfterWritable,
+        ChainViolation::IndirectNotNegotiated,
+        ChainViolation::IndirectWithNext,
+        ChainViolation::NestedIndirect,
+        ChainViolation::BadIndirectTable,
+        ChainViolation::RingOutsideRam,
+        ChainViolation::AvailIndexJump,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ChainViolation::IndexOutOfRange => "index_out_of_range",
+            ChainViolation::Loop => "loop",
+            ChainViolation::TooManyDescriptors => "too_many_descriptors",
+            ChainViolation::ZeroLength => "zero_length",
+            ChainViolation::TooLong => "too_long",
+            ChainViolation::OutsideRam => "outside_ram",
+            ChainViolation::OverlapsRings => "overlaps_rings",
+            ChainViolation::ReadableAfterWritable => "readable_after_writable",
+            ChainViolation::IndirectNotNegotiated => "indirect_not_negotiated",
+            ChainViolation::IndirectWithNext => "indirect_with_next",
+            ChainViolation::NestedIndirect => "nested_indirect",
+            ChainViolation::BadIndirectTable => "bad_indirect_table",
+            ChainViolation::RingOutsideRam => "ring_outside_ram",
+            ChainViolation::AvailIndexJump => "avail_index_jump",
+        }
+    }
 }
 
 /// One buffer of a validated chain.

@@ -6,9 +6,14 @@
 //! ready with misaligned rings, a notify for a queue that does not exist, config writes before
 //! the driver is ready, and any control register access that is not 32 bits wide and aligned.
 //! Each refusal is counted per device by [`TransportViolation`]; none panics.
+//!
+//! DRIVER_OK hands the queues to the device's queue side through [`DeviceShared`]; writing 0
+//! to Status takes them back. Queue notifications never come here: each queue's QueueNotify
+//! value is an ioeventfd, so only a notify for a queue that does not exist causes an exit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use vm_memory::GuestMemoryMmap;
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -17,6 +22,9 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 
+use super::chain::{check_rings, ChainViolation};
+use super::queue::GuestQueue;
+use super::shared::DeviceShared;
 use super::{QueueConfig, VirtioDevice};
 use crate::devices::BusDevice;
 use crate::warn_limited;
@@ -53,9 +61,11 @@ pub enum TransportViolation {
     ConfigWriteRefused,
     /// A read-only register written, or a write-only register read.
     WrongDirection,
+    /// A queue notification before DRIVER_OK, or for a queue the driver did not make ready.
+    NotifyNotReady,
 }
 
-const VIOLATION_KINDS: usize = 10;
+const VIOLATION_KINDS: usize = 11;
 
 impl TransportViolation {
     pub const ALL: [TransportViolation; VIOLATION_KINDS] = [
@@ -69,6 +79,7 @@ impl TransportViolation {
         TransportViolation::NoSuchQueue,
         TransportViolation::ConfigWriteRefused,
         TransportViolation::WrongDirection,
+        TransportViolation::NotifyNotReady,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +94,7 @@ impl TransportViolation {
             TransportViolation::NoSuchQueue => "no_such_queue",
             TransportViolation::ConfigWriteRefused => "config_write_refused",
             TransportViolation::WrongDirection => "wrong_direction",
+            TransportViolation::NotifyNotReady => "notify_not_ready",
         }
     }
 }
@@ -126,18 +138,24 @@ struct State {
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<QueueState>,
-    interrupt_status: u32,
     config_generation: u32,
 }
 
 /// A virtio device behind its virtio-mmio register block.
 pub struct MmioTransport {
     state: Mutex<State>,
-    violations: [AtomicU64; VIOLATION_KINDS],
+    shared: Arc<DeviceShared>,
+    mem: GuestMemoryMmap,
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>) -> MmioTransport {
+    /// The register block of `device`, whose queue side shares `shared`; `mem` is the guest
+    /// RAM the driver's rings must lie in.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        shared: Arc<DeviceShared>,
+        mem: GuestMemoryMmap,
+    ) -> MmioTransport {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -155,21 +173,29 @@ impl MmioTransport {
                 driver_features: 0,
                 queue_sel: 0,
                 queues,
-                interrupt_status: 0,
                 config_generation: 0,
             }),
-            violations: Default::default(),
+            shared,
+            mem,
         }
     }
 
     /// How often the driver was refused for `reason`.
     pub fn violations(&self, reason: TransportViolation) -> u64 {
-        self.violations[reason as usize].load(Ordering::Relaxed)
+        self.shared.counters.refusals(reason)
     }
 
-    /// The driver status register as the guest last left it (plus NEEDS_RESET if set).
+    /// The driver status register as the guest sees it (NEEDS_RESET included).
     pub fn status(&self) -> u32 {
-        self.lock().status
+        self.status_of(&self.lock())
+    }
+
+    fn status_of(&self, state: &State) -> u32 {
+        if self.shared.needs_reset() {
+            state.status | VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            state.status
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -177,9 +203,10 @@ impl MmioTransport {
     }
 
     fn refuse(&self, reason: TransportViolation, offset: u64) -> bool {
-        self.violations[reason as usize].fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.refuse(reason);
         warn_limited!(
-            "virtio-mmio: refused {} at register {offset:#x}",
+            "{}: refused {} at register {offset:#x}",
+            self.shared.name(),
             reason.name()
         );
         false
@@ -205,8 +232,8 @@ impl MmioTransport {
             // A queue that does not exist reads as size 0: the driver must not use it.
             VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),
             VIRTIO_MMIO_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
-            VIRTIO_MMIO_INTERRUPT_STATUS => state.interrupt_status,
-            VIRTIO_MMIO_STATUS => state.status,
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.shared.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status_of(state),
             VIRTIO_MMIO_CONFIG_GENERATION => state.config_generation,
             // No shared memory regions: length all-ones means "none".
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
@@ -217,6 +244,8 @@ impl MmioTransport {
 
     fn write_status(&self, state: &mut State, value: u32, offset: u64) -> bool {
         if value == 0 {
+            // Waits for an in-flight batch, so the device lets go of the rings first.
+            self.shared.deactivate();
             state.device.reset();
             let queues = state.queues.iter().map(|q| QueueState {
                 max_size: q.max_size,
@@ -225,11 +254,12 @@ impl MmioTransport {
             state.queues = queues.collect();
             state.status = 0;
             state.driver_features = 0;
-            state.interrupt_status = 0;
             state.queue_sel = 0;
             return true;
         }
-        let old = state.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        let old = state.status;
+        // Drivers write back what they read, which may include the device's NEEDS_RESET.
+        let value = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
         if value & VIRTIO_CONFIG_S_FAILED != 0 {
             state.status |= VIRTIO_CONFIG_S_FAILED;
             return true;
@@ -260,18 +290,32 @@ impl MmioTransport {
             if state.queues.iter().any(|q| q.ready && !q.is_valid()) {
                 return self.refuse(TransportViolation::BadQueueSetup, offset);
             }
-            let queues: Vec<QueueConfig> = state
+            let configs: Vec<Option<QueueConfig>> = state
                 .queues
                 .iter()
-                .filter(|q| q.ready)
-                .map(QueueState::config)
+                .map(|q| q.ready.then(|| q.config()))
                 .collect();
             let features = state.driver_features;
-            if let Err(e) = state.device.activate(features, &queues) {
-                warn_limited!("virtio-mmio: device activation failed: {e}");
-                state.status = value | VIRTIO_CONFIG_S_NEEDS_RESET;
+            state.status = value;
+            if let Err(e) = state.device.activate(features, &configs) {
+                warn_limited!("{}: device activation failed: {e}", self.shared.name());
+                self.shared.set_needs_reset();
                 return true;
             }
+            let mut queues = Vec::with_capacity(configs.len());
+            for config in configs {
+                match config.map(|c| GuestQueue::new(&self.mem, c, features)) {
+                    Some(Err(reason)) => {
+                        // QueueReady checked the rings, so this is not expected; still refuse.
+                        self.shared.counters.refuse(reason);
+                        self.shared.set_needs_reset();
+                        return true;
+                    }
+                    other => queues.push(other.and_then(Result::ok)),
+                }
+            }
+            self.shared.activate(features, queues);
+            return true;
         }
         state.status = value;
         true
@@ -327,7 +371,7 @@ impl MmioTransport {
                     return self.refuse(TransportViolation::NoSuchQueue, at);
                 }
             }
-            VIRTIO_MMIO_INTERRUPT_ACK => state.interrupt_status &= !value,
+            VIRTIO_MMIO_INTERRUPT_ACK => self.shared.interrupt.ack(value),
             VIRTIO_MMIO_STATUS => return self.write_status(state, value, at),
             _ => return self.refuse(TransportViolation::WrongDirection, at),
         }
@@ -359,6 +403,14 @@ impl MmioTransport {
                     if !queue.is_valid() {
                         return self.refuse(TransportViolation::BadQueueSetup, at);
                     }
+                    if check_rings(&self.mem, &queue.config()).is_err() {
+                        self.shared.counters.refuse(ChainViolation::RingOutsideRam);
+                        warn_limited!(
+                            "{}: refused a queue whose rings are not in guest RAM",
+                            self.shared.name()
+                        );
+                        return false;
+                    }
                     queue.ready = true;
                 }
                 _ => return self.refuse(TransportViolation::BadQueueSetup, at),
@@ -372,18 +424,6 @@ impl MmioTransport {
             _ => return self.refuse(TransportViolation::WrongDirection, at),
         }
         true
-    }
-
-    /// Marks a used-buffer interrupt pending (the device then signals its irqfd).
-    pub fn raise_used_buffer(&self) {
-        self.lock().interrupt_status |= VIRTIO_MMIO_INT_VRING;
-    }
-
-    /// The device can not go on: the driver must reset it.
-    pub fn set_needs_reset(&self) {
-        let mut state = self.lock();
-        state.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-        state.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
     }
 }
 

@@ -3,13 +3,16 @@
 
 use std::sync::Arc;
 
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
 use super::*;
 
 const FEATURE_X: u64 = 1 << 5;
 
 #[derive(Default)]
 struct Seen {
-    activated: Option<(u64, Vec<QueueConfig>)>,
+    activated: Option<(u64, Vec<Option<QueueConfig>>)>,
     resets: u32,
     config: [u8; 8],
 }
@@ -51,7 +54,7 @@ impl VirtioDevice for MockDevice {
         dst.copy_from_slice(data);
         true
     }
-    fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), String> {
+    fn activate(&mut self, features: u64, queues: &[Option<QueueConfig>]) -> Result<(), String> {
         if self.fail_activation {
             return Err("no".into());
         }
@@ -63,13 +66,38 @@ impl VirtioDevice for MockDevice {
     }
 }
 
-fn transport(fail_activation: bool) -> (MmioTransport, Arc<Mutex<Seen>>) {
+/// RAM at 0..64 KiB and 4 GiB..4 GiB+64 KiB: the rings the tests use lie in it.
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 0x1_0000),
+        (GuestAddress(0x1_0000_0000), 0x1_0000),
+    ])
+    .unwrap()
+}
+
+fn transport_with_shared(
+    fail_activation: bool,
+) -> (MmioTransport, Arc<Mutex<Seen>>, Arc<DeviceShared>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let dev = MockDevice {
         seen: seen.clone(),
         fail_activation,
     };
-    (MmioTransport::new(Box::new(dev)), seen)
+    let shared = Arc::new(DeviceShared::new(
+        "virtio-test0".to_string(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    (
+        MmioTransport::new(Box::new(dev), shared.clone(), memory()),
+        seen,
+        shared,
+    )
+}
+
+fn transport(fail_activation: bool) -> (MmioTransport, Arc<Mutex<Seen>>) {
+    let (t, seen, _) = transport_with_shared(fail_activation);
+    (t, seen)
 }
 
 fn r(t: &MmioTransport, reg: u32) -> u32 {
@@ -131,7 +159,7 @@ fn identity_registers_describe_a_version_2_device() {
 
 #[test]
 fn a_well_behaved_driver_activates_the_device_with_its_queues() {
-    let (t, seen) = transport(false);
+    let (t, seen, shared) = transport_with_shared(false);
     negotiate(&t);
     assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
     assert!(setup_queue(&t, 0, 128, 0x1_0000_1000));
@@ -146,13 +174,22 @@ fn a_well_behaved_driver_activates_the_device_with_its_queues() {
     assert_eq!(features, FEATURE_X | (1 << VIRTIO_F_VERSION_1));
     assert_eq!(
         queues,
-        vec![QueueConfig {
-            size: 128,
-            desc_table: 0x1_0000_1000,
-            avail_ring: 0x2000,
-            used_ring: 0x3000
-        }]
+        vec![
+            Some(QueueConfig {
+                size: 128,
+                desc_table: 0x1_0000_1000,
+                avail_ring: 0x2000,
+                used_ring: 0x3000
+            }),
+            None
+        ]
     );
+    // The queue side now owns queue 0; queue 1 was never made ready.
+    let active = shared.active();
+    let activation = active.as_ref().expect("queue side not started");
+    assert!(activation.queues[0].is_some() && activation.queues[1].is_none());
+    assert_eq!(shared.state_evt().read().unwrap(), 1);
+    drop(active);
     assert!(TransportViolation::ALL
         .iter()
         .all(|&v| t.violations(v) == 0));
@@ -289,14 +326,45 @@ fn writing_a_read_only_register_or_reading_a_write_only_one_is_refused() {
 
 #[test]
 fn writing_zero_to_status_resets_device_and_queues() {
-    let (t, seen) = transport(false);
+    let (t, seen, shared) = transport_with_shared(false);
     negotiate(&t);
     assert!(setup_queue(&t, 0, 16, 0x1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    assert!(shared.active().is_some());
+    shared.set_needs_reset();
+    assert_ne!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
     assert!(w(&t, VIRTIO_MMIO_STATUS, 0));
     assert_eq!(r(&t, VIRTIO_MMIO_STATUS), 0);
+    assert_eq!(r(&t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    assert!(
+        shared.active().is_none(),
+        "the queue side still holds the rings"
+    );
     assert_eq!(seen.lock().unwrap().resets, 1);
     negotiate(&t);
     assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 0);
+}
+
+#[test]
+fn a_queue_whose_rings_are_not_in_guest_ram_can_not_be_made_ready() {
+    let (t, _, shared) = transport_with_shared(false);
+    negotiate(&t);
+    // The descriptor table would sit in the hole between the two RAM regions.
+    assert!(!setup_queue(&t, 0, 16, 0x8000_0000));
+    // Straddling the end of the first region is refused too.
+    assert!(!setup_queue(&t, 0, 16, 0xff80));
+    assert_eq!(shared.counters.refusals(ChainViolation::RingOutsideRam), 2);
+    assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 0);
+}
+
+#[test]
+fn a_driver_echoing_needs_reset_in_a_status_write_is_not_refused() {
+    let (t, _, shared) = transport_with_shared(false);
+    w(&t, VIRTIO_MMIO_STATUS, ACK);
+    shared.set_needs_reset();
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DRV | VIRTIO_CONFIG_S_NEEDS_RESET));
+    assert_eq!(r(&t, VIRTIO_MMIO_STATUS), DRV | VIRTIO_CONFIG_S_NEEDS_RESET);
+    assert_eq!(t.violations(TransportViolation::BadStatusTransition), 0);
 }
 
 #[test]

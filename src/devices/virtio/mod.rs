@@ -5,10 +5,19 @@
 //! transport in [`mmio`] enforces the driver's side of the protocol and counts every request
 //! it refuses, by reason.
 
+pub mod block;
 pub mod chain;
+pub mod counters;
 pub mod mmio;
+pub mod queue;
+pub mod rng;
+pub mod shared;
+pub mod worker;
 
+pub use counters::{DeviceCounters, Refusal, RequestViolation};
 pub use mmio::{MmioTransport, TransportViolation};
+pub use shared::DeviceShared;
+pub use worker::{QueueContext, QueueHandler, VirtioWorker};
 
 /// A virtqueue as the driver configured it, handed to the device when it is activated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,9 +40,16 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool;
     /// Writes device-specific config space. Returns false to refuse the access.
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool;
-    /// Starts the device with the negotiated features and configured queues. An error marks the
-    /// device as needing a reset.
-    fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), String>;
-    /// Returns the device to its initial state (the driver wrote 0 to Status).
-    fn reset(&mut self);
+    /// Checks that the device can start with the negotiated features and the queues the
+    /// driver made ready (indexed by queue number). An error marks the device as needing a
+    /// reset. The queues then go to the device's queue side. By default every queue must be
+    /// ready.
+    fn activate(&mut self, _features: u64, queues: &[Option<QueueConfig>]) -> Result<(), String> {
+        match queues.iter().position(Option::is_none) {
+            Some(index) => Err(format!("queue {index} is not ready")),
+            None => Ok(()),
+        }
+    }
+    /// Returns the register side to its initial state (the driver wrote 0 to Status).
+    fn reset(&mut self) {}
 }

@@ -1,0 +1,201 @@
+//! virtio-blk (virtio 1.2 section 5.2) on a raw file: read, write, flush and get-id.
+//!
+//! The register side here offers the features and config space; [`request`] serves the
+//! queue. The backing file is opened with the least access the disk needs and locked
+//! (exclusively for a writable disk, shared for a read-only one), so two VMs can never write
+//! one disk, nor one write a disk another is reading.
+
+pub mod request;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+pub use request::BlockQueue;
+
+use super::VirtioDevice;
+
+const VIRTIO_ID_BLOCK: u32 = 2;
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the GET_ID answer (VIRTIO_BLK_ID_BYTES).
+pub const ID_BYTES: usize = 20;
+const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+/// Data segments per request: the queue size less the header and status descriptors.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest data segment.
+const SIZE_MAX: u32 = 1 << 20;
+
+/// Errors opening a disk's backing file.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {path} is in use by another process (it holds the file's lock); a disk can be written by one VM, or read by several, at a time")]
+    Locked { path: PathBuf },
+    #[error("disk {path} is not a regular file or block device")]
+    NotADisk { path: PathBuf },
+    #[error("cannot size disk {path}: {source}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An opened, locked backing file.
+#[derive(Debug)]
+pub struct Disk {
+    pub file: File,
+    /// Whole sectors; a partial last sector is not reachable by the guest.
+    pub sectors: u64,
+    pub read_only: bool,
+    /// The GET_ID answer, NUL-padded.
+    pub id: [u8; ID_BYTES],
+}
+
+impl Disk {
+    /// Opens `path` read-only or read-write, takes the lock, and sizes it.
+    pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Disk, BlockError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let kind = file
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .file_type();
+        if !(kind.is_file() || kind.is_block_device()) {
+            return Err(BlockError::NotADisk {
+                path: path.to_path_buf(),
+            });
+        }
+        let lock = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own; it touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            return Err(BlockError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        // seek works for block devices, whose metadata length is 0.
+        let bytes = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if bytes % SECTOR_SIZE != 0 {
+            log::warn!(
+                "disk {}: size {bytes} is not a whole number of {SECTOR_SIZE}-byte sectors; the last {} bytes are not visible to the guest",
+                path.display(),
+                bytes % SECTOR_SIZE
+            );
+        }
+        let mut id_bytes = [0u8; ID_BYTES];
+        for (dst, src) in id_bytes.iter_mut().zip(id.bytes()) {
+            *dst = src;
+        }
+        Ok(Disk {
+            file,
+            sectors: bytes / SECTOR_SIZE,
+            read_only,
+            id: id_bytes,
+        })
+    }
+}
+
+/// The register side of a block device.
+#[derive(Debug)]
+pub struct Block {
+    sectors: u64,
+    read_only: bool,
+}
+
+impl Block {
+    pub fn new(disk: &Disk) -> Block {
+        Block {
+            sectors: disk.sectors,
+            read_only: disk.read_only,
+        }
+    }
+
+    /// struct virtio_blk_config up to blk_size: capacity, size_max, seg_max, geometry, blk_size.
+    fn config_space(&self) -> [u8; 24] {
+        let mut c = [0u8; 24];
+        let fields: [(usize, &[u8]); 4] = [
+            (0, &self.sectors.to_le_bytes()),
+            (8, &SIZE_MAX.to_le_bytes()),
+            (12, &SEG_MAX.to_le_bytes()),
+            (20, &(SECTOR_SIZE as u32).to_le_bytes()),
+        ];
+        for (at, bytes) in fields {
+            if let Some(dst) = c.get_mut(at..at + bytes.len()) {
+                dst.copy_from_slice(bytes);
+            }
+        }
+        c
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
+        let config = self.config_space();
+        let Some(src) = usize::try_from(offset)
+            .ok()
+            .and_then(|start| config.get(start..start.checked_add(data.len())?))
+        else {
+            return false;
+        };
+        data.copy_from_slice(src);
+        true
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
+        // The writeback field needs VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
+        false
+    }
+}

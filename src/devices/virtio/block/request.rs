@@ -1,0 +1,333 @@
+//! The block device's queue side: parses each request from a validated chain and performs it
+//! on the backing file, reading and writing guest buffers in place.
+//!
+//! A request's bytes are a stream over the chain's buffers, however the driver split them: a
+//! 16-byte header, then data, with the last device-writable byte for the status. Anything
+//! wrong with a request is answered with VIRTIO_BLK_S_IOERR or VIRTIO_BLK_S_UNSUPP and
+//! counted; only a chain with no writable byte can not be answered.
+
+use std::os::fd::AsRawFd;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::{Disk, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+use crate::devices::virtio::chain::{Buffer, Chain};
+use crate::devices::virtio::counters::{DeviceCounters, RequestViolation};
+use crate::devices::virtio::worker::{drain, QueueContext, QueueHandler};
+use crate::warn_limited;
+
+const HEADER_LEN: u64 = 16;
+/// The largest request: every segment at its maximum, plus header and status.
+const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64 + HEADER_LEN + 1;
+
+/// A contiguous piece of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    addr: u64,
+    len: u64,
+}
+
+/// The part `[skip, skip + take)` of the byte stream the buffers form.
+fn segments(buffers: &[&Buffer], skip: u64, take: u64) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let (mut skip, mut take) = (skip, take);
+    for b in buffers {
+        let len = u64::from(b.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(take);
+        if n == 0 {
+            break;
+        }
+        out.push(Segment {
+            addr: b.addr + skip,
+            len: n,
+        });
+        take -= n;
+        skip = 0;
+    }
+    out
+}
+
+/// What a request turned out to be.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Done: the status and how many data bytes went into writable buffers.
+    Done { status: u8, written: u64 },
+    /// Refused with this status, for this reason.
+    Refused {
+        status: u8,
+        reason: RequestViolation,
+    },
+}
+
+/// The queue side of a block device.
+#[derive(Debug)]
+pub struct BlockQueue {
+    disk: Disk,
+}
+
+impl BlockQueue {
+    pub fn new(disk: Disk) -> BlockQueue {
+        BlockQueue { disk }
+    }
+
+    fn serve(&mut self, ctx: &mut QueueContext<'_>, chain: &Chain) -> u32 {
+        let readable: Vec<&Buffer> = chain.buffers.iter().filter(|b| !b.writable).collect();
+        let writable: Vec<&Buffer> = chain.buffers.iter().filter(|b| b.writable).collect();
+        let (readable_len, writable_len) = (chain.readable_len(), chain.writable_len());
+        let Some(status_at) = writable.last().map(|b| b.addr + u64::from(b.len) - 1) else {
+            ctx.refuse(RequestViolation::NoStatus);
+            return 0;
+        };
+        let data_in = segments(&writable, 0, writable_len - 1);
+        let outcome = match read_header(ctx.mem, &readable) {
+            None => Outcome::Refused {
+                status: VIRTIO_BLK_S_IOERR as u8,
+                reason: RequestViolation::BadHeader,
+            },
+            Some((kind, sector)) => {
+                let data_out = segments(&readable, HEADER_LEN, readable_len - HEADER_LEN);
+                self.perform(ctx, kind, sector, &data_out, &data_in)
+            }
+        };
+        let (status, written) = match outcome {
+            Outcome::Done { status, written } => (status, written),
+            Outcome::Refused { status, reason } => {
+                ctx.refuse(reason);
+                (status, 0)
+            }
+        };
+        // The status byte lies in a validated writable buffer.
+        let _ = ctx.mem.write_obj(status, GuestAddress(status_at));
+        u32::try_from(written + 1).unwrap_or(u32::MAX)
+    }
+
+    fn perform(
+        &mut self,
+        ctx: &QueueContext<'_>,
+        kind: u32,
+        sector: u64,
+        data_out: &[Segment],
+        data_in: &[Segment],
+    ) -> Outcome {
+        let ioerr = |reason| Outcome::Refused {
+            status: VIRTIO_BLK_S_IOERR as u8,
+            reason,
+        };
+        let out_len: u64 = data_out.iter().map(|s| s.len).sum();
+        let in_len: u64 = data_in.iter().map(|s| s.len).sum();
+        match kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let (len, stray) = if kind == VIRTIO_BLK_T_IN {
+                    (in_len, out_len)
+                } else {
+                    (out_len, in_len)
+                };
+                if stray != 0 || len % SECTOR_SIZE != 0 {
+                    return ioerr(RequestViolation::BadLength);
+                }
+                let end = sector
+                    .checked_mul(SECTOR_SIZE)
+                    .and_then(|start| start.checked_add(len));
+                if end.map_or(true, |end| end > self.disk.sectors * SECTOR_SIZE) {
+                    return ioerr(RequestViolation::OutOfRange);
+                }
+                let offset = sector * SECTOR_SIZE;
+                if kind == VIRTIO_BLK_T_OUT {
+                    if self.disk.read_only {
+                        return ioerr(RequestViolation::ReadOnly);
+                    }
+                    if let Err(e) = self.transfer(ctx.mem, data_out, offset, Direction::ToDisk) {
+                        warn_limited!("{}: write failed: {e}", ctx.device_name());
+                        return ioerr(RequestViolation::HostIo);
+                    }
+                    DeviceCounters::add(&ctx.counters().bytes_from_guest, len);
+                    return Outcome::Done {
+                        status: VIRTIO_BLK_S_OK as u8,
+                        written: 0,
+                    };
+                }
+                if let Err(e) = self.transfer(ctx.mem, data_in, offset, Direction::ToGuest) {
+                    warn_limited!("{}: read failed: {e}", ctx.device_name());
+                    return ioerr(RequestViolation::HostIo);
+                }
+                DeviceCounters::add(&ctx.counters().bytes_to_guest, len);
+                Outcome::Done {
+                    status: VIRTIO_BLK_S_OK as u8,
+                    written: len,
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if let Err(e) = self.disk.file.sync_all() {
+                    warn_limited!("{}: flush failed: {e}", ctx.device_name());
+                    return ioerr(RequestViolation::HostIo);
+                }
+                Outcome::Done {
+                    status: VIRTIO_BLK_S_OK as u8,
+                    written: 0,
+                }
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let mut written = 0u64;
+                for seg in data_in {
+                    let from = usize::try_from(written).unwrap_or(usize::MAX);
+                    let Some(id) = self.disk.id.get(from..) else {
+                        break;
+                    };
+                    let n = id.len().min(usize::try_from(seg.len).unwrap_or(usize::MAX));
+                    let Some(piece) = id.get(..n) else { break };
+                    if ctx.mem.write_slice(piece, GuestAddress(seg.addr)).is_err() {
+                        return ioerr(RequestViolation::HostIo);
+                    }
+                    written += n as u64;
+                }
+                DeviceCounters::add(&ctx.counters().bytes_to_guest, written);
+                Outcome::Done {
+                    status: VIRTIO_BLK_S_OK as u8,
+                    written,
+                }
+            }
+            _ => Outcome::Refused {
+                status: VIRTIO_BLK_S_UNSUPP as u8,
+                reason: RequestViolation::Unsupported,
+            },
+        }
+    }
+
+    /// Moves the bytes of `segments` between guest memory and the disk at `offset`, in place
+    /// (no bounce buffer).
+    fn transfer(
+        &self,
+        mem: &GuestMemoryMmap,
+        segments: &[Segment],
+        mut offset: u64,
+        direction: Direction,
+    ) -> std::io::Result<()> {
+        let fd = self.disk.file.as_raw_fd();
+        for seg in segments {
+            let len = usize::try_from(seg.len).map_err(std::io::Error::other)?;
+            let slice = mem
+                .get_slice(GuestAddress(seg.addr), len)
+                .map_err(std::io::Error::other)?;
+            let guard = slice.ptr_guard_mut();
+            let mut done = 0usize;
+            while done < len {
+                let at = i64::try_from(offset + done as u64).map_err(std::io::Error::other)?;
+                // SAFETY: `guard` maps `len` bytes of guest RAM that stay mapped while the
+                // guard lives (the VM's memory outlives every device), and `done < len`, so
+                // the kernel reads or writes only inside that mapping. The guest may race
+                // with us on these bytes; that only affects the guest's own data.
+                let n = unsafe {
+                    let ptr = guard.as_ptr().add(done);
+                    match direction {
+                        Direction::ToGuest => libc::pread(fd, ptr.cast(), len - done, at),
+                        Direction::ToDisk => libc::pwrite(fd, ptr.cast(), len - done, at),
+                    }
+                };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the backing file is shorter than the disk",
+                    ));
+                }
+                done += n as usize;
+            }
+            offset += seg.len;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    ToGuest,
+    ToDisk,
+}
+
+/// The request type and sector from the first 16 readable bytes, or None when there are not
+/// 16 of them.
+fn read_header(mem: &GuestMemoryMmap, readable: &[&Buffer]) -> Option<(u32, u64)> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut filled = 0usize;
+    for seg in segments(readable, 0, HEADER_LEN) {
+        let n = usize::try_from(seg.len).ok()?;
+        let dst = header.get_mut(filled..filled + n)?;
+        mem.read_slice(dst, GuestAddress(seg.addr)).ok()?;
+        filled += n;
+    }
+    if filled != header.len() {
+        return None;
+    }
+    let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
+    Some((
+        u32::from_le_bytes([t0, t1, t2, t3]),
+        u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+    ))
+}
+
+impl QueueHandler for BlockQueue {
+    fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {
+        drain(ctx, queue, |ctx| {
+            while let Some(chain) = ctx.next_chain(queue, MAX_REQUEST_BYTES) {
+                let used = self.serve(ctx, &chain);
+                ctx.complete(queue, chain.head, used);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(addr: u64, len: u32) -> Buffer {
+        Buffer {
+            addr,
+            len,
+            writable: false,
+        }
+    }
+
+    #[test]
+    fn segments_cut_the_byte_stream_across_buffer_boundaries() {
+        let (a, b, c) = (buf(0x1000, 10), buf(0x2000, 6), buf(0x3000, 100));
+        let all = [&a, &b, &c];
+        assert_eq!(
+            segments(&all, 8, 10),
+            vec![
+                Segment {
+                    addr: 0x1008,
+                    len: 2
+                },
+                Segment {
+                    addr: 0x2000,
+                    len: 6
+                },
+                Segment {
+                    addr: 0x3000,
+                    len: 2
+                },
+            ]
+        );
+        assert_eq!(segments(&all, 16, 0), vec![]);
+        assert_eq!(segments(&all, 200, 5), vec![]);
+        assert_eq!(
+            segments(&all, 0, 1000).iter().map(|s| s.len).sum::<u64>(),
+            116
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! What a device's register side (on vCPU threads) and queue side (on the VMM thread) share.
+//!
+//! The data path takes no lock a vCPU holds: interrupt status and needs-reset are atomics,
+//! notifications arrive by ioeventfd. Only the control path (DRIVER_OK, reset) takes the
+//! `active` lock, so a reset waits for an in-flight batch to finish and the device never
+//! touches rings the driver has already reclaimed.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::counters::DeviceCounters;
+use super::queue::GuestQueue;
+use crate::warn_limited;
+
+/// The device's interrupt line (an irqfd) and the InterruptStatus register behind it.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irq: EventFd) -> Interrupt {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::Release);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        if let Err(e) = self.irq.write(1) {
+            warn_limited!("virtio: cannot raise an interrupt: {e}");
+        }
+    }
+}
+
+/// A device the driver has started: the negotiated features and the live queues, indexed
+/// by queue number (None for a queue the driver left unused).
+#[derive(Debug)]
+pub struct Activation {
+    pub features: u64,
+    pub queues: Vec<Option<GuestQueue>>,
+    /// Distinguishes one activation from the next, so the queue side notices a reset even
+    /// when it missed the moment in between.
+    pub generation: u64,
+}
+
+/// State shared by a device's two sides.
+#[derive(Debug)]
+pub struct DeviceShared {
+    name: String,
+    pub interrupt: Interrupt,
+    pub counters: DeviceCounters,
+    needs_reset: AtomicBool,
+    /// Written on activation and on reset, to wake the queue side.
+    state_evt: EventFd,
+    active: Mutex<Option<Activation>>,
+    generations: AtomicU64,
+}
+
+impl DeviceShared {
+    pub fn new(name: String, irq: EventFd, state_evt: EventFd) -> DeviceShared {
+        DeviceShared {
+            name,
+            interrupt: Interrupt::new(irq),
+            counters: DeviceCounters::default(),
+            needs_reset: AtomicBool::new(false),
+            state_evt,
+            active: Mutex::new(None),
+            generations: AtomicU64::new(0),
+        }
+    }
+
+    /// The device's name in logs and counters, e.g. `virtio-blk0`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn state_evt(&self) -> &EventFd {
+        &self.state_evt
+    }
+
+    /// Locks the activation (the queue side, and the control path).
+    pub fn active(&self) -> MutexGuard<'_, Option<Activation>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the queue side with `queues`.
+    pub fn activate(&self, features: u64, queues: Vec<Option<GuestQueue>>) {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.active() = Some(Activation {
+            features,
+            queues,
+            generation,
+        });
+        self.wake();
+    }
+
+    /// Stops the queue side (the driver reset the device). Waits for an in-flight batch.
+    pub fn deactivate(&self) {
+        *self.active() = None;
+        self.needs_reset.store(false, Ordering::Release);
+        self.interrupt.clear();
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.state_evt.write(1) {
+            warn_limited!("{}: cannot wake the queue side: {e}", self.name);
+        }
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// The device can not go on until the driver resets it: say so through the status
+    /// register and a configuration-change interrupt.
+    pub fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+            warn_limited!("{}: device needs a reset", self.name);
+            self.interrupt.raise(VIRTIO_MMIO_INT_CONFIG);
+            DeviceCounters::add(&self.counters.interrupts, 1);
+        }
+    }
+
+    /// Signals used buffers to the driver.
+    pub fn raise_used(&self) {
+        self.interrupt.raise(VIRTIO_MMIO_INT_VRING);
+        DeviceCounters::add(&self.counters.interrupts, 1);
+    }
+}

@@ -1,0 +1,265 @@
+//! The queue side of a device: runs on the VMM thread's event loop, woken by the queues'
+//! ioeventfds and by activation and reset.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::Chain;
+use super::counters::{DeviceCounters, RequestViolation};
+use super::mmio::TransportViolation;
+use super::queue::{GuestQueue, Popped};
+use super::shared::{Activation, DeviceShared};
+use crate::warn_limited;
+
+/// The event data of the activation/reset eventfd; queue `n`'s notifications carry `n`.
+const STATE_EVENT: u32 = u32::MAX;
+
+/// A device's queue handling.
+pub trait QueueHandler: Send {
+    /// Serves what the driver made available on queue `queue`.
+    fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize);
+    /// Called once per activation before any queue is served.
+    fn activated(&mut self, _ctx: &mut QueueContext<'_>) {}
+    /// Forgets everything tied to the last activation (the driver reset the device).
+    fn reset(&mut self) {}
+}
+
+/// What a handler works with while it serves a queue.
+pub struct QueueContext<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub features: u64,
+    queues: &'a mut [Option<GuestQueue>],
+    shared: &'a DeviceShared,
+}
+
+impl QueueContext<'_> {
+    pub fn counters(&self) -> &DeviceCounters {
+        &self.shared.counters
+    }
+
+    pub fn device_name(&self) -> &str {
+        self.shared.name()
+    }
+
+    /// Counts a refused request (its chain was valid; the request in it was not).
+    pub fn refuse(&self, reason: RequestViolation) {
+        self.shared.counters.refuse(reason);
+        warn_limited!(
+            "{}: refused a request: {}",
+            self.shared.name(),
+            reason.name()
+        );
+    }
+
+    /// The next acceptable chain on `queue`, or None when there is none. Refused chains are
+    /// counted and handed back to the driver unused; unusable rings mark the device as
+    /// needing a reset and end the queue's service.
+    pub fn next_chain(&mut self, queue: usize, max_bytes: u64) -> Option<Chain> {
+        if self.shared.needs_reset() {
+            return None;
+        }
+        loop {
+            let q = self.queues.get_mut(queue)?.as_mut()?;
+            match q.pop(self.mem, max_bytes)? {
+                Popped::Chain(chain) => {
+                    DeviceCounters::add(&self.shared.counters.requests, 1);
+                    return Some(chain);
+                }
+                Popped::Refused { head, reason } => {
+                    DeviceCounters::add(&self.shared.counters.requests, 1);
+                    self.shared.counters.refuse(reason);
+                    warn_limited!(
+                        "{}: refused a descriptor chain on queue {queue}: {}",
+                        self.shared.name(),
+                        reason.name()
+                    );
+                    q.add_used(self.mem, head, 0);
+                }
+                Popped::Broken(reason) => {
+                    self.shared.counters.refuse(reason);
+                    warn_limited!(
+                        "{}: queue {queue} is unusable: {}",
+                        self.shared.name(),
+                        reason.name()
+                    );
+                    self.shared.set_needs_reset();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written into it.
+    pub fn complete(&mut self, queue: usize, head: u16, len: u32) {
+        if let Some(q) = self.queues.get_mut(queue).and_then(Option::as_mut) {
+            q.add_used(self.mem, head, len);
+        }
+    }
+
+    pub fn disable_notification(&mut self, queue: usize) {
+        if let Some(q) = self.queues.get_mut(queue).and_then(Option::as_mut) {
+            q.disable_notification(self.mem);
+        }
+    }
+
+    /// Re-enables notifications; true when more chains arrived meanwhile.
+    pub fn enable_notification(&mut self, queue: usize) -> bool {
+        self.queues
+            .get_mut(queue)
+            .and_then(Option::as_mut)
+            .is_some_and(|q| q.enable_notification(self.mem))
+    }
+
+    /// True when the driver made `queue` ready.
+    pub fn queue_ready(&self, queue: usize) -> bool {
+        self.queues.get(queue).is_some_and(Option::is_some)
+    }
+
+    fn raise_interrupts(&mut self) {
+        let mut raise = false;
+        for q in self.queues.iter_mut().flatten() {
+            raise |= q.take_interrupt(self.mem);
+        }
+        if raise {
+            self.shared.raise_used();
+        }
+    }
+}
+
+/// Runs `serve` over a request-style queue until the driver has nothing more, with
+/// notifications off while draining (the usual virtio pattern, so no notification is lost).
+pub fn drain(
+    ctx: &mut QueueContext<'_>,
+    queue: usize,
+    mut serve: impl FnMut(&mut QueueContext<'_>),
+) {
+    loop {
+        ctx.disable_notification(queue);
+        serve(ctx);
+        if !ctx.enable_notification(queue) || ctx.shared.needs_reset() {
+            break;
+        }
+    }
+}
+
+/// One device's queue side as an event-manager subscriber.
+pub struct VirtioWorker {
+    shared: Arc<DeviceShared>,
+    mem: GuestMemoryMmap,
+    queue_evts: Vec<EventFd>,
+    handler: Box<dyn QueueHandler>,
+    generation: u64,
+}
+
+impl VirtioWorker {
+    pub fn new(
+        shared: Arc<DeviceShared>,
+        mem: GuestMemoryMmap,
+        queue_evts: Vec<EventFd>,
+        handler: Box<dyn QueueHandler>,
+    ) -> VirtioWorker {
+        VirtioWorker {
+            shared,
+            mem,
+            queue_evts,
+            handler,
+            generation: 0,
+        }
+    }
+
+    fn with_context(&mut self, f: impl FnOnce(&mut dyn QueueHandler, &mut QueueContext<'_>)) {
+        let mut active = self.shared.active();
+        let Some(Activation {
+            features,
+            queues,
+            generation,
+        }) = active.as_mut()
+        else {
+            return;
+        };
+        let mut ctx = QueueContext {
+            mem: &self.mem,
+            features: *features,
+            queues,
+            shared: &self.shared,
+        };
+        if *generation != self.generation {
+            self.generation = *generation;
+            self.handler.reset();
+            self.handler.activated(&mut ctx);
+        }
+        f(self.handler.as_mut(), &mut ctx);
+        ctx.raise_interrupts();
+    }
+
+    fn state_changed(&mut self) {
+        let _ = self.shared.state_evt().read();
+        let running = self.shared.active().is_some();
+        if !running {
+            if self.generation != 0 {
+                self.generation = 0;
+                self.handler.reset();
+            }
+            return;
+        }
+        // Serve whatever the driver queued before (or while) the device started.
+        let queues = self.queue_evts.len();
+        self.with_context(|handler, ctx| {
+            for q in 0..queues {
+                if ctx.queue_ready(q) {
+                    handler.process_queue(ctx, q);
+                }
+            }
+        });
+    }
+
+    fn notified(&mut self, queue: usize) {
+        if let Some(evt) = self.queue_evts.get(queue) {
+            let _ = evt.read();
+        }
+        let ready = self
+            .shared
+            .active()
+            .as_ref()
+            .is_some_and(|a| a.queues.get(queue).is_some_and(Option::is_some));
+        if !ready {
+            // Before DRIVER_OK, or for a queue the driver never made ready.
+            self.shared
+                .counters
+                .refuse(TransportViolation::NotifyNotReady);
+            warn_limited!(
+                "{}: notify for queue {queue}, which is not live",
+                self.shared.name()
+            );
+            return;
+        }
+        self.with_context(|handler, ctx| handler.process_queue(ctx, queue));
+    }
+}
+
+impl MutEventSubscriber for VirtioWorker {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        let mut fds = vec![(self.shared.state_evt().as_raw_fd(), STATE_EVENT)];
+        for (index, evt) in (0u32..).zip(&self.queue_evts) {
+            fds.push((evt.as_raw_fd(), index));
+        }
+        for (fd, data) in fds {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                log::error!("{}: cannot watch event {data}: {e:?}", self.shared.name());
+                self.shared.set_needs_reset();
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
+        match events.data() {
+            STATE_EVENT => self.state_changed(),
+            queue => self.notified(queue as usize),
+        }
+    }
+}
