@@ -1,0 +1,548 @@
+/* virtio: drives bulkhead's virtio-mmio devices through their registers, as a driver would,
+ * and as a hostile one would.
+ *
+ * Devices are found from the virtio_mmio.device= entries on the command line. Every request
+ * is polled to completion (no interrupt handler), and the InterruptStatus register must show
+ * the used-buffer interrupt afterwards.
+ *
+ *   mode=rng       read random bytes: a small request is filled, a large one is cut at the
+ *                  device's 4 KiB cap
+ *   mode=blk       get-id (must equal expect_id=), read sectors the host filled (sector n holds
+ *                  byte n), write sectors 2-3 with 0xa5, flush, read them back; a request with
+ *                  its header and data split over several buffers; a read past the end fails
+ *   mode=blk-ro    the same disk attached read-only: a write fails with IOERR, reads work
+ *   mode=hostile   every bad input the devices must refuse; each must be answered as the
+ *                  device type allows, and the device must keep working (or ask for a reset
+ *                  and work after it)
+ * Exits 0 when every check passed, 1 otherwise.
+ */
+#include "lib/rt.h"
+
+#define MMIO_MAGIC 0x000
+#define MMIO_DEVICE_ID 0x008
+#define MMIO_DEVICE_FEATURES 0x010
+#define MMIO_DEVICE_FEATURES_SEL 0x014
+#define MMIO_DRIVER_FEATURES 0x020
+#define MMIO_DRIVER_FEATURES_SEL 0x024
+#define MMIO_QUEUE_SEL 0x030
+#define MMIO_QUEUE_NUM_MAX 0x034
+#define MMIO_QUEUE_NUM 0x038
+#define MMIO_QUEUE_READY 0x044
+#define MMIO_QUEUE_NOTIFY 0x050
+#define MMIO_INTERRUPT_STATUS 0x060
+#define MMIO_INTERRUPT_ACK 0x064
+#define MMIO_STATUS 0x070
+#define MMIO_QUEUE_DESC_LOW 0x080
+#define MMIO_QUEUE_DESC_HIGH 0x084
+#define MMIO_QUEUE_AVAIL_LOW 0x090
+#define MMIO_QUEUE_AVAIL_HIGH 0x094
+#define MMIO_QUEUE_USED_LOW 0x0a0
+#define MMIO_QUEUE_USED_HIGH 0x0a4
+#define MMIO_CONFIG 0x100
+
+#define S_ACK 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+#define S_NEEDS_RESET 0x40
+
+#define F_NEXT 1
+#define F_WRITE 2
+#define F_INDIRECT 4
+
+#define FEAT_VERSION_1 (1ULL << 32)
+#define FEAT_INDIRECT (1ULL << 28)
+#define FEAT_BLK_FLUSH (1ULL << 9)
+
+#define ID_BLOCK 2
+#define ID_RNG 4
+
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_FLUSH 4
+#define BLK_T_GET_ID 8
+#define BLK_S_OK 0
+#define BLK_S_IOERR 1
+#define BLK_S_UNSUPP 2
+
+#define QSIZE 16
+/* How long to wait for the device: seconds, far more than it needs. */
+#define SPIN_LIMIT 20000000ULL
+#define NO_ANSWER 0xffffffffu
+
+struct desc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+} __attribute__((packed));
+
+struct avail {
+    u16 flags;
+    u16 idx;
+    u16 ring[QSIZE];
+    u16 used_event;
+} __attribute__((packed));
+
+struct used {
+    u16 flags;
+    u16 idx;
+    struct {
+        u32 id;
+        u32 len;
+    } __attribute__((packed)) ring[QSIZE];
+    u16 avail_event;
+} __attribute__((packed));
+
+struct vq {
+    struct desc desc[QSIZE] __attribute__((aligned(16)));
+    struct avail avail __attribute__((aligned(16)));
+    struct used used __attribute__((aligned(16)));
+    u16 last_used;
+};
+
+struct dev {
+    u64 base;
+    u32 id;
+    struct vq *q;
+};
+
+static struct vq queues[4] __attribute__((aligned(4096)));
+/* Request memory: headers, data, status bytes and indirect tables, away from the rings. */
+static u8 header[64] __attribute__((aligned(16)));
+static u8 data[16384] __attribute__((aligned(4096)));
+static u8 status[16];
+static struct desc indirect[8] __attribute__((aligned(16)));
+static int failures;
+
+#define barrier() __asm__ volatile("" ::: "memory")
+
+static u32 rd(struct dev *d, u32 reg) { return mmio_read32(d->base + reg); }
+static void wr(struct dev *d, u32 reg, u32 v) { mmio_write32(d->base + reg, v); }
+
+static void check(int ok, const char *what) {
+    puts(ok ? "ok: " : "FAIL: ");
+    puts(what);
+    putc('\n');
+    if (!ok) failures++;
+}
+
+static u64 parse_hex(const char **p) {
+    u64 v = 0;
+    for (;;) {
+        char c = **p;
+        int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (digit < 0) return v;
+        v = v * 16 + (u64)digit;
+        (*p)++;
+    }
+}
+
+/* The register block of the first device of type `id` on the command line, or 0. */
+static u64 find_device(u32 id) {
+    static const char key[] = "virtio_mmio.device=4K@0x";
+    const char *p = cmdline();
+    while (*p) {
+        const char *k = key, *t = p;
+        while (*k && *t == *k) { t++; k++; }
+        if (!*k) {
+            u64 base = parse_hex(&t);
+            if (mmio_read32(base + MMIO_MAGIC) == 0x74726976 &&
+                mmio_read32(base + MMIO_DEVICE_ID) == id)
+                return base;
+        }
+        while (*p && *p != ' ') p++;
+        while (*p == ' ') p++;
+    }
+    return 0;
+}
+
+static void setup_queue(struct dev *d) {
+    struct vq *q = d->q;
+    memset(q, 0, sizeof(*q));
+    wr(d, MMIO_QUEUE_SEL, 0);
+    wr(d, MMIO_QUEUE_NUM, QSIZE);
+    wr(d, MMIO_QUEUE_DESC_LOW, (u32)(u64)q->desc);
+    wr(d, MMIO_QUEUE_DESC_HIGH, 0);
+    wr(d, MMIO_QUEUE_AVAIL_LOW, (u32)(u64)&q->avail);
+    wr(d, MMIO_QUEUE_AVAIL_HIGH, 0);
+    wr(d, MMIO_QUEUE_USED_LOW, (u32)(u64)&q->used);
+    wr(d, MMIO_QUEUE_USED_HIGH, 0);
+    wr(d, MMIO_QUEUE_READY, 1);
+}
+
+/* Resets the device and brings it up with `features` (VERSION_1 is added). */
+static int init_device(struct dev *d, u64 features) {
+    features |= FEAT_VERSION_1;
+    wr(d, MMIO_STATUS, 0);
+    wr(d, MMIO_STATUS, S_ACK);
+    wr(d, MMIO_STATUS, S_ACK | S_DRIVER);
+    wr(d, MMIO_DEVICE_FEATURES_SEL, 0);
+    u64 offered = rd(d, MMIO_DEVICE_FEATURES);
+    wr(d, MMIO_DEVICE_FEATURES_SEL, 1);
+    offered |= (u64)rd(d, MMIO_DEVICE_FEATURES) << 32;
+    features &= offered;
+    wr(d, MMIO_DRIVER_FEATURES_SEL, 0);
+    wr(d, MMIO_DRIVER_FEATURES, (u32)features);
+    wr(d, MMIO_DRIVER_FEATURES_SEL, 1);
+    wr(d, MMIO_DRIVER_FEATURES, (u32)(features >> 32));
+    wr(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    if (!(rd(d, MMIO_STATUS) & S_FEATURES_OK)) return 0;
+    setup_queue(d);
+    wr(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    return rd(d, MMIO_STATUS) == (S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+}
+
+static int open_device(struct dev *d, u32 id, struct vq *q, u64 features) {
+    d->id = id;
+    d->q = q;
+    d->base = find_device(id);
+    if (!d->base) {
+        puts("no such device on the command line\n");
+        return 0;
+    }
+    return init_device(d, features);
+}
+
+/* Makes chain `head` available, notifies, and waits for the device to use one entry.
+ * Returns the used length, or NO_ANSWER when nothing was used. */
+static u32 submit(struct dev *d, u16 head) {
+    struct vq *q = d->q;
+    q->avail.ring[q->avail.idx % QSIZE] = head;
+    barrier();
+    q->avail.idx++;
+    barrier();
+    wr(d, MMIO_QUEUE_NOTIFY, 0);
+    for (u64 spin = 0; spin < SPIN_LIMIT; spin++) {
+        barrier();
+        if (*(volatile u16 *)&q->used.idx != q->last_used) {
+            u32 len = q->used.ring[q->last_used % QSIZE].len;
+            u32 id = q->used.ring[q->last_used % QSIZE].id;
+            q->last_used++;
+            u32 isr = rd(d, MMIO_INTERRUPT_STATUS);
+            wr(d, MMIO_INTERRUPT_ACK, isr);
+            if (!(isr & 1)) check(0, "used-buffer interrupt raised");
+            if (id != head) check(0, "used entry names the chain's head");
+            return len;
+        }
+        __asm__ volatile("pause");
+    }
+    return NO_ANSWER;
+}
+
+static void set_desc(struct desc *t, u16 i, void *addr, u32 len, u16 flags, u16 next) {
+    t[i].addr = (u64)addr;
+    t[i].len = len;
+    t[i].flags = flags;
+    t[i].next = next;
+}
+
+/* ---- rng ---- */
+
+static u32 rng_read(struct dev *d, u32 len) {
+    memset(data, 0, sizeof(data));
+    set_desc(d->q->desc, 0, data, len, F_WRITE, 0);
+    return submit(d, 0);
+}
+
+static int all_zero(const u8 *p, u32 n) {
+    for (u32 i = 0; i < n; i++)
+        if (p[i]) return 0;
+    return 1;
+}
+
+static void test_rng(void) {
+    struct dev d;
+    check(open_device(&d, ID_RNG, &queues[0], 0), "rng: device initialised");
+    if (failures) return;
+    check(rng_read(&d, 64) == 64 && !all_zero(data, 64), "rng: 64 random bytes");
+    u32 n = rng_read(&d, 8192);
+    check(n == 4096 && !all_zero(data + 4032, 64) && all_zero(data + 4096, 4096),
+          "rng: an 8 KiB request is cut at 4 KiB");
+}
+
+/* ---- blk ---- */
+
+static void blk_header(u32 type, u64 sector) {
+    memset(header, 0, 16);
+    *(u32 *)header = type;
+    *(u64 *)(header + 8) = sector;
+}
+
+/* One request: header, optional data (readable for OUT, writable otherwise), status.
+ * Returns the status byte, or 0xff when the device did not answer as expected. */
+static u8 blk_request(struct dev *d, u32 type, u64 sector, void *buf, u32 len, u32 *used) {
+    struct desc *t = d->q->desc;
+    blk_header(type, sector);
+    status[0] = 0xee;
+    u16 data_flags = type == BLK_T_OUT ? 0 : F_WRITE;
+    if (len) {
+        set_desc(t, 0, header, 16, F_NEXT, 1);
+        set_desc(t, 1, buf, len, data_flags | F_NEXT, 2);
+        set_desc(t, 2, status, 1, F_WRITE, 0);
+    } else {
+        set_desc(t, 0, header, 16, F_NEXT, 2);
+        set_desc(t, 2, status, 1, F_WRITE, 0);
+    }
+    u32 n = submit(d, 0);
+    if (used) *used = n;
+    return n == NO_ANSWER ? 0xff : status[0];
+}
+
+static u64 blk_capacity(struct dev *d) {
+    return (u64)rd(d, MMIO_CONFIG) | ((u64)rd(d, MMIO_CONFIG + 4) << 32);
+}
+
+static int sectors_hold(u64 first, u32 count, const u8 *p) {
+    for (u32 s = 0; s < count; s++)
+        for (u32 i = 0; i < 512; i++)
+            if (p[s * 512 + i] != (u8)(first + s)) return 0;
+    return 1;
+}
+
+static void test_blk(int read_only) {
+    struct dev d;
+    u32 used;
+    check(open_device(&d, ID_BLOCK, &queues[0], FEAT_BLK_FLUSH), "blk: device initialised");
+    if (failures) return;
+    u64 cap = blk_capacity(&d);
+    puts("blk: capacity ");
+    put_dec(cap);
+    puts(" sectors\n");
+
+    memset(data, 0, 32);
+    u8 st = blk_request(&d, BLK_T_GET_ID, 0, data, 20, &used);
+    int len;
+    const char *want = cmdline_value("expect_id", &len);
+    check(st == BLK_S_OK && want && str_eq(want, len, (const char *)data) && used == 21,
+          "blk: get-id returns the disk's id");
+
+    memset(data, 0xcc, 4096);
+    st = blk_request(&d, BLK_T_IN, 0, data, 4096, &used);
+    check(st == BLK_S_OK && used == 4097 && sectors_hold(0, 8, data),
+          "blk: sectors 0-7 read as the host wrote them");
+
+    /* Header in two pieces, data in three, status alone: still one request. */
+    struct desc *t = d.q->desc;
+    blk_header(BLK_T_IN, 4);
+    status[0] = 0xee;
+    memset(data, 0, 2048);
+    set_desc(t, 0, header, 8, F_NEXT, 1);
+    set_desc(t, 1, header + 8, 8, F_NEXT, 2);
+    set_desc(t, 2, data, 100, F_WRITE | F_NEXT, 3);
+    set_desc(t, 3, data + 100, 412, F_WRITE | F_NEXT, 4);
+    set_desc(t, 4, data + 512, 512, F_WRITE | F_NEXT, 5);
+    set_desc(t, 5, status, 1, F_WRITE, 0);
+    used = submit(&d, 0);
+    check(used == 1025 && status[0] == BLK_S_OK && sectors_hold(4, 2, data),
+          "blk: a request split over many buffers is read as one");
+
+    memset(data, 0xa5, 1024);
+    st = blk_request(&d, BLK_T_OUT, 2, data, 1024, &used);
+    if (read_only) {
+        check(st == BLK_S_IOERR && used == 1, "blk-ro: a write is refused with IOERR");
+    } else {
+        check(st == BLK_S_OK && used == 1, "blk: sectors 2-3 written");
+        st = blk_request(&d, BLK_T_FLUSH, 0, 0, 0, &used);
+        check(st == BLK_S_OK && used == 1, "blk: flush");
+        memset(data, 0, 1024);
+        st = blk_request(&d, BLK_T_IN, 2, data, 1024, &used);
+        check(st == BLK_S_OK && data[0] == 0xa5 && data[1023] == 0xa5, "blk: written sectors read back");
+    }
+    memset(data, 0, 512);
+    st = blk_request(&d, BLK_T_IN, cap, data, 512, &used);
+    check(st == BLK_S_IOERR && used == 1, "blk: a read past the end fails with IOERR");
+    st = blk_request(&d, BLK_T_IN, cap - 1, data, 512, &used);
+    check(st == BLK_S_OK, "blk: the last sector reads");
+}
+
+/* ---- hostile ---- */
+
+/* Submits the chain at `head` and expects it handed back unused (length 0) with the status
+ * byte untouched. */
+static void expect_refused_chain(struct dev *d, u16 head, const char *what) {
+    status[0] = 0xee;
+    u32 n = submit(d, head);
+    check(n == 0 && status[0] == 0xee, what);
+}
+
+/* A valid read of sector 0 still works: the device survived. */
+static void expect_alive(struct dev *d, const char *what) {
+    u32 used;
+    check(blk_request(d, BLK_T_IN, 0, data, 512, &used) == BLK_S_OK && used == 513, what);
+}
+
+static void hostile_chains(struct dev *blk, struct dev *rng) {
+    struct desc *t = blk->q->desc;
+    blk_header(BLK_T_IN, 0);
+
+    set_desc(t, 0, header, 16, F_NEXT, 200);
+    expect_refused_chain(blk, 0, "chain: a next index past the table");
+    set_desc(t, 0, header, 16, F_NEXT, 1);
+    set_desc(t, 1, data, 512, F_WRITE | F_NEXT, 0);
+    expect_refused_chain(blk, 0, "chain: a loop");
+    set_desc(t, 0, header, 0, F_NEXT, 1);
+    set_desc(t, 1, status, 1, F_WRITE, 0);
+    expect_refused_chain(blk, 0, "chain: a zero-length descriptor");
+    set_desc(t, 0, (void *)0xc0000000ULL, 16, F_NEXT, 1);
+    expect_refused_chain(blk, 0, "chain: a buffer outside guest RAM");
+    set_desc(t, 0, header, 16, F_NEXT, 1);
+    set_desc(t, 1, (void *)&blk->q->used, 512, F_WRITE | F_NEXT, 2);
+    set_desc(t, 2, status, 1, F_WRITE, 0);
+    expect_refused_chain(blk, 0, "chain: a buffer over the used ring");
+    set_desc(t, 0, status, 1, F_WRITE | F_NEXT, 1);
+    set_desc(t, 1, header, 16, F_NEXT, 2);
+    set_desc(t, 2, status + 1, 1, F_WRITE, 0);
+    expect_refused_chain(blk, 0, "chain: a readable buffer after a writable one");
+
+    set_desc(indirect, 0, header, 16, F_NEXT, 1);
+    set_desc(indirect, 1, status, 1, F_WRITE, 0);
+    set_desc(t, 0, indirect, 2 * 16, F_INDIRECT | F_NEXT, 1);
+    expect_refused_chain(blk, 0, "chain: INDIRECT with NEXT");
+    set_desc(t, 0, indirect, 24, F_INDIRECT, 0);
+    expect_refused_chain(blk, 0, "chain: an indirect table of 1.5 descriptors");
+    set_desc(indirect, 0, indirect + 4, 32, F_INDIRECT, 0);
+    set_desc(t, 0, indirect, 16, F_INDIRECT, 0);
+    expect_refused_chain(blk, 0, "chain: an indirect table inside an indirect table");
+    /* A well-formed indirect request works. */
+    set_desc(indirect, 0, header, 16, F_NEXT, 1);
+    set_desc(indirect, 1, data, 512, F_WRITE | F_NEXT, 2);
+    set_desc(indirect, 2, status, 1, F_WRITE, 0);
+    set_desc(t, 0, indirect, 3 * 16, F_INDIRECT, 0);
+    status[0] = 0xee;
+    check(submit(blk, 0) == 513 && status[0] == BLK_S_OK, "chain: a good indirect request works");
+
+    /* A head index past the table can not be handed back: nothing is used for it, and the
+     * next request is answered first. */
+    struct vq *q = blk->q;
+    q->avail.ring[q->avail.idx % QSIZE] = 300;
+    barrier();
+    q->avail.idx++;
+    expect_alive(blk, "chain: a head index past the table is dropped, the next request works");
+    check(q->used.idx == q->last_used, "chain: nothing was used for the bad head");
+
+    struct desc *r = rng->q->desc;
+    set_desc(r, 0, indirect, 16, F_INDIRECT, 0);
+    set_desc(indirect, 0, data, 64, F_WRITE, 0);
+    expect_refused_chain(rng, 0, "chain: indirect when the device did not offer it");
+    set_desc(r, 0, data, 8192, F_WRITE | F_NEXT, 1);
+    set_desc(r, 1, (void *)0x800000ULL, 0x100000, F_WRITE, 0);
+    expect_refused_chain(rng, 0, "chain: buffers longer than the device accepts");
+}
+
+static void hostile_requests(struct dev *blk, struct dev *rng) {
+    u32 used;
+    u64 cap = blk_capacity(blk);
+    struct desc *t = blk->q->desc;
+
+    check(blk_request(blk, 99, 0, 0, 0, &used) == BLK_S_UNSUPP, "request: an unknown type is UNSUPP");
+    check(blk_request(blk, BLK_T_IN, cap - 1, data, 1024, &used) == BLK_S_IOERR,
+          "request: a read running past the end is IOERR");
+    check(blk_request(blk, BLK_T_IN, 0xffffffffffffffffULL, data, 512, &used) == BLK_S_IOERR,
+          "request: a sector number that overflows is IOERR");
+    check(blk_request(blk, BLK_T_IN, 0, data, 100, &used) == BLK_S_IOERR,
+          "request: a read of part of a sector is IOERR");
+    set_desc(t, 0, header, 8, F_NEXT, 1);
+    set_desc(t, 1, status, 1, F_WRITE, 0);
+    status[0] = 0xee;
+    check(submit(blk, 0) == 1 && status[0] == BLK_S_IOERR, "request: a short header is IOERR");
+    blk_header(BLK_T_IN, 0);
+    set_desc(t, 0, header, 16, 0, 0);
+    check(submit(blk, 0) == 0, "request: no status byte, nothing written");
+
+    set_desc(rng->q->desc, 0, header, 16, 0, 0);
+    check(submit(rng, 0) == 0, "request: a device-readable buffer for rng gets nothing");
+    expect_alive(blk, "request: the block device still works");
+}
+
+static void hostile_transport(struct dev *blk) {
+    u64 b = blk->base;
+    /* A byte-wide read of a control register is refused (all-ones). */
+    check(*(volatile u8 *)(b + MMIO_STATUS) == 0xff, "transport: a byte read of Status is refused");
+    wr(blk, MMIO_MAGIC, 0);
+    check(rd(blk, MMIO_MAGIC) == 0x74726976, "transport: Magic is read-only");
+    wr(blk, MMIO_QUEUE_NUM, 8);
+    wr(blk, MMIO_DRIVER_FEATURES, 0);
+    wr(blk, MMIO_QUEUE_SEL, 0);
+    check(rd(blk, MMIO_STATUS) == 0xf, "transport: queue and feature writes after DRIVER_OK are refused");
+    wr(blk, MMIO_QUEUE_NOTIFY, 7);
+    expect_alive(blk, "transport: a notify for queue 7 is refused");
+
+    wr(blk, MMIO_STATUS, 0);
+    wr(blk, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    check(rd(blk, MMIO_STATUS) == 0, "transport: DRIVER_OK straight after reset is refused");
+    wr(blk, MMIO_STATUS, S_ACK);
+    wr(blk, MMIO_STATUS, S_ACK | S_DRIVER);
+    wr(blk, MMIO_DRIVER_FEATURES_SEL, 1);
+    wr(blk, MMIO_DRIVER_FEATURES, 0);
+    wr(blk, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    check(!(rd(blk, MMIO_STATUS) & S_FEATURES_OK), "transport: features without VERSION_1 are refused");
+    wr(blk, MMIO_DRIVER_FEATURES, 1);
+    wr(blk, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    check(rd(blk, MMIO_STATUS) & S_FEATURES_OK, "transport: FEATURES_OK with VERSION_1");
+    wr(blk, MMIO_DRIVER_FEATURES, 0);
+    b += MMIO_CONFIG;
+    *(volatile u8 *)b = 1;
+    wr(blk, MMIO_QUEUE_SEL, 3);
+    wr(blk, MMIO_QUEUE_SEL, 0);
+    wr(blk, MMIO_QUEUE_NUM, 3);
+    wr(blk, MMIO_QUEUE_NUM, 512);
+    check(rd(blk, MMIO_QUEUE_NUM_MAX) == 256, "transport: queue 0 allows 256");
+    wr(blk, MMIO_QUEUE_NUM, QSIZE);
+    wr(blk, MMIO_QUEUE_DESC_LOW, 0x1008);
+    wr(blk, MMIO_QUEUE_AVAIL_LOW, 0x2000);
+    wr(blk, MMIO_QUEUE_USED_LOW, 0x3000);
+    wr(blk, MMIO_QUEUE_READY, 1);
+    check(rd(blk, MMIO_QUEUE_READY) == 0, "transport: a misaligned descriptor table is refused");
+    wr(blk, MMIO_QUEUE_DESC_LOW, 0xc0000000u);
+    wr(blk, MMIO_QUEUE_READY, 1);
+    check(rd(blk, MMIO_QUEUE_READY) == 0, "transport: rings outside guest RAM are refused");
+    /* A notify before DRIVER_OK goes nowhere. */
+    wr(blk, MMIO_QUEUE_NOTIFY, 0);
+    check(init_device(blk, FEAT_INDIRECT), "transport: the device comes back after a reset");
+    expect_alive(blk, "transport: and works");
+}
+
+static void hostile_avail_jump(struct dev *blk) {
+    struct vq *q = blk->q;
+    q->avail.idx += 100;
+    barrier();
+    wr(blk, MMIO_QUEUE_NOTIFY, 0);
+    u32 status_reg = 0;
+    for (u64 spin = 0; spin < SPIN_LIMIT && !(status_reg & S_NEEDS_RESET); spin++)
+        status_reg = rd(blk, MMIO_STATUS);
+    check(status_reg & S_NEEDS_RESET, "ring: an avail index jump sets NEEDS_RESET");
+    check(rd(blk, MMIO_INTERRUPT_STATUS) & 2, "ring: with a configuration interrupt");
+    check(init_device(blk, FEAT_INDIRECT), "ring: the device comes back after a reset");
+    expect_alive(blk, "ring: and works");
+}
+
+static void test_hostile(void) {
+    struct dev blk, rng;
+    check(open_device(&blk, ID_BLOCK, &queues[0], FEAT_INDIRECT), "hostile: blk initialised");
+    check(open_device(&rng, ID_RNG, &queues[1], 0), "hostile: rng initialised");
+    if (failures) return;
+    hostile_chains(&blk, &rng);
+    hostile_requests(&blk, &rng);
+    hostile_transport(&blk);
+    hostile_avail_jump(&blk);
+}
+
+void guest_main(void) {
+    int len;
+    const char *mode = cmdline_value("mode", &len);
+    if (mode && str_eq(mode, len, "rng")) {
+        test_rng();
+    } else if (mode && str_eq(mode, len, "blk")) {
+        test_blk(0);
+    } else if (mode && str_eq(mode, len, "blk-ro")) {
+        test_blk(1);
+    } else if (mode && str_eq(mode, len, "hostile")) {
+        test_hostile();
+    } else {
+        puts("virtio: unknown mode\n");
+        exit_guest(2);
+    }
+    puts(failures ? "virtio: FAILED\n" : "virtio: all checks passed\n");
+    exit_guest(failures ? 1 : 0);
+}

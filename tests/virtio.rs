@@ -1,0 +1,303 @@
+//! Virtio devices driven through their registers by the `virtio` test guest: block, rng, and
+//! every bad input the devices must refuse and count.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use common::{kvm_available, run_guest, scratch, Run};
+
+const SECTORS: usize = 128;
+
+/// A disk whose sector n holds the byte n.
+fn patterned_disk(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.img");
+    let bytes: Vec<u8> = (0..SECTORS).flat_map(|n| [n as u8; 512]).collect();
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// The counters bulkhead printed for `device` (at debug level, when the VM ended).
+fn device_line<'a>(run: &'a Run, device: &str) -> &'a str {
+    let tag = format!("device {device}: ");
+    run.stderr
+        .lines()
+        .find_map(|l| l.split_once(&tag).map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no counters for {device} in: {}", run.stderr))
+}
+
+/// The value of `name=` in a device's counter line; absent refusal counters are zero.
+fn counter(line: &str, name: &str) -> u64 {
+    line.split(' ')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+fn assert_passed(run: &Run) {
+    assert_eq!(
+        run.status, 0,
+        "guest checks failed; stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(run.stdout.contains("virtio: all checks passed"));
+}
+
+#[test]
+fn rng_fills_requests_with_random_bytes_up_to_its_cap() {
+    if !kvm_available("rng_fills_requests_with_random_bytes_up_to_its_cap") {
+        return;
+    }
+    let run = run_guest("virtio", &["--cmdline", "mode=rng", "--log-level", "debug"]);
+    assert_passed(&run);
+    let rng = device_line(&run, "virtio-rng0");
+    assert_eq!(counter(rng, "requests"), 2, "{rng}");
+    assert_eq!(counter(rng, "bytes_to_guest"), 64 + 4096, "{rng}");
+    assert_eq!(counter(rng, "refused"), 0, "{rng}");
+}
+
+#[test]
+fn no_rng_leaves_the_device_out() {
+    if !kvm_available("no_rng_leaves_the_device_out") {
+        return;
+    }
+    let run = run_guest("virtio", &["--cmdline", "mode=rng", "--no-rng"]);
+    assert_eq!(run.status, 1, "stdout: {}", run.stdout);
+    assert!(run.stdout.contains("no such device on the command line"));
+}
+
+#[test]
+fn block_reads_writes_flushes_and_reports_its_id() {
+    if !kvm_available("block_reads_writes_flushes_and_reports_its_id") {
+        return;
+    }
+    let dir = scratch("virtio-blk");
+    let disk = patterned_disk(&dir);
+    let disk_arg = format!("{},id=tenant-a.data", disk.display());
+    let run = run_guest(
+        "virtio",
+        &[
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            "mode=blk expect_id=tenant-a.data",
+            "--log-level",
+            "debug",
+        ],
+    );
+    assert_passed(&run);
+    let after = std::fs::read(&disk).unwrap();
+    for (n, sector) in after.chunks(512).enumerate() {
+        let want = if n == 2 || n == 3 { 0xa5 } else { n as u8 };
+        assert!(
+            sector.iter().all(|&b| b == want),
+            "sector {n} holds {:#x}, expected {want:#x}",
+            sector[0]
+        );
+    }
+    let blk = device_line(&run, "virtio-blk0");
+    assert_eq!(counter(blk, "bytes_from_guest"), 1024, "{blk}");
+    assert_eq!(counter(blk, "request.out_of_range"), 1, "{blk}");
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_whatever_the_guest_negotiated() {
+    if !kvm_available("a_read_only_disk_refuses_writes_whatever_the_guest_negotiated") {
+        return;
+    }
+    let dir = scratch("virtio-blk-ro");
+    let disk = patterned_disk(&dir);
+    let before = std::fs::read(&disk).unwrap();
+    let disk_arg = format!("{},ro", disk.display());
+    // The guest does not check the RO feature bit: it writes anyway.
+    let run = run_guest(
+        "virtio",
+        &[
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            "mode=blk-ro expect_id=disk0",
+            "--log-level",
+            "debug",
+        ],
+    );
+    assert_passed(&run);
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        before,
+        "the read-only disk changed"
+    );
+    let blk = device_line(&run, "virtio-blk0");
+    assert_eq!(counter(blk, "request.read_only"), 1, "{blk}");
+}
+
+#[test]
+fn every_bad_input_is_refused_counted_and_survived() {
+    if !kvm_available("every_bad_input_is_refused_counted_and_survived") {
+        return;
+    }
+    let dir = scratch("virtio-hostile");
+    let disk = patterned_disk(&dir);
+    let before = std::fs::read(&disk).unwrap();
+    let disk_arg = disk.display().to_string();
+    let run = run_guest(
+        "virtio",
+        &[
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            "mode=hostile",
+            "--log-level",
+            "debug",
+        ],
+    );
+    assert_passed(&run);
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        before,
+        "a refused request wrote the disk"
+    );
+    let blk = device_line(&run, "virtio-blk0");
+    let expected_blk = [
+        ("transport.bad_access", 1),
+        ("transport.bad_status_transition", 1),
+        ("transport.bad_features", 1),
+        ("transport.features_read_only", 2),
+        ("transport.queue_read_only", 2),
+        ("transport.bad_queue_size", 2),
+        ("transport.bad_queue_setup", 1),
+        ("transport.no_such_queue", 2),
+        ("transport.config_write_refused", 1),
+        ("transport.wrong_direction", 1),
+        ("transport.notify_not_ready", 1),
+        // A next index and a head index past the table.
+        ("chain.index_out_of_range", 2),
+        ("chain.loop", 1),
+        ("chain.zero_length", 1),
+        ("chain.outside_ram", 1),
+        ("chain.overlaps_rings", 1),
+        ("chain.readable_after_writable", 1),
+        ("chain.indirect_with_next", 1),
+        ("chain.nested_indirect", 1),
+        ("chain.bad_indirect_table", 1),
+        ("chain.ring_outside_ram", 1),
+        ("chain.avail_index_jump", 1),
+        ("request.bad_header", 1),
+        ("request.unsupported", 1),
+        // Past the end, and a sector number that overflows.
+        ("request.out_of_range", 2),
+        ("request.bad_length", 1),
+        ("request.no_status", 1),
+    ];
+    for (name, want) in expected_blk {
+        assert_eq!(counter(blk, name), want, "{name} in {blk}");
+    }
+    let total: u64 = expected_blk.iter().map(|(_, n)| n).sum();
+    assert_eq!(counter(blk, "refused"), total, "unexpected refusals: {blk}");
+    let rng = device_line(&run, "virtio-rng0");
+    for (name, want) in [
+        ("chain.too_long", 1),
+        ("chain.indirect_not_negotiated", 1),
+        ("request.unexpected_readable", 1),
+        ("refused", 3),
+    ] {
+        assert_eq!(counter(rng, name), want, "{name} in {rng}");
+    }
+}
+
+/// Holds `lock` (LOCK_EX or LOCK_SH) on `path` while it lives, as another VMM would.
+struct HeldLock(std::fs::File);
+
+impl HeldLock {
+    fn take(path: &Path, lock: libc::c_int) -> HeldLock {
+        let file = std::fs::File::open(path).unwrap();
+        // SAFETY: flock on a descriptor this test owns.
+        assert_eq!(
+            unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) },
+            0
+        );
+        HeldLock(file)
+    }
+}
+
+#[test]
+fn a_disk_in_use_by_another_process_is_refused_for_writing() {
+    if !kvm_available("a_disk_in_use_by_another_process_is_refused_for_writing") {
+        return;
+    }
+    let dir = scratch("virtio-lock");
+    let disk = patterned_disk(&dir);
+    let disk_arg = disk.display().to_string();
+    let ro_arg = format!("{},ro", disk.display());
+    let args = |arg: &str, mode: &str| {
+        vec![
+            "--disk".to_string(),
+            arg.to_string(),
+            "--cmdline".to_string(),
+            format!("mode={mode} expect_id=disk0"),
+        ]
+    };
+    let run_with = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run_guest("virtio", &a)
+    };
+
+    // A reader holds it: no writer, but other readers are fine.
+    let reader = HeldLock::take(&disk, libc::LOCK_SH);
+    let run = run_with(args(&disk_arg, "blk"));
+    assert_eq!(run.status, 2, "stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains("is in use by another process"),
+        "{}",
+        run.stderr
+    );
+    let run = run_with(args(&ro_arg, "blk-ro"));
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    drop(reader);
+
+    // A writer holds it: not even a reader.
+    let writer = HeldLock::take(&disk, libc::LOCK_EX);
+    let run = run_with(args(&ro_arg, "blk-ro"));
+    assert_eq!(run.status, 2, "stderr: {}", run.stderr);
+    drop(writer);
+}
+
+#[test]
+fn bad_disk_arguments_are_refused_before_boot() {
+    if !kvm_available("bad_disk_arguments_are_refused_before_boot") {
+        return;
+    }
+    let dir = scratch("virtio-bad-disk");
+    let disk = patterned_disk(&dir);
+    let missing = dir.join("missing.img").display().to_string();
+    let dir_arg = format!("{},ro", dir.display());
+    let twice = disk.display().to_string();
+    let cases: [(&[&str], &str); 7] = [
+        (&["--disk", "/dev/null,ro"], "not a regular file or block device"),
+        (&["--disk", &missing], "cannot open disk"),
+        (&["--disk", &dir_arg], "not a regular file or block device"),
+        (
+            &["--disk", &format!("{twice},rw")],
+            "expected PATH[,ro][,id=NAME]",
+        ),
+        (
+            &["--disk", &format!("{twice},id=this-id-is-much-too-long")],
+            "invalid disk id",
+        ),
+        (&["--disk", &twice, "--disk", &twice], "is given twice"),
+        (
+            &[
+                "--disk",
+                &format!("{twice},id=a"),
+                "--disk",
+                &format!("{missing},id=a"),
+            ],
+            "disk ids must be unique",
+        ),
+    ];
+    for (extra, message) in cases {
+        let run = run_guest("hello", extra);
+        assert_eq!(run.status, 2, "{extra:?}: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{extra:?}: {}", run.stderr);
+    }
+}
