@@ -210,3 +210,90 @@ fn nested_kvm_attaches_disks_whose_writes_reach_the_host_file_unless_read_only()
         "a read-only disk was written"
     );
 }
+
+/// Run inside L1 by the virtio lane test: $1 bulkhead, $2 kernel, $3 initramfs, $5 the disk
+/// (an ext4 image). Three boots of one Linux guest on that disk:
+/// 1. read-only: the guest sees a read-only disk, a write fails, the disk is unchanged;
+/// 2. writes and syncs a file, then the VMM is killed (SIGKILL) while the guest runs on;
+/// 3. boots again, reads the file back, and reads /dev/hwrng.
+const VIRTIO_LANE_SCRIPT: &str = r#"
+bulkhead=$1 kernel=$2 initramfs=$3 disk=$5
+boot() { "$bulkhead" run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 "$@"; }
+before=$(md5sum < "$disk")
+boot --disk "$disk,ro" --cmdline 'panic=-1 reboot=t -- sh -c "test $(cat /sys/block/vda/ro) = 1 || exit 3; dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync && exit 4; mkdir /m && mount -o ro /dev/vda /m && ls /m"'
+echo "lane: read-only boot status $?"
+test "$(md5sum < "$disk")" = "$before" && echo "lane: read-only disk unchanged"
+
+# Not through boot(): $! must be bulkhead itself, not a subshell running it.
+"$bulkhead" run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --disk "$disk" --cmdline 'panic=-1 reboot=t -- sh -c "mkdir /m && mount /dev/vda /m && echo lane-persisted-token > /m/data && sync && echo GUEST-$((6 * 7))-SYNCED; sleep 600"' > /tmp/boot2.log 2>&1 &
+pid=$!
+i=0
+while ! grep -q GUEST-42-SYNCED /tmp/boot2.log && [ $i -lt 240 ]; do sleep 1; i=$((i + 1)); done
+kill -9 $pid
+wait $pid
+echo "lane: killed the VMM after the guest synced (status $?)"
+cat /tmp/boot2.log
+
+boot --disk "$disk" --cmdline 'panic=-1 reboot=t -- sh -c "mkdir /m && mount /dev/vda /m && cat /m/data && grep -q lane-persisted-token /m/data || exit 5; echo rng=$(cat /sys/class/misc/hw_random/rng_current) bytes=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c)"'
+echo "lane: read-back boot status $?"
+"#;
+
+#[test]
+fn linux_guest_keeps_synced_ext4_data_on_virtio_blk_across_a_killed_vmm_and_reads_hwrng() {
+    let test =
+        "linux_guest_keeps_synced_ext4_data_on_virtio_blk_across_a_killed_vmm_and_reads_hwrng";
+    if !lane_available(test) {
+        return;
+    }
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("lane-virtio");
+    let disk = dir.join("ext4.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .status()
+        .expect("cannot run mkfs.ext4 (apt-get install e2fsprogs)");
+    assert!(mkfs.success());
+    let script = dir.join("virtio-lane.sh");
+    std::fs::write(&script, VIRTIO_LANE_SCRIPT).unwrap();
+    let nested = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
+    let run = common::command_with_limit(
+        Command::new(&nested)
+            .args(["--timeout", "280", "--", "sh"])
+            .arg(&script)
+            .arg(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg(&images().vmlinux)
+            .arg(&images().initramfs)
+            .arg("--disk")
+            .arg(&disk),
+        Duration::from_secs(330),
+    );
+    let out = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
+    assert_eq!(run.status, 0, "{out}");
+    for line in [
+        "lane: read-only boot status 0",
+        "lane: read-only disk unchanged",
+        "GUEST-42-SYNCED",
+        "lane: killed the VMM after the guest synced",
+        "lane-persisted-token",
+        "rng=virtio_rng.0 bytes=256",
+        "lane: read-back boot status 0",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    // The data went through both layers into the host's image file.
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /data"])
+        .arg(&disk)
+        .output()
+        .expect("cannot run debugfs");
+    assert!(
+        String::from_utf8_lossy(&cat.stdout).contains("lane-persisted-token"),
+        "the host image does not hold the file: {}",
+        String::from_utf8_lossy(&cat.stderr)
+    );
+}

@@ -273,7 +273,10 @@ fn bad_disk_arguments_are_refused_before_boot() {
     let dir_arg = format!("{},ro", dir.display());
     let twice = disk.display().to_string();
     let cases: [(&[&str], &str); 7] = [
-        (&["--disk", "/dev/null,ro"], "not a regular file or block device"),
+        (
+            &["--disk", "/dev/null,ro"],
+            "not a regular file or block device",
+        ),
         (&["--disk", &missing], "cannot open disk"),
         (&["--disk", &dir_arg], "not a regular file or block device"),
         (
