@@ -206,7 +206,9 @@ fn every_bad_input_is_refused_counted_and_survived() {
 }
 
 /// Holds `lock` (LOCK_EX or LOCK_SH) on `path` while it lives, as another VMM would.
-struct HeldLock(std::fs::File);
+struct HeldLock {
+    _file: std::fs::File,
+}
 
 impl HeldLock {
     fn take(path: &Path, lock: libc::c_int) -> HeldLock {
@@ -216,7 +218,7 @@ impl HeldLock {
             unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) },
             0
         );
-        HeldLock(file)
+        HeldLock { _file: file }
     }
 }
 
