@@ -213,11 +213,9 @@ struct HeldLock {
 impl HeldLock {
     fn take(path: &Path, lock: libc::c_int) -> HeldLock {
         let file = std::fs::File::open(path).unwrap();
-        // SAFETY: flock on a descriptor this test owns.
-        assert_eq!(
-            unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) },
-            0
-        );
+        // SAFETY: flock on a descriptor this test owns; it touches no memory.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) };
+        assert_eq!(rc, 0, "cannot take the lock");
         HeldLock { _file: file }
     }
 }
