@@ -54,6 +54,7 @@
 #define FEAT_INDIRECT (1ULL << 28)
 #define FEAT_BLK_FLUSH (1ULL << 9)
 
+#define ID_NET 1
 #define ID_BLOCK 2
 #define ID_RNG 4
 
@@ -104,7 +105,8 @@ struct vq {
 struct dev {
     u64 base;
     u32 id;
-    struct vq *q;
+    struct vq *q;  /* queue 0 */
+    struct vq *q1; /* queue 1, for devices that have one (net: transmit) */
 };
 
 static struct vq queues[4] __attribute__((aligned(4096)));
@@ -157,10 +159,9 @@ static u64 find_device(u32 id) {
     return 0;
 }
 
-static void setup_queue(struct dev *d) {
-    struct vq *q = d->q;
+static void setup_queue(struct dev *d, u32 index, struct vq *q) {
     memset(q, 0, sizeof(*q));
-    wr(d, MMIO_QUEUE_SEL, 0);
+    wr(d, MMIO_QUEUE_SEL, index);
     wr(d, MMIO_QUEUE_NUM, QSIZE);
     wr(d, MMIO_QUEUE_DESC_LOW, (u32)(u64)q->desc);
     wr(d, MMIO_QUEUE_DESC_HIGH, 0);
@@ -188,7 +189,8 @@ static int init_device(struct dev *d, u64 features) {
     wr(d, MMIO_DRIVER_FEATURES, (u32)(features >> 32));
     wr(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
     if (!(rd(d, MMIO_STATUS) & S_FEATURES_OK)) return 0;
-    setup_queue(d);
+    setup_queue(d, 0, d->q);
+    if (d->q1) setup_queue(d, 1, d->q1);
     wr(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     return rd(d, MMIO_STATUS) == (S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
@@ -196,6 +198,7 @@ static int init_device(struct dev *d, u64 features) {
 static int open_device(struct dev *d, u32 id, struct vq *q, u64 features) {
     d->id = id;
     d->q = q;
+    d->q1 = 0;
     d->base = find_device(id);
     if (!d->base) {
         puts("no such device on the command line\n");
@@ -204,15 +207,18 @@ static int open_device(struct dev *d, u32 id, struct vq *q, u64 features) {
     return init_device(d, features);
 }
 
-/* Makes chain `head` available, notifies, and waits for the device to use one entry.
- * Returns the used length, or NO_ANSWER when nothing was used. */
-static u32 submit(struct dev *d, u16 head) {
-    struct vq *q = d->q;
+/* Makes chain `head` of queue `index` available and notifies. */
+static void post(struct dev *d, u32 index, struct vq *q, u16 head) {
     q->avail.ring[q->avail.idx % QSIZE] = head;
     barrier();
     q->avail.idx++;
     barrier();
-    wr(d, MMIO_QUEUE_NOTIFY, 0);
+    wr(d, MMIO_QUEUE_NOTIFY, index);
+}
+
+/* Waits for the device to use one entry of `q`. Returns the used length, or NO_ANSWER when
+ * nothing was used in time. */
+static u32 wait_used(struct dev *d, struct vq *q, u16 head) {
     for (u64 spin = 0; spin < SPIN_LIMIT; spin++) {
         barrier();
         if (*(volatile u16 *)&q->used.idx != q->last_used) {
@@ -228,6 +234,11 @@ static u32 submit(struct dev *d, u16 head) {
         __asm__ volatile("pause");
     }
     return NO_ANSWER;
+}
+
+static u32 submit(struct dev *d, u16 head) {
+    post(d, 0, d->q, head);
+    return wait_used(d, d->q, head);
 }
 
 static void set_desc(struct desc *t, u16 i, void *addr, u32 len, u16 flags, u16 next) {
@@ -528,6 +539,68 @@ static void test_hostile(void) {
     hostile_avail_jump(&blk);
 }
 
+/* ---- net ---- */
+
+#define ETHERTYPE_TEST 0x88b5 /* IEEE local experimental */
+static u8 rx_buf[2048];
+
+/* Sends one frame from `src` (header `hdr_flags` in the virtio-net header's first byte) and
+ * returns the used length. */
+static u32 net_send(struct dev *d, const u8 *src, u8 hdr_flags, const char *payload) {
+    u8 *f = data;
+    memset(f, 0, 12 + 64);
+    f[0] = hdr_flags;
+    u8 *eth = f + 12;
+    memset(eth, 0xff, 6); /* broadcast */
+    memcpy(eth + 6, src, 6);
+    eth[12] = ETHERTYPE_TEST >> 8;
+    eth[13] = ETHERTYPE_TEST & 0xff;
+    u32 n = 0;
+    while (payload[n]) { eth[14 + n] = (u8)payload[n]; n++; }
+    set_desc(d->q1->desc, 0, f, 12 + 14 + 46, 0, 0);
+    post(d, 1, d->q1, 0);
+    return wait_used(d, d->q1, 0);
+}
+
+static void test_net(void) {
+    struct dev d;
+    d.id = ID_NET;
+    d.q = &queues[0];
+    d.q1 = &queues[1];
+    d.base = find_device(ID_NET);
+    check(d.base && init_device(&d, 1ULL << 5), "net: device initialised");
+    if (failures) return;
+    u8 mac[6], other[6];
+    for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(d.base + MMIO_CONFIG + i);
+    memcpy(other, mac, 6);
+    other[5] ^= 1;
+    puts("net: MAC ");
+    for (int i = 0; i < 6; i++) { put_hex(mac[i]); putc(i < 5 ? ':' : '\n'); }
+
+    check(net_send(&d, other, 0, "bulkhead-net-spoofed") == 0, "net: a frame from another MAC is taken and dropped");
+    check(net_send(&d, mac, 1, "bulkhead-net-bad-header") == 0, "net: a frame asking for checksum offload is taken and dropped");
+    check(net_send(&d, mac, 0, "bulkhead-net-out") == 0, "net: a frame from the VM's MAC is sent");
+
+    /* Receive until the host's answer arrives (other traffic may come first). */
+    for (int tries = 0; tries < 64; tries++) {
+        memset(rx_buf, 0, sizeof(rx_buf));
+        set_desc(d.q->desc, 0, rx_buf, sizeof(rx_buf), F_WRITE, 0);
+        post(&d, 0, d.q, 0);
+        u32 n = NO_ANSWER;
+        for (int wait = 0; wait < 20 && n == NO_ANSWER; wait++) n = wait_used(&d, d.q, 0);
+        if (n == NO_ANSWER) break;
+        u8 *eth = rx_buf + 12;
+        if (n >= 12 + 14 + 15 && eth[12] == (ETHERTYPE_TEST >> 8) && eth[13] == (ETHERTYPE_TEST & 0xff)) {
+            int to_us = 1;
+            for (int i = 0; i < 6; i++) to_us &= eth[i] == mac[i];
+            check(to_us && str_eq((const char *)eth + 14, 15, "bulkhead-net-in") && rx_buf[10] == 1,
+                  "net: the host's frame arrived whole, with num_buffers 1");
+            return;
+        }
+    }
+    check(0, "net: the host's frame arrived");
+}
+
 void guest_main(void) {
     int len;
     const char *mode = cmdline_value("mode", &len);
@@ -537,6 +610,8 @@ void guest_main(void) {
         test_blk(0);
     } else if (mode && str_eq(mode, len, "blk-ro")) {
         test_blk(1);
+    } else if (mode && str_eq(mode, len, "net")) {
+        test_net();
     } else if (mode && str_eq(mode, len, "hostile")) {
         test_hostile();
     } else {

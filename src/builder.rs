@@ -1,11 +1,12 @@
 //! The boot recipe: validated config in, a ready-to-run [`Vmm`] out.
 //!
-//! 1. open the kernel and initrd files, so a bad path is reported before anything else;
+//! 1. open the kernel, initrd and disk files and the taps, so bad input is reported before
+//!    anything else;
 //! 2. open KVM and check it;
 //! 3. create this VM's own memory;
 //! 4. create the VM (memslots, irqchip, PIT);
-//! 5. attach devices: legacy ports, then virtio-mmio (disks in order, then rng), each with
-//!    its ioeventfds and irqfd, announced on the kernel command line;
+//! 5. attach devices: legacy ports, then virtio-mmio (disks, network devices, then rng),
+//!    each with its ioeventfds and irqfd, announced on the kernel command line;
 //! 6. load kernel, initrd and command line, write the boot tables;
 //! 7. create and configure the vCPUs.
 
@@ -23,6 +24,7 @@ use crate::devices::legacy::{
     self, BootCompletePort, GuestExitPort, IoDelayPort, SerialPort, I8042,
 };
 use crate::devices::virtio::block::{Block, BlockError, BlockQueue, Disk};
+use crate::devices::virtio::net::{Net, NetQueues, Tap, TapError};
 use crate::devices::virtio::rng::{Rng, RngQueue};
 use crate::devices::virtio::{
     mmio, DeviceShared, MmioTransport, QueueHandler, VirtioDevice, VirtioWorker,
@@ -63,6 +65,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Disk(#[from] BlockError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
     #[error("cannot open console file {path}: {source}")]
     ConsoleFile {
         path: std::path::PathBuf,
@@ -77,7 +81,7 @@ impl BuildError {
         match self {
             BuildError::Kvm(e) => e.is_bad_input(),
             BuildError::Boot(e) => e.is_bad_input(),
-            BuildError::ConsoleFile { .. } | BuildError::Disk(_) => true,
+            BuildError::ConsoleFile { .. } | BuildError::Disk(_) | BuildError::Tap(_) => true,
             _ => false,
         }
     }
@@ -96,6 +100,10 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             Disk::open(&disk.path, disk.read_only, &disk.id)?,
             disk.id.clone(),
         ));
+    }
+    let mut taps = Vec::with_capacity(config.nets.len());
+    for net in &config.nets {
+        taps.push((Tap::open(&net.tap)?, net.mac));
     }
     let kvm = kvm::open_kvm(&config.kvm_device)?;
     kvm::check_vcpu_limit(&kvm, config.vcpus)?;
@@ -129,6 +137,20 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             format!("virtio-blk{index}"),
             device,
             Box::new(BlockQueue::new(disk)),
+        )?;
+    }
+    for (index, (tap, mac)) in taps.into_iter().enumerate() {
+        log::debug!(
+            "virtio-net{index}: tap {}, MAC {}",
+            tap.name(),
+            crate::config::format_mac(&mac)
+        );
+        let queues = Box::new(NetQueues::new(tap, mac));
+        virtio.attach(
+            &vm,
+            format!("virtio-net{index}"),
+            Box::new(Net::new(mac)),
+            queues,
         )?;
     }
     if config.rng {

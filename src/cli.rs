@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use bulkhead::config::{RawDisk, TestHook};
+use bulkhead::config::{RawDisk, RawNet, TestHook};
 use bulkhead::RawConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -81,6 +81,11 @@ pub struct RunArgs {
     /// diskN].
     #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
     pub disks: Vec<RawDisk>,
+    /// Attach a virtio network device on a tap interface (repeatable). Frames the guest
+    /// sends from any other MAC than this one are dropped [default MAC: derived from the VM
+    /// id].
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<RawNet>,
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]
     pub no_rng: bool,
@@ -110,6 +115,7 @@ impl RunArgs {
             seccomp: self.no_seccomp.then_some(false),
             kvm_device: self.kvm_device.clone(),
             disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
+            nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
             rng: self.no_rng.then_some(false),
         }
     }

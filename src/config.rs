@@ -58,6 +58,14 @@ pub enum ConfigError {
     DuplicateDiskId(String),
     #[error("disk {0} is given twice; a VM can not attach one file as two disks")]
     DuplicateDisk(PathBuf),
+    #[error("invalid --net {0:?}: expected tap=NAME[,mac=MAC]")]
+    Net(String),
+    #[error("invalid tap name {0:?}: use 1 to 15 characters, no '/', ':' or whitespace")]
+    TapName(String),
+    #[error("invalid MAC address {0:?}: expected six hex bytes like 06:00:ac:10:00:02, unicast and not all zero")]
+    Mac(String),
+    #[error("two network devices use {0}; each needs its own")]
+    DuplicateNet(String),
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit (one IRQ each)")]
     TooManyDevices(usize),
 }
@@ -162,6 +170,42 @@ pub struct DiskConfig {
     pub id: String,
 }
 
+/// A network device as given: `--net tap=NAME[,mac=MAC]`, or an entry of `nets` in JSON.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawNet {
+    pub tap: String,
+    pub mac: Option<String>,
+}
+
+impl std::str::FromStr for RawNet {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Net(s.to_string());
+        let (mut tap, mut mac) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", v)) if tap.is_none() => tap = Some(v.to_string()),
+                Some(("mac", v)) if mac.is_none() => mac = Some(v.to_string()),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(RawNet {
+            tap: tap.ok_or_else(bad)?,
+            mac,
+        })
+    }
+}
+
+/// A validated network device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    /// The VM's address on this device: the only source address its frames may carry.
+    pub mac: [u8; 6],
+}
+
 /// Settings as given, before validation. Both the JSON file and the flags produce one; the
 /// flags' one is laid over the file's.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -181,6 +225,8 @@ pub struct RawConfig {
     pub kvm_device: Option<PathBuf>,
     /// Block devices, in the order the guest sees them.
     pub disks: Option<Vec<RawDisk>>,
+    /// Network devices, in the order the guest sees them.
+    pub nets: Option<Vec<RawNet>>,
     /// `false` leaves out the virtio-rng device.
     pub rng: Option<bool>,
 }
@@ -205,6 +251,7 @@ impl RawConfig {
             seccomp: over.seccomp.or(self.seccomp),
             kvm_device: over.kvm_device.or(self.kvm_device),
             disks: over.disks.or(self.disks),
+            nets: over.nets.or(self.nets),
             rng: over.rng.or(self.rng),
         }
     }
@@ -225,6 +272,7 @@ pub struct VmConfig {
     pub seccomp: bool,
     pub kvm_device: PathBuf,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub test_hook: Option<TestHook>,
 }
@@ -267,8 +315,9 @@ impl VmConfig {
         };
         validate_id("--vm-id", &vm_id)?;
         let disks = validate_disks(raw.disks.unwrap_or_default())?;
+        let nets = validate_nets(raw.nets.unwrap_or_default(), &vm_id)?;
         let rng = raw.rng.unwrap_or(true);
-        let devices = disks.len() + usize::from(rng);
+        let devices = disks.len() + nets.len() + usize::from(rng);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -284,6 +333,7 @@ impl VmConfig {
             seccomp: raw.seccomp.unwrap_or(true),
             kvm_device: raw.kvm_device.unwrap_or_else(|| PathBuf::from("/dev/kvm")),
             disks,
+            nets,
             rng,
             test_hook: None,
         })
@@ -328,6 +378,70 @@ fn validate_disks(raw: Vec<RawDisk>) -> Result<Vec<DiskConfig>, ConfigError> {
         });
     }
     Ok(disks)
+}
+
+/// Checks tap names and MACs; a device without a MAC gets a locally administered one derived
+/// from the VM id and its index, so it is stable for a given VM id.
+fn validate_nets(raw: Vec<RawNet>, vm_id: &str) -> Result<Vec<NetConfig>, ConfigError> {
+    let mut nets: Vec<NetConfig> = Vec::with_capacity(raw.len());
+    for (index, net) in raw.into_iter().enumerate() {
+        let tap_ok = !net.tap.is_empty()
+            && net.tap.len() <= 15
+            && !net
+                .tap
+                .bytes()
+                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control());
+        if !tap_ok {
+            return Err(ConfigError::TapName(net.tap));
+        }
+        let mac = match &net.mac {
+            Some(text) => parse_mac(text)?,
+            None => default_mac(vm_id, index),
+        };
+        if nets.iter().any(|n| n.tap == net.tap) {
+            return Err(ConfigError::DuplicateNet(format!("tap {}", net.tap)));
+        }
+        if nets.iter().any(|n| n.mac == mac) {
+            return Err(ConfigError::DuplicateNet(format!(
+                "MAC {}",
+                format_mac(&mac)
+            )));
+        }
+        nets.push(NetConfig { tap: net.tap, mac });
+    }
+    Ok(nets)
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::Mac(text.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    // A multicast source address, or none at all, would let the guest pose as many hosts.
+    if parts.next().is_some() || mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// 06:xx:xx:xx:xx:nn: locally administered, unicast; xx from an FNV-1a hash of the VM id.
+fn default_mac(vm_id: &str, index: usize) -> [u8; 6] {
+    let hash = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let [a, b, c, d, ..] = hash.to_le_bytes();
+    [0x06, a, b, c, d, index as u8]
+}
+
+/// aa:bb:cc:dd:ee:ff.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn validate_id(field: &'static str, value: &str) -> Result<(), ConfigError> {

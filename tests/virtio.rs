@@ -263,8 +263,8 @@ fn a_disk_in_use_by_another_process_is_refused_for_writing() {
 }
 
 #[test]
-fn bad_disk_arguments_are_refused_before_boot() {
-    if !kvm_available("bad_disk_arguments_are_refused_before_boot") {
+fn bad_disk_and_net_arguments_are_refused_before_boot() {
+    if !kvm_available("bad_disk_and_net_arguments_are_refused_before_boot") {
         return;
     }
     let dir = scratch("virtio-bad-disk");
@@ -272,7 +272,21 @@ fn bad_disk_arguments_are_refused_before_boot() {
     let missing = dir.join("missing.img").display().to_string();
     let dir_arg = format!("{},ro", dir.display());
     let twice = disk.display().to_string();
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 12] = [
+        (&["--net", "tap=a/b"], "invalid tap name"),
+        (&["--net", "tap=this-name-is-too-long"], "invalid tap name"),
+        (
+            &["--net", "tap=t0,mac=07:00:00:00:00:01"],
+            "invalid MAC address",
+        ),
+        (
+            &["--net", "tap=t0,mac=06:00:00:00:01"],
+            "invalid MAC address",
+        ),
+        (
+            &["--net", "tap=t0", "--net", "tap=t0"],
+            "two network devices use tap t0",
+        ),
         (
             &["--disk", "/dev/null,ro"],
             "not a regular file or block device",
@@ -303,4 +317,188 @@ fn bad_disk_arguments_are_refused_before_boot() {
         assert_eq!(run.status, 2, "{extra:?}: {}", run.stderr);
         assert!(run.stderr.contains(message), "{extra:?}: {}", run.stderr);
     }
+}
+
+/// A tap interface created for one test, deleted when dropped.
+struct TestTap {
+    name: String,
+}
+
+impl TestTap {
+    /// Creates and brings up a tap, or None (with the reason printed) when this host can not.
+    fn create(test: &str) -> Option<TestTap> {
+        let name = format!("bht{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || !ip(&["tuntap", "add", "dev", &name, "mode", "tap"]) {
+            let why = "creating a tap needs root and the ip tool (iproute2)";
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: {why}");
+            }
+            eprintln!("SKIPPED {test}: {why}");
+            return None;
+        }
+        let tap = TestTap { name };
+        // No IPv6 chatter from the host side: the guest should see only the test's frame.
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name),
+            "1",
+        );
+        assert!(
+            ip(&["link", "set", &tap.name, "up"]),
+            "cannot bring {} up",
+            tap.name
+        );
+        Some(tap)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
+    }
+}
+
+/// A raw packet socket on one interface: sees every frame the tap's reader wrote, and what it
+/// sends arrives at the tap's reader.
+struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PacketSocket {
+    fn bind(interface: &str) -> PacketSocket {
+        use std::os::fd::FromRawFd;
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket creation; the fd is owned by the OwnedFd below.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(raw >= 0, "cannot open a packet socket");
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let cname = std::ffi::CString::new(interface).unwrap();
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        assert_ne!(index, 0, "no interface {interface}");
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: `addr` is a sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "cannot bind the packet socket");
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        PacketSocket { fd }
+    }
+
+    fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        (n > 0).then(|| {
+            buf.truncate(n as usize);
+            buf
+        })
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: `frame` is readable for its length.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(n, frame.len() as isize, "cannot send the test frame");
+    }
+}
+
+#[test]
+fn net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it() {
+    let test = "net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(tap) = TestTap::create(test) else {
+        return;
+    };
+    let socket = PacketSocket::bind(&tap.name);
+    let mac = [0x06, 0x00, 0x00, 0x00, 0x00, 0x01];
+    let net_arg = format!("tap={},mac=06:00:00:00:00:01", tap.name);
+    let guest = std::thread::spawn(move || {
+        run_guest(
+            "virtio",
+            &[
+                "--net",
+                &net_arg,
+                "--cmdline",
+                "mode=net",
+                "--log-level",
+                "debug",
+            ],
+        )
+    });
+    let mut seen_out = false;
+    let mut seen_forbidden = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !seen_out && std::time::Instant::now() < deadline && !guest.is_finished() {
+        let Some(frame) = socket.recv() else { continue };
+        if frame.len() < 14 || frame[12..14] != [0x88, 0xb5] {
+            continue;
+        }
+        let payload = String::from_utf8_lossy(&frame[14..]).to_string();
+        if payload.starts_with("bulkhead-net-out") {
+            assert_eq!(
+                &frame[6..12],
+                &mac,
+                "the guest's frame has the wrong source"
+            );
+            assert_eq!(frame.len(), 60);
+            seen_out = true;
+        } else if payload.starts_with("bulkhead-net-in") {
+            continue; // our own frame, seen going out
+        } else {
+            seen_forbidden.push(payload);
+        }
+    }
+    assert!(seen_out, "the guest's frame never reached the tap");
+    let mut reply = vec![0u8; 60];
+    reply[..6].copy_from_slice(&mac);
+    reply[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    reply[12..14].copy_from_slice(&[0x88, 0xb5]);
+    reply[14..29].copy_from_slice(b"bulkhead-net-in");
+    socket.send(&reply);
+    let run = guest.join().unwrap();
+    assert_passed(&run);
+    assert!(
+        seen_forbidden.is_empty(),
+        "frames that should have been dropped reached the tap: {seen_forbidden:?}"
+    );
+    let net = device_line(&run, "virtio-net0");
+    assert_eq!(counter(net, "request.foreign_source_mac"), 1, "{net}");
+    assert_eq!(counter(net, "request.bad_header"), 1, "{net}");
+    assert_eq!(counter(net, "bytes_from_guest"), 60, "{net}");
+    assert_eq!(counter(net, "refused"), 2, "{net}");
 }

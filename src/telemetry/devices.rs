@@ -13,6 +13,7 @@ pub struct DeviceSnapshot {
     pub bytes_from_guest: u64,
     pub bytes_to_guest: u64,
     pub interrupts: u64,
+    pub dropped: u64,
     /// Every refusal reason as `layer.reason`, with its count (zeros included).
     pub refusals: Vec<(String, u64)>,
 }
@@ -29,12 +30,13 @@ impl fmt::Display for DeviceSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: requests={} bytes_from_guest={} bytes_to_guest={} interrupts={} refused={}",
+            "{}: requests={} bytes_from_guest={} bytes_to_guest={} interrupts={} dropped={} refused={}",
             self.device,
             self.requests,
             self.bytes_from_guest,
             self.bytes_to_guest,
             self.interrupts,
+            self.dropped,
             self.total_refusals()
         )?;
         for (name, count) in self.refusals.iter().filter(|(_, n)| *n > 0) {

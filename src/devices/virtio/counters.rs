@@ -28,12 +28,16 @@ pub enum RequestViolation {
     NoStatus,
     /// A device-readable buffer where the device only writes.
     UnexpectedReadable,
+    /// A device-writable buffer where the device only reads.
+    UnexpectedWritable,
+    /// A frame sent with a source MAC address that is not the VM's.
+    ForeignSourceMac,
     /// The host failed the I/O (not the guest's fault, but the guest saw an error).
     HostIo,
 }
 
 impl RequestViolation {
-    pub const ALL: [RequestViolation; 8] = [
+    pub const ALL: [RequestViolation; 10] = [
         RequestViolation::BadHeader,
         RequestViolation::Unsupported,
         RequestViolation::OutOfRange,
@@ -41,6 +45,8 @@ impl RequestViolation {
         RequestViolation::ReadOnly,
         RequestViolation::NoStatus,
         RequestViolation::UnexpectedReadable,
+        RequestViolation::UnexpectedWritable,
+        RequestViolation::ForeignSourceMac,
         RequestViolation::HostIo,
     ];
 
@@ -53,6 +59,8 @@ impl RequestViolation {
             RequestViolation::ReadOnly => "read_only",
             RequestViolation::NoStatus => "no_status",
             RequestViolation::UnexpectedReadable => "unexpected_readable",
+            RequestViolation::UnexpectedWritable => "unexpected_writable",
+            RequestViolation::ForeignSourceMac => "foreign_source_mac",
             RequestViolation::HostIo => "host_io",
         }
     }
@@ -95,6 +103,8 @@ pub struct DeviceCounters {
     pub bytes_to_guest: AtomicU64,
     /// Interrupts raised.
     pub interrupts: AtomicU64,
+    /// Host-side data the device dropped: no guest buffer big enough, or the backend full.
+    pub dropped: AtomicU64,
     transport: [AtomicU64; TransportViolation::ALL.len()],
     chain: [AtomicU64; ChainViolation::ALL.len()],
     request: [AtomicU64; RequestViolation::ALL.len()],
@@ -146,6 +156,7 @@ impl DeviceCounters {
             bytes_from_guest: load(&self.bytes_from_guest),
             bytes_to_guest: load(&self.bytes_to_guest),
             interrupts: load(&self.interrupts),
+            dropped: load(&self.dropped),
             refusals,
         }
     }

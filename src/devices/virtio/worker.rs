@@ -1,7 +1,7 @@
 //! The queue side of a device: runs on the VMM thread's event loop, woken by the queues'
 //! ioeventfds and by activation and reset.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -16,8 +16,10 @@ use super::queue::{GuestQueue, Popped};
 use super::shared::{Activation, DeviceShared};
 use crate::warn_limited;
 
-/// The event data of the activation/reset eventfd; queue `n`'s notifications carry `n`.
+/// The event data of the activation/reset eventfd; queue `n`'s notifications carry `n`, and
+/// the handler's backend fds carry `BACKEND_EVENT + token`.
 const STATE_EVENT: u32 = u32::MAX;
+const BACKEND_EVENT: u32 = 0x1000_0000;
 
 /// A device's queue handling.
 pub trait QueueHandler: Send {
@@ -27,6 +29,13 @@ pub trait QueueHandler: Send {
     fn activated(&mut self, _ctx: &mut QueueContext<'_>) {}
     /// Forgets everything tied to the last activation (the driver reset the device).
     fn reset(&mut self) {}
+    /// Host-side file descriptors to watch for input (edge-triggered), each with a token.
+    fn backend_fds(&self) -> Vec<(RawFd, u32)> {
+        Vec::new()
+    }
+    /// Backend `token` has input. `ctx` is None while the driver has not started the device:
+    /// the handler should then drain and drop what arrived.
+    fn backend_ready(&mut self, _ctx: Option<&mut QueueContext<'_>>, _token: u32) {}
 }
 
 /// What a handler works with while it serves a queue.
@@ -172,7 +181,11 @@ impl VirtioWorker {
         }
     }
 
-    fn with_context(&mut self, f: impl FnOnce(&mut dyn QueueHandler, &mut QueueContext<'_>)) {
+    /// Runs `f` with the live queues; false (and `f` not run) when the device is stopped.
+    fn with_context(
+        &mut self,
+        f: impl FnOnce(&mut dyn QueueHandler, &mut QueueContext<'_>),
+    ) -> bool {
         let mut active = self.shared.active();
         let Some(Activation {
             features,
@@ -180,7 +193,7 @@ impl VirtioWorker {
             generation,
         }) = active.as_mut()
         else {
-            return;
+            return false;
         };
         let mut ctx = QueueContext {
             mem: &self.mem,
@@ -195,6 +208,7 @@ impl VirtioWorker {
         }
         f(self.handler.as_mut(), &mut ctx);
         ctx.raise_interrupts();
+        true
     }
 
     fn state_changed(&mut self) {
@@ -248,8 +262,19 @@ impl MutEventSubscriber for VirtioWorker {
         for (index, evt) in (0u32..).zip(&self.queue_evts) {
             fds.push((evt.as_raw_fd(), index));
         }
-        for (fd, data) in fds {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+        let mut edge = Vec::new();
+        for (fd, token) in self.handler.backend_fds() {
+            edge.push((fd, BACKEND_EVENT + token));
+        }
+        let all = fds
+            .into_iter()
+            .map(|(fd, data)| (fd, data, EventSet::IN))
+            .chain(
+                edge.into_iter()
+                    .map(|(fd, data)| (fd, data, EventSet::IN | EventSet::EDGE_TRIGGERED)),
+            );
+        for (fd, data, set) in all {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, set)) {
                 log::error!("{}: cannot watch event {data}: {e:?}", self.shared.name());
                 self.shared.set_needs_reset();
             }
@@ -259,6 +284,12 @@ impl MutEventSubscriber for VirtioWorker {
     fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
         match events.data() {
             STATE_EVENT => self.state_changed(),
+            token if token >= BACKEND_EVENT => {
+                let token = token - BACKEND_EVENT;
+                if !self.with_context(|handler, ctx| handler.backend_ready(Some(ctx), token)) {
+                    self.handler.backend_ready(None, token);
+                }
+            }
             queue => self.notified(queue as usize),
         }
     }

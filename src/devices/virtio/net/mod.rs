@@ -1,0 +1,250 @@
+//! virtio-net (virtio 1.2 section 5.1) on a tap: one receive and one transmit queue.
+//!
+//! No offloads are offered, so every header the driver sends must be all zeros (no checksum
+//! or segmentation requests); anything else is refused and counted. A frame whose source MAC
+//! is not the VM's never reaches the tap: a tenant can not spoof another's address.
+
+mod tap;
+
+use std::os::fd::RawFd;
+
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use vm_memory::{Bytes, GuestAddress};
+
+pub use tap::{Tap, TapError, MAX_NAME_LEN as MAX_TAP_NAME_LEN};
+
+use super::chain::Chain;
+use super::counters::{DeviceCounters, RequestViolation};
+use super::worker::{drain, QueueContext, QueueHandler};
+use super::VirtioDevice;
+use crate::warn_limited;
+
+const VIRTIO_ID_NET: u32 = 1;
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_SIZES: [u16; 2] = [256, 256];
+/// struct virtio_net_hdr_v1 (VERSION_1 always uses this size).
+const HEADER_LEN: usize = 12;
+const ETH_HEADER_LEN: usize = 14;
+/// The largest frame: Linux's largest MTU on virtio-net without offloads, plus the Ethernet
+/// and VLAN headers.
+const MAX_FRAME: usize = 65535 + ETH_HEADER_LEN + 4;
+const MAX_CHAIN_BYTES: u64 = (HEADER_LEN + MAX_FRAME) as u64;
+const TAP_TOKEN: u32 = 0;
+
+/// The register side: the MAC address in config space.
+#[derive(Debug)]
+pub struct Net {
+    mac: [u8; 6],
+}
+
+impl Net {
+    pub fn new(mac: [u8; 6]) -> Net {
+        Net { mac }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_NET_F_MAC
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
+        let Some(src) = usize::try_from(offset)
+            .ok()
+            .and_then(|start| self.mac.get(start..start.checked_add(data.len())?))
+        else {
+            return false;
+        };
+        data.copy_from_slice(src);
+        true
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
+        // The MAC is the VMM's to choose (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
+        false
+    }
+}
+
+/// The queue side: frames between the queues and the tap.
+#[derive(Debug)]
+pub struct NetQueues {
+    tap: Tap,
+    mac: [u8; 6],
+    /// A frame read from the tap that waits for a receive buffer.
+    pending: Option<usize>,
+    rx_frame: Vec<u8>,
+    tx_frame: Vec<u8>,
+}
+
+impl NetQueues {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> NetQueues {
+        NetQueues {
+            tap,
+            mac,
+            pending: None,
+            rx_frame: vec![0; MAX_FRAME],
+            tx_frame: Vec::with_capacity(MAX_FRAME),
+        }
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn receive(&mut self, ctx: &mut QueueContext<'_>) {
+        loop {
+            let len = match self.pending.take() {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut self.rx_frame) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn_limited!(
+                            "{}: tap {} read failed: {e}",
+                            ctx.device_name(),
+                            self.tap.name()
+                        );
+                        return;
+                    }
+                },
+            };
+            let Some(chain) = ctx.next_chain(RX, MAX_CHAIN_BYTES) else {
+                // Wait for the driver to add buffers; the frame stays here meanwhile.
+                self.pending = Some(len);
+                return;
+            };
+            let written = self.deliver(ctx, &chain, len);
+            if written.is_none() {
+                // This chain could not take the frame: the frame is dropped (it would not
+                // fit the next one either, or the chain was not a receive buffer).
+                DeviceCounters::add(&ctx.counters().dropped, 1);
+            }
+            ctx.complete(RX, chain.head, written.unwrap_or(0));
+        }
+    }
+
+    /// Writes the header and frame into `chain`; the bytes written, or None when refused.
+    fn deliver(&self, ctx: &QueueContext<'_>, chain: &Chain, len: usize) -> Option<u32> {
+        if chain.readable_len() > 0 {
+            ctx.refuse(RequestViolation::UnexpectedReadable);
+            return None;
+        }
+        let total = HEADER_LEN + len;
+        if chain.writable_len() < total as u64 {
+            return None;
+        }
+        // num_buffers = 1: without VIRTIO_NET_F_MRG_RXBUF each frame uses one chain.
+        let mut header = [0u8; HEADER_LEN];
+        header[10] = 1;
+        let frame = self.rx_frame.get(..len)?;
+        let mut stream = header.iter().chain(frame.iter()).copied();
+        for buffer in &chain.buffers {
+            let piece: Vec<u8> = stream.by_ref().take(buffer.len as usize).collect();
+            if piece.is_empty() {
+                break;
+            }
+            ctx.mem
+                .write_slice(&piece, GuestAddress(buffer.addr))
+                .ok()?;
+        }
+        DeviceCounters::add(&ctx.counters().bytes_to_guest, total as u64);
+        u32::try_from(total).ok()
+    }
+
+    /// Sends every frame the driver queued.
+    fn transmit(&mut self, ctx: &mut QueueContext<'_>) {
+        drain(ctx, TX, |ctx| {
+            while let Some(chain) = ctx.next_chain(TX, MAX_CHAIN_BYTES) {
+                if let Err(reason) = self.send(ctx, &chain) {
+                    ctx.refuse(reason);
+                }
+                ctx.complete(TX, chain.head, 0);
+            }
+        });
+    }
+
+    fn send(&mut self, ctx: &QueueContext<'_>, chain: &Chain) -> Result<(), RequestViolation> {
+        if chain.writable_len() > 0 {
+            return Err(RequestViolation::UnexpectedWritable);
+        }
+        self.tx_frame.clear();
+        for buffer in &chain.buffers {
+            let start = self.tx_frame.len();
+            self.tx_frame.resize(start + buffer.len as usize, 0);
+            let dst = self
+                .tx_frame
+                .get_mut(start..)
+                .ok_or(RequestViolation::HostIo)?;
+            ctx.mem
+                .read_slice(dst, GuestAddress(buffer.addr))
+                .map_err(|_| RequestViolation::HostIo)?;
+        }
+        let (header, frame) = self
+            .tx_frame
+            .split_at_checked(HEADER_LEN)
+            .ok_or(RequestViolation::BadHeader)?;
+        // Without offloads there is nothing to ask for: flags, GSO type, lengths, offsets
+        // and num_buffers must all be zero.
+        if header.iter().any(|&b| b != 0) {
+            return Err(RequestViolation::BadHeader);
+        }
+        if frame.len() < ETH_HEADER_LEN {
+            return Err(RequestViolation::BadLength);
+        }
+        if frame.get(6..12) != Some(&self.mac[..]) {
+            return Err(RequestViolation::ForeignSourceMac);
+        }
+        match self.tap.write_frame(frame) {
+            Ok(true) => DeviceCounters::add(&ctx.counters().bytes_from_guest, frame.len() as u64),
+            Ok(false) => DeviceCounters::add(&ctx.counters().dropped, 1),
+            Err(e) => {
+                warn_limited!(
+                    "{}: tap {} write failed: {e}",
+                    ctx.device_name(),
+                    self.tap.name()
+                );
+                return Err(RequestViolation::HostIo);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl QueueHandler for NetQueues {
+    fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {
+        match queue {
+            RX => self.receive(ctx),
+            TX => self.transmit(ctx),
+            _ => {}
+        }
+    }
+
+    fn activated(&mut self, ctx: &mut QueueContext<'_>) {
+        self.receive(ctx);
+    }
+
+    fn reset(&mut self) {
+        self.pending = None;
+    }
+
+    fn backend_fds(&self) -> Vec<(RawFd, u32)> {
+        vec![(self.tap.as_raw_fd(), TAP_TOKEN)]
+    }
+
+    fn backend_ready(&mut self, ctx: Option<&mut QueueContext<'_>>, _token: u32) {
+        match ctx {
+            Some(ctx) => self.receive(ctx),
+            // The link is down until the driver starts the device: drop what arrives.
+            None => {
+                while let Ok(Some(_)) = self.tap.read_frame(&mut self.rx_frame) {}
+                self.pending = None;
+            }
+        }
+    }
+}
