@@ -29,6 +29,19 @@ pub struct QueueConfig {
     pub used_ring: u64,
 }
 
+/// Copies `data.len()` bytes of `config` at `offset` into `data`; false (refused) when the
+/// access reaches outside the config space.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) -> bool {
+    let Some(src) = usize::try_from(offset)
+        .ok()
+        .and_then(|start| config.get(start..start.checked_add(data.len())?))
+    else {
+        return false;
+    };
+    data.copy_from_slice(src);
+    true
+}
+
 /// The register side of a virtio device.
 pub trait VirtioDevice: Send {
     /// The virtio device id (2 block, 1 net, 19 vsock, 4 entropy).

@@ -21,7 +21,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 pub use request::BlockQueue;
 
-use super::VirtioDevice;
+use super::{read_config_bytes, VirtioDevice};
 
 const VIRTIO_ID_BLOCK: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
@@ -183,15 +183,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
-        let config = self.config_space();
-        let Some(src) = usize::try_from(offset)
-            .ok()
-            .and_then(|start| config.get(start..start.checked_add(data.len())?))
-        else {
-            return false;
-        };
-        data.copy_from_slice(src);
-        true
+        read_config_bytes(&self.config_space(), offset, data)
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {

@@ -16,7 +16,7 @@ pub use tap::{Tap, TapError, MAX_NAME_LEN as MAX_TAP_NAME_LEN};
 use super::chain::Chain;
 use super::counters::{DeviceCounters, RequestViolation};
 use super::worker::{drain, QueueContext, QueueHandler};
-use super::VirtioDevice;
+use super::{read_config_bytes, VirtioDevice};
 use crate::warn_limited;
 
 const VIRTIO_ID_NET: u32 = 1;
@@ -58,14 +58,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
-        let Some(src) = usize::try_from(offset)
-            .ok()
-            .and_then(|start| self.mac.get(start..start.checked_add(data.len())?))
-        else {
-            return false;
-        };
-        data.copy_from_slice(src);
-        true
+        read_config_bytes(&self.mac, offset, data)
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
