@@ -297,3 +297,74 @@ fn linux_guest_keeps_synced_ext4_data_on_virtio_blk_across_a_killed_vmm_and_read
         String::from_utf8_lossy(&cat.stderr)
     );
 }
+
+/// Run inside L1 by the network lane test: $1 bulkhead, $2 kernel, $3 initramfs. In a network
+/// namespace of its own, bulkhead creates tap bhtap0; the guest (10.0.0.2) pings the tap's
+/// side (10.0.0.1), and then the tap's side pings the guest.
+const NET_LANE_SCRIPT: &str = r#"
+if [ "$1" != inner ]; then exec unshare -n sh "$0" inner "$@"; fi
+shift
+bulkhead=$1 kernel=$2 initramfs=$3
+echo "lane: namespace $(readlink /proc/self/ns/net), $(ls /sys/class/net | tr '\n' ' ')"
+"$bulkhead" --log-level debug run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --net tap=bhtap0,mac=06:00:0a:00:00:02 --cmdline 'panic=-1 reboot=t -- sh -c "ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 3 -W 10 10.0.0.1; echo GUEST-PING-$((6 * 7))-DONE; cat /proc/net/dev; ip neigh; sleep 20"' > /tmp/net.log 2>&1 &
+pid=$!
+i=0
+# /sys shows the namespace that mounted it, not ours: ask ip.
+while ! ip link show bhtap0 >/dev/null 2>&1 && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
+ip addr add 10.0.0.1/24 dev bhtap0 && ip link set bhtap0 up && echo "lane: bhtap0 is up after ${i}s"
+i=0
+while ! grep -q GUEST-PING-42-DONE /tmp/net.log && [ $i -lt 120 ]; do sleep 1; i=$((i + 1)); done
+ping -c 3 -W 5 10.0.0.2 && echo "lane: the tap side pinged the guest"
+ip neigh
+cat /proc/net/dev
+wait $pid
+echo "lane: bulkhead exit status $?"
+cat /tmp/net.log
+"#;
+
+#[test]
+fn linux_guest_and_a_tap_in_a_network_namespace_ping_each_other() {
+    let test = "linux_guest_and_a_tap_in_a_network_namespace_ping_each_other";
+    if !lane_available(test) {
+        return;
+    }
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("lane-net");
+    let script = dir.join("net-lane.sh");
+    std::fs::write(&script, NET_LANE_SCRIPT).unwrap();
+    let nested = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
+    let run = common::command_with_limit(
+        Command::new(&nested)
+            .args(["--timeout", "280", "--", "sh"])
+            .arg(&script)
+            .arg(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg(&images().vmlinux)
+            .arg(&images().initramfs),
+        Duration::from_secs(330),
+    );
+    let out = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
+    assert_eq!(run.status, 0, "{out}");
+    for line in [
+        "lane: namespace net:[",
+        "GUEST-PING-42-DONE",
+        "lane: the tap side pinged the guest",
+        "lane: bulkhead exit status 0",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    // Guest to tap, then tap to guest.
+    assert_eq!(
+        out.matches("3 packets transmitted, 3 packets received")
+            .count(),
+        2,
+        "{out}"
+    );
+    let net = out
+        .lines()
+        .find(|l| l.contains("device virtio-net0: "))
+        .unwrap_or_else(|| panic!("no virtio-net counters in:\n{out}"));
+    assert!(
+        net.contains(" refused=0"),
+        "Linux's own frames were refused: {net}"
+    );
+}

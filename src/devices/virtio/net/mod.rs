@@ -17,7 +17,7 @@ use super::chain::Chain;
 use super::counters::{DeviceCounters, RequestViolation};
 use super::worker::{drain, QueueContext, QueueHandler};
 use super::{read_config_bytes, VirtioDevice};
-use crate::warn_limited;
+use crate::{debug_limited, warn_limited};
 
 const VIRTIO_ID_NET: u32 = 1;
 const RX: usize = 0;
@@ -25,6 +25,7 @@ const TX: usize = 1;
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 /// struct virtio_net_hdr_v1 (VERSION_1 always uses this size).
 const HEADER_LEN: usize = 12;
+const NUM_BUFFERS_OFFSET: usize = 10;
 const ETH_HEADER_LEN: usize = 14;
 /// The largest frame: Linux's largest MTU on virtio-net without offloads, plus the Ethernet
 /// and VLAN headers.
@@ -134,7 +135,7 @@ impl NetQueues {
         }
         // num_buffers = 1: without VIRTIO_NET_F_MRG_RXBUF each frame uses one chain.
         let mut header = [0u8; HEADER_LEN];
-        header[10] = 1;
+        header[NUM_BUFFERS_OFFSET] = 1;
         let frame = self.rx_frame.get(..len)?;
         let mut stream = header.iter().chain(frame.iter()).copied();
         for buffer in &chain.buffers {
@@ -182,9 +183,17 @@ impl NetQueues {
             .tx_frame
             .split_at_checked(HEADER_LEN)
             .ok_or(RequestViolation::BadHeader)?;
-        // Without offloads there is nothing to ask for: flags, GSO type, lengths, offsets
-        // and num_buffers must all be zero.
-        if header.iter().any(|&b| b != 0) {
+        // Without offloads there is nothing to ask for: flags, GSO type, lengths and offsets
+        // must all be zero. num_buffers (the last two bytes) is not checked: the specification
+        // wants zero, but Linux leaves it uninitialised when MRG_RXBUF is not negotiated.
+        if header
+            .get(..NUM_BUFFERS_OFFSET)
+            .is_some_and(|h| h.iter().any(|&b| b != 0))
+        {
+            debug_limited!(
+                "{}: refused virtio-net header {header:02x?}",
+                ctx.device_name()
+            );
             return Err(RequestViolation::BadHeader);
         }
         if frame.len() < ETH_HEADER_LEN {
@@ -195,6 +204,7 @@ impl NetQueues {
         }
         match self.tap.write_frame(frame) {
             Ok(true) => DeviceCounters::add(&ctx.counters().bytes_from_guest, frame.len() as u64),
+            // A full queue, or the tap's link is down (EIO): the wire drops the frame.
             Ok(false) => DeviceCounters::add(&ctx.counters().dropped, 1),
             Err(e) => {
                 warn_limited!(

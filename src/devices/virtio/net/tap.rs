@@ -95,11 +95,13 @@ impl Tap {
         }
     }
 
-    /// Writes one frame; Ok(false) when the tap's queue is full and the frame was not sent.
+    /// Writes one frame; Ok(false) when the frame was not sent because the tap's queue is
+    /// full or its link is down (EIO).
     pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<bool> {
         match self.file.write(frame) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(false),
             Err(e) => Err(e),
         }
     }
