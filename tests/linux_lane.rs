@@ -211,6 +211,26 @@ fn nested_kvm_attaches_disks_whose_writes_reach_the_host_file_unless_read_only()
     );
 }
 
+/// Runs `script` with sh inside L1 as `script BULKHEAD VMLINUX INITRAMFS EXTRA...` (the
+/// caller holds the lane). Returns its status and all output.
+fn lane_script(dir: &std::path::Path, script: &str, extra: &[&str]) -> (i32, String) {
+    let path = dir.join("lane.sh");
+    std::fs::write(&path, script).unwrap();
+    let nested = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
+    let run = common::command_with_limit(
+        Command::new(&nested)
+            .args(["--timeout", "280", "--", "sh"])
+            .arg(&path)
+            .arg(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg(&images().vmlinux)
+            .arg(&images().initramfs)
+            .args(extra),
+        Duration::from_secs(330),
+    );
+    let out = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
+    (run.status, out)
+}
+
 /// Run inside L1 by the virtio lane test: $1 bulkhead, $2 kernel, $3 initramfs, $5 the disk
 /// (an ext4 image). Three boots of one Linux guest on that disk:
 /// 1. read-only: the guest sees a read-only disk, a write fails, the disk is unchanged;
@@ -258,22 +278,9 @@ fn linux_guest_keeps_synced_ext4_data_on_virtio_blk_across_a_killed_vmm_and_read
         .status()
         .expect("cannot run mkfs.ext4 (apt-get install e2fsprogs)");
     assert!(mkfs.success());
-    let script = dir.join("virtio-lane.sh");
-    std::fs::write(&script, VIRTIO_LANE_SCRIPT).unwrap();
-    let nested = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
-    let run = common::command_with_limit(
-        Command::new(&nested)
-            .args(["--timeout", "280", "--", "sh"])
-            .arg(&script)
-            .arg(env!("CARGO_BIN_EXE_bulkhead"))
-            .arg(&images().vmlinux)
-            .arg(&images().initramfs)
-            .arg("--disk")
-            .arg(&disk),
-        Duration::from_secs(330),
-    );
-    let out = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
-    assert_eq!(run.status, 0, "{out}");
+    let disk_arg = disk.to_str().unwrap();
+    let (status, out) = lane_script(&dir, VIRTIO_LANE_SCRIPT, &["--disk", disk_arg]);
+    assert_eq!(status, 0, "{out}");
     for line in [
         "lane: read-only boot status 0",
         "lane: read-only disk unchanged",
@@ -330,20 +337,8 @@ fn linux_guest_and_a_tap_in_a_network_namespace_ping_each_other() {
     }
     let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
     let dir = common::scratch("lane-net");
-    let script = dir.join("net-lane.sh");
-    std::fs::write(&script, NET_LANE_SCRIPT).unwrap();
-    let nested = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
-    let run = common::command_with_limit(
-        Command::new(&nested)
-            .args(["--timeout", "280", "--", "sh"])
-            .arg(&script)
-            .arg(env!("CARGO_BIN_EXE_bulkhead"))
-            .arg(&images().vmlinux)
-            .arg(&images().initramfs),
-        Duration::from_secs(330),
-    );
-    let out = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
-    assert_eq!(run.status, 0, "{out}");
+    let (status, out) = lane_script(&dir, NET_LANE_SCRIPT, &[]);
+    assert_eq!(status, 0, "{out}");
     for line in [
         "lane: namespace net:[",
         "GUEST-PING-42-DONE",
