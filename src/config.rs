@@ -8,6 +8,11 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+mod devices;
+
+pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet};
+use devices::{validate_disks, validate_nets};
+
 /// Smallest guest RAM accepted; below this even the test guests' page tables and stacks are
 /// cramped, and a Linux guest can not decompress.
 pub const MIN_MEM_MIB: u64 = 16;
@@ -127,83 +132,6 @@ impl std::str::FromStr for TestHook {
             _ => Err(format!("unknown test hook {s:?}")),
         }
     }
-}
-
-/// A disk as given: `--disk PATH[,ro][,id=NAME]`, or an entry of `disks` in the JSON file.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RawDisk {
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-    pub id: Option<String>,
-}
-
-impl std::str::FromStr for RawDisk {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ConfigError::Disk(s.to_string());
-        let mut parts = s.split(',');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
-        let mut disk = RawDisk {
-            path: PathBuf::from(path),
-            ..Default::default()
-        };
-        for part in parts {
-            match part.split_once('=') {
-                None if part == "ro" && !disk.read_only => disk.read_only = true,
-                Some(("id", id)) if disk.id.is_none() => disk.id = Some(id.to_string()),
-                _ => return Err(bad()),
-            }
-        }
-        Ok(disk)
-    }
-}
-
-/// A validated disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-    /// What the guest reads with GET_ID (and sees as the disk's serial).
-    pub id: String,
-}
-
-/// A network device as given: `--net tap=NAME[,mac=MAC]`, or an entry of `nets` in JSON.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RawNet {
-    pub tap: String,
-    pub mac: Option<String>,
-}
-
-impl std::str::FromStr for RawNet {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ConfigError::Net(s.to_string());
-        let (mut tap, mut mac) = (None, None);
-        for part in s.split(',') {
-            match part.split_once('=') {
-                Some(("tap", v)) if tap.is_none() => tap = Some(v.to_string()),
-                Some(("mac", v)) if mac.is_none() => mac = Some(v.to_string()),
-                _ => return Err(bad()),
-            }
-        }
-        Ok(RawNet {
-            tap: tap.ok_or_else(bad)?,
-            mac,
-        })
-    }
-}
-
-/// A validated network device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    pub tap: String,
-    /// The VM's address on this device: the only source address its frames may carry.
-    pub mac: [u8; 6],
 }
 
 /// Settings as given, before validation. Both the JSON file and the flags produce one; the
@@ -351,97 +279,6 @@ fn id_chars_ok(value: &str, max: usize) -> bool {
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-/// Gives each disk an id (`diskN` by default) and checks ids and paths are unique. Paths are
-/// compared as given: the lock taken when the disk is opened catches the rest.
-fn validate_disks(raw: Vec<RawDisk>) -> Result<Vec<DiskConfig>, ConfigError> {
-    let mut disks: Vec<DiskConfig> = Vec::with_capacity(raw.len());
-    for (index, disk) in raw.into_iter().enumerate() {
-        let id = disk.id.unwrap_or_else(|| format!("disk{index}"));
-        if !id_chars_ok(&id, MAX_DISK_ID_LEN) {
-            return Err(ConfigError::DiskId(id));
-        }
-        if disks.iter().any(|d| d.id == id) {
-            return Err(ConfigError::DuplicateDiskId(id));
-        }
-        if disk.path.as_os_str().is_empty() {
-            return Err(ConfigError::Disk(String::new()));
-        }
-        if disks.iter().any(|d| d.path == disk.path) {
-            return Err(ConfigError::DuplicateDisk(disk.path));
-        }
-        disks.push(DiskConfig {
-            path: disk.path,
-            read_only: disk.read_only,
-            id,
-        });
-    }
-    Ok(disks)
-}
-
-/// Checks tap names and MACs; a device without a MAC gets a locally administered one derived
-/// from the VM id and its index, so it is stable for a given VM id.
-fn validate_nets(raw: Vec<RawNet>, vm_id: &str) -> Result<Vec<NetConfig>, ConfigError> {
-    let mut nets: Vec<NetConfig> = Vec::with_capacity(raw.len());
-    for (index, net) in raw.into_iter().enumerate() {
-        let tap_ok = !net.tap.is_empty()
-            && net.tap.len() <= 15
-            && !net
-                .tap
-                .bytes()
-                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control());
-        if !tap_ok {
-            return Err(ConfigError::TapName(net.tap));
-        }
-        let mac = match &net.mac {
-            Some(text) => parse_mac(text)?,
-            None => default_mac(vm_id, index),
-        };
-        if nets.iter().any(|n| n.tap == net.tap) {
-            return Err(ConfigError::DuplicateNet(format!("tap {}", net.tap)));
-        }
-        if nets.iter().any(|n| n.mac == mac) {
-            return Err(ConfigError::DuplicateNet(format!(
-                "MAC {}",
-                format_mac(&mac)
-            )));
-        }
-        nets.push(NetConfig { tap: net.tap, mac });
-    }
-    Ok(nets)
-}
-
-fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
-    let bad = || ConfigError::Mac(text.to_string());
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in mac.iter_mut() {
-        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
-        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-    }
-    // A multicast source address, or none at all, would let the guest pose as many hosts.
-    if parts.next().is_some() || mac[0] & 1 != 0 || mac == [0; 6] {
-        return Err(bad());
-    }
-    Ok(mac)
-}
-
-/// 06:xx:xx:xx:xx:nn: locally administered, unicast; xx from an FNV-1a hash of the VM id.
-fn default_mac(vm_id: &str, index: usize) -> [u8; 6] {
-    let hash = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    let [a, b, c, d, ..] = hash.to_le_bytes();
-    [0x06, a, b, c, d, index as u8]
-}
-
-/// aa:bb:cc:dd:ee:ff.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 fn validate_id(field: &'static str, value: &str) -> Result<(), ConfigError> {
