@@ -114,7 +114,7 @@ static struct vq queues[4] __attribute__((aligned(4096)));
 static u8 header[64] __attribute__((aligned(16)));
 static u8 data[16384] __attribute__((aligned(4096)));
 static u8 status[16];
-static struct desc indirect[8] __attribute__((aligned(16)));
+static struct desc indirect[QSIZE] __attribute__((aligned(16)));
 static int failures;
 
 #define barrier() __asm__ volatile("" ::: "memory")
@@ -415,6 +415,13 @@ static void hostile_chains(struct dev *blk, struct dev *rng) {
     set_desc(indirect, 0, indirect + 4, 32, F_INDIRECT, 0);
     set_desc(t, 0, indirect, 16, F_INDIRECT, 0);
     expect_refused_chain(blk, 0, "chain: an indirect table inside an indirect table");
+    /* One direct descriptor, then an indirect table of QSIZE: more buffers than the queue
+     * size, which no chain may have. */
+    for (u16 i = 0; i < QSIZE; i++) set_desc(indirect, i, header, 16, F_NEXT, (u16)(i + 1));
+    indirect[QSIZE - 1].flags = 0;
+    set_desc(t, 0, header, 16, F_NEXT, 1);
+    set_desc(t, 1, indirect, QSIZE * 16, F_INDIRECT, 0);
+    expect_refused_chain(blk, 0, "chain: more descriptors than the queue size");
     /* A well-formed indirect request works. */
     set_desc(indirect, 0, header, 16, F_NEXT, 1);
     set_desc(indirect, 1, data, 512, F_WRITE | F_NEXT, 2);
@@ -546,7 +553,7 @@ static u8 rx_buf[2048];
 
 /* Sends one frame from `src` (header `hdr_flags` in the virtio-net header's first byte) and
  * returns the used length. */
-static u32 net_send(struct dev *d, const u8 *src, u8 hdr_flags, const char *payload) {
+static u32 net_send_flags(struct dev *d, const u8 *src, u8 hdr_flags, const char *payload, u16 desc_flags) {
     u8 *f = data;
     memset(f, 0, 12 + 64);
     f[0] = hdr_flags;
@@ -557,9 +564,13 @@ static u32 net_send(struct dev *d, const u8 *src, u8 hdr_flags, const char *payl
     eth[13] = ETHERTYPE_TEST & 0xff;
     u32 n = 0;
     while (payload[n]) { eth[14 + n] = (u8)payload[n]; n++; }
-    set_desc(d->q1->desc, 0, f, 12 + 14 + 46, 0, 0);
+    set_desc(d->q1->desc, 0, f, 12 + 14 + 46, desc_flags, 0);
     post(d, 1, d->q1, 0);
     return wait_used(d, d->q1, 0);
+}
+
+static u32 net_send(struct dev *d, const u8 *src, u8 hdr_flags, const char *payload) {
+    return net_send_flags(d, src, hdr_flags, payload, 0);
 }
 
 static void test_net(void) {
@@ -579,6 +590,8 @@ static void test_net(void) {
 
     check(net_send(&d, other, 0, "bulkhead-net-spoofed") == 0, "net: a frame from another MAC is taken and dropped");
     check(net_send(&d, mac, 1, "bulkhead-net-bad-header") == 0, "net: a frame asking for checksum offload is taken and dropped");
+    check(net_send_flags(&d, mac, 0, "bulkhead-net-writable", F_WRITE) == 0,
+          "net: a transmit buffer the device could write is taken and dropped");
     check(net_send(&d, mac, 0, "bulkhead-net-out") == 0, "net: a frame from the VM's MAC is sent");
 
     /* Receive until the host's answer arrives (other traffic may come first). */

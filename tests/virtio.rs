@@ -173,6 +173,7 @@ fn every_bad_input_is_refused_counted_and_survived() {
         // A next index and a head index past the table.
         ("chain.index_out_of_range", 2),
         ("chain.loop", 1),
+        ("chain.too_many_descriptors", 1),
         ("chain.zero_length", 1),
         ("chain.outside_ram", 1),
         ("chain.overlaps_rings", 1),
@@ -499,6 +500,7 @@ fn net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it() {
     let net = device_line(&run, "virtio-net0");
     assert_eq!(counter(net, "request.foreign_source_mac"), 1, "{net}");
     assert_eq!(counter(net, "request.bad_header"), 1, "{net}");
+    assert_eq!(counter(net, "request.unexpected_writable"), 1, "{net}");
     assert_eq!(counter(net, "bytes_from_guest"), 60, "{net}");
-    assert_eq!(counter(net, "refused"), 2, "{net}");
+    assert_eq!(counter(net, "refused"), 3, "{net}");
 }
