@@ -57,6 +57,7 @@
 #define ID_NET 1
 #define ID_BLOCK 2
 #define ID_RNG 4
+#define ID_VSOCK 19
 
 #define BLK_T_IN 0
 #define BLK_T_OUT 1
@@ -106,10 +107,11 @@ struct dev {
     u64 base;
     u32 id;
     struct vq *q;  /* queue 0 */
-    struct vq *q1; /* queue 1, for devices that have one (net: transmit) */
+    struct vq *q1; /* queue 1, for devices that have one (net, vsock: transmit) */
+    struct vq *q2; /* queue 2 (vsock: events) */
 };
 
-static struct vq queues[4] __attribute__((aligned(4096)));
+static struct vq queues[5] __attribute__((aligned(4096)));
 /* Request memory: headers, data, status bytes and indirect tables, away from the rings. */
 static u8 header[64] __attribute__((aligned(16)));
 static u8 data[16384] __attribute__((aligned(4096)));
@@ -191,6 +193,7 @@ static int init_device(struct dev *d, u64 features) {
     if (!(rd(d, MMIO_STATUS) & S_FEATURES_OK)) return 0;
     setup_queue(d, 0, d->q);
     if (d->q1) setup_queue(d, 1, d->q1);
+    if (d->q2) setup_queue(d, 2, d->q2);
     wr(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     return rd(d, MMIO_STATUS) == (S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
@@ -199,6 +202,7 @@ static int open_device(struct dev *d, u32 id, struct vq *q, u64 features) {
     d->id = id;
     d->q = q;
     d->q1 = 0;
+    d->q2 = 0;
     d->base = find_device(id);
     if (!d->base) {
         puts("no such device on the command line\n");
@@ -225,7 +229,9 @@ static u32 wait_used(struct dev *d, struct vq *q, u16 head) {
             u32 len = q->used.ring[q->last_used % QSIZE].len;
             u32 id = q->used.ring[q->last_used % QSIZE].id;
             q->last_used++;
-            u32 isr = rd(d, MMIO_INTERRUPT_STATUS);
+            /* The device raises the interrupt after it finishes the batch, so wait for it. */
+            u32 isr = 0;
+            for (u64 w = 0; w < SPIN_LIMIT && !(isr & 1); w++) isr = rd(d, MMIO_INTERRUPT_STATUS);
             wr(d, MMIO_INTERRUPT_ACK, isr);
             if (!(isr & 1)) check(0, "used-buffer interrupt raised");
             if (id != head) check(0, "used entry names the chain's head");
@@ -614,6 +620,163 @@ static void test_net(void) {
     check(0, "net: the host's frame arrived");
 }
 
+/* ---- vsock ---- */
+
+#define VS_HDR 44
+#define VS_REQUEST 1
+#define VS_RESPONSE 2
+#define VS_RST 3
+#define VS_SHUTDOWN 4
+#define VS_RW 5
+#define VS_RX_BUFS 4
+#define VS_RX_SIZE 2048
+
+struct vs_hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+static u8 vs_rx[VS_RX_BUFS][VS_RX_SIZE] __attribute__((aligned(16)));
+static u8 vs_tx[VS_HDR + 256] __attribute__((aligned(16)));
+static u64 vs_cid;
+static u32 vs_fwd; /* payload bytes consumed from the host on the current connection */
+
+static void vs_post_rx(struct dev *d, u16 i) {
+    set_desc(d->q->desc, i, vs_rx[i], VS_RX_SIZE, F_WRITE, 0);
+    struct vq *q = d->q;
+    q->avail.ring[q->avail.idx % QSIZE] = i;
+    barrier();
+    q->avail.idx++;
+    barrier();
+    wr(d, MMIO_QUEUE_NOTIFY, 0);
+}
+
+/* Waits for the next received packet; copies it to `out` (header then payload) and re-posts
+ * its buffer. Returns 0 when nothing came in time. */
+static int vs_recv(struct dev *d, u8 *out) {
+    struct vq *q = d->q;
+    for (u64 spin = 0; spin < SPIN_LIMIT * 10; spin++) {
+        barrier();
+        if (*(volatile u16 *)&q->used.idx != q->last_used) {
+            u16 id = (u16)q->used.ring[q->last_used % QSIZE].id;
+            u32 len = q->used.ring[q->last_used % QSIZE].len;
+            q->last_used++;
+            wr(d, MMIO_INTERRUPT_ACK, rd(d, MMIO_INTERRUPT_STATUS));
+            if (id >= VS_RX_BUFS || len < VS_HDR) return 0;
+            memcpy(out, vs_rx[id], len);
+            vs_post_rx(d, id);
+            return 1;
+        }
+        __asm__ volatile("pause");
+    }
+    return 0;
+}
+
+/* Sends a packet of `tx_len` bytes already in vs_tx; returns the used length. */
+static u32 vs_send_raw(struct dev *d, u32 tx_len) {
+    set_desc(d->q1->desc, 0, vs_tx, tx_len, 0, 0);
+    post(d, 1, d->q1, 0);
+    return wait_used(d, d->q1, 0);
+}
+
+static u32 vs_send(struct dev *d, u16 op, u32 src_port, u32 dst_port, const char *payload) {
+    struct vs_hdr *h = (struct vs_hdr *)vs_tx;
+    u32 n = 0;
+    while (payload && payload[n]) { vs_tx[VS_HDR + n] = (u8)payload[n]; n++; }
+    h->src_cid = vs_cid;
+    h->dst_cid = 2;
+    h->src_port = src_port;
+    h->dst_port = dst_port;
+    h->len = n;
+    h->type = 1;
+    h->op = op;
+    h->flags = 0;
+    h->buf_alloc = 65536;
+    h->fwd_cnt = vs_fwd;
+    return vs_send_raw(d, VS_HDR + n);
+}
+
+static u8 vs_pkt[VS_RX_SIZE];
+
+/* Receives until a packet with op `op` arrives; returns its header, or 0. */
+static struct vs_hdr *vs_expect(struct dev *d, u16 op) {
+    for (int i = 0; i < 16; i++) {
+        if (!vs_recv(d, vs_pkt)) return 0;
+        struct vs_hdr *h = (struct vs_hdr *)vs_pkt;
+        if (h->op == VS_RW) vs_fwd += h->len;
+        if (h->op == op) return h;
+    }
+    return 0;
+}
+
+static int payload_is(struct vs_hdr *h, const char *want) {
+    return h && str_eq((const char *)vs_pkt + VS_HDR, (int)h->len, want);
+}
+
+static void test_vsock(void) {
+    struct dev d;
+    d.id = ID_VSOCK;
+    d.q = &queues[0];
+    d.q1 = &queues[1];
+    d.q2 = &queues[2];
+    d.base = find_device(ID_VSOCK);
+    check(d.base && init_device(&d, 0), "vsock: device initialised");
+    if (failures) return;
+    vs_cid = mmio_read64(d.base + MMIO_CONFIG);
+    puts("vsock: CID ");
+    put_dec(vs_cid);
+    putc('\n');
+    for (u16 i = 0; i < VS_RX_BUFS; i++) vs_post_rx(&d, i);
+
+    /* The host connects to our port 1234 and sends a line; we echo it. */
+    struct vs_hdr *h = vs_expect(&d, VS_REQUEST);
+    check(h && h->dst_port == 1234 && h->src_cid == 2 && h->dst_cid == vs_cid,
+          "vsock: the host's CONNECT 1234 arrives as a request");
+    if (!h) return;
+    u32 host_port = h->src_port;
+    vs_send(&d, VS_RESPONSE, 1234, host_port, 0);
+    h = vs_expect(&d, VS_RW);
+    check(payload_is(h, "ping-from-host"), "vsock: the host's data arrives");
+    vs_send(&d, VS_RW, 1234, host_port, "ping-from-host");
+    h = vs_expect(&d, VS_SHUTDOWN);
+    check(h != 0, "vsock: the host's close arrives as a shutdown");
+
+    /* We connect to host port 5000 and trade lines with the listener on uds_5000. Credit
+     * counts are per connection. */
+    vs_fwd = 0;
+    vs_send(&d, VS_REQUEST, 4000, 5000, 0);
+    h = vs_expect(&d, VS_RESPONSE);
+    check(h && h->src_port == 5000 && h->dst_port == 4000, "vsock: the host's listener accepts");
+    vs_send(&d, VS_RW, 4000, 5000, "ping-from-guest");
+    h = vs_expect(&d, VS_RW);
+    check(payload_is(h, "pong-from-host"), "vsock: the host's answer arrives");
+    vs_send(&d, VS_RST, 4000, 5000, 0);
+
+    /* A port nobody listens on is refused with a reset. */
+    vs_send(&d, VS_REQUEST, 4001, 5999, 0);
+    check(vs_expect(&d, VS_RST) != 0, "vsock: a connection to a closed host port is reset");
+
+    /* Hostile headers: each is taken (length 0) and dropped. */
+    struct vs_hdr *t = (struct vs_hdr *)vs_tx;
+    vs_send(&d, VS_REQUEST, 4002, 5000, 0);
+    vs_expect(&d, VS_RESPONSE);
+    t->src_cid = vs_cid + 1;
+    check(vs_send_raw(&d, VS_HDR) == 0, "vsock: a packet from another CID is dropped");
+    t->src_cid = vs_cid;
+    t->dst_cid = 5;
+    check(vs_send_raw(&d, VS_HDR) == 0, "vsock: a packet to another VM is dropped");
+    t->dst_cid = 2;
+    t->op = 9;
+    check(vs_send_raw(&d, VS_HDR) == 0, "vsock: an unknown operation is dropped");
+    t->op = VS_RW;
+    t->len = 100;
+    check(vs_send_raw(&d, VS_HDR + 10) == 0, "vsock: a length that disagrees with the payload is dropped");
+    check(vs_send_raw(&d, 20) == 0, "vsock: a short header is dropped");
+    vs_send(&d, VS_RST, 4002, 5000, 0);
+}
+
 void guest_main(void) {
     int len;
     const char *mode = cmdline_value("mode", &len);
@@ -623,6 +786,8 @@ void guest_main(void) {
         test_blk(0);
     } else if (mode && str_eq(mode, len, "blk-ro")) {
         test_blk(1);
+    } else if (mode && str_eq(mode, len, "vsock")) {
+        test_vsock();
     } else if (mode && str_eq(mode, len, "net")) {
         test_net();
     } else if (mode && str_eq(mode, len, "hostile")) {

@@ -5,7 +5,7 @@
 //! 2. open KVM and check it;
 //! 3. create this VM's own memory;
 //! 4. create the VM (memslots, irqchip, PIT);
-//! 5. attach devices: legacy ports, then virtio-mmio (disks, network devices, then rng),
+//! 5. attach devices: legacy ports, then virtio-mmio (disks, network devices, vsock, rng),
 //!    each with its ioeventfds and irqfd, announced on the kernel command line;
 //! 6. load kernel, initrd and command line, write the boot tables;
 //! 7. create and configure the vCPUs.
@@ -26,6 +26,7 @@ use crate::devices::legacy::{
 use crate::devices::virtio::block::{Block, BlockError, BlockQueue, Disk};
 use crate::devices::virtio::net::{Net, NetQueues, Tap, TapError};
 use crate::devices::virtio::rng::{Rng, RngQueue};
+use crate::devices::virtio::vsock::{Vsock, VsockBackend, VsockError, VsockQueues};
 use crate::devices::virtio::{
     mmio, DeviceShared, MmioTransport, QueueHandler, VirtioDevice, VirtioWorker,
 };
@@ -67,6 +68,8 @@ pub enum BuildError {
     Disk(#[from] BlockError),
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error("cannot open console file {path}: {source}")]
     ConsoleFile {
         path: std::path::PathBuf,
@@ -81,7 +84,10 @@ impl BuildError {
         match self {
             BuildError::Kvm(e) => e.is_bad_input(),
             BuildError::Boot(e) => e.is_bad_input(),
-            BuildError::ConsoleFile { .. } | BuildError::Disk(_) | BuildError::Tap(_) => true,
+            BuildError::ConsoleFile { .. }
+            | BuildError::Disk(_)
+            | BuildError::Tap(_)
+            | BuildError::Vsock(_) => true,
             _ => false,
         }
     }
@@ -105,6 +111,10 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     for net in &config.nets {
         taps.push((Tap::open(&net.tap)?, net.mac));
     }
+    let vsock = match &config.vsock {
+        Some(v) => Some(VsockBackend::open(v.cid, &v.uds)?),
+        None => None,
+    };
     let kvm = kvm::open_kvm(&config.kvm_device)?;
     kvm::check_vcpu_limit(&kvm, config.vcpus)?;
     let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
@@ -152,6 +162,16 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             Box::new(Net::new(mac)),
             queues,
         )?;
+    }
+    if let Some(backend) = vsock {
+        log::debug!(
+            "virtio-vsock0: CID {}, socket {}",
+            backend.cid,
+            backend.uds.display()
+        );
+        let device = Box::new(Vsock::new(backend.cid));
+        let queues = Box::new(VsockQueues::new(backend));
+        virtio.attach(&vm, "virtio-vsock0".to_string(), device, queues)?;
     }
     if config.rng {
         virtio.attach(

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use bulkhead::config::{RawDisk, RawNet, TestHook};
+use bulkhead::config::{RawDisk, RawNet, RawVsock, TestHook};
 use bulkhead::RawConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -86,6 +86,11 @@ pub struct RunArgs {
     /// id].
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     pub nets: Vec<RawNet>,
+    /// Attach a virtio-vsock device with guest CID N. The host reaches guest port P by
+    /// connecting to PATH and writing `CONNECT P\n`; guest connections to host port P go to
+    /// PATH_P.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    pub vsock: Option<RawVsock>,
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]
     pub no_rng: bool,
@@ -116,6 +121,7 @@ impl RunArgs {
             kvm_device: self.kvm_device.clone(),
             disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
+            vsock: self.vsock.clone(),
             rng: self.no_rng.then_some(false),
         }
     }

@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 mod devices;
 
-pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet};
-use devices::{validate_disks, validate_nets};
+pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet, RawVsock, VsockConfig};
+use devices::{validate_disks, validate_nets, validate_vsock};
 
 /// Smallest guest RAM accepted; below this even the test guests' page tables and stacks are
 /// cramped, and a Linux guest can not decompress.
@@ -71,6 +71,10 @@ pub enum ConfigError {
     Mac(String),
     #[error("two network devices use {0}; each needs its own")]
     DuplicateNet(String),
+    #[error("invalid --vsock {0:?}: expected cid=N,uds=PATH")]
+    Vsock(String),
+    #[error("vsock CID {0} is out of range: use 3 to 4294967294 (0-2 are reserved)")]
+    VsockCid(u64),
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit (one IRQ each)")]
     TooManyDevices(usize),
 }
@@ -155,6 +159,8 @@ pub struct RawConfig {
     pub disks: Option<Vec<RawDisk>>,
     /// Network devices, in the order the guest sees them.
     pub nets: Option<Vec<RawNet>>,
+    /// The vsock device.
+    pub vsock: Option<RawVsock>,
     /// `false` leaves out the virtio-rng device.
     pub rng: Option<bool>,
 }
@@ -180,6 +186,7 @@ impl RawConfig {
             kvm_device: over.kvm_device.or(self.kvm_device),
             disks: over.disks.or(self.disks),
             nets: over.nets.or(self.nets),
+            vsock: over.vsock.or(self.vsock),
             rng: over.rng.or(self.rng),
         }
     }
@@ -201,6 +208,7 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
     pub rng: bool,
     pub test_hook: Option<TestHook>,
 }
@@ -244,8 +252,9 @@ impl VmConfig {
         validate_id("--vm-id", &vm_id)?;
         let disks = validate_disks(raw.disks.unwrap_or_default())?;
         let nets = validate_nets(raw.nets.unwrap_or_default(), &vm_id)?;
+        let vsock = validate_vsock(raw.vsock)?;
         let rng = raw.rng.unwrap_or(true);
-        let devices = disks.len() + nets.len() + usize::from(rng);
+        let devices = disks.len() + nets.len() + usize::from(vsock.is_some()) + usize::from(rng);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -262,6 +271,7 @@ impl VmConfig {
             kvm_device: raw.kvm_device.unwrap_or_else(|| PathBuf::from("/dev/kvm")),
             disks,
             nets,
+            vsock,
             rng,
             test_hook: None,
         })

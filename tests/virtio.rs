@@ -264,8 +264,8 @@ fn a_disk_in_use_by_another_process_is_refused_for_writing() {
 }
 
 #[test]
-fn bad_disk_and_net_arguments_are_refused_before_boot() {
-    if !kvm_available("bad_disk_and_net_arguments_are_refused_before_boot") {
+fn bad_device_arguments_are_refused_before_boot() {
+    if !kvm_available("bad_device_arguments_are_refused_before_boot") {
         return;
     }
     let dir = scratch("virtio-bad-disk");
@@ -273,7 +273,21 @@ fn bad_disk_and_net_arguments_are_refused_before_boot() {
     let missing = dir.join("missing.img").display().to_string();
     let dir_arg = format!("{},ro", dir.display());
     let twice = disk.display().to_string();
-    let cases: [(&[&str], &str); 12] = [
+    let taken_cid = 50_000 + std::process::id();
+    let name = format!("bulkhead-vsock-cid-{taken_cid}");
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _other_vm = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let taken = format!("cid={taken_cid},uds={}", dir.join("v.sock").display());
+    let existing = format!("cid=3,uds={twice}");
+    let cases: [(&[&str], &str); 16] = [
+        (
+            &["--vsock", "cid=2,uds=/tmp/x"],
+            "vsock CID 2 is out of range",
+        ),
+        (&["--vsock", "cid=3"], "expected cid=N,uds=PATH"),
+        (&["--vsock", &taken], "is in use by another VM"),
+        (&["--vsock", &existing], "it must not exist yet"),
         (&["--net", "tap=a/b"], "invalid tap name"),
         (&["--net", "tap=this-name-is-too-long"], "invalid tap name"),
         (
@@ -503,4 +517,87 @@ fn net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it() {
     assert_eq!(counter(net, "request.unexpected_writable"), 1, "{net}");
     assert_eq!(counter(net, "bytes_from_guest"), 60, "{net}");
     assert_eq!(counter(net, "refused"), 3, "{net}");
+}
+
+/// Reads one `\n`-terminated line from `stream`.
+fn read_line(stream: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+#[test]
+fn vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::{Duration, Instant};
+    let test = "vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = scratch("virtio-vsock");
+    let uds = dir.join("v.sock");
+    let host_listener = UnixListener::bind(dir.join("v.sock_5000")).unwrap();
+    // A CID no other test uses, so runs in parallel do not collide.
+    let vsock_arg = format!("cid={},uds={}", 40_000 + std::process::id(), uds.display());
+    let guest = std::thread::spawn(move || {
+        run_guest(
+            "virtio",
+            &[
+                "--vsock",
+                &vsock_arg,
+                "--cmdline",
+                "mode=vsock",
+                "--log-level",
+                "debug",
+            ],
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match UnixStream::connect(&uds) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline && !guest.is_finished() => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("cannot connect to {}: {e}", uds.display()),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(b"CONNECT 1234\n").unwrap();
+    let ok = read_line(&mut stream);
+    assert!(ok.starts_with("OK "), "answer to CONNECT: {ok:?}");
+    stream.write_all(b"ping-from-host").unwrap();
+    let mut echo = [0u8; 14];
+    stream.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping-from-host");
+    drop(stream);
+
+    let (mut from_guest, _) = host_listener.accept().unwrap();
+    from_guest
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut ping = [0u8; 15];
+    from_guest.read_exact(&mut ping).unwrap();
+    assert_eq!(&ping, b"ping-from-guest");
+    from_guest.write_all(b"pong-from-host").unwrap();
+
+    let run = guest.join().unwrap();
+    assert_passed(&run);
+    let vsock = device_line(&run, "virtio-vsock0");
+    for (name, want) in [
+        ("request.wrong_cid", 2),
+        ("request.unsupported", 1),
+        ("request.bad_length", 1),
+        ("request.bad_header", 1),
+        ("refused", 5),
+    ] {
+        assert_eq!(counter(vsock, name), want, "{name} in {vsock}");
+    }
 }

@@ -75,6 +75,56 @@ impl std::str::FromStr for RawNet {
     }
 }
 
+/// The vsock device as given: `--vsock cid=N,uds=PATH`, or `vsock` in JSON.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawVsock {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
+impl std::str::FromStr for RawVsock {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Vsock(s.to_string());
+        let (mut cid, mut uds) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", v)) if cid.is_none() => cid = Some(v.parse().map_err(|_| bad())?),
+                Some(("uds", v)) if uds.is_none() && !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(RawVsock {
+            cid: cid.ok_or_else(bad)?,
+            uds: uds.ok_or_else(bad)?,
+        })
+    }
+}
+
+/// The validated vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID: 3 or more (0-2 are reserved), below 2^32 - 1 (VMADDR_CID_ANY).
+    pub cid: u64,
+    /// Host side: connect here for guest ports, listen on `uds_P` for host port P.
+    pub uds: PathBuf,
+}
+
+pub(super) fn validate_vsock(raw: Option<RawVsock>) -> Result<Option<VsockConfig>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    if !(3..u64::from(u32::MAX)).contains(&raw.cid) {
+        return Err(ConfigError::VsockCid(raw.cid));
+    }
+    Ok(Some(VsockConfig {
+        cid: raw.cid,
+        uds: raw.uds,
+    }))
+}
+
 /// A validated network device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {

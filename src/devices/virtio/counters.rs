@@ -32,12 +32,16 @@ pub enum RequestViolation {
     UnexpectedWritable,
     /// A frame sent with a source MAC address that is not the VM's.
     ForeignSourceMac,
+    /// A vsock packet from another CID than the VM's, or to another than the host.
+    WrongCid,
+    /// A vsock peer sending more than the credit it was given.
+    CreditOverrun,
     /// The host failed the I/O (not the guest's fault, but the guest saw an error).
     HostIo,
 }
 
 impl RequestViolation {
-    pub const ALL: [RequestViolation; 10] = [
+    pub const ALL: [RequestViolation; 12] = [
         RequestViolation::BadHeader,
         RequestViolation::Unsupported,
         RequestViolation::OutOfRange,
@@ -47,6 +51,8 @@ impl RequestViolation {
         RequestViolation::UnexpectedReadable,
         RequestViolation::UnexpectedWritable,
         RequestViolation::ForeignSourceMac,
+        RequestViolation::WrongCid,
+        RequestViolation::CreditOverrun,
         RequestViolation::HostIo,
     ];
 
@@ -61,6 +67,8 @@ impl RequestViolation {
             RequestViolation::UnexpectedReadable => "unexpected_readable",
             RequestViolation::UnexpectedWritable => "unexpected_writable",
             RequestViolation::ForeignSourceMac => "foreign_source_mac",
+            RequestViolation::WrongCid => "wrong_cid",
+            RequestViolation::CreditOverrun => "credit_overrun",
             RequestViolation::HostIo => "host_io",
         }
     }

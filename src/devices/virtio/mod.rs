@@ -13,6 +13,7 @@ pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod shared;
+pub mod vsock;
 pub mod worker;
 
 pub use counters::{DeviceCounters, Refusal, RequestViolation};

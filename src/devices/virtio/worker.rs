@@ -21,6 +21,18 @@ use crate::warn_limited;
 const STATE_EVENT: u32 = u32::MAX;
 const BACKEND_EVENT: u32 = 0x1000_0000;
 
+/// A change to the set of backend fds the worker watches.
+#[derive(Debug)]
+pub enum FdChange {
+    /// Watch `fd` (edge-triggered, input and output) and report it as `token`.
+    Add { fd: RawFd, token: u32 },
+    /// Stop watching `fd`; `owner` is closed only after that.
+    Remove {
+        fd: RawFd,
+        owner: Box<dyn std::fmt::Debug + Send>,
+    },
+}
+
 /// A device's queue handling.
 pub trait QueueHandler: Send {
     /// Serves what the driver made available on queue `queue`.
@@ -36,6 +48,10 @@ pub trait QueueHandler: Send {
     /// Backend `token` has input. `ctx` is None while the driver has not started the device:
     /// the handler should then drain and drop what arrived.
     fn backend_ready(&mut self, _ctx: Option<&mut QueueContext<'_>>, _token: u32) {}
+    /// Backend fds opened or closed since the last call (connections come and go).
+    fn fd_changes(&mut self) -> Vec<FdChange> {
+        Vec::new()
+    }
 }
 
 /// What a handler works with while it serves a queue.
@@ -202,8 +218,11 @@ impl VirtioWorker {
             shared: &self.shared,
         };
         if *generation != self.generation {
+            // A reset in between that the worker did not see still resets the handler.
+            if self.generation != 0 {
+                self.handler.reset();
+            }
             self.generation = *generation;
-            self.handler.reset();
             self.handler.activated(&mut ctx);
         }
         f(self.handler.as_mut(), &mut ctx);
@@ -281,7 +300,28 @@ impl MutEventSubscriber for VirtioWorker {
         }
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
+    fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
+        self.dispatch(events);
+        for change in self.handler.fd_changes() {
+            match change {
+                FdChange::Add { fd, token } => {
+                    let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+                    let data = BACKEND_EVENT + token;
+                    if let Err(e) = ops.add(Events::with_data_raw(fd, data, set)) {
+                        warn_limited!("{}: cannot watch fd {fd}: {e:?}", self.shared.name());
+                    }
+                }
+                FdChange::Remove { fd, owner } => {
+                    let _ = ops.remove(Events::empty_raw(fd));
+                    drop(owner);
+                }
+            }
+        }
+    }
+}
+
+impl VirtioWorker {
+    fn dispatch(&mut self, events: Events) {
         match events.data() {
             STATE_EVENT => self.state_changed(),
             token if token >= BACKEND_EVENT => {

@@ -1,0 +1,98 @@
+//! virtio-vsock (virtio 1.2 section 5.10) with a user-space back-end on Unix sockets.
+//!
+//! The host reaches a guest listener by connecting to the VM's socket `uds` and writing
+//! `CONNECT <port>\n`; bulkhead answers `OK <host port>\n` once the guest accepts. A guest
+//! connection to host port P goes to the socket `uds_P`. The guest may only speak as its own
+//! CID and only to the host (CID 2): a tenant can not reach another VM this way. Each CID is
+//! claimed for the VM's lifetime through an abstract socket, so two VMs in one network
+//! namespace can not share it.
+
+mod muxer;
+mod packet;
+mod sock;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+pub use muxer::VsockQueues;
+
+use super::{read_config_bytes, VirtioDevice};
+
+const VIRTIO_ID_VSOCK: u32 = 19;
+const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
+
+/// Errors setting up the back-end.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("vsock CID {0} is in use by another VM on this host")]
+    CidInUse(u64),
+    #[error("cannot listen on vsock socket {path} (it must not exist yet): {source}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The sockets a vsock device needs, opened while the VM is built.
+#[derive(Debug)]
+pub struct VsockBackend {
+    pub cid: u64,
+    pub uds: PathBuf,
+    listener: OwnedFd,
+    /// Held for the VM's lifetime: the claim on the CID.
+    cid_claim: OwnedFd,
+}
+
+impl VsockBackend {
+    pub fn open(cid: u64, uds: &Path) -> Result<VsockBackend, VsockError> {
+        let claim = format!("\0bulkhead-vsock-cid-{cid}");
+        let cid_claim = sock::listen(claim.as_bytes()).map_err(|_| VsockError::CidInUse(cid))?;
+        use std::os::unix::ffi::OsStrExt;
+        let listener =
+            sock::listen(uds.as_os_str().as_bytes()).map_err(|source| VsockError::Listen {
+                path: uds.to_path_buf(),
+                source,
+            })?;
+        Ok(VsockBackend {
+            cid,
+            uds: uds.to_path_buf(),
+            listener,
+            cid_claim,
+        })
+    }
+}
+
+/// The register side: the guest's CID in config space.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: u64,
+}
+
+impl Vsock {
+    pub fn new(cid: u64) -> Vsock {
+        Vsock { cid }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data)
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
+        false
+    }
+}

@@ -1,0 +1,601 @@
+//! The vsock queue side: connections between guest ports and Unix sockets.
+//!
+//! Flow control follows the specification's credit scheme. Each connection accepts at most
+//! [`BUF_ALLOC`] bytes from the guest that the host socket has not taken yet; a guest that
+//! sends more is refused, counted and reset. Towards the guest, bulkhead never sends more than
+//! the guest's advertised free space.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::packet::{Header, HeaderError, Op, HEADER_LEN, HOST_CID};
+use super::{sock, VsockBackend};
+use crate::devices::virtio::chain::Chain;
+use crate::devices::virtio::counters::{DeviceCounters, RequestViolation};
+use crate::devices::virtio::worker::{drain, FdChange, QueueContext, QueueHandler};
+use crate::warn_limited;
+
+const RX: usize = 0;
+const TX: usize = 1;
+/// Bytes of guest data each connection buffers for its host socket.
+const BUF_ALLOC: u32 = 256 * 1024;
+/// The largest payload bulkhead accepts from, or stages for, the guest in one packet.
+const MAX_PAYLOAD: usize = 64 * 1024;
+const LISTENER_TOKEN: u32 = 0;
+/// Host-side ports for connections the host starts.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+/// Longest `CONNECT <port>\n` line.
+const MAX_CONNECT_LINE: usize = 32;
+const SHUTDOWN_BOTH: u32 = 3;
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// A host connection that has not yet said which guest port it wants.
+    AwaitConnectLine(Vec<u8>),
+    /// REQUEST sent to the guest, waiting for its RESPONSE.
+    AwaitResponse,
+    Established,
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    state: State,
+    local_port: u32,
+    peer_port: u32,
+    /// Guest data the host socket has not taken yet.
+    out: Vec<u8>,
+    /// Bytes of guest data written to the host socket.
+    fwd_cnt: u32,
+    /// `fwd_cnt` when the guest last heard it.
+    fwd_cnt_told: u32,
+    /// The guest's receive buffer and how much of what we sent it has consumed.
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    tx_cnt: u32,
+    /// Host data read from the socket, waiting for a receive buffer.
+    staged: Vec<u8>,
+    /// The socket may have more to read.
+    readable: bool,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Conn {
+        Conn {
+            stream,
+            state,
+            local_port,
+            peer_port,
+            out: Vec::new(),
+            fwd_cnt: 0,
+            fwd_cnt_told: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            staged: Vec::new(),
+            readable: true,
+        }
+    }
+
+    /// What the guest can still take.
+    fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Writes buffered guest data to the socket. Err when the socket is gone.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while !self.out.is_empty() {
+            match self.stream.write(&self.out) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out.drain(..n);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The vsock device's queue side.
+#[derive(Debug)]
+pub struct VsockQueues {
+    cid: u64,
+    uds: PathBuf,
+    listener: OwnedFd,
+    /// Held for the VM's lifetime: the claim on the CID.
+    _cid_claim: OwnedFd,
+    conns: BTreeMap<u32, Conn>,
+    next_token: u32,
+    next_host_port: u32,
+    /// Packets for the guest without payload, in order.
+    control: VecDeque<Header>,
+    changes: Vec<FdChange>,
+}
+
+impl VsockQueues {
+    pub fn new(backend: VsockBackend) -> VsockQueues {
+        let VsockBackend {
+            cid,
+            uds,
+            listener,
+            cid_claim,
+        } = backend;
+        VsockQueues {
+            cid,
+            uds,
+            listener,
+            _cid_claim: cid_claim,
+            conns: BTreeMap::new(),
+            next_token: LISTENER_TOKEN + 1,
+            next_host_port: FIRST_HOST_PORT,
+            control: VecDeque::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    fn rst_for(&self, h: &Header) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: h.dst_port,
+            dst_port: h.src_port,
+            len: 0,
+            op: Op::Rst,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        }
+    }
+
+    fn add_conn(&mut self, conn: Conn) -> u32 {
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1).max(LISTENER_TOKEN + 1);
+        self.changes.push(FdChange::Add {
+            fd: conn.stream.as_raw_fd(),
+            token,
+        });
+        self.conns.insert(token, conn);
+        token
+    }
+
+    fn close(&mut self, token: u32) {
+        if let Some(conn) = self.conns.remove(&token) {
+            self.changes.push(FdChange::Remove {
+                fd: conn.stream.as_raw_fd(),
+                owner: Box::new(conn.stream),
+            });
+        }
+    }
+
+    /// Closes the connection and tells the guest.
+    fn reset_conn(&mut self, token: u32) {
+        if let Some(conn) = self.conns.get(&token) {
+            // A host connection that never named a port is unknown to the guest.
+            if !matches!(conn.state, State::AwaitConnectLine(_)) {
+                self.control
+                    .push_back(header(self.cid, conn, Op::Rst, 0, 0));
+            }
+        }
+        self.close(token);
+    }
+
+    fn find(&self, local_port: u32, peer_port: u32) -> Option<u32> {
+        self.conns
+            .iter()
+            .find(|(_, c)| c.local_port == local_port && c.peer_port == peer_port)
+            .map(|(&t, _)| t)
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match sock::accept(&self.listener) {
+                Ok(Some(stream)) => {
+                    let conn = Conn::new(stream, State::AwaitConnectLine(Vec::new()), 0, 0);
+                    self.add_conn(conn);
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    warn_limited!("vsock: accept on {} failed: {e}", self.uds.display());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads a host connection's `CONNECT <port>\n`, one byte at a time so nothing after the
+    /// line is consumed, and asks the guest to accept it.
+    fn read_connect_line(&mut self, token: u32) {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let State::AwaitConnectLine(line) = &mut conn.state else {
+            return;
+        };
+        let mut byte = [0u8];
+        let port = loop {
+            match conn.stream.read(&mut byte) {
+                Ok(0) => break None,
+                Ok(_) if byte[0] == b'\n' => {
+                    break std::str::from_utf8(line)
+                        .ok()
+                        .and_then(|l| l.strip_prefix("CONNECT "))
+                        .and_then(|p| p.trim().parse::<u32>().ok());
+                }
+                Ok(_) if line.len() < MAX_CONNECT_LINE => line.push(byte[0]),
+                Ok(_) => break None,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break None,
+            }
+        };
+        let Some(peer_port) = port else {
+            self.close(token);
+            return;
+        };
+        let local_port = self.next_host_port;
+        self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
+        if let Some(conn) = self.conns.get_mut(&token) {
+            conn.state = State::AwaitResponse;
+            conn.local_port = local_port;
+            conn.peer_port = peer_port;
+        }
+        if let Some(conn) = self.conns.get(&token) {
+            self.control
+                .push_back(header(self.cid, conn, Op::Request, 0, 0));
+        }
+    }
+
+    fn socket_event(&mut self, ctx: Option<&mut QueueContext<'_>>, token: u32) {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        match conn.state {
+            // Before the driver is ready the request waits in the control queue.
+            State::AwaitConnectLine(_) => self.read_connect_line(token),
+            State::AwaitResponse => {}
+            State::Established => {
+                conn.readable = true;
+                if conn.flush().is_err() {
+                    self.reset_conn(token);
+                }
+            }
+        }
+        if let Some(ctx) = ctx {
+            self.receive(ctx);
+        }
+    }
+
+    /// Serves the guest's packets.
+    fn transmit(&mut self, ctx: &mut QueueContext<'_>) {
+        drain(ctx, TX, |ctx| {
+            while let Some(chain) = ctx.next_chain(TX, (HEADER_LEN + MAX_PAYLOAD) as u64) {
+                if let Err(reason) = self.packet(ctx, &chain) {
+                    ctx.refuse(reason);
+                }
+                ctx.complete(TX, chain.head, 0);
+            }
+        });
+    }
+
+    fn packet(&mut self, ctx: &QueueContext<'_>, chain: &Chain) -> Result<(), RequestViolation> {
+        if chain.writable_len() > 0 {
+            return Err(RequestViolation::UnexpectedWritable);
+        }
+        let mut bytes = vec![0u8; chain.readable_len() as usize];
+        let mut at = 0usize;
+        for b in &chain.buffers {
+            let dst = bytes
+                .get_mut(at..at + b.len as usize)
+                .ok_or(RequestViolation::HostIo)?;
+            ctx.mem
+                .read_slice(dst, GuestAddress(b.addr))
+                .map_err(|_| RequestViolation::HostIo)?;
+            at += b.len as usize;
+        }
+        let (head, payload) = bytes.split_at(bytes.len().min(HEADER_LEN));
+        let h = Header::parse(head, payload.len() as u64, self.cid).map_err(|e| match e {
+            HeaderError::Short => RequestViolation::BadHeader,
+            HeaderError::Unknown => RequestViolation::Unsupported,
+            HeaderError::WrongCid => RequestViolation::WrongCid,
+            HeaderError::BadLength => RequestViolation::BadLength,
+        })?;
+        let token = self.find(h.dst_port, h.src_port);
+        if let Some(conn) = token.and_then(|t| self.conns.get_mut(&t)) {
+            conn.peer_buf_alloc = h.buf_alloc;
+            conn.peer_fwd_cnt = h.fwd_cnt;
+        }
+        match (h.op, token) {
+            (Op::Request, None) => self.guest_connect(&h),
+            (Op::Request, Some(t)) => self.reset_conn(t),
+            (Op::Response, Some(t)) => self.established(t),
+            (Op::Rw, Some(t)) => return self.guest_data(t, payload, ctx.counters()),
+            (Op::CreditUpdate, Some(_)) => {}
+            (Op::CreditRequest, Some(t)) => {
+                if let Some(conn) = self.conns.get_mut(&t) {
+                    conn.fwd_cnt_told = conn.fwd_cnt;
+                }
+                if let Some(conn) = self.conns.get(&t) {
+                    self.control
+                        .push_back(header(self.cid, conn, Op::CreditUpdate, 0, 0));
+                }
+            }
+            // A guest shutting down either direction ends the connection here: bulkhead
+            // does not keep half-closed streams.
+            (Op::Shutdown, Some(t)) => self.reset_conn(t),
+            (Op::Rst, Some(t)) => self.close(t),
+            (Op::Rst, None) => {}
+            (_, None) => self.control.push_back(self.rst_for(&h)),
+        }
+        Ok(())
+    }
+
+    /// The guest connects to host port P: the socket `uds_P`.
+    fn guest_connect(&mut self, h: &Header) {
+        let mut path = self.uds.clone().into_os_string();
+        path.push(format!("_{}", h.dst_port));
+        match sock::connect(std::path::Path::new(&path)) {
+            Ok(stream) => {
+                let mut conn = Conn::new(stream, State::Established, h.dst_port, h.src_port);
+                conn.peer_buf_alloc = h.buf_alloc;
+                conn.peer_fwd_cnt = h.fwd_cnt;
+                let response = header(self.cid, &conn, Op::Response, 0, 0);
+                self.add_conn(conn);
+                self.control.push_back(response);
+            }
+            Err(_) => self.control.push_back(self.rst_for(h)),
+        }
+    }
+
+    fn established(&mut self, token: u32) {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        if conn.state != State::AwaitResponse {
+            self.reset_conn(token);
+            return;
+        }
+        conn.state = State::Established;
+        conn.out
+            .extend_from_slice(format!("OK {}\n", conn.local_port).as_bytes());
+        // The OK line is not guest data: it does not count towards fwd_cnt.
+        let line_len = conn.out.len() as u32;
+        let before = conn.fwd_cnt;
+        let failed = conn.flush().is_err();
+        let written = conn.fwd_cnt.wrapping_sub(before).min(line_len);
+        conn.fwd_cnt = conn.fwd_cnt.wrapping_sub(written);
+        if failed || written < line_len {
+            // A host socket that can not take 20 bytes at once is not worth waiting for.
+            self.reset_conn(token);
+        }
+    }
+
+    fn guest_data(
+        &mut self,
+        token: u32,
+        payload: &[u8],
+        counters: &DeviceCounters,
+    ) -> Result<(), RequestViolation> {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return Ok(());
+        };
+        if conn.state != State::Established {
+            self.reset_conn(token);
+            return Ok(());
+        }
+        if conn.out.len() + payload.len() > BUF_ALLOC as usize {
+            self.reset_conn(token);
+            return Err(RequestViolation::CreditOverrun);
+        }
+        conn.out.extend_from_slice(payload);
+        DeviceCounters::add(&counters.bytes_from_guest, payload.len() as u64);
+        if conn.flush().is_err() {
+            self.reset_conn(token);
+            return Ok(());
+        }
+        // Tell the guest about freed space before it runs out, not after.
+        if conn.fwd_cnt.wrapping_sub(conn.fwd_cnt_told) >= BUF_ALLOC / 4 {
+            conn.fwd_cnt_told = conn.fwd_cnt;
+            let update = header(self.cid, conn, Op::CreditUpdate, 0, 0);
+            self.control.push_back(update);
+        }
+        Ok(())
+    }
+
+    /// Fills receive buffers: control packets first, then data from the host sockets.
+    fn receive(&mut self, ctx: &mut QueueContext<'_>) {
+        if !self.flush_control(ctx) {
+            return;
+        }
+        let tokens: Vec<u32> = self.conns.keys().copied().collect();
+        for token in tokens {
+            if !self.send_data(ctx, token) {
+                return;
+            }
+        }
+    }
+
+    /// Sends what host socket `token` has, within the guest's credit. False when the guest
+    /// has no receive buffer left.
+    fn send_data(&mut self, ctx: &mut QueueContext<'_>, token: u32) -> bool {
+        loop {
+            let Some(conn) = self.conns.get_mut(&token) else {
+                return true;
+            };
+            if conn.state != State::Established {
+                return true;
+            }
+            let credit = conn.peer_credit() as usize;
+            if conn.staged.is_empty() && conn.readable && credit > 0 {
+                let mut buf = vec![0u8; credit.min(MAX_PAYLOAD)];
+                match conn.stream.read(&mut buf) {
+                    Ok(0) => {
+                        // The host closed its end.
+                        let h = header(self.cid, conn, Op::Shutdown, 0, SHUTDOWN_BOTH);
+                        self.control.push_back(h);
+                        self.close(token);
+                        return self.flush_control(ctx);
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        conn.staged = buf;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => conn.readable = false,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        self.reset_conn(token);
+                        return true;
+                    }
+                }
+            }
+            let Some(conn) = self.conns.get_mut(&token) else {
+                return true;
+            };
+            if conn.staged.is_empty() || credit == 0 {
+                return true;
+            }
+            let Some(chain) = ctx.next_chain(RX, u64::MAX) else {
+                return false;
+            };
+            let room = (chain.writable_len() as usize).saturating_sub(HEADER_LEN);
+            let n = conn.staged.len().min(room).min(credit);
+            if n == 0 {
+                ctx.complete(RX, chain.head, 0);
+                continue;
+            }
+            conn.fwd_cnt_told = conn.fwd_cnt;
+            let h = header(self.cid, conn, Op::Rw, n as u32, 0);
+            let conn = match self.conns.get_mut(&token) {
+                Some(c) => c,
+                None => return true,
+            };
+            let data: Vec<u8> = conn.staged.drain(..n).collect();
+            let written = write_packet(ctx, &chain, &h, &data);
+            ctx.complete(RX, chain.head, written);
+            if written > 0 {
+                conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+                DeviceCounters::add(&ctx.counters().bytes_to_guest, n as u64);
+            }
+        }
+    }
+
+    /// Sends the queued control packets. False when the guest ran out of receive buffers.
+    fn flush_control(&mut self, ctx: &mut QueueContext<'_>) -> bool {
+        while let Some(h) = self.control.front().copied() {
+            let Some(chain) = ctx.next_chain(RX, u64::MAX) else {
+                return false;
+            };
+            let written = write_packet(ctx, &chain, &h, &[]);
+            ctx.complete(RX, chain.head, written);
+            if written > 0 {
+                self.control.pop_front();
+            }
+        }
+        true
+    }
+}
+
+/// A packet to the guest (CID `cid`) on `conn`, carrying our current credit.
+fn header(cid: u64, conn: &Conn, op: Op, len: u32, flags: u32) -> Header {
+    Header {
+        src_cid: HOST_CID,
+        dst_cid: cid,
+        src_port: conn.local_port,
+        dst_port: conn.peer_port,
+        len,
+        op,
+        flags,
+        buf_alloc: BUF_ALLOC,
+        fwd_cnt: conn.fwd_cnt,
+    }
+}
+
+/// Writes a header and payload into a receive chain; the bytes written, or 0 when the chain
+/// is not a receive buffer that can hold them (it then goes back empty).
+fn write_packet(ctx: &QueueContext<'_>, chain: &Chain, h: &Header, payload: &[u8]) -> u32 {
+    if chain.readable_len() > 0 {
+        ctx.refuse(RequestViolation::UnexpectedReadable);
+        return 0;
+    }
+    let total = HEADER_LEN + payload.len();
+    if chain.writable_len() < total as u64 {
+        DeviceCounters::add(&ctx.counters().dropped, 1);
+        return 0;
+    }
+    let header = h.encode();
+    let mut stream = header.iter().chain(payload.iter()).copied();
+    for buffer in &chain.buffers {
+        let piece: Vec<u8> = stream.by_ref().take(buffer.len as usize).collect();
+        if piece.is_empty() {
+            break;
+        }
+        if ctx
+            .mem
+            .write_slice(&piece, GuestAddress(buffer.addr))
+            .is_err()
+        {
+            return 0;
+        }
+    }
+    total as u32
+}
+
+impl QueueHandler for VsockQueues {
+    fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {
+        match queue {
+            TX => {
+                self.transmit(ctx);
+                self.receive(ctx);
+            }
+            RX => self.receive(ctx),
+            // The event queue only carries transport resets, which bulkhead never sends.
+            _ => {}
+        }
+    }
+
+    fn activated(&mut self, ctx: &mut QueueContext<'_>) {
+        self.accept_all();
+        self.receive(ctx);
+    }
+
+    fn reset(&mut self) {
+        let tokens: Vec<u32> = self.conns.keys().copied().collect();
+        for token in tokens {
+            self.close(token);
+        }
+        self.control.clear();
+    }
+
+    fn backend_fds(&self) -> Vec<(RawFd, u32)> {
+        vec![(self.listener.as_raw_fd(), LISTENER_TOKEN)]
+    }
+
+    fn backend_ready(&mut self, ctx: Option<&mut QueueContext<'_>>, token: u32) {
+        if token == LISTENER_TOKEN {
+            self.accept_all();
+            if let Some(ctx) = ctx {
+                let waiting: Vec<u32> = self.conns.keys().copied().collect();
+                for t in waiting {
+                    self.read_connect_line(t);
+                }
+                self.receive(ctx);
+            }
+            return;
+        }
+        self.socket_event(ctx, token);
+    }
+
+    fn fd_changes(&mut self) -> Vec<FdChange> {
+        std::mem::take(&mut self.changes)
+    }
+}
