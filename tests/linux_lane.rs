@@ -19,6 +19,8 @@ struct LinuxImages {
     vmlinux: PathBuf,
     bzimage: PathBuf,
     initramfs: PathBuf,
+    /// The vsock line-exchange helper, for L1's side.
+    vsock_tool: PathBuf,
 }
 
 fn lane_available(test: &str) -> bool {
@@ -67,6 +69,7 @@ fn images() -> &'static LinuxImages {
             vmlinux: get("vmlinux"),
             bzimage: get("bzimage"),
             initramfs: get("initramfs"),
+            vsock_tool: get("vsock_tool"),
         }
     })
 }
@@ -361,5 +364,54 @@ fn linux_guest_and_a_tap_in_a_network_namespace_ping_each_other() {
     assert!(
         net.contains(" refused=0"),
         "Linux's own frames were refused: {net}"
+    );
+}
+
+/// Run inside L1 by the vsock lane test: $1 bulkhead, $2 kernel, $3 initramfs, $4 vsock-tool.
+/// The guest listens on vsock port 1234 and connects to host port 5000 (the socket
+/// `uds_5000`, where L1 answers); L1 reaches the guest's port through bulkhead's socket.
+const VSOCK_LANE_SCRIPT: &str = r#"
+bulkhead=$1 kernel=$2 initramfs=$3 tool=$4 uds=/tmp/v.sock
+"$tool" unix-echo "${uds}_5000" > /tmp/host-echo.log 2>&1 &
+echo_pid=$!
+"$bulkhead" --log-level debug run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --vsock "cid=3,uds=$uds" --cmdline 'panic=-1 reboot=t -- sh -c "vsock-tool listen 1234 & sleep 1; vsock-tool connect 2 5000 hello-from-guest; wait"' > /tmp/vm.log 2>&1 &
+pid=$!
+i=0
+until "$tool" unix-connect "$uds" 1234 hello-from-host > /tmp/h2g.log 2>&1 || [ $i -ge 90 ]; do sleep 1; i=$((i + 1)); done
+wait $pid
+echo "lane: bulkhead exit status $?"
+wait $echo_pid
+echo "lane: host side: $(cat /tmp/h2g.log) / $(cat /tmp/host-echo.log)"
+cat /tmp/vm.log
+"#;
+
+#[test]
+fn linux_guest_and_host_trade_lines_over_vsock_both_ways() {
+    let test = "linux_guest_and_host_trade_lines_over_vsock_both_ways";
+    if !lane_available(test) {
+        return;
+    }
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("lane-vsock");
+    let tool = images().vsock_tool.to_str().unwrap();
+    let (status, out) = lane_script(&dir, VSOCK_LANE_SCRIPT, &[tool]);
+    assert_eq!(status, 0, "{out}");
+    for line in [
+        // host to guest: the guest answered through bulkhead's socket
+        "vsock-tool: got echo:hello-from-host",
+        // guest to host: L1's listener on uds_5000 answered
+        "vsock-tool: answered hello-from-guest",
+        "vsock-tool: got echo:hello-from-guest",
+        "lane: bulkhead exit status 0",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    let vsock = out
+        .lines()
+        .find(|l| l.contains("device virtio-vsock0: "))
+        .unwrap_or_else(|| panic!("no virtio-vsock counters in:\n{out}"));
+    assert!(
+        vsock.contains(" refused=0"),
+        "Linux's own packets were refused: {vsock}"
     );
 }
