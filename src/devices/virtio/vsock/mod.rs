@@ -7,6 +7,7 @@
 //! claimed for the VM's lifetime through an abstract socket, so two VMs in one network
 //! namespace can not share it.
 
+mod conn;
 mod muxer;
 mod packet;
 mod sock;

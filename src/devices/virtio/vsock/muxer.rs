@@ -6,13 +6,13 @@
 //! the guest's advertised free space.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::conn::{Conn, State};
 use super::packet::{Header, HeaderError, Op, HEADER_LEN, HOST_CID};
 use super::{sock, VsockBackend};
 use crate::devices::virtio::chain::Chain;
@@ -32,80 +32,6 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
 const SHUTDOWN_BOTH: u32 = 3;
-
-#[derive(Debug, PartialEq, Eq)]
-enum State {
-    /// A host connection that has not yet said which guest port it wants.
-    AwaitConnectLine(Vec<u8>),
-    /// REQUEST sent to the guest, waiting for its RESPONSE.
-    AwaitResponse,
-    Established,
-}
-
-#[derive(Debug)]
-struct Conn {
-    stream: UnixStream,
-    state: State,
-    local_port: u32,
-    peer_port: u32,
-    /// Guest data the host socket has not taken yet.
-    out: Vec<u8>,
-    /// Bytes of guest data written to the host socket.
-    fwd_cnt: u32,
-    /// `fwd_cnt` when the guest last heard it.
-    fwd_cnt_told: u32,
-    /// The guest's receive buffer and how much of what we sent it has consumed.
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    /// Bytes sent to the guest.
-    tx_cnt: u32,
-    /// Host data read from the socket, waiting for a receive buffer.
-    staged: Vec<u8>,
-    /// The socket may have more to read.
-    readable: bool,
-}
-
-impl Conn {
-    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Conn {
-        Conn {
-            stream,
-            state,
-            local_port,
-            peer_port,
-            out: Vec::new(),
-            fwd_cnt: 0,
-            fwd_cnt_told: 0,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-            staged: Vec::new(),
-            readable: true,
-        }
-    }
-
-    /// What the guest can still take.
-    fn peer_credit(&self) -> u32 {
-        self.peer_buf_alloc
-            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
-    }
-
-    /// Writes buffered guest data to the socket. Err when the socket is gone.
-    fn flush(&mut self) -> std::io::Result<()> {
-        while !self.out.is_empty() {
-            match self.stream.write(&self.out) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.out.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-}
 
 /// The vsock device's queue side.
 #[derive(Debug)]
