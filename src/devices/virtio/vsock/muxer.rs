@@ -32,6 +32,11 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
 const SHUTDOWN_BOTH: u32 = 3;
+/// Control packets waiting for receive buffers: a guest that posts none while it sends can
+/// not make the queue grow without bound.
+const MAX_CONTROL: usize = 1024;
+/// Open connections, host- and guest-started together.
+const MAX_CONNS: usize = 1024;
 
 /// The vsock device's queue side.
 #[derive(Debug)]
@@ -84,6 +89,19 @@ impl VsockQueues {
         }
     }
 
+    /// Queues a packet for the guest; dropped (and logged) when the queue is full.
+    fn queue_control(&mut self, h: Header) {
+        if self.control.len() >= MAX_CONTROL {
+            warn_limited!(
+                "vsock: control queue full, dropped a {:?} for port {}",
+                h.op,
+                h.dst_port
+            );
+            return;
+        }
+        self.control.push_back(h);
+    }
+
     fn add_conn(&mut self, conn: Conn) -> u32 {
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1).max(LISTENER_TOKEN + 1);
@@ -109,8 +127,7 @@ impl VsockQueues {
         if let Some(conn) = self.conns.get(&token) {
             // A host connection that never named a port is unknown to the guest.
             if !matches!(conn.state, State::AwaitConnectLine(_)) {
-                self.control
-                    .push_back(header(self.cid, conn, Op::Rst, 0, 0));
+                self.queue_control(header(self.cid, conn, Op::Rst, 0, 0));
             }
         }
         self.close(token);
@@ -126,6 +143,10 @@ impl VsockQueues {
     fn accept_all(&mut self) {
         loop {
             match sock::accept(&self.listener) {
+                Ok(Some(stream)) if self.conns.len() >= MAX_CONNS => {
+                    warn_limited!("vsock: {MAX_CONNS} connections open, refused a host one");
+                    drop(stream);
+                }
                 Ok(Some(stream)) => {
                     let conn = Conn::new(stream, State::AwaitConnectLine(Vec::new()), 0, 0);
                     self.add_conn(conn);
@@ -177,8 +198,7 @@ impl VsockQueues {
             conn.peer_port = peer_port;
         }
         if let Some(conn) = self.conns.get(&token) {
-            self.control
-                .push_back(header(self.cid, conn, Op::Request, 0, 0));
+            self.queue_control(header(self.cid, conn, Op::Request, 0, 0));
         }
     }
 
@@ -252,8 +272,7 @@ impl VsockQueues {
                     conn.fwd_cnt_told = conn.fwd_cnt;
                 }
                 if let Some(conn) = self.conns.get(&t) {
-                    self.control
-                        .push_back(header(self.cid, conn, Op::CreditUpdate, 0, 0));
+                    self.queue_control(header(self.cid, conn, Op::CreditUpdate, 0, 0));
                 }
             }
             // A guest shutting down either direction ends the connection here: bulkhead
@@ -261,13 +280,18 @@ impl VsockQueues {
             (Op::Shutdown, Some(t)) => self.reset_conn(t),
             (Op::Rst, Some(t)) => self.close(t),
             (Op::Rst, None) => {}
-            (_, None) => self.control.push_back(self.rst_for(&h)),
+            (_, None) => self.queue_control(self.rst_for(&h)),
         }
         Ok(())
     }
 
     /// The guest connects to host port P: the socket `uds_P`.
     fn guest_connect(&mut self, h: &Header) {
+        if self.conns.len() >= MAX_CONNS {
+            warn_limited!("vsock: {MAX_CONNS} connections open, refused a guest one");
+            self.queue_control(self.rst_for(h));
+            return;
+        }
         let mut path = self.uds.clone().into_os_string();
         path.push(format!("_{}", h.dst_port));
         match sock::connect(std::path::Path::new(&path)) {
@@ -277,9 +301,9 @@ impl VsockQueues {
                 conn.peer_fwd_cnt = h.fwd_cnt;
                 let response = header(self.cid, &conn, Op::Response, 0, 0);
                 self.add_conn(conn);
-                self.control.push_back(response);
+                self.queue_control(response);
             }
-            Err(_) => self.control.push_back(self.rst_for(h)),
+            Err(_) => self.queue_control(self.rst_for(h)),
         }
     }
 
@@ -333,7 +357,7 @@ impl VsockQueues {
         if conn.fwd_cnt.wrapping_sub(conn.fwd_cnt_told) >= BUF_ALLOC / 4 {
             conn.fwd_cnt_told = conn.fwd_cnt;
             let update = header(self.cid, conn, Op::CreditUpdate, 0, 0);
-            self.control.push_back(update);
+            self.queue_control(update);
         }
         Ok(())
     }
@@ -368,7 +392,7 @@ impl VsockQueues {
                     Ok(0) => {
                         // The host closed its end.
                         let h = header(self.cid, conn, Op::Shutdown, 0, SHUTDOWN_BOTH);
-                        self.control.push_back(h);
+                        self.queue_control(h);
                         self.close(token);
                         return self.flush_control(ctx);
                     }
