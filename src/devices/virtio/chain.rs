@@ -121,6 +121,51 @@ impl Chain {
             .map(|b| u64::from(b.len))
             .sum()
     }
+
+    /// Appends the bytes of the device-readable buffers to `out`. False if guest memory
+    /// could not be read (the buffers were validated, so that means a bug, not the guest).
+    pub fn read_into(&self, mem: &GuestMemoryMmap, out: &mut Vec<u8>) -> bool {
+        for b in self.buffers.iter().filter(|b| !b.writable) {
+            let start = out.len();
+            out.resize(start + b.len as usize, 0);
+            let Some(dst) = out.get_mut(start..) else {
+                return false;
+            };
+            if mem.read_slice(dst, GuestAddress(b.addr)).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Writes `parts`, one after another, across the device-writable buffers. False when
+    /// they do not fit, or guest memory could not be written.
+    pub fn write_parts(&self, mem: &GuestMemoryMmap, parts: &[&[u8]]) -> bool {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if (total as u64) > self.writable_len() {
+            return false;
+        }
+        let mut buffers = self.buffers.iter().filter(|b| b.writable);
+        let (mut addr, mut room) = (0u64, 0u64);
+        for part in parts {
+            let mut rest: &[u8] = part;
+            while !rest.is_empty() {
+                if room == 0 {
+                    let Some(b) = buffers.next() else {
+                        return false;
+                    };
+                    (addr, room) = (b.addr, u64::from(b.len));
+                }
+                let n = rest.len().min(room as usize);
+                let (piece, tail) = rest.split_at(n);
+                if mem.write_slice(piece, GuestAddress(addr)).is_err() {
+                    return false;
+                }
+                (addr, room, rest) = (addr + n as u64, room - n as u64, tail);
+            }
+        }
+        true
+    }
 }
 
 /// The guest-physical ranges a split virtqueue occupies.

@@ -337,3 +337,48 @@ fn random_descriptor_tables_never_panic_and_accepted_chains_keep_every_rule() {
         "only {accepted} chains accepted: the generator is too hostile to test much"
     );
 }
+
+#[test]
+fn parts_are_scattered_across_writable_buffers_and_readable_ones_gathered() {
+    let mem = memory();
+    let c = Chain {
+        head: 0,
+        buffers: vec![
+            Buffer {
+                addr: 0x8000,
+                len: 3,
+                writable: false,
+            },
+            Buffer {
+                addr: 0x8100,
+                len: 2,
+                writable: false,
+            },
+            Buffer {
+                addr: 0x9000,
+                len: 4,
+                writable: true,
+            },
+            Buffer {
+                addr: 0x1_2000,
+                len: 8,
+                writable: true,
+            },
+        ],
+    };
+    mem.write_slice(b"abc", GuestAddress(0x8000)).unwrap();
+    mem.write_slice(b"de", GuestAddress(0x8100)).unwrap();
+    let mut got = b"x".to_vec();
+    assert!(c.read_into(&mem, &mut got));
+    assert_eq!(got, b"xabcde");
+
+    assert!(c.write_parts(&mem, &[b"12345", b"", b"67"]));
+    let (mut first, mut second) = ([0u8; 4], [0u8; 3]);
+    mem.read_slice(&mut first, GuestAddress(0x9000)).unwrap();
+    mem.read_slice(&mut second, GuestAddress(0x1_2000)).unwrap();
+    assert_eq!((&first, &second), (b"1234", b"567"));
+    assert!(
+        !c.write_parts(&mem, &[&[0u8; 13]]),
+        "13 bytes fit 12 of room"
+    );
+}

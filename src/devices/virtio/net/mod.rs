@@ -9,7 +9,6 @@ mod tap;
 use std::os::fd::RawFd;
 
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
-use vm_memory::{Bytes, GuestAddress};
 
 pub use tap::{Tap, TapError, MAX_NAME_LEN as MAX_TAP_NAME_LEN};
 
@@ -137,15 +136,8 @@ impl NetQueues {
         let mut header = [0u8; HEADER_LEN];
         header[NUM_BUFFERS_OFFSET] = 1;
         let frame = self.rx_frame.get(..len)?;
-        let mut stream = header.iter().chain(frame.iter()).copied();
-        for buffer in &chain.buffers {
-            let piece: Vec<u8> = stream.by_ref().take(buffer.len as usize).collect();
-            if piece.is_empty() {
-                break;
-            }
-            ctx.mem
-                .write_slice(&piece, GuestAddress(buffer.addr))
-                .ok()?;
+        if !chain.write_parts(ctx.mem, &[&header, frame]) {
+            return None;
         }
         DeviceCounters::add(&ctx.counters().bytes_to_guest, total as u64);
         u32::try_from(total).ok()
@@ -168,16 +160,8 @@ impl NetQueues {
             return Err(RequestViolation::UnexpectedWritable);
         }
         self.tx_frame.clear();
-        for buffer in &chain.buffers {
-            let start = self.tx_frame.len();
-            self.tx_frame.resize(start + buffer.len as usize, 0);
-            let dst = self
-                .tx_frame
-                .get_mut(start..)
-                .ok_or(RequestViolation::HostIo)?;
-            ctx.mem
-                .read_slice(dst, GuestAddress(buffer.addr))
-                .map_err(|_| RequestViolation::HostIo)?;
+        if !chain.read_into(ctx.mem, &mut self.tx_frame) {
+            return Err(RequestViolation::HostIo);
         }
         let (header, frame) = self
             .tx_frame

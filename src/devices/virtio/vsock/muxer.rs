@@ -10,8 +10,6 @@ use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
-use vm_memory::{Bytes, GuestAddress};
-
 use super::conn::{Conn, State};
 use super::packet::{Header, HeaderError, Op, HEADER_LEN, HOST_CID};
 use super::{sock, VsockBackend};
@@ -238,16 +236,9 @@ impl VsockQueues {
         if chain.writable_len() > 0 {
             return Err(RequestViolation::UnexpectedWritable);
         }
-        let mut bytes = vec![0u8; chain.readable_len() as usize];
-        let mut at = 0usize;
-        for b in &chain.buffers {
-            let dst = bytes
-                .get_mut(at..at + b.len as usize)
-                .ok_or(RequestViolation::HostIo)?;
-            ctx.mem
-                .read_slice(dst, GuestAddress(b.addr))
-                .map_err(|_| RequestViolation::HostIo)?;
-            at += b.len as usize;
+        let mut bytes = Vec::with_capacity(chain.readable_len() as usize);
+        if !chain.read_into(ctx.mem, &mut bytes) {
+            return Err(RequestViolation::HostIo);
         }
         let (head, payload) = bytes.split_at(bytes.len().min(HEADER_LEN));
         let h = Header::parse(head, payload.len() as u64, self.cid).map_err(|e| match e {
@@ -482,20 +473,8 @@ fn write_packet(ctx: &QueueContext<'_>, chain: &Chain, h: &Header, payload: &[u8
         DeviceCounters::add(&ctx.counters().dropped, 1);
         return 0;
     }
-    let header = h.encode();
-    let mut stream = header.iter().chain(payload.iter()).copied();
-    for buffer in &chain.buffers {
-        let piece: Vec<u8> = stream.by_ref().take(buffer.len as usize).collect();
-        if piece.is_empty() {
-            break;
-        }
-        if ctx
-            .mem
-            .write_slice(&piece, GuestAddress(buffer.addr))
-            .is_err()
-        {
-            return 0;
-        }
+    if !chain.write_parts(ctx.mem, &[&h.encode(), payload]) {
+        return 0;
     }
     total as u32
 }
