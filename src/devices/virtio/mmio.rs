@@ -314,7 +314,7 @@ impl MmioTransport {
                     other => queues.push(other.and_then(Result::ok)),
                 }
             }
-            self.shared.activate(features, queues);
+            self.shared.activate(queues);
             return true;
         }
         state.status = value;

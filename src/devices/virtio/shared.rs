@@ -50,11 +50,10 @@ impl Interrupt {
     }
 }
 
-/// A device the driver has started: the negotiated features and the live queues, indexed
-/// by queue number (None for a queue the driver left unused).
+/// A device the driver has started: the live queues (which carry the negotiated ring
+/// features), indexed by queue number (None for a queue the driver left unused).
 #[derive(Debug)]
 pub struct Activation {
-    pub features: u64,
     pub queues: Vec<Option<GuestQueue>>,
     /// Distinguishes one activation from the next, so the queue side notices a reset even
     /// when it missed the moment in between.
@@ -102,13 +101,9 @@ impl DeviceShared {
     }
 
     /// Starts the queue side with `queues`.
-    pub fn activate(&self, features: u64, queues: Vec<Option<GuestQueue>>) {
+    pub fn activate(&self, queues: Vec<Option<GuestQueue>>) {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.active() = Some(Activation {
-            features,
-            queues,
-            generation,
-        });
+        *self.active() = Some(Activation { queues, generation });
         self.wake();
     }
 

@@ -57,7 +57,6 @@ pub trait QueueHandler: Send {
 /// What a handler works with while it serves a queue.
 pub struct QueueContext<'a> {
     pub mem: &'a GuestMemoryMmap,
-    pub features: u64,
     queues: &'a mut [Option<GuestQueue>],
     shared: &'a DeviceShared,
 }
@@ -203,17 +202,11 @@ impl VirtioWorker {
         f: impl FnOnce(&mut dyn QueueHandler, &mut QueueContext<'_>),
     ) -> bool {
         let mut active = self.shared.active();
-        let Some(Activation {
-            features,
-            queues,
-            generation,
-        }) = active.as_mut()
-        else {
+        let Some(Activation { queues, generation }) = active.as_mut() else {
             return false;
         };
         let mut ctx = QueueContext {
             mem: &self.mem,
-            features: *features,
             queues,
             shared: &self.shared,
         };
