@@ -34,6 +34,14 @@ fn counter(line: &str, name: &str) -> u64 {
         .map_or(0, |v| v.parse().unwrap())
 }
 
+/// Runs the `virtio` test guest with `extra` flags and `cmdline`, logging at debug level so
+/// the device counters are printed.
+fn run_virtio(extra: &[&str], cmdline: &str) -> Run {
+    let mut args = extra.to_vec();
+    args.extend(["--cmdline", cmdline, "--log-level", "debug"]);
+    run_guest("virtio", &args)
+}
+
 fn assert_passed(run: &Run) {
     assert_eq!(
         run.status, 0,
@@ -48,7 +56,7 @@ fn rng_fills_requests_with_random_bytes_up_to_its_cap() {
     if !kvm_available("rng_fills_requests_with_random_bytes_up_to_its_cap") {
         return;
     }
-    let run = run_guest("virtio", &["--cmdline", "mode=rng", "--log-level", "debug"]);
+    let run = run_virtio(&[], "mode=rng");
     assert_passed(&run);
     let rng = device_line(&run, "virtio-rng0");
     assert_eq!(counter(rng, "requests"), 2, "{rng}");
@@ -74,17 +82,7 @@ fn block_reads_writes_flushes_and_reports_its_id() {
     let dir = scratch("virtio-blk");
     let disk = patterned_disk(&dir);
     let disk_arg = format!("{},id=tenant-a.data", disk.display());
-    let run = run_guest(
-        "virtio",
-        &[
-            "--disk",
-            &disk_arg,
-            "--cmdline",
-            "mode=blk expect_id=tenant-a.data",
-            "--log-level",
-            "debug",
-        ],
-    );
+    let run = run_virtio(&["--disk", &disk_arg], "mode=blk expect_id=tenant-a.data");
     assert_passed(&run);
     let after = std::fs::read(&disk).unwrap();
     for (n, sector) in after.chunks(512).enumerate() {
@@ -110,17 +108,7 @@ fn a_read_only_disk_refuses_writes_whatever_the_guest_negotiated() {
     let before = std::fs::read(&disk).unwrap();
     let disk_arg = format!("{},ro", disk.display());
     // The guest does not check the RO feature bit: it writes anyway.
-    let run = run_guest(
-        "virtio",
-        &[
-            "--disk",
-            &disk_arg,
-            "--cmdline",
-            "mode=blk-ro expect_id=disk0",
-            "--log-level",
-            "debug",
-        ],
-    );
+    let run = run_virtio(&["--disk", &disk_arg], "mode=blk-ro expect_id=disk0");
     assert_passed(&run);
     assert_eq!(
         std::fs::read(&disk).unwrap(),
@@ -140,17 +128,7 @@ fn every_bad_input_is_refused_counted_and_survived() {
     let disk = patterned_disk(&dir);
     let before = std::fs::read(&disk).unwrap();
     let disk_arg = disk.display().to_string();
-    let run = run_guest(
-        "virtio",
-        &[
-            "--disk",
-            &disk_arg,
-            "--cmdline",
-            "mode=hostile",
-            "--log-level",
-            "debug",
-        ],
-    );
+    let run = run_virtio(&["--disk", &disk_arg], "mode=hostile");
     assert_passed(&run);
     assert_eq!(
         std::fs::read(&disk).unwrap(),
@@ -462,19 +440,7 @@ fn net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it() {
     let socket = PacketSocket::bind(&tap.name);
     let mac = [0x06, 0x00, 0x00, 0x00, 0x00, 0x01];
     let net_arg = format!("tap={},mac=06:00:00:00:00:01", tap.name);
-    let guest = std::thread::spawn(move || {
-        run_guest(
-            "virtio",
-            &[
-                "--net",
-                &net_arg,
-                "--cmdline",
-                "mode=net",
-                "--log-level",
-                "debug",
-            ],
-        )
-    });
+    let guest = std::thread::spawn(move || run_virtio(&["--net", &net_arg], "mode=net"));
     let mut seen_out = false;
     let mut seen_forbidden = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -544,19 +510,7 @@ fn vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests() {
     let host_listener = UnixListener::bind(dir.join("v.sock_5000")).unwrap();
     // A CID no other test uses, so runs in parallel do not collide.
     let vsock_arg = format!("cid={},uds={}", 40_000 + std::process::id(), uds.display());
-    let guest = std::thread::spawn(move || {
-        run_guest(
-            "virtio",
-            &[
-                "--vsock",
-                &vsock_arg,
-                "--cmdline",
-                "mode=vsock",
-                "--log-level",
-                "debug",
-            ],
-        )
-    });
+    let guest = std::thread::spawn(move || run_virtio(&["--vsock", &vsock_arg], "mode=vsock"));
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut stream = loop {
         match UnixStream::connect(&uds) {
