@@ -190,12 +190,24 @@ struct HeldLock {
 }
 
 impl HeldLock {
+    /// Takes the lock, retrying for a moment: a child another test thread is forking may
+    /// briefly share an earlier lock's file description until it execs.
     fn take(path: &Path, lock: libc::c_int) -> HeldLock {
         let file = std::fs::File::open(path).unwrap();
-        // SAFETY: flock on a descriptor this test owns; it touches no memory.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) };
-        assert_eq!(rc, 0, "cannot take the lock");
-        HeldLock { _file: file }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            // SAFETY: flock on a descriptor this test owns; it touches no memory.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) };
+            if rc == 0 {
+                return HeldLock { _file: file };
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cannot take the lock: {}",
+                std::io::Error::last_os_error()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
