@@ -11,6 +11,8 @@
  *                  byte n), write sectors 2-3 with 0xa5, flush, read them back; a request with
  *                  its header and data split over several buffers; a read past the end fails
  *   mode=blk-ro    the same disk attached read-only: a write fails with IOERR, reads work
+ *   mode=blk-hostio  reads the last sector, then waits for a line on the console (meanwhile
+ *                  the host shrinks the backing file) and reads it again: IOERR
  *   mode=hostile   every bad input the devices must refuse; each must be answered as the
  *                  device type allows, and the device must keep working (or ask for a reset
  *                  and work after it)
@@ -371,6 +373,21 @@ static void test_blk(int read_only) {
     check(st == BLK_S_IOERR && used == 1, "blk: a read past the end fails with IOERR");
     st = blk_request(&d, BLK_T_IN, cap - 1, data, 512, &used);
     check(st == BLK_S_OK, "blk: the last sector reads");
+}
+
+static void test_blk_hostio(void) {
+    struct dev d;
+    u32 used;
+    check(open_device(&d, ID_BLOCK, &queues[0], 0), "blk: device initialised");
+    if (failures) return;
+    u64 cap = blk_capacity(&d);
+    check(blk_request(&d, BLK_T_IN, cap - 1, data, 512, &used) == BLK_S_OK, "blk: the last sector reads");
+    puts("blk: waiting for the host\n");
+    while (!(inb(SERIAL_PORT + 5) & 1) || inb(SERIAL_PORT) != '\n') {
+    }
+    check(blk_request(&d, BLK_T_IN, cap - 1, data, 512, &used) == BLK_S_IOERR && used == 1,
+          "blk: a read the host can not serve fails with IOERR");
+    check(blk_request(&d, BLK_T_IN, 0, data, 512, &used) == BLK_S_OK, "blk: the first sector still reads");
 }
 
 /* ---- hostile ---- */
@@ -784,6 +801,8 @@ void guest_main(void) {
         test_rng();
     } else if (mode && str_eq(mode, len, "blk")) {
         test_blk(0);
+    } else if (mode && str_eq(mode, len, "blk-hostio")) {
+        test_blk_hostio();
     } else if (mode && str_eq(mode, len, "blk-ro")) {
         test_blk(1);
     } else if (mode && str_eq(mode, len, "vsock")) {

@@ -567,3 +567,78 @@ fn vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests() {
         assert_eq!(counter(vsock, name), want, "{name} in {vsock}");
     }
 }
+
+#[test]
+fn a_host_io_failure_is_answered_with_ioerr_and_counted() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let test = "a_host_io_failure_is_answered_with_ioerr_and_counted";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = scratch("virtio-hostio");
+    let disk = patterned_disk(&dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["--log-level", "debug", "run", "--kernel"])
+        .arg(common::guest("virtio"))
+        .arg("--disk")
+        .arg(&disk)
+        .args(["--cmdline", "mode=blk-hostio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reads below block: a hung VM is killed after a minute instead of hanging the test.
+    let pid = child.id() as libc::pid_t;
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .is_err()
+        {
+            // SAFETY: kill has no memory effects, and the child is only reaped (its pid freed)
+            // after the watchdog has finished.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if line.contains("waiting for the host") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(
+        seen.contains("waiting for the host"),
+        "guest output: {seen}"
+    );
+    // The file loses its second half under the running VM: the last sector is gone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len((SECTORS as u64 / 2) * 512)
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    let status = child.wait().unwrap();
+    let run = Run {
+        status: status.code().unwrap_or(-1),
+        stdout: seen + &rest,
+        stderr,
+        elapsed: std::time::Duration::ZERO,
+    };
+    assert_passed(&run);
+    let blk = device_line(&run, "virtio-blk0");
+    assert_eq!(counter(blk, "request.host_io"), 1, "{blk}");
+    assert_eq!(counter(blk, "refused"), 1, "{blk}");
+}
