@@ -792,6 +792,37 @@ static void test_vsock(void) {
     check(vs_send_raw(&d, VS_HDR + 10) == 0, "vsock: a length that disagrees with the payload is dropped");
     check(vs_send_raw(&d, 20) == 0, "vsock: a short header is dropped");
     vs_send(&d, VS_RST, 4002, 5000, 0);
+
+    /* Host port 6000 is a listener that never accepts, so nothing drains the connection;
+     * sending on regardless of credit must get the connection reset. */
+    vs_fwd = 0;
+    vs_send(&d, VS_REQUEST, 4003, 6000, 0);
+    check(vs_expect(&d, VS_RESPONSE) != 0, "vsock: the silent listener's connection opens");
+    struct vs_hdr *hd = (struct vs_hdr *)vs_tx;
+    int reset = 0;
+    for (int i = 0; i < 128 && !reset; i++) {
+        hd->src_cid = vs_cid;
+        hd->dst_cid = 2;
+        hd->src_port = 4003;
+        hd->dst_port = 6000;
+        hd->len = sizeof(data);
+        hd->type = 1;
+        hd->op = VS_RW;
+        hd->buf_alloc = 65536;
+        hd->fwd_cnt = 0;
+        set_desc(d.q1->desc, 0, vs_tx, VS_HDR, F_NEXT, 1);
+        set_desc(d.q1->desc, 1, data, sizeof(data), 0, 0);
+        post(&d, 1, d.q1, 0);
+        wait_used(&d, d.q1, 0);
+        /* Look for the reset without waiting: the device queues it as it refuses. */
+        struct vq *rq = d.q;
+        while (!reset && *(volatile u16 *)&rq->used.idx != rq->last_used) {
+            vs_recv(&d, vs_pkt);
+            struct vs_hdr *r = (struct vs_hdr *)vs_pkt;
+            reset = r->op == VS_RST && r->dst_port == 4003;
+        }
+    }
+    check(reset, "vsock: sending past the credit resets the connection");
 }
 
 void guest_main(void) {
