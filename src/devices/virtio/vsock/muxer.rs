@@ -468,15 +468,12 @@ fn write_packet(ctx: &QueueContext<'_>, chain: &Chain, h: &Header, payload: &[u8
         ctx.refuse(RequestViolation::UnexpectedReadable);
         return 0;
     }
-    let total = HEADER_LEN + payload.len();
-    if chain.writable_len() < total as u64 {
+    // Refused when the packet does not fit the chain's writable buffers.
+    if !chain.write_parts(ctx.mem, &[&h.encode(), payload]) {
         DeviceCounters::add(&ctx.counters().dropped, 1);
         return 0;
     }
-    if !chain.write_parts(ctx.mem, &[&h.encode(), payload]) {
-        return 0;
-    }
-    total as u32
+    (HEADER_LEN + payload.len()) as u32
 }
 
 impl QueueHandler for VsockQueues {
@@ -511,14 +508,9 @@ impl QueueHandler for VsockQueues {
 
     fn backend_ready(&mut self, ctx: Option<&mut QueueContext<'_>>, token: u32) {
         if token == LISTENER_TOKEN {
+            // Each accepted socket reports its own readiness once the worker watches it
+            // (edge-triggered registration reports what is already pending).
             self.accept_all();
-            if let Some(ctx) = ctx {
-                let waiting: Vec<u32> = self.conns.keys().copied().collect();
-                for t in waiting {
-                    self.read_connect_line(t);
-                }
-                self.receive(ctx);
-            }
             return;
         }
         self.socket_event(ctx, token);
