@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use seccompiler::{compile_from_json, TargetArch};
 
 /// One filter per thread role; each JSON file holds one filter named for its role.
-const ROLES: &[&str] = &["vmm", "vcpu"];
+const ROLES: &[&str] = &["vmm", "vcpu", "supervisor"];
 
 fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -32,7 +32,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitSignal;
-use crate::telemetry::VmCounters;
+use crate::telemetry::{DeviceTelemetry, OnViolation, Reporter};
 use crate::vmm::{RawTerminal, Vmm};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, MemoryError};
@@ -70,6 +70,8 @@ pub enum BuildError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::RegionError),
     #[error("cannot open console file {path}: {source}")]
     ConsoleFile {
         path: std::path::PathBuf,
@@ -93,8 +95,23 @@ impl BuildError {
     }
 }
 
+/// What the VM process was handed besides its settings.
+pub struct BuildEnv {
+    /// Where counters and events go (the supervisor's telemetry region).
+    pub reporter: Reporter,
+    /// The console file the supervisor opened, for `--console file:PATH`.
+    pub console_file: Option<File>,
+    /// CLOCK_MONOTONIC nanoseconds when `bulkhead run` started: boot times count from here.
+    pub start_ns: u64,
+}
+
 /// Builds the VM described by `config`, ready for [`Vmm::run`].
-pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
+pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
+    let BuildEnv {
+        reporter,
+        console_file,
+        start_ns,
+    } = env;
     let mut kernel_file = BootFile::open("kernel", &config.kernel)?;
     let mut initrd_file = match &config.initrd {
         Some(path) => Some(BootFile::open("initrd", path)?),
@@ -119,12 +136,15 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     kvm::check_vcpu_limit(&kvm, config.vcpus)?;
     let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
     let vm = Vm::new(&kvm, guest_memory)?;
+    if !vm.filter_msrs(&kvm)? {
+        log::warn!("this KVM can not filter MSRs to user space: msr_probe alerts are off");
+    }
 
     let exit = Arc::new(ExitSignal::new().map_err(|source| BuildError::EventFd {
         what: "VM exit",
         source,
     })?);
-    let (console_out, console_input) = console(&config.console)?;
+    let (console_out, console_input) = console(&config.console, console_file)?;
     let raw_terminal = console_input
         .as_ref()
         .and_then(|_| RawTerminal::new(libc::STDIN_FILENO));
@@ -132,9 +152,22 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial = Arc::new(SerialPort::new(serial_irq, console_out));
     let keyboard_irq = irq_line(&vm, legacy::I8042_IRQ, "the keyboard IRQ")?;
     let i8042 = Arc::new(I8042::new(keyboard_irq, exit.clone()));
-    let pio = pio_bus(&serial, &i8042, &exit)?;
+    let pio = pio_bus(&serial, &i8042, &exit, &reporter, start_ns)?;
+    #[cfg(debug_assertions)]
+    let pio = {
+        let mut pio = pio;
+        if config.test_hook == Some(crate::config::TestHook::GuestForbiddenSyscall) {
+            pio.insert(Arc::new(SeccompHookPort), SECCOMP_HOOK_PORT, 1)?;
+        }
+        pio
+    };
 
-    let mut virtio = VirtioBus::default();
+    let mut virtio = VirtioBus {
+        names: config.device_names(),
+        reporter: Some(reporter.clone()),
+        on_violation: config.supervision.on_violation,
+        ..VirtioBus::default()
+    };
     for (index, (disk, id)) in disks.into_iter().enumerate() {
         log::debug!(
             "virtio-blk{index}: id {id}, {} sectors{}",
@@ -142,12 +175,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             if disk.read_only { ", read-only" } else { "" }
         );
         let device = Box::new(Block::new(&disk));
-        virtio.attach(
-            &vm,
-            format!("virtio-blk{index}"),
-            device,
-            Box::new(BlockQueue::new(disk)),
-        )?;
+        virtio.attach(&vm, device, Box::new(BlockQueue::new(disk)))?;
     }
     for (index, (tap, mac)) in taps.into_iter().enumerate() {
         log::debug!(
@@ -156,12 +184,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
             crate::config::format_mac(&mac)
         );
         let queues = Box::new(NetQueues::new(tap, mac));
-        virtio.attach(
-            &vm,
-            format!("virtio-net{index}"),
-            Box::new(Net::new(mac)),
-            queues,
-        )?;
+        virtio.attach(&vm, Box::new(Net::new(mac)), queues)?;
     }
     if let Some(backend) = vsock {
         log::debug!(
@@ -171,15 +194,10 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
         );
         let device = Box::new(Vsock::new(backend.cid));
         let queues = Box::new(VsockQueues::new(backend));
-        virtio.attach(&vm, "virtio-vsock0".to_string(), device, queues)?;
+        virtio.attach(&vm, device, queues)?;
     }
     if config.rng {
-        virtio.attach(
-            &vm,
-            "virtio-rng0".to_string(),
-            Box::new(Rng),
-            Box::new(RngQueue),
-        )?;
+        virtio.attach(&vm, Box::new(Rng), Box::new(RngQueue))?;
     }
 
     let mem = vm.memory();
@@ -218,7 +236,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let io = Arc::new(VcpuIo {
         pio: Arc::new(pio),
         mmio: Arc::new(virtio.bus),
-        counters: Arc::new(VmCounters::default()),
+        reporter,
         exit,
     });
     Ok(Vmm {
@@ -242,6 +260,10 @@ struct VirtioBus {
     cmdline: Vec<String>,
     devices: Vec<Arc<DeviceShared>>,
     workers: Vec<VirtioWorker>,
+    /// Each device's name, by attach order (`VmConfig::device_names`).
+    names: Vec<String>,
+    reporter: Option<Reporter>,
+    on_violation: OnViolation,
 }
 
 impl VirtioBus {
@@ -250,21 +272,31 @@ impl VirtioBus {
     fn attach(
         &mut self,
         vm: &Vm,
-        name: String,
         device: Box<dyn VirtioDevice>,
         handler: Box<dyn QueueHandler>,
     ) -> Result<(), BuildError> {
         let index = self.devices.len();
+        let name = self
+            .names
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| format!("virtio{index}"));
         let base = layout::VIRTIO_MMIO_BASE + index as u64 * layout::VIRTIO_MMIO_STRIDE;
         let irq = layout::VIRTIO_IRQ_BASE + index as u32;
         let event_fd = |what| {
             EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::EventFd { what, source })
         };
         let irq_evt = irq_line(vm, irq, "a virtio IRQ")?;
+        let telemetry = match &self.reporter {
+            Some(r) => DeviceTelemetry::new(r.clone(), u16::try_from(index).unwrap_or(u16::MAX)),
+            None => DeviceTelemetry::detached().map_err(BuildError::Telemetry)?,
+        };
         let shared = Arc::new(DeviceShared::new(
             name,
             irq_evt,
             event_fd("a virtio state change")?,
+            telemetry,
+            self.on_violation,
         ));
         let notify = base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
         let mut queue_evts = Vec::new();
@@ -285,6 +317,26 @@ impl VirtioBus {
     }
 }
 
+/// The guest port that, with `--test-hook guest-forbidden-syscall`, stands for a device bug
+/// a guest exploits to run code of its choice on a vCPU thread.
+#[cfg(debug_assertions)]
+const SECCOMP_HOOK_PORT: u64 = 0xf6;
+
+#[cfg(debug_assertions)]
+struct SeccompHookPort;
+
+#[cfg(debug_assertions)]
+impl crate::devices::BusDevice for SeccompHookPort {
+    fn read(&self, _offset: u64, _data: &mut [u8]) -> bool {
+        false
+    }
+
+    fn write(&self, _offset: u64, _data: &[u8]) -> bool {
+        crate::seccomp::forbidden_syscall();
+        true
+    }
+}
+
 /// An eventfd that raises `gsi` when written (an irqfd); `what` names it in errors.
 fn irq_line(vm: &Vm, gsi: u32, what: &'static str) -> Result<EventFd, BuildError> {
     let evt =
@@ -297,6 +349,8 @@ fn pio_bus(
     serial: &Arc<SerialPort>,
     i8042: &Arc<I8042>,
     exit: &Arc<ExitSignal>,
+    reporter: &Reporter,
+    start_ns: u64,
 ) -> Result<Bus, BuildError> {
     let mut pio = Bus::new();
     pio.insert(
@@ -315,7 +369,7 @@ fn pio_bus(
         1,
     )?;
     pio.insert(
-        Arc::new(BootCompletePort::default()),
+        Arc::new(BootCompletePort::new(reporter.clone(), start_ns)),
         legacy::BOOT_COMPLETE_PORT,
         1,
     )?;
@@ -323,8 +377,15 @@ fn pio_bus(
     Ok(pio)
 }
 
-/// The console's output sink and, for stdio, its input source.
-fn console(config: &ConsoleConfig) -> Result<(Box<dyn Write + Send>, Option<File>), BuildError> {
+/// The console's output sink and, for stdio, its input source. A console file the
+/// supervisor opened (`opened`) is used as it is.
+fn console(
+    config: &ConsoleConfig,
+    opened: Option<File>,
+) -> Result<(Box<dyn Write + Send>, Option<File>), BuildError> {
+    if let (ConsoleConfig::File(_), Some(file)) = (config, opened) {
+        return Ok((Box::new(file), None));
+    }
     match config {
         ConsoleConfig::Stdio => {
             let stdin = dup_stdin();

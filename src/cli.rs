@@ -44,7 +44,10 @@ impl From<LogLevel> for log::LevelFilter {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot one VM and wait for it to end; exits with the guest's status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// The VM process `run` starts: builds and runs the VM it is handed. Not for direct use.
+    #[command(hide = true)]
+    VmProcess,
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +100,21 @@ pub struct RunArgs {
     /// Run without seccomp filters. For debugging only: the VMM is then unconfined.
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Write Prometheus metrics to PATH, replaced every second and at exit.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+    /// Write alerts as JSON lines (Falco's layout) to PATH, or to stderr with `-`.
+    #[arg(long, value_name = "PATH|-")]
+    pub alerts: Option<String>,
+    /// Also POST each alert to a falcosidekick-compatible endpoint.
+    #[arg(long, value_name = "http://HOST[:PORT][/PATH]")]
+    pub alerts_http: Option<String>,
+    /// End the VM after SECS seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// What follows an alert [default: reset-device for virtio rules, log for the rest].
+    #[arg(long, value_name = "log|reset-device|stop-vm")]
+    pub on_violation: Option<String>,
     /// KVM device to open.
     #[arg(long, value_name = "PATH", hide = true)]
     pub kvm_device: Option<PathBuf>,
@@ -123,6 +141,11 @@ impl RunArgs {
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
             vsock: self.vsock.clone(),
             rng: self.no_rng.then_some(false),
+            metrics_file: self.metrics_file.clone(),
+            alerts: self.alerts.clone(),
+            alerts_http: self.alerts_http.clone(),
+            timeout: self.timeout,
+            on_violation: self.on_violation.clone(),
         }
     }
 }

@@ -6,12 +6,14 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 mod devices;
+mod supervision;
 
 pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet, RawVsock, VsockConfig};
 use devices::{validate_disks, validate_nets, validate_vsock};
+pub use supervision::{AlertsTarget, HttpTarget, RawSupervision, Supervision, MAX_TIMEOUT_SECS};
 
 /// Smallest guest RAM accepted; below this even the test guests' page tables and stacks are
 /// cramped, and a Linux guest can not decompress.
@@ -31,6 +33,10 @@ pub const MAX_ID_LEN: usize = 64;
 pub const MAX_DISK_ID_LEN: usize = 20;
 /// Virtio devices take IRQs 5 to 23, one each.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+// The telemetry region has a row for every vCPU and a slot for every device a VM may have.
+const _: () = assert!(MAX_VCPUS as usize <= crate::telemetry::MAX_VCPUS);
+const _: () = assert!(MAX_VIRTIO_DEVICES <= crate::telemetry::MAX_DEVICES);
 
 /// Errors in user-supplied settings.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,10 +83,20 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit (one IRQ each)")]
     TooManyDevices(usize),
+    #[error("invalid --alerts {0:?}: expected a file path, or - for standard error")]
+    Alerts(String),
+    #[error("invalid --alerts-http {0:?}: expected http://HOST[:PORT][/PATH] (https is not supported; point it at a local falcosidekick)")]
+    AlertsHttp(String),
+    #[error("--timeout {0} is out of range: use 1 to {MAX_TIMEOUT_SECS} seconds")]
+    Timeout(u64),
+    #[error("--metrics-file needs a path")]
+    MetricsFile,
+    #[error("{0}")]
+    OnViolation(String),
 }
 
 /// Where the guest's serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ConsoleConfig {
     /// The VMM's stdin and stdout.
     #[default]
@@ -118,12 +134,17 @@ impl fmt::Display for ConsoleConfig {
 
 /// Debugging hooks that make the VMM misbehave on purpose, so tests can prove its defences.
 /// Only compiled into debug builds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TestHook {
     /// The vCPU thread makes a system call its seccomp filter forbids before its first KVM_RUN.
     VcpuForbiddenSyscall,
     /// The VMM thread does the same before serving its event loop.
     VmmForbiddenSyscall,
+    /// A guest write to port 0xf6 makes the vCPU thread do the same: a stand-in for a guest
+    /// that has taken over a VMM thread.
+    GuestForbiddenSyscall,
+    /// The supervisor makes a system call its own filter forbids once the VM is running.
+    SupervisorForbiddenSyscall,
 }
 
 impl std::str::FromStr for TestHook {
@@ -133,6 +154,8 @@ impl std::str::FromStr for TestHook {
         match s {
             "vcpu-forbidden-syscall" => Ok(TestHook::VcpuForbiddenSyscall),
             "vmm-forbidden-syscall" => Ok(TestHook::VmmForbiddenSyscall),
+            "guest-forbidden-syscall" => Ok(TestHook::GuestForbiddenSyscall),
+            "supervisor-forbidden-syscall" => Ok(TestHook::SupervisorForbiddenSyscall),
             _ => Err(format!("unknown test hook {s:?}")),
         }
     }
@@ -163,6 +186,16 @@ pub struct RawConfig {
     pub vsock: Option<RawVsock>,
     /// `false` leaves out the virtio-rng device.
     pub rng: Option<bool>,
+    /// Prometheus text file the supervisor keeps up to date.
+    pub metrics_file: Option<PathBuf>,
+    /// Where alerts go: a file, or `-` for standard error.
+    pub alerts: Option<String>,
+    /// A falcosidekick-compatible endpoint each alert is also POSTed to.
+    pub alerts_http: Option<String>,
+    /// Seconds the VM may run.
+    pub timeout: Option<u64>,
+    /// `log`, `reset-device` or `stop-vm`.
+    pub on_violation: Option<String>,
 }
 
 impl RawConfig {
@@ -188,12 +221,17 @@ impl RawConfig {
             nets: over.nets.or(self.nets),
             vsock: over.vsock.or(self.vsock),
             rng: over.rng.or(self.rng),
+            metrics_file: over.metrics_file.or(self.metrics_file),
+            alerts: over.alerts.or(self.alerts),
+            alerts_http: over.alerts_http.or(self.alerts_http),
+            timeout: over.timeout.or(self.timeout),
+            on_violation: over.on_violation.or(self.on_violation),
         }
     }
 }
 
-/// Validated settings for one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Validated settings for one VM. The supervisor hands them to the VM process as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -210,6 +248,7 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
+    pub supervision: Supervision,
     pub test_hook: Option<TestHook>,
 }
 
@@ -254,6 +293,14 @@ impl VmConfig {
         let nets = validate_nets(raw.nets.unwrap_or_default(), &vm_id)?;
         let vsock = validate_vsock(raw.vsock)?;
         let rng = raw.rng.unwrap_or(true);
+        let supervision = RawSupervision {
+            metrics_file: raw.metrics_file,
+            alerts: raw.alerts,
+            alerts_http: raw.alerts_http,
+            timeout: raw.timeout,
+            on_violation: raw.on_violation,
+        }
+        .validate()?;
         let devices = disks.len() + nets.len() + usize::from(vsock.is_some()) + usize::from(rng);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
@@ -273,6 +320,7 @@ impl VmConfig {
             nets,
             vsock,
             rng,
+            supervision,
             test_hook: None,
         })
     }
@@ -280,6 +328,16 @@ impl VmConfig {
     /// Guest RAM in bytes.
     pub fn mem_bytes(&self) -> u64 {
         self.mem_mib << 20
+    }
+
+    /// The virtio devices' names, in the order the guest finds them (and their telemetry slots
+    /// are numbered): disks, network devices, vsock, rng.
+    pub fn device_names(&self) -> Vec<String> {
+        let disks = (0..self.disks.len()).map(|i| format!("virtio-blk{i}"));
+        let nets = (0..self.nets.len()).map(|i| format!("virtio-net{i}"));
+        let vsock = self.vsock.iter().map(|_| "virtio-vsock0".to_string());
+        let rng = self.rng.then(|| "virtio-rng0".to_string());
+        disks.chain(nets).chain(vsock).chain(rng).collect()
     }
 }
 

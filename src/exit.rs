@@ -31,7 +31,14 @@ pub mod status {
     pub const UNHANDLED_EXIT: i32 = 84;
     /// A vCPU thread failed (KVM_RUN error or a panic).
     pub const VCPU_FAILED: i32 = 85;
-    /// A VMM thread made a system call its seccomp filter forbids (128 + SIGSYS).
+    /// `--on-violation stop-vm` ended the VM after an alert.
+    pub const POLICY_STOP: i32 = 86;
+    /// `--timeout` ended the VM (the status timeout(1) uses).
+    pub const TIMEOUT: i32 = 124;
+    /// The VM was stopped from outside (SIGTERM to `bulkhead run`): 128 + SIGTERM.
+    pub const TERMINATED: i32 = 143;
+    /// A VMM thread made a system call its seccomp filter forbids (128 + SIGSYS): the VM
+    /// process was killed by SIGSYS. Other signals that kill it give 128 + their number.
     pub const SECCOMP_VIOLATION: i32 = 159;
 }
 
@@ -54,6 +61,8 @@ pub enum VmExitReason {
     UnhandledExit { vcpu: u32, exit: String },
     /// A vCPU thread failed.
     VcpuFailed { vcpu: u32, error: String },
+    /// The supervisor asked the VM process to stop (SIGTERM).
+    Stopped,
 }
 
 impl VmExitReason {
@@ -68,12 +77,76 @@ impl VmExitReason {
             VmExitReason::FailEntry { .. } => status::FAIL_ENTRY,
             VmExitReason::UnhandledExit { .. } => status::UNHANDLED_EXIT,
             VmExitReason::VcpuFailed { .. } => status::VCPU_FAILED,
+            VmExitReason::Stopped => status::TERMINATED,
         }
     }
 
     /// True when the guest ended itself on purpose.
     pub fn is_orderly(&self) -> bool {
         matches!(self, VmExitReason::GuestExit(_) | VmExitReason::Reset)
+    }
+
+    /// The name metrics use for this reason.
+    pub fn label(&self) -> &'static str {
+        match self {
+            VmExitReason::GuestExit(_) => "guest_exit",
+            VmExitReason::Reset => "reset",
+            VmExitReason::AllHalted => "all_halted",
+            VmExitReason::TripleFault { .. } => "triple_fault",
+            VmExitReason::InternalError { .. } => "internal_error",
+            VmExitReason::FailEntry { .. } => "fail_entry",
+            VmExitReason::UnhandledExit { .. } => "unhandled_exit",
+            VmExitReason::VcpuFailed { .. } => "vcpu_failed",
+            VmExitReason::Stopped => "stopped",
+        }
+    }
+
+    /// The reason as three numbers for the telemetry region's exit record. Text details stay
+    /// behind (the VM process logs them itself).
+    pub fn to_record(&self) -> (u64, u64, u64) {
+        match *self {
+            VmExitReason::GuestExit(n) => (1, u64::from(n), 0),
+            VmExitReason::Reset => (2, 0, 0),
+            VmExitReason::AllHalted => (3, 0, 0),
+            VmExitReason::TripleFault { vcpu } => (4, u64::from(vcpu), 0),
+            VmExitReason::InternalError { vcpu, suberror } => {
+                (5, u64::from(vcpu), u64::from(suberror))
+            }
+            VmExitReason::FailEntry { vcpu, reason } => (6, u64::from(vcpu), reason),
+            VmExitReason::UnhandledExit { vcpu, .. } => (7, u64::from(vcpu), 0),
+            VmExitReason::VcpuFailed { vcpu, .. } => (8, u64::from(vcpu), 0),
+            VmExitReason::Stopped => (9, 0, 0),
+        }
+    }
+
+    /// The inverse of [`Self::to_record`], for numbers read from an untrusted region: None
+    /// unless they name a reason.
+    pub fn from_record(kind: u64, a: u64, b: u64) -> Option<VmExitReason> {
+        let vcpu = u32::try_from(a).ok();
+        Some(match kind {
+            1 => VmExitReason::GuestExit(u8::try_from(a).ok()?),
+            2 => VmExitReason::Reset,
+            3 => VmExitReason::AllHalted,
+            4 => VmExitReason::TripleFault { vcpu: vcpu? },
+            5 => VmExitReason::InternalError {
+                vcpu: vcpu?,
+                suberror: u32::try_from(b).ok()?,
+            },
+            6 => VmExitReason::FailEntry {
+                vcpu: vcpu?,
+                reason: b,
+            },
+            7 => VmExitReason::UnhandledExit {
+                vcpu: vcpu?,
+                exit: "see the VM process's log".to_string(),
+            },
+            8 => VmExitReason::VcpuFailed {
+                vcpu: vcpu?,
+                error: "see the VM process's log".to_string(),
+            },
+            9 => VmExitReason::Stopped,
+            _ => return None,
+        })
     }
 }
 
@@ -97,6 +170,7 @@ impl fmt::Display for VmExitReason {
                 write!(f, "vCPU {vcpu} stopped on an unhandled KVM exit: {exit}")
             }
             VmExitReason::VcpuFailed { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
+            VmExitReason::Stopped => write!(f, "the VM was stopped from outside"),
         }
     }
 }
@@ -181,11 +255,14 @@ mod tests {
                 vcpu: 0,
                 error: "x".into(),
             },
+            VmExitReason::Stopped,
         ];
         let mut statuses: Vec<i32> = reasons.iter().map(VmExitReason::status).collect();
         statuses.push(status::RUNTIME_ERROR);
         statuses.push(status::BAD_INPUT);
         statuses.push(status::SECCOMP_VIOLATION);
+        statuses.push(status::POLICY_STOP);
+        statuses.push(status::TIMEOUT);
         let n = statuses.len();
         statuses.sort_unstable();
         statuses.dedup();
@@ -202,5 +279,32 @@ mod tests {
         assert!(signal.is_stopping());
         assert_eq!(signal.reason(), Some(VmExitReason::GuestExit(3)));
         assert_eq!(signal.event_fd().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn every_reason_survives_the_exit_record_and_garbage_does_not_decode() {
+        let reasons = [
+            VmExitReason::GuestExit(200),
+            VmExitReason::Reset,
+            VmExitReason::AllHalted,
+            VmExitReason::TripleFault { vcpu: 3 },
+            VmExitReason::InternalError {
+                vcpu: 1,
+                suberror: 4,
+            },
+            VmExitReason::FailEntry {
+                vcpu: 0,
+                reason: 0x80000021,
+            },
+            VmExitReason::Stopped,
+        ];
+        for r in reasons {
+            let (k, a, b) = r.to_record();
+            assert_eq!(VmExitReason::from_record(k, a, b), Some(r.clone()));
+        }
+        assert_eq!(VmExitReason::from_record(1, 256, 0), None);
+        assert_eq!(VmExitReason::from_record(4, u64::MAX, 0), None);
+        assert_eq!(VmExitReason::from_record(0, 0, 0), None);
+        assert_eq!(VmExitReason::from_record(99, 0, 0), None);
     }
 }

@@ -14,10 +14,27 @@ pub mod exit;
 pub mod logger;
 pub mod seccomp;
 pub mod signal;
+pub mod supervisor;
 pub mod telemetry;
 pub mod vmm;
+pub mod vmproc;
 pub mod vstate;
 
 pub use builder::{build_vm, BuildError};
 pub use config::{ConfigError, RawConfig, VmConfig};
 pub use exit::VmExitReason;
+
+/// An error and its sources, joined into one clear line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -14,11 +14,21 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 /// Lines one call site may print per second.
 pub const BURST: u32 = 10;
 
-static START: OnceLock<Instant> = OnceLock::new();
+static START: OnceLock<(Instant, u64)> = OnceLock::new();
+
+fn start() -> (Instant, u64) {
+    *START.get_or_init(|| (Instant::now(), crate::telemetry::monotonic_ns()))
+}
 
 /// The instant the process started (first asked for); boot timings count from here.
 pub fn process_start() -> Instant {
-    *START.get_or_init(Instant::now)
+    start().0
+}
+
+/// The same instant as CLOCK_MONOTONIC nanoseconds, a number another process can compare
+/// its own clock readings with.
+pub fn process_start_ns() -> u64 {
+    start().1
 }
 
 struct StderrLogger {

@@ -1,5 +1,6 @@
-//! The `bulkhead` command: parses arguments, sets up logging, runs one VM, and turns the
-//! outcome into the process exit status. It never touches KVM itself.
+//! The `bulkhead` command: parses arguments, sets up logging, and hands over to the
+//! supervisor (`run`) or, in the process the supervisor starts, to the VM process
+//! (`vm-process`). It never touches KVM itself.
 
 mod cli;
 
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 
 use bulkhead::config::{host_mem_mib, VmConfig};
 use bulkhead::exit::status;
-use bulkhead::{build_vm, RawConfig};
+use bulkhead::RawConfig;
 use clap::Parser;
 
 use cli::{Cli, Command, RunArgs};
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     bulkhead::logger::init("bulkhead", cli.log_level.into());
     let code = match cli.command {
         Command::Run(args) => run(&args),
+        Command::VmProcess => bulkhead::vmproc::main(),
     };
     exit_code(code)
 }
@@ -47,39 +49,7 @@ fn run(args: &RunArgs) -> i32 {
     if !config.seccomp {
         log::warn!("*** --no-seccomp: seccomp filters are OFF; this VMM is not confined. Debugging only. ***");
     }
-    let vmm = match build_vm(&config) {
-        Ok(vmm) => vmm,
-        Err(e) => {
-            log::error!("{}", error_chain(&e));
-            return if e.is_bad_input() {
-                status::BAD_INPUT
-            } else {
-                status::RUNTIME_ERROR
-            };
-        }
-    };
-    match vmm.run() {
-        Ok(outcome) => {
-            log::debug!("VM {} counters: {}", config.vm_id, outcome.counters);
-            for device in &outcome.devices {
-                log::debug!("VM {} device {device}", config.vm_id);
-            }
-            let message = format!(
-                "VM {} (tenant {}): {}",
-                config.vm_id, config.tenant, outcome.reason
-            );
-            if outcome.reason.is_orderly() {
-                log::info!("{message}");
-            } else {
-                log::error!("{message}");
-            }
-            outcome.reason.status()
-        }
-        Err(e) => {
-            log::error!("{}", error_chain(&e));
-            status::RUNTIME_ERROR
-        }
-    }
+    bulkhead::supervisor::run(&config)
 }
 
 fn load_config(args: &RunArgs) -> Result<VmConfig, String> {
@@ -100,19 +70,4 @@ fn load_config(args: &RunArgs) -> Result<VmConfig, String> {
         config.test_hook = Some(hook);
     }
     Ok(config)
-}
-
-/// The error and its sources, joined, for one clear line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }

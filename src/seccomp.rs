@@ -8,6 +8,7 @@ use seccompiler::{sock_filter, BpfProgram};
 
 static VMM_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmm.bpf"));
 static VCPU_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vcpu.bpf"));
+static SUPERVISOR_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/supervisor.bpf"));
 
 /// The roles a bulkhead thread can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +17,9 @@ pub enum ThreadRole {
     Vmm,
     /// A vCPU thread: KVM_RUN and the exit handlers.
     Vcpu,
+    /// The supervisor process, once the VM process is running: watching, writing outputs,
+    /// ending the VM.
+    Supervisor,
 }
 
 impl ThreadRole {
@@ -23,6 +27,7 @@ impl ThreadRole {
         match self {
             ThreadRole::Vmm => "vmm",
             ThreadRole::Vcpu => "vcpu",
+            ThreadRole::Supervisor => "supervisor",
         }
     }
 
@@ -30,6 +35,7 @@ impl ThreadRole {
         match self {
             ThreadRole::Vmm => VMM_BPF,
             ThreadRole::Vcpu => VCPU_BPF,
+            ThreadRole::Supervisor => SUPERVISOR_BPF,
         }
     }
 }
@@ -73,6 +79,30 @@ pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
     })
 }
 
+/// Installs `role`'s filter on every thread of the process at once (TSYNC): for a process
+/// whose helper threads were started before it confines itself.
+pub fn apply_all_threads(role: ThreadRole) -> Result<(), SeccompError> {
+    let program = program(role)?;
+    seccompiler::apply_filter_all_threads(&program).map_err(|source| SeccompError::Install {
+        role: role.name(),
+        source,
+    })
+}
+
+/// Makes a system call no filter allows, to prove the filters work (debug builds only).
+#[cfg(debug_assertions)]
+pub fn forbidden_syscall() {
+    // A raw packet socket: no role's filter allows it (the VMM thread may open only Unix
+    // sockets, the supervisor only IP ones).
+    // SAFETY: socket(2) with constant arguments touches no memory of ours; if it is somehow
+    // allowed, the fd is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd >= 0 {
+        // SAFETY: `fd` was just returned to us and is not used elsewhere.
+        unsafe { libc::close(fd) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,7 +112,7 @@ mod tests {
 
     #[test]
     fn every_role_has_a_filter_that_traps_by_default() {
-        for role in [ThreadRole::Vmm, ThreadRole::Vcpu] {
+        for role in [ThreadRole::Vmm, ThreadRole::Vcpu, ThreadRole::Supervisor] {
             let prog = program(role).unwrap();
             assert!(prog.len() > 10, "{role:?} filter is suspiciously short");
             // The mismatch action is a `ret TRAP` somewhere in the program.

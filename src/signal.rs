@@ -1,21 +1,35 @@
 //! Signal handlers: the seccomp violation reporter (SIGSYS) and the vCPU kick.
 //!
 //! Both run on whatever thread the signal hits, so they only touch atomics, const-initialised
-//! thread-locals and the stack, and call only write(2) and _exit(2): no allocation, no locks,
-//! no `log`.
+//! thread-locals and the stack, and call only write(2), tgkill(2) and _exit(2): no allocation,
+//! no locks, no `log`.
+//!
+//! The SIGSYS reporter hands the thread and system call to the supervisor through the
+//! telemetry region, then lets SIGSYS kill the process, so the supervisor also learns of the
+//! violation from the kernel (the wait status), which a compromised process can not forge
+//! away.
 
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{fence, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicI64, AtomicPtr, AtomicU64, Ordering};
 
 use kvm_bindings::kvm_run;
 
 use crate::exit::status;
+use crate::telemetry::Page;
 
 /// Seccomp violations seen by this process (at most one: the first ends the process).
 pub static SECCOMP_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 /// The system call number of the last violation, -1 if none.
 pub static SECCOMP_LAST_SYSCALL: AtomicI64 = AtomicI64::new(-1);
+/// The telemetry region the reporter writes to (null in the supervisor).
+static TELEMETRY: AtomicPtr<Page> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Makes the SIGSYS reporter record violations in `page`, which must stay mapped for the rest
+/// of the process's life (the VM process never unmaps its region).
+pub fn set_telemetry(page: *const Page) {
+    TELEMETRY.store(page.cast_mut(), Ordering::Release);
+}
 
 thread_local! {
     /// This thread's role name, for violation reports.
@@ -88,9 +102,9 @@ fn format_violation(buf: &mut [u8], thread: &[u8], syscall: i64) -> usize {
     );
     put(buf, &mut pos, b" made forbidden system call ");
     put_decimal(buf, &mut pos, syscall);
-    put(buf, &mut pos, b"; ending the VM with status ");
+    put(buf, &mut pos, b"; ending with SIGSYS (status ");
     put_decimal(buf, &mut pos, i64::from(status::SECCOMP_VIOLATION));
-    put(buf, &mut pos, b"\n");
+    put(buf, &mut pos, b")\n");
     pos
 }
 
@@ -109,11 +123,26 @@ extern "C" fn sigsys_handler(
     SECCOMP_VIOLATIONS.fetch_add(1, Ordering::Relaxed);
     SECCOMP_LAST_SYSCALL.store(syscall, Ordering::Relaxed);
     let name = THREAD_NAME.with(|c| c.get());
+    let page = TELEMETRY.load(Ordering::Acquire);
+    if !page.is_null() {
+        // SAFETY: `page` was set by `set_telemetry` to a mapping that lives as long as the
+        // process; the record is atomics only, so writing it from a handler is sound.
+        unsafe { (*page).seccomp.write(syscall, &name) };
+    }
     let mut buf = [0u8; 192];
     let len = format_violation(&mut buf, &name, syscall);
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf[..len]` is initialised.
+    // SAFETY: write(2), getpid, gettid, tgkill(2) and _exit(2) are async-signal-safe;
+    // `buf[..len]` is initialised. SA_RESETHAND restored SIGSYS's default action on entry and
+    // SA_NODEFER left it unblocked, so tgkill ends the process by SIGSYS right here; _exit
+    // only runs if the signal could not be sent.
     unsafe {
         libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len);
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::gettid(),
+            libc::SIGSYS,
+        );
         libc::_exit(status::SECCOMP_VIOLATION);
     }
 }
@@ -133,12 +162,12 @@ extern "C" fn kick_handler(
     fence(Ordering::SeqCst);
 }
 
-fn install(signum: libc::c_int, handler: usize) -> io::Result<()> {
+fn install(signum: libc::c_int, handler: usize, extra_flags: libc::c_int) -> io::Result<()> {
     // SAFETY: an all-zero sigaction is a valid "no flags, empty mask" value.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = handler;
     // No SA_RESTART: a kick must make KVM_RUN return EINTR.
-    act.sa_flags = libc::SA_SIGINFO;
+    act.sa_flags = libc::SA_SIGINFO | extra_flags;
     // SAFETY: `act.sa_mask` is a valid sigset_t owned by us.
     unsafe { libc::sigemptyset(&mut act.sa_mask) };
     // SAFETY: `act` is fully initialised and the handler has the SA_SIGINFO signature.
@@ -148,10 +177,57 @@ fn install(signum: libc::c_int, handler: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Installs the SIGSYS reporter for the whole process. It runs once: the first violation
+/// resets SIGSYS to its default action (SA_RESETHAND), so the process dies by it.
+pub fn install_sigsys_reporter() -> io::Result<()> {
+    install(
+        libc::SIGSYS,
+        sigsys_handler as *const () as usize,
+        libc::SA_RESETHAND | libc::SA_NODEFER,
+    )
+}
+
 /// Installs the SIGSYS reporter and the vCPU kick handler for the whole process.
 pub fn install_handlers() -> io::Result<()> {
-    install(libc::SIGSYS, sigsys_handler as *const () as usize)?;
-    install(kick_signal(), kick_handler as *const () as usize)
+    install_sigsys_reporter()?;
+    install(kick_signal(), kick_handler as *const () as usize, 0)
+}
+
+/// Blocks `signals` for the calling thread (and threads it starts later) and returns a
+/// non-blocking signalfd that reports them instead.
+pub fn signalfd(signals: &[libc::c_int]) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: an all-zero sigset_t is a valid buffer for sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by us; sigaddset only edits it.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new signalfd for an initialised mask.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The next signal waiting on `fd` (a signalfd): its number, or None when there is none.
+pub fn read_signal(fd: &std::os::fd::OwnedFd) -> Option<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero signalfd_siginfo is a valid buffer.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is valid for writes of `size` bytes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(info).cast(), size) };
+    (usize::try_from(n).ok() == Some(size)).then_some(info.ssi_signo as libc::c_int)
 }
 
 #[cfg(test)]
@@ -167,7 +243,7 @@ mod tests {
         let line = std::str::from_utf8(&buf[..n]).unwrap();
         assert_eq!(
             line,
-            "bulkhead: seccomp violation: thread vcpu0 made forbidden system call 41; ending the VM with status 159\n"
+            "bulkhead: seccomp violation: thread vcpu0 made forbidden system call 41; ending with SIGSYS (status 159)\n"
         );
     }
 

@@ -19,7 +19,7 @@ use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::{cpuid, msr, ArchError};
 use crate::devices::{Bus, BusAccess};
 use crate::exit::{ExitSignal, VmExitReason};
-use crate::telemetry::VmCounters;
+use crate::telemetry::{Event, ExitKind, Reporter, VmCounter};
 use crate::{debug_limited, signal, warn_limited};
 
 const APIC_LVT_LINT0: usize = 0x350;
@@ -76,7 +76,7 @@ pub struct VcpuShared {
 pub struct VcpuIo {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
-    pub counters: Arc<VmCounters>,
+    pub reporter: Reporter,
     pub exit: Arc<ExitSignal>,
 }
 
@@ -165,14 +165,20 @@ impl Vcpu {
     /// after its seccomp filter is in place.
     pub fn run(mut self, io: &VcpuIo, shared: &VcpuShared) {
         signal::set_kvm_run(self.fd.get_kvm_run());
+        let row = io.reporter.region().vcpu(self.index as usize);
         while !io.exit.is_stopping() {
             let action = match self.fd.run() {
                 Ok(exit) => {
-                    VmCounters::inc(&io.counters.vcpu_exits);
+                    if let Some(row) = row {
+                        row.count(exit_kind(&exit));
+                    }
                     shared.stuck.store(false, Ordering::Relaxed);
                     handle_exit(exit, self.index, io)
                 }
                 Err(e) if e.errno() == libc::EINTR => {
+                    if let Some(row) = row {
+                        row.count(ExitKind::Interrupted);
+                    }
                     self.fd.set_kvm_immediate_exit(0);
                     if shared.check_halt.swap(false, Ordering::AcqRel) {
                         shared.stuck.store(self.is_stuck(), Ordering::Release);
@@ -189,7 +195,12 @@ impl Vcpu {
                 ExitAction::Continue => {}
                 ExitAction::InternalError => {
                     let suberror = self.internal_error_suberror();
-                    VmCounters::inc(&io.counters.vcpu_failures);
+                    io.reporter.region().count(VmCounter::VcpuFailures);
+                    io.reporter.post(Event::EntryFailure {
+                        vcpu: vcpu_id(self.index),
+                        internal: true,
+                        code: u64::from(suberror),
+                    });
                     io.exit.request(VmExitReason::InternalError {
                         vcpu: self.index,
                         suberror,
@@ -197,7 +208,7 @@ impl Vcpu {
                 }
                 ExitAction::Stop(reason) => {
                     if !reason.is_orderly() {
-                        VmCounters::inc(&io.counters.vcpu_failures);
+                        io.reporter.region().count(VmCounter::VcpuFailures);
                     }
                     io.exit.request(reason);
                 }
@@ -266,24 +277,66 @@ impl Space {
     }
 }
 
+/// The vCPU's number as events carry it (the MP table caps vCPUs far below 2^16).
+fn vcpu_id(index: u32) -> u16 {
+    u16::try_from(index).unwrap_or(u16::MAX)
+}
+
+/// The per-vCPU counter an exit belongs to.
+fn exit_kind(exit: &VcpuExit<'_>) -> ExitKind {
+    match exit {
+        VcpuExit::IoIn(..) => ExitKind::IoIn,
+        VcpuExit::IoOut(..) => ExitKind::IoOut,
+        VcpuExit::MmioRead(..) => ExitKind::MmioRead,
+        VcpuExit::MmioWrite(..) => ExitKind::MmioWrite,
+        VcpuExit::X86Rdmsr(..) => ExitKind::MsrRead,
+        VcpuExit::X86Wrmsr(..) => ExitKind::MsrWrite,
+        VcpuExit::Hlt => ExitKind::Hlt,
+        VcpuExit::Shutdown => ExitKind::Shutdown,
+        VcpuExit::InternalError => ExitKind::InternalError,
+        VcpuExit::FailEntry(..) => ExitKind::FailEntry,
+        VcpuExit::SystemEvent(..) => ExitKind::SystemEvent,
+        VcpuExit::Intr => ExitKind::Interrupted,
+        _ => ExitKind::Other,
+    }
+}
+
 fn count_access(
     io: &VcpuIo,
+    vcpu: u32,
     access: BusAccess,
     space: Space,
     addr: u64,
     len: usize,
     is_write: bool,
 ) {
-    let c = &io.counters;
     let counter = match (access, space, is_write) {
         (BusAccess::Handled, ..) => return,
-        (BusAccess::Refused, ..) => &c.device_refused_accesses,
-        (BusAccess::Unassigned, Space::Port, false) => &c.pio_unassigned_reads,
-        (BusAccess::Unassigned, Space::Port, true) => &c.pio_unassigned_writes,
-        (BusAccess::Unassigned, Space::Mmio, false) => &c.mmio_unassigned_reads,
-        (BusAccess::Unassigned, Space::Mmio, true) => &c.mmio_unassigned_writes,
+        (BusAccess::Refused, ..) => VmCounter::DeviceRefusedAccesses,
+        (BusAccess::Unassigned, Space::Port, false) => VmCounter::PioUnassignedReads,
+        (BusAccess::Unassigned, Space::Port, true) => VmCounter::PioUnassignedWrites,
+        (BusAccess::Unassigned, Space::Mmio, false) => VmCounter::MmioUnassignedReads,
+        (BusAccess::Unassigned, Space::Mmio, true) => VmCounter::MmioUnassignedWrites,
     };
-    VmCounters::inc(counter);
+    io.reporter.region().count(counter);
+    if access == BusAccess::Unassigned {
+        // Probes are the evidence scans and legacy-device rules look for.
+        let (vcpu, size, write) = (vcpu_id(vcpu), u8::try_from(len).unwrap_or(0), is_write);
+        io.reporter.post(match space {
+            Space::Port => Event::UnassignedPio {
+                vcpu,
+                port: u16::try_from(addr).unwrap_or(u16::MAX),
+                size,
+                write,
+            },
+            Space::Mmio => Event::UnassignedMmio {
+                vcpu,
+                addr,
+                size,
+                write,
+            },
+        });
+    }
     let dir = if is_write { "write to" } else { "read of" };
     let what = space.label();
     match access {
@@ -292,37 +345,93 @@ fn count_access(
     }
 }
 
+/// An MSR access outside the allow-list (KVM sends only those here): answered with #GP, as a
+/// CPU answers an MSR it lacks, counted and reported.
+fn refuse_msr(io: &VcpuIo, vcpu: u32, index: u32, write: bool, value: u64) {
+    let counter = if write {
+        VmCounter::MsrFilteredWrites
+    } else {
+        VmCounter::MsrFilteredReads
+    };
+    io.reporter.region().count(counter);
+    io.reporter.post(Event::Msr {
+        vcpu: vcpu_id(vcpu),
+        index,
+        write,
+        value,
+    });
+    let dir = if write { "write to" } else { "read of" };
+    debug_limited!("vCPU {vcpu}: #GP for a {dir} MSR {index:#x}");
+}
+
 /// Handles one exit. A free function over the exit and the buses so it can be tested without
 /// KVM.
 pub fn handle_exit(exit: VcpuExit<'_>, vcpu: u32, io: &VcpuIo) -> ExitAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
             let access = io.pio.read(u64::from(port), data);
-            count_access(io, access, Space::Port, u64::from(port), data.len(), false);
+            count_access(
+                io,
+                vcpu,
+                access,
+                Space::Port,
+                u64::from(port),
+                data.len(),
+                false,
+            );
             ExitAction::Continue
         }
         VcpuExit::IoOut(port, data) => {
             let access = io.pio.write(u64::from(port), data);
-            count_access(io, access, Space::Port, u64::from(port), data.len(), true);
+            count_access(
+                io,
+                vcpu,
+                access,
+                Space::Port,
+                u64::from(port),
+                data.len(),
+                true,
+            );
             ExitAction::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
             let access = io.mmio.read(addr, data);
-            count_access(io, access, Space::Mmio, addr, data.len(), false);
+            count_access(io, vcpu, access, Space::Mmio, addr, data.len(), false);
             ExitAction::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             let access = io.mmio.write(addr, data);
-            count_access(io, access, Space::Mmio, addr, data.len(), true);
+            count_access(io, vcpu, access, Space::Mmio, addr, data.len(), true);
+            ExitAction::Continue
+        }
+        VcpuExit::X86Rdmsr(msr) => {
+            *msr.error = 1;
+            *msr.data = 0;
+            refuse_msr(io, vcpu, msr.index, false, 0);
+            ExitAction::Continue
+        }
+        VcpuExit::X86Wrmsr(msr) => {
+            *msr.error = 1;
+            refuse_msr(io, vcpu, msr.index, true, msr.data);
             ExitAction::Continue
         }
         // A kick that landed while KVM was already on its way out.
         VcpuExit::Intr => ExitAction::Continue,
         // Only reached without an in-kernel LAPIC; the halt watchdog covers the usual case.
         VcpuExit::Hlt => ExitAction::Stop(VmExitReason::AllHalted),
-        VcpuExit::Shutdown => ExitAction::Stop(VmExitReason::TripleFault { vcpu }),
+        VcpuExit::Shutdown => {
+            io.reporter.post(Event::TripleFault {
+                vcpu: vcpu_id(vcpu),
+            });
+            ExitAction::Stop(VmExitReason::TripleFault { vcpu })
+        }
         VcpuExit::InternalError => ExitAction::InternalError,
         VcpuExit::FailEntry(reason, _cpu) => {
+            io.reporter.post(Event::EntryFailure {
+                vcpu: vcpu_id(vcpu),
+                internal: false,
+                code: reason,
+            });
             ExitAction::Stop(VmExitReason::FailEntry { vcpu, reason })
         }
         VcpuExit::SystemEvent(kind, _)
@@ -356,7 +465,7 @@ mod tests {
         VcpuIo {
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
-            counters: Arc::default(),
+            reporter: Reporter::detached().unwrap(),
             exit,
         }
     }
@@ -370,7 +479,12 @@ mod tests {
             ExitAction::Continue
         );
         assert_eq!(data, [0xff, 0xff]);
-        assert_eq!(io.counters.snapshot().pio_unassigned_reads, 1);
+        assert_eq!(
+            io.reporter
+                .region()
+                .vm_counter(VmCounter::PioUnassignedReads),
+            1
+        );
     }
 
     #[test]
@@ -383,8 +497,14 @@ mod tests {
         let mut data = [0u8; 8];
         handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut data), 0, &io);
         assert_eq!(data, [0xff; 8]);
-        let s = io.counters.snapshot();
-        assert_eq!((s.mmio_unassigned_writes, s.mmio_unassigned_reads), (1, 1));
+        let r = io.reporter.region();
+        assert_eq!(
+            (
+                r.vm_counter(VmCounter::MmioUnassignedWrites),
+                r.vm_counter(VmCounter::MmioUnassignedReads)
+            ),
+            (1, 1)
+        );
     }
 
     #[test]
@@ -399,7 +519,12 @@ mod tests {
         let io = io();
         handle_exit(VcpuExit::IoOut(0x3f8, &[1, 2]), 0, &io);
         handle_exit(VcpuExit::IoOut(0xf4, &[1, 2, 3, 4]), 0, &io);
-        assert_eq!(io.counters.snapshot().device_refused_accesses, 2);
+        assert_eq!(
+            io.reporter
+                .region()
+                .vm_counter(VmCounter::DeviceRefusedAccesses),
+            2
+        );
         assert!(!io.exit.is_stopping());
     }
 

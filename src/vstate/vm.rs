@@ -1,12 +1,17 @@
 //! The VM: its KVM fd, its guest memory registered as memslots, and the in-kernel irqchip.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{
+    Cap, IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd,
+};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::host_regions;
-use crate::arch::x86_64::layout;
+use crate::arch::x86_64::{layout, msr};
 
 /// Errors setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,40 @@ impl Vm {
         };
         vm.fd.create_pit2(pit).map_err(setup("creating the PIT"))?;
         Ok(vm)
+    }
+
+    /// Sends guest accesses to MSRs outside the allow-list (`msr::ALLOWED_MSR_RANGES`) to
+    /// user space, where they are answered with #GP and reported, instead of KVM answering
+    /// them silently. False when this KVM can not filter MSRs (the guest then runs with
+    /// KVM's own answers and `msr_probe` can not fire).
+    pub fn filter_msrs(&self, kvm: &Kvm) -> Result<bool, VmError> {
+        if !kvm.check_extension(Cap::X86UserSpaceMsr) || !kvm.check_extension(Cap::X86MsrFilter) {
+            return Ok(false);
+        }
+        let setup = |what| move |source| VmError::Setup { what, source };
+        let cap = kvm_enable_cap {
+            cap: KVM_CAP_X86_USER_SPACE_MSR,
+            args: [u64::from(KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+            ..Default::default()
+        };
+        self.fd
+            .enable_cap(&cap)
+            .map_err(setup("MSR exits to user space"))?;
+        // Every bit set: the ranges are allowed whole.
+        let bitmap = [0xffu8; 0x600];
+        let ranges: Vec<MsrFilterRange<'_>> = msr::ALLOWED_MSR_RANGES
+            .iter()
+            .map(|&(base, msr_count)| MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                base,
+                msr_count,
+                bitmap: &bitmap,
+            })
+            .collect();
+        self.fd
+            .set_msr_filter(MsrFilterDefaultAction::DENY, &ranges)
+            .map_err(setup("the MSR filter"))?;
+        Ok(true)
     }
 
     fn register_memslots(&self, max_slots: usize) -> Result<(), VmError> {

@@ -186,7 +186,7 @@ impl ByteRegisters for I8042 {
         }
     }
 
-    fn write_byte(&self, offset: u8, value: u8) {
+    fn write_byte(&self, offset: u8, value: u8) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match offset {
             DATA => {
@@ -197,11 +197,13 @@ impl ByteRegisters for I8042 {
                 state.last_was_command = true;
                 if !self.command(&mut state, value) {
                     drop(state);
-                    warn_limited!("i8042: unsupported controller command {value:#04x} ignored");
+                    warn_limited!("i8042: refused unsupported controller command {value:#04x}");
+                    return false;
                 }
             }
             _ => {}
         }
+        true
     }
 }
 
@@ -310,5 +312,13 @@ mod tests {
         assert!(!dev.command(state, 0x42));
         assert!(state.output.is_empty());
         assert!(!exit.is_stopping());
+    }
+
+    #[test]
+    fn an_unknown_command_is_refused_on_the_bus_so_it_is_counted() {
+        use crate::devices::BusDevice;
+        let (dev, _, _) = controller();
+        assert!(!BusDevice::write(&dev, u64::from(COMMAND), &[0x42]));
+        assert!(BusDevice::write(&dev, u64::from(COMMAND), &[0xaa]));
     }
 }

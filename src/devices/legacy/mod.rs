@@ -15,7 +15,9 @@ use crate::devices::BusDevice;
 /// The bus adapter below refuses any other access before the device sees it.
 pub trait ByteRegisters: Send + Sync {
     fn read_byte(&self, offset: u8) -> u8;
-    fn write_byte(&self, offset: u8, value: u8);
+    /// Writes a register; false refuses the write (an unimplemented command), which the bus
+    /// counts.
+    fn write_byte(&self, offset: u8, value: u8) -> bool;
 }
 
 impl<T: ByteRegisters> BusDevice for T {
@@ -31,8 +33,7 @@ impl<T: ByteRegisters> BusDevice for T {
         let (Ok(offset), [byte]) = (u8::try_from(offset), data) else {
             return false;
         };
-        self.write_byte(offset, *byte);
-        true
+        self.write_byte(offset, *byte)
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::devices::BusDevice;
 use crate::exit::{ExitSignal, VmExitReason};
-use crate::logger::process_start;
+use crate::telemetry::{monotonic_ns, Reporter};
 
 /// A one-byte write of N ends the VM; `bulkhead run` exits with status N.
 pub struct GuestExitPort(pub Arc<ExitSignal>);
@@ -26,13 +26,24 @@ impl BusDevice for GuestExitPort {
     }
 }
 
-/// Any write logs the time since the process started, once.
-#[derive(Default)]
+/// Any write logs the time since `bulkhead run` started and records it for the supervisor,
+/// once.
 pub struct BootCompletePort {
     seen: AtomicBool,
+    reporter: Reporter,
+    /// CLOCK_MONOTONIC nanoseconds when `bulkhead run` started.
+    start_ns: u64,
 }
 
 impl BootCompletePort {
+    pub fn new(reporter: Reporter, start_ns: u64) -> BootCompletePort {
+        BootCompletePort {
+            seen: AtomicBool::new(false),
+            reporter,
+            start_ns,
+        }
+    }
+
     /// True once the guest reported boot complete.
     pub fn seen(&self) -> bool {
         self.seen.load(Ordering::Relaxed)
@@ -46,8 +57,10 @@ impl BusDevice for BootCompletePort {
 
     fn write(&self, _offset: u64, _data: &[u8]) -> bool {
         if !self.seen.swap(true, Ordering::Relaxed) {
-            let elapsed = process_start().elapsed();
-            log::info!("guest boot complete in {} ms", elapsed.as_millis());
+            let now = monotonic_ns();
+            self.reporter.region().set_boot_complete(now);
+            let ms = now.saturating_sub(self.start_ns) / 1_000_000;
+            log::info!("guest boot complete in {ms} ms");
         }
         true
     }
@@ -89,11 +102,14 @@ mod tests {
     }
 
     #[test]
-    fn boot_complete_is_recorded_once() {
-        let port = BootCompletePort::default();
+    fn boot_complete_is_recorded_once_for_the_supervisor() {
+        let port = BootCompletePort::new(Reporter::detached().unwrap(), monotonic_ns());
         assert!(!port.seen());
         assert!(port.write(0, &[1]));
+        let first = port.reporter.region().boot_complete_ns();
+        assert!(first.is_some());
         assert!(port.write(0, &[1]));
         assert!(port.seen());
+        assert_eq!(port.reporter.region().boot_complete_ns(), first);
     }
 }

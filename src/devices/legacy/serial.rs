@@ -65,7 +65,7 @@ impl ByteRegisters for SerialPort {
             .read(offset)
     }
 
-    fn write_byte(&self, offset: u8, value: u8) {
+    fn write_byte(&self, offset: u8, value: u8) -> bool {
         let result = self
             .uart
             .lock()
@@ -75,6 +75,7 @@ impl ByteRegisters for SerialPort {
             // The console sink failing (a closed pipe, a full disk) must not stop the guest.
             warn_limited!("serial console write failed: {e:?}");
         }
+        true
     }
 }
 

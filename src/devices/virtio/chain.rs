@@ -12,80 +12,34 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::QueueConfig;
+pub use crate::telemetry::ChainViolation;
+use crate::telemetry::Evidence;
 
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 const DESC_SIZE: u64 = 16;
 
-/// Why a chain (or a queue's rings) was refused.
+/// A refused chain: why, and the guest address and length of the offending buffer, table or
+/// ring (the evidence an alert reports).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum ChainViolation {
-    /// A head or `next` index beyond the descriptor table.
-    IndexOutOfRange,
-    /// The chain comes back to a descriptor it already used.
-    Loop,
-    /// More descriptors than the queue size (virtio 1.2, 2.7.5.2).
-    TooManyDescriptors,
-    /// A descriptor with length zero.
-    ZeroLength,
-    /// The buffers add up to more than the device accepts in one request.
-    TooLong,
-    /// A buffer not wholly inside one guest RAM region.
-    OutsideRam,
-    /// A buffer overlapping the queue's descriptor table, available ring or used ring.
-    OverlapsRings,
-    /// A device-readable buffer after a device-writable one (virtio 1.2, 2.7.4.2).
-    ReadableAfterWritable,
-    /// An indirect descriptor when VIRTIO_F_INDIRECT_DESC was not negotiated.
-    IndirectNotNegotiated,
-    /// INDIRECT and NEXT set together (virtio 1.2, 2.7.5.3.1).
-    IndirectWithNext,
-    /// An indirect descriptor inside an indirect table.
-    NestedIndirect,
-    /// An indirect table that is empty, not a whole number of descriptors, too big, or not in RAM.
-    BadIndirectTable,
-    /// The queue's own rings are not wholly inside guest RAM.
-    RingOutsideRam,
-    /// The available index moved by more than the queue size since the device last looked.
-    AvailIndexJump,
+pub struct ChainError {
+    pub reason: ChainViolation,
+    pub addr: u64,
+    pub len: u64,
 }
 
-impl ChainViolation {
-    pub const ALL: [ChainViolation; 14] = [
-        ChainViolation::IndexOutOfRange,
-        ChainViolation::Loop,
-        ChainViolation::TooManyDescriptors,
-        ChainViolation::ZeroLength,
-        ChainViolation::TooLong,
-        ChainViolation::OutsideRam,
-        ChainViolation::OverlapsRings,
-        ChainViolation::ReadableAfterWritable,
-        ChainViolation::IndirectNotNegotiated,
-        ChainViolation::IndirectWithNext,
-        ChainViolation::NestedIndirect,
-        ChainViolation::BadIndirectTable,
-        ChainViolation::RingOutsideRam,
-        ChainViolation::AvailIndexJump,
-    ];
+impl ChainError {
+    pub fn new(reason: ChainViolation, addr: u64, len: u64) -> ChainError {
+        ChainError { reason, addr, len }
+    }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            ChainViolation::IndexOutOfRange => "index_out_of_range",
-            ChainViolation::Loop => "loop",
-            ChainViolation::TooManyDescriptors => "too_many_descriptors",
-            ChainViolation::ZeroLength => "zero_length",
-            ChainViolation::TooLong => "too_long",
-            ChainViolation::OutsideRam => "outside_ram",
-            ChainViolation::OverlapsRings => "overlaps_rings",
-            ChainViolation::ReadableAfterWritable => "readable_after_writable",
-            ChainViolation::IndirectNotNegotiated => "indirect_not_negotiated",
-            ChainViolation::IndirectWithNext => "indirect_with_next",
-            ChainViolation::NestedIndirect => "nested_indirect",
-            ChainViolation::BadIndirectTable => "bad_indirect_table",
-            ChainViolation::RingOutsideRam => "ring_outside_ram",
-            ChainViolation::AvailIndexJump => "avail_index_jump",
+    /// The evidence of this refusal on `queue`.
+    pub fn evidence(&self, queue: Option<u16>) -> Evidence {
+        Evidence {
+            queue,
+            a: self.addr,
+            b: self.len,
         }
     }
 }
@@ -198,27 +152,26 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 /// Checks that the queue's rings lie wholly inside guest RAM (alignment and size are the
-/// transport's checks).
-pub fn check_rings(mem: &GuestMemoryMmap, queue: &QueueConfig) -> Result<(), ChainViolation> {
-    if ring_ranges(queue)
-        .iter()
-        .all(|&(addr, len)| in_one_region(mem, addr, len))
+/// transport's checks). The error names the first ring that is not.
+pub fn check_rings(mem: &GuestMemoryMmap, queue: &QueueConfig) -> Result<(), ChainError> {
+    match ring_ranges(queue)
+        .into_iter()
+        .find(|&(addr, len)| !in_one_region(mem, addr, len))
     {
-        Ok(())
-    } else {
-        Err(ChainViolation::RingOutsideRam)
+        None => Ok(()),
+        Some((addr, len)) => Err(ChainError::new(ChainViolation::RingOutsideRam, addr, len)),
     }
 }
 
 /// How many new chains the driver made available, refusing a jump beyond the queue size.
-pub fn avail_progress(
-    last_seen: u16,
-    avail_idx: u16,
-    queue_size: u16,
-) -> Result<u16, ChainViolation> {
+pub fn avail_progress(last_seen: u16, avail_idx: u16, queue_size: u16) -> Result<u16, ChainError> {
     let new = avail_idx.wrapping_sub(last_seen);
     if new > queue_size {
-        return Err(ChainViolation::AvailIndexJump);
+        return Err(ChainError::new(
+            ChainViolation::AvailIndexJump,
+            u64::from(avail_idx),
+            u64::from(last_seen),
+        ));
     }
     Ok(new)
 }
@@ -236,13 +189,14 @@ fn read_descriptor(
     mem: &GuestMemoryMmap,
     table: u64,
     index: u16,
-) -> Result<RawDescriptor, ChainViolation> {
+) -> Result<RawDescriptor, ChainError> {
+    let outside = |at| ChainError::new(ChainViolation::OutsideRam, at, DESC_SIZE);
     let at = table
         .checked_add(u64::from(index) * DESC_SIZE)
-        .ok_or(ChainViolation::OutsideRam)?;
+        .ok_or_else(|| outside(table))?;
     let mut raw = [0u8; 16];
     mem.read_slice(&mut raw, GuestAddress(at))
-        .map_err(|_| ChainViolation::OutsideRam)?;
+        .map_err(|_| outside(at))?;
     let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
     Ok(RawDescriptor {
         addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
@@ -255,21 +209,24 @@ fn read_descriptor(
 /// Reads and validates the chain starting at descriptor `head` of `queue`.
 ///
 /// `indirect_ok` says whether VIRTIO_F_INDIRECT_DESC was negotiated; `max_bytes` caps the sum
-/// of all buffer lengths (the device's largest request).
+/// of all buffer lengths (the device's largest request). A refusal carries the offending
+/// buffer's address and length, or for index and size problems the index (or count) and the
+/// limit it broke.
 pub fn read_chain(
     mem: &GuestMemoryMmap,
     queue: &QueueConfig,
     head: u16,
     indirect_ok: bool,
     max_bytes: u64,
-) -> Result<Chain, ChainViolation> {
+) -> Result<Chain, ChainError> {
+    use ChainViolation::*;
     let rings = ring_ranges(queue);
-    let check_buffer = |addr: u64, len: u64| -> Result<(), ChainViolation> {
+    let check_buffer = |addr: u64, len: u64| -> Result<(), ChainError> {
         if !in_one_region(mem, addr, len) {
-            return Err(ChainViolation::OutsideRam);
+            return Err(ChainError::new(OutsideRam, addr, len));
         }
         if rings.iter().any(|&ring| overlaps((addr, len), ring)) {
-            return Err(ChainViolation::OverlapsRings);
+            return Err(ChainError::new(OverlapsRings, addr, len));
         }
         Ok(())
     };
@@ -283,40 +240,40 @@ pub fn read_chain(
     let mut total: u64 = 0;
     let mut seen_writable = false;
     loop {
+        let at_index = |reason| ChainError::new(reason, u64::from(index), u64::from(table_len));
         if index >= table_len {
-            return Err(ChainViolation::IndexOutOfRange);
+            return Err(at_index(IndexOutOfRange));
         }
         let (word, bit) = (usize::from(index / 64), 1u64 << (index % 64));
         match visited.get_mut(word) {
-            Some(w) if *w & bit != 0 => return Err(ChainViolation::Loop),
+            Some(w) if *w & bit != 0 => return Err(at_index(Loop)),
             Some(w) => *w |= bit,
-            None => return Err(ChainViolation::IndexOutOfRange),
+            None => return Err(at_index(IndexOutOfRange)),
         }
         let desc = read_descriptor(mem, table, index)?;
+        let this = |reason| ChainError::new(reason, desc.addr, u64::from(desc.len));
 
         if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
             if in_indirect {
-                return Err(ChainViolation::NestedIndirect);
+                return Err(this(NestedIndirect));
             }
             if !indirect_ok {
-                return Err(ChainViolation::IndirectNotNegotiated);
+                return Err(this(IndirectNotNegotiated));
             }
             if desc.flags & VIRTQ_DESC_F_NEXT != 0 {
-                return Err(ChainViolation::IndirectWithNext);
+                return Err(this(IndirectWithNext));
             }
             let entries = u64::from(desc.len) / DESC_SIZE;
             if desc.len == 0
                 || u64::from(desc.len) % DESC_SIZE != 0
                 || entries > u64::from(queue.size)
             {
-                return Err(ChainViolation::BadIndirectTable);
+                return Err(this(BadIndirectTable));
             }
-            if !in_one_region(mem, desc.addr, u64::from(desc.len)) {
-                return Err(ChainViolation::BadIndirectTable);
-            }
+            // The table is a buffer the device reads: outside RAM is outside RAM.
             check_buffer(desc.addr, u64::from(desc.len))?;
             table = desc.addr;
-            table_len = u16::try_from(entries).map_err(|_| ChainViolation::BadIndirectTable)?;
+            table_len = u16::try_from(entries).map_err(|_| this(BadIndirectTable))?;
             visited = vec![0u64; usize::from(table_len).div_ceil(64)];
             in_indirect = true;
             index = 0;
@@ -324,20 +281,24 @@ pub fn read_chain(
         }
 
         if buffers.len() >= usize::from(queue.size) {
-            return Err(ChainViolation::TooManyDescriptors);
+            return Err(ChainError::new(
+                TooManyDescriptors,
+                buffers.len() as u64 + 1,
+                u64::from(queue.size),
+            ));
         }
         if desc.len == 0 {
-            return Err(ChainViolation::ZeroLength);
+            return Err(this(ZeroLength));
         }
         check_buffer(desc.addr, u64::from(desc.len))?;
         let writable = desc.flags & VIRTQ_DESC_F_WRITE != 0;
         if !writable && seen_writable {
-            return Err(ChainViolation::ReadableAfterWritable);
+            return Err(this(ReadableAfterWritable));
         }
         seen_writable |= writable;
         total += u64::from(desc.len);
         if total > max_bytes {
-            return Err(ChainViolation::TooLong);
+            return Err(ChainError::new(TooLong, total, max_bytes));
         }
         buffers.push(Buffer {
             addr: desc.addr,

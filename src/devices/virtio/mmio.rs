@@ -22,11 +22,12 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 
-use super::chain::{check_rings, ChainViolation};
+use super::chain::check_rings;
 use super::queue::GuestQueue;
 use super::shared::DeviceShared;
 use super::{QueueConfig, VirtioDevice};
 use crate::devices::BusDevice;
+use crate::telemetry::{Evidence, TransportViolation};
 use crate::warn_limited;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -36,68 +37,6 @@ const VENDOR_ID: u32 = 0x484b_4c42;
 /// The register block, config space included.
 pub const MMIO_LEN: u64 = 0x1000;
 const CONFIG_START: u64 = VIRTIO_MMIO_CONFIG as u64;
-
-/// Why the transport refused a driver request. One counter per reason per device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum TransportViolation {
-    /// A control register access not 32 bits wide and aligned, or outside the block.
-    BadAccess,
-    /// A status write that skips or undoes a step of the initialisation sequence.
-    BadStatusTransition,
-    /// Driver features outside what the device offered, or without VIRTIO_F_VERSION_1.
-    BadFeatures,
-    /// A feature write outside the DRIVER..FEATURES_OK window.
-    FeaturesReadOnly,
-    /// A queue register write before FEATURES_OK or after DRIVER_OK.
-    QueueReadOnly,
-    /// QueueNum above QueueNumMax, zero, or not a power of two.
-    BadQueueSize,
-    /// QueueReady with a missing, misaligned or unset ring, or a bad size.
-    BadQueueSetup,
-    /// QueueSel or QueueNotify naming a queue that does not exist.
-    NoSuchQueue,
-    /// A config space write before DRIVER_OK, or one the device refused.
-    ConfigWriteRefused,
-    /// A read-only register written, or a write-only register read.
-    WrongDirection,
-    /// A queue notification before DRIVER_OK, or for a queue the driver did not make ready.
-    NotifyNotReady,
-}
-
-const VIOLATION_KINDS: usize = 11;
-
-impl TransportViolation {
-    pub const ALL: [TransportViolation; VIOLATION_KINDS] = [
-        TransportViolation::BadAccess,
-        TransportViolation::BadStatusTransition,
-        TransportViolation::BadFeatures,
-        TransportViolation::FeaturesReadOnly,
-        TransportViolation::QueueReadOnly,
-        TransportViolation::BadQueueSize,
-        TransportViolation::BadQueueSetup,
-        TransportViolation::NoSuchQueue,
-        TransportViolation::ConfigWriteRefused,
-        TransportViolation::WrongDirection,
-        TransportViolation::NotifyNotReady,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportViolation::BadAccess => "bad_access",
-            TransportViolation::BadStatusTransition => "bad_status_transition",
-            TransportViolation::BadFeatures => "bad_features",
-            TransportViolation::FeaturesReadOnly => "features_read_only",
-            TransportViolation::QueueReadOnly => "queue_read_only",
-            TransportViolation::BadQueueSize => "bad_queue_size",
-            TransportViolation::BadQueueSetup => "bad_queue_setup",
-            TransportViolation::NoSuchQueue => "no_such_queue",
-            TransportViolation::ConfigWriteRefused => "config_write_refused",
-            TransportViolation::WrongDirection => "wrong_direction",
-            TransportViolation::NotifyNotReady => "notify_not_ready",
-        }
-    }
-}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct QueueState {
@@ -119,14 +58,16 @@ impl QueueState {
         }
     }
 
-    /// Sizes and alignments from virtio 1.2, section 2.7 (split virtqueues).
-    fn is_valid(&self) -> bool {
-        self.size != 0
-            && self.size <= self.max_size
-            && self.size.is_power_of_two()
-            && self.desc_table % 16 == 0
-            && self.avail_ring % 2 == 0
-            && self.used_ring % 4 == 0
+    /// What is wrong with the queue's size or ring alignment (virtio 1.2, section 2.7, split
+    /// virtqueues), if anything.
+    fn problem(&self) -> Option<TransportViolation> {
+        if self.size == 0 || self.size > self.max_size || !self.size.is_power_of_two() {
+            return Some(TransportViolation::BadQueueSetup);
+        }
+        if self.desc_table % 16 != 0 || self.avail_ring % 2 != 0 || self.used_ring % 4 != 0 {
+            return Some(TransportViolation::MisalignedRing);
+        }
+        None
     }
 }
 
@@ -182,7 +123,7 @@ impl MmioTransport {
 
     /// How often the driver was refused for `reason`.
     pub fn violations(&self, reason: TransportViolation) -> u64 {
-        self.shared.counters.refusals(reason)
+        self.shared.telemetry.refusals(reason)
     }
 
     /// The driver status register as the guest sees it (NEEDS_RESET included).
@@ -202,8 +143,29 @@ impl MmioTransport {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn refuse(&self, reason: TransportViolation, offset: u64) -> bool {
-        self.shared.counters.refuse(reason);
+    /// Refuses an access to register `offset` (writing `value`, 0 for a read), counts it and
+    /// reports it with its evidence. Always false, the bus's "refused".
+    fn refuse(&self, reason: TransportViolation, offset: u64, value: u64) -> bool {
+        self.refuse_on(reason, None, offset, value)
+    }
+
+    /// [`Self::refuse`] for an access that concerns queue `queue`.
+    fn refuse_on(
+        &self,
+        reason: TransportViolation,
+        queue: Option<u32>,
+        offset: u64,
+        value: u64,
+    ) -> bool {
+        let queue = queue.and_then(|q| u16::try_from(q).ok());
+        self.shared.violation(
+            reason,
+            Evidence {
+                queue,
+                a: offset,
+                b: value,
+            },
+        );
         warn_limited!(
             "{}: refused {} at register {offset:#x}",
             self.shared.name(),
@@ -276,19 +238,26 @@ impl MmioTransport {
             return true;
         }
         if !allowed || old & VIRTIO_CONFIG_S_FAILED != 0 {
-            return self.refuse(TransportViolation::BadStatusTransition, offset);
+            return self.refuse(
+                TransportViolation::BadStatusTransition,
+                offset,
+                value.into(),
+            );
         }
         if value == FOK {
             let offered = Self::device_features(state);
             let acked = state.driver_features;
             if acked & !offered != 0 || acked & (1u64 << VIRTIO_F_VERSION_1) == 0 {
                 // FEATURES_OK stays clear, which tells the driver the negotiation failed.
-                return self.refuse(TransportViolation::BadFeatures, offset);
+                return self.refuse(TransportViolation::BadFeatures, offset, acked);
             }
         }
         if value == DOK {
-            if state.queues.iter().any(|q| q.ready && !q.is_valid()) {
-                return self.refuse(TransportViolation::BadQueueSetup, offset);
+            let broken = (0u32..)
+                .zip(&state.queues)
+                .find_map(|(i, q)| q.ready.then(|| q.problem()).flatten().map(|p| (i, p)));
+            if let Some((queue, problem)) = broken {
+                return self.refuse_on(problem, Some(queue), offset, value.into());
             }
             let configs: Vec<Option<QueueConfig>> = state
                 .queues
@@ -305,9 +274,9 @@ impl MmioTransport {
             let mut queues = Vec::with_capacity(configs.len());
             for config in configs {
                 match config.map(|c| GuestQueue::new(&self.mem, c, features)) {
-                    Some(Err(reason)) => {
+                    Some(Err(error)) => {
                         // QueueReady checked the rings, so this is not expected; still refuse.
-                        self.shared.counters.refuse(reason);
+                        self.shared.violation(error.reason, error.evidence(None));
                         self.shared.set_needs_reset();
                         return true;
                     }
@@ -323,34 +292,38 @@ impl MmioTransport {
 
     fn write_register(&self, state: &mut State, offset: u32, value: u32) -> bool {
         let at = u64::from(offset);
-        let features_open = state.status & VIRTIO_CONFIG_S_DRIVER != 0
-            && state.status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK) == 0;
-        let queues_open = state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
-            && state.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        let v = u64::from(value);
+        let status = state.status;
         match offset {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => state.device_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => state.driver_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES => {
-                if !features_open {
-                    return self.refuse(TransportViolation::FeaturesReadOnly, at);
+                if status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK) != 0 {
+                    // Renegotiating under a device that has accepted its features.
+                    return self.refuse(TransportViolation::FeaturesLocked, at, v);
+                }
+                if status & VIRTIO_CONFIG_S_DRIVER == 0 {
+                    return self.refuse(TransportViolation::FeaturesEarly, at, v);
                 }
                 let shift = match state.driver_features_sel {
                     0 => 0,
                     1 => 32,
-                    _ => return self.refuse(TransportViolation::BadFeatures, at),
+                    sel => return self.refuse(TransportViolation::BadFeatures, at, sel.into()),
                 };
                 state.driver_features = (state.driver_features & !(0xffff_ffffu64 << shift))
                     | (u64::from(value) << shift);
             }
+            // Selecting a queue changes nothing by itself, so it is allowed in any state
+            // (Linux selects queues to tear them down after a reset).
             VIRTIO_MMIO_QUEUE_SEL => {
-                if !queues_open {
-                    return self.refuse(TransportViolation::QueueReadOnly, at);
-                }
                 if value as usize >= state.queues.len() {
-                    return self.refuse(TransportViolation::NoSuchQueue, at);
+                    return self.refuse_on(TransportViolation::NoSuchQueue, Some(value), at, v);
                 }
                 state.queue_sel = value;
             }
+            // Disabling a queue of a device that is reset is what a driver tearing it down
+            // does; there is nothing to disable.
+            VIRTIO_MMIO_QUEUE_READY if value == 0 && status == 0 => {}
             VIRTIO_MMIO_QUEUE_NUM
             | VIRTIO_MMIO_QUEUE_READY
             | VIRTIO_MMIO_QUEUE_DESC_LOW
@@ -359,8 +332,13 @@ impl MmioTransport {
             | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
             | VIRTIO_MMIO_QUEUE_USED_LOW
             | VIRTIO_MMIO_QUEUE_USED_HIGH => {
-                if !queues_open {
-                    return self.refuse(TransportViolation::QueueReadOnly, at);
+                let sel = Some(state.queue_sel);
+                if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+                    // The CVE-2026-5747 pattern: a live queue's layout rewritten.
+                    return self.refuse_on(TransportViolation::QueueLocked, sel, at, v);
+                }
+                if status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                    return self.refuse_on(TransportViolation::QueueEarly, sel, at, v);
                 }
                 return self.write_queue_register(state, offset, value);
             }
@@ -368,24 +346,26 @@ impl MmioTransport {
                 // Notifications normally arrive by ioeventfd and never reach here; one that
                 // does is either for a queue that does not exist or sent before DRIVER_OK.
                 if value as usize >= state.queues.len() {
-                    return self.refuse(TransportViolation::NoSuchQueue, at);
+                    return self.refuse_on(TransportViolation::NoSuchQueue, Some(value), at, v);
                 }
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.shared.interrupt.ack(value),
             VIRTIO_MMIO_STATUS => return self.write_status(state, value, at),
-            _ => return self.refuse(TransportViolation::WrongDirection, at),
+            _ => return self.refuse(TransportViolation::WrongDirection, at, v),
         }
         true
     }
 
     fn write_queue_register(&self, state: &mut State, offset: u32, value: u32) -> bool {
         let at = u64::from(offset);
+        let v = u64::from(value);
+        let sel = Some(state.queue_sel);
         let Some(queue) = state.queues.get_mut(state.queue_sel as usize) else {
-            return self.refuse(TransportViolation::NoSuchQueue, at);
+            return self.refuse_on(TransportViolation::NoSuchQueue, sel, at, v);
         };
         if queue.ready && offset != VIRTIO_MMIO_QUEUE_READY {
-            // A live queue's layout can not change under the device.
-            return self.refuse(TransportViolation::QueueReadOnly, at);
+            // A ready queue's layout can not change under the device.
+            return self.refuse_on(TransportViolation::QueueLocked, sel, at, v);
         }
         let set_low = |field: &mut u64| *field = (*field & !0xffff_ffff) | u64::from(value);
         let set_high = |field: &mut u64| *field = (*field & 0xffff_ffff) | (u64::from(value) << 32);
@@ -393,18 +373,19 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NUM => {
                 let size = u16::try_from(value).unwrap_or(0);
                 if size == 0 || size > queue.max_size || !size.is_power_of_two() {
-                    return self.refuse(TransportViolation::BadQueueSize, at);
+                    return self.refuse_on(TransportViolation::BadQueueSize, sel, at, v);
                 }
                 queue.size = size;
             }
             VIRTIO_MMIO_QUEUE_READY => match value {
                 0 => queue.ready = false,
                 1 => {
-                    if !queue.is_valid() {
-                        return self.refuse(TransportViolation::BadQueueSetup, at);
+                    if let Some(problem) = queue.problem() {
+                        return self.refuse_on(problem, sel, at, v);
                     }
-                    if check_rings(&self.mem, &queue.config()).is_err() {
-                        self.shared.counters.refuse(ChainViolation::RingOutsideRam);
+                    if let Err(error) = check_rings(&self.mem, &queue.config()) {
+                        let queue = sel.and_then(|q| u16::try_from(q).ok());
+                        self.shared.violation(error.reason, error.evidence(queue));
                         warn_limited!(
                             "{}: refused a queue whose rings are not in guest RAM",
                             self.shared.name()
@@ -413,7 +394,7 @@ impl MmioTransport {
                     }
                     queue.ready = true;
                 }
-                _ => return self.refuse(TransportViolation::BadQueueSetup, at),
+                _ => return self.refuse_on(TransportViolation::BadQueueSetup, sel, at, v),
             },
             VIRTIO_MMIO_QUEUE_DESC_LOW => set_low(&mut queue.desc_table),
             VIRTIO_MMIO_QUEUE_DESC_HIGH => set_high(&mut queue.desc_table),
@@ -421,10 +402,19 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_AVAIL_HIGH => set_high(&mut queue.avail_ring),
             VIRTIO_MMIO_QUEUE_USED_LOW => set_low(&mut queue.used_ring),
             VIRTIO_MMIO_QUEUE_USED_HIGH => set_high(&mut queue.used_ring),
-            _ => return self.refuse(TransportViolation::WrongDirection, at),
+            _ => return self.refuse_on(TransportViolation::WrongDirection, sel, at, v),
         }
         true
     }
+}
+
+/// The first bytes of a written value as a little-endian number, for evidence.
+fn word(data: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    for (dst, src) in bytes.iter_mut().zip(data) {
+        *dst = *src;
+    }
+    u64::from_le_bytes(bytes)
 }
 
 /// Splits an access into (register, value) when it is a 32-bit aligned control register access.
@@ -440,7 +430,7 @@ impl BusDevice for MmioTransport {
         }
         let Some(register) = control_register(offset, data.len()) else {
             drop(state);
-            return self.refuse(TransportViolation::BadAccess, offset);
+            return self.refuse(TransportViolation::BadAccess, offset, 0);
         };
         match self.read_register(&state, register) {
             Some(value) => {
@@ -449,7 +439,7 @@ impl BusDevice for MmioTransport {
             }
             None => {
                 drop(state);
-                self.refuse(TransportViolation::WrongDirection, offset)
+                self.refuse(TransportViolation::WrongDirection, offset, 0)
             }
         }
     }
@@ -461,7 +451,7 @@ impl BusDevice for MmioTransport {
                 || !state.device.write_config(offset - CONFIG_START, data)
             {
                 drop(state);
-                return self.refuse(TransportViolation::ConfigWriteRefused, offset);
+                return self.refuse(TransportViolation::ConfigWriteRefused, offset, word(data));
             }
             state.config_generation = state.config_generation.wrapping_add(1);
             return true;
@@ -471,7 +461,7 @@ impl BusDevice for MmioTransport {
             <[u8; 4]>::try_from(data),
         ) else {
             drop(state);
-            return self.refuse(TransportViolation::BadAccess, offset);
+            return self.refuse(TransportViolation::BadAccess, offset, word(data));
         };
         self.write_register(&mut state, register, u32::from_le_bytes(bytes))
     }

@@ -7,6 +7,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::telemetry::{ChainViolation, DeviceCounter, DeviceTelemetry, OnViolation};
 
 const FEATURE_X: u64 = 1 << 5;
 
@@ -78,6 +79,15 @@ fn memory() -> GuestMemoryMmap {
 fn transport_with_shared(
     fail_activation: bool,
 ) -> (MmioTransport, Arc<Mutex<Seen>>, Arc<DeviceShared>) {
+    transport_with_policy(fail_activation, OnViolation::Log)
+}
+
+/// A transport whose device responds to violations as `policy` says (tests of the protocol
+/// itself use `log`, so one refusal does not change what the next request finds).
+fn transport_with_policy(
+    fail_activation: bool,
+    policy: OnViolation,
+) -> (MmioTransport, Arc<Mutex<Seen>>, Arc<DeviceShared>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let dev = MockDevice {
         seen: seen.clone(),
@@ -87,6 +97,8 @@ fn transport_with_shared(
         "virtio-test0".to_string(),
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        DeviceTelemetry::detached().unwrap(),
+        policy,
     ));
     (
         MmioTransport::new(Box::new(dev), shared.clone(), memory()),
@@ -228,13 +240,46 @@ fn features_and_queues_are_read_only_outside_their_window() {
     assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 16));
     assert!(!w(&t, VIRTIO_MMIO_DRIVER_FEATURES, 1));
     negotiate(&t);
+    // Renegotiating after FEATURES_OK.
     assert!(!w(&t, VIRTIO_MMIO_DRIVER_FEATURES, 0));
     assert!(setup_queue(&t, 0, 16, 0x1000));
     assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
-    assert!(!w(&t, VIRTIO_MMIO_QUEUE_SEL, 1));
+    // Selecting a queue is harmless at any time; rewriting a live queue is not.
+    assert!(w(&t, VIRTIO_MMIO_QUEUE_SEL, 1));
     assert!(!w(&t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x5000));
-    assert_eq!(t.violations(TransportViolation::QueueReadOnly), 3);
-    assert_eq!(t.violations(TransportViolation::FeaturesReadOnly), 2);
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 8));
+    assert_eq!(t.violations(TransportViolation::QueueEarly), 1);
+    assert_eq!(t.violations(TransportViolation::FeaturesEarly), 1);
+    assert_eq!(t.violations(TransportViolation::FeaturesLocked), 1);
+    assert_eq!(t.violations(TransportViolation::QueueLocked), 2);
+}
+
+#[test]
+fn disabling_a_queue_of_a_reset_device_is_not_refused() {
+    let (t, _) = transport(false);
+    // Linux tears queues down this way after resetting a device.
+    assert!(w(&t, VIRTIO_MMIO_QUEUE_SEL, 0));
+    assert!(w(&t, VIRTIO_MMIO_QUEUE_READY, 0));
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_READY, 1));
+    assert_eq!(t.violations(TransportViolation::QueueEarly), 1);
+}
+
+#[test]
+fn by_default_a_violation_puts_the_device_in_needs_reset_and_log_does_not() {
+    let (t, _, shared) = transport_with_policy(false, OnViolation::ResetDevice);
+    negotiate(&t);
+    assert!(setup_queue(&t, 0, 16, 0x1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 8));
+    assert_ne!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(shared.telemetry.get(DeviceCounter::PolicyResets), 1);
+    let (t, _, shared) = transport_with_policy(false, OnViolation::Log);
+    negotiate(&t);
+    assert!(setup_queue(&t, 0, 16, 0x1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 8));
+    assert_eq!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(shared.telemetry.get(DeviceCounter::PolicyResets), 0);
 }
 
 #[test]
@@ -259,7 +304,8 @@ fn a_queue_with_misaligned_rings_or_no_size_can_not_be_made_ready() {
     w(&t, VIRTIO_MMIO_QUEUE_SEL, 1);
     assert!(!w(&t, VIRTIO_MMIO_QUEUE_READY, 1));
     assert!(!w(&t, VIRTIO_MMIO_QUEUE_READY, 2));
-    assert_eq!(t.violations(TransportViolation::BadQueueSetup), 3);
+    assert_eq!(t.violations(TransportViolation::MisalignedRing), 1);
+    assert_eq!(t.violations(TransportViolation::BadQueueSetup), 2);
     assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 0);
 }
 
@@ -269,7 +315,7 @@ fn a_ready_queue_keeps_its_layout() {
     negotiate(&t);
     assert!(setup_queue(&t, 0, 16, 0x1000));
     assert!(!w(&t, VIRTIO_MMIO_QUEUE_NUM, 32));
-    assert_eq!(t.violations(TransportViolation::QueueReadOnly), 1);
+    assert_eq!(t.violations(TransportViolation::QueueLocked), 1);
 }
 
 #[test]
@@ -353,7 +399,7 @@ fn a_queue_whose_rings_are_not_in_guest_ram_can_not_be_made_ready() {
     assert!(!setup_queue(&t, 0, 16, 0x8000_0000));
     // Straddling the end of the first region is refused too.
     assert!(!setup_queue(&t, 0, 16, 0xff80));
-    assert_eq!(shared.counters.refusals(ChainViolation::RingOutsideRam), 2);
+    assert_eq!(shared.telemetry.refusals(ChainViolation::RingOutsideRam), 2);
     assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_READY), 0);
 }
 

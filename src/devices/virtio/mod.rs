@@ -7,7 +7,6 @@
 
 pub mod block;
 pub mod chain;
-pub mod counters;
 pub mod mmio;
 pub mod net;
 pub mod queue;
@@ -16,10 +15,9 @@ pub mod shared;
 pub mod vsock;
 pub mod worker;
 
-pub use counters::{DeviceCounters, Refusal, RequestViolation};
-pub use mmio::{MmioTransport, TransportViolation};
+pub use mmio::MmioTransport;
 pub use shared::DeviceShared;
-pub use worker::{QueueContext, QueueHandler, VirtioWorker};
+pub use worker::{QueueContext, QueueHandler, RequestError, VirtioWorker};
 
 /// A virtqueue as the driver configured it, handed to the device when it is activated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

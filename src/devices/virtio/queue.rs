@@ -5,7 +5,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::chain::{check_rings, read_chain, Chain, ChainViolation};
+use super::chain::{check_rings, read_chain, Chain, ChainError, ChainViolation};
 use super::QueueConfig;
 
 /// What the driver made available next.
@@ -13,10 +13,10 @@ use super::QueueConfig;
 pub enum Popped {
     /// A chain that passed every check.
     Chain(Chain),
-    /// A chain refused for `reason`; its head goes back to the driver unused.
-    Refused { head: u16, reason: ChainViolation },
+    /// A chain refused for `error.reason`; its head goes back to the driver unused.
+    Refused { head: u16, error: ChainError },
     /// The rings themselves are unusable: the device can not go on.
-    Broken(ChainViolation),
+    Broken(ChainError),
 }
 
 /// One queue of an activated device.
@@ -36,9 +36,9 @@ impl GuestQueue {
         mem: &GuestMemoryMmap,
         config: QueueConfig,
         features: u64,
-    ) -> Result<GuestQueue, ChainViolation> {
+    ) -> Result<GuestQueue, ChainError> {
         check_rings(mem, &config)?;
-        let broken = |_| ChainViolation::RingOutsideRam;
+        let broken = |_| ChainError::new(ChainViolation::RingOutsideRam, config.desc_table, 0);
         let mut ring = Queue::new(config.size).map_err(broken)?;
         ring.try_set_desc_table_address(GuestAddress(config.desc_table))
             .map_err(broken)?;
@@ -66,14 +66,25 @@ impl GuestQueue {
         let head = match self.ring.iter(mem) {
             Ok(mut available) => available.next()?.head_index(),
             Err(virtio_queue::Error::InvalidAvailRingIndex) => {
-                return Some(Popped::Broken(ChainViolation::AvailIndexJump))
+                // The evidence: where the driver moved the index, and where the device was.
+                let avail = self
+                    .ring
+                    .avail_idx(mem, std::sync::atomic::Ordering::Relaxed)
+                    .map_or(0, |w| u64::from(w.0));
+                let seen = u64::from(self.ring.next_avail());
+                let error = ChainError::new(ChainViolation::AvailIndexJump, avail, seen);
+                return Some(Popped::Broken(error));
             }
-            Err(_) => return Some(Popped::Broken(ChainViolation::RingOutsideRam)),
+            Err(_) => {
+                let error =
+                    ChainError::new(ChainViolation::RingOutsideRam, self.config.avail_ring, 0);
+                return Some(Popped::Broken(error));
+            }
         };
         Some(
             match read_chain(mem, &self.config, head, self.indirect, max_bytes) {
                 Ok(chain) => Popped::Chain(chain),
-                Err(reason) => Popped::Refused { head, reason },
+                Err(error) => Popped::Refused { head, error },
             },
         )
     }

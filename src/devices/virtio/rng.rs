@@ -3,9 +3,9 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::counters::{DeviceCounters, RequestViolation};
 use super::worker::{drain, QueueContext, QueueHandler};
 use super::VirtioDevice;
+use crate::telemetry::{DeviceCounter, RequestViolation};
 use crate::warn_limited;
 
 const VIRTIO_ID_RNG: u32 = 4;
@@ -91,7 +91,7 @@ fn fill(ctx: &QueueContext<'_>, buffers: &[super::chain::Buffer]) -> u32 {
         }
         written += want;
     }
-    DeviceCounters::add(&ctx.counters().bytes_to_guest, written as u64);
+    ctx.add(DeviceCounter::BytesToGuest, written as u64);
     u32::try_from(written).unwrap_or(0)
 }
 

@@ -11,8 +11,10 @@ use std::sync::{Mutex, MutexGuard};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::counters::DeviceCounters;
 use super::queue::GuestQueue;
+use crate::telemetry::{
+    DeviceCounter, DeviceTelemetry, Evidence, OnViolation, Response, Violation,
+};
 use crate::warn_limited;
 
 /// The device's interrupt line (an irqfd) and the InterruptStatus register behind it.
@@ -65,7 +67,8 @@ pub struct Activation {
 pub struct DeviceShared {
     name: String,
     pub interrupt: Interrupt,
-    pub counters: DeviceCounters,
+    pub telemetry: DeviceTelemetry,
+    on_violation: OnViolation,
     needs_reset: AtomicBool,
     /// Written on activation and on reset, to wake the queue side.
     state_evt: EventFd,
@@ -74,11 +77,18 @@ pub struct DeviceShared {
 }
 
 impl DeviceShared {
-    pub fn new(name: String, irq: EventFd, state_evt: EventFd) -> DeviceShared {
+    pub fn new(
+        name: String,
+        irq: EventFd,
+        state_evt: EventFd,
+        telemetry: DeviceTelemetry,
+        on_violation: OnViolation,
+    ) -> DeviceShared {
         DeviceShared {
             name,
             interrupt: Interrupt::new(irq),
-            counters: DeviceCounters::default(),
+            telemetry,
+            on_violation,
             needs_reset: AtomicBool::new(false),
             state_evt,
             active: Mutex::new(None),
@@ -126,18 +136,34 @@ impl DeviceShared {
     }
 
     /// The device can not go on until the driver resets it: say so through the status
-    /// register and a configuration-change interrupt.
-    pub fn set_needs_reset(&self) {
-        if !self.needs_reset.swap(true, Ordering::AcqRel) {
-            warn_limited!("{}: device needs a reset", self.name);
-            self.interrupt.raise(VIRTIO_MMIO_INT_CONFIG);
-            DeviceCounters::add(&self.counters.interrupts, 1);
+    /// register and a configuration-change interrupt. True if it was not already so.
+    pub fn set_needs_reset(&self) -> bool {
+        if self.needs_reset.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        warn_limited!("{}: device needs a reset", self.name);
+        self.interrupt.raise(VIRTIO_MMIO_INT_CONFIG);
+        self.telemetry.add(DeviceCounter::Interrupts, 1);
+        true
+    }
+
+    /// Counts and reports a refusal, then responds as `--on-violation` says: by default a
+    /// virtio protocol violation puts the device in NEEDS_RESET, so the driver must start it
+    /// again before it serves anything more.
+    pub fn violation(&self, v: impl Into<Violation>, evidence: Evidence) {
+        let v = v.into();
+        self.telemetry.refuse(v, evidence);
+        let reset = v
+            .rule()
+            .is_some_and(|rule| self.on_violation.response(rule) == Response::ResetDevice);
+        if reset && self.set_needs_reset() {
+            self.telemetry.add(DeviceCounter::PolicyResets, 1);
         }
     }
 
     /// Signals used buffers to the driver.
     pub fn raise_used(&self) {
         self.interrupt.raise(VIRTIO_MMIO_INT_VRING);
-        DeviceCounters::add(&self.counters.interrupts, 1);
+        self.telemetry.add(DeviceCounter::Interrupts, 1);
     }
 }

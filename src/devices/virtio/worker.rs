@@ -10,10 +10,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::Chain;
-use super::counters::{DeviceCounters, RequestViolation};
-use super::mmio::TransportViolation;
 use super::queue::{GuestQueue, Popped};
 use super::shared::{Activation, DeviceShared};
+use crate::telemetry::{
+    DeviceCounter, DeviceTelemetry, Evidence, RequestViolation, TransportViolation,
+};
 use crate::warn_limited;
 
 /// The event data of the activation/reset eventfd; queue `n`'s notifications carry `n`, and
@@ -54,29 +55,65 @@ pub trait QueueHandler: Send {
     }
 }
 
+/// A refused request: why, and two words of evidence whose names depend on the reason (see
+/// `telemetry::request_evidence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestError {
+    pub reason: RequestViolation,
+    pub a: u64,
+    pub b: u64,
+}
+
+impl RequestError {
+    pub fn new(reason: RequestViolation, a: u64, b: u64) -> RequestError {
+        RequestError { reason, a, b }
+    }
+}
+
+impl From<RequestViolation> for RequestError {
+    fn from(reason: RequestViolation) -> RequestError {
+        RequestError { reason, a: 0, b: 0 }
+    }
+}
+
 /// What a handler works with while it serves a queue.
 pub struct QueueContext<'a> {
     pub mem: &'a GuestMemoryMmap,
     queues: &'a mut [Option<GuestQueue>],
     shared: &'a DeviceShared,
+    /// The queue being served, for evidence; None for backend work.
+    queue: Option<u16>,
 }
 
 impl QueueContext<'_> {
-    pub fn counters(&self) -> &DeviceCounters {
-        &self.shared.counters
+    pub fn telemetry(&self) -> &DeviceTelemetry {
+        &self.shared.telemetry
+    }
+
+    /// Counts `n` of `counter` for this device.
+    pub fn add(&self, counter: DeviceCounter, n: u64) {
+        self.shared.telemetry.add(counter, n);
     }
 
     pub fn device_name(&self) -> &str {
         self.shared.name()
     }
 
-    /// Counts a refused request (its chain was valid; the request in it was not).
-    pub fn refuse(&self, reason: RequestViolation) {
-        self.shared.counters.refuse(reason);
+    /// Counts and reports a refused request (its chain was valid; the request in it was not).
+    pub fn refuse(&self, error: impl Into<RequestError>) {
+        let error = error.into();
+        self.shared.violation(
+            error.reason,
+            Evidence {
+                queue: self.queue,
+                a: error.a,
+                b: error.b,
+            },
+        );
         warn_limited!(
             "{}: refused a request: {}",
             self.shared.name(),
-            reason.name()
+            error.reason.name()
         );
     }
 
@@ -84,33 +121,36 @@ impl QueueContext<'_> {
     /// counted and handed back to the driver unused; unusable rings mark the device as
     /// needing a reset and end the queue's service.
     pub fn next_chain(&mut self, queue: usize, max_bytes: u64) -> Option<Chain> {
-        if self.shared.needs_reset() {
-            return None;
-        }
+        let index = u16::try_from(queue).ok();
         loop {
+            if self.shared.needs_reset() {
+                return None;
+            }
             let q = self.queues.get_mut(queue)?.as_mut()?;
             match q.pop(self.mem, max_bytes)? {
                 Popped::Chain(chain) => {
-                    DeviceCounters::add(&self.shared.counters.requests, 1);
+                    self.shared.telemetry.add(DeviceCounter::Requests, 1);
                     return Some(chain);
                 }
-                Popped::Refused { head, reason } => {
-                    DeviceCounters::add(&self.shared.counters.requests, 1);
-                    self.shared.counters.refuse(reason);
+                Popped::Refused { head, error } => {
+                    self.shared.telemetry.add(DeviceCounter::Requests, 1);
+                    // Handed back unused before the response, which may stop the device.
+                    q.add_used(self.mem, head, 0);
+                    self.shared.violation(error.reason, error.evidence(index));
                     warn_limited!(
                         "{}: refused a descriptor chain on queue {queue}: {}",
                         self.shared.name(),
-                        reason.name()
+                        error.reason.name()
                     );
-                    q.add_used(self.mem, head, 0);
                 }
-                Popped::Broken(reason) => {
-                    self.shared.counters.refuse(reason);
+                Popped::Broken(error) => {
+                    self.shared.violation(error.reason, error.evidence(index));
                     warn_limited!(
                         "{}: queue {queue} is unusable: {}",
                         self.shared.name(),
-                        reason.name()
+                        error.reason.name()
                     );
+                    // Whatever the policy: the device can not use these rings.
                     self.shared.set_needs_reset();
                     return None;
                 }
@@ -209,6 +249,7 @@ impl VirtioWorker {
             mem: &self.mem,
             queues,
             shared: &self.shared,
+            queue: None,
         };
         if *generation != self.generation {
             // A reset in between that the worker did not see still resets the handler.
@@ -238,6 +279,7 @@ impl VirtioWorker {
         self.with_context(|handler, ctx| {
             for q in 0..queues {
                 if ctx.queue_ready(q) {
+                    ctx.queue = u16::try_from(q).ok();
                     handler.process_queue(ctx, q);
                 }
             }
@@ -255,16 +297,24 @@ impl VirtioWorker {
             .is_some_and(|a| a.queues.get(queue).is_some_and(Option::is_some));
         if !ready {
             // Before DRIVER_OK, or for a queue the driver never made ready.
+            let index = u16::try_from(queue).ok();
+            let evidence = Evidence {
+                queue: index,
+                a: u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY),
+                b: queue as u64,
+            };
             self.shared
-                .counters
-                .refuse(TransportViolation::NotifyNotReady);
+                .violation(TransportViolation::NotifyNotReady, evidence);
             warn_limited!(
                 "{}: notify for queue {queue}, which is not live",
                 self.shared.name()
             );
             return;
         }
-        self.with_context(|handler, ctx| handler.process_queue(ctx, queue));
+        self.with_context(|handler, ctx| {
+            ctx.queue = u16::try_from(queue).ok();
+            handler.process_queue(ctx, queue);
+        });
     }
 }
 

@@ -5,6 +5,7 @@
 //! (exclusively for a writable disk, shared for a read-only one), so two VMs can never write
 //! one disk, nor one write a disk another is reading.
 
+pub mod magic;
 pub mod request;
 
 use std::fs::{File, OpenOptions};

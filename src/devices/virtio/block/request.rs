@@ -14,10 +14,11 @@ use virtio_bindings::virtio_blk::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{Disk, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+use super::{magic, Disk, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
 use crate::devices::virtio::chain::{Buffer, Chain};
-use crate::devices::virtio::counters::{DeviceCounters, RequestViolation};
 use crate::devices::virtio::worker::{drain, QueueContext, QueueHandler};
+use crate::devices::virtio::RequestError;
+use crate::telemetry::{DeviceCounter, ImageFormat, RequestViolation};
 use crate::warn_limited;
 
 const HEADER_LEN: u64 = 16;
@@ -61,10 +62,7 @@ enum Outcome {
     /// Done: the status and how many data bytes went into writable buffers.
     Done { status: u8, written: u64 },
     /// Refused with this status, for this reason.
-    Refused {
-        status: u8,
-        reason: RequestViolation,
-    },
+    Refused { status: u8, error: RequestError },
 }
 
 /// The queue side of a block device.
@@ -83,14 +81,18 @@ impl BlockQueue {
         let writable: Vec<&Buffer> = chain.buffers.iter().filter(|b| b.writable).collect();
         let (readable_len, writable_len) = (chain.readable_len(), chain.writable_len());
         let Some(status_at) = writable.last().map(|b| b.addr + u64::from(b.len) - 1) else {
-            ctx.refuse(RequestViolation::NoStatus);
+            ctx.refuse(RequestError::new(
+                RequestViolation::NoStatus,
+                0,
+                readable_len,
+            ));
             return 0;
         };
         let data_in = segments(&writable, 0, writable_len - 1);
         let outcome = match read_header(ctx.mem, &readable) {
             None => Outcome::Refused {
                 status: VIRTIO_BLK_S_IOERR as u8,
-                reason: RequestViolation::BadHeader,
+                error: RequestError::new(RequestViolation::BadHeader, 0, readable_len),
             },
             Some((kind, sector)) => {
                 let data_out = segments(&readable, HEADER_LEN, readable_len - HEADER_LEN);
@@ -99,8 +101,8 @@ impl BlockQueue {
         };
         let (status, written) = match outcome {
             Outcome::Done { status, written } => (status, written),
-            Outcome::Refused { status, reason } => {
-                ctx.refuse(reason);
+            Outcome::Refused { status, error } => {
+                ctx.refuse(error);
                 (status, 0)
             }
         };
@@ -117,12 +119,18 @@ impl BlockQueue {
         data_out: &[Segment],
         data_in: &[Segment],
     ) -> Outcome {
-        let ioerr = |reason| Outcome::Refused {
-            status: VIRTIO_BLK_S_IOERR as u8,
-            reason,
-        };
         let out_len: u64 = data_out.iter().map(|s| s.len).sum();
         let in_len: u64 = data_in.iter().map(|s| s.len).sum();
+        let len = if kind == VIRTIO_BLK_T_OUT {
+            out_len
+        } else {
+            in_len
+        };
+        // Refusals carry the sector and length as evidence.
+        let ioerr = |reason| Outcome::Refused {
+            status: VIRTIO_BLK_S_IOERR as u8,
+            error: RequestError::new(reason, sector, len),
+        };
         match kind {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let (len, stray) = if kind == VIRTIO_BLK_T_IN {
@@ -144,11 +152,26 @@ impl BlockQueue {
                     if self.disk.read_only {
                         return ioerr(RequestViolation::ReadOnly);
                     }
+                    if offset == 0 {
+                        if let Some(format) = image_header(ctx.mem, data_out) {
+                            // A raw disk that starts with another format's header would be
+                            // opened as that format by any tool that guesses (the
+                            // CVE-2026-27211 class): the write is refused.
+                            return Outcome::Refused {
+                                status: VIRTIO_BLK_S_IOERR as u8,
+                                error: RequestError::new(
+                                    RequestViolation::ImageMagic,
+                                    format.index() as u64,
+                                    len,
+                                ),
+                            };
+                        }
+                    }
                     if let Err(e) = self.transfer(ctx.mem, data_out, offset, Direction::ToDisk) {
                         warn_limited!("{}: write failed: {e}", ctx.device_name());
                         return ioerr(RequestViolation::HostIo);
                     }
-                    DeviceCounters::add(&ctx.counters().bytes_from_guest, len);
+                    ctx.add(DeviceCounter::BytesFromGuest, len);
                     return Outcome::Done {
                         status: VIRTIO_BLK_S_OK as u8,
                         written: 0,
@@ -158,7 +181,7 @@ impl BlockQueue {
                     warn_limited!("{}: read failed: {e}", ctx.device_name());
                     return ioerr(RequestViolation::HostIo);
                 }
-                DeviceCounters::add(&ctx.counters().bytes_to_guest, len);
+                ctx.add(DeviceCounter::BytesToGuest, len);
                 Outcome::Done {
                     status: VIRTIO_BLK_S_OK as u8,
                     written: len,
@@ -188,7 +211,7 @@ impl BlockQueue {
                     }
                     written += n as u64;
                 }
-                DeviceCounters::add(&ctx.counters().bytes_to_guest, written);
+                ctx.add(DeviceCounter::BytesToGuest, written);
                 Outcome::Done {
                     status: VIRTIO_BLK_S_OK as u8,
                     written,
@@ -196,7 +219,7 @@ impl BlockQueue {
             }
             _ => Outcome::Refused {
                 status: VIRTIO_BLK_S_UNSUPP as u8,
-                reason: RequestViolation::Unsupported,
+                error: RequestError::new(RequestViolation::Unsupported, u64::from(kind), len),
             },
         }
     }
@@ -256,6 +279,24 @@ impl BlockQueue {
 enum Direction {
     ToGuest,
     ToDisk,
+}
+
+/// The image format whose header the data written to sector 0 begins with, if any.
+fn image_header(mem: &GuestMemoryMmap, data: &[Segment]) -> Option<ImageFormat> {
+    let mut head = [0u8; magic::PROBE_LEN];
+    let mut filled = 0usize;
+    for seg in data {
+        let Some(dst) = head.get_mut(filled..) else {
+            break;
+        };
+        let n = dst
+            .len()
+            .min(usize::try_from(seg.len).unwrap_or(usize::MAX));
+        let dst = dst.get_mut(..n)?;
+        mem.read_slice(dst, GuestAddress(seg.addr)).ok()?;
+        filled += n;
+    }
+    magic::detect(head.get(..filled)?)
 }
 
 /// The request type and sector from the first 16 readable bytes, or None when there are not

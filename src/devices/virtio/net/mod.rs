@@ -13,9 +13,10 @@ use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 pub use tap::{Tap, TapError, MAX_NAME_LEN as MAX_TAP_NAME_LEN};
 
 use super::chain::Chain;
-use super::counters::{DeviceCounters, RequestViolation};
 use super::worker::{drain, QueueContext, QueueHandler};
+use super::RequestError;
 use super::{read_config_bytes, VirtioDevice};
+use crate::telemetry::{DeviceCounter, RequestViolation};
 use crate::{debug_limited, warn_limited};
 
 const VIRTIO_ID_NET: u32 = 1;
@@ -116,7 +117,7 @@ impl NetQueues {
             if written.is_none() {
                 // This chain could not take the frame: the frame is dropped (it would not
                 // fit the next one either, or the chain was not a receive buffer).
-                DeviceCounters::add(&ctx.counters().dropped, 1);
+                ctx.add(DeviceCounter::Dropped, 1);
             }
             ctx.complete(RX, chain.head, written.unwrap_or(0));
         }
@@ -137,7 +138,7 @@ impl NetQueues {
         if !chain.write_parts(ctx.mem, &[&header, frame]) {
             return None;
         }
-        DeviceCounters::add(&ctx.counters().bytes_to_guest, total as u64);
+        ctx.add(DeviceCounter::BytesToGuest, total as u64);
         u32::try_from(total).ok()
     }
 
@@ -153,18 +154,18 @@ impl NetQueues {
         });
     }
 
-    fn send(&mut self, ctx: &QueueContext<'_>, chain: &Chain) -> Result<(), RequestViolation> {
+    fn send(&mut self, ctx: &QueueContext<'_>, chain: &Chain) -> Result<(), RequestError> {
         if chain.writable_len() > 0 {
-            return Err(RequestViolation::UnexpectedWritable);
+            return Err(RequestViolation::UnexpectedWritable.into());
         }
         self.tx_frame.clear();
         if !chain.read_into(ctx.mem, &mut self.tx_frame) {
-            return Err(RequestViolation::HostIo);
+            return Err(RequestViolation::HostIo.into());
         }
         let (header, frame) = self
             .tx_frame
             .split_at_checked(HEADER_LEN)
-            .ok_or(RequestViolation::BadHeader)?;
+            .ok_or(RequestError::new(RequestViolation::BadHeader, 0, 0))?;
         // Without offloads there is nothing to ask for: flags, GSO type, lengths and offsets
         // must all be zero. num_buffers (the last two bytes) is not checked: the specification
         // wants zero, but Linux leaves it uninitialised when MRG_RXBUF is not negotiated.
@@ -176,25 +177,37 @@ impl NetQueues {
                 "{}: refused virtio-net header {header:02x?}",
                 ctx.device_name()
             );
-            return Err(RequestViolation::BadHeader);
+            return Err(RequestViolation::BadHeader.into());
         }
         if frame.len() < ETH_HEADER_LEN {
-            return Err(RequestViolation::BadLength);
+            return Err(RequestError::new(
+                RequestViolation::BadLength,
+                0,
+                frame.len() as u64,
+            ));
         }
         if frame.get(6..12) != Some(&self.mac[..]) {
-            return Err(RequestViolation::ForeignSourceMac);
+            // The evidence: the MAC the guest claimed, as a 48-bit number.
+            let mac = frame.get(6..12).map_or(0, |m| {
+                m.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b))
+            });
+            return Err(RequestError::new(
+                RequestViolation::ForeignSourceMac,
+                mac,
+                frame.len() as u64,
+            ));
         }
         match self.tap.write_frame(frame) {
-            Ok(true) => DeviceCounters::add(&ctx.counters().bytes_from_guest, frame.len() as u64),
+            Ok(true) => ctx.add(DeviceCounter::BytesFromGuest, frame.len() as u64),
             // A full queue, or the tap's link is down (EIO): the wire drops the frame.
-            Ok(false) => DeviceCounters::add(&ctx.counters().dropped, 1),
+            Ok(false) => ctx.add(DeviceCounter::Dropped, 1),
             Err(e) => {
                 warn_limited!(
                     "{}: tap {} write failed: {e}",
                     ctx.device_name(),
                     self.tap.name()
                 );
-                return Err(RequestViolation::HostIo);
+                return Err(RequestViolation::HostIo.into());
             }
         }
         Ok(())

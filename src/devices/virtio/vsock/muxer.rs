@@ -14,8 +14,9 @@ use super::conn::{Conn, State};
 use super::packet::{Header, HeaderError, Op, HEADER_LEN, HOST_CID};
 use super::{sock, VsockBackend};
 use crate::devices::virtio::chain::Chain;
-use crate::devices::virtio::counters::{DeviceCounters, RequestViolation};
 use crate::devices::virtio::worker::{drain, FdChange, QueueContext, QueueHandler};
+use crate::devices::virtio::RequestError;
+use crate::telemetry::{DeviceCounter, DeviceTelemetry, RequestViolation};
 use crate::warn_limited;
 
 const RX: usize = 0;
@@ -232,20 +233,32 @@ impl VsockQueues {
         });
     }
 
-    fn packet(&mut self, ctx: &QueueContext<'_>, chain: &Chain) -> Result<(), RequestViolation> {
+    fn packet(&mut self, ctx: &QueueContext<'_>, chain: &Chain) -> Result<(), RequestError> {
         if chain.writable_len() > 0 {
-            return Err(RequestViolation::UnexpectedWritable);
+            return Err(RequestViolation::UnexpectedWritable.into());
         }
         let mut bytes = Vec::with_capacity(chain.readable_len() as usize);
         if !chain.read_into(ctx.mem, &mut bytes) {
-            return Err(RequestViolation::HostIo);
+            return Err(RequestViolation::HostIo.into());
         }
         let (head, payload) = bytes.split_at(bytes.len().min(HEADER_LEN));
         let h = Header::parse(head, payload.len() as u64, self.cid).map_err(|e| match e {
-            HeaderError::Short => RequestViolation::BadHeader,
-            HeaderError::Unknown => RequestViolation::Unsupported,
-            HeaderError::WrongCid => RequestViolation::WrongCid,
-            HeaderError::BadLength => RequestViolation::BadLength,
+            HeaderError::Short => {
+                RequestError::new(RequestViolation::BadHeader, 0, head.len() as u64)
+            }
+            HeaderError::Unknown => RequestViolation::Unsupported.into(),
+            HeaderError::WrongCid => {
+                // The evidence: the CIDs the guest claimed (src_cid and dst_cid lead the header).
+                let cid = |at: usize| {
+                    head.get(at..at + 8)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map_or(0, u64::from_le_bytes)
+                };
+                RequestError::new(RequestViolation::WrongCid, cid(0), cid(8))
+            }
+            HeaderError::BadLength => {
+                RequestError::new(RequestViolation::BadLength, 0, payload.len() as u64)
+            }
         })?;
         let token = self.find(h.dst_port, h.src_port);
         if let Some(conn) = token.and_then(|t| self.conns.get_mut(&t)) {
@@ -256,7 +269,7 @@ impl VsockQueues {
             (Op::Request, None) => self.guest_connect(&h),
             (Op::Request, Some(t)) => self.reset_conn(t),
             (Op::Response, Some(t)) => self.established(t),
-            (Op::Rw, Some(t)) => return self.guest_data(t, payload, ctx.counters()),
+            (Op::Rw, Some(t)) => return self.guest_data(t, payload, ctx.telemetry()),
             (Op::CreditUpdate, Some(_)) => {}
             (Op::CreditRequest, Some(t)) => {
                 if let Some(conn) = self.conns.get_mut(&t) {
@@ -325,8 +338,8 @@ impl VsockQueues {
         &mut self,
         token: u32,
         payload: &[u8],
-        counters: &DeviceCounters,
-    ) -> Result<(), RequestViolation> {
+        telemetry: &DeviceTelemetry,
+    ) -> Result<(), RequestError> {
         let Some(conn) = self.conns.get_mut(&token) else {
             return Ok(());
         };
@@ -334,12 +347,17 @@ impl VsockQueues {
             self.reset_conn(token);
             return Ok(());
         }
-        if conn.out.len() + payload.len() > BUF_ALLOC as usize {
+        let wanted = conn.out.len() + payload.len();
+        if wanted > BUF_ALLOC as usize {
             self.reset_conn(token);
-            return Err(RequestViolation::CreditOverrun);
+            return Err(RequestError::new(
+                RequestViolation::CreditOverrun,
+                u64::from(BUF_ALLOC),
+                wanted as u64,
+            ));
         }
         conn.out.extend_from_slice(payload);
-        DeviceCounters::add(&counters.bytes_from_guest, payload.len() as u64);
+        telemetry.add(DeviceCounter::BytesFromGuest, payload.len() as u64);
         if conn.flush().is_err() {
             self.reset_conn(token);
             return Ok(());
@@ -425,7 +443,7 @@ impl VsockQueues {
             ctx.complete(RX, chain.head, written);
             if written > 0 {
                 conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
-                DeviceCounters::add(&ctx.counters().bytes_to_guest, n as u64);
+                ctx.add(DeviceCounter::BytesToGuest, n as u64);
             }
         }
     }
@@ -470,7 +488,7 @@ fn write_packet(ctx: &QueueContext<'_>, chain: &Chain, h: &Header, payload: &[u8
     }
     // Refused when the packet does not fit the chain's writable buffers.
     if !chain.write_parts(ctx.mem, &[&h.encode(), payload]) {
-        DeviceCounters::add(&ctx.counters().dropped, 1);
+        ctx.add(DeviceCounter::Dropped, 1);
         return 0;
     }
     (HEADER_LEN + payload.len()) as u32

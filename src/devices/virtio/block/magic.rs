@@ -1,0 +1,59 @@
+//! Disk image format headers: a guest that writes one to sector 0 of a raw disk turns the
+//! disk into something a host tool that guesses formats would open as that format, following
+//! its backing-file or extent references to host files (the CVE-2008-2004 and CVE-2026-27211
+//! class). bulkhead's disks are always raw, so such a write is refused and alerted on.
+
+use crate::telemetry::ImageFormat;
+
+/// How many leading bytes [`detect`] looks at.
+pub const PROBE_LEN: usize = 0x48;
+
+/// The format whose header `head` (the first bytes written to sector 0) starts, if any.
+pub fn detect(head: &[u8]) -> Option<ImageFormat> {
+    let starts = |magic: &[u8]| head.starts_with(magic);
+    if starts(b"QFI\xfb") {
+        return Some(ImageFormat::Qcow2);
+    }
+    // A sparse extent, or a monolithic descriptor file naming other files as extents.
+    if starts(b"KDMV") || starts(b"COWD") || starts(b"# Disk DescriptorFile") {
+        return Some(ImageFormat::Vmdk);
+    }
+    // A dynamic VHD keeps a copy of its footer in the first sector.
+    if starts(b"conectix") {
+        return Some(ImageFormat::Vhd);
+    }
+    if starts(b"vhdxfile") {
+        return Some(ImageFormat::Vhdx);
+    }
+    // VirtualBox: a text banner, then the signature 0xbeda107f at byte 0x40.
+    if head.get(0x40..0x44) == Some(&0xbeda_107fu32.to_le_bytes()[..]) {
+        return Some(ImageFormat::Vdi);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_format_header_is_recognised_and_ordinary_data_is_not() {
+        let mut vdi = [0u8; PROBE_LEN];
+        vdi[..4].copy_from_slice(b"<<< ");
+        vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+        let cases: [(&[u8], Option<ImageFormat>); 9] = [
+            (b"QFI\xfb\x00\x00\x00\x03", Some(ImageFormat::Qcow2)),
+            (b"KDMV\x01\x00\x00\x00", Some(ImageFormat::Vmdk)),
+            (b"# Disk DescriptorFile\n", Some(ImageFormat::Vmdk)),
+            (b"conectix\x00\x00\x00\x02", Some(ImageFormat::Vhd)),
+            (b"vhdxfile", Some(ImageFormat::Vhdx)),
+            (&vdi, Some(ImageFormat::Vdi)),
+            (b"\xeb\x63\x90MSDOS5.0", None),
+            (b"QFI", None),
+            (&[0u8; PROBE_LEN], None),
+        ];
+        for (head, want) in cases {
+            assert_eq!(detect(head), want, "{head:02x?}");
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The supervisor: `bulkhead run`'s outer process. It holds the outputs, starts the VM
+//! process, confines itself with a seccomp filter of its own, then watches: it turns what the
+//! VM process reports (untrusted) and what the kernel tells it into metrics and alerts, ends
+//! the VM on a time limit or a stop-vm response, and reports how the VM ended.
+//!
+//! It never touches guest input: it reads only the telemetry region, whose every value it
+//! checks, and the VM process's wait status.
+
+mod ending;
+mod http;
+mod outputs;
+mod spawn;
+mod watch;
+
+use std::time::SystemTime;
+
+pub use ending::{StopCause, VmEnd};
+
+use crate::config::VmConfig;
+use crate::exit::status;
+use crate::seccomp::{self, ThreadRole};
+use crate::signal;
+use crate::telemetry::{AlertContext, Engine, Limits};
+use outputs::Outputs;
+use watch::Watch;
+
+/// Runs one VM under supervision and returns `bulkhead run`'s exit status.
+pub fn run(config: &VmConfig) -> i32 {
+    let start_ns = crate::logger::process_start_ns();
+    let start_wall = SystemTime::now();
+    if let Err(e) = signal::install_sigsys_reporter() {
+        log::error!("cannot install the SIGSYS reporter: {e}");
+        return status::RUNTIME_ERROR;
+    }
+    signal::set_thread_name(ThreadRole::Supervisor.name());
+    let outputs = match Outputs::open(config) {
+        Ok(o) => o,
+        Err(e) => {
+            log::error!("{}", crate::error_chain(&e));
+            return status::BAD_INPUT;
+        }
+    };
+    // Blocked before the VM process starts, so none is missed; the child's mask is reset.
+    let signals =
+        match signal::signalfd(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::error!("cannot watch signals: {e}");
+                return status::RUNTIME_ERROR;
+            }
+        };
+    let vm = match spawn::spawn(config, start_ns, outputs.console.as_ref(), log::max_level()) {
+        Ok(vm) => vm,
+        Err(e) => {
+            log::error!("{}", crate::error_chain(&e));
+            return status::RUNTIME_ERROR;
+        }
+    };
+    let ctx = AlertContext {
+        vm_id: config.vm_id.clone(),
+        tenant: config.tenant.clone(),
+        hostname: hostname(),
+    };
+    if config.seccomp {
+        if let Err(e) = seccomp::apply_all_threads(ThreadRole::Supervisor) {
+            log::error!("{e}");
+            // The VM process dies with us (PR_SET_PDEATHSIG), but reap it rather than orphan it.
+            let mut vm = vm;
+            let _ = vm.child.kill();
+            let _ = vm.child.wait();
+            return status::RUNTIME_ERROR;
+        }
+    }
+    #[cfg(debug_assertions)]
+    if config.test_hook == Some(crate::config::TestHook::SupervisorForbiddenSyscall) {
+        seccomp::forbidden_syscall();
+    }
+    let limits = Limits {
+        vcpus: u16::try_from(config.vcpus).unwrap_or(u16::MAX),
+        devices: u16::try_from(config.device_names().len()).unwrap_or(u16::MAX),
+    };
+    let engine = Engine::new(limits, config.device_names(), start_ns);
+    let watched = Watch::new(
+        config, vm, outputs, engine, ctx, signals, start_ns, start_wall,
+    )
+    .run();
+    let end = watched.end;
+    let message = format!("VM {} (tenant {}): {end}", config.vm_id, config.tenant);
+    if end.is_orderly() {
+        log::info!("{message}");
+    } else {
+        log::error!("{message}");
+    }
+    end.status()
+}
+
+/// This host's name, for alerts.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for writes of its length; gethostname NUL-terminates within it
+    // or truncates.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "unknown".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned()
+}

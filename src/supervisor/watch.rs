@@ -1,0 +1,411 @@
+//! The supervisor's loop: wait for the VM process, drain its events, run the rules on a tick,
+//! send alerts, write metrics, enforce the time limit and the stop-vm response, and conclude
+//! how the VM ended.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+
+use super::ending::{StopCause, VmEnd};
+use super::outputs::Outputs;
+use super::spawn::VmProcess;
+use crate::config::VmConfig;
+use crate::exit::VmExitReason;
+use crate::signal;
+use crate::telemetry::{
+    monotonic_ns, AlertContext, DeviceSnapshot, Engine, Firing, MetricsSnapshot, Response, Rule,
+    SupervisorFacts, VmCounter,
+};
+
+/// How often the rules look at the counters.
+const TICK_NS: u64 = 250_000_000;
+/// Ticks between metrics writes (one second).
+const METRICS_EVERY: u64 = 4;
+/// How long a stopped VM process gets to end in order before it is killed.
+const STOP_GRACE_NS: u64 = 1_000_000_000;
+/// Most events taken per drain, so a VM process that keeps refilling the ring can not hold
+/// the loop.
+const DRAIN_LIMIT: usize = 4096;
+/// How long pending HTTP alerts may hold up the exit.
+const HTTP_FLUSH: Duration = Duration::from_secs(2);
+
+/// What the watch loop ends with.
+pub struct Watched {
+    pub end: VmEnd,
+}
+
+/// The supervisor's state for one VM.
+pub struct Watch<'a> {
+    pub config: &'a VmConfig,
+    pub vm: VmProcess,
+    pub outputs: Outputs,
+    pub engine: Engine,
+    pub ctx: AlertContext,
+    pub signals: OwnedFd,
+    pub start_ns: u64,
+    pub start_wall: SystemTime,
+    seq: u64,
+    tail: u64,
+    stop: Option<StopCause>,
+    kill_at: Option<u64>,
+    peak_rss: Option<u64>,
+}
+
+impl<'a> Watch<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &'a VmConfig,
+        vm: VmProcess,
+        outputs: Outputs,
+        engine: Engine,
+        ctx: AlertContext,
+        signals: OwnedFd,
+        start_ns: u64,
+        start_wall: SystemTime,
+    ) -> Watch<'a> {
+        Watch {
+            config,
+            vm,
+            outputs,
+            engine,
+            ctx,
+            signals,
+            start_ns,
+            start_wall,
+            seq: 0,
+            tail: 0,
+            stop: None,
+            kill_at: None,
+            peak_rss: None,
+        }
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.vm.child.id() as libc::pid_t
+    }
+
+    /// Runs until the VM process is gone; returns how the VM ended.
+    pub fn run(mut self) -> Watched {
+        let deadline = self.config.supervision.timeout_secs.map(|s| {
+            self.start_ns
+                .saturating_add(s.saturating_mul(1_000_000_000))
+        });
+        let mut next_tick = monotonic_ns() + TICK_NS;
+        let mut ticks = 0u64;
+        let (exit, killed) = loop {
+            if let Some(status) = self.reap() {
+                break status;
+            }
+            let now = monotonic_ns();
+            let mut wake_at = next_tick;
+            for t in [deadline, self.kill_at].into_iter().flatten() {
+                wake_at = wake_at.min(t);
+            }
+            let timeout_ms = wake_at.saturating_sub(now).div_ceil(1_000_000).min(1000);
+            let (signals, wake) = poll2(&self.signals, &self.vm.wake, timeout_ms as i32);
+            if signals {
+                while let Some(sig) = signal::read_signal(&self.signals) {
+                    if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) {
+                        self.stop(StopCause::Signal { signal: sig });
+                    }
+                }
+            }
+            if wake {
+                let _ = self.vm.wake.read();
+                self.drain();
+            }
+            let now = monotonic_ns();
+            if now >= next_tick {
+                self.drain();
+                let firings = self.engine.tick(&self.vm.region, now);
+                self.handle(firings);
+                ticks += 1;
+                if ticks % METRICS_EVERY == 0 {
+                    self.write_metrics(None);
+                }
+                next_tick = now + TICK_NS;
+            }
+            if deadline.is_some_and(|d| now >= d) {
+                let secs = self.config.supervision.timeout_secs.unwrap_or(0);
+                self.stop(StopCause::Timeout { secs });
+            }
+            if self.kill_at.is_some_and(|k| now >= k) {
+                self.signal_vm(libc::SIGKILL);
+                self.kill_at = None;
+            }
+        };
+        self.finish(exit, killed)
+    }
+
+    /// The VM process's wait status if it has ended: (exit code, killing signal).
+    fn reap(&mut self) -> Option<(Option<i32>, Option<i32>)> {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid buffer for wait4 to fill.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `status` and `usage` are valid for writes; the pid is our own child, which
+        // nothing else reaps.
+        let rc = unsafe { libc::wait4(self.pid(), &mut status, libc::WNOHANG, &mut usage) };
+        if rc != self.pid() {
+            return None;
+        }
+        self.peak_rss = u64::try_from(usage.ru_maxrss).ok().map(|kib| kib * 1024);
+        if libc::WIFEXITED(status) {
+            Some((Some(libc::WEXITSTATUS(status)), None))
+        } else if libc::WIFSIGNALED(status) {
+            Some((None, Some(libc::WTERMSIG(status))))
+        } else {
+            None
+        }
+    }
+
+    fn signal_vm(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child, which is not yet reaped, so the pid is still ours.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Ends the VM for `cause`: SIGTERM now (the VM process stops in order), SIGKILL if it
+    /// has not ended within the grace period.
+    fn stop(&mut self, cause: StopCause) {
+        if self.stop.is_some() {
+            return;
+        }
+        log::info!("VM {}: stopping: {}", self.ctx.vm_id, VmEnd::Stopped(cause));
+        self.stop = Some(cause);
+        self.signal_vm(libc::SIGTERM);
+        self.kill_at = Some(monotonic_ns() + STOP_GRACE_NS);
+    }
+
+    /// Takes what the VM process posted.
+    fn drain(&mut self) {
+        self.vm.region.ring.clear_wake();
+        self.engine
+            .set_boot_complete(self.vm.region.boot_complete_ns());
+        let mut firings = Vec::new();
+        for _ in 0..DRAIN_LIMIT {
+            let Some(raw) = self.vm.region.ring.pop(&mut self.tail) else {
+                break;
+            };
+            firings.extend(self.engine.observe(&raw, monotonic_ns()));
+        }
+        self.handle(firings);
+    }
+
+    /// Sends the alerts and applies the stop-vm response.
+    fn handle(&mut self, firings: Vec<Firing>) {
+        for firing in firings {
+            if let Some(alert) = &firing.alert {
+                self.seq += 1;
+                let line = alert.to_json(&self.ctx, self.seq).to_string();
+                if let Some(sink) = &mut self.outputs.alerts {
+                    sink.write(&line);
+                }
+                if let Some(http) = &self.outputs.http {
+                    http.send(line);
+                }
+            }
+            let response = self.config.supervision.on_violation.response(firing.rule);
+            if response == Response::StopVm {
+                self.stop(StopCause::Policy { rule: firing.rule });
+            }
+        }
+    }
+
+    /// The last drain and tick, the alerts only the ending can raise, the final metrics and
+    /// the closing line.
+    fn finish(mut self, exit: Option<i32>, signal: Option<i32>) -> Watched {
+        self.drain();
+        let firings = self.engine.tick(&self.vm.region, monotonic_ns());
+        self.handle(firings);
+        let record = self
+            .vm
+            .region
+            .exit
+            .read()
+            .and_then(|(k, a, b)| VmExitReason::from_record(k, a, b));
+        let end = VmEnd::conclude(
+            exit,
+            signal,
+            record,
+            self.vm.region.seccomp.read(),
+            self.stop,
+        );
+        let firings = self.ending_alerts(&end);
+        self.handle(firings);
+        self.write_metrics(Some(&end));
+        for line in self.debug_counters() {
+            log::debug!("VM {} {line}", self.ctx.vm_id);
+        }
+        if let Some(http) = &mut self.outputs.http {
+            http.finish(HTTP_FLUSH);
+        }
+        Watched { end }
+    }
+
+    /// Alerts that follow from how the VM ended: a seccomp kill (which only the kernel's wait
+    /// status shows), and a triple fault or failed entry whose event never came.
+    fn ending_alerts(&mut self, end: &VmEnd) -> Vec<Firing> {
+        let now = monotonic_ns();
+        let seen = |e: &Engine, r: Rule| e.sent(r) + e.suppressed(r) > 0;
+        match end {
+            VmEnd::SeccompViolation { thread, syscall } => {
+                let mut fields = vec![("signal", json!("SIGSYS"))];
+                if let Some(t) = thread {
+                    fields.push(("thread", json!(t)));
+                }
+                if let Some(n) = syscall {
+                    fields.push(("syscall", json!(n)));
+                }
+                let output =
+                    format!("bulkhead's VM process was killed by its seccomp filter: {end}");
+                vec![self
+                    .engine
+                    .raise(Rule::SeccompViolation, now, output, fields)]
+            }
+            VmEnd::Vm(VmExitReason::TripleFault { vcpu })
+                if !seen(&self.engine, Rule::TripleFault) =>
+            {
+                let output = format!("vCPU {vcpu} triple-faulted; the VM ended");
+                vec![self
+                    .engine
+                    .raise(Rule::TripleFault, now, output, vec![("vcpu", json!(vcpu))])]
+            }
+            VmEnd::Vm(
+                r @ (VmExitReason::InternalError { vcpu, .. }
+                | VmExitReason::FailEntry { vcpu, .. }),
+            ) if !seen(&self.engine, Rule::VcpuEntryFailure) => {
+                let output = format!("{r}; the VM ended");
+                vec![self.engine.raise(
+                    Rule::VcpuEntryFailure,
+                    now,
+                    output,
+                    vec![("vcpu", json!(vcpu))],
+                )]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn facts(&self, end: Option<&VmEnd>) -> SupervisorFacts {
+        let (filtered, threads) = seccomp_threads(self.pid(), end.is_none());
+        SupervisorFacts {
+            vcpus: self.config.vcpus as usize,
+            devices: self.config.device_names(),
+            guest_memory_bytes: self.config.mem_bytes(),
+            seccomp_filtered_threads: filtered,
+            vm_process_threads: threads,
+            boot_complete_seconds: self
+                .vm
+                .region
+                .boot_complete_ns()
+                .filter(|&ns| ns >= self.start_ns)
+                .map(|ns| (ns - self.start_ns) as f64 / 1e9),
+            running: end.is_none(),
+            exit: end.map(|e| (e.label(), e.status())),
+            alerts_sent: Rule::ALL
+                .iter()
+                .map(|&r| (r, self.engine.sent(r)))
+                .collect(),
+            alerts_suppressed: Rule::ALL
+                .iter()
+                .map(|&r| (r, self.engine.suppressed(r)))
+                .collect(),
+            events_invalid: self.engine.invalid_events(),
+            deliveries_sent: self.outputs.http.as_ref().map_or(0, |h| {
+                h.stats.sent.load(std::sync::atomic::Ordering::Relaxed)
+            }),
+            deliveries_failed: self.outputs.http.as_ref().map_or(0, |h| {
+                h.stats.dropped.load(std::sync::atomic::Ordering::Relaxed)
+            }),
+            vm_process_peak_rss_bytes: end.and(self.peak_rss),
+            start_time_seconds: self
+                .start_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
+
+    fn write_metrics(&self, end: Option<&VmEnd>) {
+        let Some(file) = &self.outputs.metrics else {
+            return;
+        };
+        let snapshot = MetricsSnapshot::collect(&self.vm.region, &self.facts(end));
+        match snapshot.encode(&self.ctx.vm_id, &self.ctx.tenant) {
+            Ok(text) => {
+                if let Err(e) = file.write(&text) {
+                    crate::warn_limited!("{e}");
+                }
+            }
+            Err(e) => crate::warn_limited!("cannot encode the metrics: {e}"),
+        }
+    }
+
+    /// One line per device and one of VM counters, for `--log-level debug`.
+    fn debug_counters(&self) -> Vec<String> {
+        let region = &self.vm.region;
+        let mut lines = Vec::new();
+        let counters: Vec<String> = VmCounter::ALL
+            .iter()
+            .map(|&c| format!("{c}={}", region.vm_counter(c)))
+            .collect();
+        lines.push(format!("counters: {}", counters.join(" ")));
+        for (i, name) in self.config.device_names().iter().enumerate() {
+            if let Some(slot) = region.device(i) {
+                lines.push(format!("device {}", DeviceSnapshot::read(name, slot)));
+            }
+        }
+        lines
+    }
+}
+
+/// Polls the signalfd and the wake eventfd: which are readable.
+fn poll2(
+    signals: &OwnedFd,
+    wake: &vmm_sys_util::eventfd::EventFd,
+    timeout_ms: i32,
+) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: signals.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd structs for the kernel to fill.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    if n <= 0 {
+        return (false, false);
+    }
+    let [s, w] = fds;
+    (s.revents & libc::POLLIN != 0, w.revents & libc::POLLIN != 0)
+}
+
+/// (threads under a seccomp filter, threads) of process `pid`, as /proc says; None once the
+/// process is gone or when /proc can not be read.
+fn seccomp_threads(pid: libc::pid_t, running: bool) -> (Option<u64>, Option<u64>) {
+    if !running {
+        return (None, None);
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (None, None);
+    };
+    let (mut filtered, mut threads) = (0u64, 0u64);
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        threads += 1;
+        if status
+            .lines()
+            .any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() == "2"))
+        {
+            filtered += 1;
+        }
+    }
+    (Some(filtered), Some(threads))
+}

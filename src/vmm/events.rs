@@ -1,0 +1,110 @@
+//! The VMM thread's own event sources: the exit request, the halt watchdog's timer and
+//! console input. Virtio queue work is served by each device's worker on the same loop.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::console::ConsoleInput;
+use super::watchdog::HaltWatchdog;
+use crate::exit::{ExitSignal, VmExitReason};
+
+/// The VMM thread's event sources.
+pub(super) struct VmmEvents {
+    pub(super) exit: Arc<ExitSignal>,
+    pub(super) timer: TimerFd,
+    pub(super) watchdog: HaltWatchdog,
+    pub(super) console: Option<ConsoleInput>,
+    /// A signalfd for the supervisor's SIGTERM.
+    pub(super) stop: Option<OwnedFd>,
+    pub(super) finished: bool,
+}
+
+const EV_EXIT: u32 = 1;
+const EV_TIMER: u32 = 2;
+const EV_CONSOLE: u32 = 3;
+const EV_STOP: u32 = 4;
+
+impl MutEventSubscriber for VmmEvents {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        let exit_fd = self.exit.event_fd().as_raw_fd();
+        let timer_fd = self.timer.as_raw_fd();
+        let registrations = [
+            Events::with_data_raw(exit_fd, EV_EXIT, EventSet::IN),
+            Events::with_data_raw(timer_fd, EV_TIMER, EventSet::IN),
+        ];
+        for ev in registrations {
+            if let Err(e) = ops.add(ev) {
+                log::error!("cannot watch VMM event {}: {e:?}", ev.data());
+                self.exit.request(VmExitReason::VcpuFailed {
+                    vcpu: 0,
+                    error: "event loop setup failed".into(),
+                });
+            }
+        }
+        if let Some(stop) = &self.stop {
+            let ev = Events::with_data_raw(stop.as_raw_fd(), EV_STOP, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::warn!("SIGTERM will end the VM at once: {e:?}");
+            }
+        }
+        if let Some(console) = &self.console {
+            let ev = Events::with_data_raw(console.source.as_raw_fd(), EV_CONSOLE, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::warn!("console input disabled: {e:?}");
+                self.console = None;
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
+        match events.data() {
+            EV_EXIT => {
+                let _ = self.exit.event_fd().read();
+                self.finished = true;
+            }
+            EV_TIMER => {
+                let _ = self.timer.wait();
+                if self.watchdog.tick() {
+                    self.exit.request(VmExitReason::AllHalted);
+                }
+            }
+            EV_CONSOLE => self.console_input(events, ops),
+            EV_STOP => {
+                if let Some(stop) = &self.stop {
+                    while crate::signal::read_signal(stop).is_some() {}
+                }
+                self.exit.request(VmExitReason::Stopped);
+            }
+            other => log::warn!("unexpected VMM event {other}"),
+        }
+    }
+}
+
+impl VmmEvents {
+    fn console_input(&mut self, events: Events, ops: &mut EventOps<'_>) {
+        let Some(console) = self.console.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        let n = if events.event_set().contains(EventSet::IN) {
+            console.source.read(&mut buf).unwrap_or(0)
+        } else {
+            0
+        };
+        if n == 0 {
+            // EOF or hang-up: stop watching, the guest keeps running without input.
+            let _ = ops.remove(Events::empty_raw(console.source.as_raw_fd()));
+            self.console = None;
+            return;
+        }
+        // A full receive FIFO drops the excess, as a real UART would.
+        let _ = buf
+            .get(..n)
+            .map(|bytes| console.serial.enqueue_input(bytes));
+    }
+}

@@ -1,0 +1,266 @@
+//! A built VM brought to life: vCPU threads, the VMM thread's event loop, and shutdown.
+//!
+//! Thread order matters for the seccomp invariant: vCPU threads are spawned first and each
+//! installs its own filter before anything else; the VMM thread then opens the last files it
+//! needs, installs its filter, and only then releases the vCPUs and serves guest I/O.
+
+mod console;
+mod events;
+mod watchdog;
+
+use std::fs::File;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::timerfd::TimerFd;
+
+pub use console::{ConsoleInput, RawTerminal};
+use events::VmmEvents;
+use watchdog::HaltWatchdog;
+
+use crate::config::TestHook;
+use crate::devices::legacy::SerialPort;
+use crate::devices::virtio::{DeviceShared, VirtioWorker};
+use crate::exit::VmExitReason;
+use crate::seccomp::{self, ThreadRole};
+use crate::signal;
+use crate::telemetry::DeviceSnapshot;
+use crate::vstate::vcpu::{Vcpu, VcpuIo, VcpuShared};
+use crate::vstate::vm::Vm;
+
+/// How often the halt watchdog looks at the vCPU threads.
+const WATCHDOG_TICK: Duration = Duration::from_millis(50);
+/// How long the VMM waits for vCPU threads to leave KVM_RUN at shutdown.
+const VCPU_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors starting or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot start thread {name}: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    #[error("cannot create the halt watchdog timer: {0}")]
+    Timer(#[source] vmm_sys_util::errno::Error),
+}
+
+/// A VM ready to run: built by [`crate::builder::build_vm`].
+pub struct Vmm {
+    pub(crate) vm: Vm,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) io: Arc<VcpuIo>,
+    pub(crate) serial: Arc<SerialPort>,
+    pub(crate) virtio_devices: Vec<Arc<DeviceShared>>,
+    pub(crate) virtio_workers: Vec<VirtioWorker>,
+    pub(crate) console_input: Option<File>,
+    pub(crate) raw_terminal: Option<RawTerminal>,
+    pub(crate) seccomp: bool,
+    pub(crate) test_hook: Option<TestHook>,
+}
+
+/// How the run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub reason: VmExitReason,
+    /// Each virtio device's counters, in attach order.
+    pub devices: Vec<DeviceSnapshot>,
+}
+
+pub(crate) struct VcpuThread {
+    pub(crate) handle: thread::JoinHandle<()>,
+    pub(crate) shared: Arc<VcpuShared>,
+}
+
+impl Vmm {
+    /// Runs the VM until it ends, and says why. A signal on `stop` (a signalfd) ends it in
+    /// order, as [`VmExitReason::Stopped`].
+    pub fn run(self, stop: Option<std::os::fd::OwnedFd>) -> Result<RunOutcome, VmmError> {
+        signal::install_handlers().map_err(VmmError::Signals)?;
+        signal::set_thread_name(ThreadRole::Vmm.name());
+        let Vmm {
+            vm,
+            vcpus,
+            io,
+            serial,
+            virtio_devices,
+            virtio_workers,
+            console_input,
+            raw_terminal,
+            seccomp,
+            test_hook,
+        } = self;
+        let exit = io.exit.clone();
+        let vcpu_count = vcpus.len();
+        let ready = Arc::new(Barrier::new(vcpu_count + 1));
+        let go = Arc::new(Barrier::new(vcpu_count + 1));
+        let (done_tx, done_rx) = mpsc::channel::<u32>();
+        let mut threads = Vec::with_capacity(vcpu_count);
+        for vcpu in vcpus {
+            let name = format!("vcpu{}", vcpu.index());
+            let shared = Arc::new(VcpuShared::default());
+            let ctx = VcpuThreadCtx {
+                io: io.clone(),
+                shared: shared.clone(),
+                ready: ready.clone(),
+                go: go.clone(),
+                done: done_tx.clone(),
+                seccomp,
+                test_hook,
+            };
+            let handle = thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || vcpu_thread(vcpu, ctx))
+                .map_err(|source| VmmError::Spawn { name, source })?;
+            threads.push(VcpuThread { handle, shared });
+        }
+        drop(done_tx);
+
+        // Every vCPU has installed its filter and published its thread id.
+        ready.wait();
+        let watchdog = HaltWatchdog::new(&threads);
+        let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(|e| VmmError::EventLoop(format!("cannot create the event manager: {e:?}")))?;
+        let mut timer = TimerFd::new().map_err(VmmError::Timer)?;
+        timer
+            .reset(WATCHDOG_TICK, Some(WATCHDOG_TICK))
+            .map_err(VmmError::Timer)?;
+        let events = Arc::new(Mutex::new(VmmEvents {
+            exit: exit.clone(),
+            timer,
+            watchdog,
+            console: console_input.map(|source| ConsoleInput {
+                source,
+                serial: serial.clone(),
+            }),
+            stop,
+            finished: false,
+        }));
+        event_manager.add_subscriber(events.clone());
+        for worker in virtio_workers {
+            event_manager.add_subscriber(Arc::new(Mutex::new(worker)));
+        }
+
+        // INVARIANT: the VMM filter is in place before any guest I/O is served.
+        if seccomp {
+            seccomp::apply(ThreadRole::Vmm)?;
+        }
+        #[cfg(debug_assertions)]
+        if test_hook == Some(TestHook::VmmForbiddenSyscall) {
+            seccomp::forbidden_syscall();
+        }
+        go.wait();
+
+        loop {
+            event_manager
+                .run()
+                .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+            if events.lock().unwrap_or_else(|e| e.into_inner()).finished {
+                break;
+            }
+        }
+
+        // Stop every vCPU: the exit signal is set, so each leaves its loop once kicked.
+        for t in &threads {
+            kick(t.handle.as_pthread_t());
+        }
+        let mut remaining = vcpu_count;
+        while remaining > 0 {
+            match done_rx.recv_timeout(VCPU_JOIN_TIMEOUT) {
+                Ok(_) => remaining -= 1,
+                Err(_) => {
+                    log::warn!("{remaining} vCPU thread(s) did not stop in time");
+                    break;
+                }
+            }
+        }
+        serial.flush();
+        drop(raw_terminal);
+        drop(vm);
+        let reason = exit.reason().unwrap_or(VmExitReason::VcpuFailed {
+            vcpu: 0,
+            error: "the VM stopped without a reason".to_string(),
+        });
+        let region = io.reporter.region();
+        Ok(RunOutcome {
+            reason,
+            devices: (0..virtio_devices.len())
+                .filter_map(|i| {
+                    let name = virtio_devices.get(i)?.name();
+                    Some(DeviceSnapshot::read(name, region.device(i)?))
+                })
+                .collect(),
+        })
+    }
+}
+
+struct VcpuThreadCtx {
+    io: Arc<VcpuIo>,
+    shared: Arc<VcpuShared>,
+    ready: Arc<Barrier>,
+    go: Arc<Barrier>,
+    done: mpsc::Sender<u32>,
+    seccomp: bool,
+    test_hook: Option<TestHook>,
+}
+
+fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
+    let index = vcpu.index();
+    signal::set_thread_name(&format!("vcpu{index}"));
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    ctx.shared.tid.store(tid, Ordering::Release);
+    let filter = if ctx.seccomp {
+        seccomp::apply(ThreadRole::Vcpu)
+    } else {
+        Ok(())
+    };
+    ctx.ready.wait();
+    ctx.go.wait();
+    match filter {
+        Ok(()) => {
+            #[cfg(debug_assertions)]
+            if ctx.test_hook == Some(TestHook::VcpuForbiddenSyscall) {
+                seccomp::forbidden_syscall();
+            }
+            let _ = ctx.test_hook;
+            let io = ctx.io.clone();
+            let shared = ctx.shared.clone();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                vcpu.run(&io, &shared);
+            }));
+            if result.is_err() {
+                ctx.io.exit.request(VmExitReason::VcpuFailed {
+                    vcpu: index,
+                    error: "the vCPU thread panicked".to_string(),
+                });
+            }
+        }
+        Err(e) => ctx.io.exit.request(VmExitReason::VcpuFailed {
+            vcpu: index,
+            error: e.to_string(),
+        }),
+    }
+    let _ = ctx.done.send(index);
+}
+
+/// Sends the kick signal to a vCPU thread, making it leave KVM_RUN.
+///
+/// Only call this for a vCPU thread of the running VM: [`Vmm::run`] holds every vCPU's
+/// JoinHandle and joins none of them until after the last kick, so the pthread is alive.
+pub(super) fn kick(pthread: libc::pthread_t) {
+    // SAFETY: the thread is alive (see above), and the kick signal has a handler installed for
+    // the whole process, so it interrupts KVM_RUN instead of killing the process.
+    unsafe { libc::pthread_kill(pthread, signal::kick_signal()) };
+}
