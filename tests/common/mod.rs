@@ -164,3 +164,142 @@ pub fn run_guest_with_input(name: &str, extra: &[&str], input: Option<&[u8]>) ->
     cmd.arg("run").arg("--kernel").arg(kernel).args(extra);
     command_with_input(&mut cmd, input, Duration::from_secs(60))
 }
+
+/// The samples of a Prometheus text file.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+}
+
+impl Metrics {
+    /// Parses `name{k="v",...} value` lines; comments and blank lines are skipped, anything
+    /// else fails the test.
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_string(), Vec::new()),
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                    let mut labels = Vec::new();
+                    for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                        let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
+                        labels.push((k.to_string(), v.trim_end_matches('"').to_string()));
+                    }
+                    (name.to_string(), labels)
+                }
+            };
+            samples.push((name, labels, value));
+        }
+        Metrics { samples }
+    }
+
+    /// Values of the series named `name` whose labels include `labels`.
+    pub fn matching(&self, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| *v)
+            .collect()
+    }
+
+    /// The one series named `name` with `labels`, as an integer; fails the test if absent.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        match self.matching(name, labels).as_slice() {
+            [v] => *v as u64,
+            other => panic!("{name}{labels:?}: {} series match", other.len()),
+        }
+    }
+
+    /// The sum of every series named `name` with `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.matching(name, labels).iter().sum::<f64>() as u64
+    }
+
+    /// How often `device` refused for `layer.reason` (e.g. `chain.loop`).
+    pub fn refusals(&self, device: &str, reason: &str) -> u64 {
+        let (layer, reason) = reason.split_once('.').expect("layer.reason");
+        self.value(
+            "bulkhead_virtio_violations_total",
+            &[("device", device), ("layer", layer), ("reason", reason)],
+        )
+    }
+
+    /// All of `device`'s refusals.
+    pub fn total_refusals(&self, device: &str) -> u64 {
+        self.sum("bulkhead_virtio_violations_total", &[("device", device)])
+    }
+}
+
+/// A run with its metrics file and alert lines collected.
+#[derive(Debug)]
+pub struct Observed {
+    pub run: Run,
+    pub metrics: Metrics,
+    pub alerts: Vec<serde_json::Value>,
+}
+
+impl Observed {
+    /// The alerts of `rule`.
+    pub fn alerts_of(&self, rule: &str) -> Vec<&serde_json::Value> {
+        self.alerts.iter().filter(|a| a["rule"] == rule).collect()
+    }
+
+    /// Alerts at `priority` or more severe (Falco's order), other than `except`.
+    pub fn alerts_at_least(&self, priority: &str, except: &[&str]) -> Vec<&serde_json::Value> {
+        const ORDER: [&str; 8] = [
+            "Emergency", "Alert", "Critical", "Error", "Warning", "Notice", "Informational", "Debug",
+        ];
+        let rank = |p: &str| ORDER.iter().position(|o| *o == p).unwrap_or(usize::MAX);
+        let limit = rank(priority);
+        self.alerts
+            .iter()
+            .filter(|a| rank(a["priority"].as_str().unwrap_or("")) <= limit)
+            .filter(|a| !except.contains(&a["rule"].as_str().unwrap_or("")))
+            .collect()
+    }
+}
+
+/// Runs `bulkhead run --kernel <guest> <extra...>` with a metrics file and an alerts file in
+/// a scratch directory named for `test`, and collects both.
+pub fn run_observed(test: &str, guest_name: &str, extra: &[&str]) -> Observed {
+    let dir = scratch(test);
+    let metrics = dir.join("vm.prom");
+    let alerts = dir.join("alerts.jsonl");
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".to_string(),
+        guest(guest_name).display().to_string(),
+        "--metrics-file".to_string(),
+        metrics.display().to_string(),
+        "--alerts".to_string(),
+        alerts.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = bulkhead(&args);
+    observed(run, &metrics, &alerts)
+}
+
+/// Collects the metrics file and alerts file of a finished run.
+pub fn observed(run: Run, metrics: &Path, alerts: &Path) -> Observed {
+    let text = std::fs::read_to_string(metrics)
+        .unwrap_or_else(|e| panic!("no metrics file {}: {e}; stderr: {}", metrics.display(), run.stderr));
+    let alerts = std::fs::read_to_string(alerts)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad alert line {l:?}: {e}")))
+        .collect();
+    Observed {
+        run,
+        metrics: Metrics::parse(&text),
+        alerts,
+    }
+}
