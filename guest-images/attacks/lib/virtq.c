@@ -1,0 +1,151 @@
+/* A minimal virtio-mmio split-queue driver for the attack guests; see virtq.h. Adapted from
+ * guest-images/virtio.c. */
+#include "virtq.h"
+
+/* How many register polls a wait may take. Each poll is a VM exit (about 10-20 us on the
+ * nested test hosts, far less on hardware) and lets the VMM's device thread run, so this
+ * bounds a wait to a few seconds while a device answers in well under a millisecond. */
+#define POLL_LIMIT 300000u
+
+static u64 parse_hex(const char **p) {
+    u64 v = 0;
+    for (;;) {
+        char c = **p;
+        int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (digit < 0) return v;
+        v = v * 16 + (u64)digit;
+        (*p)++;
+    }
+}
+
+u64 virtio_find_device(u32 id) {
+    static const char key[] = "virtio_mmio.device=4K@0x";
+    const char *p = cmdline();
+    while (*p) {
+        const char *k = key, *t = p;
+        while (*k && *t == *k) { t++; k++; }
+        if (!*k) {
+            u64 base = parse_hex(&t);
+            if (mmio_read32(base + VIRTIO_MMIO_MAGIC) == VIRTIO_MAGIC_VALUE &&
+                mmio_read32(base + VIRTIO_MMIO_DEVICE_ID) == id)
+                return base;
+        }
+        while (*p && *p != ' ') p++;
+        while (*p == ' ') p++;
+    }
+    return 0;
+}
+
+int vdev_begin(struct vdev *d, u32 id, u64 features) {
+    d->id = id;
+    d->base = virtio_find_device(id);
+    if (!d->base) return 0;
+    features |= FEAT_VERSION_1;
+    vdev_write(d, VIRTIO_MMIO_STATUS, 0);
+    vdev_write(d, VIRTIO_MMIO_STATUS, S_ACK);
+    vdev_write(d, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER);
+    vdev_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    u64 offered = vdev_read(d, VIRTIO_MMIO_DEVICE_FEATURES);
+    vdev_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    offered |= (u64)vdev_read(d, VIRTIO_MMIO_DEVICE_FEATURES) << 32;
+    features &= offered;
+    vdev_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    vdev_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)features);
+    vdev_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    vdev_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)(features >> 32));
+    vdev_write(d, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    return (vdev_status(d) & S_FEATURES_OK) != 0;
+}
+
+u32 vq_setup(struct vdev *d, u32 index, struct vq *q) {
+    memset(q, 0, sizeof(*q));
+    vdev_write(d, VIRTIO_MMIO_QUEUE_SEL, index);
+    vdev_write(d, VIRTIO_MMIO_QUEUE_NUM, QSIZE);
+    vdev_write(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)(u64)q->desc);
+    vdev_write(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)((u64)q->desc >> 32));
+    vdev_write(d, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (u32)(u64)&q->avail);
+    vdev_write(d, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, (u32)((u64)&q->avail >> 32));
+    vdev_write(d, VIRTIO_MMIO_QUEUE_USED_LOW, (u32)(u64)&q->used);
+    vdev_write(d, VIRTIO_MMIO_QUEUE_USED_HIGH, (u32)((u64)&q->used >> 32));
+    vdev_write(d, VIRTIO_MMIO_QUEUE_READY, 1);
+    return vdev_read(d, VIRTIO_MMIO_QUEUE_READY);
+}
+
+int vdev_driver_ok(struct vdev *d) {
+    const u32 all = S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
+    vdev_write(d, VIRTIO_MMIO_STATUS, all);
+    return vdev_status(d) == all;
+}
+
+int vdev_open(struct vdev *d, u32 id, u64 features, struct vq *qs, int nq) {
+    if (!vdev_begin(d, id, features)) {
+        puts("attack: device not found or feature negotiation failed\n");
+        return 0;
+    }
+    for (int i = 0; i < nq; i++) {
+        if (vq_setup(d, (u32)i, &qs[i]) != 1) {
+            puts("attack: queue setup failed\n");
+            return 0;
+        }
+    }
+    if (!vdev_driver_ok(d)) {
+        puts("attack: DRIVER_OK did not stick\n");
+        return 0;
+    }
+    return 1;
+}
+
+void set_desc(struct desc *t, u16 i, u64 addr, u32 len, u16 flags, u16 next) {
+    t[i].addr = addr;
+    t[i].len = len;
+    t[i].flags = flags;
+    t[i].next = next;
+}
+
+void vq_post(struct vdev *d, u32 index, struct vq *q, u16 head) {
+    q->avail.ring[q->avail.idx % QSIZE] = head;
+    barrier();
+    q->avail.idx++;
+    barrier();
+    vdev_write(d, VIRTIO_MMIO_QUEUE_NOTIFY, index);
+}
+
+u32 vq_wait_used(struct vdev *d, struct vq *q, u32 *head) {
+    for (u32 poll = 0; poll < POLL_LIMIT; poll++) {
+        u32 isr = vdev_read(d, VIRTIO_MMIO_INTERRUPT_STATUS);
+        barrier();
+        if (*(volatile u16 *)&q->used.idx == q->last_used) continue;
+        u32 len = q->used.ring[q->last_used % QSIZE].len;
+        if (head) *head = q->used.ring[q->last_used % QSIZE].id;
+        q->last_used++;
+        /* The device raises the interrupt once it has finished the batch: wait for it, so
+         * no interrupt is left pending, then acknowledge it. */
+        for (u32 w = 0; w < POLL_LIMIT && !(isr & 1); w++) isr = vdev_read(d, VIRTIO_MMIO_INTERRUPT_STATUS);
+        if (isr) vdev_write(d, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+        return len;
+    }
+    return NO_ANSWER;
+}
+
+void vq_report_used(u32 len) {
+    if (len == NO_ANSWER) {
+        puts("attack: no used entry\n");
+        return;
+    }
+    puts("attack: used length ");
+    put_dec(len);
+    putc('\n');
+}
+
+u32 vdev_wait_status(struct vdev *d, u32 bits) {
+    u32 s = 0;
+    for (u32 poll = 0; poll < POLL_LIMIT && !(s & bits); poll++) s = vdev_status(d);
+    return s;
+}
+
+void vdev_report_and_exit(struct vdev *d) {
+    puts("attack: device status ");
+    put_hex(vdev_status(d));
+    putc('\n');
+    exit_guest(0);
+}
