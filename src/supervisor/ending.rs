@@ -91,15 +91,14 @@ impl VmEnd {
             };
             return VmEnd::SeccompViolation { thread, syscall };
         }
-        if let Some(cause) = stopped {
-            return VmEnd::Stopped(cause);
-        }
         match (exit, signal) {
-            (_, Some(signal)) => VmEnd::Killed { signal },
+            // The VM ended on its own (a triple fault, say) even if the supervisor had just
+            // asked it to stop: its own reason stands.
             (Some(code), None) => match record {
-                Some(r) if r.status() == code => VmEnd::Vm(r),
-                _ => VmEnd::Process(code),
+                Some(r) if r.status() == code && r != VmExitReason::Stopped => VmEnd::Vm(r),
+                _ => stopped.map_or(VmEnd::Process(code), VmEnd::Stopped),
             },
+            (_, Some(signal)) => stopped.map_or(VmEnd::Killed { signal }, VmEnd::Stopped),
             (None, None) => VmEnd::Process(status::RUNTIME_ERROR),
         }
     }
@@ -213,5 +212,9 @@ mod tests {
         assert_eq!((end.status(), end.label()), (86, "policy_stop"));
         let end = VmEnd::conclude(None, Some(libc::SIGKILL), None, None, None);
         assert_eq!((end.status(), end.label()), (137, "killed"));
+        // A VM that ended on its own while being stopped keeps its own reason.
+        let triple = VmExitReason::TripleFault { vcpu: 0 };
+        let end = VmEnd::conclude(Some(81), None, Some(triple.clone()), None, Some(policy));
+        assert_eq!(end, VmEnd::Vm(triple));
     }
 }

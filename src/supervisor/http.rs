@@ -82,11 +82,14 @@ impl HttpSink {
         };
         let (queue, rx) = mpsc::sync_channel::<String>(QUEUE);
         let (done_tx, done) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::channel();
         let stats = Arc::new(Deliveries::default());
         let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("alerts-http".into())
             .spawn(move || {
+                crate::signal::set_thread_name("alerts-http");
+                let _ = ready_tx.send(());
                 for body in rx {
                     let counter = if deliver(&endpoint, &body) {
                         &thread_stats.sent
@@ -98,6 +101,9 @@ impl HttpSink {
                 let _ = done_tx.send(());
             })
             .map_err(HttpError::Thread)?;
+        // The thread's own start-up makes system calls the supervisor's filter does not
+        // allow (it is installed on every thread at once): wait until that is behind it.
+        let _ = ready.recv();
         Ok(HttpSink {
             queue: Some(queue),
             done,

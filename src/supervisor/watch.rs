@@ -232,12 +232,13 @@ impl<'a> Watch<'a> {
         );
         let firings = self.ending_alerts(&end);
         self.handle(firings);
+        // Deliveries end first, so the final metrics count them.
+        if let Some(http) = &mut self.outputs.http {
+            http.finish(HTTP_FLUSH);
+        }
         self.write_metrics(Some(&end));
         for line in self.debug_counters() {
             log::debug!("VM {} {line}", self.ctx.vm_id);
-        }
-        if let Some(http) = &mut self.outputs.http {
-            http.finish(HTTP_FLUSH);
         }
         Watched { end }
     }
