@@ -21,5 +21,5 @@ void guest_main(void) {
     puts("attack: exits done ");
     put_dec(n);
     putc('\n');
-    exit_guest(0);
+    attack_end(0);
 }

@@ -29,5 +29,5 @@ void guest_main(void) {
     puts(" pci ");
     put_hex(pci);
     putc('\n');
-    exit_guest(0);
+    attack_end(0);
 }

@@ -61,5 +61,5 @@ void guest_main(void) {
     puts("attack: gp faults ");
     put_dec(after_write);
     putc('\n');
-    exit_guest(after_read == 1 && after_write == 2 ? 0 : 1);
+    attack_end(after_read == 1 && after_write == 2 ? 0 : 1);
 }

@@ -4,8 +4,9 @@
  * in RAM) while the device is running. A device that takes the new values mid-flight walks
  * a table of the wrong size or at an address it never validated. Models CVE-2026-5747
  * (queue reconfiguration after activation).
- * Expected: both writes are refused: virtio-rng0 counts transport.queue_read_only=2. A valid
- * request posted afterwards in the ORIGINAL table is still served (the layout did not move).
+ * Expected: both writes are refused (transport.queue_locked=2). With --on-violation log, a valid
+ * request posted afterwards in the ORIGINAL table is still served (the layout did not move);
+ * by default the device is in NEEDS_RESET and serves nothing until it is reset.
  */
 #include "lib/attack.h"
 #include "lib/virtq.h"

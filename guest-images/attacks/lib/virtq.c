@@ -1,6 +1,7 @@
 /* A minimal virtio-mmio split-queue driver for the attack guests; see virtq.h. Adapted from
  * guest-images/virtio.c. */
 #include "virtq.h"
+#include "attack.h"
 
 /* How many register polls a wait may take. Each poll is a VM exit (about 10-20 us on the
  * nested test hosts, far less on hardware) and lets the VMM's device thread run, so this
@@ -114,7 +115,12 @@ u32 vq_wait_used(struct vdev *d, struct vq *q, u32 *head) {
     for (u32 poll = 0; poll < POLL_LIMIT; poll++) {
         u32 isr = vdev_read(d, VIRTIO_MMIO_INTERRUPT_STATUS);
         barrier();
-        if (*(volatile u16 *)&q->used.idx == q->last_used) continue;
+        if (*(volatile u16 *)&q->used.idx == q->last_used) {
+            /* A configuration interrupt with nothing used: the device stopped (NEEDS_RESET)
+             * and will serve nothing more until it is reset. */
+            if (isr & 2) return NO_ANSWER;
+            continue;
+        }
         u32 len = q->used.ring[q->last_used % QSIZE].len;
         if (head) *head = q->used.ring[q->last_used % QSIZE].id;
         q->last_used++;
@@ -147,5 +153,5 @@ void vdev_report_and_exit(struct vdev *d) {
     puts("attack: device status ");
     put_hex(vdev_status(d));
     putc('\n');
-    exit_guest(0);
+    attack_end(0);
 }
