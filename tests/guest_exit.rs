@@ -127,11 +127,7 @@ fn unassigned_port_and_mmio_reads_are_all_ones_and_every_access_is_counted() {
     if !kvm_available("unassigned_port_and_mmio_reads_are_all_ones_and_every_access_is_counted") {
         return;
     }
-    let o = common::run_observed(
-        "unassigned",
-        "exitcodes",
-        &["--cmdline", "mode=unassigned"],
-    );
+    let o = common::run_observed("unassigned", "exitcodes", &["--cmdline", "mode=unassigned"]);
     assert_eq!(
         o.run.status, 0,
         "guest saw a read that was not all-ones; stderr: {}",

@@ -3,14 +3,31 @@
 
 mod common;
 
-use common::{kvm_available, run_guest};
+use common::{kvm_available, run_guest, run_observed, Observed};
+
+/// The supervisor saw the VM process die by SIGSYS and reported it once, with the thread and
+/// system call the VM process handed over.
+fn assert_one_seccomp_alert(o: &Observed, thread: &str) {
+    assert_eq!(o.alerts.len(), 1, "{:?}", o.alerts);
+    let a = &o.alerts[0];
+    assert_eq!(a["rule"], "seccomp_violation");
+    assert_eq!(a["priority"], "Critical");
+    assert_eq!(a["output_fields"]["thread"], thread);
+    assert_eq!(a["output_fields"]["syscall"], 41);
+    assert_eq!(
+        o.metrics
+            .value("bulkhead_vm_exit", &[("reason", "seccomp_violation")]),
+        1
+    );
+}
 
 #[test]
 fn vcpu_thread_forbidden_syscall_is_trapped_and_reported() {
     if !kvm_available("vcpu_thread_forbidden_syscall_is_trapped_and_reported") {
         return;
     }
-    let run = run_guest(
+    let o = run_observed(
+        "seccomp-vcpu",
         "hello",
         &[
             "--test-hook",
@@ -19,6 +36,8 @@ fn vcpu_thread_forbidden_syscall_is_trapped_and_reported() {
             "exit=3",
         ],
     );
+    assert_one_seccomp_alert(&o, "vcpu0");
+    let run = o.run;
     assert_eq!(run.status, 159, "stderr: {}", run.stderr);
     assert!(
         run.stderr
@@ -38,7 +57,13 @@ fn vmm_thread_forbidden_syscall_is_trapped_and_reported() {
     if !kvm_available("vmm_thread_forbidden_syscall_is_trapped_and_reported") {
         return;
     }
-    let run = run_guest("hello", &["--test-hook", "vmm-forbidden-syscall"]);
+    let o = run_observed(
+        "seccomp-vmm",
+        "hello",
+        &["--test-hook", "vmm-forbidden-syscall"],
+    );
+    assert_one_seccomp_alert(&o, "vmm");
+    let run = o.run;
     assert_eq!(run.status, 159, "stderr: {}", run.stderr);
     assert!(
         run.stderr

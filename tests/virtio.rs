@@ -6,7 +6,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use common::{kvm_available, run_guest, run_observed, scratch, Observed, Run};
+use common::{kvm_available, run_guest, run_observed, scratch, Observed, Run, TestTap};
 
 const SECTORS: usize = 128;
 
@@ -24,20 +24,38 @@ fn patterned_disk(dir: &Path) -> PathBuf {
 /// tests cover the default response.
 fn run_virtio(test: &str, extra: &[&str], cmdline: &str) -> Observed {
     let mut args = extra.to_vec();
-    args.extend(["--cmdline", cmdline, "--on-violation", "log"]);
+    args.extend(["--on-violation", "log"]);
+    run_virtio_as_is(test, &args, cmdline)
+}
+
+/// [`run_virtio`] under the default policy (for the honest, `clean=1` runs).
+fn run_virtio_as_is(test: &str, extra: &[&str], cmdline: &str) -> Observed {
+    let mut args = extra.to_vec();
+    args.extend(["--cmdline", cmdline]);
     run_observed(test, "virtio", &args)
+}
+
+/// The honest runs: nothing refused, nothing alerted at Notice or above.
+fn assert_silent(o: &Observed, device: &str) {
+    assert_eq!(o.metrics.total_refusals(device), 0);
+    let loud = o.alerts_at_least("Notice", &[]);
+    assert!(loud.is_empty(), "{loud:?}");
 }
 
 /// `device`'s `counter`, e.g. `requests`, or `bytes_to_guest`.
 fn counter(o: &Observed, device: &str, counter: &str) -> u64 {
     let m = &o.metrics;
     match counter {
-        "requests" | "interrupts" | "dropped" | "policy_resets" => {
-            m.value(&format!("bulkhead_virtio_{counter}_total"), &[("device", device)])
-        }
+        "requests" | "interrupts" | "dropped" | "policy_resets" => m.value(
+            &format!("bulkhead_virtio_{counter}_total"),
+            &[("device", device)],
+        ),
         "bytes_to_guest" | "bytes_from_guest" => m.value(
             "bulkhead_virtio_bytes_total",
-            &[("device", device), ("direction", counter.trim_start_matches("bytes_"))],
+            &[
+                ("device", device),
+                ("direction", counter.trim_start_matches("bytes_")),
+            ],
         ),
         other => panic!("no counter {other}"),
     }
@@ -182,7 +200,11 @@ fn every_bad_input_is_refused_counted_and_survived() {
         assert_eq!(o.metrics.refusals("virtio-blk0", name), want, "{name}");
     }
     let total: u64 = expected_blk.iter().map(|(_, n)| n).sum();
-    assert_eq!(o.metrics.total_refusals("virtio-blk0"), total, "unexpected refusals");
+    assert_eq!(
+        o.metrics.total_refusals("virtio-blk0"),
+        total,
+        "unexpected refusals"
+    );
     for (name, want) in [
         ("chain.too_long", 1),
         ("chain.indirect_not_negotiated", 1),
@@ -339,55 +361,6 @@ fn bad_device_arguments_are_refused_before_boot() {
     }
 }
 
-/// A tap interface created for one test, deleted when dropped.
-struct TestTap {
-    name: String,
-}
-
-impl TestTap {
-    /// Creates and brings up a tap, or None (with the reason printed) when this host can not.
-    fn create(test: &str) -> Option<TestTap> {
-        let name = format!("bht{}", std::process::id() % 100_000);
-        let ip = |args: &[&str]| {
-            std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        };
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root || !ip(&["tuntap", "add", "dev", &name, "mode", "tap"]) {
-            let why = "creating a tap needs root and the ip tool (iproute2)";
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{test}: {why}");
-            }
-            eprintln!("SKIPPED {test}: {why}");
-            return None;
-        }
-        let tap = TestTap { name };
-        // No IPv6 chatter from the host side: the guest should see only the test's frame.
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name),
-            "1",
-        );
-        assert!(
-            ip(&["link", "set", &tap.name, "up"]),
-            "cannot bring {} up",
-            tap.name
-        );
-        Some(tap)
-    }
-}
-
-impl Drop for TestTap {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.name])
-            .output();
-    }
-}
-
 /// A raw packet socket on one interface: sees every frame the tap's reader wrote, and what it
 /// sends arrives at the tap's reader.
 struct PacketSocket {
@@ -455,19 +428,26 @@ impl PacketSocket {
     }
 }
 
-#[test]
-fn net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it() {
-    let test = "net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it";
-    if !kvm_available(test) {
-        return;
-    }
-    let Some(tap) = TestTap::create(test) else {
-        return;
-    };
+/// Runs the `virtio` guest's net mode (`cmdline`) against a tap: watches the frames it sends
+/// and answers with one for it. Returns the run and the payloads of frames that should never
+/// have reached the tap.
+fn net_exchange(
+    test: &str,
+    cmdline: &'static str,
+    honest: bool,
+) -> Option<(Observed, Vec<String>)> {
+    let tap = TestTap::create(test)?;
     let socket = PacketSocket::bind(&tap.name);
     let mac = [0x06, 0x00, 0x00, 0x00, 0x00, 0x01];
     let net_arg = format!("tap={},mac=06:00:00:00:00:01", tap.name);
-    let guest = std::thread::spawn(move || run_virtio("virtio-net-run", &["--net", &net_arg], "mode=net"));
+    let scratch_name = format!("{test}-run");
+    let guest = std::thread::spawn(move || {
+        if honest {
+            run_virtio_as_is(&scratch_name, &["--net", &net_arg], cmdline)
+        } else {
+            run_virtio(&scratch_name, &["--net", &net_arg], cmdline)
+        }
+    });
     let mut seen_out = false;
     let mut seen_forbidden = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -500,6 +480,19 @@ fn net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it() {
     socket.send(&reply);
     let o = guest.join().unwrap();
     assert_passed(&o);
+    assert_eq!(counter(&o, "virtio-net0", "bytes_from_guest"), 60);
+    Some((o, seen_forbidden))
+}
+
+#[test]
+fn net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it() {
+    let test = "net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some((o, seen_forbidden)) = net_exchange(test, "mode=net", false) else {
+        return;
+    };
     assert!(
         seen_forbidden.is_empty(),
         "frames that should have been dropped reached the tap: {seen_forbidden:?}"
@@ -508,11 +501,22 @@ fn net_sends_only_frames_from_the_vms_mac_and_delivers_frames_for_it() {
     assert_eq!(m.refusals("virtio-net0", "request.foreign_source_mac"), 1);
     assert_eq!(m.refusals("virtio-net0", "request.bad_header"), 1);
     assert_eq!(m.refusals("virtio-net0", "request.unexpected_writable"), 1);
-    assert_eq!(counter(&o, "virtio-net0", "bytes_from_guest"), 60);
     assert_eq!(m.total_refusals("virtio-net0"), 3);
     let spoof = o.alerts_of("net_mac_spoof");
     assert_eq!(spoof.len(), 1, "{:?}", o.alerts);
     assert_eq!(spoof[0]["output_fields"]["source_mac"], "06:00:00:00:00:00");
+}
+
+#[test]
+fn an_honest_net_driver_raises_no_alert() {
+    let test = "an_honest_net_driver_raises_no_alert";
+    if !kvm_available(test) {
+        return;
+    }
+    if let Some((o, seen_forbidden)) = net_exchange(test, "mode=net clean=1", true) {
+        assert!(seen_forbidden.is_empty(), "{seen_forbidden:?}");
+        assert_silent(&o, "virtio-net0");
+    }
 }
 
 /// Reads one `\n`-terminated line from `stream`.
@@ -526,24 +530,26 @@ fn read_line(stream: &mut std::os::unix::net::UnixStream) -> String {
     String::from_utf8(line).unwrap()
 }
 
-#[test]
-fn vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests() {
+/// Runs the `virtio` guest's vsock mode (`cmdline`) and plays the host side: connects to the
+/// guest's port 1234 and echoes, and answers the guest's connection to port 5000.
+fn vsock_exchange(test: &str, cmdline: &'static str, honest: bool, cid: u32) -> Observed {
     use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::time::{Duration, Instant};
-    let test = "vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests";
-    if !kvm_available(test) {
-        return;
-    }
-    let dir = scratch("virtio-vsock");
+    let dir = scratch(test);
     let uds = dir.join("v.sock");
     let host_listener = UnixListener::bind(dir.join("v.sock_5000")).unwrap();
     // Never accepted: the guest's connection here is never drained.
     let _silent_listener = UnixListener::bind(dir.join("v.sock_6000")).unwrap();
-    // A CID no other test uses, so runs in parallel do not collide.
-    let vsock_arg = format!("cid={},uds={}", 40_000 + std::process::id(), uds.display());
-    let guest =
-        std::thread::spawn(move || run_virtio("virtio-vsock-run", &["--vsock", &vsock_arg], "mode=vsock"));
+    let vsock_arg = format!("cid={cid},uds={}", uds.display());
+    let scratch_name = format!("{test}-run");
+    let guest = std::thread::spawn(move || {
+        if honest {
+            run_virtio_as_is(&scratch_name, &["--vsock", &vsock_arg], cmdline)
+        } else {
+            run_virtio(&scratch_name, &["--vsock", &vsock_arg], cmdline)
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut stream = loop {
         match UnixStream::connect(&uds) {
@@ -577,6 +583,22 @@ fn vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests() {
 
     let o = guest.join().unwrap();
     assert_passed(&o);
+    o
+}
+
+#[test]
+fn vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests() {
+    let test = "vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests";
+    if !kvm_available(test) {
+        return;
+    }
+    // CIDs no other test uses, so runs in parallel do not collide.
+    let o = vsock_exchange(
+        "virtio-vsock",
+        "mode=vsock",
+        false,
+        40_000 + std::process::id(),
+    );
     for (name, want) in [
         ("request.wrong_cid", 2),
         ("request.unsupported", 1),
@@ -587,6 +609,27 @@ fn vsock_connects_both_ways_and_refuses_packets_that_are_not_the_guests() {
         assert_eq!(o.metrics.refusals("virtio-vsock0", name), want, "{name}");
     }
     assert_eq!(o.metrics.total_refusals("virtio-vsock0"), 6);
+    let wrong = o
+        .alerts_of("virtio_malformed_payload")
+        .into_iter()
+        .find(|a| a["output_fields"]["reason"] == "wrong_cid")
+        .expect("no alert for the foreign CID");
+    assert_eq!(wrong["output_fields"]["destination_cid"], 2);
+}
+
+#[test]
+fn an_honest_vsock_driver_raises_no_alert() {
+    let test = "an_honest_vsock_driver_raises_no_alert";
+    if !kvm_available(test) {
+        return;
+    }
+    let o = vsock_exchange(
+        "virtio-vsock-clean",
+        "mode=vsock clean=1",
+        true,
+        30_000 + std::process::id(),
+    );
+    assert_silent(&o, "virtio-vsock0");
 }
 
 #[test]

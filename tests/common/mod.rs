@@ -165,10 +165,13 @@ pub fn run_guest_with_input(name: &str, extra: &[&str], input: Option<&[u8]>) ->
     command_with_input(&mut cmd, input, Duration::from_secs(60))
 }
 
-/// The samples of a Prometheus text file.
+/// A series' labels, as (name, value) pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// The samples of a Prometheus text file: (name, labels, value).
 #[derive(Debug, Default)]
 pub struct Metrics {
-    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+    pub samples: Vec<(String, Labels, f64)>,
 }
 
 impl Metrics {
@@ -176,16 +179,27 @@ impl Metrics {
     /// else fails the test.
     pub fn parse(text: &str) -> Metrics {
         let mut samples = Vec::new();
-        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        for line in text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
             let (name, labels) = match series.split_once('{') {
                 None => (series.to_string(), Vec::new()),
                 Some((name, rest)) => {
-                    let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                    let body = rest
+                        .strip_suffix('}')
+                        .unwrap_or_else(|| panic!("bad labels in {line:?}"));
                     let mut labels = Vec::new();
                     for pair in body.split("\",").filter(|p| !p.is_empty()) {
-                        let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
+                        let (k, v) = pair
+                            .split_once("=\"")
+                            .unwrap_or_else(|| panic!("bad label in {line:?}"));
                         labels.push((k.to_string(), v.trim_end_matches('"').to_string()));
                     }
                     (name.to_string(), labels)
@@ -255,7 +269,14 @@ impl Observed {
     /// Alerts at `priority` or more severe (Falco's order), other than `except`.
     pub fn alerts_at_least(&self, priority: &str, except: &[&str]) -> Vec<&serde_json::Value> {
         const ORDER: [&str; 8] = [
-            "Emergency", "Alert", "Critical", "Error", "Warning", "Notice", "Informational", "Debug",
+            "Emergency",
+            "Alert",
+            "Critical",
+            "Error",
+            "Warning",
+            "Notice",
+            "Informational",
+            "Debug",
         ];
         let rank = |p: &str| ORDER.iter().position(|o| *o == p).unwrap_or(usize::MAX);
         let limit = rank(priority);
@@ -290,8 +311,13 @@ pub fn run_observed(test: &str, guest_name: &str, extra: &[&str]) -> Observed {
 
 /// Collects the metrics file and alerts file of a finished run.
 pub fn observed(run: Run, metrics: &Path, alerts: &Path) -> Observed {
-    let text = std::fs::read_to_string(metrics)
-        .unwrap_or_else(|e| panic!("no metrics file {}: {e}; stderr: {}", metrics.display(), run.stderr));
+    let text = std::fs::read_to_string(metrics).unwrap_or_else(|e| {
+        panic!(
+            "no metrics file {}: {e}; stderr: {}",
+            metrics.display(),
+            run.stderr
+        )
+    });
     let alerts = std::fs::read_to_string(alerts)
         .unwrap_or_default()
         .lines()
@@ -301,5 +327,56 @@ pub fn observed(run: Run, metrics: &Path, alerts: &Path) -> Observed {
         run,
         metrics: Metrics::parse(&text),
         alerts,
+    }
+}
+
+/// A tap interface created for one test, deleted when dropped.
+pub struct TestTap {
+    pub name: String,
+}
+
+impl TestTap {
+    /// Creates and brings up a tap, or None (with the reason printed) when this host can not.
+    pub fn create(test: &str) -> Option<TestTap> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("bht{}x{n}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || !ip(&["tuntap", "add", "dev", &name, "mode", "tap"]) {
+            let why = "creating a tap needs root and the ip tool (iproute2)";
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: {why}");
+            }
+            eprintln!("SKIPPED {test}: {why}");
+            return None;
+        }
+        let tap = TestTap { name };
+        // No IPv6 chatter from the host side: the guest should see only the test's frame.
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name),
+            "1",
+        );
+        assert!(
+            ip(&["link", "set", &tap.name, "up"]),
+            "cannot bring {} up",
+            tap.name
+        );
+        Some(tap)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
     }
 }
