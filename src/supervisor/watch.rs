@@ -319,6 +319,7 @@ impl<'a> Watch<'a> {
                 h.stats.dropped.load(std::sync::atomic::Ordering::Relaxed)
             }),
             vm_process_peak_rss_bytes: end.and(self.peak_rss),
+            supervisor_peak_rss_bytes: end.and_then(|_| own_peak_rss()),
             start_time_seconds: self
                 .start_wall
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -357,6 +358,17 @@ impl<'a> Watch<'a> {
         }
         lines
     }
+}
+
+/// The supervisor's own peak resident set, in bytes.
+fn own_peak_rss() -> Option<u64> {
+    // SAFETY: an all-zero rusage is a valid buffer for getrusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is valid for writes.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    u64::try_from(usage.ru_maxrss).ok().map(|kib| kib * 1024)
 }
 
 /// Polls the signalfd and the wake eventfd: which are readable.

@@ -61,6 +61,7 @@ pub struct SupervisorFacts {
     pub deliveries_failed: u64,
     pub deliveries_sent: u64,
     pub vm_process_peak_rss_bytes: Option<u64>,
+    pub supervisor_peak_rss_bytes: Option<u64>,
     pub start_time_seconds: f64,
 }
 
@@ -324,6 +325,13 @@ impl MetricsSnapshot {
             m.gauge(
                 "bulkhead_vm_process_peak_rss_bytes",
                 "the VM process's peak resident set",
+                one(rss),
+            );
+        }
+        if let Some(rss) = facts.supervisor_peak_rss_bytes {
+            m.gauge(
+                "bulkhead_supervisor_peak_rss_bytes",
+                "the supervisor's peak resident set",
                 one(rss),
             );
         }
