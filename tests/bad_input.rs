@@ -200,3 +200,35 @@ fn unusable_kvm_device_is_refused_with_how_to_fix_it() {
     ]);
     assert_refused(&run, "/dev/null");
 }
+
+#[test]
+fn bad_supervision_settings_are_refused_before_the_vm_starts() {
+    let kernel = guest("hello");
+    let kernel = kernel.to_str().unwrap();
+    let cases: [(&[&str], &str); 7] = [
+        (&["--timeout", "0"], "--timeout 0 is out of range"),
+        (
+            &["--on-violation", "panic"],
+            "invalid --on-violation \"panic\"",
+        ),
+        (
+            &["--alerts-http", "https://siem.example/"],
+            "https is not supported",
+        ),
+        (&["--alerts-http", "http://a b/"], "invalid --alerts-http"),
+        (&["--alerts", ""], "invalid --alerts"),
+        (
+            &["--metrics-file", "/nonexistent-dir/vm.prom"],
+            "cannot write the metrics file /nonexistent-dir/vm.prom",
+        ),
+        (
+            &["--alerts", "/nonexistent-dir/alerts.jsonl"],
+            "cannot open alerts file /nonexistent-dir/alerts.jsonl",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["run", "--kernel", kernel];
+        args.extend_from_slice(extra);
+        assert_refused(&bulkhead(&args), needle);
+    }
+}

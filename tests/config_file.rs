@@ -54,3 +54,43 @@ fn config_file_settings_apply_and_flags_override_them() {
         overridden.stderr
     );
 }
+
+#[test]
+fn supervision_settings_come_from_the_config_file_too() {
+    if !kvm_available("supervision_settings_come_from_the_config_file_too") {
+        return;
+    }
+    let dir = scratch("config-supervision");
+    let cfg = dir.join("vm.json");
+    let (metrics, alerts) = (dir.join("vm.prom"), dir.join("alerts.jsonl"));
+    let kernel = guest("attacks/pio_scan");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "kernel": kernel,
+            "vm_id": "vm-cfg",
+            "metrics_file": metrics,
+            "alerts": alerts,
+            "on_violation": "stop-vm",
+            "timeout": 60,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let run = bulkhead(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(run.status, 86, "stop-vm from the file: {}", run.stderr);
+    let text = std::fs::read_to_string(&alerts).unwrap();
+    assert!(text.contains("\"rule\":\"pio_scan\""), "{text}");
+    assert!(text.contains("\"vm_id\":\"vm-cfg\""), "{text}");
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(prom.contains("reason=\"policy_stop\""), "{prom}");
+    // A flag overrides the file's response.
+    let run = bulkhead(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--on-violation",
+        "log",
+    ]);
+    assert_eq!(run.status, 0, "{}", run.stderr);
+}

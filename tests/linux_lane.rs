@@ -415,3 +415,78 @@ fn linux_guest_and_host_trade_lines_over_vsock_both_ways() {
         "Linux's own packets were refused: {vsock}"
     );
 }
+
+/// Run inside L1 by the benign lane test: $1 bulkhead, $2 kernel, $3 initramfs, $4 vsock-tool.
+/// In a network namespace of its own, a Linux guest with 2 vCPUs boots (its init reports boot
+/// complete, so every rule is armed) and works all four devices: writes and reads its disk,
+/// pings the tap's side, reads /dev/hwrng and trades a line over vsock with L1. bulkhead writes
+/// alerts and metrics; the script prints both.
+const BENIGN_LANE_SCRIPT: &str = r#"
+if [ "$1" != inner ]; then exec unshare -n sh "$0" inner "$@"; fi
+shift
+bulkhead=$1 kernel=$2 initramfs=$3 tool=$4 uds=/tmp/b.sock
+dd if=/dev/zero of=/tmp/disk.img bs=1M count=8 2>/dev/null
+"$tool" unix-echo "${uds}_5000" > /tmp/echo.log 2>&1 &
+"$bulkhead" run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --vcpus 2 \
+    --disk /tmp/disk.img --net tap=bhtap1,mac=06:00:0a:00:00:02 --vsock "cid=3,uds=$uds" \
+    --alerts /tmp/alerts.jsonl --metrics-file /tmp/vm.prom \
+    --cmdline 'panic=-1 reboot=t -- sh -c "grep -c ^processor /proc/cpuinfo; ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -W 10 10.0.0.1; dd if=/dev/urandom of=/dev/vda bs=64k count=32 conv=fsync 2>&1; dd if=/dev/vda of=/dev/null bs=64k count=32 2>&1; echo hwrng=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c); vsock-tool connect 2 5000 hello-benign; echo BENIGN-$((6 * 7))-DONE"' > /tmp/vm.log 2>&1 &
+pid=$!
+i=0
+while ! ip link show bhtap1 >/dev/null 2>&1 && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
+ip addr add 10.0.0.1/24 dev bhtap1 && ip link set bhtap1 up
+wait $pid
+echo "lane: bulkhead exit status $?"
+cat /tmp/vm.log
+echo "lane: alerts:"
+cat /tmp/alerts.jsonl
+echo "lane: end of alerts"
+grep -E '^bulkhead_(virtio_violations|virtio_requests|unhandled|msr_filtered|alerts|telemetry|vm_exit|vcpus)' /tmp/vm.prom | grep -v ' 0$'
+"#;
+
+#[test]
+fn a_linux_guest_with_two_vcpus_working_every_device_raises_no_alert() {
+    let test = "a_linux_guest_with_two_vcpus_working_every_device_raises_no_alert";
+    if !lane_available(test) {
+        return;
+    }
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("lane-benign");
+    let tool = images().vsock_tool.to_str().unwrap();
+    let (status, out) = lane_script(&dir, BENIGN_LANE_SCRIPT, &[tool]);
+    assert_eq!(status, 0, "{out}");
+    for line in [
+        "2 packets transmitted, 2 packets received",
+        "hwrng=256",
+        "vsock-tool: got echo:hello-benign",
+        "BENIGN-42-DONE",
+        "lane: bulkhead exit status 0",
+        "bulkhead_vcpus{",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    // The whole workload went through the devices...
+    for device in ["virtio-blk0", "virtio-net0", "virtio-vsock0", "virtio-rng0"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("bulkhead_virtio_requests_total")
+                    && l.contains(&format!("device=\"{device}\""))),
+            "{device} served nothing:\n{out}"
+        );
+    }
+    // ...and raised nothing: no alert, no refusal.
+    let alerts = out
+        .split("lane: alerts:")
+        .nth(1)
+        .and_then(|s| s.split("lane: end of alerts").next())
+        .unwrap_or_else(|| panic!("no alerts section in:\n{out}"));
+    assert!(
+        alerts.trim().is_empty(),
+        "a clean Linux run raised alerts:\n{alerts}"
+    );
+    assert!(
+        !out.contains("bulkhead_virtio_violations_total{")
+            && !out.contains("bulkhead_alerts_total{"),
+        "refusals or alerts counted:\n{out}"
+    );
+}
