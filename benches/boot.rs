@@ -3,7 +3,9 @@
 //! present. Run with `cargo bench --bench boot`; `BENCH_RUNS=N` sets the sample count.
 //!
 //! Both VMMs boot `exitcodes mode=reset`: it prints one line on the serial port and resets
-//! through the i8042, the one way to end a VM that both understand.
+//! through the i8042, the one way to end a VM that both understand. `BULKHEAD_COMPARE=PATH`
+//! also runs another bulkhead binary, alternating run by run, and prints the difference of the
+//! medians. Peak RSS is the larger of bulkhead's two processes (what wait4 reports).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -100,25 +102,50 @@ fn main() {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let guest = build_guest(manifest);
     let bulkhead = env!("CARGO_BIN_EXE_bulkhead");
-
-    for (name, extra) in [
-        ("bulkhead (seccomp on)", vec![]),
-        ("bulkhead (--no-seccomp)", vec!["--no-seccomp"]),
-    ] {
-        let samples = (0..runs)
-            .map(|_| {
-                let mut cmd = Command::new(bulkhead);
-                cmd.args(["run", "--kernel"]).arg(&guest).args([
-                    "--cmdline",
-                    "mode=reset",
-                    "--log-level",
-                    "error",
-                ]);
-                cmd.args(&extra);
-                run_once(&mut cmd)
-            })
-            .collect();
-        report(name, samples);
+    // BULKHEAD_COMPARE=PATH adds another bulkhead build (an earlier commit, say), run by run
+    // in turn with this one, so both see the same machine.
+    let compare = std::env::var("BULKHEAD_COMPARE").ok();
+    let mut configs: Vec<(String, String, Vec<&str>)> = vec![
+        ("bulkhead (seccomp on)".into(), bulkhead.into(), vec![]),
+        (
+            "bulkhead (--no-seccomp)".into(),
+            bulkhead.into(),
+            vec!["--no-seccomp"],
+        ),
+    ];
+    if let Some(other) = &compare {
+        configs.push((format!("{other} (seccomp on)"), other.clone(), vec![]));
+    }
+    let mut samples: Vec<Vec<Sample>> = configs.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for ((_, binary, extra), out) in configs.iter().zip(samples.iter_mut()) {
+            let mut cmd = Command::new(binary);
+            cmd.args(["run", "--kernel"]).arg(&guest).args([
+                "--cmdline",
+                "mode=reset",
+                "--log-level",
+                "error",
+            ]);
+            cmd.args(extra);
+            out.push(run_once(&mut cmd));
+        }
+    }
+    let medians: Vec<f64> = samples
+        .iter()
+        .map(|s| {
+            let mut w: Vec<Duration> = s.iter().map(|x| x.wall).collect();
+            w.sort();
+            w[w.len() / 2].as_secs_f64() * 1000.0
+        })
+        .collect();
+    for ((name, _, _), s) in configs.iter().zip(samples) {
+        report(name, s);
+    }
+    if compare.is_some() {
+        println!(
+            "median wall difference, this build minus the other: {:+.2} ms",
+            medians[0] - medians[2]
+        );
     }
 
     let firecracker = manifest.join("../shared/anchors/firecracker/firecracker");

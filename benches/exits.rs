@@ -1,0 +1,101 @@
+//! The cost of one port-I/O exit through bulkhead: the `exit_storm` attack guest reads the
+//! I/O delay port N times, and the time per exit is the wall-time difference between a long
+//! and a short run divided by the difference in N (which cancels start-up and teardown).
+//! Run with `cargo bench --bench exits`; `BENCH_RUNS=N` sets the rounds.
+//!
+//! `BULKHEAD_COMPARE=PATH` also measures another bulkhead binary (an earlier commit, without
+//! the telemetry, say), alternating run by run, and prints the ratio. `BULKHEAD_EXTRA="..."`
+//! adds flags to this build's runs (`--metrics-file /tmp/m.prom --alerts /tmp/a.jsonl` to
+//! measure with every output on).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SHORT: u64 = 20_000;
+const LONG: u64 = 120_000;
+
+fn build_guest(manifest: &Path) -> PathBuf {
+    let out = manifest.join("target/guest-images");
+    let ok = Command::new("make")
+        .args(["-s", "-C"])
+        .arg(manifest.join("guest-images"))
+        .arg(format!("OUT={}", out.display()))
+        .status()
+        .expect("make")
+        .success();
+    assert!(ok, "building the test guests failed");
+    out.join("attacks/exit_storm")
+}
+
+fn wall(binary: &str, guest: &Path, n: u64, extra: &[String]) -> Duration {
+    let start = Instant::now();
+    let status = Command::new(binary)
+        .args(["run", "--kernel"])
+        .arg(guest)
+        .args([
+            "--cmdline",
+            &format!("storm={n}"),
+            "--console",
+            "none",
+            "--log-level",
+            "error",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("spawn");
+    assert!(status.success(), "{binary}: {status}");
+    start.elapsed()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let benchmarking = std::env::args().any(|a| a == "--bench");
+    let runs: usize = if benchmarking {
+        std::env::var("BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(7)
+    } else {
+        1
+    };
+    if !Path::new("/dev/kvm").exists() {
+        println!("exits bench skipped: /dev/kvm missing");
+        return;
+    }
+    let guest = build_guest(Path::new(env!("CARGO_MANIFEST_DIR")));
+    let this = env!("CARGO_BIN_EXE_bulkhead").to_string();
+    let extra: Vec<String> = std::env::var("BULKHEAD_EXTRA")
+        .map(|e| e.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut builds = vec![("this build", this, extra)];
+    if let Ok(other) = std::env::var("BULKHEAD_COMPARE") {
+        builds.push(("compared build", other, Vec::new()));
+    }
+    let mut per_exit: Vec<Vec<f64>> = builds.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for ((_, binary, extra), out) in builds.iter().zip(per_exit.iter_mut()) {
+            let short = wall(binary, &guest, SHORT, extra);
+            let long = wall(binary, &guest, LONG, extra);
+            let us = long.saturating_sub(short).as_secs_f64() * 1e6 / (LONG - SHORT) as f64;
+            out.push(us);
+        }
+    }
+    let medians: Vec<f64> = per_exit.into_iter().map(median).collect();
+    for ((name, binary, extra), m) in builds.iter().zip(&medians) {
+        println!(
+            "{name:<16} {m:>6.2} us per port-I/O exit (median of {runs}; {binary} {})",
+            extra.join(" ")
+        );
+    }
+    if medians.len() == 2 {
+        println!("ratio this/compared: {:.3}", medians[0] / medians[1]);
+    }
+}
