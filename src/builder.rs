@@ -136,7 +136,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     kvm::check_vcpu_limit(&kvm, config.vcpus)?;
     let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
     let vm = Vm::new(&kvm, guest_memory)?;
-    if !vm.filter_msrs(&kvm)? {
+    if !vm.msrs_filtered() {
         log::warn!("this KVM can not filter MSRs to user space: msr_probe alerts are off");
     }
 

@@ -237,8 +237,10 @@ impl<'a> Watch<'a> {
             http.finish(HTTP_FLUSH);
         }
         self.write_metrics(Some(&end));
-        for line in self.debug_counters() {
-            log::debug!("VM {} {line}", self.ctx.vm_id);
+        if log::log_enabled!(log::Level::Debug) {
+            for line in self.debug_counters() {
+                log::debug!("VM {} {line}", self.ctx.vm_id);
+            }
         }
         Watched { end }
     }
