@@ -44,10 +44,7 @@ impl From<LogLevel> for log::LevelFilter {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot one VM and wait for it to end; exits with the guest's status.
-    Run(Box<RunArgs>),
-    /// The VM process `run` starts: builds and runs the VM it is handed. Not for direct use.
-    #[command(hide = true)]
-    VmProcess,
+    Run(RunArgs),
 }
 
 #[derive(Debug, Args)]

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 mod devices;
 mod supervision;
@@ -96,7 +96,7 @@ pub enum ConfigError {
 }
 
 /// Where the guest's serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ConsoleConfig {
     /// The VMM's stdin and stdout.
     #[default]
@@ -134,7 +134,7 @@ impl fmt::Display for ConsoleConfig {
 
 /// Debugging hooks that make the VMM misbehave on purpose, so tests can prove its defences.
 /// Only compiled into debug builds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestHook {
     /// The vCPU thread makes a system call its seccomp filter forbids before its first KVM_RUN.
     VcpuForbiddenSyscall,
@@ -230,8 +230,8 @@ impl RawConfig {
     }
 }
 
-/// Validated settings for one VM. The supervisor hands them to the VM process as JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Validated settings for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,

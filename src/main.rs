@@ -1,6 +1,5 @@
 //! The `bulkhead` command: parses arguments, sets up logging, and hands over to the
-//! supervisor (`run`) or, in the process the supervisor starts, to the VM process
-//! (`vm-process`). It never touches KVM itself.
+//! supervisor, which forks the VM process. It never touches KVM itself.
 
 mod cli;
 
@@ -29,7 +28,6 @@ fn main() -> ExitCode {
     bulkhead::logger::init("bulkhead", cli.log_level.into());
     let code = match cli.command {
         Command::Run(args) => run(&args),
-        Command::VmProcess => bulkhead::vmproc::main(),
     };
     exit_code(code)
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{id_chars_ok, ConfigError, MAX_DISK_ID_LEN};
 
@@ -39,7 +39,7 @@ impl std::str::FromStr for RawDisk {
 }
 
 /// A validated disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -104,7 +104,7 @@ impl std::str::FromStr for RawVsock {
 }
 
 /// The validated vsock device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockConfig {
     /// The guest's CID: 3 or more (0-2 are reserved), below 2^32 - 1 (VMADDR_CID_ANY).
     pub cid: u64,
@@ -126,7 +126,7 @@ pub(super) fn validate_vsock(raw: Option<RawVsock>) -> Result<Option<VsockConfig
 }
 
 /// A validated network device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
     /// The VM's address on this device: the only source address its frames may carry.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::ConfigError;
 use crate::telemetry::OnViolation;
@@ -12,7 +12,7 @@ use crate::telemetry::OnViolation;
 pub const MAX_TIMEOUT_SECS: u64 = 366 * 24 * 3600;
 
 /// Where alerts go as JSON lines.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AlertsTarget {
     /// `-`: standard error.
     Stderr,
@@ -33,7 +33,7 @@ impl std::str::FromStr for AlertsTarget {
 }
 
 /// An `http://host[:port][/path]` endpoint taking falcosidekick's alert POSTs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpTarget {
     pub host: String,
     pub port: u16,
@@ -72,7 +72,7 @@ impl std::str::FromStr for HttpTarget {
 }
 
 /// The supervisor's settings for one VM.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Supervision {
     /// Prometheus text file, replaced every second and at exit.
     pub metrics_file: Option<PathBuf>,

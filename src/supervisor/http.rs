@@ -53,15 +53,16 @@ pub struct HttpSink {
     pub stats: Arc<Deliveries>,
 }
 
-struct Endpoint {
+/// Where alerts are POSTed, resolved.
+pub struct Endpoint {
     addr: SocketAddr,
     host_header: String,
     path: String,
 }
 
-impl HttpSink {
-    /// Resolves the endpoint and starts the delivery thread.
-    pub fn start(target: &HttpTarget) -> Result<HttpSink, HttpError> {
+impl Endpoint {
+    /// Resolves `target`'s name now, before the supervisor confines itself.
+    pub fn resolve(target: &HttpTarget) -> Result<Endpoint, HttpError> {
         let addr = (target.host.as_str(), target.port)
             .to_socket_addrs()
             .map_err(|source| HttpError::Resolve {
@@ -75,11 +76,17 @@ impl HttpSink {
         } else {
             format!("{}:{}", target.host, target.port)
         };
-        let endpoint = Endpoint {
+        Ok(Endpoint {
             addr,
             host_header,
             path: target.path.clone(),
-        };
+        })
+    }
+}
+
+impl HttpSink {
+    /// Starts the delivery thread.
+    pub fn start(endpoint: Endpoint) -> Result<HttpSink, HttpError> {
         let (queue, rx) = mpsc::sync_channel::<String>(QUEUE);
         let (done_tx, done) = mpsc::channel();
         let (ready_tx, ready) = mpsc::channel();
@@ -213,7 +220,7 @@ mod tests {
             port,
             path: "/".into(),
         };
-        let mut sink = HttpSink::start(&target).unwrap();
+        let mut sink = HttpSink::start(Endpoint::resolve(&target).unwrap()).unwrap();
         sink.send(r#"{"rule":"x"}"#.into());
         sink.finish(Duration::from_secs(10));
         let request = handle.join().unwrap();
@@ -240,7 +247,7 @@ mod tests {
             port,
             path: "/".into(),
         };
-        let mut sink = HttpSink::start(&target).unwrap();
+        let mut sink = HttpSink::start(Endpoint::resolve(&target).unwrap()).unwrap();
         sink.send("{}".into());
         sink.finish(Duration::from_secs(10));
         assert_eq!(sink.stats.dropped.load(Ordering::Relaxed), 1);

@@ -1,4 +1,4 @@
-//! The supervisor: `bulkhead run`'s outer process. It holds the outputs, starts the VM
+//! The supervisor: `bulkhead run`'s outer process. It holds the outputs, forks the VM
 //! process, confines itself with a seccomp filter of its own, then watches: it turns what the
 //! VM process reports (untrusted) and what the kernel tells it into metrics and alerts, ends
 //! the VM on a time limit or a stop-vm response, and reports how the VM ended.
@@ -33,7 +33,7 @@ pub fn run(config: &VmConfig) -> i32 {
         return status::RUNTIME_ERROR;
     }
     signal::set_thread_name(ThreadRole::Supervisor.name());
-    let outputs = match Outputs::open(config) {
+    let mut outputs = match Outputs::open(config) {
         Ok(o) => o,
         Err(e) => {
             log::error!("{}", crate::error_chain(&e));
@@ -49,13 +49,20 @@ pub fn run(config: &VmConfig) -> i32 {
                 return status::RUNTIME_ERROR;
             }
         };
-    let vm = match spawn::spawn(config, start_ns, outputs.console.as_ref(), log::max_level()) {
+    let vm = match spawn::spawn(config, start_ns, outputs.console.as_ref()) {
         Ok(vm) => vm,
         Err(e) => {
             log::error!("{}", crate::error_chain(&e));
             return status::RUNTIME_ERROR;
         }
     };
+    // The console file is the VM process's now.
+    outputs.console = None;
+    if let Err(e) = outputs.start_http() {
+        log::error!("{e}");
+        stop_now(vm.pid);
+        return status::RUNTIME_ERROR;
+    }
     let ctx = AlertContext {
         vm_id: config.vm_id.clone(),
         tenant: config.tenant.clone(),
@@ -64,10 +71,7 @@ pub fn run(config: &VmConfig) -> i32 {
     if config.seccomp {
         if let Err(e) = seccomp::apply_all_threads(ThreadRole::Supervisor) {
             log::error!("{e}");
-            // The VM process dies with us (PR_SET_PDEATHSIG), but reap it rather than orphan it.
-            let mut vm = vm;
-            let _ = vm.child.kill();
-            let _ = vm.child.wait();
+            stop_now(vm.pid);
             return status::RUNTIME_ERROR;
         }
     }
@@ -92,6 +96,16 @@ pub fn run(config: &VmConfig) -> i32 {
         log::error!("{message}");
     }
     end.status()
+}
+
+/// Kills and reaps the VM process (it would die with the supervisor anyway, through
+/// PR_SET_PDEATHSIG, but not be reaped).
+fn stop_now(pid: libc::pid_t) {
+    // SAFETY: kill and waitpid on our own child, not yet reaped.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
 }
 
 /// This host's name, for alerts.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{AlertsTarget, ConsoleConfig, VmConfig};
 
-use super::http::HttpSink;
+use super::http::{Endpoint, HttpSink};
 
 /// Errors opening an output: bad input, reported before the VM starts.
 #[derive(Debug, thiserror::Error)]
@@ -121,11 +121,14 @@ impl AlertLines {
     }
 }
 
-/// Everything the supervisor writes to, opened up front.
+/// Everything the supervisor writes to, opened up front (a bad path is bad input, reported
+/// before the VM starts). The HTTP delivery thread starts later, once the VM process is
+/// forked: a fork must find the supervisor single-threaded.
 pub struct Outputs {
     pub console: Option<File>,
     pub metrics: Option<MetricsFile>,
     pub alerts: Option<AlertLines>,
+    endpoint: Option<Endpoint>,
     pub http: Option<HttpSink>,
 }
 
@@ -153,8 +156,17 @@ impl Outputs {
                 .map(MetricsFile::open)
                 .transpose()?,
             alerts: s.alerts.as_ref().map(AlertLines::open).transpose()?,
-            http: s.alerts_http.as_ref().map(HttpSink::start).transpose()?,
+            endpoint: s.alerts_http.as_ref().map(Endpoint::resolve).transpose()?,
+            http: None,
         })
+    }
+
+    /// Starts delivering alerts to the HTTP endpoint, if there is one.
+    pub fn start_http(&mut self) -> Result<(), super::http::HttpError> {
+        if let Some(endpoint) = self.endpoint.take() {
+            self.http = Some(HttpSink::start(endpoint)?);
+        }
+        Ok(())
     }
 }
 

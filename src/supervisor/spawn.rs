@@ -1,156 +1,136 @@
-//! Starting the VM process: a fresh exec of this binary (new address space, new ASLR layout),
-//! with the telemetry region, the wake eventfd, the setup and the console at fixed
-//! descriptors, and the kernel's promise to kill it if the supervisor dies.
+//! Starting the VM process: a fork of the supervisor, made while it is still single-threaded,
+//! that goes straight on to build the VM.
+//!
+//! Why a fork and not an exec of this binary: the exec, the dynamic loader and a second
+//! runtime start-up cost about half a millisecond more on every VM start, and the handover
+//! needed serialised settings and fixed descriptors. What a fresh exec would add, a new
+//! address-space layout, matters little here: the supervisor never trusts a pointer, length or
+//! index from the VM process (it reads atomics and checks every value), so knowing its layout
+//! gives a compromised VM process nothing to aim at. The child keeps only what it needs: the
+//! shared mapping of the telemetry region, the wake eventfd, the console file and stdio; every
+//! other inherited descriptor is closed before it touches anything, and the kernel kills it if
+//! the supervisor dies (PR_SET_PDEATHSIG).
 
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::telemetry::{Region, RegionError};
-use crate::vmproc::{Setup, CONSOLE_FD, SETUP_FD, TELEMETRY_FD, WAKE_FD};
+
+/// Where the VM process finds the console file and the wake eventfd; every descriptor above
+/// these is closed.
+const CONSOLE_FD: RawFd = 3;
+const WAKE_FD: RawFd = 4;
 
 /// Errors starting the VM process.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error(transparent)]
     Region(#[from] RegionError),
-    #[error("cannot create {what}: {source}")]
-    Fd {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot create the wake eventfd: {0}")]
+    Wake(#[source] std::io::Error),
     #[error("cannot start the VM process: {0}")]
-    Start(#[source] std::io::Error),
-    #[error("cannot encode the VM's settings (a path that is not UTF-8?): {0}")]
-    Encode(#[source] serde_json::Error),
+    Fork(#[source] std::io::Error),
 }
 
 /// The running VM process, as the supervisor holds it.
 pub struct VmProcess {
-    pub child: Child,
+    pub pid: libc::pid_t,
     pub region: Region,
     /// Written by the VM process when it posts events; read by the supervisor.
     pub wake: EventFd,
 }
 
-/// A copy of `fd` numbered 10 or above, close-on-exec, so the child's dup2 to 3..6 can not
-/// overwrite a descriptor it still has to copy.
-fn high(fd: RawFd, what: &'static str) -> Result<OwnedFd, SpawnError> {
-    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor and touches no memory.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
-    if new < 0 {
-        return Err(SpawnError::Fd {
-            what,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: `new` was just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// Starts `bulkhead vm-process` for `config`. `console` is the console file the supervisor
-/// opened, if the console is a file.
+/// Forks the VM process, which builds and runs the VM `config` describes and exits with its
+/// status. `console` is the console file, when the console is a file.
+///
+/// Must be called while the supervisor has no thread but this one: a fork copies only the
+/// calling thread, and a lock another thread held would stay held in the child forever.
 pub fn spawn(
     config: &VmConfig,
     start_ns: u64,
     console: Option<&File>,
-    log_level: log::LevelFilter,
 ) -> Result<VmProcess, SpawnError> {
-    let (region, memfd) = Region::create()?;
-    let wake =
-        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| SpawnError::Fd {
-            what: "the wake eventfd",
-            source,
-        })?;
-    let mut pipe = [0; 2];
-    // SAFETY: `pipe` has room for the two descriptors pipe2 returns.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(SpawnError::Fd {
-            what: "the setup pipe",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: both ends were just created and belong to us alone.
-    let (setup_r, setup_w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), File::from_raw_fd(pipe[1])) };
-
-    let handed: Vec<(OwnedFd, RawFd)> = {
-        let mut v = vec![
-            (high(setup_r.as_raw_fd(), "the setup pipe")?, SETUP_FD),
-            (high(memfd.as_raw_fd(), "the telemetry fd")?, TELEMETRY_FD),
-            (high(wake.as_raw_fd(), "the wake eventfd")?, WAKE_FD),
-        ];
-        if let Some(file) = console {
-            v.push((high(file.as_raw_fd(), "the console fd")?, CONSOLE_FD));
-        }
-        v
-    };
-    drop(setup_r);
-    let moves: Vec<(RawFd, RawFd)> = handed
-        .iter()
-        .map(|(fd, to)| (fd.as_raw_fd(), *to))
-        .collect();
+    let (region, _memfd) = Region::create()?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(SpawnError::Wake)?;
+    let console_fd = console.map(AsRawFd::as_raw_fd);
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
-
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg("--log-level")
-        .arg(level_name(log_level))
-        .arg("vm-process");
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (dup2, prctl, getppid, _exit) on integers it owns.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &(from, to) in &moves {
-                // dup2 leaves the new descriptor open across exec.
-                if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // The VM process must not outlive its supervisor, even a killed one.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
+    // SAFETY: the process is single-threaded here (see above), so the child may go on running
+    // ordinary code; fork has no memory effects on this process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SpawnError::Fork(std::io::Error::last_os_error()));
     }
-    let child = cmd.spawn().map_err(SpawnError::Start)?;
-    drop(handed);
-
-    let setup = Setup {
-        config: config.clone(),
-        start_ns,
-        console_fd: console.is_some(),
-    };
-    let text = serde_json::to_vec(&setup).map_err(SpawnError::Encode)?;
-    let mut setup_w = setup_w;
-    // A VM process that died at once makes this fail with EPIPE; the watch loop reports
-    // how it ended.
-    if let Err(e) = setup_w.write_all(&text) {
-        log::debug!("handing over the setup: {e}");
+    if pid == 0 {
+        let status = match become_vm_process(parent, console_fd, wake.as_raw_fd()) {
+            Ok((console, wake)) => crate::vmproc::run(config, start_ns, region, wake, console),
+            Err(e) => {
+                log::error!("VM process: {e}");
+                crate::exit::status::RUNTIME_ERROR
+            }
+        };
+        std::process::exit(status);
     }
-    drop(setup_w);
-    Ok(VmProcess {
-        child,
-        region,
-        wake,
-    })
+    Ok(VmProcess { pid, region, wake })
 }
 
-fn level_name(level: log::LevelFilter) -> &'static str {
-    match level {
-        log::LevelFilter::Off | log::LevelFilter::Error => "error",
-        log::LevelFilter::Warn => "warn",
-        log::LevelFilter::Info => "info",
-        log::LevelFilter::Debug => "debug",
-        log::LevelFilter::Trace => "trace",
+/// In the child: dies with the supervisor, restores the signal mask, and keeps only the
+/// descriptors it needs (stdio, the console file and the wake eventfd, moved to 3 and 4).
+fn become_vm_process(
+    parent: libc::pid_t,
+    console: Option<RawFd>,
+    wake: RawFd,
+) -> std::io::Result<(Option<File>, EventFd)> {
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: prctl, getppid and pthread_sigmask with valid arguments; `empty` is a valid
+    // sigset_t owned by this frame.
+    unsafe {
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        if libc::getppid() != parent {
+            // The supervisor died before the line above took effect.
+            libc::_exit(crate::exit::status::RUNTIME_ERROR);
+        }
+        // The supervisor blocked the signals it reads through its signalfd.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
     }
+    // Move the two descriptors the VM process keeps out of the way of each other, then close
+    // everything above them: the supervisor's signalfd, the region's memfd (the mapping stays),
+    // its metrics and alert files.
+    // SAFETY: fcntl and dup2 on descriptors this process owns.
+    let wake_high = check(unsafe { libc::fcntl(wake, libc::F_DUPFD, 10) })?;
+    let console_high = match console {
+        // SAFETY: as above.
+        Some(fd) => Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?),
+        None => None,
+    };
+    match console_high {
+        // SAFETY: as above.
+        Some(fd) => check(unsafe { libc::dup2(fd, CONSOLE_FD) })?,
+        // SAFETY: closing a descriptor this process no longer needs, whatever it is.
+        None => unsafe { libc::close(CONSOLE_FD) },
+    };
+    // SAFETY: as above.
+    check(unsafe { libc::dup2(wake_high, WAKE_FD) })?;
+    // SAFETY: close_range closes descriptors only; nothing in this process uses the ones above
+    // WAKE_FD any more.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, WAKE_FD + 1, u32::MAX, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just placed for this process alone.
+    let console = console_high.map(|_| unsafe { File::from_raw_fd(CONSOLE_FD) });
+    // SAFETY: as above.
+    let wake = unsafe { EventFd::from_raw_fd(WAKE_FD) };
+    Ok((console, wake))
 }

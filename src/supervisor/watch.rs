@@ -82,7 +82,7 @@ impl<'a> Watch<'a> {
     }
 
     fn pid(&self) -> libc::pid_t {
-        self.vm.child.id() as libc::pid_t
+        self.vm.pid
     }
 
     /// Runs until the VM process is gone; returns how the VM ended.

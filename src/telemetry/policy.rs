@@ -1,12 +1,9 @@
 //! What follows an alert: `--on-violation log|reset-device|stop-vm`.
 
-use serde::{Deserialize, Serialize};
-
 use super::vocabulary::Rule;
 
 /// The operator's choice of response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnViolation {
     /// Alert only.
     Log,

@@ -195,23 +195,15 @@ impl Vcpu {
                 ExitAction::Continue => {}
                 ExitAction::InternalError => {
                     let suberror = self.internal_error_suberror();
-                    io.reporter.region().count(VmCounter::VcpuFailures);
-                    io.reporter.post(Event::EntryFailure {
-                        vcpu: vcpu_id(self.index),
-                        internal: true,
-                        code: u64::from(suberror),
-                    });
-                    io.exit.request(VmExitReason::InternalError {
-                        vcpu: self.index,
-                        suberror,
-                    });
+                    stop(
+                        io,
+                        VmExitReason::InternalError {
+                            vcpu: self.index,
+                            suberror,
+                        },
+                    );
                 }
-                ExitAction::Stop(reason) => {
-                    if !reason.is_orderly() {
-                        io.reporter.region().count(VmCounter::VcpuFailures);
-                    }
-                    io.exit.request(reason);
-                }
+                ExitAction::Stop(reason) => stop(io, reason),
             }
         }
         signal::set_kvm_run(std::ptr::null_mut());
@@ -259,6 +251,35 @@ pub enum ExitAction {
     /// Needs the exit's details from kvm_run, which the borrow of the exit hides.
     InternalError,
     Stop(VmExitReason),
+}
+
+/// Ends the VM for `reason`, then reports an abnormal ending as an event. In that order: the
+/// event can make the supervisor stop the VM (stop-vm), and the VM's own reason must already
+/// be recorded by then, or the stop would take its place.
+fn stop(io: &VcpuIo, reason: VmExitReason) {
+    let event = match reason {
+        VmExitReason::TripleFault { vcpu } => Some(Event::TripleFault {
+            vcpu: vcpu_id(vcpu),
+        }),
+        VmExitReason::InternalError { vcpu, suberror } => Some(Event::EntryFailure {
+            vcpu: vcpu_id(vcpu),
+            internal: true,
+            code: u64::from(suberror),
+        }),
+        VmExitReason::FailEntry { vcpu, reason } => Some(Event::EntryFailure {
+            vcpu: vcpu_id(vcpu),
+            internal: false,
+            code: reason,
+        }),
+        _ => None,
+    };
+    if !reason.is_orderly() {
+        io.reporter.region().count(VmCounter::VcpuFailures);
+    }
+    io.exit.request(reason);
+    if let Some(event) = event {
+        io.reporter.post(event);
+    }
 }
 
 /// Which bus an access went to: it picks the counters and names the address in logs.
@@ -419,19 +440,9 @@ pub fn handle_exit(exit: VcpuExit<'_>, vcpu: u32, io: &VcpuIo) -> ExitAction {
         VcpuExit::Intr => ExitAction::Continue,
         // Only reached without an in-kernel LAPIC; the halt watchdog covers the usual case.
         VcpuExit::Hlt => ExitAction::Stop(VmExitReason::AllHalted),
-        VcpuExit::Shutdown => {
-            io.reporter.post(Event::TripleFault {
-                vcpu: vcpu_id(vcpu),
-            });
-            ExitAction::Stop(VmExitReason::TripleFault { vcpu })
-        }
+        VcpuExit::Shutdown => ExitAction::Stop(VmExitReason::TripleFault { vcpu }),
         VcpuExit::InternalError => ExitAction::InternalError,
         VcpuExit::FailEntry(reason, _cpu) => {
-            io.reporter.post(Event::EntryFailure {
-                vcpu: vcpu_id(vcpu),
-                internal: false,
-                code: reason,
-            });
             ExitAction::Stop(VmExitReason::FailEntry { vcpu, reason })
         }
         VcpuExit::SystemEvent(kind, _)
@@ -554,6 +565,33 @@ mod tests {
             handle_exit(VcpuExit::Unsupported(999), 0, &io),
             ExitAction::Stop(VmExitReason::UnhandledExit { .. })
         ));
+    }
+
+    #[test]
+    fn an_abnormal_ending_is_recorded_counted_and_reported() {
+        let io = io();
+        stop(&io, VmExitReason::TripleFault { vcpu: 0 });
+        assert_eq!(
+            io.exit.reason(),
+            Some(VmExitReason::TripleFault { vcpu: 0 })
+        );
+        let region = io.reporter.region();
+        assert_eq!(region.vm_counter(VmCounter::VcpuFailures), 1);
+        let mut tail = 0;
+        let raw = region.ring.pop(&mut tail).expect("no event");
+        let limits = crate::telemetry::Limits {
+            vcpus: 1,
+            devices: 0,
+        };
+        assert_eq!(
+            Event::decode(&raw, limits),
+            Some(Event::TripleFault { vcpu: 0 })
+        );
+        // An orderly ending is neither counted as a failure nor reported.
+        let io2 = self::io();
+        stop(&io2, VmExitReason::GuestExit(0));
+        assert_eq!(io2.reporter.region().vm_counter(VmCounter::VcpuFailures), 0);
+        assert!(io2.reporter.region().ring.pop(&mut 0).is_none());
     }
 
     #[test]
