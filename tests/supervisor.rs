@@ -167,6 +167,15 @@ fn the_metrics_file_is_rewritten_while_the_vm_runs_and_parses_with_prometheus_cl
     let threads = m.value("bulkhead_vm_process_threads", &[]);
     assert!(threads >= 2, "{running}");
     assert_eq!(m.value("bulkhead_seccomp_filtered_threads", &[]), threads);
+    // The VM process holds none of the supervisor's outputs.
+    let inner = vm.vm_process();
+    for fd in std::fs::read_dir(format!("/proc/{inner}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        assert!(
+            !target.to_string_lossy().contains("alerts.jsonl"),
+            "the VM process holds the alerts file"
+        );
+    }
     // The supervisor confined itself too.
     let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
     assert!(
