@@ -9,6 +9,11 @@ use seccompiler::{compile_from_json, TargetArch};
 
 /// One filter per thread role; each JSON file holds one filter named for its role.
 const ROLES: &[&str] = &["vmm", "vcpu", "supervisor"];
+/// Values the filters compare with that are only known at run time (src/seccomp.rs patches
+/// them in): the process's own pid, and SIGRTMIN.
+const PLACEHOLDERS: &[u32] = &[0x7fff_fff1, 0x7fff_fff2];
+/// `BPF_JMP | BPF_JEQ | BPF_K`: the only instruction a placeholder may appear in.
+const JEQ_K: u16 = 0x15;
 
 fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -32,6 +37,13 @@ fn main() {
             "{} holds filters other than {role:?}",
             src.display()
         );
+        for insn in &program {
+            assert!(
+                !PLACEHOLDERS.contains(&insn.k) || insn.code == JEQ_K,
+                "{}: a placeholder value appears outside an equality test",
+                src.display()
+            );
+        }
         let mut bytes = Vec::with_capacity(program.len() * 8);
         for insn in &program {
             bytes.extend_from_slice(&insn.code.to_le_bytes());

@@ -244,7 +244,6 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         vcpus,
         io,
         serial,
-        virtio_devices: virtio.devices,
         virtio_workers: virtio.workers,
         console_input,
         raw_terminal,

@@ -145,6 +145,8 @@ pub enum TestHook {
     GuestForbiddenSyscall,
     /// The supervisor makes a system call its own filter forbids once the VM is running.
     SupervisorForbiddenSyscall,
+    /// The vCPU thread tries to kill the supervisor (its parent) with tgkill.
+    SignalSupervisor,
 }
 
 impl std::str::FromStr for TestHook {
@@ -156,6 +158,7 @@ impl std::str::FromStr for TestHook {
             "vmm-forbidden-syscall" => Ok(TestHook::VmmForbiddenSyscall),
             "guest-forbidden-syscall" => Ok(TestHook::GuestForbiddenSyscall),
             "supervisor-forbidden-syscall" => Ok(TestHook::SupervisorForbiddenSyscall),
+            "signal-supervisor" => Ok(TestHook::SignalSupervisor),
             _ => Err(format!("unknown test hook {s:?}")),
         }
     }

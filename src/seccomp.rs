@@ -53,19 +53,43 @@ pub enum SeccompError {
     },
 }
 
-/// Decodes the embedded BPF program for `role`.
+/// In seccomp/*.json, the calling process's pid: `tgkill` may signal this process only, so a
+/// thread taken over can not signal the supervisor (or anyone else).
+const OWN_PID: u32 = 0x7fff_fff1;
+/// In seccomp/*.json, SIGRTMIN, which libc decides at run time.
+const SIGRTMIN: u32 = 0x7fff_fff2;
+/// `BPF_JMP | BPF_JEQ | BPF_K`; build.rs checks the placeholders appear nowhere else.
+const JEQ_K: u16 = 0x15;
+
+/// Decodes the embedded BPF program for `role`, with the run-time values patched in for the
+/// calling process.
 pub fn program(role: ThreadRole) -> Result<BpfProgram, SeccompError> {
     let bytes = role.bpf();
     if bytes.is_empty() || bytes.len() % 8 != 0 {
         return Err(SeccompError::Malformed(role.name()));
     }
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let pid = u32::try_from(pid).map_err(|_| SeccompError::Malformed(role.name()))?;
+    let rtmin = u32::try_from(crate::signal::kick_signal())
+        .map_err(|_| SeccompError::Malformed(role.name()))?;
     Ok(bytes
         .chunks_exact(8)
-        .map(|c| sock_filter {
-            code: u16::from_le_bytes([c[0], c[1]]),
-            jt: c[2],
-            jf: c[3],
-            k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+        .map(|c| {
+            let mut insn = sock_filter {
+                code: u16::from_le_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+            };
+            if insn.code == JEQ_K {
+                insn.k = match insn.k {
+                    OWN_PID => pid,
+                    SIGRTMIN => rtmin,
+                    k => k,
+                };
+            }
+            insn
         })
         .collect())
 }
@@ -103,6 +127,23 @@ pub fn forbidden_syscall() {
     }
 }
 
+/// The parent process's pid, read before a thread confines itself (no filter allows getppid).
+#[cfg(debug_assertions)]
+pub fn parent_pid() -> libc::pid_t {
+    // SAFETY: getppid has no preconditions.
+    unsafe { libc::getppid() }
+}
+
+/// Tries to kill `parent` (the supervisor) with tgkill, as a thread taken over by a guest
+/// might (debug builds only). The filters allow tgkill on this process alone.
+#[cfg(debug_assertions)]
+pub fn signal_parent(parent: libc::pid_t) {
+    // SAFETY: tgkill with integer arguments touches no memory.
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, parent, parent, libc::SIGKILL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +161,23 @@ mod tests {
                 prog.iter()
                     .any(|i| i.code == BPF_RET && i.k == SECCOMP_RET_TRAP),
                 "{role:?} filter never traps"
+            );
+        }
+    }
+
+    #[test]
+    fn tgkill_is_limited_to_this_process_in_every_role() {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() } as u32;
+        for role in [ThreadRole::Vmm, ThreadRole::Vcpu, ThreadRole::Supervisor] {
+            let prog = program(role).unwrap();
+            assert!(
+                prog.iter().any(|i| i.code == JEQ_K && i.k == pid),
+                "{role:?} never compares with this process's pid"
+            );
+            assert!(
+                !prog.iter().any(|i| i.k == OWN_PID || i.k == SIGRTMIN),
+                "{role:?} kept a placeholder"
             );
         }
     }

@@ -1,8 +1,8 @@
 //! Signal handlers: the seccomp violation reporter (SIGSYS) and the vCPU kick.
 //!
 //! Both run on whatever thread the signal hits, so they only touch atomics, const-initialised
-//! thread-locals and the stack, and call only write(2), tgkill(2) and _exit(2): no allocation,
-//! no locks, no `log`.
+//! thread-locals and the stack, and call only write(2), getpid(2), gettid(2), tgkill(2) and
+//! _exit(2): no allocation, no locks, no `log`.
 //!
 //! The SIGSYS reporter hands the thread and system call to the supervisor through the
 //! telemetry region, then lets SIGSYS kill the process, so the supervisor also learns of the
@@ -11,24 +11,30 @@
 
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{fence, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, Ordering};
 
 use kvm_bindings::kvm_run;
 
 use crate::exit::status;
 use crate::telemetry::Page;
 
-/// Seccomp violations seen by this process (at most one: the first ends the process).
-pub static SECCOMP_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
-/// The system call number of the last violation, -1 if none.
-pub static SECCOMP_LAST_SYSCALL: AtomicI64 = AtomicI64::new(-1);
 /// The telemetry region the reporter writes to (null in the supervisor).
 static TELEMETRY: AtomicPtr<Page> = AtomicPtr::new(std::ptr::null_mut());
+/// Whether a SIGSYS that no seccomp filter raised (someone ran `kill -SYS`) ends the process
+/// too. The VM process dies by it, which the supervisor reports; the supervisor itself ignores
+/// it.
+static FOREIGN_SIGSYS_KILLS: AtomicBool = AtomicBool::new(true);
 
 /// Makes the SIGSYS reporter record violations in `page`, which must stay mapped for the rest
-/// of the process's life (the VM process never unmaps its region).
+/// of the process's life (the VM process leaks its handle on the region for this).
 pub fn set_telemetry(page: *const Page) {
     TELEMETRY.store(page.cast_mut(), Ordering::Release);
+}
+
+/// Whether a SIGSYS from outside any seccomp filter ends this process (the VM process) or
+/// leaves it running (the supervisor).
+pub fn foreign_sigsys_kills(kills: bool) {
+    FOREIGN_SIGSYS_KILLS.store(kills, Ordering::Release);
 }
 
 thread_local! {
@@ -108,35 +114,44 @@ fn format_violation(buf: &mut [u8], thread: &[u8], syscall: i64) -> usize {
     pos
 }
 
+/// `si_code` of a SIGSYS the kernel raised for a seccomp filter (SYS_SECCOMP).
+const SYS_SECCOMP: libc::c_int = 1;
+
 extern "C" fn sigsys_handler(
-    num: libc::c_int,
+    _num: libc::c_int,
     info: *mut libc::siginfo_t,
     _ctx: *mut libc::c_void,
 ) {
-    if num != libc::SIGSYS || info.is_null() {
+    // SAFETY: the kernel passes a full siginfo; `si_code` is in its fixed header.
+    let from_seccomp = !info.is_null() && unsafe { (*info).si_code } == SYS_SECCOMP;
+    if from_seccomp {
+        // SAFETY: for a seccomp SIGSYS the kernel fills siginfo's `_sigsys` member: after the
+        // three ints and padding of the header (16 bytes) come `_call_addr` (8 bytes) and then
+        // `_syscall` (an int) at byte 24, i.e. int index 6. `info` is non-null and points at a
+        // full siginfo.
+        let syscall = i64::from(unsafe { *info.cast::<i32>().add(6) });
+        let name = THREAD_NAME.with(|c| c.get());
+        let page = TELEMETRY.load(Ordering::Acquire);
+        if !page.is_null() {
+            // SAFETY: `page` was set by `set_telemetry` to a mapping that lives as long as the
+            // process; the record is atomics only, so writing it from a handler is sound.
+            unsafe { (*page).seccomp.write(syscall, &name) };
+        }
+        let mut buf = [0u8; 192];
+        let len = format_violation(&mut buf, &name, syscall);
+        // SAFETY: write(2) is async-signal-safe; `buf[..len]` is initialised.
+        unsafe { libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len) };
+    } else if !FOREIGN_SIGSYS_KILLS.load(Ordering::Acquire) {
+        // SA_RESETHAND has restored the default action, so a later seccomp trap in this
+        // process still ends it by SIGSYS, only without this report.
         return;
     }
-    // SAFETY: for SIGSYS the kernel fills siginfo's `_sigsys` member: after the three ints
-    // and padding of the header (16 bytes) come `_call_addr` (8 bytes) and then `_syscall`
-    // (an int) at byte 24, i.e. int index 6. `info` is non-null and points at a full siginfo.
-    let syscall = i64::from(unsafe { *info.cast::<i32>().add(6) });
-    SECCOMP_VIOLATIONS.fetch_add(1, Ordering::Relaxed);
-    SECCOMP_LAST_SYSCALL.store(syscall, Ordering::Relaxed);
-    let name = THREAD_NAME.with(|c| c.get());
-    let page = TELEMETRY.load(Ordering::Acquire);
-    if !page.is_null() {
-        // SAFETY: `page` was set by `set_telemetry` to a mapping that lives as long as the
-        // process; the record is atomics only, so writing it from a handler is sound.
-        unsafe { (*page).seccomp.write(syscall, &name) };
-    }
-    let mut buf = [0u8; 192];
-    let len = format_violation(&mut buf, &name, syscall);
-    // SAFETY: write(2), getpid, gettid, tgkill(2) and _exit(2) are async-signal-safe;
-    // `buf[..len]` is initialised. SA_RESETHAND restored SIGSYS's default action on entry and
-    // SA_NODEFER left it unblocked, so tgkill ends the process by SIGSYS right here; _exit
-    // only runs if the signal could not be sent.
+    // A SIGSYS sent by someone else (kill) records nothing: it names no system call. Either
+    // way the process dies by SIGSYS, as the signal's default action says.
+    // SAFETY: getpid, gettid, tgkill(2) and _exit(2) are async-signal-safe. SA_RESETHAND
+    // restored SIGSYS's default action on entry and SA_NODEFER left it unblocked, so tgkill
+    // ends the process by SIGSYS right here; _exit only runs if the signal could not be sent.
     unsafe {
-        libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len);
         libc::syscall(
             libc::SYS_tgkill,
             libc::getpid(),
@@ -207,8 +222,10 @@ pub fn signalfd(signals: &[libc::c_int]) -> io::Result<std::os::fd::OwnedFd> {
         }
     }
     // SAFETY: `set` is initialised; the old mask is not wanted.
-    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
-        return Err(io::Error::last_os_error());
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        // pthread_sigmask returns its error rather than setting errno.
+        return Err(io::Error::from_raw_os_error(rc));
     }
     // SAFETY: a new signalfd for an initialised mask.
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };

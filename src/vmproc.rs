@@ -47,6 +47,9 @@ pub fn run(
         return status::RUNTIME_ERROR;
     }
     let region = Arc::new(region);
+    // The SIGSYS reporter writes to the region until the process is gone: this handle is
+    // never dropped, so the mapping is never unmapped.
+    std::mem::forget(region.clone());
     signal::set_telemetry(region.as_ptr());
     // SIGTERM from the supervisor ends the VM in order (the console flushed) rather than at
     // once; every thread started from here on inherits the block.

@@ -119,3 +119,26 @@ fn a_normal_run_makes_no_forbidden_syscall_on_any_thread() {
         assert_ne!(run.status, 159, "{guest}");
     }
 }
+
+#[test]
+fn a_vcpu_thread_can_not_signal_its_supervisor() {
+    if !kvm_available("a_vcpu_thread_can_not_signal_its_supervisor") {
+        return;
+    }
+    // The vCPU thread tries tgkill(supervisor, SIGKILL): its filter allows tgkill on its own
+    // process only, so the VM process dies by SIGSYS and the supervisor lives to report it.
+    let o = run_observed(
+        "seccomp-signal-parent",
+        "hello",
+        &["--test-hook", "signal-supervisor"],
+    );
+    assert_eq!(o.run.status, 159, "{}", o.run.stderr);
+    assert_eq!(o.alerts.len(), 1, "{:?}", o.alerts);
+    assert_eq!(o.alerts[0]["output_fields"]["syscall"], libc::SYS_tgkill);
+    // Without the filters the same call kills the supervisor: the filter is what stops it.
+    let run = run_guest(
+        "hello",
+        &["--test-hook", "signal-supervisor", "--no-seccomp"],
+    );
+    assert_eq!(run.status, 137, "{}", run.stderr);
+}

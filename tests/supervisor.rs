@@ -169,7 +169,10 @@ fn the_metrics_file_is_rewritten_while_the_vm_runs_and_parses_with_prometheus_cl
     assert_eq!(m.value("bulkhead_seccomp_filtered_threads", &[]), threads);
     // The VM process holds none of the supervisor's outputs.
     let inner = vm.vm_process();
-    for fd in std::fs::read_dir(format!("/proc/{inner}/fd")).unwrap().flatten() {
+    for fd in std::fs::read_dir(format!("/proc/{inner}/fd"))
+        .unwrap()
+        .flatten()
+    {
         let target = std::fs::read_link(fd.path()).unwrap_or_default();
         assert!(
             !target.to_string_lossy().contains("alerts.jsonl"),
@@ -437,5 +440,33 @@ fn an_alert_endpoint_that_is_down_costs_the_vm_nothing() {
         o.metrics
             .value("bulkhead_alert_deliveries_total", &[("outcome", "sent")]),
         0
+    );
+}
+
+#[test]
+fn a_vm_process_killed_by_sigsys_from_outside_is_a_seccomp_violation_without_details() {
+    if !kvm_available(
+        "a_vm_process_killed_by_sigsys_from_outside_is_a_seccomp_violation_without_details",
+    ) {
+        return;
+    }
+    let vm = LiveVm::start("sigsys-outside", &[]);
+    let inner = vm.vm_process();
+    vm.metrics_with("bulkhead_vm_running");
+    // SAFETY: kill(2) on a process this test started (through bulkhead).
+    unsafe { libc::kill(inner as i32, libc::SIGSYS) };
+    let o = vm.finish();
+    assert_eq!(o.run.status, 159, "{}", o.run.stderr);
+    assert!(
+        o.run.stderr.contains("(it reported no details)"),
+        "{}",
+        o.run.stderr
+    );
+    assert_eq!(o.alerts.len(), 1, "{:?}", o.alerts);
+    let fields = &o.alerts[0]["output_fields"];
+    assert_eq!(o.alerts[0]["rule"], "seccomp_violation");
+    assert!(
+        fields.get("thread").is_none() && fields.get("syscall").is_none(),
+        "{fields}"
     );
 }

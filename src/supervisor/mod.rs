@@ -33,6 +33,7 @@ pub fn run(config: &VmConfig) -> i32 {
         return status::RUNTIME_ERROR;
     }
     signal::set_thread_name(ThreadRole::Supervisor.name());
+    signal::foreign_sigsys_kills(false);
     let mut outputs = match Outputs::open(config) {
         Ok(o) => o,
         Err(e) => {
@@ -40,6 +41,9 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::BAD_INPUT;
         }
     };
+    // The VM process puts a terminal console in raw mode and restores it when it ends; if it
+    // is killed instead, the supervisor restores it.
+    let terminal = SavedTerminal::save(libc::STDIN_FILENO);
     // Blocked before the VM process starts, so none is missed; the child's mask is reset.
     let signals =
         match signal::signalfd(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
@@ -89,6 +93,9 @@ pub fn run(config: &VmConfig) -> i32 {
     )
     .run();
     let end = watched.end;
+    if let Some(t) = terminal {
+        t.restore();
+    }
     let message = format!("VM {} (tenant {}): {end}", config.vm_id, config.tenant);
     if end.is_orderly() {
         log::info!("{message}");
@@ -96,6 +103,30 @@ pub fn run(config: &VmConfig) -> i32 {
         log::error!("{message}");
     }
     end.status()
+}
+
+/// A terminal's settings, saved before the VM process changes them.
+struct SavedTerminal {
+    fd: libc::c_int,
+    termios: libc::termios,
+}
+
+impl SavedTerminal {
+    fn save(fd: libc::c_int) -> Option<SavedTerminal> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: an all-zero termios is a valid buffer for tcgetattr to fill.
+        let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `termios` is valid for writes.
+        (unsafe { libc::tcgetattr(fd, &mut termios) } == 0).then_some(SavedTerminal { fd, termios })
+    }
+
+    fn restore(&self) {
+        // SAFETY: `termios` holds settings read from this same terminal.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.termios) };
+    }
 }
 
 /// Kills and reaps the VM process (it would die with the supervisor anyway, through

@@ -91,8 +91,8 @@ fn become_vm_process(
             Ok(rc)
         }
     };
-    // SAFETY: prctl, getppid and pthread_sigmask with valid arguments; `empty` is a valid
-    // sigset_t owned by this frame.
+    // SAFETY: prctl, getppid, pthread_sigmask and signal with valid arguments; `empty` is a
+    // valid sigset_t owned by this frame.
     unsafe {
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
         if libc::getppid() != parent {
@@ -103,7 +103,12 @@ fn become_vm_process(
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // Ctrl-C and a hang-up reach the whole process group; the supervisor decides what
+        // they mean (an orderly stop), so the VM process does not die of them first.
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
+    crate::signal::foreign_sigsys_kills(true);
     // Move the two descriptors the VM process keeps out of the way of each other, then close
     // everything above them: the supervisor's signalfd, the region's memfd (the mapping stays),
     // its metrics and alert files.

@@ -24,11 +24,10 @@ use watchdog::HaltWatchdog;
 
 use crate::config::TestHook;
 use crate::devices::legacy::SerialPort;
-use crate::devices::virtio::{DeviceShared, VirtioWorker};
+use crate::devices::virtio::VirtioWorker;
 use crate::exit::VmExitReason;
 use crate::seccomp::{self, ThreadRole};
 use crate::signal;
-use crate::telemetry::DeviceSnapshot;
 use crate::vstate::vcpu::{Vcpu, VcpuIo, VcpuShared};
 use crate::vstate::vm::Vm;
 
@@ -62,7 +61,6 @@ pub struct Vmm {
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) io: Arc<VcpuIo>,
     pub(crate) serial: Arc<SerialPort>,
-    pub(crate) virtio_devices: Vec<Arc<DeviceShared>>,
     pub(crate) virtio_workers: Vec<VirtioWorker>,
     pub(crate) console_input: Option<File>,
     pub(crate) raw_terminal: Option<RawTerminal>,
@@ -74,8 +72,6 @@ pub struct Vmm {
 #[derive(Debug)]
 pub struct RunOutcome {
     pub reason: VmExitReason,
-    /// Each virtio device's counters, in attach order.
-    pub devices: Vec<DeviceSnapshot>,
 }
 
 pub(crate) struct VcpuThread {
@@ -94,7 +90,6 @@ impl Vmm {
             vcpus,
             io,
             serial,
-            virtio_devices,
             virtio_workers,
             console_input,
             raw_terminal,
@@ -192,16 +187,7 @@ impl Vmm {
             vcpu: 0,
             error: "the VM stopped without a reason".to_string(),
         });
-        let region = io.reporter.region();
-        Ok(RunOutcome {
-            reason,
-            devices: (0..virtio_devices.len())
-                .filter_map(|i| {
-                    let name = virtio_devices.get(i)?.name();
-                    Some(DeviceSnapshot::read(name, region.device(i)?))
-                })
-                .collect(),
-        })
+        Ok(RunOutcome { reason })
     }
 }
 
@@ -221,6 +207,8 @@ fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     ctx.shared.tid.store(tid, Ordering::Release);
+    #[cfg(debug_assertions)]
+    let parent = seccomp::parent_pid();
     let filter = if ctx.seccomp {
         seccomp::apply(ThreadRole::Vcpu)
     } else {
@@ -233,6 +221,10 @@ fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
             #[cfg(debug_assertions)]
             if ctx.test_hook == Some(TestHook::VcpuForbiddenSyscall) {
                 seccomp::forbidden_syscall();
+            }
+            #[cfg(debug_assertions)]
+            if ctx.test_hook == Some(TestHook::SignalSupervisor) {
+                seccomp::signal_parent(parent);
             }
             let _ = ctx.test_hook;
             let io = ctx.io.clone();
