@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
-
 use super::ConfigError;
 use crate::telemetry::OnViolation;
 
@@ -83,9 +81,9 @@ pub struct Supervision {
     pub on_violation: OnViolation,
 }
 
-/// The supervisor's settings as given.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+/// The supervisor's settings as given (the JSON file's and the flags' fields, merged by
+/// `RawConfig`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawSupervision {
     pub metrics_file: Option<PathBuf>,
     pub alerts: Option<String>,
@@ -95,16 +93,6 @@ pub struct RawSupervision {
 }
 
 impl RawSupervision {
-    pub fn overlay(self, over: RawSupervision) -> RawSupervision {
-        RawSupervision {
-            metrics_file: over.metrics_file.or(self.metrics_file),
-            alerts: over.alerts.or(self.alerts),
-            alerts_http: over.alerts_http.or(self.alerts_http),
-            timeout: over.timeout.or(self.timeout),
-            on_violation: over.on_violation.or(self.on_violation),
-        }
-    }
-
     pub fn validate(self) -> Result<Supervision, ConfigError> {
         let timeout_secs = match self.timeout {
             Some(t) if t == 0 || t > MAX_TIMEOUT_SECS => return Err(ConfigError::Timeout(t)),

@@ -42,8 +42,26 @@ pub enum HttpError {
 /// Delivery counters, shared with the metrics.
 #[derive(Debug, Default)]
 pub struct Deliveries {
-    pub sent: AtomicU64,
-    pub dropped: AtomicU64,
+    sent: AtomicU64,
+    /// Queue full, or every try failed.
+    failed: AtomicU64,
+    /// Queued and not yet tried to the end.
+    pending: AtomicU64,
+    /// Still pending when the supervisor stopped waiting for them.
+    abandoned: AtomicU64,
+}
+
+impl Deliveries {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Alerts that never reached the endpoint: refused, failed, or left behind at exit.
+    pub fn dropped(&self) -> u64 {
+        self.failed
+            .load(Ordering::Relaxed)
+            .saturating_add(self.abandoned.load(Ordering::Relaxed))
+    }
 }
 
 /// The sending side, held by the supervisor's loop.
@@ -101,9 +119,10 @@ impl HttpSink {
                     let counter = if deliver(&endpoint, &body) {
                         &thread_stats.sent
                     } else {
-                        &thread_stats.dropped
+                        &thread_stats.failed
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    thread_stats.pending.fetch_sub(1, Ordering::Relaxed);
                 }
                 let _ = done_tx.send(());
             })
@@ -121,15 +140,20 @@ impl HttpSink {
     /// Queues `body` for delivery; never blocks. A full queue drops it and counts the drop.
     pub fn send(&self, body: String) {
         let Some(queue) = &self.queue else { return };
+        self.stats.pending.fetch_add(1, Ordering::Relaxed);
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue.try_send(body) {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Stops taking alerts and waits up to `wait` for the queue to drain.
     pub fn finish(&mut self, wait: Duration) {
         self.queue = None;
-        let _ = self.done.recv_timeout(wait);
+        if self.done.recv_timeout(wait).is_err() {
+            let left = self.stats.pending.load(Ordering::Relaxed);
+            self.stats.abandoned.store(left, Ordering::Relaxed);
+        }
     }
 }
 
@@ -231,7 +255,7 @@ mod tests {
         );
         assert!(request.contains("Content-Length: 12\r\n"), "{request}");
         assert!(request.ends_with(r#"{"rule":"x"}"#), "{request}");
-        assert_eq!(sink.stats.sent.load(Ordering::Relaxed), 1);
+        assert_eq!(sink.stats.sent(), 1);
     }
 
     #[test]
@@ -250,7 +274,7 @@ mod tests {
         let mut sink = HttpSink::start(Endpoint::resolve(&target).unwrap()).unwrap();
         sink.send("{}".into());
         sink.finish(Duration::from_secs(10));
-        assert_eq!(sink.stats.dropped.load(Ordering::Relaxed), 1);
-        assert_eq!(sink.stats.sent.load(Ordering::Relaxed), 0);
+        assert_eq!(sink.stats.dropped(), 1);
+        assert_eq!(sink.stats.sent(), 0);
     }
 }

@@ -22,8 +22,16 @@ use crate::telemetry::{
 const TICK_NS: u64 = 250_000_000;
 /// Ticks between metrics writes (one second).
 const METRICS_EVERY: u64 = 4;
-/// How long a stopped VM process gets to end in order before it is killed.
-const STOP_GRACE_NS: u64 = 1_000_000_000;
+/// How long a stopped VM process gets to end in order before it is killed: longer than it
+/// waits for its own vCPU threads (2 s), so a slow vCPU does not cost the console its last
+/// lines.
+const STOP_GRACE_NS: u64 = 3_000_000_000;
+/// After a wake-up drain, further wake-ups are not listened to for this long: a VM process
+/// that writes the eventfd without end can not make the supervisor spin (ticks still drain).
+const WAKE_QUIET_NS: u64 = 1_000_000;
+/// How often the kernel's view of the VM process's threads is taken again once all are
+/// filtered (they are started once, at boot).
+const PROC_SCAN_NS: u64 = 10_000_000_000;
 /// Most events taken per drain, so a VM process that keeps refilling the ring can not hold
 /// the loop.
 const DRAIN_LIMIT: usize = 4096;
@@ -49,7 +57,11 @@ pub struct Watch<'a> {
     tail: u64,
     stop: Option<StopCause>,
     kill_at: Option<u64>,
+    /// Set once the VM process is reaped: its pid may belong to someone else from then on.
+    reaped: bool,
     peak_rss: Option<u64>,
+    /// The last /proc view of the VM process's threads: (when, filtered, all).
+    threads: Option<(u64, u64, u64)>,
 }
 
 impl<'a> Watch<'a> {
@@ -77,7 +89,9 @@ impl<'a> Watch<'a> {
             tail: 0,
             stop: None,
             kill_at: None,
+            reaped: false,
             peak_rss: None,
+            threads: None,
         }
     }
 
@@ -87,33 +101,38 @@ impl<'a> Watch<'a> {
 
     /// Runs until the VM process is gone; returns how the VM ended.
     pub fn run(mut self) -> Watched {
-        let deadline = self.config.supervision.timeout_secs.map(|s| {
+        let mut deadline = self.config.supervision.timeout_secs.map(|s| {
             self.start_ns
                 .saturating_add(s.saturating_mul(1_000_000_000))
         });
         let mut next_tick = monotonic_ns() + TICK_NS;
         let mut ticks = 0u64;
+        let mut quiet_until = 0u64;
         let (exit, killed) = loop {
+            // Signals first: a stop asked for just before the VM process ended is still ours.
+            self.read_signals();
             if let Some(status) = self.reap() {
                 break status;
             }
             let now = monotonic_ns();
+            let listen = now >= quiet_until;
             let mut wake_at = next_tick;
-            for t in [deadline, self.kill_at].into_iter().flatten() {
+            for t in [deadline, self.kill_at, (!listen).then_some(quiet_until)]
+                .into_iter()
+                .flatten()
+            {
                 wake_at = wake_at.min(t);
             }
             let timeout_ms = wake_at.saturating_sub(now).div_ceil(1_000_000).min(1000);
-            let (signals, wake) = poll2(&self.signals, &self.vm.wake, timeout_ms as i32);
-            if signals {
-                while let Some(sig) = signal::read_signal(&self.signals) {
-                    if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) {
-                        self.stop(StopCause::Signal { signal: sig });
-                    }
-                }
-            }
+            let wake = poll(
+                &self.signals,
+                listen.then_some(&self.vm.wake),
+                timeout_ms as i32,
+            );
             if wake {
                 let _ = self.vm.wake.read();
                 self.drain();
+                quiet_until = monotonic_ns() + WAKE_QUIET_NS;
             }
             let now = monotonic_ns();
             if now >= next_tick {
@@ -127,6 +146,7 @@ impl<'a> Watch<'a> {
                 next_tick = now + TICK_NS;
             }
             if deadline.is_some_and(|d| now >= d) {
+                deadline = None;
                 let secs = self.config.supervision.timeout_secs.unwrap_or(0);
                 self.stop(StopCause::Timeout { secs });
             }
@@ -136,6 +156,15 @@ impl<'a> Watch<'a> {
             }
         };
         self.finish(exit, killed)
+    }
+
+    /// Stops the VM on SIGTERM, SIGINT or SIGHUP to `bulkhead run`.
+    fn read_signals(&mut self) {
+        while let Some(sig) = signal::read_signal(&self.signals) {
+            if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) {
+                self.stop(StopCause::Signal { signal: sig });
+            }
+        }
     }
 
     /// The VM process's wait status if it has ended: (exit code, killing signal).
@@ -149,6 +178,7 @@ impl<'a> Watch<'a> {
         if rc != self.pid() {
             return None;
         }
+        self.reaped = true;
         self.peak_rss = u64::try_from(usage.ru_maxrss).ok().map(|kib| kib * 1024);
         if libc::WIFEXITED(status) {
             Some((Some(libc::WEXITSTATUS(status)), None))
@@ -160,14 +190,19 @@ impl<'a> Watch<'a> {
     }
 
     fn signal_vm(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which is not yet reaped, so the pid is still ours.
+        if self.reaped {
+            return;
+        }
+        // SAFETY: kill(2) on our own child, which is not yet reaped (checked above), so the
+        // pid is still ours.
         unsafe { libc::kill(self.pid(), sig) };
     }
 
     /// Ends the VM for `cause`: SIGTERM now (the VM process stops in order), SIGKILL if it
-    /// has not ended within the grace period.
+    /// has not ended within the grace period. Once the VM process is gone there is nothing to
+    /// stop, and how it ended stands.
     fn stop(&mut self, cause: StopCause) {
-        if self.stop.is_some() {
+        if self.stop.is_some() || self.reaped {
             return;
         }
         log::info!("VM {}: stopping: {}", self.ctx.vm_id, VmEnd::Stopped(cause));
@@ -186,7 +221,8 @@ impl<'a> Watch<'a> {
             let Some(raw) = self.vm.region.ring.pop(&mut self.tail) else {
                 break;
             };
-            firings.extend(self.engine.observe(&raw, monotonic_ns()));
+            let boot = self.vm.region.boot_complete_ns();
+            firings.extend(self.engine.observe(&raw, monotonic_ns(), boot));
         }
         self.handle(firings);
     }
@@ -214,8 +250,9 @@ impl<'a> Watch<'a> {
     /// The last drain and tick, the alerts only the ending can raise, the final metrics and
     /// the closing line.
     fn finish(mut self, exit: Option<i32>, signal: Option<i32>) -> Watched {
+        self.read_signals();
         self.drain();
-        let firings = self.engine.tick(&self.vm.region, monotonic_ns());
+        let firings = self.engine.close(&self.vm.region, monotonic_ns());
         self.handle(firings);
         let record = self
             .vm
@@ -289,8 +326,31 @@ impl<'a> Watch<'a> {
         }
     }
 
-    fn facts(&self, end: Option<&VmEnd>) -> SupervisorFacts {
-        let (filtered, threads) = seccomp_threads(self.pid(), end.is_none());
+    /// The kernel's view of the VM process's threads (filtered, all): read again while any
+    /// thread is unfiltered (the VM is starting), then every [`PROC_SCAN_NS`].
+    fn threads(&mut self, end: Option<&VmEnd>) -> (Option<u64>, Option<u64>) {
+        if end.is_some() || self.reaped {
+            return (None, None);
+        }
+        let now = monotonic_ns();
+        let fresh = self.threads.filter(|&(at, filtered, all)| {
+            filtered == all && now.saturating_sub(at) < PROC_SCAN_NS
+        });
+        let (_, filtered, all) = match fresh {
+            Some(t) => t,
+            None => match seccomp_threads(self.pid()) {
+                Some((filtered, all)) => {
+                    self.threads = Some((now, filtered, all));
+                    (now, filtered, all)
+                }
+                None => return (None, None),
+            },
+        };
+        (Some(filtered), Some(all))
+    }
+
+    fn facts(&mut self, end: Option<&VmEnd>) -> SupervisorFacts {
+        let (filtered, threads) = self.threads(end);
         SupervisorFacts {
             vcpus: self.config.vcpus as usize,
             devices: self.config.device_names(),
@@ -314,12 +374,8 @@ impl<'a> Watch<'a> {
                 .map(|&r| (r, self.engine.suppressed(r)))
                 .collect(),
             events_invalid: self.engine.invalid_events(),
-            deliveries_sent: self.outputs.http.as_ref().map_or(0, |h| {
-                h.stats.sent.load(std::sync::atomic::Ordering::Relaxed)
-            }),
-            deliveries_failed: self.outputs.http.as_ref().map_or(0, |h| {
-                h.stats.dropped.load(std::sync::atomic::Ordering::Relaxed)
-            }),
+            deliveries_sent: self.outputs.http.as_ref().map_or(0, |h| h.stats.sent()),
+            deliveries_dropped: self.outputs.http.as_ref().map_or(0, |h| h.stats.dropped()),
             vm_process_peak_rss_bytes: end.and(self.peak_rss),
             supervisor_peak_rss_bytes: end.and_then(|_| own_peak_rss()),
             start_time_seconds: self
@@ -329,11 +385,15 @@ impl<'a> Watch<'a> {
         }
     }
 
-    fn write_metrics(&self, end: Option<&VmEnd>) {
+    fn write_metrics(&mut self, end: Option<&VmEnd>) {
+        if self.outputs.metrics.is_none() {
+            return;
+        }
+        let facts = self.facts(end);
         let Some(file) = &self.outputs.metrics else {
             return;
         };
-        let snapshot = MetricsSnapshot::collect(&self.vm.region, &self.facts(end));
+        let snapshot = MetricsSnapshot::collect(&self.vm.region, &facts);
         match snapshot.encode(&self.ctx.vm_id, &self.ctx.tenant) {
             Ok(text) => {
                 if let Err(e) = file.write(&text) {
@@ -373,42 +433,28 @@ fn own_peak_rss() -> Option<u64> {
     u64::try_from(usage.ru_maxrss).ok().map(|kib| kib * 1024)
 }
 
-/// Polls the signalfd and the wake eventfd: which are readable.
-fn poll2(
-    signals: &OwnedFd,
-    wake: &vmm_sys_util::eventfd::EventFd,
-    timeout_ms: i32,
-) -> (bool, bool) {
+/// Polls the signalfd, and the wake eventfd when given: true when the eventfd is readable.
+fn poll(signals: &OwnedFd, wake: Option<&vmm_sys_util::eventfd::EventFd>, timeout_ms: i32) -> bool {
+    let fd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let mut fds = [
-        libc::pollfd {
-            fd: signals.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        fd(signals.as_raw_fd()),
+        fd(wake.map_or(-1, AsRawFd::as_raw_fd)),
     ];
-    // SAFETY: `fds` is a valid array of two pollfd structs for the kernel to fill.
+    // SAFETY: `fds` is a valid array of two pollfd structs for the kernel to fill; a negative
+    // fd is ignored.
     let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-    if n <= 0 {
-        return (false, false);
-    }
-    let [s, w] = fds;
-    (s.revents & libc::POLLIN != 0, w.revents & libc::POLLIN != 0)
+    let [_, w] = fds;
+    n > 0 && w.revents & libc::POLLIN != 0
 }
 
-/// (threads under a seccomp filter, threads) of process `pid`, as /proc says; None once the
-/// process is gone or when /proc can not be read.
-fn seccomp_threads(pid: libc::pid_t, running: bool) -> (Option<u64>, Option<u64>) {
-    if !running {
-        return (None, None);
-    }
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return (None, None);
-    };
+/// (threads under a seccomp filter, threads) of process `pid`, as /proc says; None when
+/// /proc can not be read.
+fn seccomp_threads(pid: libc::pid_t) -> Option<(u64, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let (mut filtered, mut threads) = (0u64, 0u64);
     for task in tasks.flatten() {
         let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
@@ -422,5 +468,5 @@ fn seccomp_threads(pid: libc::pid_t, running: bool) -> (Option<u64>, Option<u64>
             filtered += 1;
         }
     }
-    (Some(filtered), Some(threads))
+    Some((filtered, threads))
 }

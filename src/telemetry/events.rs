@@ -86,6 +86,16 @@ pub struct Limits {
 }
 
 impl Event {
+    /// False for probes a guest can make by the hundred thousand (unassigned ports other than
+    /// legacy devices', unassigned MMIO): they may not fill the ring's last cells.
+    pub fn is_urgent(&self) -> bool {
+        match *self {
+            Event::UnassignedPio { port, .. } => super::vocabulary::legacy_device(port).is_some(),
+            Event::UnassignedMmio { .. } => false,
+            _ => true,
+        }
+    }
+
     pub fn encode(&self, time_ns: u64) -> RawEvent {
         let (word, a, b) = match *self {
             Event::Violation {
@@ -228,7 +238,7 @@ impl Reporter {
         }
     }
 
-    /// A reporter over a private region, for code run without a supervisor.
+    /// A reporter over a private region, for code run without a supervisor (tests).
     pub fn detached() -> Result<Reporter, super::region::RegionError> {
         Ok(Reporter::new(Arc::new(Region::anonymous()?), None))
     }
@@ -237,13 +247,14 @@ impl Reporter {
         &self.region
     }
 
-    pub fn region_arc(&self) -> &Arc<Region> {
-        &self.region
-    }
-
-    /// Sends `event` to the supervisor; a full channel drops it and counts the drop.
+    /// Sends `event` to the supervisor; a full channel drops it and counts the drop. The
+    /// wake-up is one eventfd write per supervisor drain, not one per event.
     pub fn post(&self, event: Event) {
-        if !self.region.ring.push(event.encode(monotonic_ns())) {
+        if !self
+            .region
+            .ring
+            .push(event.encode(monotonic_ns()), event.is_urgent())
+        {
             self.region.count(VmCounter::EventsDropped);
             return;
         }
@@ -366,6 +377,29 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Event::decode(&raw, LIMITS), None, "a 3-byte port access");
+    }
+
+    #[test]
+    fn floods_of_probes_leave_room_for_an_attack_event() {
+        let r = Reporter::detached().unwrap();
+        for i in 0..2 * crate::telemetry::ring::CELLS {
+            r.post(Event::UnassignedPio {
+                vcpu: 0,
+                port: 0x4000 + (i % 64) as u16,
+                size: 1,
+                write: false,
+            });
+        }
+        assert!(r.region().vm_counter(VmCounter::EventsDropped) > 0);
+        let attack = Event::Msr {
+            vcpu: 0,
+            index: 0x1234_5678,
+            write: false,
+            value: 0,
+        };
+        let dropped = r.region().vm_counter(VmCounter::EventsDropped);
+        r.post(attack);
+        assert_eq!(r.region().vm_counter(VmCounter::EventsDropped), dropped);
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub struct SupervisorFacts {
     pub alerts_sent: Vec<(Rule, u64)>,
     pub alerts_suppressed: Vec<(Rule, u64)>,
     pub events_invalid: u64,
-    pub deliveries_failed: u64,
+    pub deliveries_dropped: u64,
     pub deliveries_sent: u64,
     pub vm_process_peak_rss_bytes: Option<u64>,
     pub supervisor_peak_rss_bytes: Option<u64>,
@@ -272,7 +272,7 @@ impl MetricsSnapshot {
                 },
                 Sample {
                     labels: vec![("outcome", "dropped".into())],
-                    value: facts.deliveries_failed,
+                    value: facts.deliveries_dropped,
                 },
             ],
         );

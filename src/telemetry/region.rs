@@ -1,8 +1,8 @@
 //! The telemetry region: one block of shared memory through which the VM process reports to
 //! its supervisor without a system call.
 //!
-//! The supervisor creates it (a sealed memfd), maps it, and hands the fd to the VM process,
-//! which maps the same pages. Every field is an atomic integer, so both sides may touch it at
+//! The supervisor creates it (a sealed memfd, mapped shared) before it forks the VM process,
+//! which so shares the same pages. Every field is an atomic integer, so both sides may touch it at
 //! once and all-zero bytes are a valid initial state. The VM process writes counters with
 //! relaxed adds, the exit and seccomp records, and events through [`super::ring`]; the
 //! supervisor only reads (and frees ring cells). Everything the supervisor reads is untrusted:
@@ -272,10 +272,6 @@ pub enum RegionError {
     Seal(#[source] io::Error),
     #[error("cannot map the telemetry region: {0}")]
     Map(#[source] io::Error),
-    #[error("the telemetry fd is not a sealed region of {expected} bytes")]
-    Shape { expected: usize },
-    #[error("the telemetry region has a foreign header")]
-    Header,
 }
 
 /// A mapping of the region.
@@ -323,7 +319,8 @@ impl Region {
         Ok(region)
     }
 
-    /// The supervisor's side: a new sealed memfd, mapped, and the fd to hand over.
+    /// The supervisor's side: a new sealed memfd, mapped shared (a fork keeps sharing it), and
+    /// its fd.
     pub fn create() -> Result<(Region, OwnedFd), RegionError> {
         let name = c"bulkhead-telemetry";
         // SAFETY: `name` is a valid C string; memfd_create has no other memory effects.
@@ -348,31 +345,6 @@ impl Region {
         let region = Region::map(fd.as_raw_fd(), libc::MAP_SHARED)?;
         region.init_header();
         Ok((region, fd))
-    }
-
-    /// The VM process's side: maps the region the supervisor handed over as `fd`.
-    pub fn attach(fd: RawFd) -> Result<Region, RegionError> {
-        let len = region_len();
-        // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `st` is valid for writes; fstat and F_GET_SEALS only inspect the fd.
-        let (stat_ok, seals) = unsafe {
-            (
-                libc::fstat(fd, &mut st) == 0,
-                libc::fcntl(fd, libc::F_GET_SEALS),
-            )
-        };
-        let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
-        if !stat_ok || !sealed || usize::try_from(st.st_size).ok() != Some(len) {
-            return Err(RegionError::Shape { expected: len });
-        }
-        let region = Region::map(fd, libc::MAP_SHARED)?;
-        if region.magic.load(Ordering::Acquire) != MAGIC
-            || region.version.load(Ordering::Acquire) != VERSION
-        {
-            return Err(RegionError::Header);
-        }
-        Ok(region)
     }
 
     fn map(fd: RawFd, flags: libc::c_int) -> Result<Region, RegionError> {
@@ -410,7 +382,6 @@ impl Region {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::vocabulary::ChainViolation;
 
     #[test]
     fn region_fits_in_a_few_pages_and_starts_zeroed() {
@@ -425,30 +396,20 @@ mod tests {
     }
 
     #[test]
-    fn both_mappings_of_a_created_region_see_the_same_counters() {
-        let (sup, fd) = Region::create().unwrap();
-        let vm = Region::attach(fd.as_raw_fd()).unwrap();
-        vm.count(VmCounter::PioUnassignedReads);
-        vm.vcpu(3).unwrap().count(ExitKind::IoOut);
-        vm.device(2)
-            .unwrap()
-            .refuse(Violation::Chain(ChainViolation::Loop));
-        vm.exit.write(1, 7, 0);
-        vm.set_boot_complete(42);
-        assert_eq!(sup.vm_counter(VmCounter::PioUnassignedReads), 1);
-        assert_eq!(sup.vcpu(3).unwrap().get(ExitKind::IoOut), 1);
-        assert_eq!(sup.device(2).unwrap().refusals(ChainViolation::Loop), 1);
-        assert_eq!(sup.exit.read(), Some((1, 7, 0)));
-        assert_eq!(sup.boot_complete_ns(), Some(42));
-    }
-
-    #[test]
-    fn an_unsealed_or_wrong_sized_fd_is_refused() {
-        let file = std::fs::File::open("/proc/self/stat").unwrap();
-        assert!(matches!(
-            Region::attach(file.as_raw_fd()),
-            Err(RegionError::Shape { .. })
-        ));
+    fn a_created_region_is_sealed_against_resizing() {
+        let (region, fd) = Region::create().unwrap();
+        // SAFETY: fcntl and ftruncate on our own memfd.
+        let (seals, shrink) = unsafe {
+            (
+                libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS),
+                libc::ftruncate(fd.as_raw_fd(), 0),
+            )
+        };
+        assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+        assert_ne!(seals & libc::F_SEAL_GROW, 0);
+        assert_ne!(shrink, 0, "the region could be shrunk");
+        region.count(VmCounter::PioUnassignedReads);
+        assert_eq!(region.vm_counter(VmCounter::PioUnassignedReads), 1);
     }
 
     #[test]

@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const CELLS: usize = 1024;
 /// How often a producer retries a contended claim before it drops the event.
 const CLAIM_RETRIES: u32 = 64;
+/// Cells only [`Ring::push`]'s urgent events may fill: probes a guest can send by the
+/// hundred thousand leave them free for the events that name an attack.
+pub const RESERVED: usize = CELLS / 4;
 
 /// One event as raw words; [`super::events`] gives them meaning.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,10 +57,14 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Publishes `event`. False when the ring is full (the event is dropped).
-    pub fn push(&self, event: RawEvent) -> bool {
+    /// Publishes `event`. False when the ring is full (the event is dropped). An event that is
+    /// not `urgent` is also dropped once only the [`RESERVED`] cells are left.
+    pub fn push(&self, event: RawEvent, urgent: bool) -> bool {
         for _ in 0..CLAIM_RETRIES {
             let pos = self.head.load(Ordering::Relaxed);
+            if !urgent && !self.free_at(pos + RESERVED as u64) {
+                return false;
+            }
             let Some(cell) = self.cells.get(pos as usize % CELLS) else {
                 return false;
             };
@@ -88,15 +95,26 @@ impl Ring {
         false
     }
 
+    /// True when the cell for position `pos` is free for its lap (the consumer has taken what
+    /// the last lap left there).
+    fn free_at(&self, pos: u64) -> bool {
+        let lap = pos / CELLS as u64;
+        self.cells
+            .get(pos as usize % CELLS)
+            .is_some_and(|c| c.seq.load(Ordering::Acquire) >= 2 * lap)
+    }
+
     /// True when the caller should wake the consumer (nobody has since it last drained).
     pub fn needs_wake(&self) -> bool {
         self.wake.swap(1, Ordering::AcqRel) == 0
     }
 
     /// The consumer's side: clears the wake flag before a drain, so an event pushed during
-    /// the drain wakes it again.
+    /// the drain wakes it again. A read-modify-write, like the producer's: the two are
+    /// totally ordered, so either the producer sees the flag clear (and wakes the consumer),
+    /// or the consumer's swap reads the producer's and sees its event.
     pub fn clear_wake(&self) {
-        self.wake.store(0, Ordering::SeqCst);
+        self.wake.swap(0, Ordering::AcqRel);
     }
 
     /// Takes the next event at the consumer's position `tail`, if one is there, and frees its
@@ -138,16 +156,16 @@ mod tests {
         let region = Region::anonymous().unwrap();
         let ring = &region.ring;
         for n in 0..CELLS as u64 {
-            assert!(ring.push(ev(n)), "push {n}");
+            assert!(ring.push(ev(n), true), "push {n}");
         }
-        assert!(!ring.push(ev(9999)), "a full ring must refuse");
+        assert!(!ring.push(ev(9999), true), "a full ring must refuse");
         let mut tail = 0;
         for n in 0..CELLS as u64 {
             assert_eq!(ring.pop(&mut tail), Some(ev(n)));
         }
         assert_eq!(ring.pop(&mut tail), None);
         // The next lap reuses the freed cells.
-        assert!(ring.push(ev(7)));
+        assert!(ring.push(ev(7), true));
         assert_eq!(ring.pop(&mut tail), Some(ev(7)));
         assert_eq!(tail, CELLS as u64 + 1);
     }
@@ -160,7 +178,7 @@ mod tests {
                 let r = region.clone();
                 std::thread::spawn(move || {
                     (0..200u64)
-                        .filter(|i| r.ring.push(ev(t * 1000 + i)))
+                        .filter(|i| r.ring.push(ev(t * 1000 + i), true))
                         .count()
                 })
             })
@@ -178,6 +196,27 @@ mod tests {
             .collect();
         want.sort_unstable();
         assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn probes_can_not_fill_the_cells_kept_for_urgent_events() {
+        let region = Region::anonymous().unwrap();
+        let ring = &region.ring;
+        let mut probes = 0;
+        while ring.push(ev(probes), false) {
+            probes += 1;
+        }
+        assert_eq!(probes as usize, CELLS - RESERVED);
+        for n in 0..RESERVED as u64 {
+            assert!(ring.push(ev(n), true), "urgent push {n}");
+        }
+        assert!(!ring.push(ev(0), true));
+        // Once the consumer frees cells, probes get room again.
+        let mut tail = 0;
+        for _ in 0..RESERVED + 1 {
+            ring.pop(&mut tail).unwrap();
+        }
+        assert!(ring.push(ev(1), false));
     }
 
     #[test]

@@ -341,6 +341,7 @@ vocabulary! {
     /// Disk image formats whose header in sector 0 of a raw disk raises an alert.
     pub enum ImageFormat {
         Qcow2 = "qcow2",
+        Qed = "qed",
         Vmdk = "vmdk",
         Vhd = "vhd",
         Vhdx = "vhdx",
@@ -483,7 +484,9 @@ impl Rule {
             }
             VirtioMalformedPayload => "a malformed block, net or vsock request or an oversized one",
             NetMacSpoof => "a frame whose source MAC is not the VM's",
-            DiskImageMagicWrite => "a qcow2, vmdk, vhd, vhdx or vdi header written to sector 0 of a raw disk",
+            DiskImageMagicWrite => {
+                "a qcow2, qed, vmdk, vhd, vhdx or vdi header written to sector 0 of a raw disk"
+            }
             LegacyDeviceProbe => "I/O ports of devices bulkhead never emulates (floppy, IDE, PCI configuration, ...)",
             PioScan => "16 or more distinct unhandled ports within 1 s",
             MmioScan => "16 or more distinct unmapped guest-physical pages within 1 s",
@@ -494,6 +497,29 @@ impl Rule {
             SeccompViolation => "a bulkhead thread made a system call outside its filter",
         }
     }
+}
+
+/// Ports of devices bulkhead never emulates, by what a guest would expect there.
+const LEGACY_PORTS: &[(u16, u16, &str)] = &[
+    (0x0000, 0x000f, "isa-dma"),
+    (0x00c0, 0x00df, "isa-dma"),
+    (0x0170, 0x0177, "ide-secondary"),
+    (0x01f0, 0x01f7, "ide-primary"),
+    (0x0278, 0x027f, "parallel"),
+    (0x0376, 0x0376, "ide-secondary"),
+    (0x0378, 0x037f, "parallel"),
+    (0x03b0, 0x03df, "vga"),
+    (0x03f0, 0x03f7, "floppy"),
+    (0x0cf8, 0x0cff, "pci-config"),
+];
+
+/// The legacy device a guest would expect at `port`, for ports of devices bulkhead never
+/// emulates (what `legacy_device_probe` watches).
+pub fn legacy_device(port: u16) -> Option<&'static str> {
+    LEGACY_PORTS
+        .iter()
+        .find(|&&(lo, hi, _)| (lo..=hi).contains(&port))
+        .map(|&(_, _, name)| name)
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 
 use crate::telemetry::ImageFormat;
 
-/// How many leading bytes [`detect`] looks at.
-pub const PROBE_LEN: usize = 0x48;
+/// How many leading bytes [`detect`] looks at: the first sector, enough for a VMDK text
+/// descriptor's opening lines.
+pub const PROBE_LEN: usize = 512;
 
 /// The format whose header `head` (the first bytes written to sector 0) starts, if any.
 pub fn detect(head: &[u8]) -> Option<ImageFormat> {
@@ -14,8 +15,12 @@ pub fn detect(head: &[u8]) -> Option<ImageFormat> {
     if starts(b"QFI\xfb") {
         return Some(ImageFormat::Qcow2);
     }
-    // A sparse extent, or a monolithic descriptor file naming other files as extents.
-    if starts(b"KDMV") || starts(b"COWD") || starts(b"# Disk DescriptorFile") {
+    // QED, which names a backing file too.
+    if starts(b"QED\0") {
+        return Some(ImageFormat::Qed);
+    }
+    // A sparse extent, or a text descriptor naming other files as its extents.
+    if starts(b"KDMV") || starts(b"COWD") || vmdk_descriptor(head) {
         return Some(ImageFormat::Vmdk);
     }
     // A dynamic VHD keeps a copy of its footer in the first sector.
@@ -32,6 +37,19 @@ pub fn detect(head: &[u8]) -> Option<ImageFormat> {
     None
 }
 
+/// A VMDK text descriptor as QEMU's probe reads one: comment (`#`) and blank lines, then a
+/// `version=` line.
+fn vmdk_descriptor(head: &[u8]) -> bool {
+    for line in head.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() || line.first() == Some(&b'#') {
+            continue;
+        }
+        return line.starts_with(b"version=");
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,10 +59,19 @@ mod tests {
         let mut vdi = [0u8; PROBE_LEN];
         vdi[..4].copy_from_slice(b"<<< ");
         vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
-        let cases: [(&[u8], Option<ImageFormat>); 9] = [
+        let cases: [(&[u8], Option<ImageFormat>); 12] = [
             (b"QFI\xfb\x00\x00\x00\x03", Some(ImageFormat::Qcow2)),
+            (b"QED\x00\x00\x00\x01\x00", Some(ImageFormat::Qed)),
             (b"KDMV\x01\x00\x00\x00", Some(ImageFormat::Vmdk)),
-            (b"# Disk DescriptorFile\n", Some(ImageFormat::Vmdk)),
+            (
+                b"# Disk DescriptorFile\nversion=1\n",
+                Some(ImageFormat::Vmdk),
+            ),
+            (
+                b"\n# made by hand\r\n\nversion=3\nCID=fffffffe\n",
+                Some(ImageFormat::Vmdk),
+            ),
+            (b"# just a comment\nhello\n", None),
             (b"conectix\x00\x00\x00\x02", Some(ImageFormat::Vhd)),
             (b"vhdxfile", Some(ImageFormat::Vhdx)),
             (&vdi, Some(ImageFormat::Vdi)),

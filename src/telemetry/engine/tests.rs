@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::telemetry::region::Region;
-use crate::telemetry::vocabulary::{ChainViolation, ExitKind, RequestViolation};
+use crate::telemetry::vocabulary::{ChainViolation, ExitKind, ImageFormat, RequestViolation};
 
 const S: u64 = 1_000_000_000;
 const START: u64 = 100 * S;
@@ -16,6 +16,10 @@ fn engine() -> Engine {
         vec!["virtio-blk0".into(), "virtio-rng0".into()],
         START,
     )
+}
+
+fn obs(e: &mut Engine, raw: &RawEvent, now: u64) -> Vec<Firing> {
+    e.observe(raw, now, None)
 }
 
 fn sent(firings: &[Firing]) -> Vec<Rule> {
@@ -48,7 +52,7 @@ fn a_refused_chain_raises_its_rule_with_the_evidence() {
         b: 64,
     }
     .encode(START + 1);
-    let f = e.observe(&raw, START + 1);
+    let f = obs(&mut e, &raw, START + 1);
     assert_eq!(sent(&f), vec![Rule::VirtioDescOutOfRam]);
     assert_eq!(field(&f[0], "device"), "virtio-rng0");
     assert_eq!(field(&f[0], "guest_address"), "0xc0000000");
@@ -66,7 +70,7 @@ fn a_foreign_mac_and_an_image_header_are_named_in_the_evidence() {
         a: 0x0266_6666_6666,
         b: 60,
     };
-    let f = e.observe(&spoof.encode(START), START);
+    let f = obs(&mut e, &spoof.encode(START), START);
     assert_eq!(sent(&f), vec![Rule::NetMacSpoof]);
     assert_eq!(field(&f[0], "source_mac"), "02:66:66:66:66:66");
     let magic = Event::Violation {
@@ -76,7 +80,7 @@ fn a_foreign_mac_and_an_image_header_are_named_in_the_evidence() {
         a: ImageFormat::Qcow2.index() as u64,
         b: 512,
     };
-    let f = e.observe(&magic.encode(START), START);
+    let f = obs(&mut e, &magic.encode(START), START);
     assert_eq!(sent(&f), vec![Rule::DiskImageMagicWrite]);
     assert_eq!(field(&f[0], "format"), "qcow2");
 }
@@ -84,22 +88,14 @@ fn a_foreign_mac_and_an_image_header_are_named_in_the_evidence() {
 #[test]
 fn probes_during_boot_are_ignored_and_after_it_alerted() {
     let mut e = engine();
-    let probe = |t| {
-        Event::UnassignedPio {
-            vcpu: 0,
-            port: 0x3f4,
-            size: 1,
-            write: false,
-        }
-        .encode(t)
-    };
-    assert!(e.observe(&probe(START + S), START + S).is_empty());
+    let probe = |t| unassigned_read(0x3f4, t);
+    assert!(obs(&mut e, &probe(START + S), START + S).is_empty());
     e.set_boot_complete(Some(START + 2 * S));
     assert!(
-        e.observe(&probe(START + S), START + 3 * S).is_empty(),
+        obs(&mut e, &probe(START + S), START + 3 * S).is_empty(),
         "sent before boot completed"
     );
-    let f = e.observe(&probe(START + 3 * S), START + 3 * S);
+    let f = obs(&mut e, &probe(START + 3 * S), START + 3 * S);
     assert_eq!(sent(&f), vec![Rule::LegacyDeviceProbe]);
     assert_eq!(field(&f[0], "legacy_device"), "floppy");
 }
@@ -114,8 +110,19 @@ fn the_grace_period_settles_a_guest_that_never_reports_boot_complete() {
         write: false,
         value: 0,
     };
-    assert!(e.observe(&msr.encode(t - 1), t - 1).is_empty());
-    assert_eq!(sent(&e.observe(&msr.encode(t), t)), vec![Rule::MsrProbe]);
+    assert!(obs(&mut e, &msr.encode(t - 1), t - 1).is_empty());
+    assert_eq!(sent(&obs(&mut e, &msr.encode(t), t)), vec![Rule::MsrProbe]);
+}
+
+/// vCPU 0 reading one byte from an unassigned `port` at `t`.
+fn unassigned_read(port: u16, t: u64) -> RawEvent {
+    Event::UnassignedPio {
+        vcpu: 0,
+        port,
+        size: 1,
+        write: false,
+    }
+    .encode(t)
 }
 
 #[test]
@@ -125,33 +132,22 @@ fn sixteen_distinct_ports_in_a_second_are_a_scan_and_fifteen_are_not() {
     let mut fired = Vec::new();
     for (i, port) in (0x4000u16..0x4010).enumerate() {
         let t = START + i as u64 * 1_000_000;
-        let raw = Event::UnassignedPio {
-            vcpu: 0,
-            port,
-            size: 1,
-            write: false,
-        }
-        .encode(t);
-        fired.extend(e.observe(&raw, t));
+        let raw = unassigned_read(port, t);
+        fired.extend(obs(&mut e, &raw, t));
         if i < 14 {
             assert!(fired.is_empty(), "fired after {} ports", i + 1);
         }
     }
     assert_eq!(sent(&fired), vec![Rule::PioScan]);
     assert_eq!(field(&fired[0], "distinct"), 16);
+    assert_eq!(field(&fired[0], "vcpus"), &json!([0]));
     // Slowly, one port every 100 ms: never 16 within a second.
     let mut e = engine();
     e.set_boot_complete(Some(START));
     for (i, port) in (0x4000u16..0x4020).enumerate() {
         let t = START + i as u64 * 100_000_000;
-        let raw = Event::UnassignedPio {
-            vcpu: 0,
-            port,
-            size: 1,
-            write: false,
-        }
-        .encode(t);
-        assert!(e.observe(&raw, t).is_empty());
+        let raw = unassigned_read(port, t);
+        assert!(obs(&mut e, &raw, t).is_empty());
     }
 }
 
@@ -161,11 +157,11 @@ fn a_rule_sends_a_burst_then_holds_back_and_reports_what_it_held() {
     let raw = Event::TripleFault { vcpu: 0 }.encode(START);
     let mut alerts = 0;
     for _ in 0..25 {
-        alerts += sent(&e.observe(&raw, START)).len();
+        alerts += sent(&obs(&mut e, &raw, START)).len();
     }
     assert_eq!(alerts, BUCKET_BURST as usize);
     assert_eq!(e.suppressed(Rule::TripleFault), 15);
-    let later = e.observe(&raw, START + 2 * S);
+    let later = obs(&mut e, &raw, START + 2 * S);
     assert_eq!(later[0].alert.as_ref().unwrap().suppressed, 15);
 }
 
@@ -186,7 +182,7 @@ fn refusals_whose_events_were_lost_still_raise_the_rule_a_tick_later() {
         b: 8,
     }
     .encode(START);
-    assert_eq!(sent(&e.observe(&raw, START)), vec![Rule::VirtioBadChain]);
+    assert_eq!(sent(&obs(&mut e, &raw, START)), vec![Rule::VirtioBadChain]);
     assert!(
         e.tick(&region, START).is_empty(),
         "events may still be in flight"
@@ -215,7 +211,7 @@ fn an_event_arriving_after_its_counter_was_read_is_not_reported_as_lost() {
         b: 0,
     }
     .encode(START);
-    assert_eq!(sent(&e.observe(&raw, START)), vec![Rule::VirtioBadChain]);
+    assert_eq!(sent(&obs(&mut e, &raw, START)), vec![Rule::VirtioBadChain]);
     assert!(e.tick(&region, START + S / 4).is_empty());
 }
 
@@ -250,11 +246,47 @@ fn a_vcpu_exiting_fast_for_a_second_after_boot_is_an_exit_storm() {
 fn events_naming_nothing_of_this_vm_are_counted_and_ignored() {
     let mut e = engine();
     let raw = Event::TripleFault { vcpu: 7 }.encode(START);
-    assert!(e.observe(&raw, START).is_empty());
+    assert!(obs(&mut e, &raw, START).is_empty());
     let garbage = RawEvent {
         word: u64::MAX,
         ..Default::default()
     };
-    assert!(e.observe(&garbage, START).is_empty());
+    assert!(obs(&mut e, &garbage, START).is_empty());
     assert_eq!(e.invalid_events(), 2);
+}
+
+#[test]
+fn a_probe_right_after_the_boot_report_is_judged_by_it() {
+    let mut e = engine();
+    let raw = unassigned_read(0x1f7, START + 2 * S);
+    // The drain had not seen the report yet; the event carries it along.
+    let f = e.observe(&raw, START + 2 * S, Some(START + S));
+    assert_eq!(sent(&f), vec![Rule::LegacyDeviceProbe]);
+}
+
+#[test]
+fn msr_probes_whose_events_were_lost_still_raise_msr_probe_once_settled() {
+    let region = Region::anonymous().unwrap();
+    let mut e = engine();
+    e.set_boot_complete(Some(START));
+    for _ in 0..5 {
+        region.count(VmCounter::MsrFilteredReads);
+    }
+    assert!(e.tick(&region, START + S).is_empty());
+    let f = e.tick(&region, START + S + S / 4);
+    assert_eq!(sent(&f), vec![Rule::MsrProbe]);
+    assert_eq!(field(&f[0], "count"), 5);
+}
+
+#[test]
+fn refusals_lost_just_before_the_end_are_reported_at_the_close() {
+    let region = Region::anonymous().unwrap();
+    let mut e = engine();
+    region
+        .device(0)
+        .unwrap()
+        .refuse(ChainViolation::OutsideRam.into());
+    let f = e.close(&region, START);
+    assert_eq!(sent(&f), vec![Rule::VirtioDescOutOfRam]);
+    assert_eq!(field(&f[0], "evidence"), "lost");
 }
