@@ -470,3 +470,75 @@ fn a_vm_process_killed_by_sigsys_from_outside_is_a_seccomp_violation_without_det
         "{fields}"
     );
 }
+
+/// Runs `bulkhead run --kernel GUEST EXTRA` with a fresh pseudo-terminal as its stdin (as an
+/// operator's shell would give it); returns the run and the terminal's settings before and
+/// after.
+fn run_on_a_terminal(guest_name: &str, extra: &[&str]) -> (Run, libc::termios, libc::termios) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the locals; the name, settings and size
+    // pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened for this test and are owned here alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let settings = |fd: &OwnedFd| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an all-zero termios is a valid buffer; tcgetattr fills it.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `t` is valid for writes and `fd` is an open terminal.
+        assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+        t
+    };
+    let before = settings(&slave);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(guest(guest_name))
+        .args(extra)
+        .stdin(Stdio::from(slave.try_clone().expect("dup the terminal")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let out = cmd.output().expect("cannot run bulkhead");
+    let after = settings(&slave);
+    drop(master);
+    let run = Run {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: start.elapsed(),
+    };
+    (run, before, after)
+}
+
+#[test]
+fn a_terminal_console_is_left_as_it_was_found_even_when_the_vm_process_is_killed() {
+    if !kvm_available(
+        "a_terminal_console_is_left_as_it_was_found_even_when_the_vm_process_is_killed",
+    ) {
+        return;
+    }
+    let same = |a: &libc::termios, b: &libc::termios| {
+        (a.c_iflag, a.c_oflag, a.c_lflag, a.c_cflag) == (b.c_iflag, b.c_oflag, b.c_lflag, b.c_cflag)
+    };
+    // An orderly end: the VM process puts the terminal back itself.
+    let (run, before, after) = run_on_a_terminal("hello", &["--cmdline", "exit=0"]);
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert!(same(&before, &after), "terminal left changed");
+    // A VM process killed by its filter can not; the supervisor (itself confined) does.
+    let (run, before, after) =
+        run_on_a_terminal("hello", &["--test-hook", "vmm-forbidden-syscall"]);
+    assert_eq!(run.status, 159, "{}", run.stderr);
+    assert!(run.stderr.contains("thread vmm"), "{}", run.stderr);
+    assert!(same(&before, &after), "terminal left raw");
+}
