@@ -3,7 +3,8 @@
 //! from it (metrics and alerts).
 //!
 //! The VM process only counts and posts (relaxed atomics and a lock-free ring in shared
-//! memory: no system call and no lock on a vCPU's path). The supervisor reads, decides and
+//! memory: no lock on a vCPU's path, and at most one eventfd write per supervisor drain to wake
+//! it; a count alone makes no system call). The supervisor reads, decides and
 //! writes outputs, treating everything it reads as untrusted. This module imports nothing
 //! from `devices`: devices report into it.
 

@@ -1,12 +1,14 @@
 //! The event channel from the VM process to its supervisor: a bounded ring in the telemetry
-//! region that any VM-process thread may push to without a lock or a system call, and that
+//! region that any VM-process thread may push to without a lock or a system call (the
+//! reporter adds one eventfd write when the supervisor has drained since the last), and that
 //! the supervisor drains.
 //!
 //! Each cell has a sequence word: for lap `L` (position / cells) it reads `2L` when free and
 //! `2L + 1` when it holds an event. A producer claims a position with a compare-and-swap on
 //! `head`, fills the cell, then publishes it by setting the sequence; the consumer takes cells
 //! in order and frees each for the next lap. A full ring drops the event (the caller counts
-//! it): a flooding guest can never block a vCPU.
+//! it): a flooding guest can never block a vCPU. The last quarter of the cells takes only
+//! urgent events, so a flood of probes can not crowd out the event that names an attack.
 //!
 //! The consumer's position lives in the supervisor, not here, and every cell it reads is
 //! decoded and checked by [`super::events::Event::decode`]: a lying VM process can at worst
