@@ -37,12 +37,12 @@ pub fn detect(head: &[u8]) -> Option<ImageFormat> {
     None
 }
 
-/// A VMDK text descriptor as QEMU's probe reads one: comment (`#`) and blank lines, then a
-/// `version=` line.
+/// A VMDK text descriptor as QEMU's probe reads one: comment (`#`) and blank lines (QEMU skips
+/// lines of spaces; any whitespace is taken as blank here, to be stricter), then a `version=`
+/// line.
 fn vmdk_descriptor(head: &[u8]) -> bool {
     for line in head.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() || line.first() == Some(&b'#') {
+        if line.iter().all(u8::is_ascii_whitespace) || line.first() == Some(&b'#') {
             continue;
         }
         return line.starts_with(b"version=");
@@ -59,7 +59,7 @@ mod tests {
         let mut vdi = [0u8; PROBE_LEN];
         vdi[..4].copy_from_slice(b"<<< ");
         vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
-        let cases: [(&[u8], Option<ImageFormat>); 12] = [
+        let cases: [(&[u8], Option<ImageFormat>); 13] = [
             (b"QFI\xfb\x00\x00\x00\x03", Some(ImageFormat::Qcow2)),
             (b"QED\x00\x00\x00\x01\x00", Some(ImageFormat::Qed)),
             (b"KDMV\x01\x00\x00\x00", Some(ImageFormat::Vmdk)),
@@ -69,6 +69,10 @@ mod tests {
             ),
             (
                 b"\n# made by hand\r\n\nversion=3\nCID=fffffffe\n",
+                Some(ImageFormat::Vmdk),
+            ),
+            (
+                b"  \nversion=1\ncreateType=\"monolithicFlat\"\n",
                 Some(ImageFormat::Vmdk),
             ),
             (b"# just a comment\nhello\n", None),
