@@ -10,9 +10,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::config::HttpTarget;
@@ -39,28 +38,64 @@ pub enum HttpError {
     Thread(#[source] std::io::Error),
 }
 
-/// Delivery counters, shared with the metrics.
+/// Delivery counters, shared with the metrics. One lock keeps them consistent: every alert
+/// handed to [`HttpSink::send`] is counted exactly once, as sent or dropped.
 #[derive(Debug, Default)]
-pub struct Deliveries {
-    sent: AtomicU64,
+pub struct Deliveries(Mutex<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    sent: u64,
     /// Queue full, or every try failed.
-    failed: AtomicU64,
+    failed: u64,
     /// Queued and not yet tried to the end.
-    pending: AtomicU64,
-    /// Still pending when the supervisor stopped waiting for them.
-    abandoned: AtomicU64,
+    pending: u64,
+    /// Set when the supervisor stopped waiting: what was pending then is dropped, and a
+    /// delivery that ends later changes nothing.
+    closed: bool,
 }
 
 impl Deliveries {
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        // The counts stay meaningful even if a holder panicked.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.counts().sent
     }
 
     /// Alerts that never reached the endpoint: refused, failed, or left behind at exit.
     pub fn dropped(&self) -> u64 {
-        self.failed
-            .load(Ordering::Relaxed)
-            .saturating_add(self.abandoned.load(Ordering::Relaxed))
+        let c = self.counts();
+        if c.closed {
+            c.failed.saturating_add(c.pending)
+        } else {
+            c.failed
+        }
+    }
+
+    fn queued(&self) {
+        let mut c = self.counts();
+        c.pending = c.pending.saturating_add(1);
+    }
+
+    /// A queued alert's delivery ended (`sent` or not).
+    fn ended(&self, sent: bool) {
+        let mut c = self.counts();
+        if c.closed {
+            return;
+        }
+        c.pending = c.pending.saturating_sub(1);
+        if sent {
+            c.sent = c.sent.saturating_add(1);
+        } else {
+            c.failed = c.failed.saturating_add(1);
+        }
+    }
+
+    fn close(&self) {
+        self.counts().closed = true;
     }
 }
 
@@ -116,13 +151,7 @@ impl HttpSink {
                 crate::signal::set_thread_name("alerts-http");
                 let _ = ready_tx.send(());
                 for body in rx {
-                    let counter = if deliver(&endpoint, &body) {
-                        &thread_stats.sent
-                    } else {
-                        &thread_stats.failed
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    thread_stats.pending.fetch_sub(1, Ordering::Relaxed);
+                    thread_stats.ended(deliver(&endpoint, &body));
                 }
                 let _ = done_tx.send(());
             })
@@ -140,10 +169,9 @@ impl HttpSink {
     /// Queues `body` for delivery; never blocks. A full queue drops it and counts the drop.
     pub fn send(&self, body: String) {
         let Some(queue) = &self.queue else { return };
-        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        self.stats.queued();
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue.try_send(body) {
-            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            self.stats.ended(false);
         }
     }
 
@@ -151,8 +179,7 @@ impl HttpSink {
     pub fn finish(&mut self, wait: Duration) {
         self.queue = None;
         if self.done.recv_timeout(wait).is_err() {
-            let left = self.stats.pending.load(Ordering::Relaxed);
-            self.stats.abandoned.store(left, Ordering::Relaxed);
+            self.stats.close();
         }
     }
 }
@@ -276,5 +303,18 @@ mod tests {
         sink.finish(Duration::from_secs(10));
         assert_eq!(sink.stats.dropped(), 1);
         assert_eq!(sink.stats.sent(), 0);
+    }
+
+    #[test]
+    fn an_alert_left_behind_at_exit_is_counted_once_even_if_it_arrives_later() {
+        let stats = Deliveries::default();
+        stats.queued();
+        stats.queued();
+        stats.ended(true);
+        stats.close();
+        assert_eq!((stats.sent(), stats.dropped()), (1, 1));
+        // The delivery the supervisor stopped waiting for ends after all.
+        stats.ended(true);
+        assert_eq!((stats.sent(), stats.dropped()), (1, 1));
     }
 }
