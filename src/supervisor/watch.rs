@@ -136,8 +136,8 @@ impl<'a> Watch<'a> {
             }
             let now = monotonic_ns();
             if now >= next_tick {
-                self.drain();
-                let firings = self.engine.tick(&self.vm.region, now);
+                let backlog = self.drain();
+                let firings = self.engine.tick(&self.vm.region, now, backlog);
                 self.handle(firings);
                 ticks += 1;
                 if ticks % METRICS_EVERY == 0 {
@@ -211,8 +211,9 @@ impl<'a> Watch<'a> {
         self.kill_at = Some(monotonic_ns() + STOP_GRACE_NS);
     }
 
-    /// Takes what the VM process posted.
-    fn drain(&mut self) {
+    /// Takes what the VM process posted; true when it left events in the ring (the drain
+    /// limit, or a producer still filling the next cell).
+    fn drain(&mut self) -> bool {
         self.vm.region.ring.clear_wake();
         self.engine
             .set_boot_complete(self.vm.region.boot_complete_ns());
@@ -225,6 +226,7 @@ impl<'a> Watch<'a> {
             firings.extend(self.engine.observe(&raw, monotonic_ns(), boot));
         }
         self.handle(firings);
+        self.vm.region.ring.backlog(self.tail)
     }
 
     /// Sends the alerts and applies the stop-vm response.

@@ -86,14 +86,14 @@ pub struct Limits {
 }
 
 impl Event {
-    /// False for probes a guest can make by the hundred thousand (unassigned ports other than
-    /// legacy devices', unassigned MMIO): they may not fill the ring's last cells.
+    /// False for probes of unassigned ports and MMIO (legacy devices' ports too): a guest can
+    /// make them by the hundred thousand, so they may not fill the ring's last cells, which
+    /// stay free for violations, faults and MSR probes.
     pub fn is_urgent(&self) -> bool {
-        match *self {
-            Event::UnassignedPio { port, .. } => super::vocabulary::legacy_device(port).is_some(),
-            Event::UnassignedMmio { .. } => false,
-            _ => true,
-        }
+        !matches!(
+            self,
+            Event::UnassignedPio { .. } | Event::UnassignedMmio { .. }
+        )
     }
 
     pub fn encode(&self, time_ns: u64) -> RawEvent {

@@ -119,6 +119,12 @@ impl Ring {
         self.wake.swap(0, Ordering::AcqRel);
     }
 
+    /// True when positions past the consumer's `tail` have been claimed: events it has not
+    /// taken yet, or one a producer is still filling.
+    pub fn backlog(&self, tail: u64) -> bool {
+        self.head.load(Ordering::Acquire) > tail
+    }
+
     /// Takes the next event at the consumer's position `tail`, if one is there, and frees its
     /// cell. `tail` advances only when an event was taken.
     pub fn pop(&self, tail: &mut u64) -> Option<RawEvent> {
@@ -219,6 +225,23 @@ mod tests {
             ring.pop(&mut tail).unwrap();
         }
         assert!(ring.push(ev(1), false));
+    }
+
+    #[test]
+    fn a_backlog_is_seen_while_events_or_an_unfinished_claim_remain() {
+        let region = Region::anonymous().unwrap();
+        let ring = &region.ring;
+        let mut tail = 0;
+        assert!(!ring.backlog(tail));
+        assert!(ring.push(ev(1), true) && ring.push(ev(2), true));
+        ring.pop(&mut tail).unwrap();
+        assert!(ring.backlog(tail), "one event left");
+        ring.pop(&mut tail).unwrap();
+        assert!(!ring.backlog(tail));
+        // A producer claimed the next position and has not published it yet.
+        ring.head.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(ring.pop(&mut tail), None);
+        assert!(ring.backlog(tail), "a claim in progress");
     }
 
     #[test]

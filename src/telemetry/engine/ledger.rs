@@ -4,7 +4,9 @@
 //! The VM process bumps a counter before it posts the matching event, and the supervisor
 //! drains events before it reads the counters, so an increment read at one tick has its event
 //! by the next unless the event was lost. Events first explain increments left over from the
-//! last tick, then new ones; whatever is still unexplained a tick later was lost.
+//! last tick, then new ones; whatever is still unexplained a tick later was lost. A tick whose
+//! drain left events in the ring (a producer between claiming a cell and filling it, or more
+//! than one drain takes) waits instead of judging: their events may be among them.
 
 /// One counter's account.
 #[derive(Debug, Default, Clone, Copy)]
@@ -24,21 +26,31 @@ impl Ledger {
     }
 
     /// Reads the counter (`current`) at a tick; returns the increments whose events were
-    /// lost. A counter that went backwards is a lie: the account starts again from it.
-    pub fn tick(&mut self, current: u64) -> u64 {
+    /// lost, or nothing if the tick must `wait` (everything unexplained stays owed). A counter
+    /// that went backwards is a lie: the account starts again from it.
+    pub fn tick(&mut self, current: u64, wait: bool) -> u64 {
         let delta = current.saturating_sub(self.last);
         self.last = current;
-        let lost = self.owed.saturating_sub(self.matched);
-        let spare = self.matched.saturating_sub(self.owed);
+        let matched = std::mem::take(&mut self.matched);
+        if wait {
+            self.owed = self.owed.saturating_add(delta).saturating_sub(matched);
+            return 0;
+        }
+        let lost = self.owed.saturating_sub(matched);
+        let spare = matched.saturating_sub(self.owed);
         self.owed = delta.saturating_sub(spare);
-        self.matched = 0;
         lost
+    }
+
+    /// Forgets what is owed: increments read while their rule could not fire anyway.
+    pub fn forgive(&mut self) {
+        self.owed = 0;
     }
 
     /// The last word, once the VM process is gone and the channel drained: every increment
     /// still unexplained was lost.
     pub fn close(&mut self, current: u64) -> u64 {
-        let lost = self.tick(current);
+        let lost = self.tick(current, false);
         lost.saturating_add(std::mem::take(&mut self.owed))
     }
 }
@@ -51,32 +63,45 @@ mod tests {
     fn an_event_explains_an_increment_whichever_comes_first() {
         let mut l = Ledger::default();
         l.matched();
-        assert_eq!(l.tick(1), 0);
-        assert_eq!(l.tick(1), 0);
+        assert_eq!(l.tick(1, false), 0);
+        assert_eq!(l.tick(1, false), 0);
         let mut l = Ledger::default();
-        assert_eq!(l.tick(1), 0);
+        assert_eq!(l.tick(1, false), 0);
         l.matched();
-        assert_eq!(l.tick(1), 0);
+        assert_eq!(l.tick(1, false), 0);
     }
 
     #[test]
     fn increments_without_events_are_lost_a_tick_later_or_at_the_close() {
         let mut l = Ledger::default();
-        assert_eq!(l.tick(3), 0);
-        assert_eq!(l.tick(3), 3);
+        assert_eq!(l.tick(3, false), 0);
+        assert_eq!(l.tick(3, false), 3);
         let mut l = Ledger::default();
-        assert_eq!(l.tick(2), 0);
+        assert_eq!(l.tick(2, false), 0);
         assert_eq!(l.close(5), 5);
+    }
+
+    #[test]
+    fn a_tick_that_waits_judges_nothing_and_the_next_one_judges_all() {
+        let mut l = Ledger::default();
+        assert_eq!(l.tick(3, false), 0);
+        // The drain left events behind: maybe these three's.
+        assert_eq!(l.tick(5, true), 0);
+        l.matched();
+        l.matched();
+        // Two events came; the other three increments were all read a tick ago or more.
+        assert_eq!(l.tick(5, false), 3);
+        assert_eq!(l.tick(5, false), 0);
     }
 
     #[test]
     fn a_counter_that_goes_backwards_reports_nothing_lost() {
         let mut l = Ledger::default();
-        assert_eq!(l.tick(10), 0);
+        assert_eq!(l.tick(10, false), 0);
         for _ in 0..10 {
             l.matched();
         }
-        assert_eq!(l.tick(2), 0);
-        assert_eq!(l.tick(2), 0);
+        assert_eq!(l.tick(2, false), 0);
+        assert_eq!(l.tick(2, false), 0);
     }
 }

@@ -54,6 +54,18 @@ struct Bucket {
     held: u64,
 }
 
+/// Ticks in a row a lost-event verdict may wait for events still in the ring (1 s).
+pub const MAX_WAITS: u32 = 4;
+
+/// How a reconcile judges the counters' ledgers.
+#[derive(Debug, Clone, Copy)]
+enum Judgement {
+    /// A periodic tick, which may have to wait for events still in the ring.
+    Tick { wait: bool },
+    /// The last one: the VM process is gone and the ring drained.
+    Close,
+}
+
 /// One VM's rule state.
 #[derive(Debug)]
 pub struct Engine {
@@ -71,6 +83,8 @@ pub struct Engine {
     refusals: Vec<Vec<Ledger>>,
     /// MSR reads and writes outside the allow-list.
     msrs: Ledger,
+    /// Ticks in a row that left events in the ring and so judged no ledger.
+    waited: u32,
     invalid_events: u64,
 }
 
@@ -99,6 +113,7 @@ impl Engine {
             mmio: ScanWindow::default(),
             exits: (0..limits.vcpus).map(|_| ExitHistory::default()).collect(),
             msrs: Ledger::default(),
+            waited: 0,
             invalid_events: 0,
         }
     }
@@ -345,10 +360,15 @@ impl Engine {
 
     /// The periodic look at the counters: exit storms, and refusals or MSR probes whose
     /// events never came.
-    pub fn tick(&mut self, page: &Page, now: u64) -> Vec<Firing> {
+    /// The periodic look at the counters, after a drain; `backlog` says the drain left events
+    /// in the ring. Lost-event verdicts wait for those, but only for [`MAX_WAITS`] ticks in a
+    /// row: a ring kept busy can delay them, not suppress them.
+    pub fn tick(&mut self, page: &Page, now: u64, backlog: bool) -> Vec<Firing> {
         self.set_boot_complete(page.boot_complete_ns());
         let mut out = Vec::new();
-        self.reconcile(page, now, false, &mut out);
+        let wait = backlog && self.waited < MAX_WAITS;
+        self.waited = if wait { self.waited + 1 } else { 0 };
+        self.reconcile(page, now, Judgement::Tick { wait }, &mut out);
         self.storms(page, now, &mut out);
         out
     }
@@ -358,17 +378,14 @@ impl Engine {
     pub fn close(&mut self, page: &Page, now: u64) -> Vec<Firing> {
         self.set_boot_complete(page.boot_complete_ns());
         let mut out = Vec::new();
-        self.reconcile(page, now, true, &mut out);
+        self.reconcile(page, now, Judgement::Close, &mut out);
         out
     }
 
-    fn reconcile(&mut self, page: &Page, now: u64, last: bool, out: &mut Vec<Firing>) {
-        let account = |l: &mut Ledger, current: u64| {
-            if last {
-                l.close(current)
-            } else {
-                l.tick(current)
-            }
+    fn reconcile(&mut self, page: &Page, now: u64, judgement: Judgement, out: &mut Vec<Firing>) {
+        let account = |l: &mut Ledger, current: u64| match judgement {
+            Judgement::Close => l.close(current),
+            Judgement::Tick { wait } => l.tick(current, wait),
         };
         let mut lost: Vec<(usize, Violation, u64)> = Vec::new();
         for (d, ledgers) in self.refusals.iter_mut().enumerate() {
@@ -406,7 +423,11 @@ impl Engine {
             .vm_counter(VmCounter::MsrFilteredReads)
             .saturating_add(page.vm_counter(VmCounter::MsrFilteredWrites));
         let count = account(&mut self.msrs, msrs);
-        // Before the boot settled, an MSR probe is not alerted with or without its event.
+        // Before the boot settled, an MSR probe is not alerted with or without its event, and
+        // an access read then is not held against the guest later.
+        if !self.settled(now) {
+            self.msrs.forgive();
+        }
         if count > 0 && self.settled(now) {
             out.push(self.fire(Rule::MsrProbe, now, || {
                 let output = format!(
