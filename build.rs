@@ -10,8 +10,8 @@ use seccompiler::{compile_from_json, TargetArch};
 /// One filter per thread role; each JSON file holds one filter named for its role.
 const ROLES: &[&str] = &["vmm", "vcpu", "supervisor"];
 /// Values the filters compare with that are only known at run time (src/seccomp.rs patches
-/// them in): the process's own pid, and SIGRTMIN.
-const PLACEHOLDERS: &[u32] = &[0x7fff_fff1, 0x7fff_fff2];
+/// them in): the process's own pid, SIGRTMIN, and the VM process's pid (the supervisor's).
+const PLACEHOLDERS: &[u32] = &[0x7fff_fff1, 0x7fff_fff2, 0x7fff_fff3];
 /// `BPF_JMP | BPF_JEQ | BPF_K`: the only instruction a placeholder may appear in.
 const JEQ_K: u16 = 0x15;
 

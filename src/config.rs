@@ -147,6 +147,8 @@ pub enum TestHook {
     SupervisorForbiddenSyscall,
     /// The vCPU thread tries to kill the supervisor (its parent) with tgkill.
     SignalSupervisor,
+    /// The vCPU thread aborts, as on a stack overflow or a failed allocation.
+    VcpuAbort,
 }
 
 impl std::str::FromStr for TestHook {
@@ -159,6 +161,7 @@ impl std::str::FromStr for TestHook {
             "guest-forbidden-syscall" => Ok(TestHook::GuestForbiddenSyscall),
             "supervisor-forbidden-syscall" => Ok(TestHook::SupervisorForbiddenSyscall),
             "signal-supervisor" => Ok(TestHook::SignalSupervisor),
+            "vcpu-abort" => Ok(TestHook::VcpuAbort),
             _ => Err(format!("unknown test hook {s:?}")),
         }
     }

@@ -45,6 +45,8 @@ impl ThreadRole {
 pub enum SeccompError {
     #[error("the embedded {0} filter is malformed")]
     Malformed(&'static str),
+    #[error("the {0} filter needs the VM process's pid")]
+    NoVmPid(&'static str),
     #[error("cannot install the {role} seccomp filter: {source}")]
     Install {
         role: &'static str,
@@ -58,22 +60,24 @@ pub enum SeccompError {
 const OWN_PID: u32 = 0x7fff_fff1;
 /// In seccomp/*.json, SIGRTMIN, which libc decides at run time.
 const SIGRTMIN: u32 = 0x7fff_fff2;
+/// In seccomp/supervisor.json, the VM process's pid: the only process the supervisor may kill.
+const VM_PID: u32 = 0x7fff_fff3;
 /// `BPF_JMP | BPF_JEQ | BPF_K`; build.rs checks the placeholders appear nowhere else.
 const JEQ_K: u16 = 0x15;
 
 /// Decodes the embedded BPF program for `role`, with the run-time values patched in for the
-/// calling process.
-pub fn program(role: ThreadRole) -> Result<BpfProgram, SeccompError> {
+/// calling process; `vm_pid` is the VM process the supervisor watches (its role needs it).
+pub fn program(role: ThreadRole, vm_pid: Option<libc::pid_t>) -> Result<BpfProgram, SeccompError> {
     let bytes = role.bpf();
     if bytes.is_empty() || bytes.len() % 8 != 0 {
         return Err(SeccompError::Malformed(role.name()));
     }
+    let malformed = |_| SeccompError::Malformed(role.name());
     // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    let pid = u32::try_from(pid).map_err(|_| SeccompError::Malformed(role.name()))?;
-    let rtmin = u32::try_from(crate::signal::kick_signal())
-        .map_err(|_| SeccompError::Malformed(role.name()))?;
-    Ok(bytes
+    let pid = u32::try_from(unsafe { libc::getpid() }).map_err(malformed)?;
+    let rtmin = u32::try_from(crate::signal::kick_signal()).map_err(malformed)?;
+    let vm_pid = vm_pid.map(u32::try_from).transpose().map_err(malformed)?;
+    bytes
         .chunks_exact(8)
         .map(|c| {
             let mut insn = sock_filter {
@@ -86,27 +90,29 @@ pub fn program(role: ThreadRole) -> Result<BpfProgram, SeccompError> {
                 insn.k = match insn.k {
                     OWN_PID => pid,
                     SIGRTMIN => rtmin,
+                    VM_PID => vm_pid.ok_or(SeccompError::NoVmPid(role.name()))?,
                     k => k,
                 };
             }
-            insn
+            Ok(insn)
         })
-        .collect())
+        .collect()
 }
 
 /// Installs `role`'s filter on the calling thread (and threads it creates later).
 pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
-    let program = program(role)?;
+    let program = program(role, None)?;
     seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install {
         role: role.name(),
         source,
     })
 }
 
-/// Installs `role`'s filter on every thread of the process at once (TSYNC): for a process
-/// whose helper threads were started before it confines itself.
-pub fn apply_all_threads(role: ThreadRole) -> Result<(), SeccompError> {
-    let program = program(role)?;
+/// Confines the supervisor: its filter on every thread of the process at once (TSYNC: its
+/// HTTP thread was started before), with `vm_pid` the one process it may signal.
+pub fn confine_supervisor(vm_pid: libc::pid_t) -> Result<(), SeccompError> {
+    let role = ThreadRole::Supervisor;
+    let program = program(role, Some(vm_pid))?;
     seccompiler::apply_filter_all_threads(&program).map_err(|source| SeccompError::Install {
         role: role.name(),
         source,
@@ -148,35 +154,123 @@ pub fn signal_parent(parent: libc::pid_t) {
 mod tests {
     use super::*;
 
-    const BPF_RET: u16 = 0x06;
     const SECCOMP_RET_TRAP: u32 = 0x0003_0000;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+
+    /// Runs `prog` the way the kernel does for system call `nr` with `args` and returns the
+    /// action: a small classic-BPF interpreter for the instructions seccompiler emits.
+    fn verdict(prog: &[sock_filter], nr: i64, args: [u64; 6]) -> u32 {
+        let mut data = Vec::with_capacity(64);
+        data.extend_from_slice(&(nr as u32).to_le_bytes());
+        data.extend_from_slice(&AUDIT_ARCH_X86_64.to_le_bytes());
+        data.extend_from_slice(&0u64.to_le_bytes());
+        for a in args {
+            data.extend_from_slice(&a.to_le_bytes());
+        }
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &prog[pc];
+            pc += 1;
+            let jump = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
+            match i.code {
+                0x20 => {
+                    // ld [k]
+                    let k = i.k as usize;
+                    acc = u32::from_le_bytes(data[k..k + 4].try_into().unwrap());
+                }
+                0x54 => acc &= i.k,         // and #k
+                0x05 => pc += i.k as usize, // ja
+                0x15 => pc += jump(acc == i.k),
+                0x25 => pc += jump(acc > i.k),
+                0x35 => pc += jump(acc >= i.k),
+                0x45 => pc += jump(acc & i.k != 0),
+                0x06 => return i.k, // ret #k
+                code => panic!("instruction {code:#x} at {} not interpreted", pc - 1),
+            }
+        }
+    }
+
+    fn allowed(prog: &[sock_filter], nr: i64, args: [u64; 6]) -> bool {
+        match verdict(prog, nr, args) {
+            SECCOMP_RET_ALLOW => true,
+            SECCOMP_RET_TRAP => false,
+            other => panic!("unexpected action {other:#x}"),
+        }
+    }
+
+    fn pid() -> u64 {
+        // SAFETY: getpid has no preconditions.
+        unsafe { libc::getpid() as u64 }
+    }
+
+    const ROLES: [ThreadRole; 3] = [ThreadRole::Vmm, ThreadRole::Vcpu, ThreadRole::Supervisor];
+    const SOME_VM: libc::pid_t = 4242;
 
     #[test]
-    fn every_role_has_a_filter_that_traps_by_default() {
-        for role in [ThreadRole::Vmm, ThreadRole::Vcpu, ThreadRole::Supervisor] {
-            let prog = program(role).unwrap();
-            assert!(prog.len() > 10, "{role:?} filter is suspiciously short");
-            // The mismatch action is a `ret TRAP` somewhere in the program.
-            assert!(
-                prog.iter()
-                    .any(|i| i.code == BPF_RET && i.k == SECCOMP_RET_TRAP),
-                "{role:?} filter never traps"
-            );
+    fn every_role_traps_what_it_does_not_allow() {
+        for role in ROLES {
+            let prog = program(role, Some(SOME_VM)).unwrap();
+            assert!(allowed(&prog, libc::SYS_futex, [0; 6]), "{role:?}");
+            assert!(!allowed(&prog, libc::SYS_execve, [0; 6]), "{role:?}");
+            assert!(!allowed(&prog, libc::SYS_ptrace, [0; 6]), "{role:?}");
         }
     }
 
     #[test]
-    fn tgkill_is_limited_to_this_process_in_every_role() {
-        // SAFETY: getpid has no preconditions.
-        let pid = unsafe { libc::getpid() } as u32;
-        for role in [ThreadRole::Vmm, ThreadRole::Vcpu, ThreadRole::Supervisor] {
-            let prog = program(role).unwrap();
+    fn tgkill_reaches_only_this_process_in_every_role() {
+        let own = pid();
+        let sigsys = libc::SIGSYS as u64;
+        let sigabrt = libc::SIGABRT as u64;
+        for role in ROLES {
+            let prog = program(role, Some(SOME_VM)).unwrap();
+            let tgkill =
+                |tgid: u64, sig: u64| allowed(&prog, libc::SYS_tgkill, [tgid, 7, sig, 0, 0, 0]);
+            assert!(tgkill(own, sigabrt), "{role:?}: abort()");
+            assert!(!tgkill(own + 1, sigabrt), "{role:?}: another process");
+            assert!(!tgkill(1, libc::SIGKILL as u64), "{role:?}: init");
+            assert!(!tgkill(own, libc::SIGKILL as u64), "{role:?}: SIGKILL");
+            if role != ThreadRole::Supervisor {
+                assert!(tgkill(own, sigsys), "{role:?}: the SIGSYS reporter");
+                assert!(!tgkill(own + 1, sigsys), "{role:?}: SIGSYS elsewhere");
+            }
+        }
+        let vmm = program(ThreadRole::Vmm, None).unwrap();
+        let kick = crate::signal::kick_signal() as u64;
+        assert!(allowed(&vmm, libc::SYS_tgkill, [own, 7, kick, 0, 0, 0]));
+        assert!(!allowed(
+            &vmm,
+            libc::SYS_tgkill,
+            [own + 1, 7, kick, 0, 0, 0]
+        ));
+    }
+
+    #[test]
+    fn the_supervisor_may_only_stop_or_kill_its_vm_process() {
+        let prog = program(ThreadRole::Supervisor, Some(SOME_VM)).unwrap();
+        let kill = |pid: i64, sig: i32| {
+            allowed(&prog, libc::SYS_kill, [pid as u64, sig as u64, 0, 0, 0, 0])
+        };
+        assert!(kill(SOME_VM.into(), libc::SIGTERM));
+        assert!(kill(SOME_VM.into(), libc::SIGKILL));
+        assert!(!kill(SOME_VM.into(), libc::SIGSTOP));
+        assert!(!kill(SOME_VM as i64 + 1, libc::SIGKILL));
+        assert!(!kill(-1, libc::SIGKILL));
+        assert!(!kill(0, libc::SIGTERM));
+        assert!(matches!(
+            program(ThreadRole::Supervisor, None),
+            Err(SeccompError::NoVmPid(_))
+        ));
+    }
+
+    #[test]
+    fn no_placeholder_is_left_in_a_filter() {
+        for role in ROLES {
+            let prog = program(role, Some(SOME_VM)).unwrap();
             assert!(
-                prog.iter().any(|i| i.code == JEQ_K && i.k == pid),
-                "{role:?} never compares with this process's pid"
-            );
-            assert!(
-                !prog.iter().any(|i| i.k == OWN_PID || i.k == SIGRTMIN),
+                !prog
+                    .iter()
+                    .any(|i| [OWN_PID, SIGRTMIN, VM_PID].contains(&i.k)),
                 "{role:?} kept a placeholder"
             );
         }
@@ -184,6 +278,7 @@ mod tests {
 
     #[test]
     fn vcpu_filter_is_stricter_than_vmm_filter() {
-        assert!(program(ThreadRole::Vcpu).unwrap().len() < program(ThreadRole::Vmm).unwrap().len());
+        let len = |role| program(role, None).unwrap().len();
+        assert!(len(ThreadRole::Vcpu) < len(ThreadRole::Vmm));
     }
 }

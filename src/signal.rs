@@ -20,10 +20,8 @@ use crate::telemetry::Page;
 
 /// The telemetry region the reporter writes to (null in the supervisor).
 static TELEMETRY: AtomicPtr<Page> = AtomicPtr::new(std::ptr::null_mut());
-/// Whether a SIGSYS that no seccomp filter raised (someone ran `kill -SYS`) ends the process
-/// too. The VM process dies by it, which the supervisor reports; the supervisor itself ignores
-/// it.
-static FOREIGN_SIGSYS_KILLS: AtomicBool = AtomicBool::new(true);
+/// Whether the reporter serves the supervisor (see [`SigsysReporter`]).
+static IN_SUPERVISOR: AtomicBool = AtomicBool::new(false);
 
 /// Makes the SIGSYS reporter record violations in `page`, which must stay mapped for the rest
 /// of the process's life (the VM process leaks its handle on the region for this).
@@ -31,10 +29,15 @@ pub fn set_telemetry(page: *const Page) {
     TELEMETRY.store(page.cast_mut(), Ordering::Release);
 }
 
-/// Whether a SIGSYS from outside any seccomp filter ends this process (the VM process) or
-/// leaves it running (the supervisor).
-pub fn foreign_sigsys_kills(kills: bool) {
-    FOREIGN_SIGSYS_KILLS.store(kills, Ordering::Release);
+/// Which process the SIGSYS reporter serves, which decides how it ends the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigsysReporter {
+    /// The VM process: any SIGSYS ends it by SIGSYS, which its supervisor reads in the wait
+    /// status (one someone sent with `kill` names no system call). It runs once.
+    VmProcess,
+    /// The supervisor: its own violation is reported and ends it with status 159; a SIGSYS
+    /// someone sent is ignored, every time.
+    Supervisor,
 }
 
 thread_local! {
@@ -141,9 +144,13 @@ extern "C" fn sigsys_handler(
         let len = format_violation(&mut buf, &name, syscall);
         // SAFETY: write(2) is async-signal-safe; `buf[..len]` is initialised.
         unsafe { libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len) };
-    } else if !FOREIGN_SIGSYS_KILLS.load(Ordering::Acquire) {
-        // SA_RESETHAND has restored the default action, so a later seccomp trap in this
-        // process still ends it by SIGSYS, only without this report.
+        if IN_SUPERVISOR.load(Ordering::Acquire) {
+            // The supervisor's handler stays installed (no SA_RESETHAND, so every SIGSYS sent
+            // from outside is ignored); it ends with the same status by exiting.
+            // SAFETY: _exit(2) is async-signal-safe.
+            unsafe { libc::_exit(status::SECCOMP_VIOLATION) };
+        }
+    } else if IN_SUPERVISOR.load(Ordering::Acquire) {
         return;
     }
     // A SIGSYS sent by someone else (kill) records nothing: it names no system call. Either
@@ -192,19 +199,20 @@ fn install(signum: libc::c_int, handler: usize, extra_flags: libc::c_int) -> io:
     Ok(())
 }
 
-/// Installs the SIGSYS reporter for the whole process. It runs once: the first violation
-/// resets SIGSYS to its default action (SA_RESETHAND), so the process dies by it.
-pub fn install_sigsys_reporter() -> io::Result<()> {
-    install(
-        libc::SIGSYS,
-        sigsys_handler as *const () as usize,
-        libc::SA_RESETHAND | libc::SA_NODEFER,
-    )
+/// Installs the SIGSYS reporter for the whole process. In the VM process it runs once: SIGSYS
+/// goes back to its default action on entry (SA_RESETHAND), so the process dies by it.
+pub fn install_sigsys_reporter(kind: SigsysReporter) -> io::Result<()> {
+    IN_SUPERVISOR.store(kind == SigsysReporter::Supervisor, Ordering::Release);
+    let flags = match kind {
+        SigsysReporter::VmProcess => libc::SA_RESETHAND | libc::SA_NODEFER,
+        SigsysReporter::Supervisor => libc::SA_NODEFER,
+    };
+    install(libc::SIGSYS, sigsys_handler as *const () as usize, flags)
 }
 
-/// Installs the SIGSYS reporter and the vCPU kick handler for the whole process.
+/// Installs the VM process's SIGSYS reporter and the vCPU kick handler for the whole process.
 pub fn install_handlers() -> io::Result<()> {
-    install_sigsys_reporter()?;
+    install_sigsys_reporter(SigsysReporter::VmProcess)?;
     install(kick_signal(), kick_handler as *const () as usize, 0)
 }
 

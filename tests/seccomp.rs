@@ -142,3 +142,23 @@ fn a_vcpu_thread_can_not_signal_its_supervisor() {
     );
     assert_eq!(run.status, 137, "{}", run.stderr);
 }
+
+#[test]
+fn an_aborting_thread_is_reported_as_a_crash_not_as_a_seccomp_violation() {
+    if !kvm_available("an_aborting_thread_is_reported_as_a_crash_not_as_a_seccomp_violation") {
+        return;
+    }
+    // abort() raises SIGABRT on its own thread with tgkill, which every filter allows.
+    let o = run_observed("seccomp-abort", "hello", &["--test-hook", "vcpu-abort"]);
+    assert_eq!(o.run.status, 128 + libc::SIGABRT, "{}", o.run.stderr);
+    assert!(
+        o.run.stderr.contains("killed by signal 6"),
+        "{}",
+        o.run.stderr
+    );
+    assert!(o.alerts.is_empty(), "{:?}", o.alerts);
+    assert_eq!(
+        o.metrics.value("bulkhead_vm_exit", &[("reason", "killed")]),
+        1
+    );
+}

@@ -10,6 +10,7 @@ mod ending;
 mod http;
 mod outputs;
 mod spawn;
+mod terminal;
 mod watch;
 
 use std::time::SystemTime;
@@ -22,18 +23,18 @@ use crate::seccomp::{self, ThreadRole};
 use crate::signal;
 use crate::telemetry::{AlertContext, Engine, Limits};
 use outputs::Outputs;
+use terminal::SavedTerminal;
 use watch::Watch;
 
 /// Runs one VM under supervision and returns `bulkhead run`'s exit status.
 pub fn run(config: &VmConfig) -> i32 {
     let start_ns = crate::logger::process_start_ns();
     let start_wall = SystemTime::now();
-    if let Err(e) = signal::install_sigsys_reporter() {
+    if let Err(e) = signal::install_sigsys_reporter(signal::SigsysReporter::Supervisor) {
         log::error!("cannot install the SIGSYS reporter: {e}");
         return status::RUNTIME_ERROR;
     }
     signal::set_thread_name(ThreadRole::Supervisor.name());
-    signal::foreign_sigsys_kills(false);
     let mut outputs = match Outputs::open(config) {
         Ok(o) => o,
         Err(e) => {
@@ -41,9 +42,7 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::BAD_INPUT;
         }
     };
-    // The VM process puts a terminal console in raw mode and restores it when it ends; if it
-    // is killed instead, the supervisor restores it.
-    let terminal = SavedTerminal::save(libc::STDIN_FILENO);
+    let terminal = SavedTerminal::save(libc::STDIN_FILENO, &config.console);
     // Blocked before the VM process starts, so none is missed; the child's mask is reset.
     let signals =
         match signal::signalfd(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
@@ -64,7 +63,7 @@ pub fn run(config: &VmConfig) -> i32 {
     outputs.console = None;
     if let Err(e) = outputs.start_http() {
         log::error!("{e}");
-        stop_now(vm.pid);
+        stop_now(vm.pid, terminal.as_ref());
         return status::RUNTIME_ERROR;
     }
     let ctx = AlertContext {
@@ -73,9 +72,9 @@ pub fn run(config: &VmConfig) -> i32 {
         hostname: hostname(),
     };
     if config.seccomp {
-        if let Err(e) = seccomp::apply_all_threads(ThreadRole::Supervisor) {
+        if let Err(e) = seccomp::confine_supervisor(vm.pid) {
             log::error!("{e}");
-            stop_now(vm.pid);
+            stop_now(vm.pid, terminal.as_ref());
             return status::RUNTIME_ERROR;
         }
     }
@@ -105,37 +104,16 @@ pub fn run(config: &VmConfig) -> i32 {
     end.status()
 }
 
-/// A terminal's settings, saved before the VM process changes them.
-struct SavedTerminal {
-    fd: libc::c_int,
-    termios: libc::termios,
-}
-
-impl SavedTerminal {
-    fn save(fd: libc::c_int) -> Option<SavedTerminal> {
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(fd) } != 1 {
-            return None;
-        }
-        // SAFETY: an all-zero termios is a valid buffer for tcgetattr to fill.
-        let mut termios: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: `termios` is valid for writes.
-        (unsafe { libc::tcgetattr(fd, &mut termios) } == 0).then_some(SavedTerminal { fd, termios })
-    }
-
-    fn restore(&self) {
-        // SAFETY: `termios` holds settings read from this same terminal.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.termios) };
-    }
-}
-
 /// Kills and reaps the VM process (it would die with the supervisor anyway, through
-/// PR_SET_PDEATHSIG, but not be reaped).
-fn stop_now(pid: libc::pid_t) {
+/// PR_SET_PDEATHSIG, but not be reaped), and puts back the terminal it may have left raw.
+fn stop_now(pid: libc::pid_t, terminal: Option<&SavedTerminal>) {
     // SAFETY: kill and waitpid on our own child, not yet reaped.
     unsafe {
         libc::kill(pid, libc::SIGKILL);
         libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    if let Some(t) = terminal {
+        t.restore();
     }
 }
 

@@ -108,7 +108,7 @@ fn become_vm_process(
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
-    crate::signal::foreign_sigsys_kills(true);
+    crate::signal::install_sigsys_reporter(crate::signal::SigsysReporter::VmProcess)?;
     // Move the two descriptors the VM process keeps out of the way of each other, then close
     // everything above them: the supervisor's signalfd, the region's memfd (the mapping stays),
     // its metrics and alert files.

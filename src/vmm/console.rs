@@ -20,10 +20,11 @@ pub struct RawTerminal {
 }
 
 impl RawTerminal {
-    /// Raw mode on `fd`, or None when it is not a terminal.
+    /// Raw mode on `fd`, or None when it is not a terminal, or bulkhead is not its foreground
+    /// job (the kernel would stop a background job that sets a terminal's modes).
     pub fn new(fd: libc::c_int) -> Option<RawTerminal> {
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(fd) } != 1 {
+        // SAFETY: isatty, tcgetpgrp and getpgrp only inspect the descriptor and the process.
+        if unsafe { libc::isatty(fd) != 1 || libc::tcgetpgrp(fd) != libc::getpgrp() } {
             return None;
         }
         // SAFETY: an all-zero termios is a valid buffer for tcgetattr to fill.

@@ -223,6 +223,10 @@ fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
                 seccomp::forbidden_syscall();
             }
             #[cfg(debug_assertions)]
+            if ctx.test_hook == Some(TestHook::VcpuAbort) {
+                std::process::abort();
+            }
+            #[cfg(debug_assertions)]
             if ctx.test_hook == Some(TestHook::SignalSupervisor) {
                 seccomp::signal_parent(parent);
             }
