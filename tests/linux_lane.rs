@@ -316,7 +316,7 @@ if [ "$1" != inner ]; then exec unshare -n sh "$0" inner "$@"; fi
 shift
 bulkhead=$1 kernel=$2 initramfs=$3
 echo "lane: namespace $(readlink /proc/self/ns/net), $(ls /sys/class/net | tr '\n' ' ')"
-"$bulkhead" --log-level debug run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --net tap=bhtap0,mac=06:00:0a:00:00:02 --cmdline 'panic=-1 reboot=t -- sh -c "ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 3 -W 10 10.0.0.1; echo GUEST-PING-$((6 * 7))-DONE; cat /proc/net/dev; ip neigh; sleep 20"' > /tmp/net.log 2>&1 &
+"$bulkhead" run --metrics-file /tmp/net.prom --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --net tap=bhtap0,mac=06:00:0a:00:00:02 --cmdline 'panic=-1 reboot=t -- sh -c "ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 3 -W 10 10.0.0.1; echo GUEST-PING-$((6 * 7))-DONE; cat /proc/net/dev; ip neigh; sleep 20"' > /tmp/net.log 2>&1 &
 pid=$!
 i=0
 # /sys shows the namespace that mounted it, not ours: ask ip.
@@ -330,6 +330,9 @@ cat /proc/net/dev
 wait $pid
 echo "lane: bulkhead exit status $?"
 cat /tmp/net.log
+echo "lane: metrics:"
+grep -v '^#' /tmp/net.prom
+echo "lane: end of metrics"
 "#;
 
 #[test]
@@ -357,14 +360,27 @@ fn linux_guest_and_a_tap_in_a_network_namespace_ping_each_other() {
         2,
         "{out}"
     );
-    let net = out
-        .lines()
-        .find(|l| l.contains("device virtio-net0: "))
-        .unwrap_or_else(|| panic!("no virtio-net counters in:\n{out}"));
+    let metrics = lane_metrics(&out);
+    let net = [("device", "virtio-net0")];
     assert!(
-        net.contains(" refused=0"),
-        "Linux's own frames were refused: {net}"
+        metrics.sum("bulkhead_virtio_requests_total", &net) > 0,
+        "{out}"
     );
+    assert_eq!(
+        metrics.total_refusals("virtio-net0"),
+        0,
+        "Linux's own frames were refused:\n{out}"
+    );
+}
+
+/// The metrics a lane script printed between its markers.
+fn lane_metrics(out: &str) -> common::Metrics {
+    let text = out
+        .split("lane: metrics:")
+        .nth(1)
+        .and_then(|s| s.split("lane: end of metrics").next())
+        .unwrap_or_else(|| panic!("no metrics section in:\n{out}"));
+    common::Metrics::parse(text)
 }
 
 /// Run inside L1 by the vsock lane test: $1 bulkhead, $2 kernel, $3 initramfs, $4 vsock-tool.
@@ -374,7 +390,7 @@ const VSOCK_LANE_SCRIPT: &str = r#"
 bulkhead=$1 kernel=$2 initramfs=$3 tool=$4 uds=/tmp/v.sock
 "$tool" unix-echo "${uds}_5000" > /tmp/host-echo.log 2>&1 &
 echo_pid=$!
-"$bulkhead" --log-level debug run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --vsock "cid=3,uds=$uds" --cmdline 'panic=-1 reboot=t -- sh -c "vsock-tool listen 1234 & sleep 1; vsock-tool connect 2 5000 hello-from-guest; wait"' > /tmp/vm.log 2>&1 &
+"$bulkhead" run --metrics-file /tmp/vsock.prom --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --vsock "cid=3,uds=$uds" --cmdline 'panic=-1 reboot=t -- sh -c "vsock-tool listen 1234 & sleep 1; vsock-tool connect 2 5000 hello-from-guest; wait"' > /tmp/vm.log 2>&1 &
 pid=$!
 i=0
 until "$tool" unix-connect "$uds" 1234 hello-from-host > /tmp/h2g.log 2>&1 || [ $i -ge 90 ]; do sleep 1; i=$((i + 1)); done
@@ -383,6 +399,9 @@ echo "lane: bulkhead exit status $?"
 wait $echo_pid
 echo "lane: host side: $(cat /tmp/h2g.log) / $(cat /tmp/host-echo.log)"
 cat /tmp/vm.log
+echo "lane: metrics:"
+grep -v '^#' /tmp/vsock.prom
+echo "lane: end of metrics"
 "#;
 
 #[test]
@@ -406,13 +425,16 @@ fn linux_guest_and_host_trade_lines_over_vsock_both_ways() {
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
-    let vsock = out
-        .lines()
-        .find(|l| l.contains("device virtio-vsock0: "))
-        .unwrap_or_else(|| panic!("no virtio-vsock counters in:\n{out}"));
+    let metrics = lane_metrics(&out);
+    let vsock = [("device", "virtio-vsock0")];
     assert!(
-        vsock.contains(" refused=0"),
-        "Linux's own packets were refused: {vsock}"
+        metrics.sum("bulkhead_virtio_requests_total", &vsock) > 0,
+        "{out}"
+    );
+    assert_eq!(
+        metrics.total_refusals("virtio-vsock0"),
+        0,
+        "Linux's own packets were refused:\n{out}"
     );
 }
 
