@@ -6,8 +6,15 @@
  *   mode=unassigned  read and write a port and an MMIO address no device claims; exit 0 when
  *                    every read came back all-ones, 1 otherwise
  *   mode=echo        read a line from the serial console, echo it, exit with the number it holds
+ *   mode=poweroff    enter S5 through the sleep control register the FADT names, with the
+ *                    SLP_TYP that \_S5 declares
+ *   mode=acpi-reset  write the FADT's reset value to its reset register
+ *   mode=panic       report a kernel panic to the pvpanic device the DSDT names (QEMU0001)
+ *   mode=crash-loaded  report a panic with a crash kernel loaded, then exit 0
+ * The ACPI modes exit 0x7e when the tables lack what they need.
  */
 #include "lib/rt.h"
+#include "lib/acpi.h"
 
 #define UNASSIGNED_PORT 0x3000
 /* The start of the 32-bit MMIO gap: the virtio devices begin at 0xd0000000. */
@@ -47,6 +54,46 @@ static u8 echo_line(void) {
     return n > 255 ? 255 : (u8)n;
 }
 
+#define SLP_EN 0x20
+#define PVPANIC_PANICKED 1
+#define PVPANIC_CRASH_LOADED 2
+
+__attribute__((noreturn)) static void missing(const char *what) {
+    puts("exitcodes: the ACPI tables lack ");
+    puts(what);
+    puts("\n");
+    exit_guest(0x7e);
+}
+
+static void acpi_power(int reset) {
+    const u8 *fadt = acpi_table("FACP");
+    if (!fadt) missing("a FADT");
+    if (reset) {
+        if (!(*(const u32 *)(fadt + FADT_FLAGS) & (1u << 10))) missing("RESET_REG_SUP");
+        u16 port = (u16)*(const u64 *)(fadt + FADT_RESET_REG + GAS_ADDRESS);
+        puts("exitcodes: resetting through the ACPI reset register\n");
+        outb(port, fadt[FADT_RESET_VALUE]);
+        return;
+    }
+    int slp_typ = acpi_s5_sleep_type();
+    if (slp_typ < 0) missing("\\_S5");
+    u16 control = (u16)*(const u64 *)(fadt + FADT_SLEEP_CONTROL_REG + GAS_ADDRESS);
+    u16 status = (u16)*(const u64 *)(fadt + FADT_SLEEP_STATUS_REG + GAS_ADDRESS);
+    if (!control || !status) missing("sleep registers");
+    puts("exitcodes: powering off (S5)\n");
+    outb(status, 0x80);
+    outb(control, (u8)(((slp_typ & 7) << 2) | SLP_EN));
+}
+
+static void pvpanic(u8 event) {
+    const u8 *at = 0;
+    u16 port = (u16)acpi_device_resource("QEMU0001", 0, &at);
+    if (!port) missing("a pvpanic device");
+    if (!(inb(port) & event)) missing("the pvpanic event");
+    puts(event == PVPANIC_PANICKED ? "exitcodes: panicking\n" : "exitcodes: panicking into a crash kernel\n");
+    outb(port, event);
+}
+
 void guest_main(void) {
     int len;
     const char *mode = cmdline_value("mode", &len);
@@ -65,6 +112,15 @@ void guest_main(void) {
         exit_guest((u8)unassigned());
     } else if (str_eq(mode, len, "echo")) {
         exit_guest(echo_line());
+    } else if (str_eq(mode, len, "poweroff")) {
+        acpi_power(0);
+    } else if (str_eq(mode, len, "acpi-reset")) {
+        acpi_power(1);
+    } else if (str_eq(mode, len, "panic")) {
+        pvpanic(PVPANIC_PANICKED);
+    } else if (str_eq(mode, len, "crash-loaded")) {
+        pvpanic(PVPANIC_CRASH_LOADED);
+        exit_guest(0);
     }
     puts("exitcodes: unknown mode\n");
     exit_guest(0x7f);

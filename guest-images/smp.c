@@ -1,11 +1,13 @@
 /* smp: every vCPU checks in through the serial port.
  *
  * The BSP finds the MP table (as Linux does without ACPI), checks its checksums, and reads the
- * APIC id of every processor it lists. It prints its own check-in line, then wakes each AP in
+ * APIC id of every processor it lists; when the machine has ACPI tables, the MADT must list
+ * the same processors. It prints its own check-in line, then wakes each AP in
  * turn with INIT and SIPI through the x2APIC ICR and waits for it to check in. Exits 0 when
  * every listed processor checked in, 1 otherwise. The test compares the count with --vcpus.
  */
 #include "lib/rt.h"
+#include "lib/acpi.h"
 
 #define MP_SCAN_START 0x9fc00ULL
 #define MP_SCAN_END 0xa0000ULL
@@ -97,6 +99,19 @@ void guest_main(void) {
     put_dec((u64)n);
     puts(" processors\n");
     check_cpuid(n);
+    u8 madt_ids[MAX_CPUS];
+    int m = acpi_madt_cpus(madt_ids, MAX_CPUS);
+    if (m >= 0) {
+        if (m != n) fail("the MADT and the MP table list different processor counts");
+        for (int i = 0; i < n; i++) {
+            if (madt_ids[i] != ids[i]) fail("the MADT and the MP table list different APIC ids");
+        }
+        puts("smp: MADT lists the same ");
+        put_dec((u64)m);
+        puts(" processors\n");
+    } else {
+        puts("smp: no ACPI tables\n");
+    }
     puts("vcpu ");
     put_dec(bsp);
     puts(" checked in\n");

@@ -1,9 +1,9 @@
 /* virtio: drives bulkhead's virtio-mmio devices through their registers, as a driver would,
  * and as a hostile one would.
  *
- * Devices are found from the virtio_mmio.device= entries on the command line. Every request
- * is polled to completion (no interrupt handler), and the InterruptStatus register must show
- * the used-buffer interrupt afterwards.
+ * Devices are found in the DSDT (or, without ACPI, the virtio_mmio.device= entries on the
+ * command line). Every request is polled to completion (no interrupt handler), and the
+ * InterruptStatus register must show the used-buffer interrupt afterwards.
  *
  *   mode=rng       read random bytes: a small request is filled, a large one is cut at the
  *                  device's 4 KiB cap
@@ -21,6 +21,7 @@
  * Exits 0 when every check passed, 1 otherwise.
  */
 #include "lib/rt.h"
+#include "lib/acpi.h"
 
 #define MMIO_MAGIC 0x000
 #define MMIO_DEVICE_ID 0x008
@@ -137,36 +138,6 @@ static void check(int ok, const char *what) {
     if (!ok) failures++;
 }
 
-static u64 parse_hex(const char **p) {
-    u64 v = 0;
-    for (;;) {
-        char c = **p;
-        int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-        if (digit < 0) return v;
-        v = v * 16 + (u64)digit;
-        (*p)++;
-    }
-}
-
-/* The register block of the first device of type `id` on the command line, or 0. */
-static u64 find_device(u32 id) {
-    static const char key[] = "virtio_mmio.device=4K@0x";
-    const char *p = cmdline();
-    while (*p) {
-        const char *k = key, *t = p;
-        while (*k && *t == *k) { t++; k++; }
-        if (!*k) {
-            u64 base = parse_hex(&t);
-            if (mmio_read32(base + MMIO_MAGIC) == 0x74726976 &&
-                mmio_read32(base + MMIO_DEVICE_ID) == id)
-                return base;
-        }
-        while (*p && *p != ' ') p++;
-        while (*p == ' ') p++;
-    }
-    return 0;
-}
-
 static void setup_queue(struct dev *d, u32 index, struct vq *q) {
     memset(q, 0, sizeof(*q));
     wr(d, MMIO_QUEUE_SEL, index);
@@ -209,9 +180,9 @@ static int open_device(struct dev *d, u32 id, struct vq *q, u64 features) {
     d->q = q;
     d->q1 = 0;
     d->q2 = 0;
-    d->base = find_device(id);
+    d->base = virtio_mmio_find(id);
     if (!d->base) {
-        puts("no such device on the command line\n");
+        puts("no such device\n");
         return 0;
     }
     return init_device(d, features);
@@ -607,7 +578,7 @@ static void test_net(void) {
     d.id = ID_NET;
     d.q = &queues[0];
     d.q1 = &queues[1];
-    d.base = find_device(ID_NET);
+    d.base = virtio_mmio_find(ID_NET);
     check(d.base && init_device(&d, 1ULL << 5), "net: device initialised");
     if (failures) return;
     u8 mac[6], other[6];
@@ -748,7 +719,7 @@ static void test_vsock(void) {
     d.q = &queues[0];
     d.q1 = &queues[1];
     d.q2 = &queues[2];
-    d.base = find_device(ID_VSOCK);
+    d.base = virtio_mmio_find(ID_VSOCK);
     check(d.base && init_device(&d, 0), "vsock: device initialised");
     if (failures) return;
     vs_cid = mmio_read64(d.base + MMIO_CONFIG);
@@ -836,10 +807,25 @@ static void test_vsock(void) {
     check(reset, "vsock: sending past the credit resets the connection");
 }
 
+/* Says where the devices are announced: the DSDT, and how many command-line entries. */
+static void report_announcements(void) {
+    static const char key[] = "virtio_mmio.device=";
+    u64 entries = 0;
+    for (const char *p = cmdline(); *p; p++) {
+        const char *k = key, *t = p;
+        while (*k && *t == *k) { t++; k++; }
+        if (!*k) entries++;
+    }
+    puts(acpi_table("DSDT") ? "virtio: devices in the DSDT, " : "virtio: no DSDT, ");
+    put_dec(entries);
+    puts(" on the command line\n");
+}
+
 void guest_main(void) {
     int len;
     const char *mode = cmdline_value("mode", &len);
     clean = cmdline_u64("clean", 0) != 0;
+    report_announcements();
     if (mode && str_eq(mode, len, "rng")) {
         test_rng();
     } else if (mode && str_eq(mode, len, "blk")) {

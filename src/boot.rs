@@ -31,7 +31,9 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const PAGE_SIZE: u64 = 4096;
 /// What bulkhead puts on every command line, before the user's part, so the user can override.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k";
+/// `reboot=a` makes a reboot go through the ACPI reset register first, then the i8042 (a kernel
+/// without ACPI skips straight to the i8042).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=a";
 
 /// Errors while loading what the guest boots from.
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +269,7 @@ pub fn write_boot_info(
     kernel: &LoadedKernel,
     initrd: Option<&LoadedInitrd>,
     cmdline: &Cmdline,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let cmdline_bytes = cmdline.as_cstring()?.into_bytes_with_nul();
     mem.write_slice(&cmdline_bytes, GuestAddress(layout::CMDLINE_START))
@@ -276,8 +279,8 @@ pub fn write_boot_info(
         })?;
     let cmdline_len = cmdline_bytes.len().saturating_sub(1) as u32;
     match kernel.mode {
-        EntryMode::Linux64 => write_zero_page(mem, mem_bytes, kernel, initrd, cmdline_len),
-        EntryMode::Pvh => write_pvh_info(mem, mem_bytes, initrd),
+        EntryMode::Linux64 => write_zero_page(mem, mem_bytes, kernel, initrd, cmdline_len, rsdp),
+        EntryMode::Pvh => write_pvh_info(mem, mem_bytes, initrd, rsdp),
     }
 }
 
@@ -287,8 +290,13 @@ fn write_zero_page(
     kernel: &LoadedKernel,
     initrd: Option<&LoadedInitrd>,
     cmdline_len: u32,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        // Boot protocol 2.14's pointer; older kernels scan for the RSDP where it is anyway.
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     match kernel.setup_header {
         Some(hdr) => params.hdr = hdr,
         None => {
@@ -327,6 +335,7 @@ fn write_pvh_info(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
     initrd: Option<&LoadedInitrd>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let write_err = |what| move |source| BootError::GuestWrite { what, source };
     let map = layout::memory_map(mem_bytes);
@@ -351,6 +360,7 @@ fn write_pvh_info(
         cmdline_paddr: layout::CMDLINE_START,
         memmap_paddr: layout::PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some(initrd) = initrd {
@@ -382,7 +392,7 @@ mod tests {
         let s = c.as_cstring().unwrap().into_string().unwrap();
         assert_eq!(
             s,
-            "console=ttyS0 reboot=k quiet exit=3 -- /bin/sh -c 'echo hi'"
+            "console=ttyS0 reboot=a quiet exit=3 -- /bin/sh -c 'echo hi'"
         );
     }
 
@@ -473,6 +483,26 @@ mod tests {
     }
 
     #[test]
+    fn both_boot_protocols_pass_the_rsdp() {
+        let m = mem(32 << 20);
+        let cmdline = build_cmdline("", &[]).unwrap();
+        for mode in [EntryMode::Linux64, EntryMode::Pvh] {
+            let kernel = LoadedKernel {
+                entry: 0x10_0000,
+                mode,
+                end: 0x20_0000,
+                setup_header: None,
+            };
+            write_boot_info(&m, 32 << 20, &kernel, None, &cmdline, Some(0xe_0000)).unwrap();
+        }
+        let params: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
+        let rsdp = params.acpi_rsdp_addr;
+        assert_eq!(rsdp, 0xe_0000);
+        let info: hvm_start_info = m.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
+    }
+
+    #[test]
     fn zero_page_carries_the_memory_map_and_command_line() {
         let m = mem(32 << 20);
         let kernel = LoadedKernel {
@@ -482,7 +512,7 @@ mod tests {
             setup_header: None,
         };
         let cmdline = build_cmdline("x=1", &[]).unwrap();
-        write_boot_info(&m, 32 << 20, &kernel, None, &cmdline).unwrap();
+        write_boot_info(&m, 32 << 20, &kernel, None, &cmdline, None).unwrap();
         let params: boot_params = m.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
         let entries = params.e820_entries;
         assert_eq!(usize::from(entries), layout::memory_map(32 << 20).len());

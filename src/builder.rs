@@ -5,9 +5,12 @@
 //! 2. open KVM and check it;
 //! 3. create this VM's own memory;
 //! 4. create the VM (memslots, irqchip, PIT);
-//! 5. attach devices: legacy ports, then virtio-mmio (disks, network devices, vsock, rng),
-//!    each with its ioeventfds and irqfd, announced on the kernel command line;
-//! 6. load kernel, initrd and command line, write the boot tables;
+//! 5. attach devices: legacy ports (serial, i8042, ACPI power registers, pvpanic, bulkhead's
+//!    own), then virtio-mmio (disks, network devices, vsock, rng), each with its ioeventfds
+//!    and irqfd;
+//! 6. load kernel, initrd and command line; write the boot tables: ACPI (devices are announced
+//!    there, and on the command line only when asked or without ACPI), the MP table, the reset
+//!    vector;
 //! 7. create and configure the vCPUs.
 
 use std::fs::{File, OpenOptions};
@@ -17,11 +20,13 @@ use std::sync::Arc;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::{layout, mptable, ArchError};
+use crate::arch::x86_64::acpi::{self, Board, PortDevice, PowerRegisters, VirtioMmio};
+use crate::arch::x86_64::{layout, mptable, reset_vector, ArchError};
 use crate::boot::{self, BootError, BootFile};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::devices::legacy::{
-    self, BootCompletePort, GuestExitPort, IoDelayPort, SerialPort, I8042,
+    self, power, AcpiPower, BootCompletePort, GuestExitPort, IoDelayPort, PvPanic, SerialPort,
+    I8042,
 };
 use crate::devices::virtio::block::{Block, BlockError, BlockQueue, Disk};
 use crate::devices::virtio::net::{Net, NetQueues, Tap, TapError};
@@ -206,9 +211,27 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         Some(file) => Some(boot::load_initrd(mem, file, config.mem_bytes(), &kernel)?),
         None => None,
     };
-    let cmdline = boot::build_cmdline(&config.cmdline, &virtio.cmdline)?;
-    boot::write_boot_info(mem, config.mem_bytes(), &kernel, initrd.as_ref(), &cmdline)?;
+    let announced: &[String] = if config.cmdline_devices {
+        &virtio.cmdline
+    } else {
+        &[]
+    };
+    let cmdline = boot::build_cmdline(&config.cmdline, announced)?;
+    let rsdp = if config.acpi {
+        Some(acpi::Tables::build(&board(config.vcpus, &virtio.windows))?.write(mem)?)
+    } else {
+        None
+    };
+    boot::write_boot_info(
+        mem,
+        config.mem_bytes(),
+        &kernel,
+        initrd.as_ref(),
+        &cmdline,
+        rsdp,
+    )?;
     mptable::setup_mptable(mem, config.vcpus)?;
+    reset_vector::write(mem, legacy::I8042_COMMAND_PORT, legacy::I8042_PULSE_RESET)?;
 
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -257,6 +280,8 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
 struct VirtioBus {
     bus: Bus,
     cmdline: Vec<String>,
+    /// Each device's register window and interrupt, for the DSDT.
+    windows: Vec<VirtioMmio>,
     devices: Vec<Arc<DeviceShared>>,
     workers: Vec<VirtioWorker>,
     /// Each device's name, by attach order (`VmConfig::device_names`).
@@ -309,6 +334,11 @@ impl VirtioBus {
         self.bus.insert(Arc::new(transport), base, mmio::MMIO_LEN)?;
         self.cmdline
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        self.windows.push(VirtioMmio {
+            base,
+            size: mmio::MMIO_LEN,
+            gsi: irq,
+        });
         self.workers
             .push(VirtioWorker::new(shared.clone(), mem, queue_evts, handler));
         self.devices.push(shared);
@@ -373,7 +403,45 @@ fn pio_bus(
         1,
     )?;
     pio.insert(Arc::new(IoDelayPort), legacy::IO_DELAY_PORT, 1)?;
+    pio.insert(
+        Arc::new(AcpiPower::new(exit.clone())),
+        legacy::POWER_PORT_BASE,
+        power::POWER_PORTS_LEN,
+    )?;
+    pio.insert(
+        Arc::new(PvPanic::new(exit.clone(), reporter.clone())),
+        legacy::PVPANIC_PORT,
+        1,
+    )?;
     Ok(pio)
+}
+
+/// What the ACPI tables describe: the legacy devices `pio_bus` places and the virtio devices.
+fn board(vcpus: u32, virtio: &[VirtioMmio]) -> Board {
+    // The legacy ports are all below 0x1000, so they fit the descriptors' 16 bits.
+    let port = |p: u64| p as u16;
+    Board {
+        vcpus,
+        serial: PortDevice {
+            base: port(legacy::SERIAL_PORT_BASE),
+            len: legacy::SERIAL_PORT_LEN as u8,
+            gsi: legacy::SERIAL_IRQ,
+        },
+        i8042: (
+            port(legacy::I8042_PORT_BASE),
+            u16::from(legacy::I8042_COMMAND_PORT),
+            legacy::I8042_IRQ,
+        ),
+        pvpanic_port: port(legacy::PVPANIC_PORT),
+        power: PowerRegisters {
+            sleep_control: port(legacy::POWER_PORT_BASE + power::SLEEP_CONTROL),
+            sleep_status: port(legacy::POWER_PORT_BASE + power::SLEEP_STATUS),
+            reset: port(legacy::POWER_PORT_BASE + power::RESET),
+            reset_value: power::RESET_VALUE,
+            s5_sleep_type: power::S5_SLEEP_TYPE,
+        },
+        virtio: virtio.to_vec(),
+    }
 }
 
 /// The console's output sink and, for stdio, its input source. A console file the

@@ -94,6 +94,14 @@ pub struct RunArgs {
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// Leave out the ACPI tables: the guest finds its vCPUs in the MP table and its devices
+    /// on the command line (also what `acpi=off` in --cmdline implies).
+    #[arg(long)]
+    pub no_acpi: bool,
+    /// Also announce the virtio devices on the kernel command line (`virtio_mmio.device=`),
+    /// for kernels that read them there but do not have ACPI.
+    #[arg(long)]
+    pub cmdline_devices: bool,
     /// Run without seccomp filters. For debugging only: the VMM is then unconfined.
     #[arg(long)]
     pub no_seccomp: bool,
@@ -138,6 +146,8 @@ impl RunArgs {
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
             vsock: self.vsock.clone(),
             rng: self.no_rng.then_some(false),
+            acpi: self.no_acpi.then_some(false),
+            cmdline_devices: self.cmdline_devices.then_some(true),
             metrics_file: self.metrics_file.clone(),
             alerts: self.alerts.clone(),
             alerts_http: self.alerts_http.clone(),

@@ -192,6 +192,12 @@ pub struct RawConfig {
     pub vsock: Option<RawVsock>,
     /// `false` leaves out the virtio-rng device.
     pub rng: Option<bool>,
+    /// `false` leaves out the ACPI tables (the guest then finds vCPUs through the MP table
+    /// and devices on the command line).
+    pub acpi: Option<bool>,
+    /// `true` also announces the virtio devices on the kernel command line, for kernels
+    /// built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` but without ACPI.
+    pub cmdline_devices: Option<bool>,
     /// Prometheus text file the supervisor keeps up to date.
     pub metrics_file: Option<PathBuf>,
     /// Where alerts go: a file, or `-` for standard error.
@@ -227,6 +233,8 @@ impl RawConfig {
             nets: over.nets.or(self.nets),
             vsock: over.vsock.or(self.vsock),
             rng: over.rng.or(self.rng),
+            acpi: over.acpi.or(self.acpi),
+            cmdline_devices: over.cmdline_devices.or(self.cmdline_devices),
             metrics_file: over.metrics_file.or(self.metrics_file),
             alerts: over.alerts.or(self.alerts),
             alerts_http: over.alerts_http.or(self.alerts_http),
@@ -234,6 +242,14 @@ impl RawConfig {
             on_violation: over.on_violation.or(self.on_violation),
         }
     }
+}
+
+/// True when the kernel's part of `cmdline` (before any `--`) holds `acpi=off`.
+fn kernel_turns_acpi_off(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .take_while(|w| *w != "--")
+        .any(|w| w == "acpi=off")
 }
 
 /// Validated settings for one VM.
@@ -254,6 +270,11 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
+    /// ACPI tables in guest memory.
+    pub acpi: bool,
+    /// `virtio_mmio.device=` entries on the command line: when asked, when ACPI is off, or
+    /// when the command line turns it off (`acpi=off`).
+    pub cmdline_devices: bool,
     pub supervision: Supervision,
     pub test_hook: Option<TestHook>,
 }
@@ -299,6 +320,9 @@ impl VmConfig {
         let nets = validate_nets(raw.nets.unwrap_or_default(), &vm_id)?;
         let vsock = validate_vsock(raw.vsock)?;
         let rng = raw.rng.unwrap_or(true);
+        let acpi = raw.acpi.unwrap_or(true);
+        let cmdline_devices =
+            raw.cmdline_devices.unwrap_or(false) || !acpi || kernel_turns_acpi_off(&cmdline);
         let supervision = RawSupervision {
             metrics_file: raw.metrics_file,
             alerts: raw.alerts,
@@ -326,6 +350,8 @@ impl VmConfig {
             nets,
             vsock,
             rng,
+            acpi,
+            cmdline_devices,
             supervision,
             test_hook: None,
         })
@@ -418,6 +444,30 @@ mod tests {
         assert_eq!(a.vm_id.len(), 32);
         assert_ne!(a.vm_id, b.vm_id);
         assert!(a.seccomp);
+    }
+
+    #[test]
+    fn devices_go_on_the_command_line_only_when_asked_or_without_acpi() {
+        let with = |f: fn(&mut RawConfig)| {
+            let mut raw = raw_with_kernel();
+            f(&mut raw);
+            let c = VmConfig::from_raw(raw, 1 << 20).unwrap();
+            (c.acpi, c.cmdline_devices)
+        };
+        assert_eq!(with(|_| {}), (true, false));
+        assert_eq!(with(|r| r.acpi = Some(false)), (false, true));
+        assert_eq!(with(|r| r.cmdline_devices = Some(true)), (true, true));
+        assert_eq!(
+            with(|r| r.cmdline = Some("console=ttyS0 acpi=off".into())),
+            (true, true)
+        );
+        // After `--` the words are init's, not the kernel's.
+        assert_eq!(
+            with(|r| r.cmdline = Some("quiet -- acpi=off".into())),
+            (true, false)
+        );
+        let file = RawConfig::from_json(r#"{"kernel":"k","acpi":false}"#).unwrap();
+        assert!(!VmConfig::from_raw(file, 1 << 20).unwrap().acpi);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Process exit statuses of `bulkhead run`. Documented in README.md.
 pub mod status {
-    /// The guest reset the machine through the i8042, or wrote 0 to the guest-exit port.
+    /// The guest powered off or reset the machine, or wrote 0 to the guest-exit port.
     pub const OK: i32 = 0;
     /// The VMM failed at run time (a KVM or host call failed after boot started).
     pub const RUNTIME_ERROR: i32 = 1;
@@ -33,6 +33,8 @@ pub mod status {
     pub const VCPU_FAILED: i32 = 85;
     /// `--on-violation stop-vm` ended the VM after an alert.
     pub const POLICY_STOP: i32 = 86;
+    /// The guest kernel panicked and said so through the pvpanic device.
+    pub const GUEST_PANIC: i32 = 87;
     /// `--timeout` ended the VM (the status timeout(1) uses).
     pub const TIMEOUT: i32 = 124;
     /// The VM was stopped from outside (SIGTERM to `bulkhead run`): 128 + SIGTERM.
@@ -47,8 +49,12 @@ pub mod status {
 pub enum VmExitReason {
     /// The guest wrote this status to the guest-exit port.
     GuestExit(u8),
-    /// The guest asked the i8042 to reset the machine.
-    Reset,
+    /// The guest reset the machine.
+    Reset(ResetVia),
+    /// The guest powered off (ACPI sleep state S5).
+    PowerOff,
+    /// The guest kernel panicked (it wrote PANICKED to the pvpanic port).
+    GuestPanic,
     /// No vCPU can run any more.
     AllHalted,
     /// The given vCPU triple-faulted.
@@ -70,7 +76,8 @@ impl VmExitReason {
     pub fn status(&self) -> i32 {
         match self {
             VmExitReason::GuestExit(n) => i32::from(*n),
-            VmExitReason::Reset => status::OK,
+            VmExitReason::Reset(_) | VmExitReason::PowerOff => status::OK,
+            VmExitReason::GuestPanic => status::GUEST_PANIC,
             VmExitReason::AllHalted => status::ALL_HALTED,
             VmExitReason::TripleFault { .. } => status::TRIPLE_FAULT,
             VmExitReason::InternalError { .. } => status::INTERNAL_ERROR,
@@ -83,14 +90,19 @@ impl VmExitReason {
 
     /// True when the guest ended itself on purpose.
     pub fn is_orderly(&self) -> bool {
-        matches!(self, VmExitReason::GuestExit(_) | VmExitReason::Reset)
+        matches!(
+            self,
+            VmExitReason::GuestExit(_) | VmExitReason::Reset(_) | VmExitReason::PowerOff
+        )
     }
 
     /// The name metrics use for this reason.
     pub fn label(&self) -> &'static str {
         match self {
             VmExitReason::GuestExit(_) => "guest_exit",
-            VmExitReason::Reset => "reset",
+            VmExitReason::Reset(_) => "reset",
+            VmExitReason::PowerOff => "power_off",
+            VmExitReason::GuestPanic => "guest_panic",
             VmExitReason::AllHalted => "all_halted",
             VmExitReason::TripleFault { .. } => "triple_fault",
             VmExitReason::InternalError { .. } => "internal_error",
@@ -106,7 +118,7 @@ impl VmExitReason {
     pub fn to_record(&self) -> (u64, u64, u64) {
         match *self {
             VmExitReason::GuestExit(n) => (1, u64::from(n), 0),
-            VmExitReason::Reset => (2, 0, 0),
+            VmExitReason::Reset(via) => (2, via as u64, 0),
             VmExitReason::AllHalted => (3, 0, 0),
             VmExitReason::TripleFault { vcpu } => (4, u64::from(vcpu), 0),
             VmExitReason::InternalError { vcpu, suberror } => {
@@ -116,6 +128,8 @@ impl VmExitReason {
             VmExitReason::UnhandledExit { vcpu, .. } => (7, u64::from(vcpu), 0),
             VmExitReason::VcpuFailed { vcpu, .. } => (8, u64::from(vcpu), 0),
             VmExitReason::Stopped => (9, 0, 0),
+            VmExitReason::PowerOff => (10, 0, 0),
+            VmExitReason::GuestPanic => (11, 0, 0),
         }
     }
 
@@ -125,7 +139,7 @@ impl VmExitReason {
         let vcpu = u32::try_from(a).ok();
         Some(match kind {
             1 => VmExitReason::GuestExit(u8::try_from(a).ok()?),
-            2 => VmExitReason::Reset,
+            2 => VmExitReason::Reset(ResetVia::from_record(a)?),
             3 => VmExitReason::AllHalted,
             4 => VmExitReason::TripleFault { vcpu: vcpu? },
             5 => VmExitReason::InternalError {
@@ -145,6 +159,8 @@ impl VmExitReason {
                 error: "see the VM process's log".to_string(),
             },
             9 => VmExitReason::Stopped,
+            10 => VmExitReason::PowerOff,
+            11 => VmExitReason::GuestPanic,
             _ => return None,
         })
     }
@@ -154,7 +170,11 @@ impl fmt::Display for VmExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VmExitReason::GuestExit(n) => write!(f, "guest exited with status {n}"),
-            VmExitReason::Reset => write!(f, "guest reset the machine"),
+            VmExitReason::Reset(via) => write!(f, "guest reset the machine {via}"),
+            VmExitReason::PowerOff => write!(f, "guest powered off (ACPI S5)"),
+            VmExitReason::GuestPanic => {
+                write!(f, "the guest kernel panicked (it told the pvpanic device)")
+            }
             VmExitReason::AllHalted => {
                 write!(f, "all vCPUs halted with interrupts disabled; the guest is stuck")
             }
@@ -172,6 +192,40 @@ impl fmt::Display for VmExitReason {
             VmExitReason::VcpuFailed { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
             VmExitReason::Stopped => write!(f, "the VM was stopped from outside"),
         }
+    }
+}
+
+/// How the guest reset the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetVia {
+    /// The i8042's reset line (command 0xfe, or the output port), also what the reset vector
+    /// does when a kernel restarts through the BIOS.
+    I8042 = 0,
+    /// The ACPI reset register the FADT names.
+    AcpiRegister = 1,
+    /// A KVM system event (reset or shutdown requested inside the kernel).
+    KvmSystemEvent = 2,
+}
+
+impl ResetVia {
+    fn from_record(a: u64) -> Option<ResetVia> {
+        [
+            ResetVia::I8042,
+            ResetVia::AcpiRegister,
+            ResetVia::KvmSystemEvent,
+        ]
+        .into_iter()
+        .find(|v| *v as u64 == a)
+    }
+}
+
+impl fmt::Display for ResetVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResetVia::I8042 => "through the i8042",
+            ResetVia::AcpiRegister => "through the ACPI reset register",
+            ResetVia::KvmSystemEvent => "through a KVM system event",
+        })
     }
 }
 
@@ -234,7 +288,8 @@ mod tests {
     fn guest_chosen_status_passes_through_unchanged() {
         assert_eq!(VmExitReason::GuestExit(0).status(), 0);
         assert_eq!(VmExitReason::GuestExit(255).status(), 255);
-        assert_eq!(VmExitReason::Reset.status(), 0);
+        assert_eq!(VmExitReason::Reset(ResetVia::I8042).status(), 0);
+        assert_eq!(VmExitReason::PowerOff.status(), 0);
     }
 
     #[test]
@@ -256,6 +311,7 @@ mod tests {
                 error: "x".into(),
             },
             VmExitReason::Stopped,
+            VmExitReason::GuestPanic,
         ];
         let mut statuses: Vec<i32> = reasons.iter().map(VmExitReason::status).collect();
         statuses.push(status::RUNTIME_ERROR);
@@ -275,7 +331,7 @@ mod tests {
         let signal = ExitSignal::new().unwrap();
         assert!(!signal.is_stopping());
         signal.request(VmExitReason::GuestExit(3));
-        signal.request(VmExitReason::Reset);
+        signal.request(VmExitReason::Reset(ResetVia::I8042));
         assert!(signal.is_stopping());
         assert_eq!(signal.reason(), Some(VmExitReason::GuestExit(3)));
         assert_eq!(signal.event_fd().read().unwrap(), 2);
@@ -285,7 +341,11 @@ mod tests {
     fn every_reason_survives_the_exit_record_and_garbage_does_not_decode() {
         let reasons = [
             VmExitReason::GuestExit(200),
-            VmExitReason::Reset,
+            VmExitReason::Reset(ResetVia::I8042),
+            VmExitReason::Reset(ResetVia::AcpiRegister),
+            VmExitReason::Reset(ResetVia::KvmSystemEvent),
+            VmExitReason::PowerOff,
+            VmExitReason::GuestPanic,
             VmExitReason::AllHalted,
             VmExitReason::TripleFault { vcpu: 3 },
             VmExitReason::InternalError {
@@ -306,5 +366,6 @@ mod tests {
         assert_eq!(VmExitReason::from_record(4, u64::MAX, 0), None);
         assert_eq!(VmExitReason::from_record(0, 0, 0), None);
         assert_eq!(VmExitReason::from_record(99, 0, 0), None);
+        assert_eq!(VmExitReason::from_record(2, 3, 0), None);
     }
 }

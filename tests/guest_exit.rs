@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{kvm_available, run_guest};
+use common::{kvm_available, run_guest, run_observed};
 
 #[test]
 fn guest_chosen_exit_status_becomes_bulkheads_exit_status() {
@@ -89,6 +89,90 @@ fn guest_reset_through_the_i8042_ends_the_run_with_status_zero() {
         "stderr: {}",
         run.stderr
     );
+}
+
+#[test]
+fn acpi_power_off_and_reset_end_the_run_with_status_zero_and_say_which() {
+    if !kvm_available("acpi_power_off_and_reset_end_the_run_with_status_zero_and_say_which") {
+        return;
+    }
+    // The guest finds the registers and values in the FADT and DSDT, as Linux does.
+    for (mode, line, reason) in [
+        ("poweroff", "guest powered off (ACPI S5)", "power_off"),
+        (
+            "acpi-reset",
+            "guest reset the machine through the ACPI reset register",
+            "reset",
+        ),
+        (
+            "reset",
+            "guest reset the machine through the i8042",
+            "reset",
+        ),
+    ] {
+        let o = run_observed(
+            &format!("exit-{mode}"),
+            "exitcodes",
+            &["--cmdline", &format!("mode={mode}")],
+        );
+        assert_eq!(o.run.status, 0, "{mode}: {}", o.run.stderr);
+        assert!(o.run.stderr.contains(line), "{mode}: {}", o.run.stderr);
+        assert_eq!(
+            o.metrics.value("bulkhead_vm_exit", &[("reason", reason)]),
+            1,
+            "{mode}"
+        );
+    }
+}
+
+#[test]
+fn a_guest_panic_ends_the_run_with_status_87_and_is_counted() {
+    if !kvm_available("a_guest_panic_ends_the_run_with_status_87_and_is_counted") {
+        return;
+    }
+    let o = run_observed("exit-panic", "exitcodes", &["--cmdline", "mode=panic"]);
+    assert_eq!(o.run.status, 87, "{}", o.run.stderr);
+    assert!(
+        o.run.stderr.contains("the guest kernel panicked"),
+        "{}",
+        o.run.stderr
+    );
+    let panics = |event| {
+        o.metrics
+            .value("bulkhead_guest_panics_total", &[("event", event)])
+    };
+    assert_eq!((panics("panicked"), panics("crash_loaded")), (1, 0));
+    assert_eq!(
+        o.metrics
+            .value("bulkhead_vm_exit", &[("reason", "guest_panic")]),
+        1
+    );
+    // A panic with a crash kernel loaded is counted, and the guest goes on (here to exit 0).
+    let o = run_observed(
+        "exit-crash",
+        "exitcodes",
+        &["--cmdline", "mode=crash-loaded"],
+    );
+    assert_eq!(o.run.status, 0, "{}", o.run.stderr);
+    let panics = |event| {
+        o.metrics
+            .value("bulkhead_guest_panics_total", &[("event", event)])
+    };
+    assert_eq!((panics("panicked"), panics("crash_loaded")), (0, 1));
+}
+
+#[test]
+fn without_acpi_tables_the_acpi_ways_out_are_not_offered() {
+    if !kvm_available("without_acpi_tables_the_acpi_ways_out_are_not_offered") {
+        return;
+    }
+    for mode in ["poweroff", "acpi-reset", "panic"] {
+        let run = run_guest(
+            "exitcodes",
+            &["--no-acpi", "--cmdline", &format!("mode={mode}")],
+        );
+        assert_eq!(run.status, 0x7e, "{mode}: {}", run.stderr);
+    }
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! Every vCPU given with --vcpus is listed in the MP table and CPUID, starts, and checks in;
-//! CPUID hides nested virtualization.
+//! Every vCPU given with --vcpus is listed in the MP table, the ACPI MADT and CPUID, starts,
+//! and checks in; CPUID hides nested virtualization.
 
 mod common;
 
@@ -25,6 +25,12 @@ fn every_vcpu_checks_in_through_the_serial_port() {
         );
         assert!(
             run.stdout
+                .contains(&format!("smp: MADT lists the same {vcpus} processors")),
+            "stdout: {}",
+            run.stdout
+        );
+        assert!(
+            run.stdout
                 .contains("cpuid: nested virtualization hidden, hypervisor bit set"),
             "stdout: {}",
             run.stdout
@@ -41,4 +47,15 @@ fn every_vcpu_checks_in_through_the_serial_port() {
             .stdout
             .contains(&format!("smp: all {vcpus} vcpus checked in")));
     }
+}
+
+#[test]
+fn without_acpi_the_mp_table_alone_brings_up_every_vcpu() {
+    if !kvm_available("without_acpi_the_mp_table_alone_brings_up_every_vcpu") {
+        return;
+    }
+    let run = run_guest("smp", &["--vcpus", "2", "--no-acpi"]);
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("smp: no ACPI tables"), "{}", run.stdout);
+    assert!(run.stdout.contains("smp: all 2 vcpus checked in"));
 }

@@ -93,7 +93,31 @@ fn no_rng_leaves_the_device_out() {
     }
     let run = run_guest("virtio", &["--cmdline", "mode=rng", "--no-rng"]);
     assert_eq!(run.status, 1, "stdout: {}", run.stdout);
-    assert!(run.stdout.contains("no such device on the command line"));
+    assert!(run.stdout.contains("no such device"));
+}
+
+#[test]
+fn devices_are_announced_in_the_dsdt_and_on_the_command_line_only_when_asked() {
+    if !kvm_available("devices_are_announced_in_the_dsdt_and_on_the_command_line_only_when_asked") {
+        return;
+    }
+    for (flags, announced) in [
+        (
+            &[][..],
+            "virtio: devices in the DSDT, 0 on the command line",
+        ),
+        (
+            &["--cmdline-devices"][..],
+            "virtio: devices in the DSDT, 1 on the command line",
+        ),
+        (&["--no-acpi"][..], "virtio: no DSDT, 1 on the command line"),
+    ] {
+        let mut args = flags.to_vec();
+        args.extend(["--cmdline", "mode=rng"]);
+        let run = run_guest("virtio", &args);
+        assert_run_passed(&run);
+        assert!(run.stdout.contains(announced), "{flags:?}: {}", run.stdout);
+    }
 }
 
 #[test]

@@ -153,6 +153,20 @@ impl MetricsSnapshot {
             one(page.vm_counter(VmCounter::VcpuFailures)),
         );
         m.counter(
+            "bulkhead_guest_panics",
+            "guest kernel panics the pvpanic device reported, by what the kernel did next",
+            vec![
+                Sample {
+                    labels: vec![("event", "panicked".into())],
+                    value: page.vm_counter(VmCounter::GuestPanics),
+                },
+                Sample {
+                    labels: vec![("event", "crash_loaded".into())],
+                    value: page.vm_counter(VmCounter::GuestCrashLoaded),
+                },
+            ],
+        );
+        m.counter(
             "bulkhead_telemetry_events_dropped",
             "telemetry events dropped because the channel to the supervisor was full",
             one(page.vm_counter(VmCounter::EventsDropped)),

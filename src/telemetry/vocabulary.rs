@@ -77,6 +77,10 @@ vocabulary! {
         VcpuFailures = "vcpu_failures",
         /// Telemetry events dropped because the channel to the supervisor was full.
         EventsDropped = "events_dropped",
+        /// Guest kernel panics reported through the pvpanic device.
+        GuestPanics = "guest_panics",
+        /// Guest kernels that reported a panic with a crash kernel loaded (they go on to it).
+        GuestCrashLoaded = "guest_crash_loaded",
     }
 }
 

@@ -18,7 +18,7 @@ use super::vm::Vm;
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::{cpuid, msr, ArchError};
 use crate::devices::{Bus, BusAccess};
-use crate::exit::{ExitSignal, VmExitReason};
+use crate::exit::{ExitSignal, ResetVia, VmExitReason};
 use crate::telemetry::{Event, ExitKind, Reporter, VmCounter};
 use crate::{debug_limited, signal, warn_limited};
 
@@ -445,10 +445,11 @@ pub fn handle_exit(exit: VcpuExit<'_>, vcpu: u32, io: &VcpuIo) -> ExitAction {
         VcpuExit::FailEntry(reason, _cpu) => {
             ExitAction::Stop(VmExitReason::FailEntry { vcpu, reason })
         }
-        VcpuExit::SystemEvent(kind, _)
-            if kind == KVM_SYSTEM_EVENT_RESET || kind == KVM_SYSTEM_EVENT_SHUTDOWN =>
-        {
-            ExitAction::Stop(VmExitReason::Reset)
+        VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_RESET => {
+            ExitAction::Stop(VmExitReason::Reset(ResetVia::KvmSystemEvent))
+        }
+        VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_SHUTDOWN => {
+            ExitAction::Stop(VmExitReason::PowerOff)
         }
         other => {
             let exit = format!("{other:?}");

@@ -2,40 +2,14 @@
  * guest-images/virtio.c. */
 #include "virtq.h"
 #include "attack.h"
+#include "../../lib/acpi.h"
 
 /* How many register polls a wait may take. Each poll is a VM exit (about 10-20 us on the
  * nested test hosts, far less on hardware) and lets the VMM's device thread run, so this
  * bounds a wait to a few seconds while a device answers in well under a millisecond. */
 #define POLL_LIMIT 300000u
 
-static u64 parse_hex(const char **p) {
-    u64 v = 0;
-    for (;;) {
-        char c = **p;
-        int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-        if (digit < 0) return v;
-        v = v * 16 + (u64)digit;
-        (*p)++;
-    }
-}
-
-u64 virtio_find_device(u32 id) {
-    static const char key[] = "virtio_mmio.device=4K@0x";
-    const char *p = cmdline();
-    while (*p) {
-        const char *k = key, *t = p;
-        while (*k && *t == *k) { t++; k++; }
-        if (!*k) {
-            u64 base = parse_hex(&t);
-            if (mmio_read32(base + VIRTIO_MMIO_MAGIC) == VIRTIO_MAGIC_VALUE &&
-                mmio_read32(base + VIRTIO_MMIO_DEVICE_ID) == id)
-                return base;
-        }
-        while (*p && *p != ' ') p++;
-        while (*p == ' ') p++;
-    }
-    return 0;
-}
+u64 virtio_find_device(u32 id) { return virtio_mmio_find(id); }
 
 int vdev_begin(struct vdev *d, u32 id, u64 features) {
     d->id = id;

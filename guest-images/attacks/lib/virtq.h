@@ -109,8 +109,9 @@ static inline u32 vdev_read(const struct vdev *d, u32 reg) { return mmio_read32(
 static inline void vdev_write(const struct vdev *d, u32 reg, u32 v) { mmio_write32(d->base + reg, v); }
 static inline u32 vdev_status(const struct vdev *d) { return vdev_read(d, VIRTIO_MMIO_STATUS); }
 
-/* The register block of the first device of type `id` named by a virtio_mmio.device= entry on
- * the command line, or 0. Reads only Magic and DeviceID of the blocks it is given. */
+/* The register block of the first device of type `id`, found as a kernel would: in the DSDT,
+ * or without ACPI from the virtio_mmio.device= entries on the command line; 0 if none. Reads
+ * only Magic and DeviceID of the blocks it considers. */
 u64 virtio_find_device(u32 id);
 
 /* Finds device `id`, resets it and negotiates: ACKNOWLEDGE, DRIVER, the offered features

@@ -6,6 +6,8 @@
 //! 0x0000_6000  PVH start info + tables  0x0009_e000  MP configuration table (reserved to 1 MiB)
 //! 0x0000_7000  zero page (boot_params)
 //! 0x0000_8ff0  boot stack top           0x0009_fc00  MP floating pointer (last KiB of base memory)
+//!                                       0x000e_0000  ACPI RSDP, then the other ACPI tables
+//!                                       0x000f_fff0  reset vector (a kernel restarting via BIOS)
 //!                                       0x0010_0000  kernel (1 MiB); initrd at the top of low RAM
 //! 0xc000_0000 - 0x1_0000_0000  MMIO gap (IOAPIC, LAPIC, devices); RAM resumes at 4 GiB
 //! ```
@@ -40,6 +42,14 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const MPTABLE_START: u64 = 0x9_e000;
 /// MP floating pointer: Linux scans the last KiB of base memory for it.
 pub const MP_FLOATING_POINTER: u64 = 0x9_fc00;
+/// ACPI: the RSDP where Linux scans for one (0xE0000 to 0xFFFFF, on 16-byte boundaries), the
+/// other tables after it, up to the reset vector.
+pub const ACPI_RSDP_START: u64 = 0xe_0000;
+pub const ACPI_TABLES_START: u64 = 0xe_0040;
+pub const ACPI_TABLES_END: u64 = RESET_VECTOR;
+/// Where a CPU starts after reset (F000:FFF0): Linux jumps here to restart through the BIOS,
+/// which is its default way to reboot a hardware-reduced ACPI machine.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// Base memory ends here: the MP table, then the legacy VGA/BIOS hole up to 1 MiB, are
 /// reserved.
 pub const EBDA_START: u64 = MPTABLE_START;
@@ -184,6 +194,9 @@ mod tests {
             (CMDLINE_START, CMDLINE_MAX_SIZE as u64),
             (MPTABLE_START, MP_FLOATING_POINTER - MPTABLE_START),
             (MP_FLOATING_POINTER, 16),
+            (ACPI_RSDP_START, ACPI_TABLES_START - ACPI_RSDP_START),
+            (ACPI_TABLES_START, ACPI_TABLES_END - ACPI_TABLES_START),
+            (RESET_VECTOR, HIMEM_START - RESET_VECTOR),
         ];
         areas.sort_unstable();
         for w in areas.windows(2) {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ByteRegisters;
-use crate::exit::{ExitSignal, VmExitReason};
+use crate::exit::{ExitSignal, ResetVia, VmExitReason};
 use crate::warn_limited;
 
 const DATA: u8 = 0;
@@ -87,7 +87,7 @@ impl I8042 {
     }
 
     fn reset_machine(&self) {
-        self.exit.request(VmExitReason::Reset);
+        self.exit.request(VmExitReason::Reset(ResetVia::I8042));
     }
 
     /// Queues reply bytes and raises the keyboard interrupt if the guest enabled it.
@@ -279,11 +279,11 @@ mod tests {
     fn pulse_reset_and_output_port_reset_end_the_vm() {
         let (dev, exit, _) = controller();
         dev.write_byte(COMMAND, 0xfe);
-        assert_eq!(exit.reason(), Some(VmExitReason::Reset));
+        assert_eq!(exit.reason(), Some(VmExitReason::Reset(ResetVia::I8042)));
         let (dev, exit, _) = controller();
         dev.write_byte(COMMAND, 0xd1);
         dev.write_byte(DATA, 0x02);
-        assert_eq!(exit.reason(), Some(VmExitReason::Reset));
+        assert_eq!(exit.reason(), Some(VmExitReason::Reset(ResetVia::I8042)));
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! The few legacy PC devices a microVM keeps: one 16550A serial port, the i8042 (only for
-//! its reset line), and bulkhead's own guest ports for exit status and boot timing.
+//! its reset line), the ACPI power registers, the pvpanic port, and bulkhead's own guest ports
+//! for exit status and boot timing.
 
 pub mod i8042;
 pub mod ports;
+pub mod power;
+pub mod pvpanic;
 pub mod serial;
 
 pub use i8042::I8042;
 pub use ports::{BootCompletePort, GuestExitPort, IoDelayPort};
+pub use power::AcpiPower;
+pub use pvpanic::PvPanic;
 pub use serial::{EventFdTrigger, SerialPort};
 
 use crate::devices::BusDevice;
@@ -44,8 +49,15 @@ pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_PORT_BASE: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
 pub const I8042_IRQ: u32 = 1;
+/// The i8042's command port, and the command that pulses the CPU reset line.
+pub const I8042_COMMAND_PORT: u8 = 0x64;
+pub const I8042_PULSE_RESET: u8 = 0xfe;
 pub const GUEST_EXIT_PORT: u64 = 0xf4;
 pub const BOOT_COMPLETE_PORT: u64 = 0xf5;
 /// Linux writes here to delay I/O; swallowing it keeps the unassigned-port counters about
 /// things that matter.
 pub const IO_DELAY_PORT: u64 = 0x80;
+/// The pvpanic port, where QEMU puts it (so guest tooling that assumes it finds it).
+pub const PVPANIC_PORT: u64 = 0x505;
+/// ACPI sleep control, sleep status and reset registers.
+pub const POWER_PORT_BASE: u64 = 0x600;
