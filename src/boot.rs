@@ -32,8 +32,9 @@ const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const PAGE_SIZE: u64 = 4096;
 /// What bulkhead puts on every command line, before the user's part, so the user can override.
 /// `reboot=a` makes a reboot go through the ACPI reset register first, then the i8042 (a kernel
-/// without ACPI skips straight to the i8042).
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=a";
+/// without ACPI skips straight to the i8042); `pci=off` because the machine has no PCI, so a
+/// kernel does not probe for it.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=a pci=off";
 
 /// Errors while loading what the guest boots from.
 #[derive(Debug, thiserror::Error)]
@@ -392,7 +393,7 @@ mod tests {
         let s = c.as_cstring().unwrap().into_string().unwrap();
         assert_eq!(
             s,
-            "console=ttyS0 reboot=a quiet exit=3 -- /bin/sh -c 'echo hi'"
+            "console=ttyS0 reboot=a pci=off quiet exit=3 -- /bin/sh -c 'echo hi'"
         );
     }
 
