@@ -9,113 +9,12 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-/// The lane uses both cores; two at once would only slow each other into timeouts.
-static LANE: Mutex<()> = Mutex::new(());
-
-struct LinuxImages {
-    vmlinux: PathBuf,
-    bzimage: PathBuf,
-    initramfs: PathBuf,
-    /// The vsock line-exchange helper, for L1's side.
-    vsock_tool: PathBuf,
-}
-
-fn lane_available(test: &str) -> bool {
-    let missing: Vec<&str> = ["qemu-system-x86_64", "busybox", "cpio"]
-        .into_iter()
-        .filter(|tool| {
-            !Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {tool} || test -x /bin/{tool}"))
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .collect();
-    if missing.is_empty() && std::path::Path::new("/usr/src/linux-source-6.1.tar.xz").exists() {
-        return true;
-    }
-    let why = format!("the nested lane needs qemu-system-x86, busybox-static, cpio and linux-source-6.1 (missing: {missing:?}); .ci/run installs them");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {why}");
-    }
-    eprintln!("SKIPPED {test}: {why}");
-    false
-}
-
-fn images() -> &'static LinuxImages {
-    static IMAGES: OnceLock<LinuxImages> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guest-images/build-linux");
-        let out = Command::new(&script)
-            .output()
-            .expect("cannot run guest-images/build-linux");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "build-linux failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let get = |key: &str| -> PathBuf {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("build-linux printed no {key}=: {stdout}"))
-        };
-        LinuxImages {
-            vmlinux: get("vmlinux"),
-            bzimage: get("bzimage"),
-            initramfs: get("initramfs"),
-            vsock_tool: get("vsock_tool"),
-        }
-    })
-}
-
-/// Runs `bulkhead run ARGS` inside the lane; stdout and stderr of the L1 console are merged.
-fn lane_run(args: &[&str]) -> common::Run {
-    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
-    let mut full = vec![
-        script.to_str().unwrap(),
-        "--timeout",
-        "240",
-        "--",
-        "bulkhead",
-        "run",
-    ];
-    full.extend_from_slice(args);
-    let mut run = common::command_with_limit(
-        Command::new("env")
-            .arg(format!("BULKHEAD_BIN={}", env!("CARGO_BIN_EXE_bulkhead")))
-            .args(&full),
-        Duration::from_secs(300),
-    );
-    // The console already merges the guest's and bulkhead's output; add nested-kvm's own
-    // messages (a timeout, a failed L1) so a failure shows everything.
-    run.stdout = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
-    run
-}
-
-/// A guest kernel panic becomes a triple fault (status 81), not a hang until the time limit.
-const FAIL_FAST: &str = "panic=-1 reboot=t";
-
-fn boot_args<'a>(kernel: &'a std::path::Path, cmdline: &'a str, vcpus: &'a str) -> Vec<&'a str> {
-    vec![
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        images().initramfs.to_str().unwrap(),
-        "--vcpus",
-        vcpus,
-        "--mem-mib",
-        "256",
-        "--cmdline",
-        cmdline,
-    ]
-}
+use common::lane::{
+    boot_args, ext4_file, ext4_image, images, lane_available, lane_run, lane_script, FAIL_FAST,
+    LANE,
+};
 
 #[test]
 fn linux_boots_to_init_from_vmlinux_with_one_and_two_vcpus_and_returns_the_commands_status() {
@@ -214,26 +113,6 @@ fn nested_kvm_attaches_disks_whose_writes_reach_the_host_file_unless_read_only()
     );
 }
 
-/// Runs `script` with sh inside L1 as `script BULKHEAD VMLINUX INITRAMFS EXTRA...` (the
-/// caller holds the lane). Returns its status and all output.
-fn lane_script(dir: &std::path::Path, script: &str, extra: &[&str]) -> (i32, String) {
-    let path = dir.join("lane.sh");
-    std::fs::write(&path, script).unwrap();
-    let nested = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
-    let run = common::command_with_limit(
-        Command::new(&nested)
-            .args(["--timeout", "280", "--", "sh"])
-            .arg(&path)
-            .arg(env!("CARGO_BIN_EXE_bulkhead"))
-            .arg(&images().vmlinux)
-            .arg(&images().initramfs)
-            .args(extra),
-        Duration::from_secs(330),
-    );
-    let out = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
-    (run.status, out)
-}
-
 /// Run inside L1 by the virtio lane test: $1 bulkhead, $2 kernel, $3 initramfs, $5 the disk
 /// (an ext4 image). Three boots of one Linux guest on that disk:
 /// 1. read-only: the guest sees a read-only disk, a write fails, the disk is unchanged;
@@ -271,16 +150,7 @@ fn linux_guest_keeps_synced_ext4_data_on_virtio_blk_across_a_killed_vmm_and_read
     let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
     let dir = common::scratch("lane-virtio");
     let disk = dir.join("ext4.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&disk)
-        .status()
-        .expect("cannot run mkfs.ext4 (apt-get install e2fsprogs)");
-    assert!(mkfs.success());
+    ext4_image(&disk, 32);
     let disk_arg = disk.to_str().unwrap();
     let (status, out) = lane_script(&dir, VIRTIO_LANE_SCRIPT, &["--disk", disk_arg]);
     assert_eq!(status, 0, "{out}");
@@ -296,15 +166,9 @@ fn linux_guest_keeps_synced_ext4_data_on_virtio_blk_across_a_killed_vmm_and_read
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
     // The data went through both layers into the host's image file.
-    let cat = Command::new("debugfs")
-        .args(["-R", "cat /data"])
-        .arg(&disk)
-        .output()
-        .expect("cannot run debugfs");
     assert!(
-        String::from_utf8_lossy(&cat.stdout).contains("lane-persisted-token"),
-        "the host image does not hold the file: {}",
-        String::from_utf8_lossy(&cat.stderr)
+        ext4_file(&disk, "data").contains("lane-persisted-token"),
+        "the host image does not hold the file"
     );
 }
 

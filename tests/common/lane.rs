@@ -1,0 +1,188 @@
+//! The nested lane (scripts/nested-kvm): QEMU in software emulation provides an L1 VM with
+//! working KVM, and bulkhead boots a real Linux guest inside it. The Linux tests share these
+//! helpers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// The lane uses both cores; two at once would only slow each other into timeouts.
+pub static LANE: Mutex<()> = Mutex::new(());
+
+pub struct LinuxImages {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+    /// The vsock line-exchange helper, for L1's side.
+    pub vsock_tool: PathBuf,
+}
+
+pub fn lane_available(test: &str) -> bool {
+    let missing: Vec<&str> = ["qemu-system-x86_64", "busybox", "cpio"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool} || test -x /bin/{tool}"))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() && Path::new("/usr/src/linux-source-6.1.tar.xz").exists() {
+        return true;
+    }
+    let why = format!("the nested lane needs qemu-system-x86, busybox-static, cpio and linux-source-6.1 (missing: {missing:?}); .ci/run installs them");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    false
+}
+
+pub fn images() -> &'static LinuxImages {
+    static IMAGES: OnceLock<LinuxImages> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let built = build("build-linux");
+        LinuxImages {
+            vmlinux: built.get("vmlinux"),
+            bzimage: built.get("bzimage"),
+            initramfs: built.get("initramfs"),
+            vsock_tool: built.get("vsock_tool"),
+        }
+    })
+}
+
+/// What a guest-images build script printed (`key=PATH` lines).
+pub struct Built {
+    script: String,
+    stdout: String,
+}
+
+impl Built {
+    pub fn get(&self, key: &str) -> PathBuf {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("{} printed no {key}=: {}", self.script, self.stdout))
+    }
+}
+
+/// Runs `guest-images/SCRIPT` (it caches what it builds).
+pub fn build(script: &str) -> Built {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("guest-images")
+        .join(script);
+    let out = Command::new(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run guest-images/{script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Built {
+        script: script.to_string(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    }
+}
+
+/// A fresh ext4 image of `mib` MiB at `path`.
+pub fn ext4_image(path: &Path, mib: u64) {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .status()
+        .expect("cannot run mkfs.ext4 (apt-get install e2fsprogs)");
+    assert!(mkfs.success(), "mkfs.ext4 {} failed", path.display());
+}
+
+/// The file `name` in the ext4 image at `image`, as the host reads it (debugfs).
+pub fn ext4_file(image: &Path, name: &str) -> String {
+    let cat = Command::new("debugfs")
+        .args(["-R", &format!("cat /{name}")])
+        .arg(image)
+        .output()
+        .expect("cannot run debugfs");
+    String::from_utf8_lossy(&cat.stdout).into_owned()
+}
+
+/// Runs `bulkhead run ARGS` inside the lane; stdout and stderr of the L1 console are merged.
+pub fn lane_run(args: &[&str]) -> super::Run {
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
+    let mut full = vec![
+        script.to_str().unwrap(),
+        "--timeout",
+        "240",
+        "--",
+        "bulkhead",
+        "run",
+    ];
+    full.extend_from_slice(args);
+    let mut run = super::command_with_limit(
+        Command::new("env")
+            .arg(format!("BULKHEAD_BIN={}", env!("CARGO_BIN_EXE_bulkhead")))
+            .args(&full),
+        Duration::from_secs(300),
+    );
+    // The console already merges the guest's and bulkhead's output; add nested-kvm's own
+    // messages (a timeout, a failed L1) so a failure shows everything.
+    run.stdout = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
+    run
+}
+
+/// A guest kernel panic becomes a triple fault (status 81), not a hang until the time limit.
+pub const FAIL_FAST: &str = "panic=-1 reboot=t";
+
+pub fn boot_args<'a>(kernel: &'a Path, cmdline: &'a str, vcpus: &'a str) -> Vec<&'a str> {
+    vec![
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        images().initramfs.to_str().unwrap(),
+        "--vcpus",
+        vcpus,
+        "--mem-mib",
+        "256",
+        "--cmdline",
+        cmdline,
+    ]
+}
+
+/// Runs `script` with sh inside L1 as `script BULKHEAD VMLINUX INITRAMFS EXTRA...` (the
+/// caller holds the lane). Returns its status and all output.
+pub fn lane_script(dir: &Path, script: &str, extra: &[&str]) -> (i32, String) {
+    lane_script_with(dir, script, &images().vmlinux, &images().initramfs, extra)
+}
+
+/// [`lane_script`] with another kernel and initramfs: `script BULKHEAD KERNEL INITRAMFS
+/// EXTRA...`.
+pub fn lane_script_with(
+    dir: &Path,
+    script: &str,
+    kernel: &Path,
+    initramfs: &Path,
+    extra: &[&str],
+) -> (i32, String) {
+    let path = dir.join("lane.sh");
+    std::fs::write(&path, script).unwrap();
+    let nested = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/nested-kvm");
+    let run = super::command_with_limit(
+        Command::new(&nested)
+            .args(["--timeout", "280", "--", "sh"])
+            .arg(&path)
+            .arg(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg(kernel)
+            .arg(initramfs)
+            .args(extra),
+        Duration::from_secs(330),
+    );
+    let out = format!("{}{}", run.stdout, run.stderr).replace('\r', "");
+    (run.status, out)
+}
