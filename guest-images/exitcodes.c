@@ -11,6 +11,8 @@
  *   mode=acpi-reset  write the FADT's reset value to its reset register
  *   mode=panic       report a kernel panic to the pvpanic device the DSDT names (QEMU0001)
  *   mode=crash-loaded  report a panic with a crash kernel loaded, then exit 0
+ *   mode=blind-power   without reading any table, write S5 to port 0x600, the reset value to
+ *                    0x602 and PANICKED to 0x505; exit 0x7d if the VM is still running
  * The ACPI modes exit 0x7e when the tables lack what they need.
  */
 #include "lib/rt.h"
@@ -118,6 +120,12 @@ void guest_main(void) {
         acpi_power(1);
     } else if (str_eq(mode, len, "panic")) {
         pvpanic(PVPANIC_PANICKED);
+    } else if (str_eq(mode, len, "blind-power")) {
+        outb(0x600, (5 << 2) | SLP_EN);
+        outb(0x602, 1);
+        outb(0x505, PVPANIC_PANICKED);
+        puts("exitcodes: still running\n");
+        exit_guest(0x7d);
     } else if (str_eq(mode, len, "crash-loaded")) {
         pvpanic(PVPANIC_CRASH_LOADED);
         exit_guest(0);

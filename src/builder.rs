@@ -157,7 +157,11 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     let serial = Arc::new(SerialPort::new(serial_irq, console_out));
     let keyboard_irq = irq_line(&vm, legacy::I8042_IRQ, "the keyboard IRQ")?;
     let i8042 = Arc::new(I8042::new(keyboard_irq, exit.clone()));
-    let pio = pio_bus(&serial, &i8042, &exit, &reporter, start_ns)?;
+    let mut pio = pio_bus(&serial, &i8042, &exit, &reporter, start_ns)?;
+    if config.acpi {
+        // Only a guest the tables told about them may use them.
+        acpi_ports(&mut pio, &exit, &reporter)?;
+    }
     #[cfg(debug_assertions)]
     let pio = {
         let mut pio = pio;
@@ -403,6 +407,15 @@ fn pio_bus(
         1,
     )?;
     pio.insert(Arc::new(IoDelayPort), legacy::IO_DELAY_PORT, 1)?;
+    Ok(pio)
+}
+
+/// The devices only the ACPI tables announce: the power registers and pvpanic.
+fn acpi_ports(
+    pio: &mut Bus,
+    exit: &Arc<ExitSignal>,
+    reporter: &Reporter,
+) -> Result<(), BuildError> {
     pio.insert(
         Arc::new(AcpiPower::new(exit.clone())),
         legacy::POWER_PORT_BASE,
@@ -413,7 +426,7 @@ fn pio_bus(
         legacy::PVPANIC_PORT,
         1,
     )?;
-    Ok(pio)
+    Ok(())
 }
 
 /// What the ACPI tables describe: the legacy devices `pio_bus` places and the virtio devices.

@@ -162,8 +162,8 @@ fn a_guest_panic_ends_the_run_with_status_87_and_is_counted() {
 }
 
 #[test]
-fn without_acpi_tables_the_acpi_ways_out_are_not_offered() {
-    if !kvm_available("without_acpi_tables_the_acpi_ways_out_are_not_offered") {
+fn without_acpi_tables_the_power_and_panic_ports_do_not_exist() {
+    if !kvm_available("without_acpi_tables_the_power_and_panic_ports_do_not_exist") {
         return;
     }
     for mode in ["poweroff", "acpi-reset", "panic"] {
@@ -173,6 +173,22 @@ fn without_acpi_tables_the_acpi_ways_out_are_not_offered() {
         );
         assert_eq!(run.status, 0x7e, "{mode}: {}", run.stderr);
     }
+    // A guest that writes to the ports anyway reaches no device: three unhandled writes.
+    let o = run_observed(
+        "exit-blind",
+        "exitcodes",
+        &["--no-acpi", "--cmdline", "mode=blind-power"],
+    );
+    assert_eq!(o.run.status, 0x7d, "{}", o.run.stderr);
+    assert_eq!(
+        o.metrics
+            .value("bulkhead_unhandled_pio_total", &[("direction", "write")]),
+        3
+    );
+    // With the tables, the first write already powers off.
+    let run = run_guest("exitcodes", &["--cmdline", "mode=blind-power"]);
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("guest powered off"), "{}", run.stderr);
 }
 
 #[test]

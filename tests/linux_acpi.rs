@@ -12,7 +12,7 @@ use common::lane::{lane_available, lane_script, LANE};
 /// them, its interrupt mode and its virtio devices with their drivers.
 const DISCOVERY_SCRIPT: &str = r#"
 bulkhead=$1 kernel=$2 initramfs=$3 disk=$5
-show="echo cpus=\$(grep -c ^processor /proc/cpuinfo); dmesg | grep -vi 'command line' | grep -E 'Using ACPI|MP-table|IOAPIC\[|symmetric I/O|Virtual Wire|virtio_mmio|LNRO'; for d in /sys/bus/virtio/devices/*; do echo virtio: \${d##*/} device=\$(cat \$d/device) driver=\$(basename \$(readlink \$d/driver)); done; echo cmdline=\$(cat /proc/cmdline)"
+show="echo cpus=\$(grep -c ^processor /proc/cpuinfo); dmesg | grep -vi 'command line' | grep -iE 'Using ACPI|MP-table|IOAPIC\[|symmetric I/O|virtual wire|virtio_mmio|LNRO'; for d in /sys/bus/virtio/devices/*; do echo virtio: \${d##*/} device=\$(cat \$d/device) driver=\$(basename \$(readlink \$d/driver)); done; echo cmdline=\$(cat /proc/cmdline)"
 for mode in acpi twice acpi-off; do
     case $mode in
         acpi) extra= ; args= ;;

@@ -1,6 +1,8 @@
 /* See acpi.h. The tables are ordinary RAM: plain loads read them. */
 #include "acpi.h"
 
+/* No table of bulkhead's is larger; a longer length field is corrupt, not believed. */
+#define TABLE_MAX 0x10000u
 #define RSDP_SCAN_START 0xe0000ULL
 #define RSDP_SCAN_END 0x100000ULL
 /* Offsets of the RSDP pointer in the boot information. */
@@ -40,7 +42,9 @@ static const u8 *rsdp(void) {
 static const u8 *checked(u64 addr, const char *sig) {
     const u8 *t = (const u8 *)addr;
     if (!t || !sig_is(t, sig)) return 0;
-    return sum(t, le32(t + 4)) == 0 ? t : 0;
+    u32 len = le32(t + 4);
+    if (len < 36 || len > TABLE_MAX) return 0;
+    return sum(t, len) == 0 ? t : 0;
 }
 
 const u8 *acpi_table(const char *sig) {
@@ -64,9 +68,10 @@ int acpi_madt_cpus(u8 *ids, int max) {
     if (!madt) return -1;
     int n = 0;
     u32 len = le32(madt + 4);
-    for (u32 off = 44; off + 2 <= len && madt[off + 1] >= 2; off += madt[off + 1]) {
+    for (u32 off = 44; off + 2 <= len && madt[off + 1] >= 2 && off + madt[off + 1] <= len;
+         off += madt[off + 1]) {
         const u8 *e = madt + off;
-        if (e[0] == 0 && (le32(e + 4) & 1) && n < max) ids[n++] = e[3];
+        if (e[0] == 0 && e[1] >= 8 && (le32(e + 4) & 1) && n < max) ids[n++] = e[3];
     }
     return n;
 }
@@ -86,8 +91,10 @@ u64 acpi_device_resource(const char *hid, const u8 *after, const u8 **next) {
         int i = 0;
         while (i < hid_len && p[i] == (u8)hid[i]) i++;
         if (i < hid_len || p[hid_len] != 0) continue;
-        /* The device's _CRS follows its _HID: take the first window descriptor after it. */
+        /* The device's _CRS follows its _HID: take the first window descriptor after it,
+         * unless the next device's _HID comes first. */
         for (const u8 *d = p + hid_len; d + 12 <= end; d++) {
+            if (sig_is(d, "_HID")) return 0;
             if (d[0] == DESC_MEMORY32_FIXED && d[1] == 9 && d[2] == 0) {
                 *next = d;
                 return le32(d + 4);
@@ -106,7 +113,7 @@ int acpi_s5_sleep_type(void) {
     const u8 *dsdt = acpi_table("DSDT");
     if (!dsdt) return -1;
     const u8 *end = dsdt + le32(dsdt + 4);
-    for (const u8 *p = dsdt + 36; p + 9 <= end; p++) {
+    for (const u8 *p = dsdt + 36; p + 10 <= end; p++) {
         /* Name(_S5_, Package(n) { SLP_TYPa, ... }): NameOp, the name, PackageOp, a one-byte
          * PkgLength, the element count, then an integer. */
         if (!(p[0] == 0x08 && sig_is(p + 1, "_S5_") && p[5] == 0x12)) continue;

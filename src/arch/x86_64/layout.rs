@@ -47,8 +47,9 @@ pub const MP_FLOATING_POINTER: u64 = 0x9_fc00;
 pub const ACPI_RSDP_START: u64 = 0xe_0000;
 pub const ACPI_TABLES_START: u64 = 0xe_0040;
 pub const ACPI_TABLES_END: u64 = RESET_VECTOR;
-/// Where a CPU starts after reset (F000:FFF0): Linux jumps here to restart through the BIOS,
-/// which is its default way to reboot a hardware-reduced ACPI machine.
+/// Where a CPU starts after reset (F000:FFF0): Linux jumps here to restart through the BIOS
+/// (`reboot=b`, and what an EFI-enabled kernel falls back to on a hardware-reduced ACPI machine
+/// when its command line has no `reboot=`).
 pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// Base memory ends here: the MP table, then the legacy VGA/BIOS hole up to 1 MiB, are
 /// reserved.

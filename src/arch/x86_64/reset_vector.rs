@@ -1,7 +1,8 @@
 //! The reset vector: the real-mode code at F000:FFF0 where a CPU starts after reset. bulkhead
-//! has no firmware, but Linux on a hardware-reduced ACPI machine reboots by default through the
-//! BIOS (it jumps here in real mode), so the few bytes here pull the machine's reset line the
-//! way a BIOS would: through the i8042.
+//! has no firmware, but Linux may reboot through the BIOS (it jumps here in real mode): with
+//! `reboot=b`, and an EFI-enabled kernel on a hardware-reduced ACPI machine whose command line
+//! has no `reboot=`. The few bytes here pull the machine's reset line the way a BIOS would:
+//! through the i8042.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
