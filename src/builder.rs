@@ -5,9 +5,9 @@
 //! 2. open KVM and check it;
 //! 3. create this VM's own memory;
 //! 4. create the VM (memslots, irqchip, PIT);
-//! 5. attach devices: legacy ports (serial, i8042, ACPI power registers, pvpanic, bulkhead's
-//!    own), then virtio-mmio (disks, network devices, vsock, rng), each with its ioeventfds
-//!    and irqfd;
+//! 5. attach devices: legacy ports (serial, i8042, bulkhead's own, and with ACPI the power
+//!    registers and pvpanic), then virtio-mmio (disks, network devices, vsock, rng), each with
+//!    its ioeventfds and irqfd;
 //! 6. load kernel, initrd and command line; write the boot tables: ACPI (devices are announced
 //!    there, and on the command line only when asked or without ACPI), the MP table, the reset
 //!    vector;
