@@ -7,10 +7,12 @@
  * port reads all-ones.
  *
  *   cc -O2 -o target/kvm-floor benches/floor/kvm-floor.c
- *   target/kvm-floor [--mem MIB] [--cmdline STR] [--irqchip | --split-irqchip] [--pit] [--times] GUEST.elf
+ *   target/kvm-floor [--mem MIB] [--cmdline STR] [--irqchip [--irqfds N] | --split-irqchip] [--pit]
+ *                    [--times] GUEST.elf
  *
  * --irqchip and --pit add the in-kernel interrupt controllers and PIT that bulkhead creates;
- * --split-irqchip keeps only the local APICs in the kernel. They show what each costs: --times
+ * --split-irqchip keeps only the local APICs in the kernel; --irqfds N adds N irqfds and N
+ * ioeventfds, as N devices would. They show what each costs: --times
  * prints each phase's duration to stderr (setup, run, and the teardown that closing the VM
  * starts in the kernel).
  */
@@ -23,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -140,13 +143,14 @@ static int port_io(struct kvm_run *run) {
 int main(int argc, char **argv) {
     uint64_t mem_mib = 128;
     const char *cmdline = "", *guest = NULL;
-    int irqchip = 0, split = 0, pit = 0, times = 0;
+    int irqchip = 0, split = 0, pit = 0, times = 0, irqfds = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--mem") && i + 1 < argc) mem_mib = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--cmdline") && i + 1 < argc) cmdline = argv[++i];
         else if (!strcmp(argv[i], "--irqchip")) irqchip = 1;
         else if (!strcmp(argv[i], "--pit")) pit = 1;
         else if (!strcmp(argv[i], "--split-irqchip")) split = 1;
+        else if (!strcmp(argv[i], "--irqfds") && i + 1 < argc) irqfds = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--times")) times = 1;
         else if (argv[i][0] != '-' && !guest) guest = argv[i];
         else {
@@ -181,6 +185,14 @@ int main(int argc, char **argv) {
     if (pit) {
         struct kvm_pit_config pc = {.flags = KVM_PIT_SPEAKER_DUMMY};
         if (ioctl(vm, KVM_CREATE_PIT2, &pc) < 0) die("KVM_CREATE_PIT2");
+    }
+    /* As a VMM's devices would: an irqfd and a queue-notify ioeventfd each. */
+    for (int i = 0; i < irqfds && irqchip; i++) {
+        struct kvm_irqfd irq = {.fd = (uint32_t)eventfd(0, EFD_CLOEXEC), .gsi = 5 + (uint32_t)i};
+        if (ioctl(vm, KVM_IRQFD, &irq) < 0) die("KVM_IRQFD");
+        struct kvm_ioeventfd io = {.addr = 0xd0000050 + 0x1000ULL * i, .len = 4,
+                                   .fd = eventfd(0, EFD_CLOEXEC)};
+        if (ioctl(vm, KVM_IOEVENTFD, &io) < 0) die("KVM_IOEVENTFD");
     }
     uint64_t entry = load_elf(guest, mem, mem_size);
     write_boot_tables(mem, cmdline);
