@@ -22,91 +22,10 @@
  */
 #include "lib/rt.h"
 #include "lib/acpi.h"
+#include "lib/virtio.h"
 
-#define MMIO_MAGIC 0x000
-#define MMIO_DEVICE_ID 0x008
-#define MMIO_DEVICE_FEATURES 0x010
-#define MMIO_DEVICE_FEATURES_SEL 0x014
-#define MMIO_DRIVER_FEATURES 0x020
-#define MMIO_DRIVER_FEATURES_SEL 0x024
-#define MMIO_QUEUE_SEL 0x030
-#define MMIO_QUEUE_NUM_MAX 0x034
-#define MMIO_QUEUE_NUM 0x038
-#define MMIO_QUEUE_READY 0x044
-#define MMIO_QUEUE_NOTIFY 0x050
-#define MMIO_INTERRUPT_STATUS 0x060
-#define MMIO_INTERRUPT_ACK 0x064
-#define MMIO_STATUS 0x070
-#define MMIO_QUEUE_DESC_LOW 0x080
-#define MMIO_QUEUE_DESC_HIGH 0x084
-#define MMIO_QUEUE_AVAIL_LOW 0x090
-#define MMIO_QUEUE_AVAIL_HIGH 0x094
-#define MMIO_QUEUE_USED_LOW 0x0a0
-#define MMIO_QUEUE_USED_HIGH 0x0a4
-#define MMIO_CONFIG 0x100
-
-#define S_ACK 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 0x40
-
-#define F_NEXT 1
-#define F_WRITE 2
-#define F_INDIRECT 4
-
-#define FEAT_VERSION_1 (1ULL << 32)
-#define FEAT_INDIRECT (1ULL << 28)
-#define FEAT_BLK_FLUSH (1ULL << 9)
-
-#define ID_NET 1
-#define ID_BLOCK 2
-#define ID_RNG 4
-#define ID_VSOCK 19
-
-#define BLK_T_IN 0
-#define BLK_T_OUT 1
-#define BLK_T_FLUSH 4
-#define BLK_T_GET_ID 8
-#define BLK_S_OK 0
-#define BLK_S_IOERR 1
-#define BLK_S_UNSUPP 2
-
-#define QSIZE 16
 /* How long to wait for the device: seconds, far more than it needs. */
 #define SPIN_LIMIT 20000000ULL
-#define NO_ANSWER 0xffffffffu
-
-struct desc {
-    u64 addr;
-    u32 len;
-    u16 flags;
-    u16 next;
-} __attribute__((packed));
-
-struct avail {
-    u16 flags;
-    u16 idx;
-    u16 ring[QSIZE];
-    u16 used_event;
-} __attribute__((packed));
-
-struct used {
-    u16 flags;
-    u16 idx;
-    struct {
-        u32 id;
-        u32 len;
-    } __attribute__((packed)) ring[QSIZE];
-    u16 avail_event;
-} __attribute__((packed));
-
-struct vq {
-    struct desc desc[QSIZE] __attribute__((aligned(16)));
-    struct avail avail __attribute__((aligned(16)));
-    struct used used __attribute__((aligned(16)));
-    u16 last_used;
-};
 
 struct dev {
     u64 base;
@@ -140,39 +59,25 @@ static void check(int ok, const char *what) {
 
 static void setup_queue(struct dev *d, u32 index, struct vq *q) {
     memset(q, 0, sizeof(*q));
-    wr(d, MMIO_QUEUE_SEL, index);
-    wr(d, MMIO_QUEUE_NUM, QSIZE);
-    wr(d, MMIO_QUEUE_DESC_LOW, (u32)(u64)q->desc);
-    wr(d, MMIO_QUEUE_DESC_HIGH, 0);
-    wr(d, MMIO_QUEUE_AVAIL_LOW, (u32)(u64)&q->avail);
-    wr(d, MMIO_QUEUE_AVAIL_HIGH, 0);
-    wr(d, MMIO_QUEUE_USED_LOW, (u32)(u64)&q->used);
-    wr(d, MMIO_QUEUE_USED_HIGH, 0);
-    wr(d, MMIO_QUEUE_READY, 1);
+    wr(d, VIRTIO_MMIO_QUEUE_SEL, index);
+    wr(d, VIRTIO_MMIO_QUEUE_NUM, QSIZE);
+    wr(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)(u64)q->desc);
+    wr(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
+    wr(d, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (u32)(u64)&q->avail);
+    wr(d, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
+    wr(d, VIRTIO_MMIO_QUEUE_USED_LOW, (u32)(u64)&q->used);
+    wr(d, VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
+    wr(d, VIRTIO_MMIO_QUEUE_READY, 1);
 }
 
 /* Resets the device and brings it up with `features` (VERSION_1 is added). */
 static int init_device(struct dev *d, u64 features) {
-    features |= FEAT_VERSION_1;
-    wr(d, MMIO_STATUS, 0);
-    wr(d, MMIO_STATUS, S_ACK);
-    wr(d, MMIO_STATUS, S_ACK | S_DRIVER);
-    wr(d, MMIO_DEVICE_FEATURES_SEL, 0);
-    u64 offered = rd(d, MMIO_DEVICE_FEATURES);
-    wr(d, MMIO_DEVICE_FEATURES_SEL, 1);
-    offered |= (u64)rd(d, MMIO_DEVICE_FEATURES) << 32;
-    features &= offered;
-    wr(d, MMIO_DRIVER_FEATURES_SEL, 0);
-    wr(d, MMIO_DRIVER_FEATURES, (u32)features);
-    wr(d, MMIO_DRIVER_FEATURES_SEL, 1);
-    wr(d, MMIO_DRIVER_FEATURES, (u32)(features >> 32));
-    wr(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-    if (!(rd(d, MMIO_STATUS) & S_FEATURES_OK)) return 0;
+    if (!virtio_negotiate(d->base, features)) return 0;
     setup_queue(d, 0, d->q);
     if (d->q1) setup_queue(d, 1, d->q1);
     if (d->q2) setup_queue(d, 2, d->q2);
-    wr(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-    return rd(d, MMIO_STATUS) == (S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    wr(d, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    return rd(d, VIRTIO_MMIO_STATUS) == (S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
 
 static int open_device(struct dev *d, u32 id, struct vq *q, u64 features) {
@@ -194,7 +99,7 @@ static void post(struct dev *d, u32 index, struct vq *q, u16 head) {
     barrier();
     q->avail.idx++;
     barrier();
-    wr(d, MMIO_QUEUE_NOTIFY, index);
+    wr(d, VIRTIO_MMIO_QUEUE_NOTIFY, index);
 }
 
 /* Waits for the device to use one entry of `q`. Returns the used length, or NO_ANSWER when
@@ -208,8 +113,8 @@ static u32 wait_used(struct dev *d, struct vq *q, u16 head) {
             q->last_used++;
             /* The device raises the interrupt after it finishes the batch, so wait for it. */
             u32 isr = 0;
-            for (u64 w = 0; w < SPIN_LIMIT && !(isr & 1); w++) isr = rd(d, MMIO_INTERRUPT_STATUS);
-            wr(d, MMIO_INTERRUPT_ACK, isr);
+            for (u64 w = 0; w < SPIN_LIMIT && !(isr & 1); w++) isr = rd(d, VIRTIO_MMIO_INTERRUPT_STATUS);
+            wr(d, VIRTIO_MMIO_INTERRUPT_ACK, isr);
             if (!(isr & 1)) check(0, "used-buffer interrupt raised");
             if (id != head) check(0, "used entry names the chain's head");
             return len;
@@ -284,7 +189,7 @@ static u8 blk_request(struct dev *d, u32 type, u64 sector, void *buf, u32 len, u
 }
 
 static u64 blk_capacity(struct dev *d) {
-    return (u64)rd(d, MMIO_CONFIG) | ((u64)rd(d, MMIO_CONFIG + 4) << 32);
+    return (u64)rd(d, VIRTIO_MMIO_CONFIG) | ((u64)rd(d, VIRTIO_MMIO_CONFIG + 4) << 32);
 }
 
 static int sectors_hold(u64 first, u32 count, const u8 *p) {
@@ -476,47 +381,47 @@ static void hostile_requests(struct dev *blk, struct dev *rng) {
 static void hostile_transport(struct dev *blk) {
     u64 b = blk->base;
     /* A byte-wide read of a control register is refused (all-ones). */
-    check(*(volatile u8 *)(b + MMIO_STATUS) == 0xff, "transport: a byte read of Status is refused");
-    wr(blk, MMIO_MAGIC, 0);
-    check(rd(blk, MMIO_MAGIC) == 0x74726976, "transport: Magic is read-only");
-    wr(blk, MMIO_QUEUE_NUM, 8);
-    wr(blk, MMIO_DRIVER_FEATURES, 0);
-    wr(blk, MMIO_QUEUE_SEL, 0);
-    check(rd(blk, MMIO_STATUS) == 0xf, "transport: queue and feature writes after DRIVER_OK are refused");
-    wr(blk, MMIO_QUEUE_NOTIFY, 7);
+    check(*(volatile u8 *)(b + VIRTIO_MMIO_STATUS) == 0xff, "transport: a byte read of Status is refused");
+    wr(blk, VIRTIO_MMIO_MAGIC, 0);
+    check(rd(blk, VIRTIO_MMIO_MAGIC) == 0x74726976, "transport: Magic is read-only");
+    wr(blk, VIRTIO_MMIO_QUEUE_NUM, 8);
+    wr(blk, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+    wr(blk, VIRTIO_MMIO_QUEUE_SEL, 0);
+    check(rd(blk, VIRTIO_MMIO_STATUS) == 0xf, "transport: queue and feature writes after DRIVER_OK are refused");
+    wr(blk, VIRTIO_MMIO_QUEUE_NOTIFY, 7);
     expect_alive(blk, "transport: a notify for queue 7 is refused");
 
-    wr(blk, MMIO_STATUS, 0);
-    wr(blk, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-    check(rd(blk, MMIO_STATUS) == 0, "transport: DRIVER_OK straight after reset is refused");
-    wr(blk, MMIO_STATUS, S_ACK);
-    wr(blk, MMIO_STATUS, S_ACK | S_DRIVER);
-    wr(blk, MMIO_DRIVER_FEATURES_SEL, 1);
-    wr(blk, MMIO_DRIVER_FEATURES, 0);
-    wr(blk, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-    check(!(rd(blk, MMIO_STATUS) & S_FEATURES_OK), "transport: features without VERSION_1 are refused");
-    wr(blk, MMIO_DRIVER_FEATURES, 1);
-    wr(blk, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-    check(rd(blk, MMIO_STATUS) & S_FEATURES_OK, "transport: FEATURES_OK with VERSION_1");
-    wr(blk, MMIO_DRIVER_FEATURES, 0);
-    b += MMIO_CONFIG;
+    wr(blk, VIRTIO_MMIO_STATUS, 0);
+    wr(blk, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    check(rd(blk, VIRTIO_MMIO_STATUS) == 0, "transport: DRIVER_OK straight after reset is refused");
+    wr(blk, VIRTIO_MMIO_STATUS, S_ACK);
+    wr(blk, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER);
+    wr(blk, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    wr(blk, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+    wr(blk, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    check(!(rd(blk, VIRTIO_MMIO_STATUS) & S_FEATURES_OK), "transport: features without VERSION_1 are refused");
+    wr(blk, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+    wr(blk, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    check(rd(blk, VIRTIO_MMIO_STATUS) & S_FEATURES_OK, "transport: FEATURES_OK with VERSION_1");
+    wr(blk, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+    b += VIRTIO_MMIO_CONFIG;
     *(volatile u8 *)b = 1;
-    wr(blk, MMIO_QUEUE_SEL, 3);
-    wr(blk, MMIO_QUEUE_SEL, 0);
-    wr(blk, MMIO_QUEUE_NUM, 3);
-    wr(blk, MMIO_QUEUE_NUM, 512);
-    check(rd(blk, MMIO_QUEUE_NUM_MAX) == 256, "transport: queue 0 allows 256");
-    wr(blk, MMIO_QUEUE_NUM, QSIZE);
-    wr(blk, MMIO_QUEUE_DESC_LOW, 0x1008);
-    wr(blk, MMIO_QUEUE_AVAIL_LOW, 0x2000);
-    wr(blk, MMIO_QUEUE_USED_LOW, 0x3000);
-    wr(blk, MMIO_QUEUE_READY, 1);
-    check(rd(blk, MMIO_QUEUE_READY) == 0, "transport: a misaligned descriptor table is refused");
-    wr(blk, MMIO_QUEUE_DESC_LOW, 0xc0000000u);
-    wr(blk, MMIO_QUEUE_READY, 1);
-    check(rd(blk, MMIO_QUEUE_READY) == 0, "transport: rings outside guest RAM are refused");
+    wr(blk, VIRTIO_MMIO_QUEUE_SEL, 3);
+    wr(blk, VIRTIO_MMIO_QUEUE_SEL, 0);
+    wr(blk, VIRTIO_MMIO_QUEUE_NUM, 3);
+    wr(blk, VIRTIO_MMIO_QUEUE_NUM, 512);
+    check(rd(blk, VIRTIO_MMIO_QUEUE_NUM_MAX) == 256, "transport: queue 0 allows 256");
+    wr(blk, VIRTIO_MMIO_QUEUE_NUM, QSIZE);
+    wr(blk, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1008);
+    wr(blk, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+    wr(blk, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+    wr(blk, VIRTIO_MMIO_QUEUE_READY, 1);
+    check(rd(blk, VIRTIO_MMIO_QUEUE_READY) == 0, "transport: a misaligned descriptor table is refused");
+    wr(blk, VIRTIO_MMIO_QUEUE_DESC_LOW, 0xc0000000u);
+    wr(blk, VIRTIO_MMIO_QUEUE_READY, 1);
+    check(rd(blk, VIRTIO_MMIO_QUEUE_READY) == 0, "transport: rings outside guest RAM are refused");
     /* A notify before DRIVER_OK goes nowhere. */
-    wr(blk, MMIO_QUEUE_NOTIFY, 0);
+    wr(blk, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     check(init_device(blk, FEAT_INDIRECT), "transport: the device comes back after a reset");
     expect_alive(blk, "transport: and works");
 }
@@ -525,12 +430,12 @@ static void hostile_avail_jump(struct dev *blk) {
     struct vq *q = blk->q;
     q->avail.idx += 100;
     barrier();
-    wr(blk, MMIO_QUEUE_NOTIFY, 0);
+    wr(blk, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     u32 status_reg = 0;
     for (u64 spin = 0; spin < SPIN_LIMIT && !(status_reg & S_NEEDS_RESET); spin++)
-        status_reg = rd(blk, MMIO_STATUS);
+        status_reg = rd(blk, VIRTIO_MMIO_STATUS);
     check(status_reg & S_NEEDS_RESET, "ring: an avail index jump sets NEEDS_RESET");
-    check(rd(blk, MMIO_INTERRUPT_STATUS) & 2, "ring: with a configuration interrupt");
+    check(rd(blk, VIRTIO_MMIO_INTERRUPT_STATUS) & 2, "ring: with a configuration interrupt");
     check(init_device(blk, FEAT_INDIRECT), "ring: the device comes back after a reset");
     expect_alive(blk, "ring: and works");
 }
@@ -582,7 +487,7 @@ static void test_net(void) {
     check(d.base && init_device(&d, 1ULL << 5), "net: device initialised");
     if (failures) return;
     u8 mac[6], other[6];
-    for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(d.base + MMIO_CONFIG + i);
+    for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(d.base + VIRTIO_MMIO_CONFIG + i);
     memcpy(other, mac, 6);
     other[5] ^= 1;
     puts("net: MAC ");
@@ -648,7 +553,7 @@ static void vs_post_rx(struct dev *d, u16 i) {
     barrier();
     q->avail.idx++;
     barrier();
-    wr(d, MMIO_QUEUE_NOTIFY, 0);
+    wr(d, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
 }
 
 /* Waits for the next received packet; copies it to `out` (header then payload) and re-posts
@@ -661,7 +566,7 @@ static int vs_recv(struct dev *d, u8 *out) {
             u16 id = (u16)q->used.ring[q->last_used % QSIZE].id;
             u32 len = q->used.ring[q->last_used % QSIZE].len;
             q->last_used++;
-            wr(d, MMIO_INTERRUPT_ACK, rd(d, MMIO_INTERRUPT_STATUS));
+            wr(d, VIRTIO_MMIO_INTERRUPT_ACK, rd(d, VIRTIO_MMIO_INTERRUPT_STATUS));
             if (id >= VS_RX_BUFS || len < VS_HDR) return 0;
             memcpy(out, vs_rx[id], len);
             vs_post_rx(d, id);
@@ -722,7 +627,7 @@ static void test_vsock(void) {
     d.base = virtio_mmio_find(ID_VSOCK);
     check(d.base && init_device(&d, 0), "vsock: device initialised");
     if (failures) return;
-    vs_cid = mmio_read64(d.base + MMIO_CONFIG);
+    vs_cid = mmio_read64(d.base + VIRTIO_MMIO_CONFIG);
     puts("vsock: CID ");
     put_dec(vs_cid);
     putc('\n');

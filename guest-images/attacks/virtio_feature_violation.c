@@ -28,10 +28,5 @@ void guest_main(void) {
     set_desc(q.desc, 0, (u64)header, 16, F_NEXT, 1);
     set_desc(q.desc, 1, (u64)sector, 512, F_NEXT, 2);
     set_desc(q.desc, 2, (u64)status, 1, F_WRITE, 0);
-    vq_post(&d, 0, &q, 0);
-    vq_report_used(vq_wait_used(&d, &q, 0));
-    puts("attack: request status ");
-    put_dec(status[0]);
-    putc('\n');
-    vdev_report_and_exit(&d);
+    vq_finish_block_request(&d, &q, status);
 }

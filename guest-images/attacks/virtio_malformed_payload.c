@@ -24,10 +24,5 @@ void guest_main(void) {
     status[0] = 0xee;
     set_desc(q.desc, 0, (u64)header, sizeof(header), F_NEXT, 1);
     set_desc(q.desc, 1, (u64)status, 1, F_WRITE, 0);
-    vq_post(&d, 0, &q, 0);
-    vq_report_used(vq_wait_used(&d, &q, 0));
-    puts("attack: request status ");
-    put_dec(status[0]);
-    putc('\n');
-    vdev_report_and_exit(&d);
+    vq_finish_block_request(&d, &q, status);
 }

@@ -18,10 +18,6 @@ u64 acpi_device_resource(const char *hid, const u8 *after, const u8 **next);
 /* The SLP_TYP `\_S5` declares, or -1. */
 int acpi_s5_sleep_type(void);
 
-/* The register block of the first virtio-mmio device of type `id`: from the DSDT when the
- * machine has ACPI tables, else from the virtio_mmio.device= entries on the command line. */
-u64 virtio_mmio_find(u32 id);
-
 /* FADT fields (the FADT must exist). */
 #define FADT_FLAGS 112
 #define FADT_RESET_REG 116

@@ -1,35 +1,17 @@
-/* A minimal virtio-mmio split-queue driver for the attack guests; see virtq.h. Adapted from
- * guest-images/virtio.c. */
+/* A minimal virtio-mmio split-queue driver for the attack guests; see virtq.h. The registers,
+ * rings, device discovery and feature negotiation are ../../lib/virtio.h's. */
 #include "virtq.h"
 #include "attack.h"
-#include "../../lib/acpi.h"
 
 /* How many register polls a wait may take. Each poll is a VM exit (about 10-20 us on the
  * nested test hosts, far less on hardware) and lets the VMM's device thread run, so this
  * bounds a wait to a few seconds while a device answers in well under a millisecond. */
 #define POLL_LIMIT 300000u
 
-u64 virtio_find_device(u32 id) { return virtio_mmio_find(id); }
-
 int vdev_begin(struct vdev *d, u32 id, u64 features) {
     d->id = id;
-    d->base = virtio_find_device(id);
-    if (!d->base) return 0;
-    features |= FEAT_VERSION_1;
-    vdev_write(d, VIRTIO_MMIO_STATUS, 0);
-    vdev_write(d, VIRTIO_MMIO_STATUS, S_ACK);
-    vdev_write(d, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER);
-    vdev_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-    u64 offered = vdev_read(d, VIRTIO_MMIO_DEVICE_FEATURES);
-    vdev_write(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-    offered |= (u64)vdev_read(d, VIRTIO_MMIO_DEVICE_FEATURES) << 32;
-    features &= offered;
-    vdev_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-    vdev_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)features);
-    vdev_write(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-    vdev_write(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)(features >> 32));
-    vdev_write(d, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-    return (vdev_status(d) & S_FEATURES_OK) != 0;
+    d->base = virtio_mmio_find(id);
+    return d->base && virtio_negotiate(d->base, features);
 }
 
 u32 vq_setup(struct vdev *d, u32 index, struct vq *q) {
@@ -128,4 +110,13 @@ void vdev_report_and_exit(struct vdev *d) {
     put_hex(vdev_status(d));
     putc('\n');
     attack_end(0);
+}
+
+void vq_finish_block_request(struct vdev *d, struct vq *q, const u8 *status) {
+    vq_post(d, 0, q, 0);
+    vq_report_used(vq_wait_used(d, q, 0));
+    puts("attack: request status ");
+    put_dec(*status);
+    putc('\n');
+    vdev_report_and_exit(d);
 }
