@@ -359,17 +359,7 @@ fn sidekick(expect: usize) -> (u16, std::thread::JoinHandle<Vec<serde_json::Valu
                 }
             };
             let alert: serde_json::Value = serde_json::from_str(&body).unwrap();
-            const PRIORITIES: [&str; 8] = [
-                "Emergency",
-                "Alert",
-                "Critical",
-                "Error",
-                "Warning",
-                "Notice",
-                "Informational",
-                "Debug",
-            ];
-            let ok = PRIORITIES.contains(&alert["priority"].as_str().unwrap_or(""))
+            let ok = common::FALCO_PRIORITIES.contains(&alert["priority"].as_str().unwrap_or(""))
                 && alert["rule"].as_str().is_some_and(|r| !r.is_empty())
                 && alert["time"].is_string()
                 && alert["output_fields"]

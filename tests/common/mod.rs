@@ -11,6 +11,18 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// Falco's priorities, most severe first: the only ones falcosidekick accepts.
+pub const FALCO_PRIORITIES: [&str; 8] = [
+    "Emergency",
+    "Alert",
+    "Critical",
+    "Error",
+    "Warning",
+    "Notice",
+    "Informational",
+    "Debug",
+];
+
 /// What one run of the binary produced.
 #[derive(Debug)]
 pub struct Run {
@@ -270,17 +282,12 @@ impl Observed {
 
     /// Alerts at `priority` or more severe (Falco's order), other than `except`.
     pub fn alerts_at_least(&self, priority: &str, except: &[&str]) -> Vec<&serde_json::Value> {
-        const ORDER: [&str; 8] = [
-            "Emergency",
-            "Alert",
-            "Critical",
-            "Error",
-            "Warning",
-            "Notice",
-            "Informational",
-            "Debug",
-        ];
-        let rank = |p: &str| ORDER.iter().position(|o| *o == p).unwrap_or(usize::MAX);
+        let rank = |p: &str| {
+            FALCO_PRIORITIES
+                .iter()
+                .position(|o| *o == p)
+                .unwrap_or(usize::MAX)
+        };
         let limit = rank(priority);
         self.alerts
             .iter()
