@@ -7,7 +7,9 @@
 //! also runs another bulkhead binary, alternating run by run, and prints the difference of the
 //! medians. Peak RSS is the larger of bulkhead's two processes (what wait4 reports).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -71,36 +73,12 @@ fn report(name: &str, mut samples: Vec<Sample>) {
     );
 }
 
-fn build_guest(manifest: &Path) -> PathBuf {
-    let out = manifest.join("target/guest-images");
-    let ok = Command::new("make")
-        .args(["-s", "-C"])
-        .arg(manifest.join("guest-images"))
-        .arg(format!("OUT={}", out.display()))
-        .status()
-        .expect("make")
-        .success();
-    assert!(ok, "building the test guests failed");
-    out.join("exitcodes")
-}
-
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` does not: then just smoke-test.
-    let benchmarking = std::env::args().any(|a| a == "--bench");
-    let runs: usize = if benchmarking {
-        std::env::var("BENCH_RUNS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(50)
-    } else {
-        1
-    };
-    if !Path::new("/dev/kvm").exists() {
-        println!("boot bench skipped: /dev/kvm missing");
+    let Some(runs) = common::rounds("boot", 50) else {
         return;
-    }
+    };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let guest = build_guest(manifest);
+    let guest = common::guest("exitcodes");
     let bulkhead = env!("CARGO_BIN_EXE_bulkhead");
     // BULKHEAD_COMPARE=PATH adds another bulkhead build (an earlier commit, say), run by run
     // in turn with this one, so both see the same machine.

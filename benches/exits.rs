@@ -8,25 +8,14 @@
 //! adds flags to this build's runs (`--metrics-file /tmp/m.prom --alerts /tmp/a.jsonl` to
 //! measure with every output on).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SHORT: u64 = 20_000;
 const LONG: u64 = 120_000;
-
-fn build_guest(manifest: &Path) -> PathBuf {
-    let out = manifest.join("target/guest-images");
-    let ok = Command::new("make")
-        .args(["-s", "-C"])
-        .arg(manifest.join("guest-images"))
-        .arg(format!("OUT={}", out.display()))
-        .status()
-        .expect("make")
-        .success();
-    assert!(ok, "building the test guests failed");
-    out.join("attacks/exit_storm")
-}
 
 fn wall(binary: &str, guest: &Path, n: u64, extra: &[String]) -> Duration {
     let start = Instant::now();
@@ -57,20 +46,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let benchmarking = std::env::args().any(|a| a == "--bench");
-    let runs: usize = if benchmarking {
-        std::env::var("BENCH_RUNS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(7)
-    } else {
-        1
-    };
-    if !Path::new("/dev/kvm").exists() {
-        println!("exits bench skipped: /dev/kvm missing");
+    let Some(runs) = common::rounds("exits", 7) else {
         return;
-    }
-    let guest = build_guest(Path::new(env!("CARGO_MANIFEST_DIR")));
+    };
+    let guest = common::guest("attacks/exit_storm");
     let this = env!("CARGO_BIN_EXE_bulkhead").to_string();
     let extra: Vec<String> = std::env::var("BULKHEAD_EXTRA")
         .map(|e| e.split_whitespace().map(str::to_string).collect())
