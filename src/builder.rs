@@ -215,12 +215,16 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         Some(file) => Some(boot::load_initrd(mem, file, config.mem_bytes(), &kernel)?),
         None => None,
     };
-    let announced: &[String] = if config.cmdline_devices {
-        &virtio.cmdline
+    let announced: Vec<String> = if config.cmdline_devices {
+        virtio
+            .windows
+            .iter()
+            .map(VirtioMmio::cmdline_entry)
+            .collect()
     } else {
-        &[]
+        Vec::new()
     };
-    let cmdline = boot::build_cmdline(&config.cmdline, announced)?;
+    let cmdline = boot::build_cmdline(&config.cmdline, &announced)?;
     let rsdp = if config.acpi {
         Some(acpi::Tables::build(&board(config.vcpus, &virtio.windows))?.write(mem)?)
     } else {
@@ -283,7 +287,6 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
 #[derive(Default)]
 struct VirtioBus {
     bus: Bus,
-    cmdline: Vec<String>,
     /// Each device's register window and interrupt, for the DSDT.
     windows: Vec<VirtioMmio>,
     devices: Vec<Arc<DeviceShared>>,
@@ -336,8 +339,6 @@ impl VirtioBus {
         let mem = vm.memory().clone();
         let transport = MmioTransport::new(device, shared.clone(), mem.clone());
         self.bus.insert(Arc::new(transport), base, mmio::MMIO_LEN)?;
-        self.cmdline
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
         self.windows.push(VirtioMmio {
             base,
             size: mmio::MMIO_LEN,

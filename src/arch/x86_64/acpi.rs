@@ -64,6 +64,18 @@ pub struct VirtioMmio {
     pub gsi: u32,
 }
 
+impl VirtioMmio {
+    /// The device as a `virtio_mmio.device=` command-line entry, for kernels without ACPI.
+    pub fn cmdline_entry(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.size >> 10,
+            self.base,
+            self.gsi
+        )
+    }
+}
+
 /// Everything the tables describe.
 #[derive(Debug, Clone)]
 pub struct Board {

@@ -171,3 +171,13 @@ fn tables_stay_in_their_area_and_the_rsdp_is_where_linux_scans() {
     });
     assert_eq!(found, Some(ACPI_RSDP_START));
 }
+
+#[test]
+fn a_device_on_the_command_line_reads_as_linux_expects() {
+    let dev = VirtioMmio {
+        base: 0xd000_1000,
+        size: 0x1000,
+        gsi: 6,
+    };
+    assert_eq!(dev.cmdline_entry(), "virtio_mmio.device=4K@0xd0001000:6");
+}
