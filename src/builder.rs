@@ -23,10 +23,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::acpi::{self, Board, PortDevice, PowerRegisters, VirtioMmio};
 use crate::arch::x86_64::{layout, mptable, reset_vector, ArchError};
 use crate::boot::{self, BootError, BootFile};
-use crate::config::{ConsoleConfig, VmConfig};
+use crate::config::{ConsoleConfig, IrqChip, VmConfig};
 use crate::devices::legacy::{
-    self, power, AcpiPower, BootCompletePort, GuestExitPort, IoDelayPort, PvPanic, SerialPort,
-    I8042,
+    self, ioapic, power, AcpiPower, BootCompletePort, GuestExitPort, IoDelayPort, Ioapic, PvPanic,
+    SerialPort, I8042,
 };
 use crate::devices::virtio::block::{Block, BlockError, BlockQueue, Disk};
 use crate::devices::virtio::net::{Net, NetQueues, Tap, TapError};
@@ -140,7 +140,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     let kvm = kvm::open_kvm(&config.kvm_device)?;
     kvm::check_vcpu_limit(&kvm, config.vcpus)?;
     let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
-    let vm = Vm::new(&kvm, guest_memory)?;
+    let vm = Vm::new(&kvm, guest_memory, config.irqchip)?;
     if !vm.msrs_filtered() {
         log::warn!("this KVM can not filter MSRs to user space: msr_probe alerts are off");
     }
@@ -207,6 +207,13 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     }
     if config.rng {
         virtio.attach(&vm, Box::new(Rng), Box::new(RngQueue))?;
+    }
+
+    if config.irqchip == IrqChip::Split {
+        let ioapic = Ioapic::new(mptable::apic_id(config.vcpus), Box::new(vm.msi_routes()));
+        virtio
+            .bus
+            .insert(Arc::new(ioapic), layout::IOAPIC_START, ioapic::IOAPIC_LEN)?;
     }
 
     let mem = vm.memory();

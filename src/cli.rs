@@ -102,6 +102,11 @@ pub struct RunArgs {
     /// for kernels that read them there but do not have ACPI.
     #[arg(long)]
     pub cmdline_devices: bool,
+    /// Interrupt controllers: `split` (local APICs in KVM, the IOAPIC in bulkhead, no PIC or
+    /// PIT) or `full` (all in KVM, as a guest without ACPI needs). Default: split with ACPI,
+    /// full without.
+    #[arg(long, value_name = "split|full")]
+    pub irqchip: Option<String>,
     /// Run without seccomp filters. For debugging only: the VMM is then unconfined.
     #[arg(long)]
     pub no_seccomp: bool,
@@ -148,6 +153,7 @@ impl RunArgs {
             rng: self.no_rng.then_some(false),
             acpi: self.no_acpi.then_some(false),
             cmdline_devices: self.cmdline_devices.then_some(true),
+            irqchip: self.irqchip.clone(),
             metrics_file: self.metrics_file.clone(),
             alerts: self.alerts.clone(),
             alerts_http: self.alerts_http.clone(),

@@ -438,6 +438,9 @@ pub fn handle_exit(exit: VcpuExit<'_>, vcpu: u32, io: &VcpuIo) -> ExitAction {
         }
         // A kick that landed while KVM was already on its way out.
         VcpuExit::Intr => ExitAction::Continue,
+        // The user-space IOAPIC routes every pin edge-triggered, so KVM has no level-triggered
+        // vector to report an EOI for; should one come, there is no remote IRR to clear.
+        VcpuExit::IoapicEoi(_) => ExitAction::Continue,
         // Only reached without an in-kernel LAPIC; the halt watchdog covers the usual case.
         VcpuExit::Hlt => ExitAction::Stop(VmExitReason::AllHalted),
         VcpuExit::Shutdown => ExitAction::Stop(VmExitReason::TripleFault { vcpu }),

@@ -1,7 +1,13 @@
-//! The VM: its KVM fd, its guest memory registered as memslots, and the in-kernel irqchip.
+//! The VM: its KVM fd, its guest memory registered as memslots, and its irqchip: the local
+//! APICs in KVM, and either KVM's PIC, IOAPIC and PIT too or (split) nothing else, the IOAPIC
+//! then being `devices::legacy::Ioapic` with its routes set here.
+
+use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
+    kvm_irq_routing_msi, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI,
     KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{
@@ -12,6 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::host_regions;
 use crate::arch::x86_64::{layout, msr};
+use crate::config::IrqChip;
+use crate::devices::legacy::ioapic::{MsiMessage, MsiRoutes, PINS};
 
 /// Errors setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -52,16 +60,17 @@ pub enum VmError {
 /// One VM and the memory that belongs to it alone.
 #[derive(Debug)]
 pub struct Vm {
-    fd: VmFd,
+    /// Shared with the IOAPIC's routes ([`Vm::msi_routes`]).
+    fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     msrs_filtered: bool,
 }
 
 impl Vm {
     /// Creates the VM, filters its MSRs, registers exactly the regions of `memory` as
-    /// memslots, and creates the in-kernel PIC/IOAPIC/LAPIC and PIT.
-    pub fn new(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Vm, VmError> {
-        let fd = kvm.create_vm().map_err(VmError::Create)?;
+    /// memslots, and creates the irqchip `irqchip` asks for.
+    pub fn new(kvm: &Kvm, memory: GuestMemoryMmap, irqchip: IrqChip) -> Result<Vm, VmError> {
+        let fd = Arc::new(kvm.create_vm().map_err(VmError::Create)?);
         // First: once the VM has memslots or an irqchip, KVM waits out an SRCU grace period
         // to swap MSR filters, 15 ms on this project's hosts; before, it takes microseconds.
         let msrs_filtered = filter_msrs(kvm, &fd)?;
@@ -76,16 +85,32 @@ impl Vm {
             msrs_filtered,
         };
         vm.register_memslots(kvm.get_nr_memslots())?;
-        vm.fd
-            .create_irq_chip()
-            .map_err(setup("creating the irqchip"))?;
-        // The dummy speaker makes port 0x61 an in-kernel device too, as Linux's PIT
-        // calibration expects.
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.fd.create_pit2(pit).map_err(setup("creating the PIT"))?;
+        match irqchip {
+            IrqChip::Split => {
+                // Local APICs only; GSIs 0-23 are kept for the user-space IOAPIC's pins and
+                // start with no route, so nothing reaches the guest until it unmasks a pin.
+                let cap = kvm_enable_cap {
+                    cap: KVM_CAP_SPLIT_IRQCHIP,
+                    args: [PINS as u64, 0, 0, 0],
+                    ..Default::default()
+                };
+                vm.fd
+                    .enable_cap(&cap)
+                    .map_err(setup("a split irqchip (KVM_CAP_SPLIT_IRQCHIP)"))?;
+            }
+            IrqChip::Full => {
+                vm.fd
+                    .create_irq_chip()
+                    .map_err(setup("creating the irqchip"))?;
+                // The dummy speaker makes port 0x61 an in-kernel device too, as Linux's PIT
+                // calibration expects.
+                let pit = kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                };
+                vm.fd.create_pit2(pit).map_err(setup("creating the PIT"))?;
+            }
+        }
         Ok(vm)
     }
 
@@ -156,6 +181,46 @@ impl Vm {
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// The GSI routing table, for the user-space IOAPIC of a split irqchip.
+    pub fn msi_routes(&self) -> KvmMsiRoutes {
+        KvmMsiRoutes {
+            fd: self.fd.clone(),
+        }
+    }
+}
+
+/// Sets KVM's GSI routes from the IOAPIC's pins (GSI n is pin n); the irqfds registered on
+/// those GSIs follow the new routes inside KVM.
+pub struct KvmMsiRoutes {
+    fd: Arc<VmFd>,
+}
+
+impl MsiRoutes for KvmMsiRoutes {
+    fn set_routes(&self, routes: &[Option<MsiMessage>; PINS]) -> Result<(), std::io::Error> {
+        let no_memory = |_| std::io::Error::from_raw_os_error(libc::ENOMEM);
+        let mut table = KvmIrqRouting::new(0).map_err(no_memory)?;
+        for (gsi, msi) in (0u32..).zip(routes) {
+            let Some(msi) = msi else { continue };
+            table
+                .push(kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    u: kvm_irq_routing_entry__bindgen_ty_1 {
+                        msi: kvm_irq_routing_msi {
+                            address_lo: msi.address,
+                            data: msi.data,
+                            ..Default::default()
+                        },
+                    },
+                    ..Default::default()
+                })
+                .map_err(no_memory)?;
+        }
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 

@@ -3,12 +3,14 @@
 //! for exit status and boot timing.
 
 pub mod i8042;
+pub mod ioapic;
 pub mod ports;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
 
 pub use i8042::I8042;
+pub use ioapic::{Ioapic, MsiMessage, MsiRoutes};
 pub use ports::{BootCompletePort, GuestExitPort, IoDelayPort};
 pub use power::AcpiPower;
 pub use pvpanic::PvPanic;
