@@ -13,6 +13,12 @@
  *   mode=crash-loaded  report a panic with a crash kernel loaded, then exit 0
  *   mode=blind-power   without reading any table, write S5 to port 0x600, the reset value to
  *                    0x602 and PANICKED to 0x505; exit 0x7d if the VM is still running
+ *   mode=storm       write the serial scratch register `storm=N` times (one port-I/O exit each,
+ *                    to a register every VMM's 16550 has), then reset through the i8042
+ *   mode=idle        say "exitcodes: idle", then halt with interrupts on for good (an IDT of
+ *                    bare iretq stubs takes any stray interrupt)
+ * reset, storm and idle end (or never end) in ways Firecracker and the bare-KVM floor
+ * understand too, for scripts/bench.
  * The ACPI modes exit 0x7e when the tables lack what they need.
  */
 #include "lib/rt.h"
@@ -21,6 +27,32 @@
 #define UNASSIGNED_PORT 0x3000
 /* The start of the 32-bit MMIO gap: the virtio devices begin at 0xd0000000. */
 #define UNASSIGNED_MMIO 0xc0000000ULL
+
+/* A gate that returns at once, for the idle mode's IDT. */
+void idle_isr(void);
+__asm__(".text\n.global idle_isr\nidle_isr:\n iretq\n");
+
+struct idt_gate {
+    u16 offset_low, selector;
+    u8 ist, type;
+    u16 offset_mid;
+    u32 offset_high, zero;
+} __attribute__((packed));
+
+static struct idt_gate idle_idt[256];
+
+__attribute__((noreturn)) static void idle(void) {
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    u64 isr = (u64)idle_isr;
+    for (int i = 0; i < 256; i++) {
+        idle_idt[i] = (struct idt_gate){(u16)isr, cs, 0, 0x8e, (u16)(isr >> 16), (u32)(isr >> 32), 0};
+    }
+    struct { u16 limit; u64 base; } __attribute__((packed)) idtr = {sizeof idle_idt - 1, (u64)idle_idt};
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    puts("exitcodes: idle\n");
+    for (;;) __asm__ volatile("sti; hlt");
+}
 
 static void triple_fault(void) {
     /* An IDT with limit 0: the #UD from ud2 can not be delivered, nor the #DF that follows. */
@@ -104,6 +136,13 @@ void guest_main(void) {
     } else if (str_eq(mode, len, "reset")) {
         puts("exitcodes: resetting through the i8042\n");
         outb(I8042_COMMAND_PORT, 0xfe);
+    } else if (str_eq(mode, len, "storm")) {
+        u64 n = cmdline_u64("storm", 100000);
+        for (u64 i = 0; i < n; i++) outb(SERIAL_PORT + 7, (u8)i);
+        puts("exitcodes: storm done, resetting\n");
+        outb(I8042_COMMAND_PORT, 0xfe);
+    } else if (str_eq(mode, len, "idle")) {
+        idle();
     } else if (str_eq(mode, len, "triple")) {
         puts("exitcodes: triple fault\n");
         triple_fault();

@@ -8,13 +8,15 @@
  *
  *   cc -O2 -o target/kvm-floor benches/floor/kvm-floor.c
  *   target/kvm-floor [--mem MIB] [--cmdline STR] [--irqchip [--irqfds N] | --split-irqchip] [--pit]
- *                    [--times] GUEST.elf
+ *                    [--times] [--idle] GUEST.elf
  *
  * --irqchip and --pit add the in-kernel interrupt controllers and PIT that bulkhead creates;
  * --split-irqchip keeps only the local APICs in the kernel; --irqfds N adds N irqfds and N
  * ioeventfds, as N devices would. They show what each costs: --times
  * prints each phase's duration to stderr (setup, run, and the teardown that closing the VM
  * starts in the kernel).
+ * --idle: a halt (which exits here, with no in-kernel local APIC) flushes the output and
+ * sleeps until a signal, as an idle guest would sit in the kernel; for memory figures.
  */
 #define _GNU_SOURCE
 #include <elf.h>
@@ -143,7 +145,7 @@ static int port_io(struct kvm_run *run) {
 int main(int argc, char **argv) {
     uint64_t mem_mib = 128;
     const char *cmdline = "", *guest = NULL;
-    int irqchip = 0, split = 0, pit = 0, times = 0, irqfds = 0;
+    int irqchip = 0, split = 0, pit = 0, times = 0, irqfds = 0, idle = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--mem") && i + 1 < argc) mem_mib = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--cmdline") && i + 1 < argc) cmdline = argv[++i];
@@ -152,6 +154,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--split-irqchip")) split = 1;
         else if (!strcmp(argv[i], "--irqfds") && i + 1 < argc) irqfds = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--times")) times = 1;
+        else if (!strcmp(argv[i], "--idle")) idle = 1;
         else if (argv[i][0] != '-' && !guest) guest = argv[i];
         else {
             guest = NULL;
@@ -159,7 +162,7 @@ int main(int argc, char **argv) {
         }
     }
     if (!guest || mem_mib < 2 || mem_mib > 3072 || strlen(cmdline) >= 2048 || (irqchip && split)) {
-        fprintf(stderr, "usage: kvm-floor [--mem MIB (2-3072)] [--cmdline STR] [--irqchip | --split-irqchip] [--pit] [--times] GUEST.elf\n");
+        fprintf(stderr, "usage: kvm-floor [--mem MIB (2-3072)] [--cmdline STR] [--irqchip | --split-irqchip] [--pit] [--times] [--idle] GUEST.elf\n");
         return 2;
     }
     double t0 = now_ms();
@@ -216,7 +219,13 @@ int main(int argc, char **argv) {
         case KVM_EXIT_MMIO:
             if (!run->mmio.is_write) memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
             break;
-        case KVM_EXIT_HLT: status = 80; break;
+        case KVM_EXIT_HLT:
+            if (idle) {
+                fflush(stdout);
+                for (;;) pause();
+            }
+            status = 80;
+            break;
         case KVM_EXIT_SHUTDOWN: status = 81; break;
         default:
             fprintf(stderr, "kvm-floor: unhandled exit %u\n", run->exit_reason);
