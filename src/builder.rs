@@ -338,21 +338,28 @@ impl VirtioBus {
         ));
         let notify = base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
         let mut queue_evts = Vec::new();
-        for queue in 0..device.queue_max_sizes().len() as u32 {
+        let mut transport_evts = Vec::new();
+        for _ in device.queue_max_sizes() {
             let evt = event_fd("a virtio queue")?;
-            vm.register_mmio_ioevent(&evt, notify, queue)?;
+            transport_evts.push(evt.try_clone().map_err(|source| BuildError::EventFd {
+                what: "a virtio queue",
+                source,
+            })?);
             queue_evts.push(evt);
         }
         let mem = vm.memory().clone();
-        let transport = MmioTransport::new(device, shared.clone(), mem.clone());
+        let transport =
+            MmioTransport::new(device, shared.clone(), mem.clone()).notify_by(transport_evts);
         self.bus.insert(Arc::new(transport), base, mmio::MMIO_LEN)?;
         self.windows.push(VirtioMmio {
             base,
             size: mmio::MMIO_LEN,
             gsi: irq,
         });
-        self.workers
-            .push(VirtioWorker::new(shared.clone(), mem, queue_evts, handler));
+        self.workers.push(
+            VirtioWorker::new(shared.clone(), mem, queue_evts, handler)
+                .with_notifiers(Box::new(vm.queue_notifiers(notify))),
+        );
         self.devices.push(shared);
         Ok(())
     }

@@ -7,11 +7,11 @@
  * port reads all-ones.
  *
  *   cc -O2 -o target/kvm-floor benches/floor/kvm-floor.c
- *   target/kvm-floor [--mem MIB] [--cmdline STR] [--irqchip [--irqfds N] | --split-irqchip] [--pit]
+ *   target/kvm-floor [--mem MIB] [--cmdline STR] [--irqchip | --split-irqchip [--irqfds N]] [--pit]
  *                    [--times] [--idle] GUEST.elf
  *
  * --irqchip and --pit add the in-kernel interrupt controllers and PIT that bulkhead creates;
- * --split-irqchip keeps only the local APICs in the kernel; --irqfds N adds N irqfds and N
+ * --split-irqchip keeps only the local APICs in the kernel; --irqfds N (with either) adds N irqfds and N
  * ioeventfds, as N devices would. They show what each costs: --times
  * prints each phase's duration to stderr (setup, run, and the teardown that closing the VM
  * starts in the kernel).
@@ -190,7 +190,7 @@ int main(int argc, char **argv) {
         if (ioctl(vm, KVM_CREATE_PIT2, &pc) < 0) die("KVM_CREATE_PIT2");
     }
     /* As a VMM's devices would: an irqfd and a queue-notify ioeventfd each. */
-    for (int i = 0; i < irqfds && irqchip; i++) {
+    for (int i = 0; i < irqfds && (irqchip || split); i++) {
         struct kvm_irqfd irq = {.fd = (uint32_t)eventfd(0, EFD_CLOEXEC), .gsi = 5 + (uint32_t)i};
         if (ioctl(vm, KVM_IRQFD, &irq) < 0) die("KVM_IRQFD");
         struct kvm_ioeventfd io = {.addr = 0xd0000050 + 0x1000ULL * i, .len = 4,

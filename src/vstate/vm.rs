@@ -20,6 +20,7 @@ use super::memory::host_regions;
 use crate::arch::x86_64::{layout, msr};
 use crate::config::IrqChip;
 use crate::devices::legacy::ioapic::{MsiMessage, MsiRoutes, PINS};
+use crate::devices::virtio::worker::QueueNotifiers;
 
 /// Errors setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +40,6 @@ pub enum VmError {
         slot: u32,
         addr: u64,
         size: u64,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error("cannot attach an ioeventfd at MMIO {addr:#x} (value {value}): {source}")]
-    Ioeventfd {
-        addr: u64,
-        value: u32,
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -158,23 +152,6 @@ impl Vm {
             .map_err(|source| VmError::Irqfd { gsi, source })
     }
 
-    /// Makes a 32-bit guest write of `value` to MMIO `addr` signal `evt` inside KVM, with no
-    /// exit to user space.
-    pub fn register_mmio_ioevent(
-        &self,
-        evt: &EventFd,
-        addr: u64,
-        value: u32,
-    ) -> Result<(), VmError> {
-        self.fd
-            .register_ioevent(evt, &IoEventAddress::Mmio(addr), value)
-            .map_err(|source| VmError::Ioeventfd {
-                addr,
-                value,
-                source,
-            })
-    }
-
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }
@@ -183,11 +160,35 @@ impl Vm {
         &self.memory
     }
 
+    /// Queue notifications at MMIO `addr` (a QUEUE_NOTIFY register), for a device's worker to
+    /// move into KVM when the driver starts the device.
+    pub fn queue_notifiers(&self, addr: u64) -> KvmQueueNotifiers {
+        KvmQueueNotifiers {
+            fd: self.fd.clone(),
+            addr,
+        }
+    }
+
     /// The GSI routing table, for the user-space IOAPIC of a split irqchip.
     pub fn msi_routes(&self) -> KvmMsiRoutes {
         KvmMsiRoutes {
             fd: self.fd.clone(),
         }
+    }
+}
+
+/// Attaches ioeventfds: a 32-bit guest write of the queue's index to `addr` signals its
+/// eventfd inside KVM, with no exit to user space.
+pub struct KvmQueueNotifiers {
+    fd: Arc<VmFd>,
+    addr: u64,
+}
+
+impl QueueNotifiers for KvmQueueNotifiers {
+    fn attach(&self, queue: u32, evt: &EventFd) -> Result<(), std::io::Error> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(self.addr), queue)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 

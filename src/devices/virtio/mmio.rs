@@ -13,6 +13,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use vm_memory::GuestMemoryMmap;
 
 use virtio_bindings::virtio_config::{
@@ -87,6 +89,9 @@ pub struct MmioTransport {
     state: Mutex<State>,
     shared: Arc<DeviceShared>,
     mem: GuestMemoryMmap,
+    /// Each queue's notification eventfd, for notifications that exit to user space (all of
+    /// them until the worker attaches ioeventfds at the first DRIVER_OK).
+    notify: Vec<EventFd>,
 }
 
 impl MmioTransport {
@@ -118,7 +123,14 @@ impl MmioTransport {
             }),
             shared,
             mem,
+            notify: Vec::new(),
         }
+    }
+
+    /// Passes the driver's QUEUE_NOTIFY writes to `evts` (queue n's to `evts[n]`).
+    pub fn notify_by(mut self, evts: Vec<EventFd>) -> MmioTransport {
+        self.notify = evts;
+        self
     }
 
     /// How often the driver was refused for `reason`.
@@ -343,10 +355,19 @@ impl MmioTransport {
                 return self.write_queue_register(state, offset, value);
             }
             VIRTIO_MMIO_QUEUE_NOTIFY => {
-                // Notifications normally arrive by ioeventfd and never reach here; one that
-                // does is either for a queue that does not exist or sent before DRIVER_OK.
+                // Once the device has run, notifications arrive by ioeventfd and only those
+                // for a queue that does not exist reach here. The queue side judges the rest
+                // (a notification before DRIVER_OK is its violation to count).
                 if value as usize >= state.queues.len() {
                     return self.refuse_on(TransportViolation::NoSuchQueue, Some(value), at, v);
+                }
+                if let Some(evt) = self.notify.get(value as usize) {
+                    if let Err(e) = evt.write(1) {
+                        warn_limited!(
+                            "{}: cannot pass a queue notification on: {e}",
+                            self.shared.name()
+                        );
+                    }
                 }
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.shared.interrupt.ack(value),

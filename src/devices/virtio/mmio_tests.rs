@@ -422,3 +422,19 @@ fn failed_activation_marks_the_device_as_needing_reset() {
     assert_ne!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
     assert!(seen.lock().unwrap().activated.is_none());
 }
+
+#[test]
+fn notifications_that_exit_to_user_space_reach_their_queues_eventfd_and_no_other() {
+    let (t, _, _) = transport_with_shared(false);
+    let evts: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
+    let t = t.notify_by(evts.iter().map(|e| e.try_clone().unwrap()).collect());
+    assert!(w(&t, VIRTIO_MMIO_QUEUE_NOTIFY, 1));
+    assert!(w(&t, VIRTIO_MMIO_QUEUE_NOTIFY, 1));
+    assert_eq!(evts[1].read().unwrap(), 2);
+    assert!(evts[0].read().is_err(), "queue 0 was signalled");
+    // A queue that does not exist is refused and signals nothing.
+    assert!(!w(&t, VIRTIO_MMIO_QUEUE_NOTIFY, 2));
+    assert!(evts.iter().all(|e| e.read().is_err()));
+}

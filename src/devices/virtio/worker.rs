@@ -1,5 +1,11 @@
 //! The queue side of a device: runs on the VMM thread's event loop, woken by the queues'
-//! ioeventfds and by activation and reset.
+//! notification eventfds and by activation and reset.
+//!
+//! A notification reaches the eventfd two ways: through the MMIO transport (an exit to user
+//! space) until the driver first starts the device, then through an ioeventfd inside KVM,
+//! which this worker attaches at that first activation. Attaching them at build time instead
+//! cost every short-lived VM about 11 ms: each one queues an SRCU callback that KVM waits out
+//! when it destroys the VM (`srcu_barrier` in `kvm_destroy_vm`).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -212,12 +218,21 @@ pub fn drain(
 }
 
 /// One device's queue side as an event-manager subscriber.
+/// Where a device's queue notifications can be taken in the kernel: an ioeventfd per queue on
+/// its QUEUE_NOTIFY register.
+pub trait QueueNotifiers: Send {
+    /// Makes a driver's write of `queue` to QUEUE_NOTIFY signal `evt` without an exit.
+    fn attach(&self, queue: u32, evt: &EventFd) -> Result<(), std::io::Error>;
+}
+
 pub struct VirtioWorker {
     shared: Arc<DeviceShared>,
     mem: GuestMemoryMmap,
     queue_evts: Vec<EventFd>,
     handler: Box<dyn QueueHandler>,
     generation: u64,
+    /// Attached at the first activation, then dropped.
+    notifiers: Option<Box<dyn QueueNotifiers>>,
 }
 
 impl VirtioWorker {
@@ -233,6 +248,28 @@ impl VirtioWorker {
             queue_evts,
             handler,
             generation: 0,
+            notifiers: None,
+        }
+    }
+
+    /// Attaches the queues' eventfds to `notifiers` when the driver first starts the device.
+    pub fn with_notifiers(mut self, notifiers: Box<dyn QueueNotifiers>) -> VirtioWorker {
+        self.notifiers = Some(notifiers);
+        self
+    }
+
+    fn attach_notifiers(&mut self) {
+        let Some(notifiers) = self.notifiers.take() else {
+            return;
+        };
+        for (queue, evt) in (0u32..).zip(&self.queue_evts) {
+            if let Err(e) = notifiers.attach(queue, evt) {
+                // Notifications still arrive through the transport, one exit each.
+                warn_limited!(
+                    "{}: queue {queue} notifications stay in user space: {e}",
+                    self.shared.name()
+                );
+            }
         }
     }
 
@@ -274,6 +311,7 @@ impl VirtioWorker {
             }
             return;
         }
+        self.attach_notifiers();
         // Serve whatever the driver queued before (or while) the device started.
         let queues = self.queue_evts.len();
         self.with_context(|handler, ctx| {
@@ -375,5 +413,72 @@ impl VirtioWorker {
             }
             queue => self.notified(queue as usize),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::devices::virtio::QueueConfig;
+    use crate::telemetry::OnViolation;
+
+    struct Idle;
+    impl QueueHandler for Idle {
+        fn process_queue(&mut self, _: &mut QueueContext<'_>, _: usize) {}
+    }
+
+    struct Recorder(Arc<Mutex<Vec<u32>>>);
+    impl QueueNotifiers for Recorder {
+        fn attach(&self, queue: u32, _: &EventFd) -> Result<(), std::io::Error> {
+            self.0.lock().unwrap().push(queue);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn queue_notifiers_are_attached_at_the_first_activation_and_only_then() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let shared = Arc::new(DeviceShared::new(
+            "virtio-test0".into(),
+            evt(),
+            evt(),
+            DeviceTelemetry::detached().unwrap(),
+            OnViolation::Log,
+        ));
+        let attached = Arc::new(Mutex::new(Vec::new()));
+        let mut worker = VirtioWorker::new(
+            shared.clone(),
+            mem.clone(),
+            vec![evt(), evt()],
+            Box::new(Idle),
+        )
+        .with_notifiers(Box::new(Recorder(attached.clone())));
+        // A reset before the driver ever started the device attaches nothing.
+        worker.state_changed();
+        assert!(attached.lock().unwrap().is_empty());
+        let config = QueueConfig {
+            size: 16,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+        };
+        let activate = || {
+            let queue = GuestQueue::new(&mem, config, 0).unwrap();
+            shared.activate(vec![Some(queue), None]);
+        };
+        activate();
+        worker.state_changed();
+        assert_eq!(*attached.lock().unwrap(), vec![0, 1]);
+        // The driver resets and starts the device again: the ioeventfds are still there.
+        shared.deactivate();
+        worker.state_changed();
+        activate();
+        worker.state_changed();
+        assert_eq!(*attached.lock().unwrap(), vec![0, 1]);
     }
 }
