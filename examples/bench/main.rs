@@ -1,0 +1,588 @@
+//! bulkhead side by side with a peer VMM (Firecracker) and the bare-KVM floor: start-up, exit
+//! cost, memory, density, and in the nested lane Linux boot and virtio-blk throughput. Each
+//! figure is measured several times with the VMMs alternating run by run, and reported as
+//! medians and ratios in one Markdown file (with the JSON behind it) and an SVG chart.
+//!
+//! Run through `scripts/bench`, which builds what this needs first:
+//!
+//!     scripts/bench [--peer-firecracker PATH] [--rounds N] [--lane-rounds N] [--no-lane]
+//!                   [--density-cap N] [--out DIR]
+
+mod launch;
+mod memory;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use launch::{Kind, Vmm};
+use report::{Figure, Goal};
+
+const GUEST_MIB: u64 = 128;
+const STORM_SHORT: u64 = 10_000;
+const STORM_LONG: u64 = 110_000;
+
+struct Options {
+    peer: Option<PathBuf>,
+    bulkhead: PathBuf,
+    floor: PathBuf,
+    guest: PathBuf,
+    rounds: usize,
+    lane_rounds: usize,
+    lane: bool,
+    burst: usize,
+    density_cap: usize,
+    budget_mib: u64,
+    out: PathBuf,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: bench [--peer-firecracker PATH] [--rounds N] [--lane-rounds N] [--no-lane]\n\
+         \x20            [--burst N] [--density-cap N] [--budget-mib N] [--out DIR]\n\
+         \x20            [--bulkhead PATH] [--floor PATH] [--guest PATH]"
+    );
+    std::process::exit(2)
+}
+
+fn options(root: &Path) -> Options {
+    let mut o = Options {
+        peer: None,
+        bulkhead: root.join("target/release/bulkhead"),
+        floor: root.join("target/kvm-floor"),
+        guest: root.join("target/guest-images/exitcodes"),
+        rounds: 15,
+        lane_rounds: 5,
+        lane: true,
+        burst: 50,
+        density_cap: 3000,
+        budget_mib: 4096,
+        out: root.join("docs/bench"),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| usage());
+        let number = |v: String| v.parse().unwrap_or_else(|_| usage());
+        match a.as_str() {
+            "--peer-firecracker" => o.peer = Some(PathBuf::from(value())),
+            "--bulkhead" => o.bulkhead = PathBuf::from(value()),
+            "--floor" => o.floor = PathBuf::from(value()),
+            "--guest" => o.guest = PathBuf::from(value()),
+            "--rounds" => o.rounds = number(value()),
+            "--lane-rounds" => o.lane_rounds = number(value()),
+            "--no-lane" => o.lane = false,
+            "--burst" => o.burst = number(value()),
+            "--density-cap" => o.density_cap = number(value()),
+            "--budget-mib" => o.budget_mib = number(value()) as u64,
+            "--out" => o.out = PathBuf::from(value()),
+            _ => usage(),
+        }
+    }
+    if o.rounds == 0 || o.burst == 0 {
+        usage();
+    }
+    o
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs `one` for each VMM in turn, `rounds` times, so every VMM sees the same machine.
+fn alternate(
+    vmms: &[Vmm],
+    rounds: usize,
+    mut one: impl FnMut(&Vmm, usize) -> Vec<f64>,
+) -> Vec<Vec<Vec<f64>>> {
+    let mut out: Vec<Vec<Vec<f64>>> = vmms.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (v, samples) in vmms.iter().zip(out.iter_mut()) {
+            samples.push(one(v, round));
+        }
+    }
+    out
+}
+
+/// Column `i` of each VMM's per-round results, as a figure's samples.
+fn column(vmms: &[Vmm], results: &[Vec<Vec<f64>>], i: usize) -> Vec<(&'static str, Vec<f64>)> {
+    vmms.iter()
+        .zip(results)
+        .map(|(v, r)| {
+            (
+                v.name(),
+                r.iter().filter_map(|x| x.get(i).copied()).collect(),
+            )
+        })
+        .collect()
+}
+
+fn startup(vmms: &[Vmm], rounds: usize) -> Vec<Figure> {
+    eprintln!("bench: start-up, {rounds} rounds");
+    let results = alternate(vmms, rounds, |v, round| {
+        let tag = format!("startup-{round}");
+        let run = launch::timed(v.command("mode=reset", &tag));
+        v.clean(&tag);
+        assert!(run.ok, "{} did not run the guest to its reset", v.name());
+        vec![ms(run.wall), ms(run.cpu)]
+    });
+    let method = "process start to the VMM's exit after the guest (exitcodes mode=reset: one \
+                  serial line, then an i8042 reset) ends itself; 1 vCPU, 128 MiB";
+    vec![
+        Figure {
+            key: "startup_wall",
+            label: "Start-up to guest exit, wall".to_string(),
+            unit: "ms",
+            higher_is_better: false,
+            samples: column(vmms, &results, 0),
+            goals: vec![
+                Goal::at_most("bulkhead", "firecracker", 0.5),
+                Goal::at_most("bulkhead", "floor", 1.1),
+                Goal::Spread {
+                    vmm: "bulkhead",
+                    limit: 1.5,
+                },
+            ],
+            method: method.to_string(),
+        },
+        Figure {
+            key: "startup_cpu",
+            label: "Start-up to guest exit, CPU".to_string(),
+            unit: "ms",
+            higher_is_better: false,
+            samples: column(vmms, &results, 1),
+            goals: Vec::new(),
+            method: format!("{method}; user plus system time of every process of the VMM"),
+        },
+    ]
+}
+
+fn exits(vmms: &[Vmm], rounds: usize) -> Figure {
+    eprintln!("bench: port-I/O exits, {rounds} rounds");
+    let results = alternate(vmms, rounds, |v, round| {
+        let wall = |n: u64| {
+            let tag = format!("storm-{round}-{n}");
+            let run = launch::timed(v.command(&format!("mode=storm storm={n}"), &tag));
+            v.clean(&tag);
+            assert!(run.ok, "{} did not finish the exit storm", v.name());
+            run.wall
+        };
+        let short = wall(STORM_SHORT);
+        let long = wall(STORM_LONG);
+        vec![long.saturating_sub(short).as_secs_f64() * 1e6 / (STORM_LONG - STORM_SHORT) as f64]
+    });
+    Figure {
+        key: "exit_round_trip",
+        label: "Port-I/O exit round trip".to_string(),
+        unit: "µs",
+        higher_is_better: false,
+        samples: column(vmms, &results, 0),
+        goals: vec![Goal::at_most("bulkhead", "floor", 1.03)],
+        method: format!(
+            "wall time of a guest doing {STORM_LONG} writes to the serial scratch register \
+             less that of one doing {STORM_SHORT}, over the difference (start-up cancels out)"
+        ),
+    }
+}
+
+/// Starts an idle guest and waits for its "idle" line; None if it never came.
+fn idle(v: &Vmm, tag: &str) -> Option<std::process::Child> {
+    let mut child = memory::piped(v.command("mode=idle", tag))
+        .spawn()
+        .expect("start a VMM");
+    if memory::wait_for_line(&mut child, "exitcodes: idle", Duration::from_secs(20)) {
+        Some(child)
+    } else {
+        launch::kill(child);
+        None
+    }
+}
+
+fn footprint(vmms: &[Vmm], rounds: usize) -> Vec<Figure> {
+    eprintln!("bench: memory, {rounds} rounds");
+    let results = alternate(vmms, rounds, |v, round| {
+        let tag = format!("mem-{round}");
+        let child =
+            idle(v, &tag).unwrap_or_else(|| panic!("{}: the idle guest never came up", v.name()));
+        // Let the VMM finish whatever follows the guest's first halt.
+        std::thread::sleep(Duration::from_millis(300));
+        let f = memory::footprint(child.id(), GUEST_MIB * 1024);
+        launch::kill(child);
+        v.clean(&tag);
+        vec![
+            f.peak_rss as f64 / 1024.0,
+            f.overhead() as f64 / 1024.0,
+            f.private_overhead() as f64 / 1024.0,
+        ]
+    });
+    let method = "an idle 128 MiB, 1-vCPU guest (exitcodes mode=idle), sampled 300 ms after it \
+                  says so; peak RSS is the sum of VmHWM over the VMM's processes";
+    vec![
+        Figure {
+            key: "peak_rss",
+            label: "Peak RSS, idle 128 MiB VM".to_string(),
+            unit: "MiB",
+            higher_is_better: false,
+            samples: column(vmms, &results, 0),
+            goals: Vec::new(),
+            method: method.to_string(),
+        },
+        Figure {
+            key: "vmm_overhead",
+            label: "Peak RSS less guest pages touched".to_string(),
+            unit: "MiB",
+            higher_is_better: false,
+            samples: column(vmms, &results, 1),
+            goals: vec![Goal::at_most("bulkhead", "firecracker", 0.6)],
+            method: format!(
+                "{method}, less the resident pages of the guest-RAM mapping (the pages the \
+                 guest touched)"
+            ),
+        },
+        Figure {
+            key: "vmm_private",
+            label: "Private memory less guest pages touched".to_string(),
+            unit: "MiB",
+            higher_is_better: false,
+            samples: column(vmms, &results, 2),
+            goals: Vec::new(),
+            method: "the same VM: Private_Clean plus Private_Dirty of every process \
+                     (smaps_rollup), less the guest's pages; what one more VM adds, since the \
+                     binary and libraries are shared by all of them"
+                .to_string(),
+        },
+    ]
+}
+
+/// Samples MemAvailable until stopped; returns the lowest value seen.
+fn watch_available() -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let lowest = Arc::new(AtomicU64::new(u64::MAX));
+    let (s, l) = (stop.clone(), lowest.clone());
+    let handle = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            l.fetch_min(memory::available_kib(), Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        l.load(Ordering::Relaxed)
+    });
+    (stop, handle)
+}
+
+fn burst(vmms: &[Vmm], n: usize, rounds: usize) -> Vec<Figure> {
+    eprintln!("bench: {n} VMs at once, {rounds} rounds");
+    let results = alternate(vmms, rounds, |v, round| {
+        std::thread::sleep(Duration::from_millis(200));
+        let before = memory::available_kib();
+        let (stop, watcher) = watch_available();
+        let start = Instant::now();
+        let children: Vec<_> = (0..n)
+            .map(|i| {
+                v.command("mode=reset", &format!("burst-{round}-{i}"))
+                    .spawn()
+                    .expect("start a VMM")
+            })
+            .collect();
+        let ok = children.into_iter().all(|c| launch::wait(c).0);
+        let elapsed = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let lowest = watcher.join().unwrap_or(before);
+        for i in 0..n {
+            v.clean(&format!("burst-{round}-{i}"));
+        }
+        assert!(ok, "{}: a VM of the burst failed", v.name());
+        vec![
+            n as f64 / elapsed.as_secs_f64(),
+            before.saturating_sub(lowest) as f64 / 1024.0,
+        ]
+    });
+    vec![
+        Figure {
+            key: "density_rate",
+            label: format!("VMs started and ended, {n} at once"),
+            unit: "VMs/s",
+            higher_is_better: true,
+            samples: column(vmms, &results, 0),
+            goals: vec![Goal::at_least("bulkhead", "firecracker", 2.0)],
+            method: format!(
+                "{n} VMs (exitcodes mode=reset) started back to back and all reaped; {n} over \
+                 the time from the first start to the last exit"
+            ),
+        },
+        Figure {
+            key: "density_memory",
+            label: "Host memory held by the burst".to_string(),
+            unit: "MiB",
+            higher_is_better: false,
+            samples: column(vmms, &results, 1),
+            goals: Vec::new(),
+            method: "the largest drop of MemAvailable during the burst, sampled every \
+                     millisecond (kernel memory included)"
+                .to_string(),
+        },
+    ]
+}
+
+fn max_idle(vmms: &[Vmm], budget_mib: u64, cap: usize) -> Figure {
+    let mut samples = Vec::new();
+    for v in vmms {
+        eprintln!(
+            "bench: idle {}s within {budget_mib} MiB (at most {cap})",
+            v.name()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let before = memory::available_kib();
+        let mut running = Vec::new();
+        let mut fitted = 0usize;
+        while fitted < cap {
+            let tag = format!("idle-{}", running.len());
+            let Some(child) = idle(v, &tag) else {
+                eprintln!(
+                    "bench: {}: VM {} did not come up; stopping",
+                    v.name(),
+                    fitted + 1
+                );
+                break;
+            };
+            running.push((child, tag));
+            if before.saturating_sub(memory::available_kib()) > budget_mib * 1024 {
+                break;
+            }
+            fitted += 1;
+        }
+        if fitted == cap {
+            eprintln!("bench: {}: reached the cap of {cap}", v.name());
+        }
+        for (child, tag) in running {
+            launch::kill(child);
+            v.clean(&tag);
+        }
+        samples.push((v.name(), vec![fitted as f64]));
+    }
+    Figure {
+        key: "density_idle",
+        label: format!("Idle 128 MiB VMs within {budget_mib} MiB"),
+        unit: "VMs",
+        higher_is_better: true,
+        samples,
+        goals: Vec::new(),
+        method: format!(
+            "idle VMs (exitcodes mode=idle) started one at a time until MemAvailable fell by \
+             more than {budget_mib} MiB (or {cap} ran); one run each"
+        ),
+    }
+}
+
+/// The RESULT lines a lane script printed.
+fn lane_script(root: &Path, script: &str, env: &[(&str, String)]) -> Vec<String> {
+    eprintln!("bench: scripts/{script} in the nested lane");
+    let out = Command::new(root.join("scripts").join(script))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run a lane script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        eprintln!(
+            "bench: scripts/{script} failed:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text.lines()
+        .filter(|l| l.starts_with("RESULT ") && !l.contains("FAILED"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn lane(root: &Path, o: &Options) -> Vec<Figure> {
+    let peer = o
+        .peer
+        .as_ref()
+        .map_or("none".to_string(), |p| p.display().to_string());
+    let common = [
+        ("BULKHEAD_BIN", o.bulkhead.display().to_string()),
+        ("FIRECRACKER", peer),
+    ];
+    let mut env = common.to_vec();
+    env.push(("ROUNDS", o.lane_rounds.to_string()));
+    let mut boot: Vec<(&'static str, Vec<f64>)> =
+        vec![("bulkhead", vec![]), ("firecracker", vec![])];
+    for line in lane_script(root, "stock-boot-bench", &env) {
+        // RESULT <vmm> init <ms> ms end <ms> ms
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if let (Some(vmm), Some(init)) = (w.get(1), w.get(3).and_then(|s| s.parse::<f64>().ok())) {
+            if let Some((_, v)) = boot.iter_mut().find(|(n, _)| n == vmm) {
+                v.push(init / 1000.0);
+            }
+        }
+    }
+    boot.retain(|(_, v)| !v.is_empty());
+    let mut read: Vec<(&'static str, Vec<f64>)> = vec![
+        ("bulkhead", vec![]),
+        ("firecracker", vec![]),
+        ("l1-host", vec![]),
+    ];
+    let mut write = read.clone();
+    for _ in 0..o.lane_rounds.clamp(1, 3) {
+        for line in lane_script(root, "blk-bench", &common) {
+            // RESULT <who>-<read|write> <size> MiB in <ms> ms: <rate> MiB/s
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let (Some(who), Some(rate)) = (w.get(1), w.get(7).and_then(|s| s.parse::<f64>().ok()))
+            else {
+                continue;
+            };
+            let (name, table) = match *who {
+                "guest-read" => ("bulkhead", &mut read),
+                "guest-write" => ("bulkhead", &mut write),
+                "firecracker-guest-read" => ("firecracker", &mut read),
+                "firecracker-guest-write" => ("firecracker", &mut write),
+                "host-read" => ("l1-host", &mut read),
+                "host-write" => ("l1-host", &mut write),
+                _ => continue,
+            };
+            if let Some((_, v)) = table.iter_mut().find(|(n, _)| *n == name) {
+                v.push(rate);
+            }
+        }
+    }
+    read.retain(|(_, v)| !v.is_empty());
+    write.retain(|(_, v)| !v.is_empty());
+    let blk = "dd bs=1M of 128 MiB on a raw file (virtio-blk in the guest, the file itself on \
+               the L1 host), write with fsync, read with L1's page cache dropped; a fresh boot \
+               per phase; times from /proc/uptime (10 ms steps)";
+    vec![
+        Figure {
+            key: "linux_boot",
+            label: "Linux boot to /init (nested lane)".to_string(),
+            unit: "s",
+            higher_is_better: false,
+            samples: boot,
+            goals: vec![Goal::at_most("bulkhead", "firecracker", 0.8)],
+            method: "Debian's stock cloud kernel (6.1) with an initramfs, 2 vCPUs, 256 MiB, in \
+                     the nested lane (QEMU TCG L1 with KVM); VMM start to /init saying it is \
+                     ready, from L1's /proc/uptime"
+                .to_string(),
+        },
+        Figure {
+            key: "blk_read",
+            label: "virtio-blk sequential read (nested lane)".to_string(),
+            unit: "MiB/s",
+            higher_is_better: true,
+            samples: read,
+            goals: vec![Goal::at_least("bulkhead", "firecracker", 1.0)],
+            method: blk.to_string(),
+        },
+        Figure {
+            key: "blk_write",
+            label: "virtio-blk sequential write (nested lane)".to_string(),
+            unit: "MiB/s",
+            higher_is_better: true,
+            samples: write,
+            goals: vec![Goal::at_least("bulkhead", "firecracker", 1.0)],
+            method: blk.to_string(),
+        },
+    ]
+}
+
+fn host_facts() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let output = |cmd: &mut Command| {
+        cmd.output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    serde_json::json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "kernel": kernel.trim(),
+        "date": output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        "commit": output(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
+    })
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let o = options(&root);
+    let scratch = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch directory");
+    let mut vmms = vec![Vmm::new(
+        Kind::Bulkhead,
+        o.bulkhead.clone(),
+        &scratch,
+        &o.guest,
+    )];
+    if let Some(peer) = &o.peer {
+        vmms.push(Vmm::new(
+            Kind::Firecracker,
+            peer.clone(),
+            &scratch,
+            &o.guest,
+        ));
+    }
+    vmms.push(Vmm::new(Kind::Floor, o.floor.clone(), &scratch, &o.guest));
+    for v in &vmms {
+        assert!(
+            v.binary.exists(),
+            "{} not found at {}",
+            v.name(),
+            v.binary.display()
+        );
+    }
+
+    let meta = serde_json::json!({
+        "host": host_facts(),
+        "rounds": o.rounds,
+        "lane_rounds": if o.lane { o.lane_rounds } else { 0 },
+        "peer": o.peer.as_ref().map(|p| p.display().to_string()),
+        "guest": o.guest.display().to_string(),
+    });
+    let mut figures = startup(&vmms, o.rounds);
+    figures.push(exits(&vmms, o.rounds.div_ceil(3)));
+    figures.extend(footprint(&vmms, o.rounds.div_ceil(3)));
+    figures.extend(burst(&vmms, o.burst, o.rounds.div_ceil(5)));
+    figures.push(max_idle(&vmms, o.budget_mib, o.density_cap));
+    if o.lane {
+        figures.extend(lane(&root, &o));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let host = &meta["host"];
+    let header = format!(
+        "Measured {} on {} ({} CPUs, Linux {}), bulkhead {}; {} rounds{}.",
+        host["date"].as_str().unwrap_or(""),
+        host["cpu"].as_str().unwrap_or("?"),
+        host["cpus"],
+        host["kernel"].as_str().unwrap_or("?"),
+        host["commit"].as_str().unwrap_or("?"),
+        o.rounds,
+        if o.peer.is_some() {
+            ", the peer run with --no-seccomp"
+        } else {
+            ""
+        }
+    );
+    let table = report::markdown(&figures, &header);
+    let json = serde_json::to_string_pretty(&report::json(&figures, meta)).expect("json");
+    std::fs::create_dir_all(&o.out).expect("output directory");
+    let md = o.out.join("results.md");
+    std::fs::write(
+        &md,
+        format!("# bulkhead benchmark results\n\n{table}\n## Data\n\n```json\n{json}\n```\n"),
+    )
+    .expect("write results.md");
+    let svg = o.out.join("ratios.svg");
+    std::fs::write(&svg, report::svg(&figures, "bulkhead against its peers"))
+        .expect("write ratios.svg");
+    println!("{table}");
+    eprintln!("bench: wrote {} and {}", md.display(), svg.display());
+}
