@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::console::ConsoleInput;
-use super::watchdog::HaltWatchdog;
+use super::watchdog::{HaltWatchdog, BASE_TICK};
 use crate::exit::{ExitSignal, VmExitReason};
 
 /// The VMM thread's event sources.
@@ -18,6 +18,8 @@ pub(super) struct VmmEvents {
     pub(super) exit: Arc<ExitSignal>,
     pub(super) timer: TimerFd,
     pub(super) watchdog: HaltWatchdog,
+    /// The timer's current period, in the watchdog's base ticks.
+    pub(super) period: u32,
     pub(super) console: Option<ConsoleInput>,
     /// A signalfd for the supervisor's SIGTERM.
     pub(super) stop: Option<OwnedFd>,
@@ -68,9 +70,16 @@ impl MutEventSubscriber for VmmEvents {
                 self.finished = true;
             }
             EV_TIMER => {
-                let _ = self.timer.wait();
-                if self.watchdog.tick() {
+                let expirations = self.timer.wait().unwrap_or(1);
+                let tick = self.watchdog.tick(expirations);
+                if tick.all_stuck {
                     self.exit.request(VmExitReason::AllHalted);
+                } else if tick.period != self.period {
+                    self.period = tick.period;
+                    let d = BASE_TICK * tick.period;
+                    if let Err(e) = self.timer.reset(d, Some(d)) {
+                        log::warn!("the halt watchdog keeps its last period: {e}");
+                    }
                 }
             }
             EV_CONSOLE => self.console_input(events, ops),

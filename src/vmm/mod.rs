@@ -31,8 +31,6 @@ use crate::signal;
 use crate::vstate::vcpu::{Vcpu, VcpuIo, VcpuShared};
 use crate::vstate::vm::Vm;
 
-/// How often the halt watchdog looks at the vCPU threads.
-const WATCHDOG_TICK: Duration = Duration::from_millis(50);
 /// How long the VMM waits for vCPU threads to leave KVM_RUN at shutdown.
 const VCPU_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -129,12 +127,13 @@ impl Vmm {
             .map_err(|e| VmmError::EventLoop(format!("cannot create the event manager: {e:?}")))?;
         let mut timer = TimerFd::new().map_err(VmmError::Timer)?;
         timer
-            .reset(WATCHDOG_TICK, Some(WATCHDOG_TICK))
+            .reset(watchdog::BASE_TICK, Some(watchdog::BASE_TICK))
             .map_err(VmmError::Timer)?;
         let events = Arc::new(Mutex::new(VmmEvents {
             exit: exit.clone(),
             timer,
             watchdog,
+            period: 1,
             console: console_input.map(|source| ConsoleInput {
                 source,
                 serial: serial.clone(),
