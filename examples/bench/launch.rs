@@ -139,8 +139,13 @@ pub fn wait(child: Child) -> (bool, Duration) {
 
 /// Ends a VMM left running (an idle guest) and everything in its process group.
 pub fn kill(child: Child) {
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: kill(2) on our own child's process group; no memory is involved.
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    signal(&child);
     let _ = wait(child);
+}
+
+/// Sends SIGKILL to the child's process group, without reaping it.
+pub fn signal(child: &Child) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's process group, not yet reaped; no memory is involved.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
 }

@@ -327,6 +327,7 @@ fn burst(vmms: &[Vmm], n: usize, rounds: usize) -> Vec<Figure> {
 
 fn max_idle(vmms: &[Vmm], budget_mib: u64, cap: usize) -> Figure {
     let mut samples = Vec::new();
+    let mut endings = Vec::new();
     for v in vmms {
         eprintln!(
             "bench: idle {}s within {budget_mib} MiB (at most {cap})",
@@ -336,30 +337,40 @@ fn max_idle(vmms: &[Vmm], budget_mib: u64, cap: usize) -> Figure {
         let before = memory::available_kib();
         let mut running = Vec::new();
         let mut fitted = 0usize;
-        while fitted < cap {
+        let ending = loop {
+            if fitted == cap {
+                break format!("{}: reached the cap of {cap}", v.name());
+            }
             let tag = format!("idle-{}", running.len());
             let Some(child) = idle(v, &tag) else {
-                eprintln!(
-                    "bench: {}: VM {} did not come up; stopping",
+                break format!(
+                    "{}: VM {} did not come up within 20 s",
                     v.name(),
                     fitted + 1
                 );
-                break;
             };
             running.push((child, tag));
-            if before.saturating_sub(memory::available_kib()) > budget_mib * 1024 {
-                break;
+            let used = before.saturating_sub(memory::available_kib());
+            if used > budget_mib * 1024 {
+                break format!(
+                    "{}: VM {} took the host past {budget_mib} MiB",
+                    v.name(),
+                    fitted + 1
+                );
             }
             fitted += 1;
-        }
-        if fitted == cap {
-            eprintln!("bench: {}: reached the cap of {cap}", v.name());
+        };
+        eprintln!("bench: {ending}");
+        // All at once: one by one, each teardown would wait on the rest still running.
+        for (child, _) in &running {
+            launch::signal(child);
         }
         for (child, tag) in running {
-            launch::kill(child);
+            let _ = launch::wait(child);
             v.clean(&tag);
         }
         samples.push((v.name(), vec![fitted as f64]));
+        endings.push(ending);
     }
     Figure {
         key: "density_idle",
@@ -370,7 +381,8 @@ fn max_idle(vmms: &[Vmm], budget_mib: u64, cap: usize) -> Figure {
         goals: Vec::new(),
         method: format!(
             "idle VMs (exitcodes mode=idle) started one at a time until MemAvailable fell by \
-             more than {budget_mib} MiB (or {cap} ran); one run each"
+             more than {budget_mib} MiB, one did not come up, or {cap} ran; one run each ({})",
+            endings.join("; ")
         ),
     }
 }
