@@ -214,7 +214,7 @@ fn footprint(vmms: &[Vmm], rounds: usize) -> Vec<Figure> {
         vec![
             f.peak_rss as f64 / 1024.0,
             f.overhead() as f64 / 1024.0,
-            f.private_overhead() as f64 / 1024.0,
+            f.anon_overhead() as f64 / 1024.0,
         ]
     });
     let method = "an idle 128 MiB, 1-vCPU guest (exitcodes mode=idle), sampled 300 ms after it \
@@ -242,15 +242,16 @@ fn footprint(vmms: &[Vmm], rounds: usize) -> Vec<Figure> {
             ),
         },
         Figure {
-            key: "vmm_private",
-            label: "Private memory less guest pages touched".to_string(),
+            key: "vmm_anon",
+            label: "Anonymous memory less guest pages touched".to_string(),
             unit: "MiB",
             higher_is_better: false,
             samples: column(vmms, &results, 2),
             goals: Vec::new(),
-            method: "the same VM: Private_Clean plus Private_Dirty of every process \
-                     (smaps_rollup), less the guest's pages; what one more VM adds, since the \
-                     binary and libraries are shared by all of them"
+            method: "the same VM: Pss_Anon of every process (smaps_rollup: anonymous memory, \
+                     a page two processes share after a fork counted half in each), less the \
+                     guest's pages; what one more VM adds in user space, the binary and \
+                     libraries being page cache that all of them share"
                 .to_string(),
         },
     ]

@@ -88,9 +88,11 @@ fn rollup_kib(pid: u32, field: &str) -> u64 {
 pub struct Footprint {
     /// Sum over the VMM's processes of their peak resident set (VmHWM).
     pub peak_rss: u64,
-    /// Sum of the pages only one process maps (private, the guest's RAM among them): what
-    /// another VM adds, since binaries and libraries are shared between all of them.
-    pub private: u64,
+    /// Sum of the processes' proportional anonymous memory (the guest's RAM among it): what
+    /// another VM adds in user space, binaries and libraries being shared page cache. (Private_*
+    /// would count a lone process's binary as its own, which it is not once a second VM runs;
+    /// plain Anonymous would count the pages a fork still shares once per process.)
+    pub anon: u64,
     /// Guest RAM the guest touched (resident pages of the guest's mapping).
     pub guest_touched: u64,
 }
@@ -101,9 +103,9 @@ impl Footprint {
         self.peak_rss.saturating_sub(self.guest_touched)
     }
 
-    /// Private memory less the guest's own pages.
-    pub fn private_overhead(&self) -> u64 {
-        self.private.saturating_sub(self.guest_touched)
+    /// Anonymous memory less the guest's own pages.
+    pub fn anon_overhead(&self) -> u64 {
+        self.anon.saturating_sub(self.guest_touched)
     }
 }
 
@@ -111,10 +113,7 @@ pub fn footprint(pid: u32, guest_kib: u64) -> Footprint {
     let pids = tree(pid);
     Footprint {
         peak_rss: pids.iter().map(|&p| status_kib(p, "VmHWM:")).sum(),
-        private: pids
-            .iter()
-            .map(|&p| rollup_kib(p, "Private_Clean:") + rollup_kib(p, "Private_Dirty:"))
-            .sum(),
+        anon: pids.iter().map(|&p| rollup_kib(p, "Pss_Anon:")).sum(),
         guest_touched: pids.iter().map(|&p| guest_rss_kib(p, guest_kib)).sum(),
     }
 }
