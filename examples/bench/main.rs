@@ -559,6 +559,9 @@ fn main() {
         "peer": o.peer.as_ref().map(|p| p.display().to_string()),
         "guest": o.guest.display().to_string(),
     });
+    // Let the builds that scripts/bench just ran settle: their page cache writeback and
+    // freed memory otherwise land in the first start-up rounds.
+    std::thread::sleep(Duration::from_secs(3));
     let mut figures = startup(&vmms, o.rounds);
     figures.push(exits(&vmms, o.rounds.div_ceil(3)));
     figures.extend(footprint(&vmms, o.rounds.div_ceil(3)));

@@ -302,7 +302,7 @@ pub fn svg(figures: &[Figure], title: &str) -> String {
             rows.push((format!("{} — {pair}", f.label), r, goal));
         }
     }
-    let (label_w, bar_w, row_h, top) = (360.0, 380.0, 24.0, 48.0);
+    let (label_w, bar_w, row_h, top) = (440.0, 380.0, 24.0, 48.0);
     let width = label_w + bar_w + 70.0;
     let height = top + row_h * rows.len() as f64 + 40.0;
     // log2 scale from 1/8 to 8.
