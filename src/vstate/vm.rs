@@ -54,7 +54,8 @@ pub enum VmError {
 /// One VM and the memory that belongs to it alone.
 #[derive(Debug)]
 pub struct Vm {
-    /// Shared with the IOAPIC's routes ([`Vm::msi_routes`]).
+    /// Shared with the IOAPIC's routes ([`Vm::msi_routes`]) and the devices' queue notifiers
+    /// ([`Vm::queue_notifiers`]).
     fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     msrs_filtered: bool,
