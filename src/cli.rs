@@ -41,10 +41,26 @@ impl From<LogLevel> for log::LevelFilter {
     }
 }
 
+// Parsed once at start-up; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot one VM and wait for it to end; exits with the guest's status.
     Run(RunArgs),
+    /// Work with the management plane's audit log.
+    #[command(subcommand)]
+    AuditLog(AuditLogCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditLogCommand {
+    /// Check the log's hash chain: exits 0 when it holds (and prints the head hash to compare
+    /// with one kept elsewhere), 1 naming the first line that breaks it, 2 when it can not be
+    /// read.
+    Verify {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

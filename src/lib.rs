@@ -5,6 +5,7 @@
 //! [`telemetry`]. Guest input is validated where it enters: the exit handlers in
 //! [`vstate::vcpu`] and the devices in [`devices`].
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;

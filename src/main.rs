@@ -10,7 +10,7 @@ use bulkhead::exit::status;
 use bulkhead::RawConfig;
 use clap::Parser;
 
-use cli::{Cli, Command, RunArgs};
+use cli::{AuditLogCommand, Cli, Command, RunArgs};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -28,6 +28,7 @@ fn main() -> ExitCode {
     bulkhead::logger::init("bulkhead", cli.log_level.into());
     let code = match cli.command {
         Command::Run(args) => run(&args),
+        Command::AuditLog(AuditLogCommand::Verify { file }) => verify_audit_log(&file),
     };
     exit_code(code)
 }
@@ -48,6 +49,28 @@ fn run(args: &RunArgs) -> i32 {
         log::warn!("*** --no-seccomp: seccomp filters are OFF; this VMM is not confined. Debugging only. ***");
     }
     bulkhead::supervisor::run(&config)
+}
+
+fn verify_audit_log(file: &std::path::Path) -> i32 {
+    match bulkhead::api::audit::verify_file(file) {
+        Ok(Ok(intact)) => {
+            println!(
+                "{}: {} entries, chain intact, head {}",
+                file.display(),
+                intact.entries,
+                intact.head
+            );
+            status::OK
+        }
+        Ok(Err(broken)) => {
+            println!("{}: chain broken at {broken}", file.display());
+            status::RUNTIME_ERROR
+        }
+        Err(e) => {
+            log::error!("{}", bulkhead::error_chain(&e));
+            status::BAD_INPUT
+        }
+    }
 }
 
 fn load_config(args: &RunArgs) -> Result<VmConfig, String> {
