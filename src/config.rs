@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 mod devices;
+pub mod serve;
 mod supervision;
 
 pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet, RawVsock, VsockConfig};

@@ -1,0 +1,395 @@
+//! `bulkhead serve`'s settings (`serve.json`): where the daemon keeps its sockets, state and
+//! audit log, who administers it, and each tenant's uids, allowed directories and quotas.
+//! Checked here so that the daemon starts only with a configuration in which no two tenants
+//! can meet: a uid belongs to one tenant (or is an admin), and no tenant's directory lies inside
+//! another's. Nothing is opened; the daemon resolves symlinks before it asks [`Tenant::allows`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{id_chars_ok, MAX_ID_LEN};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeConfigError {
+    #[error("serve config: {0}")]
+    Json(String),
+    #[error("serve config: {field} {path:?} must be an absolute path without `..`")]
+    Path { field: String, path: PathBuf },
+    #[error("serve config: `admins` is empty: nobody could use the admin socket")]
+    NoAdmins,
+    #[error("serve config: no tenants")]
+    NoTenants,
+    #[error(
+        "serve config: tenant name {0:?}: use 1 to {MAX_ID_LEN} characters from A-Z a-z 0-9 . _ -"
+    )]
+    TenantName(String),
+    #[error("serve config: tenant {tenant} has no uids")]
+    NoUids { tenant: String },
+    #[error("serve config: tenant {tenant} has no paths for kernels, initrds and disks")]
+    NoPaths { tenant: String },
+    #[error("serve config: uid {uid} is given to both {first} and {second}")]
+    SharedUid {
+        uid: u32,
+        first: String,
+        second: String,
+    },
+    #[error("serve config: uid {uid} is an admin and also tenant {tenant}'s")]
+    AdminTenantUid { uid: u32, tenant: String },
+    #[error("serve config: {first}'s path {a:?} and {second}'s path {b:?} overlap")]
+    SharedPath {
+        first: String,
+        a: PathBuf,
+        second: String,
+        b: PathBuf,
+    },
+    #[error("serve config: tenant {tenant}: {field} must be at least 1")]
+    ZeroQuota { tenant: String, field: &'static str },
+    #[error("serve config: metrics_listen {0:?} is not an IP address and port")]
+    MetricsListen(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServe {
+    run_dir: PathBuf,
+    state_dir: PathBuf,
+    audit_log: PathBuf,
+    admins: Vec<u32>,
+    metrics_listen: Option<String>,
+    tenants: BTreeMap<String, RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    uids: Vec<u32>,
+    paths: Vec<PathBuf>,
+    max_vms: u32,
+    max_vcpus: u32,
+    max_mem_mib: u64,
+}
+
+/// What one tenant may hold at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub max_vms: u32,
+    pub max_vcpus: u32,
+    pub max_mem_mib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub uids: BTreeSet<u32>,
+    /// Directories its VMs may take kernels, initrds and disks from.
+    pub paths: Vec<PathBuf>,
+    pub quota: Quota,
+}
+
+impl Tenant {
+    /// True when `resolved` (a path with symlinks already resolved) lies inside one of the
+    /// tenant's directories, compared component by component (`/srv/acme2` is not inside
+    /// `/srv/acme`).
+    pub fn allows(&self, resolved: &Path) -> bool {
+        clean(resolved) && self.paths.iter().any(|dir| resolved.starts_with(dir))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub run_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub admins: BTreeSet<u32>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub tenants: BTreeMap<String, Tenant>,
+}
+
+impl ServeConfig {
+    pub fn from_json(text: &str) -> Result<ServeConfig, ServeConfigError> {
+        let raw: RawServe =
+            serde_json::from_str(text).map_err(|e| ServeConfigError::Json(e.to_string()))?;
+        for (field, path) in [
+            ("run_dir", &raw.run_dir),
+            ("state_dir", &raw.state_dir),
+            ("audit_log", &raw.audit_log),
+        ] {
+            check_path(field, path)?;
+        }
+        if raw.admins.is_empty() {
+            return Err(ServeConfigError::NoAdmins);
+        }
+        if raw.tenants.is_empty() {
+            return Err(ServeConfigError::NoTenants);
+        }
+        let admins: BTreeSet<u32> = raw.admins.into_iter().collect();
+        let metrics_listen = raw
+            .metrics_listen
+            .map(|m| m.parse().map_err(|_| ServeConfigError::MetricsListen(m)))
+            .transpose()?;
+        let mut owner: BTreeMap<u32, String> = BTreeMap::new();
+        let mut tenants = BTreeMap::new();
+        for (name, t) in raw.tenants {
+            let tenant = check_tenant(&name, t, &admins, &mut owner)?;
+            tenants.insert(name, tenant);
+        }
+        check_paths_apart(&tenants)?;
+        Ok(ServeConfig {
+            run_dir: raw.run_dir,
+            state_dir: raw.state_dir,
+            audit_log: raw.audit_log,
+            admins,
+            metrics_listen,
+            tenants,
+        })
+    }
+
+    /// The tenant a caller's uid acts as, if any.
+    pub fn tenant_of(&self, uid: u32) -> Option<&str> {
+        self.tenants
+            .iter()
+            .find(|(_, t)| t.uids.contains(&uid))
+            .map(|(name, _)| name.as_str())
+    }
+}
+
+/// Absolute, and with no `.` or `..` that could make two spellings of one directory.
+fn clean(path: &Path) -> bool {
+    path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+fn check_path(field: &str, path: &Path) -> Result<(), ServeConfigError> {
+    if clean(path) {
+        Ok(())
+    } else {
+        Err(ServeConfigError::Path {
+            field: field.to_string(),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+fn check_tenant(
+    name: &str,
+    raw: RawTenant,
+    admins: &BTreeSet<u32>,
+    owner: &mut BTreeMap<u32, String>,
+) -> Result<Tenant, ServeConfigError> {
+    if !id_chars_ok(name, MAX_ID_LEN) {
+        return Err(ServeConfigError::TenantName(name.to_string()));
+    }
+    if raw.uids.is_empty() {
+        return Err(ServeConfigError::NoUids {
+            tenant: name.to_string(),
+        });
+    }
+    if raw.paths.is_empty() {
+        return Err(ServeConfigError::NoPaths {
+            tenant: name.to_string(),
+        });
+    }
+    for uid in &raw.uids {
+        if admins.contains(uid) {
+            return Err(ServeConfigError::AdminTenantUid {
+                uid: *uid,
+                tenant: name.to_string(),
+            });
+        }
+        if let Some(first) = owner.insert(*uid, name.to_string()).filter(|f| f != name) {
+            return Err(ServeConfigError::SharedUid {
+                uid: *uid,
+                first,
+                second: name.to_string(),
+            });
+        }
+    }
+    for path in &raw.paths {
+        check_path(&format!("tenants.{name}.paths"), path)?;
+    }
+    for (field, value) in [
+        ("max_vms", u64::from(raw.max_vms)),
+        ("max_vcpus", u64::from(raw.max_vcpus)),
+        ("max_mem_mib", raw.max_mem_mib),
+    ] {
+        if value == 0 {
+            return Err(ServeConfigError::ZeroQuota {
+                tenant: name.to_string(),
+                field,
+            });
+        }
+    }
+    Ok(Tenant {
+        uids: raw.uids.into_iter().collect(),
+        paths: raw.paths,
+        quota: Quota {
+            max_vms: raw.max_vms,
+            max_vcpus: raw.max_vcpus,
+            max_mem_mib: raw.max_mem_mib,
+        },
+    })
+}
+
+/// No directory of one tenant may equal, contain or lie inside another tenant's.
+fn check_paths_apart(tenants: &BTreeMap<String, Tenant>) -> Result<(), ServeConfigError> {
+    let all: Vec<(&String, &PathBuf)> = tenants
+        .iter()
+        .flat_map(|(name, t)| t.paths.iter().map(move |p| (name, p)))
+        .collect();
+    for (i, (first, a)) in all.iter().enumerate() {
+        for (second, b) in &all[i + 1..] {
+            if first != second && (a.starts_with(b) || b.starts_with(a)) {
+                return Err(ServeConfigError::SharedPath {
+                    first: first.to_string(),
+                    a: a.to_path_buf(),
+                    second: second.to_string(),
+                    b: b.to_path_buf(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example the repository ships, which the README points operators at.
+    const EXAMPLE: &str = include_str!("../../docs/serve.example.json");
+
+    fn with(edit: impl FnOnce(&mut serde_json::Value)) -> Result<ServeConfig, ServeConfigError> {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        edit(&mut v);
+        ServeConfig::from_json(&v.to_string())
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_and_maps_each_uid_to_its_tenant() {
+        let c = ServeConfig::from_json(EXAMPLE).unwrap();
+        assert_eq!(c.admins, BTreeSet::from([0]));
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.tenant_of(1001), Some("acme"));
+        assert_eq!(c.tenant_of(1002), Some("globex"));
+        assert_eq!(c.tenant_of(0), None);
+        assert_eq!(c.tenant_of(4242), None);
+        let acme = &c.tenants["acme"];
+        assert_eq!(
+            acme.quota,
+            Quota {
+                max_vms: 8,
+                max_vcpus: 16,
+                max_mem_mib: 8192
+            }
+        );
+    }
+
+    #[test]
+    fn a_tenant_may_use_only_what_lies_inside_its_own_directories() {
+        let c = ServeConfig::from_json(EXAMPLE).unwrap();
+        let acme = &c.tenants["acme"];
+        assert!(acme.allows(Path::new("/srv/acme/vmlinux")));
+        assert!(acme.allows(Path::new("/srv/acme/disks/root.img")));
+        assert!(!acme.allows(Path::new("/srv/acme2/vmlinux")));
+        assert!(!acme.allows(Path::new("/srv/globex/disk.img")));
+        assert!(!acme.allows(Path::new("/srv/acme/../globex/disk.img")));
+        assert!(!acme.allows(Path::new("srv/acme/vmlinux")));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_at_both_levels() {
+        assert!(matches!(
+            with(|v| v["listen"] = "x".into()),
+            Err(ServeConfigError::Json(e)) if e.contains("unknown field `listen`")
+        ));
+        assert!(matches!(
+            with(|v| v["tenants"]["acme"]["max_disks"] = 3.into()),
+            Err(ServeConfigError::Json(e)) if e.contains("unknown field `max_disks`")
+        ));
+    }
+
+    #[test]
+    fn a_uid_in_two_tenants_or_an_admin_uid_in_a_tenant_is_refused() {
+        assert_eq!(
+            with(|v| v["tenants"]["globex"]["uids"] = serde_json::json!([1002, 1001])),
+            Err(ServeConfigError::SharedUid {
+                uid: 1001,
+                first: "acme".into(),
+                second: "globex".into()
+            })
+        );
+        assert_eq!(
+            with(|v| v["tenants"]["acme"]["uids"] = serde_json::json!([0])),
+            Err(ServeConfigError::AdminTenantUid {
+                uid: 0,
+                tenant: "acme".into()
+            })
+        );
+    }
+
+    #[test]
+    fn overlapping_tenant_directories_are_refused() {
+        for globex in ["/srv/acme", "/srv/acme/globex", "/srv"] {
+            let r = with(|v| v["tenants"]["globex"]["paths"] = serde_json::json!([globex]));
+            assert!(
+                matches!(r, Err(ServeConfigError::SharedPath { .. })),
+                "{globex}: {r:?}"
+            );
+        }
+        // A name that merely starts the same way is another directory.
+        assert!(
+            with(|v| v["tenants"]["globex"]["paths"] = serde_json::json!(["/srv/acme2"])).is_ok()
+        );
+    }
+
+    #[test]
+    fn relative_or_dotted_paths_empty_lists_bad_names_and_zero_quotas_are_refused() {
+        assert!(matches!(
+            with(|v| v["run_dir"] = "run/bulkhead".into()),
+            Err(ServeConfigError::Path { .. })
+        ));
+        assert!(matches!(
+            with(|v| v["tenants"]["acme"]["paths"] = serde_json::json!(["/srv/../etc"])),
+            Err(ServeConfigError::Path { .. })
+        ));
+        assert_eq!(
+            with(|v| v["admins"] = serde_json::json!([])),
+            Err(ServeConfigError::NoAdmins)
+        );
+        assert_eq!(
+            with(|v| v["tenants"] = serde_json::json!({})),
+            Err(ServeConfigError::NoTenants)
+        );
+        assert!(matches!(
+            with(|v| v["tenants"]["acme"]["uids"] = serde_json::json!([])),
+            Err(ServeConfigError::NoUids { .. })
+        ));
+        assert!(matches!(
+            with(|v| v["tenants"]["acme"]["paths"] = serde_json::json!([])),
+            Err(ServeConfigError::NoPaths { .. })
+        ));
+        assert!(matches!(
+            with(|v| v["tenants"]["acme"]["max_vms"] = 0.into()),
+            Err(ServeConfigError::ZeroQuota {
+                field: "max_vms",
+                ..
+            })
+        ));
+        assert!(matches!(
+            with(|v| v["metrics_listen"] = "localhost".into()),
+            Err(ServeConfigError::MetricsListen(_))
+        ));
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        let tenants = v["tenants"].as_object_mut().unwrap();
+        let acme = tenants.remove("acme").unwrap();
+        tenants.insert("a/b".into(), acme);
+        assert!(matches!(
+            ServeConfig::from_json(&v.to_string()),
+            Err(ServeConfigError::TenantName(_))
+        ));
+    }
+}
