@@ -1,0 +1,238 @@
+//! Dropping what a VM process must not keep: every capability (the bounding set included, so
+//! none can come back through an executable), root (a per-VM uid and gid, no supplementary
+//! groups), the ability to gain privileges (no_new_privs), and unbounded open files and file
+//! sizes. Each step is checked afterwards, not assumed.
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("{what} failed: {source}")]
+    Call {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("uid {uid} or gid {gid}: a jailed VM never runs as root")]
+    Root { uid: u32, gid: u32 },
+    #[error("after dropping, {what} is still {value}")]
+    StillHeld { what: &'static str, value: String },
+}
+
+/// Resource limits for the jailed process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimits {
+    pub open_files: u64,
+    pub file_size_bytes: u64,
+}
+
+fn check(what: &'static str, rc: libc::c_int) -> Result<(), PrivilegeError> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(PrivilegeError::Call {
+            what,
+            source: std::io::Error::last_os_error(),
+        })
+    }
+}
+
+/// The highest capability number this kernel knows.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+}
+
+/// Sets the limits; both soft and hard, so the process can not raise them again.
+pub fn set_rlimits(limits: Rlimits) -> Result<(), PrivilegeError> {
+    for (resource, value, what) in [
+        (
+            libc::RLIMIT_NOFILE,
+            limits.open_files,
+            "setrlimit(RLIMIT_NOFILE)",
+        ),
+        (
+            libc::RLIMIT_FSIZE,
+            limits.file_size_bytes,
+            "setrlimit(RLIMIT_FSIZE)",
+        ),
+    ] {
+        let rl = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: `rl` is a valid rlimit the call only reads.
+        check(what, unsafe { libc::setrlimit(resource, &rl) })?;
+    }
+    Ok(())
+}
+
+/// Becomes `uid:gid` for good, with no capabilities left in any set and no_new_privs on. Must
+/// be called by root, on a process with one thread (set*id affect only the calling thread's
+/// credentials at the kernel level; glibc broadcasts them, but a jail is entered first thing).
+pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
+    if uid == 0 || gid == 0 {
+        return Err(PrivilegeError::Root { uid, gid });
+    }
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes with root.
+    for cap in 0..=last_cap() {
+        // SAFETY: prctl with integer arguments.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        // EINVAL: a capability this kernel does not have.
+        if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(PrivilegeError::Call {
+                what: "prctl(PR_CAPBSET_DROP)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    check("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })?;
+    // SAFETY: an empty group list; setgroups reads nothing through the null pointer.
+    check("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: set*id with integer arguments.
+    check("setresgid", unsafe { libc::setresgid(gid, gid, gid) })?;
+    // Leaving uid 0 clears the permitted, effective and ambient sets (no SECBIT_KEEP_CAPS).
+    // SAFETY: as above.
+    check("setresuid", unsafe { libc::setresuid(uid, uid, uid) })?;
+    // SAFETY: prctl with integer arguments.
+    check("prctl(PR_SET_NO_NEW_PRIVS)", unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    })?;
+    verify(uid, gid)
+}
+
+/// Reads back what the kernel says about this process.
+fn verify(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
+    let status = std::fs::read_to_string("/proc/thread-self/status").map_err(|source| {
+        PrivilegeError::Call {
+            what: "reading /proc/thread-self/status",
+            source,
+        }
+    })?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    let ids = |v: String| v.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let want_uid = vec![uid.to_string(); 4];
+    let want_gid = vec![gid.to_string(); 4];
+    for (what, ok, value) in [
+        ("Uid", ids(field("Uid:")) == want_uid, field("Uid:")),
+        ("Gid", ids(field("Gid:")) == want_gid, field("Gid:")),
+        ("Groups", field("Groups:").is_empty(), field("Groups:")),
+        (
+            "CapInh",
+            field("CapInh:") == "0000000000000000",
+            field("CapInh:"),
+        ),
+        (
+            "CapPrm",
+            field("CapPrm:") == "0000000000000000",
+            field("CapPrm:"),
+        ),
+        (
+            "CapEff",
+            field("CapEff:") == "0000000000000000",
+            field("CapEff:"),
+        ),
+        (
+            "CapBnd",
+            field("CapBnd:") == "0000000000000000",
+            field("CapBnd:"),
+        ),
+        (
+            "CapAmb",
+            field("CapAmb:") == "0000000000000000",
+            field("CapAmb:"),
+        ),
+        (
+            "NoNewPrivs",
+            field("NoNewPrivs:") == "1",
+            field("NoNewPrivs:"),
+        ),
+    ] {
+        if !ok {
+            return Err(PrivilegeError::StillHeld { what, value });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHILD: &str = "BULKHEAD_PRIVILEGES_TEST_CHILD";
+
+    /// The part that runs in a process of its own: dropping is for good.
+    #[test]
+    fn child_drops_everything() {
+        if std::env::var(CHILD).is_err() {
+            return;
+        }
+        set_rlimits(Rlimits {
+            open_files: 64,
+            file_size_bytes: 1 << 20,
+        })
+        .unwrap();
+        drop_to(123_456, 123_456).unwrap();
+        // Root's files are now out of reach, and privileges can not come back.
+        assert!(std::fs::read_to_string("/etc/shadow").is_err());
+        // SAFETY: setuid with an integer argument.
+        assert_ne!(unsafe { libc::setuid(0) }, 0);
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `rl` is valid for writes.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) }, 0);
+        assert_eq!((rl.rlim_cur, rl.rlim_max), (64, 64));
+        println!("CHILD-OK");
+    }
+
+    #[test]
+    fn a_dropped_process_has_no_capabilities_no_root_and_no_way_back() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "privilege tests need root"
+            );
+            println!("skipped: dropping privileges needs root");
+            return;
+        }
+        // Run the child test alone in a fresh process (one thread when it drops).
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "jail::privileges::tests::child_drops_everything",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("CHILD-OK"), "{text}");
+    }
+
+    #[test]
+    fn root_is_never_the_target() {
+        assert!(matches!(drop_to(0, 1000), Err(PrivilegeError::Root { .. })));
+        assert!(matches!(drop_to(1000, 0), Err(PrivilegeError::Root { .. })));
+    }
+}
