@@ -199,20 +199,9 @@ mod tests {
 
     use super::*;
 
-    fn root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
-    }
-
     /// A root-owned 0755 scratch directory (the tests need root to chown).
     fn scratch(name: &str) -> Option<PathBuf> {
-        if !root() {
-            // CI runs as root, like the daemon: there a skip would hide a broken jail.
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "jail directory tests need root"
-            );
-            println!("skipped: creating root-owned jail directories needs root");
+        if !crate::jail::test_as_root("creating root-owned jail directories") {
             return None;
         }
         let dir = std::env::temp_dir().join(format!("bulkhead-jail-{}-{name}", std::process::id()));

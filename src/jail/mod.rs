@@ -6,3 +6,20 @@
 pub mod cgroup;
 pub mod dirs;
 pub mod privileges;
+
+/// For tests that need root: true when running as root. Elsewhere they print why they skip,
+/// except under CI=true (CI runs as root, as the daemon does, and a skip would hide a broken
+/// jail).
+#[cfg(test)]
+fn test_as_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{what} needs root"
+    );
+    println!("skipped: {what} needs root");
+    false
+}

@@ -205,13 +205,7 @@ mod tests {
 
     #[test]
     fn a_dropped_process_has_no_capabilities_no_root_and_no_way_back() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "privilege tests need root"
-            );
-            println!("skipped: dropping privileges needs root");
+        if !crate::jail::test_as_root("dropping privileges") {
             return;
         }
         // Run the child test alone in a fresh process (one thread when it drops).
