@@ -199,8 +199,30 @@ mod tests {
 
     use super::*;
 
-    /// A root-owned 0755 scratch directory (the tests need root to chown).
-    fn scratch(name: &str) -> Option<PathBuf> {
+    /// A root-owned 0755 scratch directory (the tests need root to chown), removed when the
+    /// test ends.
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for Scratch {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Option<Scratch> {
         if !crate::jail::test_as_root("creating root-owned jail directories") {
             return None;
         }
@@ -208,7 +230,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Some(dir)
+        Some(Scratch(dir))
     }
 
     #[test]

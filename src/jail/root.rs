@@ -1,0 +1,298 @@
+//! A jailed VM process's own view of the system: new mount, IPC, UTS and network namespaces,
+//! and a root directory that holds only what the VM needs (its kernel, initrd and disks bind
+//! mounted in, the device nodes it uses), entered with pivot_root so the host's tree is gone
+//! from the process, not merely hidden.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error("{what} failed: {source}")]
+    Call {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: not a usable path")]
+    BadPath(PathBuf),
+    #[error("jail entry {0:?} must be one plain file name")]
+    BadName(String),
+}
+
+/// One host file or device made visible in the jail's root as `name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub host: PathBuf,
+    /// A path relative to the jail root (`vmlinux`, `dev/kvm`); no `..`.
+    pub name: PathBuf,
+    pub read_only: bool,
+    /// A device node: mounted without `nodev`.
+    pub device: bool,
+}
+
+fn cstring(path: &Path) -> Result<CString, RootError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| RootError::BadPath(path.to_path_buf()))
+}
+
+fn call(what: impl Into<String>, rc: libc::c_int) -> Result<(), RootError> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(RootError::Call {
+            what: what.into(),
+            source: std::io::Error::last_os_error(),
+        })
+    }
+}
+
+fn mount(
+    source: Option<&Path>,
+    target: &Path,
+    flags: libc::c_ulong,
+    what: &str,
+) -> Result<(), RootError> {
+    let target_c = cstring(target)?;
+    let source_c = source.map(cstring).transpose()?;
+    // SAFETY: the strings are valid and NUL-terminated (or null where the call allows it); no
+    // filesystem type or data is passed.
+    let rc = unsafe {
+        libc::mount(
+            source_c.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            target_c.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    call(format!("{what} ({})", target.display()), rc)
+}
+
+/// Leaves the host's mount, IPC, UTS and network namespaces (the pid namespace is entered by
+/// the process that forks this one) and stops mount events from propagating back to the host.
+/// `hostname` becomes the jail's host name. Call it before the process starts any thread:
+/// namespaces entered by unshare belong to the calling thread alone.
+pub fn enter_namespaces(hostname: &str) -> Result<(), RootError> {
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
+    // SAFETY: unshare with flags only.
+    call("unshare", unsafe { libc::unshare(flags) })?;
+    mount(
+        None,
+        Path::new("/"),
+        libc::MS_REC | libc::MS_PRIVATE,
+        "making / private",
+    )?;
+    // SAFETY: the pointer and length describe `hostname`'s bytes.
+    call("sethostname", unsafe {
+        libc::sethostname(hostname.as_ptr().cast(), hostname.len())
+    })
+}
+
+/// Fills the (empty, bulkhead-made) directory `root` with `entries`, each a bind mount of its
+/// host file, `nosuid` and `noexec` always, `nodev` unless it is a device, read-only when asked.
+pub fn populate(root: &Path, entries: &[Entry]) -> Result<(), RootError> {
+    for e in entries {
+        let plain = e
+            .name
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain || e.name.as_os_str().is_empty() {
+            return Err(RootError::BadName(e.name.display().to_string()));
+        }
+        let target = root.join(&e.name);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| RootError::Call {
+                what: format!("creating {}", parent.display()),
+                source,
+            })?;
+        }
+        // The mount point: an empty file (a directory would not take a file's bind mount).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&target)
+            .map_err(|source| RootError::Call {
+                what: format!("creating {}", target.display()),
+                source,
+            })?;
+        mount(Some(&e.host), &target, libc::MS_BIND, "bind mount")?;
+        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NOEXEC;
+        if !e.device {
+            flags |= libc::MS_NODEV;
+        }
+        if e.read_only {
+            flags |= libc::MS_RDONLY;
+        }
+        mount(None, &target, flags, "restricting a bind mount")?;
+    }
+    Ok(())
+}
+
+/// Makes `root` the process's `/` and detaches the old root entirely.
+pub fn pivot(root: &Path) -> Result<(), RootError> {
+    // pivot_root needs the new root to be a mount point.
+    mount(
+        Some(root),
+        root,
+        libc::MS_BIND | libc::MS_REC,
+        "bind mounting the new root",
+    )?;
+    let root_c = cstring(root)?;
+    // SAFETY: a valid NUL-terminated path.
+    call("chdir to the new root", unsafe {
+        libc::chdir(root_c.as_ptr())
+    })?;
+    let dot = c".";
+    // "pivot_root . ." stacks the old root on the new one; detaching "." then drops it.
+    // SAFETY: both arguments are valid NUL-terminated paths.
+    call("pivot_root", unsafe {
+        libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int
+    })?;
+    // SAFETY: a valid NUL-terminated path.
+    call("detaching the old root", unsafe {
+        libc::umount2(dot.as_ptr(), libc::MNT_DETACH)
+    })?;
+    // SAFETY: a valid NUL-terminated path.
+    call("chdir /", unsafe { libc::chdir(c"/".as_ptr()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHILD: &str = "BULKHEAD_JAIL_ROOT_TEST_CHILD";
+
+    /// Runs in a process of its own (it changes that process's root for good).
+    #[test]
+    fn child_enters_a_root_with_only_its_files() {
+        let Ok(dir) = std::env::var(CHILD) else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let host_file = dir.join("kernel-on-host");
+        std::fs::write(&host_file, b"vmlinux bytes").unwrap();
+        let root = dir.join("root");
+        std::fs::create_dir(&root).unwrap();
+        let host_uts = std::fs::read_link("/proc/thread-self/ns/uts").unwrap();
+        let host_net = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        enter_namespaces("vm-test").unwrap();
+        assert_ne!(
+            std::fs::read_link("/proc/thread-self/ns/uts").unwrap(),
+            host_uts
+        );
+        assert_ne!(
+            std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+            host_net
+        );
+        populate(
+            &root,
+            &[
+                Entry {
+                    host: host_file,
+                    name: "vmlinux".into(),
+                    read_only: true,
+                    device: false,
+                },
+                Entry {
+                    host: "/dev/null".into(),
+                    name: "dev/null".into(),
+                    read_only: false,
+                    device: true,
+                },
+            ],
+        )
+        .unwrap();
+        pivot(&root).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir("/")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["dev", "vmlinux"]);
+        assert_eq!(std::fs::read("/vmlinux").unwrap(), b"vmlinux bytes");
+        // Read-only, and the host's tree is gone.
+        assert!(std::fs::write("/vmlinux", b"x").is_err());
+        assert!(!Path::new("/etc").exists());
+        std::fs::write("/dev/null", b"works").unwrap();
+        // SAFETY: gettid has no preconditions.
+        println!("CHILD-OK tid={}", unsafe { libc::gettid() });
+        // Stay until the parent has looked at this process's mounts from outside.
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    }
+
+    #[test]
+    fn a_process_in_the_jail_sees_only_its_own_files_and_namespaces() {
+        if !crate::jail::test_as_root("entering namespaces and pivoting root") {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("bulkhead-jail-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "jail::root::tests::child_enters_a_root_with_only_its_files",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut text = String::new();
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0 {
+            text.push_str(&line);
+            if line.contains("CHILD-OK") {
+                break;
+            }
+            line.clear();
+        }
+        // Seen from the host: the jail's mount table holds its root and its two files, and
+        // nothing of the old root (not even stacked on the new one).
+        // This thread's table: libtest may run the child test on a thread of its own, and
+        // namespaces entered by unshare belong to the calling thread.
+        let tid = line.trim().rsplit("tid=").next().unwrap_or("").to_string();
+        let mountinfo =
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/mountinfo", child.id()));
+        drop(child.stdin.take());
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+        assert!(status.success() && text.contains("CHILD-OK"), "{text}{err}");
+        let mountinfo = mountinfo.unwrap();
+        let mut points: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .collect();
+        points.sort();
+        assert_eq!(points, ["/", "/dev/null", "/vmlinux"], "{mountinfo}");
+        // The bind mounts lived in the child's mount namespace only.
+        let root = dir.join("root");
+        assert_eq!(std::fs::read(root.join("vmlinux")).unwrap(), b"");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn entry_names_stay_inside_the_root() {
+        for name in ["../escape", "/abs", "", "a/../../b"] {
+            let e = Entry {
+                host: "/dev/null".into(),
+                name: name.into(),
+                read_only: true,
+                device: false,
+            };
+            assert!(
+                matches!(
+                    populate(Path::new("/nonexistent"), &[e]),
+                    Err(RootError::BadName(_))
+                ),
+                "{name:?}"
+            );
+        }
+    }
+}
