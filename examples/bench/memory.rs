@@ -36,13 +36,17 @@ fn ppid(pid: u32) -> Option<u32> {
     rest.split(' ').nth(1)?.parse().ok()
 }
 
-/// A `/proc/PID/status` field in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
+/// The value of a `Name:   123 kB` line, in KiB.
+fn kib(value: &str) -> Option<u64> {
+    value.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Field `field` (with its colon) of the proc file at `path`, in KiB; 0 when absent.
+fn proc_kib(path: &str, field: &str) -> u64 {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
         .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .and_then(kib)
         .unwrap_or(0)
 }
 
@@ -62,26 +66,11 @@ fn guest_rss_kib(pid: u32, guest_kib: u64) -> u64 {
         }
         if in_guest {
             if let Some(v) = line.strip_prefix("Rss:") {
-                total += v
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0);
+                total += kib(v).unwrap_or(0);
             }
         }
     }
     total
-}
-
-/// A `/proc/PID/smaps_rollup` field in KiB.
-fn rollup_kib(pid: u32, field: &str) -> u64 {
-    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Memory of one idle VM, in KiB.
@@ -112,20 +101,21 @@ impl Footprint {
 pub fn footprint(pid: u32, guest_kib: u64) -> Footprint {
     let pids = tree(pid);
     Footprint {
-        peak_rss: pids.iter().map(|&p| status_kib(p, "VmHWM:")).sum(),
-        anon: pids.iter().map(|&p| rollup_kib(p, "Pss_Anon:")).sum(),
+        peak_rss: pids
+            .iter()
+            .map(|&p| proc_kib(&format!("/proc/{p}/status"), "VmHWM:"))
+            .sum(),
+        anon: pids
+            .iter()
+            .map(|&p| proc_kib(&format!("/proc/{p}/smaps_rollup"), "Pss_Anon:"))
+            .sum(),
         guest_touched: pids.iter().map(|&p| guest_rss_kib(p, guest_kib)).sum(),
     }
 }
 
 /// The host's MemAvailable, in KiB.
 pub fn available_kib() -> u64 {
-    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_kib("/proc/meminfo", "MemAvailable:")
 }
 
 /// Waits until the child's stdout (piped) shows `line`, then stops reading; false when the
