@@ -25,3 +25,12 @@ fn test_as_root(what: &str) -> bool {
     println!("skipped: {what} needs root");
     false
 }
+
+/// This test binary, set to run only the test `name`: jail steps change their process for good
+/// (root, credentials, namespaces), so their tests run them in a process of their own.
+#[cfg(test)]
+fn child_test(name: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args(["--exact", name, "--nocapture", "--test-threads=1"]);
+    cmd
+}

@@ -127,44 +127,28 @@ fn verify(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
             .to_string()
     };
     let ids = |v: String| v.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    let want_uid = vec![uid.to_string(); 4];
-    let want_gid = vec![gid.to_string(); 4];
-    for (what, ok, value) in [
-        ("Uid", ids(field("Uid:")) == want_uid, field("Uid:")),
-        ("Gid", ids(field("Gid:")) == want_gid, field("Gid:")),
-        ("Groups", field("Groups:").is_empty(), field("Groups:")),
-        (
-            "CapInh",
-            field("CapInh:") == "0000000000000000",
-            field("CapInh:"),
-        ),
-        (
-            "CapPrm",
-            field("CapPrm:") == "0000000000000000",
-            field("CapPrm:"),
-        ),
-        (
-            "CapEff",
-            field("CapEff:") == "0000000000000000",
-            field("CapEff:"),
-        ),
-        (
-            "CapBnd",
-            field("CapBnd:") == "0000000000000000",
-            field("CapBnd:"),
-        ),
-        (
-            "CapAmb",
-            field("CapAmb:") == "0000000000000000",
-            field("CapAmb:"),
-        ),
-        (
-            "NoNewPrivs",
-            field("NoNewPrivs:") == "1",
-            field("NoNewPrivs:"),
-        ),
+    for (what, id) in [("Uid:", uid), ("Gid:", gid)] {
+        // Real, effective, saved and filesystem ids.
+        if ids(field(what)) != vec![id.to_string(); 4] {
+            return Err(PrivilegeError::StillHeld {
+                what: what.trim_end_matches(':'),
+                value: field(what),
+            });
+        }
+    }
+    const NONE: &str = "0000000000000000";
+    for (what, want) in [
+        ("Groups:", ""),
+        ("CapInh:", NONE),
+        ("CapPrm:", NONE),
+        ("CapEff:", NONE),
+        ("CapBnd:", NONE),
+        ("CapAmb:", NONE),
+        ("NoNewPrivs:", "1"),
     ] {
-        if !ok {
+        let value = field(what);
+        if value != want {
+            let what = what.trim_end_matches(':');
             return Err(PrivilegeError::StillHeld { what, value });
         }
     }
@@ -209,13 +193,7 @@ mod tests {
             return;
         }
         // Run the child test alone in a fresh process (one thread when it drops).
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "jail::privileges::tests::child_drops_everything",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        let out = crate::jail::child_test("jail::privileges::tests::child_drops_everything")
             .env(CHILD, "1")
             .output()
             .unwrap();

@@ -229,19 +229,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bulkhead-jail-root-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "jail::root::tests::child_enters_a_root_with_only_its_files",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, &dir)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            crate::jail::child_test("jail::root::tests::child_enters_a_root_with_only_its_files")
+                .env(CHILD, &dir)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut text = String::new();
         let mut line = String::new();
