@@ -502,13 +502,20 @@ fn console(
 }
 
 /// A duplicate of stdin for the event loop, or None when stdin is closed or can not be
-/// polled (a regular file or /dev/null never signals readiness to epoll).
+/// polled (a regular file or /dev/null never signals readiness to epoll). Looked at through
+/// the descriptor itself: a jailed VM process has no /dev/stdin or /dev/null to compare with.
 fn dup_stdin() -> Option<File> {
     use std::os::fd::FromRawFd;
-    use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata("/dev/stdin").ok()?;
-    let kind = meta.file_type();
-    if !(kind.is_fifo() || kind.is_socket() || kind.is_char_device()) || is_dev_null(&meta) {
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat of fd 0 writes only `st`; a failure means no stdin.
+    if unsafe { libc::fstat(libc::STDIN_FILENO, &mut st) } != 0 {
+        return None;
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    let pollable = matches!(kind, libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR);
+    // /dev/null is character device 1:3 on every Linux system.
+    if !pollable || (kind == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)) {
         return None;
     }
     // SAFETY: dup of fd 0 has no memory effects; a negative result means no stdin.
@@ -518,9 +525,4 @@ fn dup_stdin() -> Option<File> {
     }
     // SAFETY: `fd` is a fresh descriptor that only this File owns.
     Some(unsafe { File::from_raw_fd(fd) })
-}
-
-fn is_dev_null(meta: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/dev/null").is_ok_and(|null| null.rdev() == meta.rdev())
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use bulkhead::config::{RawDisk, RawNet, RawVsock, TestHook};
+use bulkhead::config::{RawDisk, RawJail, RawNet, RawVsock, TestHook};
 use bulkhead::RawConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -141,6 +141,20 @@ pub struct RunArgs {
     /// What follows an alert [default: reset-device for virtio rules, log for the rest].
     #[arg(long, value_name = "log|reset-device|stop-vm")]
     pub on_violation: Option<String>,
+    /// Run the VM process in a jail: its own mount, pid, IPC, UTS and network namespaces, a
+    /// root holding only its files, a cgroup with CPU, memory and pids limits, a uid and gid
+    /// of its own and no capabilities. Needs root. Limits are set under "jail" in --config.
+    #[arg(long)]
+    pub jail: bool,
+    /// Where the jail's per-VM directory is made [default: /run/bulkhead/jail].
+    #[arg(long, value_name = "DIR", requires = "jail")]
+    pub jail_dir: Option<PathBuf>,
+    /// The uid the jailed VM process runs as [default: one of a per-VM range].
+    #[arg(long, value_name = "UID", requires = "jail")]
+    pub jail_uid: Option<u32>,
+    /// The gid the jailed VM process runs as [default: its uid].
+    #[arg(long, value_name = "GID", requires = "jail")]
+    pub jail_gid: Option<u32>,
     /// KVM device to open.
     #[arg(long, value_name = "PATH", hide = true)]
     pub kvm_device: Option<PathBuf>,
@@ -175,6 +189,12 @@ impl RunArgs {
             alerts_http: self.alerts_http.clone(),
             timeout: self.timeout,
             on_violation: self.on_violation.clone(),
+            jail: self.jail.then(|| RawJail {
+                dir: self.jail_dir.clone(),
+                uid: self.jail_uid,
+                gid: self.jail_gid,
+                ..RawJail::default()
+            }),
         }
     }
 }

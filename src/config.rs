@@ -9,11 +9,13 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 mod devices;
+mod jail;
 pub mod serve;
 mod supervision;
 
 pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet, RawVsock, VsockConfig};
 use devices::{validate_disks, validate_nets, validate_vsock};
+pub use jail::{JailConfig, RawJail, DEFAULT_JAIL_DIR, MIN_FILE_SIZE_MIB};
 pub use supervision::{AlertsTarget, HttpTarget, RawSupervision, Supervision, MAX_TIMEOUT_SECS};
 
 /// Smallest guest RAM accepted; below this even the test guests' page tables and stacks are
@@ -44,6 +46,16 @@ const _: () = assert!(MAX_VIRTIO_DEVICES <= crate::telemetry::MAX_DEVICES);
 pub enum ConfigError {
     #[error("invalid config file: {0}")]
     Json(String),
+    #[error("jail {what} 0: a jailed VM never runs as root")]
+    JailRoot { what: &'static str },
+    #[error("jail dir {0} must be an absolute path")]
+    JailDir(std::path::PathBuf),
+    #[error("jail {what} {value} is too low: {why}")]
+    JailLimit {
+        what: &'static str,
+        value: u64,
+        why: &'static str,
+    },
     #[error("no kernel given: pass --kernel PATH or set \"kernel\" in the config file")]
     MissingKernel,
     #[error("--vcpus {0} is out of range: it must be between 1 and {MAX_VCPUS}")]
@@ -236,6 +248,8 @@ pub struct RawConfig {
     pub timeout: Option<u64>,
     /// `log`, `reset-device` or `stop-vm`.
     pub on_violation: Option<String>,
+    /// Run the VM process in a jail (namespaces, its own root, a cgroup, no root).
+    pub jail: Option<RawJail>,
 }
 
 impl RawConfig {
@@ -269,6 +283,10 @@ impl RawConfig {
             alerts_http: over.alerts_http.or(self.alerts_http),
             timeout: over.timeout.or(self.timeout),
             on_violation: over.on_violation.or(self.on_violation),
+            jail: match (self.jail, over.jail) {
+                (Some(base), Some(over)) => Some(base.overlay(over)),
+                (base, over) => over.or(base),
+            },
         }
     }
 }
@@ -306,6 +324,8 @@ pub struct VmConfig {
     pub cmdline_devices: bool,
     pub irqchip: IrqChip,
     pub supervision: Supervision,
+    /// The jail the VM process enters, if any.
+    pub jail: Option<JailConfig>,
     pub test_hook: Option<TestHook>,
 }
 
@@ -366,6 +386,7 @@ impl VmConfig {
             on_violation: raw.on_violation,
         }
         .validate()?;
+        let jail = raw.jail.map(|j| j.validate(vcpus, mem_mib)).transpose()?;
         let devices = disks.len() + nets.len() + usize::from(vsock.is_some()) + usize::from(rng);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
@@ -389,6 +410,7 @@ impl VmConfig {
             cmdline_devices,
             irqchip,
             supervision,
+            jail,
             test_hook: None,
         })
     }

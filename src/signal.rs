@@ -123,7 +123,7 @@ const SYS_SECCOMP: libc::c_int = 1;
 extern "C" fn sigsys_handler(
     _num: libc::c_int,
     info: *mut libc::siginfo_t,
-    _ctx: *mut libc::c_void,
+    ctx: *mut libc::c_void,
 ) {
     // SAFETY: the kernel passes a full siginfo; `si_code` is in its fixed header.
     let from_seccomp = !info.is_null() && unsafe { (*info).si_code } == SYS_SECCOMP;
@@ -155,9 +155,9 @@ extern "C" fn sigsys_handler(
     }
     // A SIGSYS sent by someone else (kill) records nothing: it names no system call. Either
     // way the process dies by SIGSYS, as the signal's default action says.
-    // SAFETY: getpid, gettid, tgkill(2) and _exit(2) are async-signal-safe. SA_RESETHAND
-    // restored SIGSYS's default action on entry and SA_NODEFER left it unblocked, so tgkill
-    // ends the process by SIGSYS right here; _exit only runs if the signal could not be sent.
+    // SAFETY: getpid, gettid and tgkill(2) are async-signal-safe. SA_RESETHAND restored
+    // SIGSYS's default action on entry and SA_NODEFER left it unblocked, so tgkill ends the
+    // process by SIGSYS right here.
     unsafe {
         libc::syscall(
             libc::SYS_tgkill,
@@ -165,8 +165,47 @@ extern "C" fn sigsys_handler(
             libc::gettid(),
             libc::SIGSYS,
         );
-        libc::_exit(status::SECCOMP_VIOLATION);
     }
+    // Still alive: this is a jailed VM process, the first process of its own pid namespace,
+    // and the kernel drops the signals such a process sends itself while their action is the
+    // default. It does not drop a signal it forces for a fault, so the forbidden call is made
+    // again with the same number and arguments: the filter traps it again, and now that the
+    // action is the default, that SIGSYS ends the process.
+    if from_seccomp && !ctx.is_null() {
+        retrap(ctx);
+    }
+    // SAFETY: _exit(2) is async-signal-safe; reached only if SIGSYS could not end the process.
+    unsafe { libc::_exit(status::SECCOMP_VIOLATION) }
+}
+
+/// Makes again the system call a seccomp trap interrupted, as `ctx` (the handler's ucontext)
+/// saved it: on a trap the kernel leaves the call's number in the saved `orig_rax` and rax,
+/// and its arguments in rdi, rsi, rdx, r10, r8 and r9.
+fn retrap(ctx: *mut libc::c_void) {
+    // SAFETY: for an SA_SIGINFO handler `ctx` is the interrupted thread's ucontext_t; this
+    // only reads its saved registers.
+    let regs = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    let reg = |r: libc::c_int| {
+        usize::try_from(r)
+            .ok()
+            .and_then(|i| regs.get(i))
+            .copied()
+            .unwrap_or(0)
+    };
+    // SAFETY: the filter refused this exact call (it looks only at the number and the
+    // arguments) and refuses it again, so the call never runs; the trap it raises ends the
+    // process.
+    unsafe {
+        libc::syscall(
+            reg(libc::REG_RAX),
+            reg(libc::REG_RDI),
+            reg(libc::REG_RSI),
+            reg(libc::REG_RDX),
+            reg(libc::REG_R10),
+            reg(libc::REG_R8),
+            reg(libc::REG_R9),
+        )
+    };
 }
 
 extern "C" fn kick_handler(
@@ -208,6 +247,24 @@ pub fn install_sigsys_reporter(kind: SigsysReporter) -> io::Result<()> {
         SigsysReporter::Supervisor => libc::SA_NODEFER,
     };
     install(libc::SIGSYS, sigsys_handler as *const () as usize, flags)
+}
+
+extern "C" fn abort_handler(
+    _num: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    // SAFETY: _exit(2) is async-signal-safe.
+    unsafe { libc::_exit(128 + libc::SIGABRT) }
+}
+
+/// For a jailed VM process, the first process of its own pid namespace: the kernel drops
+/// signals such a process sends itself while their action is the default, so abort()'s
+/// SIGABRT would not end it (and abort() would go on to system calls its filters forbid).
+/// This handler ends the process with the status a death by SIGABRT gives instead, which
+/// the supervisor reads as one.
+pub fn install_abort_exit() -> io::Result<()> {
+    install(libc::SIGABRT, abort_handler as *const () as usize, 0)
 }
 
 /// Installs the VM process's SIGSYS reporter and the vCPU kick handler for the whole process.

@@ -3,6 +3,7 @@
 //! and events while it runs, then the exit record and its exit status.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -10,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{build_vm, BuildEnv};
 use crate::config::VmConfig;
 use crate::exit::{status, VmExitReason};
+use crate::jail::VmJail;
 use crate::signal;
 use crate::telemetry::{Region, Reporter};
 
@@ -32,19 +34,58 @@ fn harden() -> std::io::Result<()> {
     }
 }
 
+/// Makes the kernel kill this process when the supervisor dies, then checks that it has not
+/// died already: `life` is the read end of a pipe whose write end only the supervisor holds,
+/// so it reports a hang-up once the supervisor is gone. (The parent pid can not tell: a
+/// jailed VM process's parent is outside its pid namespace and reads as 0.)
+pub fn die_with_supervisor(life: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut pfd = libc::pollfd {
+        fd: life.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd; a zero timeout only looks.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if ready != 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+        // The supervisor died before the death signal was set.
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(status::RUNTIME_ERROR) };
+    }
+    Ok(())
+}
+
 /// Builds and runs the VM; returns the process's exit status. `region` is the supervisor's
 /// telemetry region (shared across the fork), `wake` its eventfd, `console_file` the console
-/// file it opened.
+/// file it opened. A jailed VM process gets its jail and the life pipe (see
+/// [`die_with_supervisor`]).
 pub fn run(
     config: &VmConfig,
     start_ns: u64,
     region: Region,
     wake: EventFd,
     console_file: Option<File>,
+    jailed: Option<(&VmJail, OwnedFd)>,
 ) -> i32 {
     if let Err(e) = harden() {
         log::error!("VM process: cannot harden itself: {e}");
         return status::RUNTIME_ERROR;
+    }
+    if let Some((jail, _)) = &jailed {
+        if let Err(e) = signal::install_abort_exit() {
+            log::error!("VM process: cannot install its abort handler: {e}");
+            return status::RUNTIME_ERROR;
+        }
+        if let Err(e) = jail.enter() {
+            log::error!(
+                "VM process: cannot enter its jail: {}",
+                crate::error_chain(&e)
+            );
+            return status::RUNTIME_ERROR;
+        }
     }
     let region = Arc::new(region);
     // The SIGSYS reporter writes to the region until the process is gone: this handle is
@@ -76,6 +117,19 @@ pub fn run(
             };
         }
     };
+    if let Some((jail, life)) = jailed {
+        // Changing credentials resets the death signal and the dumpable flag: both are set
+        // again once the process is the jail's uid.
+        let locked = jail
+            .lock()
+            .map_err(|e| crate::error_chain(&e))
+            .and_then(|()| harden().map_err(|e| e.to_string()))
+            .and_then(|()| die_with_supervisor(&life).map_err(|e| e.to_string()));
+        if let Err(e) = locked {
+            log::error!("VM process: cannot lock itself in its jail: {e}");
+            return status::RUNTIME_ERROR;
+        }
+    }
     match vmm.run(Some(stop)) {
         Ok(outcome) => {
             let (kind, a, b) = outcome.reason.to_record();

@@ -6,7 +6,9 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use common::{kvm_available, run_guest, run_observed, scratch, Observed, Run, TestTap};
+use common::{
+    kvm_available, run_guest, run_observed, scratch, vsock_host_side, Observed, Run, TestTap,
+};
 
 const SECTORS: usize = 128;
 
@@ -543,21 +545,9 @@ fn an_honest_net_driver_raises_no_alert() {
     }
 }
 
-/// Reads one `\n`-terminated line from `stream`.
-fn read_line(stream: &mut std::os::unix::net::UnixStream) -> String {
-    use std::io::Read;
-    let mut line = Vec::new();
-    let mut byte = [0u8];
-    while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    String::from_utf8(line).unwrap()
-}
-
 /// Runs the `virtio` guest's vsock mode (`cmdline`) and plays the host side: connects to the
 /// guest's port 1234 and echoes, and answers the guest's connection to port 5000.
 fn vsock_exchange(test: &str, cmdline: &'static str, honest: bool, cid: u32) -> Observed {
-    use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::time::{Duration, Instant};
     let dir = scratch(test);
@@ -575,7 +565,7 @@ fn vsock_exchange(test: &str, cmdline: &'static str, honest: bool, cid: u32) -> 
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut stream = loop {
+    let stream = loop {
         match UnixStream::connect(&uds) {
             Ok(s) => break s,
             Err(_) if Instant::now() < deadline && !guest.is_finished() => {
@@ -584,26 +574,7 @@ fn vsock_exchange(test: &str, cmdline: &'static str, honest: bool, cid: u32) -> 
             Err(e) => panic!("cannot connect to {}: {e}", uds.display()),
         }
     };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    stream.write_all(b"CONNECT 1234\n").unwrap();
-    let ok = read_line(&mut stream);
-    assert!(ok.starts_with("OK "), "answer to CONNECT: {ok:?}");
-    stream.write_all(b"ping-from-host").unwrap();
-    let mut echo = [0u8; 14];
-    stream.read_exact(&mut echo).unwrap();
-    assert_eq!(&echo, b"ping-from-host");
-    drop(stream);
-
-    let (mut from_guest, _) = host_listener.accept().unwrap();
-    from_guest
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut ping = [0u8; 15];
-    from_guest.read_exact(&mut ping).unwrap();
-    assert_eq!(&ping, b"ping-from-guest");
-    from_guest.write_all(b"pong-from-host").unwrap();
+    vsock_host_side(stream, &host_listener);
 
     let o = guest.join().unwrap();
     assert_passed(&o);

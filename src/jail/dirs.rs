@@ -58,6 +58,20 @@ fn open_how(flags: libc::c_int, resolve: u64) -> libc::open_how {
 
 /// Opens the absolute directory `path`, refusing a symlink in any of its components.
 pub fn open_no_symlinks(path: &Path) -> Result<Dir, DirError> {
+    let fd = open_absolute(path, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)?;
+    Ok(Dir {
+        fd,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Opens the absolute path of any file as an `O_PATH` descriptor (it can be stat'ed, or
+/// mounted through `/proc/self/fd`), refusing a symlink in any of its components.
+pub fn open_file_no_symlinks(path: &Path) -> Result<OwnedFd, DirError> {
+    open_absolute(path, libc::O_PATH | libc::O_CLOEXEC)
+}
+
+fn open_absolute(path: &Path, flags: libc::c_int) -> Result<OwnedFd, DirError> {
     let bad = || DirError::BadPath {
         path: path.to_path_buf(),
     };
@@ -66,7 +80,7 @@ pub fn open_no_symlinks(path: &Path) -> Result<Dir, DirError> {
     }
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| bad())?;
     let how = open_how(
-        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        flags,
         libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
     );
     // SAFETY: `c` is a valid NUL-terminated string and `how` a valid open_how of the size
@@ -87,11 +101,7 @@ pub fn open_no_symlinks(path: &Path) -> Result<Dir, DirError> {
         });
     }
     // SAFETY: openat2 returned a new fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    Ok(Dir {
-        fd,
-        path: path.to_path_buf(),
-    })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn stat(fd: &OwnedFd) -> std::io::Result<libc::stat> {

@@ -1,13 +1,15 @@
-//! The jail each VM process enters before it touches guest input (being built under the
-//! multi-tenant issue). So far: its directories, made so that nothing in them can have been
-//! placed by anyone else; its own namespaces and a root holding only its files; its cgroup with
-//! CPU, memory and pids limits; and dropping root, every capability and the means to regain
-//! them.
+//! The jail each VM process enters before it touches guest input: its directories, made so
+//! that nothing in them can have been placed by anyone else; its own namespaces and a root
+//! holding only its files; its cgroup with CPU, memory and pids limits; and dropping root,
+//! every capability and the means to regain them. [`vm`] puts them together for one VM.
 
 pub mod cgroup;
 pub mod dirs;
 pub mod privileges;
 pub mod root;
+pub mod vm;
+
+pub use vm::{JailError, VmJail};
 
 /// For tests that need root: true when running as root. Elsewhere they print why they skip,
 /// except under CI=true (CI runs as root, as the daemon does, and a skip would hide a broken

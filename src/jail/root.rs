@@ -69,12 +69,13 @@ fn mount(
     call(format!("{what} ({})", target.display()), rc)
 }
 
-/// Leaves the host's mount, IPC, UTS and network namespaces (the pid namespace is entered by
-/// the process that forks this one) and stops mount events from propagating back to the host.
-/// `hostname` becomes the jail's host name. Call it before the process starts any thread:
-/// namespaces entered by unshare belong to the calling thread alone.
+/// Leaves the host's mount, IPC and UTS namespaces (the pid namespace is entered by the
+/// process that forks this one, the network namespace by [`leave_network`] once the VM's taps
+/// are open) and stops mount events from propagating back to the host. `hostname` becomes the
+/// jail's host name. Call it before the process starts any thread: namespaces entered by
+/// unshare belong to the calling thread alone.
 pub fn enter_namespaces(hostname: &str) -> Result<(), RootError> {
-    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     // SAFETY: unshare with flags only.
     call("unshare", unsafe { libc::unshare(flags) })?;
     mount(
@@ -87,6 +88,39 @@ pub fn enter_namespaces(hostname: &str) -> Result<(), RootError> {
     call("sethostname", unsafe {
         libc::sethostname(hostname.as_ptr().cast(), hostname.len())
     })
+}
+
+/// Leaves the host's network namespace for a new one with nothing in it but a loopback device
+/// that is down. Taps opened before stay usable: a tap's descriptor is bound to its device,
+/// which stays where the host's bridge or routes expect it.
+pub fn leave_network() -> Result<(), RootError> {
+    // SAFETY: unshare with flags only.
+    call("unshare(CLONE_NEWNET)", unsafe {
+        libc::unshare(libc::CLONE_NEWNET)
+    })
+}
+
+/// Mounts at `root/proc` a proc file system showing only this pid namespace's processes
+/// (the VM process alone) and none of the system-wide files (`subset=pid`): the VMM reads its
+/// own threads' state there, nothing else.
+pub fn mount_proc(root: &Path) -> Result<(), RootError> {
+    let target = root.join("proc");
+    std::fs::create_dir(&target).map_err(|source| RootError::Call {
+        what: format!("creating {}", target.display()),
+        source,
+    })?;
+    let target_c = cstring(&target)?;
+    // SAFETY: all strings are valid and NUL-terminated.
+    let rc = unsafe {
+        libc::mount(
+            c"proc".as_ptr(),
+            target_c.as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"subset=pid".as_ptr().cast(),
+        )
+    };
+    call(format!("mounting proc on {}", target.display()), rc)
 }
 
 /// Fills the (empty, bulkhead-made) directory `root` with `entries`, each a bind mount of its
@@ -177,6 +211,7 @@ mod tests {
         let host_uts = std::fs::read_link("/proc/thread-self/ns/uts").unwrap();
         let host_net = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         enter_namespaces("vm-test").unwrap();
+        leave_network().unwrap();
         assert_ne!(
             std::fs::read_link("/proc/thread-self/ns/uts").unwrap(),
             host_uts

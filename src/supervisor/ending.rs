@@ -96,6 +96,11 @@ impl VmEnd {
             // asked it to stop: its own reason stands.
             (Some(code), None) => match record {
                 Some(r) if r.status() == code && r != VmExitReason::Stopped => VmEnd::Vm(r),
+                // A jailed VM process is the first process of its pid namespace, which a
+                // signal it sends itself can not kill: abort() ends it with this status.
+                _ if code == 128 + libc::SIGABRT && stopped.is_none() => VmEnd::Killed {
+                    signal: libc::SIGABRT,
+                },
                 _ => stopped.map_or(VmEnd::Process(code), VmEnd::Stopped),
             },
             (_, Some(signal)) => stopped.map_or(VmEnd::Killed { signal }, VmEnd::Stopped),

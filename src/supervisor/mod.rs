@@ -19,6 +19,7 @@ pub use ending::{StopCause, VmEnd};
 
 use crate::config::VmConfig;
 use crate::exit::status;
+use crate::jail::VmJail;
 use crate::seccomp::{self, ThreadRole};
 use crate::signal;
 use crate::telemetry::{AlertContext, Engine, Limits};
@@ -52,10 +53,29 @@ pub fn run(config: &VmConfig) -> i32 {
                 return status::RUNTIME_ERROR;
             }
         };
-    let vm = match spawn::spawn(config, start_ns, outputs.console.as_ref()) {
+    let mut jail = match config.jail.as_ref().map(|j| VmJail::prepare(config, j)) {
+        None => None,
+        Some(Ok(jail)) => {
+            announce(&jail);
+            Some(jail)
+        }
+        Some(Err(e)) => {
+            log::error!("VM {}: {}", config.vm_id, crate::error_chain(&e));
+            return if e.is_bad_input() {
+                status::BAD_INPUT
+            } else {
+                status::RUNTIME_ERROR
+            };
+        }
+    };
+    let spawned = spawn::spawn(config, start_ns, outputs.console.as_ref(), jail.as_ref());
+    let vm = match spawned {
         Ok(vm) => vm,
         Err(e) => {
             log::error!("{}", crate::error_chain(&e));
+            if let Some(j) = jail.as_mut() {
+                j.remove();
+            }
             return status::RUNTIME_ERROR;
         }
     };
@@ -63,7 +83,7 @@ pub fn run(config: &VmConfig) -> i32 {
     outputs.console = None;
     if let Err(e) = outputs.start_http() {
         log::error!("{e}");
-        stop_now(vm.pid, terminal.as_ref());
+        stop_now(vm.pid, terminal.as_ref(), jail.as_mut());
         return status::RUNTIME_ERROR;
     }
     let ctx = AlertContext {
@@ -74,7 +94,7 @@ pub fn run(config: &VmConfig) -> i32 {
     if config.seccomp {
         if let Err(e) = seccomp::confine_supervisor(vm.pid) {
             log::error!("{e}");
-            stop_now(vm.pid, terminal.as_ref());
+            stop_now(vm.pid, terminal.as_ref(), jail.as_mut());
             return status::RUNTIME_ERROR;
         }
     }
@@ -92,6 +112,9 @@ pub fn run(config: &VmConfig) -> i32 {
     )
     .run();
     let end = watched.end;
+    if let Some(j) = jail.as_mut() {
+        j.remove();
+    }
     if let Some(t) = terminal {
         t.restore();
     }
@@ -105,15 +128,38 @@ pub fn run(config: &VmConfig) -> i32 {
 }
 
 /// Kills and reaps the VM process (it would die with the supervisor anyway, through
-/// PR_SET_PDEATHSIG, but not be reaped), and puts back the terminal it may have left raw.
-fn stop_now(pid: libc::pid_t, terminal: Option<&SavedTerminal>) {
+/// PR_SET_PDEATHSIG, but not be reaped), removes its jail, and puts back the terminal it may
+/// have left raw.
+fn stop_now(pid: libc::pid_t, terminal: Option<&SavedTerminal>, jail: Option<&mut VmJail>) {
     // SAFETY: kill and waitpid on our own child, not yet reaped.
     unsafe {
         libc::kill(pid, libc::SIGKILL);
         libc::waitpid(pid, std::ptr::null_mut(), 0);
     }
+    if let Some(j) = jail {
+        j.remove();
+    }
     if let Some(t) = terminal {
         t.restore();
+    }
+}
+
+/// Tells the operator where the jail is and where the host reaches the VM's vsock sockets.
+fn announce(jail: &VmJail) {
+    log::info!(
+        "VM {} jailed in {} as uid {} gid {}",
+        jail.config.vm_id,
+        jail.root.display(),
+        jail.uid,
+        jail.gid
+    );
+    if let Some(v) = &jail.config.vsock {
+        log::info!(
+            "VM {}: vsock socket on the host: {} (guest connections to port P go to {}_P)",
+            jail.config.vm_id,
+            jail.host_path(&v.uds).display(),
+            jail.host_path(&v.uds).display()
+        );
     }
 }
 

@@ -7,22 +7,29 @@
 //! address-space layout, matters little here: the supervisor never trusts a pointer, length or
 //! index from the VM process (it reads atomics and checks every value), so knowing its layout
 //! gives a compromised VM process nothing to aim at. The child keeps only what it needs: the
-//! shared mapping of the telemetry region, the wake eventfd, the console file and stdio; every
-//! other inherited descriptor is closed before it touches anything, and the kernel kills it if
-//! the supervisor dies (PR_SET_PDEATHSIG).
+//! shared mapping of the telemetry region, the wake eventfd, the console file, stdio and the
+//! read end of a pipe whose other end only the supervisor holds; every other inherited
+//! descriptor is closed before it touches anything, and the kernel kills it if the supervisor
+//! dies (PR_SET_PDEATHSIG; the pipe tells it whether the supervisor died before that was set).
+//!
+//! A jailed VM process is forked into a pid namespace of its own, whose first and only
+//! process it is, and enters the rest of its jail before it builds the VM.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::jail::VmJail;
 use crate::telemetry::{Region, RegionError};
 
 /// Where the VM process finds the console file and the wake eventfd; every descriptor above
 /// these is closed.
 const CONSOLE_FD: RawFd = 3;
 const WAKE_FD: RawFd = 4;
+/// The read end of the supervisor's life pipe.
+const LIFE_FD: RawFd = 5;
 
 /// Errors starting the VM process.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +40,8 @@ pub enum SpawnError {
     Wake(#[source] std::io::Error),
     #[error("cannot start the VM process: {0}")]
     Fork(#[source] std::io::Error),
+    #[error("cannot create the VM process's pid namespace: {0}")]
+    PidNamespace(#[source] std::io::Error),
 }
 
 /// The running VM process, as the supervisor holds it.
@@ -41,6 +50,8 @@ pub struct VmProcess {
     pub region: Region,
     /// Written by the VM process when it posts events; read by the supervisor.
     pub wake: EventFd,
+    /// The write end of the life pipe: closed when the supervisor dies.
+    _life: OwnedFd,
 }
 
 /// Forks the VM process, which builds and runs the VM `config` describes and exits with its
@@ -48,16 +59,26 @@ pub struct VmProcess {
 ///
 /// Must be called while the supervisor has no thread but this one: a fork copies only the
 /// calling thread, and a lock another thread held would stay held in the child forever.
+/// With `jail`, the VM process runs `jail.config` in it.
 pub fn spawn(
     config: &VmConfig,
     start_ns: u64,
     console: Option<&File>,
+    jail: Option<&VmJail>,
 ) -> Result<VmProcess, SpawnError> {
+    let config = jail.map_or(config, |j| &j.config);
     let (region, _memfd) = Region::create()?;
     let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(SpawnError::Wake)?;
     let console_fd = console.map(AsRawFd::as_raw_fd);
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
+    let (life_read, life_write) = life_pipe().map_err(SpawnError::Fork)?;
+    if jail.is_some() {
+        // The next child this process forks (it forks only this one) is the first process of
+        // a new pid namespace.
+        // SAFETY: unshare with a flag only.
+        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+            return Err(SpawnError::PidNamespace(std::io::Error::last_os_error()));
+        }
+    }
     // SAFETY: the process is single-threaded here (see above), so the child may go on running
     // ordinary code; fork has no memory effects on this process.
     let pid = unsafe { libc::fork() };
@@ -65,8 +86,12 @@ pub fn spawn(
         return Err(SpawnError::Fork(std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        let status = match become_vm_process(parent, console_fd, wake.as_raw_fd()) {
-            Ok((console, wake)) => crate::vmproc::run(config, start_ns, region, wake, console),
+        drop(life_write);
+        let status = match become_vm_process(life_read, console_fd, wake.as_raw_fd()) {
+            Ok((console, wake, life)) => {
+                let jailed = jail.map(|j| (j, life));
+                crate::vmproc::run(config, start_ns, region, wake, console, jailed)
+            }
             Err(e) => {
                 log::error!("VM process: {e}");
                 crate::exit::status::RUNTIME_ERROR
@@ -74,16 +99,33 @@ pub fn spawn(
         };
         std::process::exit(status);
     }
-    Ok(VmProcess { pid, region, wake })
+    Ok(VmProcess {
+        pid,
+        region,
+        wake,
+        _life: life_write,
+    })
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn life_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is valid for writes of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// In the child: dies with the supervisor, restores the signal mask, and keeps only the
-/// descriptors it needs (stdio, the console file and the wake eventfd, moved to 3 and 4).
+/// descriptors it needs (stdio, the console file, the wake eventfd and the life pipe, moved to
+/// 3, 4 and 5).
 fn become_vm_process(
-    parent: libc::pid_t,
+    life: OwnedFd,
     console: Option<RawFd>,
     wake: RawFd,
-) -> std::io::Result<(Option<File>, EventFd)> {
+) -> std::io::Result<(Option<File>, EventFd, OwnedFd)> {
     let check = |rc: libc::c_int| {
         if rc < 0 {
             Err(std::io::Error::last_os_error())
@@ -91,14 +133,10 @@ fn become_vm_process(
             Ok(rc)
         }
     };
-    // SAFETY: prctl, getppid, pthread_sigmask and signal with valid arguments; `empty` is a
-    // valid sigset_t owned by this frame.
+    crate::vmproc::die_with_supervisor(&life)?;
+    // SAFETY: pthread_sigmask and signal with valid arguments; `empty` is a valid sigset_t
+    // owned by this frame.
     unsafe {
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
-        if libc::getppid() != parent {
-            // The supervisor died before the line above took effect.
-            libc::_exit(crate::exit::status::RUNTIME_ERROR);
-        }
         // The supervisor blocked the signals it reads through its signalfd.
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -114,6 +152,8 @@ fn become_vm_process(
     // its metrics and alert files.
     // SAFETY: fcntl and dup2 on descriptors this process owns.
     let wake_high = check(unsafe { libc::fcntl(wake, libc::F_DUPFD, 10) })?;
+    // SAFETY: as above.
+    let life_high = check(unsafe { libc::fcntl(life.as_raw_fd(), libc::F_DUPFD, 10) })?;
     let console_high = match console {
         // SAFETY: as above.
         Some(fd) => Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?),
@@ -127,9 +167,11 @@ fn become_vm_process(
     };
     // SAFETY: as above.
     check(unsafe { libc::dup2(wake_high, WAKE_FD) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::dup2(life_high, LIFE_FD) })?;
     // SAFETY: close_range closes descriptors only; nothing in this process uses the ones above
     // WAKE_FD any more.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, WAKE_FD + 1, u32::MAX, 0) };
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, LIFE_FD + 1, u32::MAX, 0) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -137,5 +179,10 @@ fn become_vm_process(
     let console = console_high.map(|_| unsafe { File::from_raw_fd(CONSOLE_FD) });
     // SAFETY: as above.
     let wake = unsafe { EventFd::from_raw_fd(WAKE_FD) };
-    Ok((console, wake))
+    // The original number was either closed with the rest or now holds another of the three:
+    // only the copy at LIFE_FD is the pipe's.
+    std::mem::forget(life);
+    // SAFETY: as above.
+    let life = unsafe { OwnedFd::from_raw_fd(LIFE_FD) };
+    Ok((console, wake, life))
 }

@@ -389,3 +389,42 @@ impl Drop for TestTap {
             .output();
     }
 }
+
+/// Reads one `\n`-terminated line from `stream` (without the newline).
+pub fn read_line(stream: &mut std::os::unix::net::UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+/// Plays the host side of the `virtio` guest's vsock mode: through `stream` (connected to the
+/// VM's socket) reaches the guest's port 1234 and checks its echo, then takes the guest's
+/// connection to host port 5000 on `listener` and answers it.
+pub fn vsock_host_side(
+    mut stream: std::os::unix::net::UnixStream,
+    listener: &std::os::unix::net::UnixListener,
+) {
+    use std::io::Write;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(b"CONNECT 1234\n").unwrap();
+    let ok = read_line(&mut stream);
+    assert!(ok.starts_with("OK "), "answer to CONNECT: {ok:?}");
+    stream.write_all(b"ping-from-host").unwrap();
+    let mut echo = [0u8; 14];
+    stream.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping-from-host");
+    drop(stream);
+    let (mut from_guest, _) = listener.accept().unwrap();
+    from_guest
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut ping = [0u8; 15];
+    from_guest.read_exact(&mut ping).unwrap();
+    assert_eq!(&ping, b"ping-from-guest");
+    from_guest.write_all(b"pong-from-host").unwrap();
+}

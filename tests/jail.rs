@@ -1,0 +1,391 @@
+//! `bulkhead run --jail`: the VM process, looked at from outside while it runs, is in
+//! namespaces of its own, holds no privilege, is seccomp-confined in every thread and sees
+//! only its own files; its guest still reads and writes its disk and talks vsock through a
+//! directory no other VM shares; and the jail refuses directories it did not make.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bulkhead, guest, kvm_available, observed, scratch, vsock_host_side};
+
+/// Jail tests need root (namespaces, mounts, cgroups, set*id). Outside CI they skip with a
+/// reason when not root; CI runs as root, and there a skip would hide a broken jail.
+fn root_available(test: &str) -> bool {
+    if !kvm_available(test) {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: the jail needs root, and CI=true forbids skipping"
+    );
+    eprintln!("SKIPPED {test}: the jail needs root");
+    false
+}
+
+/// A jail directory of this test's own.
+fn jail_dir(test: &str) -> PathBuf {
+    let dir = PathBuf::from(format!("/run/bulkhead-test/{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn status_field(pid: u32, task: &str, field: &str) -> String {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The VM process: the supervisor's only child.
+fn vm_process(supervisor: &Child) -> Option<u32> {
+    let pid = supervisor.id();
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Every file (not directory) under `dir`, as paths relative to it; `skip` is not entered.
+fn files_under(dir: &Path, skip: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path == skip {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                todo.push(path);
+            } else {
+                found.push(path.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn a_jailed_vm_process_has_its_own_namespaces_no_privilege_seccomp_everywhere_and_only_its_files() {
+    let test = "jail_seen_from_outside";
+    if !root_available(test) {
+        return;
+    }
+    let jails = jail_dir(test);
+    let kernel = guest("exitcodes");
+    let vm_id = format!("jail-outside-{}", std::process::id());
+    let mut supervisor = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .args([
+            "--cmdline",
+            "mode=idle",
+            "--vcpus",
+            "2",
+            "--console",
+            "none",
+        ])
+        .args(["--vm-id", &vm_id, "--timeout", "60", "--jail", "--jail-dir"])
+        .arg(&jails)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the VM process to be jailed and running: all its threads confined (two vCPUs
+    // and the VMM thread at least).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (pid, tasks) = loop {
+        assert!(Instant::now() < deadline, "the jailed VM never ran");
+        std::thread::sleep(Duration::from_millis(20));
+        let Some(pid) = vm_process(&supervisor) else {
+            continue;
+        };
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if tasks.len() >= 3
+            && tasks
+                .iter()
+                .all(|t| status_field(pid, t, "Seccomp:") == "2")
+        {
+            break (pid, tasks);
+        }
+    };
+    for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+        let host = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let vm = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(host, vm, "the VM process shares the host's {ns} namespace");
+    }
+    // The pid namespace is the VM process's alone: it is the first process there.
+    assert_eq!(
+        status_field(pid, &pid.to_string(), "NSpid:")
+            .split_whitespace()
+            .last(),
+        Some("1")
+    );
+    for task in &tasks {
+        let uids = status_field(pid, task, "Uid:");
+        assert!(
+            uids.split_whitespace().all(|u| u != "0"),
+            "task {task} uids {uids}"
+        );
+        let gids = status_field(pid, task, "Gid:");
+        assert!(
+            gids.split_whitespace().all(|g| g != "0"),
+            "task {task} gids {gids}"
+        );
+        for cap in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(status_field(pid, task, cap), "0000000000000000", "{cap}");
+        }
+        assert_eq!(status_field(pid, task, "NoNewPrivs:"), "1");
+        assert_eq!(status_field(pid, task, "Seccomp:"), "2");
+    }
+    // Its root: the kernel and the KVM device, and its own /proc; nothing else.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let files = files_under(&root, &root.join("proc"));
+    let kernel_inside = kernel.canonicalize().unwrap();
+    let want: Vec<PathBuf> = {
+        let mut w = vec![
+            PathBuf::from("dev/kvm"),
+            kernel_inside.strip_prefix("/").unwrap().to_path_buf(),
+        ];
+        w.sort();
+        w
+    };
+    assert_eq!(files, want);
+    // Its /proc shows itself alone, and none of the system-wide files.
+    let procs: Vec<String> = std::fs::read_dir(root.join("proc"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.parse::<u32>().is_ok())
+        .collect();
+    assert_eq!(procs, ["1"]);
+    assert!(!root.join("proc/sys").exists() && !root.join("proc/kcore").exists());
+    // Its cgroup, with the limits the jail set.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let suffix = format!("/bulkhead/{vm_id}");
+    assert!(
+        cgroup.lines().filter(|l| l.ends_with(&suffix)).count() >= 1,
+        "{cgroup}"
+    );
+
+    // An orderly stop removes the jail's directory and cgroup.
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(supervisor.id() as i32, libc::SIGTERM) };
+    let status = supervisor.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(!jails.join(&vm_id).exists(), "the jail directory was left");
+    assert!(
+        !cgroup
+            .lines()
+            .filter_map(|l| l.split(':').nth(2))
+            .filter(|p| p.ends_with(&suffix))
+            .any(|p| ["cpu", "memory", "pids"]
+                .iter()
+                .any(|c| Path::new(&format!("/sys/fs/cgroup/{c}{p}")).exists())),
+        "the cgroup was left"
+    );
+    let _ = std::fs::remove_dir_all(&jails);
+}
+
+#[test]
+fn a_jailed_guest_reads_and_writes_its_disk_and_reports_a_forbidden_call_as_before() {
+    let test = "jail_disk";
+    if !root_available(test) {
+        return;
+    }
+    let dir = scratch(test);
+    let jails = jail_dir(test);
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, (0..8u8).flat_map(|n| [n; 512]).collect::<Vec<u8>>()).unwrap();
+    let (metrics, alerts) = (dir.join("vm.prom"), dir.join("alerts.jsonl"));
+    let disk_arg = format!("{},id=tenant-a.data", disk.display());
+    let args = [
+        "run",
+        "--kernel",
+        &guest("virtio").display().to_string(),
+        "--disk",
+        &disk_arg,
+        "--cmdline",
+        "mode=blk expect_id=tenant-a.data",
+        "--on-violation",
+        "log",
+        "--metrics-file",
+        &metrics.display().to_string(),
+        "--alerts",
+        &alerts.display().to_string(),
+        "--jail",
+        "--jail-dir",
+        &jails.display().to_string(),
+    ]
+    .map(str::to_string);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = observed(bulkhead(&args), &metrics, &alerts);
+    assert_eq!(o.run.status, 0, "{}", o.run.stderr);
+    let after = std::fs::read(&disk).unwrap();
+    assert!(after[2 * 512..4 * 512].iter().all(|&b| b == 0xa5));
+    assert_eq!(o.metrics.refusals("virtio-blk0", "request.out_of_range"), 1);
+
+    // A thread taken over in the jail is still reported, and the kernel's word for it (killed
+    // by SIGSYS) still reaches the supervisor, though the VM process is its pid namespace's
+    // init, which a signal it sends itself can not kill.
+    let hooked = |hook: &str| {
+        bulkhead(&[
+            "run",
+            "--kernel",
+            &guest("hello").display().to_string(),
+            "--console",
+            "none",
+            "--test-hook",
+            hook,
+            "--jail",
+            "--jail-dir",
+            &jails.display().to_string(),
+        ])
+    };
+    let hook = hooked("vcpu-forbidden-syscall");
+    assert_eq!(hook.status, 159, "{}", hook.stderr);
+    assert!(
+        hook.stderr
+            .contains("the VM process was killed by SIGSYS (thread vcpu0"),
+        "{}",
+        hook.stderr
+    );
+    let aborted = hooked("vcpu-abort");
+    assert_eq!(aborted.status, 128 + libc::SIGABRT, "{}", aborted.stderr);
+    assert!(
+        !aborted.stderr.contains("seccomp violation"),
+        "{}",
+        aborted.stderr
+    );
+    assert_eq!(std::fs::read_dir(&jails).unwrap().count(), 0);
+    let _ = std::fs::remove_dir_all(&jails);
+}
+
+#[test]
+fn a_jailed_vms_vsock_sockets_live_in_its_jail_where_no_other_vm_can_meet_them() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let test = "jail_vsock";
+    if !root_available(test) {
+        return;
+    }
+    let dir = scratch(test);
+    let jails = jail_dir(test);
+    let vm_id = format!("jail-vsock-{}", std::process::id());
+    let uds = dir.join("v.sock");
+    // Where another VM given `uds=DIR/v.sock_5000` would listen: outside this VM's jail, so
+    // its guest must never reach it.
+    let outside = UnixListener::bind(dir.join("v.sock_5000")).unwrap();
+    outside.set_nonblocking(true).unwrap();
+    let vsock_arg = format!("cid={},uds={}", 50_000 + std::process::id(), uds.display());
+    let mut supervisor = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--kernel"])
+        .arg(guest("virtio"))
+        .args(["--vsock", &vsock_arg, "--cmdline", "mode=vsock clean=1"])
+        .args(["--vm-id", &vm_id, "--timeout", "60", "--jail", "--jail-dir"])
+        .arg(&jails)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let inside = jails
+        .join(&vm_id)
+        .join("root")
+        .join(uds.strip_prefix("/").unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !inside.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no socket at {}",
+            inside.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The host's listener for guest port 5000 goes next to the VM's socket, in its jail, and
+    // lets the jail's uid connect.
+    let port_5000 = inside.with_file_name("v.sock_5000");
+    let listener = UnixListener::bind(&port_5000).unwrap();
+    std::fs::set_permissions(&port_5000, std::fs::Permissions::from_mode(0o666)).unwrap();
+    vsock_host_side(UnixStream::connect(&inside).unwrap(), &listener);
+    let status = supervisor.wait().unwrap();
+    let mut err = String::new();
+    let _ = supervisor.stderr.take().unwrap().read_to_string(&mut err);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(
+        outside.accept().is_err(),
+        "the guest reached a socket outside its jail"
+    );
+    let _ = std::fs::remove_dir_all(&jails);
+}
+
+#[test]
+fn a_jail_is_never_made_in_a_directory_someone_else_controls_or_over_one_that_exists() {
+    let test = "jail_refusals";
+    if !root_available(test) {
+        return;
+    }
+    let jails = jail_dir(test);
+    std::fs::create_dir_all(&jails).unwrap();
+    let kernel = guest("hello").display().to_string();
+    let run = |dir: &Path, vm_id: &str| {
+        bulkhead(&[
+            "run",
+            "--kernel",
+            &kernel,
+            "--console",
+            "none",
+            "--vm-id",
+            vm_id,
+            "--jail",
+            "--jail-dir",
+            &dir.display().to_string(),
+        ])
+    };
+    // A VM directory that already exists (left over, or planted) is not reused.
+    std::fs::create_dir(jails.join("taken")).unwrap();
+    let r = run(&jails, "taken");
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("already exists"), "{}", r.stderr);
+    // A base directory reached through a symlink, or writable by others, is refused.
+    let link = jails.with_extension("link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&jails, &link).unwrap();
+    let r = run(&link, "via-link");
+    assert_ne!(r.status, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("without following symlinks"),
+        "{}",
+        r.stderr
+    );
+    std::fs::remove_file(&link).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&jails, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let r = run(&jails, "world-writable");
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("writable by nobody else"), "{}", r.stderr);
+    // A root uid is refused before anything is made.
+    let r = bulkhead(&["run", "--kernel", &kernel, "--jail", "--jail-uid", "0"]);
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&jails);
+}
