@@ -50,6 +50,64 @@ pub enum Command {
     /// Work with the management plane's audit log.
     #[command(subcommand)]
     AuditLog(AuditLogCommand),
+    /// Run the management daemon: tenants' VMs, jailed, behind per-tenant sockets (as root).
+    Serve {
+        /// The daemon's settings (docs/serve.example.json).
+        #[arg(long, value_name = "serve.json")]
+        config: PathBuf,
+    },
+    /// Talk to the management daemon.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The daemon's socket [default: your tenant's socket under --run-dir, or the admin
+    /// socket as root].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The daemon's run_dir, where the default socket is looked for.
+    #[arg(long, value_name = "DIR", default_value = "/run/bulkhead")]
+    pub run_dir: PathBuf,
+    /// Why an admin acts on a tenant's VM (required then; audited, and alerted on).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Start a VM from a `bulkhead run --config` file; prints its id.
+    Create {
+        #[arg(long, value_name = "FILE.json")]
+        config: PathBuf,
+    },
+    /// List the VMs you may see.
+    List,
+    /// One VM: state, pids, start time, exit reason, settings.
+    Get { id: String },
+    /// Stop a VM (SIGTERM to its supervisor: an orderly end).
+    Stop { id: String },
+    /// Pause a running VM.
+    Pause { id: String },
+    /// Resume a paused VM.
+    Resume { id: String },
+    /// Forget an ended VM and remove its files.
+    Delete { id: String },
+    /// The VM's Prometheus metrics.
+    Metrics { id: String },
+    /// The VM's alerts, as JSON lines.
+    Alerts { id: String },
+    /// The VM's isolation report.
+    Report {
+        id: String,
+        /// Markdown instead of JSON.
+        #[arg(long)]
+        markdown: bool,
+    },
+    /// The audit log (admins).
+    AuditLog,
 }
 
 #[derive(Debug, Subcommand)]

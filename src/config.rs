@@ -207,7 +207,7 @@ impl std::str::FromStr for TestHook {
 
 /// Settings as given, before validation. Both the JSON file and the flags produce one; the
 /// flags' one is laid over the file's.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub kernel: Option<PathBuf>,
@@ -455,7 +455,7 @@ fn validate_id(field: &'static str, value: &str) -> Result<(), ConfigError> {
 /// An id needs to be unique, not secret, so this never waits for the entropy pool: a freshly
 /// booted host (or the nested lane's L1) may not have one for seconds. GRND_INSECURE asks for
 /// bytes from the not-yet-seeded generator instead of blocking.
-fn random_vm_id() -> Result<String, ConfigError> {
+pub fn random_vm_id() -> Result<String, ConfigError> {
     const GRND_INSECURE: libc::c_uint = 0x0004;
     let mut bytes = [0u8; 16];
     // SAFETY: the buffer is valid for writes of its full length, and getrandom writes at most

@@ -10,7 +10,7 @@ use bulkhead::exit::status;
 use bulkhead::RawConfig;
 use clap::Parser;
 
-use cli::{AuditLogCommand, Cli, Command, RunArgs};
+use cli::{AuditLogCommand, Cli, Command, CtlArgs, CtlCommand, RunArgs};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -29,6 +29,8 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(&args),
         Command::AuditLog(AuditLogCommand::Verify { file }) => verify_audit_log(&file),
+        Command::Serve { config } => serve(&config),
+        Command::Ctl(args) => ctl(&args),
     };
     exit_code(code)
 }
@@ -49,6 +51,89 @@ fn run(args: &RunArgs) -> i32 {
         log::warn!("*** --no-seccomp: seccomp filters are OFF; this VMM is not confined. Debugging only. ***");
     }
     bulkhead::supervisor::run(&config)
+}
+
+fn serve(path: &std::path::Path) -> i32 {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("cannot read {}: {e}", path.display());
+            return status::BAD_INPUT;
+        }
+    };
+    match bulkhead::config::serve::ServeConfig::from_json(&text) {
+        Ok(config) => bulkhead::api::server::serve(config),
+        Err(e) => {
+            log::error!("{}: {e}", path.display());
+            status::BAD_INPUT
+        }
+    }
+}
+
+/// `bulkhead ctl`: prints the answer's body; exits 0 on 2xx, 1 on an error answer (its message
+/// on stderr), 2 when the daemon can not be reached or the input is bad.
+fn ctl(args: &CtlArgs) -> i32 {
+    use bulkhead::api::client;
+    let socket = match args
+        .socket
+        .clone()
+        .map_or_else(|| client::default_socket(&args.run_dir), Ok)
+    {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            return status::BAD_INPUT;
+        }
+    };
+    let body;
+    let (method, path, payload) = match &args.command {
+        CtlCommand::Create { config } => {
+            body = match std::fs::read(config) {
+                Ok(b) => b,
+                Err(e) => {
+                    log::error!("cannot read {}: {e}", config.display());
+                    return status::BAD_INPUT;
+                }
+            };
+            ("POST", "/v1/vms".to_string(), Some(body.as_slice()))
+        }
+        CtlCommand::List => ("GET", "/v1/vms".to_string(), None),
+        CtlCommand::Get { id } => ("GET", format!("/v1/vms/{id}"), None),
+        CtlCommand::Stop { id } => ("POST", format!("/v1/vms/{id}/stop"), None),
+        CtlCommand::Pause { id } => ("POST", format!("/v1/vms/{id}/pause"), None),
+        CtlCommand::Resume { id } => ("POST", format!("/v1/vms/{id}/resume"), None),
+        CtlCommand::Delete { id } => ("DELETE", format!("/v1/vms/{id}"), None),
+        CtlCommand::Metrics { id } => ("GET", format!("/v1/vms/{id}/metrics"), None),
+        CtlCommand::Alerts { id } => ("GET", format!("/v1/vms/{id}/alerts"), None),
+        CtlCommand::Report { id, markdown } => {
+            let q = if *markdown { "?format=md" } else { "" };
+            ("GET", format!("/v1/vms/{id}/report{q}"), None)
+        }
+        CtlCommand::AuditLog => ("GET", "/v1/audit-log".to_string(), None),
+    };
+    match client::request(&socket, method, &path, payload, args.reason.as_deref()) {
+        Ok(answer) if (200..300).contains(&answer.status) => {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = out.write_all(&answer.body);
+            if !answer.body.ends_with(b"\n") && !answer.body.is_empty() {
+                let _ = out.write_all(b"\n");
+            }
+            status::OK
+        }
+        Ok(answer) => {
+            eprintln!(
+                "{} {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
+            status::RUNTIME_ERROR
+        }
+        Err(e) => {
+            log::error!("{}", bulkhead::error_chain(&e));
+            status::BAD_INPUT
+        }
+    }
 }
 
 fn verify_audit_log(file: &std::path::Path) -> i32 {

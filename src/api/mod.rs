@@ -1,4 +1,11 @@
-//! The management plane (`bulkhead serve`, growing under the multi-tenant issue). So far: the
-//! tamper-evident audit log every management request will be written to.
+//! The management plane: `bulkhead serve` (a daemon serving tenants' and admins' requests on
+//! Unix sockets), its tamper-evident audit log, the isolation report, and the `ctl` client.
 
 pub mod audit;
+pub mod client;
+pub mod daemon;
+pub mod exposition;
+pub mod report;
+pub mod routes;
+pub mod server;
+pub mod vms;

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::{id_chars_ok, ConfigError, MAX_DISK_ID_LEN};
 
 /// A disk as given: `--disk PATH[,ro][,id=NAME]`, or an entry of `disks` in the JSON file.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RawDisk {
     pub path: PathBuf,
@@ -48,7 +48,7 @@ pub struct DiskConfig {
 }
 
 /// A network device as given: `--net tap=NAME[,mac=MAC]`, or an entry of `nets` in JSON.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RawNet {
     pub tap: String,
@@ -76,7 +76,7 @@ impl std::str::FromStr for RawNet {
 }
 
 /// The vsock device as given: `--vsock cid=N,uds=PATH`, or `vsock` in JSON.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RawVsock {
     pub cid: u64,

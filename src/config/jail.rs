@@ -22,7 +22,7 @@ pub const DEFAULT_OPEN_FILES: u64 = 4096;
 pub const MIN_FILE_SIZE_MIB: u64 = 1024;
 
 /// `"jail"` as written in a config file; every field optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawJail {
     /// The directory per-VM jail directories are made in (root's, writable by root alone).

@@ -164,7 +164,7 @@ fn announce(jail: &VmJail) {
 }
 
 /// This host's name, for alerts.
-fn hostname() -> String {
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: `buf` is valid for writes of its length; gethostname NUL-terminates within it
     // or truncates.

@@ -396,6 +396,8 @@ vocabulary! {
         ExitStorm = "exit_storm",
         VcpuEntryFailure = "vcpu_entry_failure",
         SeccompViolation = "seccomp_violation",
+        ManagementCrossTenant = "management_cross_tenant",
+        ManagementAdminOverride = "management_admin_override",
     }
 }
 
@@ -414,10 +416,12 @@ impl Rule {
             | VirtioQueueConfigViolation
             | VirtioFeatureViolation
             | VcpuEntryFailure => Priority::Error,
-            VirtioMalformedPayload | NetMacSpoof | LegacyDeviceProbe | TripleFault => {
-                Priority::Warning
-            }
-            PioScan | MmioScan | MsrProbe | ExitStorm => Priority::Notice,
+            VirtioMalformedPayload
+            | NetMacSpoof
+            | LegacyDeviceProbe
+            | TripleFault
+            | ManagementCrossTenant => Priority::Warning,
+            PioScan | MmioScan | MsrProbe | ExitStorm | ManagementAdminOverride => Priority::Notice,
         }
     }
 
@@ -463,6 +467,8 @@ impl Rule {
             TripleFault | VcpuEntryFailure => &["bulkhead", "cpu"],
             ExitStorm => &["bulkhead", "cpu", "noisy_neighbour"],
             SeccompViolation => &["bulkhead", "vmm", "mitre_privilege_escalation", "T1611"],
+            ManagementCrossTenant => &["bulkhead", "management", "mitre_discovery"],
+            ManagementAdminOverride => &["bulkhead", "management", "break_glass"],
         }
     }
 
@@ -499,6 +505,12 @@ impl Rule {
             ExitStorm => "a vCPU's exit rate above the threshold for 1 s",
             VcpuEntryFailure => "KVM could not emulate an instruction or enter the guest",
             SeccompViolation => "a bulkhead thread made a system call outside its filter",
+            ManagementCrossTenant => {
+                "a management request for a VM of another tenant (answered as if it did not exist)"
+            }
+            ManagementAdminOverride => {
+                "an admin acting on a tenant's VM, with the reason they gave"
+            }
         }
     }
 }
@@ -531,12 +543,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn there_are_nineteen_rules_with_distinct_names() {
-        assert_eq!(Rule::COUNT, 19);
+    fn there_are_twenty_one_rules_with_distinct_names() {
+        assert_eq!(Rule::COUNT, 21);
         let mut names: Vec<&str> = Rule::ALL.iter().map(|r| r.name()).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 19);
+        assert_eq!(names.len(), 21);
     }
 
     #[test]
@@ -578,6 +590,9 @@ mod tests {
                     | Rule::ExitStorm
                     | Rule::VcpuEntryFailure
                     | Rule::SeccompViolation
+                    // Raised by the management daemon, not by a VM.
+                    | Rule::ManagementCrossTenant
+                    | Rule::ManagementAdminOverride
             );
             assert!(
                 from_refusals.contains(rule) != other_source,

@@ -1,0 +1,338 @@
+//! `bulkhead serve`: the management daemon's state and its VMs' lives. It runs as root, starts
+//! each VM as a jailed `bulkhead run` supervisor, and keeps the audit log and its own alerts.
+//! The HTTP side is in [`super::server`]; what each request may do, in [`super::routes`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+
+use super::audit::{AuditError, AuditLog, Record};
+use super::routes::{self, Reply};
+use super::vms::{self, VmPaths, VmRecord, VmState};
+use crate::config::serve::{Quota, ServeConfig};
+use crate::config::{random_vm_id, RawConfig, VmConfig};
+use crate::telemetry::{Alert, AlertContext, Rule};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find this program to start VMs with: {0}")]
+    Exe(#[source] std::io::Error),
+}
+
+/// Who a request comes from, once the socket and SO_PEERCRED agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Tenant { name: String, uid: u32 },
+    Admin { uid: u32 },
+}
+
+/// The daemon: its settings, its VMs, its audit log and alerts.
+pub struct Daemon {
+    pub config: ServeConfig,
+    exe: PathBuf,
+    vms: Mutex<BTreeMap<String, VmRecord>>,
+    audit: Mutex<AuditLog>,
+    alerts: Mutex<File>,
+    alert_seq: AtomicU64,
+    hostname: String,
+    /// VMs this daemon started (and waits for); the others were taken back after a restart.
+    children: Mutex<BTreeSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these leaves plain data behind, still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Daemon {
+    /// Opens the audit log and the alerts file, and takes back the VMs a previous daemon
+    /// left running.
+    pub fn open(config: ServeConfig) -> Result<Daemon, DaemonError> {
+        for dir in [&config.state_dir, &config.state_dir.join("vms")] {
+            std::fs::create_dir_all(dir).map_err(|source| DaemonError::Open {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        if let Some(parent) = config.audit_log.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| DaemonError::Open {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        let audit = AuditLog::open(&config.audit_log)?;
+        let alerts_path = config.state_dir.join("alerts.jsonl");
+        let alerts = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&alerts_path)
+            .map_err(|source| DaemonError::Open {
+                path: alerts_path,
+                source,
+            })?;
+        let vms = vms::recover(&config.state_dir);
+        Ok(Daemon {
+            exe: std::env::current_exe().map_err(DaemonError::Exe)?,
+            vms: Mutex::new(vms),
+            audit: Mutex::new(audit),
+            alerts: Mutex::new(alerts),
+            alert_seq: AtomicU64::new(0),
+            hostname: crate::supervisor::hostname(),
+            children: Mutex::new(BTreeSet::new()),
+            config,
+        })
+    }
+
+    pub fn vms(&self) -> MutexGuard<'_, BTreeMap<String, VmRecord>> {
+        lock(&self.vms)
+    }
+
+    pub fn paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(&self.config.state_dir, id)
+    }
+
+    pub fn alerts_path(&self) -> PathBuf {
+        self.config.state_dir.join("alerts.jsonl")
+    }
+
+    /// Changes VM `id`'s record with `f` and writes it.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut VmRecord)) {
+        let mut vms = self.vms();
+        if let Some(r) = vms.get_mut(id) {
+            f(r);
+            if let Err(e) = vms::save(&self.paths(id), r) {
+                log::error!("{e}");
+            }
+        }
+    }
+
+    /// Forgets an ended VM and removes its directory.
+    pub fn forget(&self, id: &str) {
+        self.vms().remove(id);
+        let dir = self.paths(id).dir;
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            log::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+
+    /// Appends one request to the audit log.
+    pub fn audit(&self, record: Record) {
+        if let Err(e) = lock(&self.audit).append(record, SystemTime::now()) {
+            log::error!("AUDIT LOG WRITE FAILED: {}", crate::error_chain(&e));
+        }
+    }
+
+    /// Raises one of the management plane's alerts: a line in the daemon's alerts file, in
+    /// the same layout as a VM's, and in the log.
+    pub fn alert(
+        &self,
+        rule: Rule,
+        vm_id: &str,
+        tenant: &str,
+        output: String,
+        fields: Vec<(&'static str, Value)>,
+    ) {
+        let seq = self.alert_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let alert = Alert {
+            time: SystemTime::now(),
+            rule,
+            output,
+            fields,
+            suppressed: 0,
+        };
+        let ctx = AlertContext {
+            vm_id: vm_id.to_string(),
+            tenant: tenant.to_string(),
+            hostname: self.hostname.clone(),
+        };
+        let line = alert.to_json(&ctx, seq).to_string();
+        log::warn!("alert {}: {}", rule.name(), alert.output);
+        let mut f = lock(&self.alerts);
+        if let Err(e) = f.write_all(format!("{line}\n").as_bytes()) {
+            log::error!("cannot write the daemon's alerts file: {e}");
+        }
+    }
+
+    /// Starts a VM for `tenant` within its `quota`; returns its id.
+    pub fn start(
+        self: &Arc<Self>,
+        tenant: &str,
+        quota: &Quota,
+        socket_owner: u32,
+        vm: &VmConfig,
+        resolved: RawConfig,
+        as_given: Value,
+    ) -> Result<String, Reply> {
+        let mut vms = self.vms();
+        let live: Vec<&VmRecord> = vms.values().filter(|r| r.state.is_live()).collect();
+        let mine: Vec<&&VmRecord> = live.iter().filter(|r| r.tenant == tenant).collect();
+        let (count, vcpus, mem) = mine.iter().fold((0u32, 0u32, 0u64), |(n, c, m), r| {
+            (n + 1, c + r.vcpus, m + r.mem_mib)
+        });
+        for (what, used, asked, max) in [
+            ("VMs", u64::from(count), 1, u64::from(quota.max_vms)),
+            (
+                "vCPUs",
+                u64::from(vcpus),
+                u64::from(vm.vcpus),
+                u64::from(quota.max_vcpus),
+            ),
+            ("MiB of memory", mem, vm.mem_mib, quota.max_mem_mib),
+        ] {
+            if used + asked > max {
+                return Err(Reply::error(
+                    403,
+                    format!("quota: tenant {tenant} has {used} of {max} {what} in use and asks for {asked} more"),
+                ));
+            }
+        }
+        // Settings of other VMs this one must not share.
+        for other in &live {
+            let cfg: RawConfig = serde_json::from_value(other.config.clone()).unwrap_or_default();
+            if let (Some(a), Some(b)) = (&vm.vsock, &cfg.vsock) {
+                if a.cid == b.cid {
+                    return Err(Reply::error(
+                        409,
+                        format!("vsock CID {} is not available", a.cid),
+                    ));
+                }
+            }
+            for disk in vm.disks.iter().filter(|d| !d.read_only) {
+                let used = cfg
+                    .disks
+                    .iter()
+                    .flatten()
+                    .any(|o| std::fs::canonicalize(&o.path).is_ok_and(|p| p == disk.path));
+                if used {
+                    return Err(Reply::error(
+                        409,
+                        format!("disk {} is in use by another VM", disk.path.display()),
+                    ));
+                }
+            }
+        }
+        let id = random_vm_id().map_err(|e| Reply::error(500, e.to_string()))?;
+        let paths = self.paths(&id);
+        let mut config = serde_json::to_value(&resolved).unwrap_or(Value::Null);
+        if let Some(obj) = config.as_object_mut() {
+            obj.retain(|_, v| !v.is_null());
+            obj.insert("vm_id".into(), json!(id));
+            obj.insert(
+                "console".into(),
+                json!(format!("file:{}", paths.console().display())),
+            );
+            obj.insert("metrics_file".into(), json!(paths.metrics()));
+            obj.insert("alerts".into(), json!(paths.alerts()));
+            obj.insert(
+                "jail".into(),
+                json!({
+                    "dir": self.config.run_dir.join("jail"),
+                    "socket_owner": socket_owner,
+                }),
+            );
+        }
+        let made = std::fs::create_dir(&paths.dir)
+            .and_then(|()| std::fs::write(paths.config(), config.to_string()));
+        if let Err(e) = made {
+            return Err(Reply::error(500, format!("cannot prepare VM {id}: {e}")));
+        }
+        let log = File::create(paths.log())
+            .map_err(|e| Reply::error(500, format!("cannot create the VM's log: {e}")))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| Reply::error(500, format!("cannot create the VM's log: {e}")))?;
+        let child = tokio::process::Command::new(&self.exe)
+            .arg("run")
+            .arg("--config")
+            .arg(paths.config())
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                return Err(Reply::error(500, format!("cannot start VM {id}: {e}")));
+            }
+        };
+        let pid = child.id().and_then(|p| i32::try_from(p).ok());
+        let record = VmRecord {
+            id: id.clone(),
+            tenant: tenant.to_string(),
+            state: VmState::Running,
+            pid,
+            pid_start: pid.and_then(vms::process_start),
+            started: vms::now_rfc3339(),
+            exit: None,
+            vcpus: vm.vcpus,
+            mem_mib: vm.mem_mib,
+            config: as_given,
+        };
+        if let Err(e) = vms::save(&paths, &record) {
+            log::error!("{e}");
+        }
+        vms.insert(id.clone(), record);
+        lock(&self.children).insert(id.clone());
+        drop(vms);
+        log::info!("VM {id} (tenant {tenant}) started, supervisor pid {pid:?}");
+        let d = self.clone();
+        let vm_id = id.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            use std::os::unix::process::ExitStatusExt;
+            let code = status.and_then(|s| s.code().or_else(|| s.signal().map(|n| 128 + n)));
+            d.ended(&vm_id, code);
+            lock(&d.children).remove(&vm_id);
+        });
+        Ok(id)
+    }
+
+    /// Records how VM `id` ended.
+    pub fn ended(&self, id: &str, status: Option<i32>) {
+        let metrics = std::fs::read_to_string(self.paths(id).metrics()).ok();
+        let exit = routes::ended(status, metrics.as_deref());
+        log::info!("VM {id} ended: {} (status {status:?})", exit.reason);
+        self.update(id, |r| {
+            r.state = VmState::Exited;
+            r.exit = Some(exit);
+        });
+    }
+
+    /// Watches VMs taken back after a restart (not this daemon's children, so not waited
+    /// for): each is looked at until its supervisor is gone.
+    pub async fn watch_adopted(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(vms::ADOPTED_POLL).await;
+            let children = lock(&self.children).clone();
+            let gone: Vec<String> = self
+                .vms()
+                .values()
+                .filter(|r| r.state.is_live() && !children.contains(&r.id))
+                .filter(|r| r.pid.is_some_and(|p| vms::process_start(p) != r.pid_start))
+                .map(|r| r.id.clone())
+                .collect();
+            for id in gone {
+                self.ended(&id, None);
+            }
+        }
+    }
+}

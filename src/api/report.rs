@@ -1,0 +1,386 @@
+//! The isolation report for one VM (`GET /v1/vms/ID/report`): the facts an auditor asks for,
+//! plane by plane, each tagged with how the daemon knows it: `claimed` (the VM's settings, as
+//! the daemon gave them), `observed` (read from the kernel: /proc, cgroup files) or `tested`
+//! (checked by the daemon against the other VMs and the host).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::daemon::Daemon;
+use super::vms::{self, VmRecord};
+use crate::config::RawConfig;
+
+fn fact(what: &str, how: &str, value: Value, ok: Option<bool>) -> Value {
+    let mut f = json!({ "fact": what, "how": how, "value": value });
+    if let Some(ok) = ok {
+        f["ok"] = json!(ok);
+    }
+    f
+}
+
+fn status_fields(pid: i32, task: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// The mapping of guest RAM: the largest writable private mapping of the VM process.
+fn guest_memory(pid: i32, mem_mib: u64) -> Value {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut best: Option<Value> = None;
+    let mut header: Option<(u64, String, String)> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                let perms = words.next().unwrap_or("").to_string();
+                let inode = words.nth(2).unwrap_or("").to_string();
+                header = Some((hi.saturating_sub(lo), perms, inode));
+                continue;
+            }
+        }
+        if let (Some(flags), Some((size, perms, inode))) = (line.strip_prefix("VmFlags:"), &header)
+        {
+            if *size >= mem_mib << 20 && perms.starts_with("rw") {
+                let shared = perms.ends_with('s');
+                best = Some(json!({
+                    "bytes": size,
+                    "private": !shared,
+                    "inode": inode,
+                    "dontdump": flags.split_whitespace().any(|f| f == "dd"),
+                    "mergeable": flags.split_whitespace().any(|f| f == "mg"),
+                }));
+            }
+        }
+    }
+    best.unwrap_or(Value::Null)
+}
+
+/// The cgroup limits of process `pid`, read from each hierarchy it is in.
+fn cgroup_limits(pid: i32) -> Value {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut limits = serde_json::Map::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        let path = path.trim_start_matches('/');
+        let read = |base: &str, file: &str| {
+            std::fs::read_to_string(Path::new(base).join(path).join(file))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        for c in controllers.split(',') {
+            let files: &[&str] = match c {
+                "cpu" => &["cpu.cfs_quota_us", "cpu.cfs_period_us"],
+                "memory" => &["memory.limit_in_bytes"],
+                "pids" => &["pids.max"],
+                "" => &["cpu.max", "memory.max", "pids.max"],
+                _ => &[],
+            };
+            let base = if c.is_empty() {
+                "/sys/fs/cgroup".to_string()
+            } else {
+                format!("/sys/fs/cgroup/{c}")
+            };
+            for f in files {
+                if let Some(v) = read(&base, f) {
+                    limits.insert((*f).to_string(), json!(v));
+                }
+            }
+        }
+        if controllers
+            .split(',')
+            .any(|c| ["", "cpu", "memory", "pids"].contains(&c))
+        {
+            limits.insert(format!("path({controllers})"), json!(format!("/{path}")));
+        }
+    }
+    Value::Object(limits)
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The report for `r`, as JSON.
+pub fn build(d: &Daemon, r: &VmRecord) -> Value {
+    let cfg: RawConfig = serde_json::from_value(r.config.clone()).unwrap_or_default();
+    let vm_pid = r
+        .pid
+        .filter(|_| r.state.is_live())
+        .and_then(vms::vm_process);
+    let mut memory = vec![fact(
+        "guest RAM",
+        "claimed",
+        json!(format!("{} MiB", r.mem_mib)),
+        None,
+    )];
+    let mut compute = vec![fact("vCPUs", "claimed", json!(r.vcpus), None)];
+    let mut network = vec![];
+    if let Some(pid) = vm_pid {
+        let ram = guest_memory(pid, r.mem_mib);
+        let private = ram["private"] == json!(true) && ram["inode"] == json!("0");
+        memory.push(fact(
+            "guest RAM backing: private anonymous memory (no file, no inode), never merged, left out of core dumps",
+            "observed",
+            ram.clone(),
+            Some(private && ram["mergeable"] == json!(false)),
+        ));
+        let alone = std::fs::read_dir(format!("/proc/{pid}/root/proc"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                    .count()
+            })
+            .unwrap_or(0);
+        memory.push(fact(
+            "no other process maps it: private anonymous memory is shared only with a fork, and the VM process is alone in its pid namespace",
+            "tested",
+            json!({ "processes_in_pid_namespace": alone }),
+            Some(private && alone == 1),
+        ));
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let threads: Vec<Value> = tasks
+            .iter()
+            .map(|t| {
+                let f = status_fields(pid, t);
+                let name = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm"))
+                    .unwrap_or_default();
+                json!({
+                    "tid": t, "name": name.trim(),
+                    "seccomp": field(&f, "Seccomp"), "filters": field(&f, "Seccomp_filters"),
+                })
+            })
+            .collect();
+        let all_filtered = !threads.is_empty() && threads.iter().all(|t| t["seccomp"] == "2");
+        compute.push(fact(
+            "every thread is in seccomp filter mode",
+            "observed",
+            json!(threads),
+            Some(all_filtered),
+        ));
+        let f = status_fields(pid, &pid.to_string());
+        let creds = json!({
+            "uid": field(&f, "Uid"), "gid": field(&f, "Gid"), "groups": field(&f, "Groups"),
+            "cap_eff": field(&f, "CapEff"), "cap_prm": field(&f, "CapPrm"), "cap_bnd": field(&f, "CapBnd"),
+            "no_new_privs": field(&f, "NoNewPrivs"),
+        });
+        let unprivileged = field(&f, "Uid").split_whitespace().all(|u| u != "0")
+            && field(&f, "CapEff") == "0000000000000000"
+            && field(&f, "CapBnd") == "0000000000000000"
+            && field(&f, "NoNewPrivs") == "1";
+        compute.push(fact(
+            "the VM process is not root, holds no capability and can gain none",
+            "observed",
+            creds,
+            Some(unprivileged),
+        ));
+        let mut spaces = serde_json::Map::new();
+        let mut separate = true;
+        for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+            let vm = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+            let host = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+            separate &= vm.is_some() && vm != host;
+            spaces.insert(ns.into(), json!(vm.map(|p| p.display().to_string())));
+        }
+        compute.push(fact(
+            "namespaces of its own (not the host's)",
+            "observed",
+            Value::Object(spaces),
+            Some(separate),
+        ));
+        compute.push(fact("cgroup limits", "observed", cgroup_limits(pid), None));
+        let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap_or_default();
+        let ifaces: Vec<String> = dev
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(|s| s.trim().to_string())
+            .collect();
+        network.push(fact(
+            "network interfaces in the VM process's namespace",
+            "observed",
+            json!(ifaces),
+            Some(ifaces.iter().all(|i| i == "lo")),
+        ));
+    } else {
+        compute.push(fact("VM process", "observed", json!("not running"), None));
+    }
+
+    // Storage: each disk, its backing file, and that no other live VM has it writable.
+    let others: Vec<(String, RawConfig)> = d
+        .vms()
+        .values()
+        .filter(|o| o.id != r.id && o.state.is_live())
+        .map(|o| {
+            (
+                o.id.clone(),
+                serde_json::from_value(o.config.clone()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let mut storage = Vec::new();
+    for disk in cfg.disks.iter().flatten() {
+        let id = file_id(&disk.path);
+        let shared_writable: Vec<&String> = others
+            .iter()
+            .filter(|(_, c)| {
+                c.disks
+                    .iter()
+                    .flatten()
+                    .any(|o| (!o.read_only || !disk.read_only) && file_id(&o.path) == id)
+            })
+            .map(|(oid, _)| oid)
+            .collect();
+        storage.push(fact(
+            &format!("disk {}", disk.path.display()),
+            "claimed",
+            json!({ "read_only": disk.read_only, "id": disk.id }),
+            None,
+        ));
+        storage.push(fact(
+            &format!(
+                "disk {}: no other VM has this file writable",
+                disk.path.display()
+            ),
+            "tested",
+            json!({ "dev_inode": id, "shared_with": shared_writable.len() }),
+            Some(id.is_some() && shared_writable.is_empty()),
+        ));
+    }
+    if storage.is_empty() {
+        storage.push(fact("disks", "claimed", json!([]), None));
+    }
+    if cfg.nets.as_ref().map_or(true, |n| n.is_empty()) {
+        network.push(fact("network devices", "claimed", json!([]), None));
+    }
+
+    let mut vsock = Vec::new();
+    if let Some(v) = &cfg.vsock {
+        let jail_root = d.config.run_dir.join("jail").join(&r.id).join("root");
+        let host: PathBuf = jail_root.join(
+            v.uds
+                .components()
+                .filter(|c| matches!(c, std::path::Component::Normal(_)))
+                .collect::<PathBuf>(),
+        );
+        let cid_taken = others
+            .iter()
+            .any(|(_, c)| c.vsock.as_ref().is_some_and(|o| o.cid == v.cid));
+        vsock.push(fact("guest CID", "claimed", json!(v.cid), None));
+        vsock.push(fact(
+            "the CID is unique among this host's VMs",
+            "tested",
+            json!(v.cid),
+            Some(!cid_taken),
+        ));
+        vsock.push(fact(
+            "its sockets (PATH and PATH_PORT) are in its own jail directory, which no other VM sees",
+            "tested",
+            json!(host),
+            Some(host.starts_with(&jail_root) && (!r.state.is_live() || host.exists())),
+        ));
+    } else {
+        vsock.push(fact("vsock", "claimed", json!(null), None));
+    }
+
+    let tenant = d.config.tenants.get(&r.tenant);
+    let management = vec![
+        fact(
+            "who may act on this VM: members of its tenant, through the tenant's socket",
+            "claimed",
+            json!({ "tenant": r.tenant, "uids": tenant.map(|t| t.uids.clone()) }),
+            None,
+        ),
+        fact(
+            "admins, through the admin socket, only with a reason that is audited and alerted",
+            "claimed",
+            json!({ "admins": d.config.admins }),
+            None,
+        ),
+    ];
+    let all: Vec<&Value> = memory
+        .iter()
+        .chain(&compute)
+        .chain(&storage)
+        .chain(&network)
+        .chain(&vsock)
+        .chain(&management)
+        .collect();
+    let failed = all.iter().filter(|f| f["ok"] == json!(false)).count();
+    json!({
+        "vm": r.id,
+        "tenant": r.tenant,
+        "state": r.state,
+        "generated": vms::now_rfc3339(),
+        "bulkhead": env!("CARGO_PKG_VERSION"),
+        "failed_checks": failed,
+        "planes": {
+            "memory": memory, "compute": compute, "storage": storage,
+            "network": network, "vsock": vsock, "management": management,
+        },
+    })
+}
+
+/// The report as Markdown: one table per plane.
+pub fn markdown(report: &Value) -> String {
+    let mut out = format!(
+        "# Isolation report: VM {} (tenant {})\n\nGenerated {} by bulkhead {}; state {}; {} failed checks.\n",
+        report["vm"].as_str().unwrap_or(""),
+        report["tenant"].as_str().unwrap_or(""),
+        report["generated"].as_str().unwrap_or(""),
+        report["bulkhead"].as_str().unwrap_or(""),
+        report["state"].as_str().unwrap_or(""),
+        report["failed_checks"],
+    );
+    for plane in [
+        "memory",
+        "compute",
+        "storage",
+        "network",
+        "vsock",
+        "management",
+    ] {
+        out.push_str(&format!(
+            "\n## {plane}\n\n| fact | how | value | ok |\n|---|---|---|---|\n"
+        ));
+        for f in report["planes"][plane].as_array().into_iter().flatten() {
+            let ok = match f.get("ok") {
+                Some(Value::Bool(true)) => "yes",
+                Some(Value::Bool(false)) => "**NO**",
+                _ => "",
+            };
+            let value = f["value"].to_string().replace('|', "\\|");
+            out.push_str(&format!(
+                "| {} | {} | `{}` | {ok} |\n",
+                f["fact"].as_str().unwrap_or(""),
+                f["how"].as_str().unwrap_or(""),
+                value
+            ));
+        }
+    }
+    out
+}

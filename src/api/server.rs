@@ -1,0 +1,289 @@
+//! The daemon's sockets: one per tenant (`RUN_DIR/tenants/TENANT.sock`, the tenant's, 0600),
+//! `RUN_DIR/admin.sock` (root's, 0600), and optionally the Prometheus listener. HTTP/1.1 on a
+//! current-thread tokio runtime; the VM processes never start one.
+//!
+//! A client can not hold the daemon up: each socket takes at most [`MAX_CONNECTIONS`] at once
+//! (the rest are closed at once, and a tenant's crowd never touches another tenant's socket),
+//! headers must arrive within [`HEADER_TIMEOUT`], a body within [`BODY_TIMEOUT`] and at most
+//! [`routes::MAX_BODY`] bytes, and a connection lives at most [`CONNECTION_LIFETIME`].
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use super::audit::Record;
+use super::daemon::{Daemon, DaemonError, Principal};
+use super::routes::{self, Reply, REASON_HEADER};
+use crate::config::serve::ServeConfig;
+use crate::exit::status;
+
+pub const MAX_CONNECTIONS: usize = 32;
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Which socket a connection came in on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Door {
+    Tenant(String),
+    Admin,
+}
+
+/// A caller, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    uid: u32,
+    pid: i32,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns the exit status. VMs keep running when it
+/// stops, and a daemon started again takes them back.
+pub fn serve(config: ServeConfig) -> i32 {
+    // SAFETY: umask only changes this process's file-creation mask: sockets are made with no
+    // access for others before they are given to their owner.
+    unsafe { libc::umask(0o077) };
+    let daemon = match Daemon::open(config) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            log::error!("{}", crate::error_chain(&e));
+            return match e {
+                DaemonError::Audit(_) => status::BAD_INPUT,
+                _ => status::RUNTIME_ERROR,
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("cannot start the daemon's runtime: {e}");
+            return status::RUNTIME_ERROR;
+        }
+    };
+    runtime.block_on(run(daemon))
+}
+
+async fn run(daemon: Arc<Daemon>) -> i32 {
+    let run_dir = daemon.config.run_dir.clone();
+    let mut doors = Vec::new();
+    for (name, t) in &daemon.config.tenants {
+        let path = run_dir.join("tenants").join(format!("{name}.sock"));
+        let owner = t.uids.iter().next().copied().unwrap_or(0);
+        doors.push((path, Door::Tenant(name.clone()), owner));
+    }
+    doors.push((run_dir.join("admin.sock"), Door::Admin, 0));
+    for (path, door, owner) in doors {
+        match bind(&path, owner) {
+            Ok(listener) => {
+                log::info!("listening on {}", path.display());
+                tokio::spawn(accept_loop(daemon.clone(), listener, door));
+            }
+            Err(e) => {
+                log::error!("cannot listen on {}: {e}", path.display());
+                return status::RUNTIME_ERROR;
+            }
+        }
+    }
+    if let Some(addr) = daemon.config.metrics_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                log::info!("Prometheus metrics on http://{addr}/metrics");
+                tokio::spawn(super::exposition::serve(daemon.clone(), l));
+            }
+            Err(e) => {
+                log::error!("cannot listen on {addr}: {e}");
+                return status::RUNTIME_ERROR;
+            }
+        }
+    }
+    tokio::spawn(daemon.clone().watch_adopted());
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+        match (term.as_mut(), int.as_mut()) {
+            (Ok(t), Ok(i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    stop.await;
+    log::info!("stopping; VMs keep running and a daemon started again takes them back");
+    status::OK
+}
+
+/// Binds the socket at `path` (a stale socket there is replaced; anything else is refused)
+/// and gives it to `owner`, mode 0600.
+fn bind(path: &Path, owner: u32) -> std::io::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(path)?
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a socket is there",
+            ))
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::os::unix::fs::chown(path, Some(owner), None)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, door: Door) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: this client waits for nobody's slot; it is closed at once.
+            drop(stream);
+            continue;
+        };
+        let caller = match stream.peer_cred() {
+            Ok(c) => Caller {
+                uid: c.uid(),
+                pid: c.pid().unwrap_or(0),
+            },
+            Err(_) => continue,
+        };
+        let daemon = daemon.clone();
+        let door = door.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req| {
+                let daemon = daemon.clone();
+                let door = door.clone();
+                async move { Ok::<_, Infallible>(handle(daemon, door, caller, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(routes::MAX_BODY)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+        });
+    }
+}
+
+/// Who the caller is on this door, or why they may not use it.
+fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, String> {
+    match door {
+        Door::Tenant(name) => {
+            let member = daemon
+                .config
+                .tenants
+                .get(name)
+                .is_some_and(|t| t.uids.contains(&caller.uid));
+            if member {
+                Ok(Principal::Tenant {
+                    name: name.clone(),
+                    uid: caller.uid,
+                })
+            } else {
+                Err(format!(
+                    "uid {} is not a member of tenant {name}",
+                    caller.uid
+                ))
+            }
+        }
+        Door::Admin if daemon.config.admins.contains(&caller.uid) => {
+            Ok(Principal::Admin { uid: caller.uid })
+        }
+        Door::Admin => Err(format!("uid {} is not an admin", caller.uid)),
+    }
+}
+
+async fn handle(
+    daemon: Arc<Daemon>,
+    door: Door,
+    caller: Caller,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let reason = req
+        .headers()
+        .get(REASON_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let tenant = match &door {
+        Door::Tenant(t) => Some(t.clone()),
+        Door::Admin => None,
+    };
+    let who = principal(&daemon, &door, caller);
+    let body = Limited::new(req.into_body(), routes::MAX_BODY);
+    let reply = match who {
+        Err(why) => Reply::error(403, why),
+        Ok(who) => match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+            Err(_) => Reply::error(408, "the body did not arrive in time"),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Reply::error(
+                413,
+                format!("the body is larger than {} bytes", routes::MAX_BODY),
+            ),
+            Ok(Err(e)) => Reply::error(400, format!("cannot read the body: {e}")),
+            Ok(Ok(collected)) => {
+                let d = daemon.clone();
+                let request = routes::Request {
+                    method: &method,
+                    path: &path,
+                    query: query.as_deref(),
+                    reason: reason.clone(),
+                    body: collected.to_bytes().to_vec(),
+                };
+                routes::route(&d, &who, request)
+            }
+        },
+    };
+    daemon.audit(Record {
+        uid: caller.uid,
+        pid: caller.pid,
+        tenant: match (&tenant, &reply.vm) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(vm)) => daemon.vms().get(vm).map(|r| r.tenant.clone()),
+            (None, None) => None,
+        },
+        method,
+        path,
+        vm: reply.vm.clone(),
+        outcome: reply.status,
+        reason: reply.audit_reason.clone(),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
+    *response.status_mut() = hyper::StatusCode::from_u16(reply.status)
+        .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reply.content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
+}
