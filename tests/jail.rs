@@ -9,25 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bulkhead, guest, kvm_available, observed, scratch, vsock_host_side};
-
-/// Jail tests need root (namespaces, mounts, cgroups, set*id). Outside CI they skip with a
-/// reason when not root; CI runs as root, and there a skip would hide a broken jail.
-fn root_available(test: &str) -> bool {
-    if !kvm_available(test) {
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: the jail needs root, and CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED {test}: the jail needs root");
-    false
-}
+use common::{bulkhead, guest, observed, root_and_kvm_available, scratch, vsock_host_side};
 
 /// A jail directory of this test's own.
 fn jail_dir(test: &str) -> PathBuf {
@@ -81,7 +63,7 @@ fn files_under(dir: &Path, skip: &Path) -> Vec<PathBuf> {
 #[test]
 fn a_jailed_vm_process_has_its_own_namespaces_no_privilege_seccomp_everywhere_and_only_its_files() {
     let test = "jail_seen_from_outside";
-    if !root_available(test) {
+    if !root_and_kvm_available(test) {
         return;
     }
     let jails = jail_dir(test);
@@ -209,7 +191,7 @@ fn a_jailed_vm_process_has_its_own_namespaces_no_privilege_seccomp_everywhere_an
 #[test]
 fn a_jailed_guest_reads_and_writes_its_disk_and_reports_a_forbidden_call_as_before() {
     let test = "jail_disk";
-    if !root_available(test) {
+    if !root_and_kvm_available(test) {
         return;
     }
     let dir = scratch(test);
@@ -286,7 +268,7 @@ fn a_jailed_vms_vsock_sockets_live_in_its_jail_where_no_other_vm_can_meet_them()
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::{UnixListener, UnixStream};
     let test = "jail_vsock";
-    if !root_available(test) {
+    if !root_and_kvm_available(test) {
         return;
     }
     let dir = scratch(test);
@@ -342,7 +324,7 @@ fn a_jailed_vms_vsock_sockets_live_in_its_jail_where_no_other_vm_can_meet_them()
 #[test]
 fn a_jail_is_never_made_in_a_directory_someone_else_controls_or_over_one_that_exists() {
     let test = "jail_refusals";
-    if !root_available(test) {
+    if !root_and_kvm_available(test) {
         return;
     }
     let jails = jail_dir(test);

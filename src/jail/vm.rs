@@ -10,6 +10,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::cgroup::{self, CgroupError, Limits, VmCgroup};
@@ -216,10 +217,18 @@ impl VmJail {
 
         let base = &jc.dir;
         if !base.exists() {
-            std::fs::create_dir_all(base).map_err(|source| JailError::Create {
-                path: base.clone(),
-                source,
-            })?;
+            // Whatever the umask: the owners of vsock listeners inside must be able to pass.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(base)
+                .and_then(|()| {
+                    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))
+                })
+                .map_err(|source| JailError::Create {
+                    path: base.clone(),
+                    source,
+                })?;
         }
         let base_dir = dirs::open_root_owned(base)?;
         let vm = dirs::create_exclusive(&base_dir, &config.vm_id, 0, 0, 0o755)?;

@@ -428,3 +428,22 @@ pub fn vsock_host_side(
     assert_eq!(&ping, b"ping-from-guest");
     from_guest.write_all(b"pong-from-host").unwrap();
 }
+
+/// For tests that need root as well as KVM (the jail, the daemon: namespaces, mounts,
+/// cgroups, set*id). Outside CI they skip with a printed reason when not root; CI runs as
+/// root, and there a skip would hide a broken jail.
+pub fn root_and_kvm_available(test: &str) -> bool {
+    if !kvm_available(test) {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: needs root, and CI=true forbids skipping"
+    );
+    eprintln!("SKIPPED {test}: needs root");
+    false
+}

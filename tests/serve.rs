@@ -1,0 +1,716 @@
+//! `bulkhead serve`: two tenants' VMs side by side behind their own sockets. Every
+//! cross-tenant attempt is refused exactly like a request for a missing VM, audited and
+//! alerted; admins act only with a reason; bad, oversized and slow requests get a 4xx and the
+//! daemon serves on; a killed VM is reported and a restarted daemon takes its VMs back; and a
+//! load of concurrent clients leaves no error and bounded memory.
+//!
+//! Requests are made as the tenants' uids from threads that switched their own credentials
+//! (a raw setresuid changes the calling thread only), so SO_PEERCRED sees the tenant.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkhead::api::client::{self, Answer, ClientError};
+use common::{guest, root_and_kvm_available};
+use serde_json::{json, Value};
+
+const ACME: u32 = 1001;
+const GLOBEX: u32 = 1002;
+
+/// A daemon of the test's own, with tenants acme and globex, each with a directory holding
+/// the test guests.
+struct Host {
+    dir: PathBuf,
+    config: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Host {
+    fn new(test: &str, max_vms: u32) -> Host {
+        let dir = PathBuf::from(format!(
+            "/run/bulkhead-test/serve-{test}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        for t in ["acme", "globex"] {
+            std::fs::create_dir_all(dir.join(t)).unwrap();
+            for g in ["exitcodes", "virtio"] {
+                std::fs::copy(guest(g), dir.join(t).join(g)).unwrap();
+            }
+        }
+        let config = dir.join("serve.json");
+        let serve = json!({
+            "run_dir": dir.join("run"), "state_dir": dir.join("state"),
+            "audit_log": dir.join("audit.jsonl"), "admins": [0],
+            "tenants": {
+                "acme": {"uids": [ACME], "paths": [dir.join("acme")],
+                         "max_vms": max_vms, "max_vcpus": 8, "max_mem_mib": 2048},
+                "globex": {"uids": [GLOBEX], "paths": [dir.join("globex")],
+                           "max_vms": max_vms, "max_vcpus": 8, "max_mem_mib": 2048},
+            }
+        });
+        std::fs::write(&config, serve.to_string()).unwrap();
+        let mut host = Host {
+            dir,
+            config,
+            daemon: None,
+        };
+        host.start();
+        host
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
+        let daemon = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(daemon);
+        let admin = self.socket(None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client::request(&admin, "GET", "/v1/vms", None, None).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never answered: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon (SIGTERM); its VMs keep running.
+    fn stop_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            // SAFETY: kill on our own child.
+            unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+            assert_eq!(d.wait().unwrap().code(), Some(0), "{}", self.log());
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn socket(&self, tenant: Option<&str>) -> PathBuf {
+        match tenant {
+            Some(t) => self.dir.join("run/tenants").join(format!("{t}.sock")),
+            None => self.dir.join("run/admin.sock"),
+        }
+    }
+
+    fn path(&self, tenant: &str, name: &str) -> PathBuf {
+        self.dir.join(tenant).join(name)
+    }
+
+    fn daemon_pid(&self) -> u32 {
+        self.daemon.as_ref().unwrap().id()
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn alerts(&self, rule: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("state/alerts.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|a| a["rule"] == rule)
+            .collect()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Whatever the test left running goes, then the daemon.
+        if let Ok(a) = as_admin(self, "GET", "/v1/vms", None, None) {
+            let vms: Value = serde_json::from_slice(&a.body).unwrap_or(Value::Null);
+            for vm in vms["vms"].as_array().into_iter().flatten() {
+                if let Some(pid) = vm["pid"].as_i64() {
+                    // SAFETY: kill with integer arguments.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Makes one request as `uid` from a thread of its own that has switched to that uid.
+fn as_uid(
+    uid: u32,
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    reason: Option<&str>,
+) -> Result<Answer, ClientError> {
+    let socket = socket.to_path_buf();
+    let (method, path, reason) = (
+        method.to_string(),
+        path.to_string(),
+        reason.map(str::to_string),
+    );
+    std::thread::spawn(move || {
+        if uid != 0 {
+            // SAFETY: raw set*id system calls change this thread's credentials only (glibc's
+            // wrappers would change every thread's); the thread ends after this request.
+            unsafe {
+                assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+            }
+        }
+        client::request(&socket, &method, &path, body.as_deref(), reason.as_deref())
+    })
+    .join()
+    .unwrap()
+}
+
+fn as_tenant(h: &Host, tenant: &str, method: &str, path: &str, body: Option<Value>) -> Answer {
+    let uid = if tenant == "acme" { ACME } else { GLOBEX };
+    let body = body.map(|b| b.to_string().into_bytes());
+    as_uid(uid, &h.socket(Some(tenant)), method, path, body, None).unwrap()
+}
+
+fn as_admin(
+    h: &Host,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    reason: Option<&str>,
+) -> Result<Answer, ClientError> {
+    let body = body.map(|b| b.to_string().into_bytes());
+    as_uid(0, &h.socket(None), method, path, body, reason)
+}
+
+fn json_of(a: &Answer) -> Value {
+    serde_json::from_slice(&a.body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&a.body)))
+}
+
+/// Creates an idle VM for `tenant`; returns its id.
+fn create_idle(h: &Host, tenant: &str, extra: Value) -> String {
+    let mut body = json!({"kernel": h.path(tenant, "exitcodes"), "cmdline": "mode=idle"});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let a = as_tenant(h, tenant, "POST", "/v1/vms", Some(body));
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    json_of(&a)["id"].as_str().unwrap().to_string()
+}
+
+/// Waits until VM `id` reaches `state`, as `tenant` sees it.
+fn wait_state(h: &Host, tenant: &str, id: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let vm = json_of(&as_tenant(h, tenant, "GET", &format!("/v1/vms/{id}"), None));
+        if vm["state"] == state {
+            return vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {id} never reached {state}: {vm}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until VM `id`'s process has every thread confined (it is jailed and running).
+fn wait_running(h: &Host, tenant: &str, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = json_of(&as_tenant(
+            h,
+            tenant,
+            "GET",
+            &format!("/v1/vms/{id}/report"),
+            None,
+        ));
+        let threads = r["planes"]["compute"]
+            .as_array()
+            .and_then(|c| {
+                c.iter()
+                    .find(|f| f["fact"] == "every thread is in seccomp filter mode")
+            })
+            .and_then(|f| f["value"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if threads >= 2 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "VM {id} never ran: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_tenants_vms_run_side_by_side_and_every_cross_tenant_attempt_is_refused_audited_and_alerted()
+{
+    let test = "cross_tenant";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let h = Host::new(test, 2);
+    // The vsock paths that met in one directory before the jail: VM A's `x`, VM B's `x_80`.
+    let acme = [
+        create_idle(
+            &h,
+            "acme",
+            json!({"vsock": {"cid": 60_001, "uds": "/run/x"}}),
+        ),
+        create_idle(&h, "acme", json!({})),
+    ];
+    let globex = [
+        create_idle(
+            &h,
+            "globex",
+            json!({"vsock": {"cid": 60_002, "uds": "/run/x_80"}}),
+        ),
+        create_idle(&h, "globex", json!({})),
+    ];
+    for id in &acme {
+        wait_running(&h, "acme", id);
+    }
+    for id in &globex {
+        wait_running(&h, "globex", id);
+    }
+    // Each tenant lists its own VMs only.
+    for (tenant, mine) in [("acme", &acme), ("globex", &globex)] {
+        let list = json_of(&as_tenant(&h, tenant, "GET", "/v1/vms", None));
+        let mut ids: Vec<&str> = list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap())
+            .collect();
+        ids.sort_unstable();
+        let mut want: Vec<&str> = mine.iter().map(String::as_str).collect();
+        want.sort_unstable();
+        assert_eq!(ids, want);
+    }
+    // Every endpoint on another tenant's VM answers exactly as for a VM that does not exist.
+    let missing = "0123456789abcdef0123456789abcdef";
+    let mut attempts = 0;
+    for (tenant, theirs) in [("globex", &acme), ("acme", &globex)] {
+        for id in theirs.iter().map(String::as_str).chain([missing]) {
+            for (method, suffix) in [
+                ("GET", ""),
+                ("GET", "/metrics"),
+                ("GET", "/alerts"),
+                ("GET", "/report"),
+                ("POST", "/stop"),
+                ("POST", "/pause"),
+                ("POST", "/resume"),
+                ("DELETE", ""),
+            ] {
+                let a = as_tenant(&h, tenant, method, &format!("/v1/vms/{id}{suffix}"), None);
+                assert_eq!(a.status, 404, "{tenant} {method} {id}{suffix}");
+                assert_eq!(json_of(&a), json!({"error": format!("no VM {id}")}));
+                if id != missing {
+                    attempts += 1;
+                }
+            }
+        }
+    }
+    // Files outside the tenant's directories, directly or through a symlink, and a body that
+    // names the other tenant.
+    std::os::unix::fs::symlink(h.path("globex", "exitcodes"), h.path("acme", "link")).unwrap();
+    for (body, status) in [
+        (json!({"kernel": h.path("globex", "exitcodes")}), 403),
+        (json!({"kernel": h.path("acme", "link")}), 403),
+        (
+            json!({"kernel": h.path("acme", "exitcodes"), "disks": [{"path": h.path("globex", "virtio")}]}),
+            403,
+        ),
+        (
+            json!({"kernel": h.path("acme", "exitcodes"), "tenant": "globex"}),
+            403,
+        ),
+    ] {
+        let a = as_tenant(&h, "acme", "POST", "/v1/vms", Some(body.clone()));
+        assert_eq!(
+            a.status,
+            status,
+            "{body}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    // The quota: two VMs each.
+    let a = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(json!({"kernel": h.path("acme", "exitcodes")})),
+    );
+    assert_eq!(a.status, 403);
+    assert!(json_of(&a)["error"].as_str().unwrap().starts_with("quota"));
+    // Another tenant's socket, and the admin socket, do not even take the connection.
+    let denied = as_uid(
+        GLOBEX,
+        &h.socket(Some("acme")),
+        "GET",
+        "/v1/vms",
+        None,
+        None,
+    );
+    assert!(
+        matches!(denied, Err(ClientError::Connect { .. })),
+        "{denied:?}"
+    );
+    let denied = as_uid(ACME, &h.socket(None), "GET", "/v1/vms", None, None);
+    assert!(
+        matches!(denied, Err(ClientError::Connect { .. })),
+        "{denied:?}"
+    );
+
+    // The vsock sockets that would have met are in two jails.
+    let report = |tenant: &str, id: &str| {
+        json_of(&as_tenant(
+            &h,
+            tenant,
+            "GET",
+            &format!("/v1/vms/{id}/report"),
+            None,
+        ))
+    };
+    let path_of = |r: &Value| {
+        r["planes"]["vsock"][2]["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (ra, rb) = (report("acme", &acme[0]), report("globex", &globex[0]));
+    assert_ne!(
+        Path::new(&path_of(&ra)).parent(),
+        Path::new(&path_of(&rb)).parent()
+    );
+    for r in [&ra, &rb] {
+        assert_eq!(r["failed_checks"], 0, "{r}");
+    }
+
+    // Admins act on a tenant's VM only with a reason, which is audited and alerted.
+    let stop = format!("/v1/vms/{}/stop", acme[1]);
+    assert_eq!(as_admin(&h, "POST", &stop, None, None).unwrap().status, 403);
+    assert_eq!(
+        as_admin(&h, "POST", &stop, None, Some("incident 7"))
+            .unwrap()
+            .status,
+        202
+    );
+    wait_state(&h, "acme", &acme[1], "exited");
+    let overrides = h.alerts("management_admin_override");
+    assert_eq!(overrides.len(), 1);
+    assert_eq!(overrides[0]["priority"], "Notice");
+    assert_eq!(overrides[0]["output_fields"]["reason"], "incident 7");
+
+    // Audit: every cross-tenant attempt is there, refused, with its reason; the chain holds.
+    let audit = h.audit();
+    let cross: Vec<&Value> = audit
+        .iter()
+        .filter(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("cross_tenant"))
+        })
+        .collect();
+    assert_eq!(cross.len(), attempts);
+    assert!(cross.iter().all(|e| e["outcome"] == 404));
+    assert_eq!(h.alerts("management_cross_tenant").len(), attempts);
+    assert!(audit
+        .iter()
+        .any(|e| e["uid"] == 0 && e["outcome"] == 202 && e["reason"] == "incident 7"));
+    assert!(audit
+        .iter()
+        .any(|e| e["uid"] == 0 && e["outcome"] == 403 && e["path"] == stop.as_str()));
+    let verify = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["audit-log", "verify"])
+        .arg(h.dir.join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+}
+
+#[test]
+fn malformed_oversized_and_slow_requests_get_a_4xx_and_the_daemon_serves_on() {
+    use std::io::{Read, Write};
+    let test = "bad_requests";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let h = Host::new(test, 4);
+    let kernel = h.path("acme", "exitcodes");
+    for (body, status, says) in [
+        (b"{not json".to_vec(), 400, "not JSON"),
+        (b"[1, 2]".to_vec(), 400, "JSON object"),
+        (
+            json!({"kernel": kernel, "colour": "red"})
+                .to_string()
+                .into_bytes(),
+            400,
+            "unknown field",
+        ),
+        (
+            json!({"kernel": kernel, "vcpus": "two"})
+                .to_string()
+                .into_bytes(),
+            400,
+            "invalid",
+        ),
+        (
+            json!({"kernel": "relative/exitcodes"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "absolute",
+        ),
+        (
+            json!({"kernel": kernel, "vcpus": 0})
+                .to_string()
+                .into_bytes(),
+            422,
+            "vcpus",
+        ),
+        (
+            json!({"kernel": kernel, "console": "file:/etc/passwd"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "console",
+        ),
+        (
+            json!({"kernel": kernel, "seccomp": false})
+                .to_string()
+                .into_bytes(),
+            422,
+            "seccomp",
+        ),
+        (
+            json!({"kernel": kernel, "vm_id": "mine"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "vm_id",
+        ),
+        (
+            json!({"kernel": kernel, "jail": {"uid": 5}})
+                .to_string()
+                .into_bytes(),
+            422,
+            "jail",
+        ),
+        (vec![b' '; 70 * 1024], 413, "larger than"),
+    ] {
+        let a = as_uid(
+            ACME,
+            &h.socket(Some("acme")),
+            "POST",
+            "/v1/vms",
+            Some(body),
+            None,
+        )
+        .unwrap();
+        assert_eq!(a.status, status, "{}", String::from_utf8_lossy(&a.body));
+        let error = json_of(&a)["error"].as_str().unwrap().to_string();
+        assert!(error.contains(says), "{error}");
+    }
+    // Not HTTP at all.
+    let raw = |uid: u32, bytes: &'static [u8]| {
+        let socket = h.socket(Some("acme"));
+        std::thread::spawn(move || {
+            // SAFETY: as in `as_uid`.
+            unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+            let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.write_all(bytes).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(raw(ACME, b"HELLO THERE\r\n\r\n").starts_with("HTTP/1.1 400"));
+    // Slow clients: acme's socket is filled with connections that never send a byte. They
+    // hold nobody else up: globex is served at once, and acme again once they time out.
+    let socket = h.socket(Some("acme"));
+    let stalled = std::thread::spawn(move || {
+        // SAFETY: as in `as_uid`.
+        unsafe { libc::syscall(libc::SYS_setresuid, ACME, ACME, ACME) };
+        let held: Vec<_> = (0..40)
+            .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+            .collect();
+        std::thread::sleep(Duration::from_secs(7));
+        drop(held);
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    assert_eq!(as_tenant(&h, "globex", "GET", "/v1/vms", None).status, 200);
+    assert!(start.elapsed() < Duration::from_secs(1));
+    stalled.join().unwrap();
+    assert_eq!(as_tenant(&h, "acme", "GET", "/v1/vms", None).status, 200);
+    // And the daemon is still the same process.
+    assert!(h.daemon.as_ref().is_some());
+    assert!(Path::new(&format!("/proc/{}", h.daemon_pid())).exists());
+}
+
+#[test]
+fn a_killed_vm_is_reported_the_others_run_on_and_a_restarted_daemon_takes_them_back() {
+    let test = "faults";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let mut h = Host::new(test, 4);
+    let victim = create_idle(&h, "acme", json!({}));
+    let survivor = create_idle(&h, "acme", json!({}));
+    wait_running(&h, "acme", &victim);
+    wait_running(&h, "acme", &survivor);
+    let vm = json_of(&as_tenant(
+        &h,
+        "acme",
+        "GET",
+        &format!("/v1/vms/{victim}"),
+        None,
+    ));
+    let vm_pid = vm["vm_process_pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill with integer arguments.
+    unsafe { libc::kill(vm_pid, libc::SIGKILL) };
+    let ended = wait_state(&h, "acme", &victim, "exited");
+    assert_eq!(ended["exit"]["reason"], "killed", "{ended}");
+    assert_eq!(ended["exit"]["status"], 137, "{ended}");
+    let alive = json_of(&as_tenant(
+        &h,
+        "acme",
+        "GET",
+        &format!("/v1/vms/{survivor}"),
+        None,
+    ));
+    assert_eq!(alive["state"], "running");
+
+    // The daemon goes away and comes back: the running VM is taken back, and can be stopped.
+    h.stop_daemon();
+    let pid = alive["pid"].as_i64().unwrap();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the VM died with the daemon"
+    );
+    h.start();
+    let back = json_of(&as_tenant(
+        &h,
+        "acme",
+        "GET",
+        &format!("/v1/vms/{survivor}"),
+        None,
+    ));
+    assert_eq!(back["state"], "running", "{back}");
+    assert_eq!(back["pid"], alive["pid"]);
+    let stop = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        &format!("/v1/vms/{survivor}/stop"),
+        None,
+    );
+    assert_eq!(stop.status, 202);
+    let ended = wait_state(&h, "acme", &survivor, "exited");
+    assert_eq!(ended["exit"]["reason"], "terminated", "{ended}");
+    // An ended VM is forgotten on request.
+    let gone = as_tenant(&h, "acme", "DELETE", &format!("/v1/vms/{victim}"), None);
+    assert_eq!(gone.status, 204);
+    assert_eq!(
+        as_tenant(&h, "acme", "GET", &format!("/v1/vms/{victim}"), None).status,
+        404
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn twenty_clients_and_a_thousand_mixed_requests_leave_no_error_and_bounded_memory() {
+    let test = "load";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let h = std::sync::Arc::new(Host::new(test, 4));
+    let acme = create_idle(&h, "acme", json!({}));
+    let globex = create_idle(&h, "globex", json!({}));
+    wait_running(&h, "acme", &acme);
+    wait_running(&h, "globex", &globex);
+    // Warm up, then measure.
+    for _ in 0..20 {
+        as_tenant(&h, "acme", "GET", &format!("/v1/vms/{acme}/report"), None);
+    }
+    let before = rss_kib(h.daemon_pid());
+    let audit_before = h.audit().len();
+    let clients: Vec<_> = (0..20)
+        .map(|n| {
+            let h = h.clone();
+            let (tenant, uid, mine, theirs) = if n % 2 == 0 {
+                ("acme", ACME, acme.clone(), globex.clone())
+            } else {
+                ("globex", GLOBEX, globex.clone(), acme.clone())
+            };
+            std::thread::spawn(move || {
+                // SAFETY: as in `as_uid`; this thread is this client alone.
+                unsafe {
+                    assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+                }
+                let socket = h.socket(Some(tenant));
+                let mut wrong = Vec::new();
+                for i in 0..50 {
+                    let (method, path, want) = match i % 5 {
+                        0 => ("GET", "/v1/vms".to_string(), 200),
+                        1 => ("GET", format!("/v1/vms/{mine}"), 200),
+                        2 => ("GET", format!("/v1/vms/{mine}/metrics"), 200),
+                        3 => ("GET", format!("/v1/vms/{theirs}"), 404),
+                        _ => ("GET", format!("/v1/vms/{mine}/report"), 200),
+                    };
+                    match client::request(&socket, method, &path, None, None) {
+                        Ok(a) if a.status == want => {}
+                        other => wrong.push(format!("{method} {path}: {other:?}")),
+                    }
+                }
+                wrong
+            })
+        })
+        .collect();
+    let wrong: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers, e.g. {:?}",
+        wrong.len(),
+        wrong.first()
+    );
+    let after = rss_kib(h.daemon_pid());
+    assert_eq!(h.audit().len() - audit_before, 1000);
+    assert!(
+        after < before + 16 * 1024,
+        "the daemon grew from {before} KiB to {after} KiB over 1000 requests"
+    );
+    println!("daemon RSS {before} KiB before, {after} KiB after 1000 requests");
+}
