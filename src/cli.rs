@@ -58,6 +58,18 @@ pub enum Command {
     },
     /// Talk to the management daemon.
     Ctl(CtlArgs),
+    /// Run the cross-tenant isolation checks on this host (against a daemon started for the
+    /// purpose, with two synthetic tenants) and write the evidence bundle (as root). Exits 0
+    /// when every check passes, 1 when one fails.
+    Audit {
+        /// Where the bundle goes: audit.json, audit.md and the run's audit log.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The test guests (built by `make -C guest-images`) [default: guest-images next to
+        /// this program's directory, as cargo builds them].
+        #[arg(long, value_name = "DIR")]
+        guests: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::AuditLog(AuditLogCommand::Verify { file }) => verify_audit_log(&file),
         Command::Serve { config } => serve(&config),
         Command::Ctl(args) => ctl(&args),
+        Command::Audit { out, guests } => audit(&out, guests),
     };
     exit_code(code)
 }
@@ -128,6 +129,37 @@ fn ctl(args: &CtlArgs) -> i32 {
                 String::from_utf8_lossy(&answer.body)
             );
             status::RUNTIME_ERROR
+        }
+        Err(e) => {
+            log::error!("{}", bulkhead::error_chain(&e));
+            status::BAD_INPUT
+        }
+    }
+}
+
+fn audit(out: &std::path::Path, guests: Option<std::path::PathBuf>) -> i32 {
+    let guests = guests.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent()?.parent().map(|t| t.join("guest-images")))
+            .unwrap_or_default()
+    });
+    match bulkhead::api::evidence::run(out, &guests) {
+        Ok(passed) => {
+            println!(
+                "{}: {}",
+                out.join("audit.md").display(),
+                if passed {
+                    "every check passed"
+                } else {
+                    "CHECKS FAILED"
+                }
+            );
+            if passed {
+                status::OK
+            } else {
+                status::RUNTIME_ERROR
+            }
         }
         Err(e) => {
             log::error!("{}", bulkhead::error_chain(&e));

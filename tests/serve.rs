@@ -242,14 +242,7 @@ fn wait_running(h: &Host, tenant: &str, id: &str) {
             &format!("/v1/vms/{id}/report"),
             None,
         ));
-        let threads = r["planes"]["compute"]
-            .as_array()
-            .and_then(|c| {
-                c.iter()
-                    .find(|f| f["fact"] == "every thread is in seccomp filter mode")
-            })
-            .and_then(|f| f["value"].as_array().map(Vec::len))
-            .unwrap_or(0);
+        let threads = bulkhead::api::report::confined_threads(&r);
         if threads >= 2 {
             return;
         }
@@ -308,16 +301,7 @@ fn two_tenants_vms_run_side_by_side_and_every_cross_tenant_attempt_is_refused_au
     let mut attempts = 0;
     for (tenant, theirs) in [("globex", &acme), ("acme", &globex)] {
         for id in theirs.iter().map(String::as_str).chain([missing]) {
-            for (method, suffix) in [
-                ("GET", ""),
-                ("GET", "/metrics"),
-                ("GET", "/alerts"),
-                ("GET", "/report"),
-                ("POST", "/stop"),
-                ("POST", "/pause"),
-                ("POST", "/resume"),
-                ("DELETE", ""),
-            ] {
+            for &(method, suffix) in bulkhead::api::routes::VM_ENDPOINTS {
                 let a = as_tenant(&h, tenant, method, &format!("/v1/vms/{id}{suffix}"), None);
                 assert_eq!(a.status, 404, "{tenant} {method} {id}{suffix}");
                 assert_eq!(json_of(&a), json!({"error": format!("no VM {id}")}));
@@ -713,4 +697,63 @@ fn twenty_clients_and_a_thousand_mixed_requests_leave_no_error_and_bounded_memor
         "the daemon grew from {before} KiB to {after} KiB over 1000 requests"
     );
     println!("daemon RSS {before} KiB before, {after} KiB after 1000 requests");
+}
+
+#[test]
+fn bulkhead_audit_passes_on_this_host_and_its_bundle_maps_every_plane() {
+    let test = "bulkhead_audit";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let out = common::scratch(test);
+    let guests = guest("exitcodes").parent().unwrap().to_path_buf();
+    let run = common::bulkhead(&[
+        "audit",
+        "--out",
+        &out.display().to_string(),
+        "--guests",
+        &guests.display().to_string(),
+    ]);
+    assert_eq!(run.status, 0, "{}{}", run.stdout, run.stderr);
+    let bundle: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("audit.json")).unwrap()).unwrap();
+    assert_eq!(bundle["passed"], true);
+    let checks = bundle["checks"].as_array().unwrap();
+    assert!(checks.iter().all(|c| c["result"] == "pass"), "{bundle}");
+    for plane in [
+        "compute",
+        "memory",
+        "storage",
+        "network",
+        "management",
+        "logs",
+    ] {
+        assert!(
+            checks
+                .iter()
+                .any(|c| c["planes"].as_array().unwrap().contains(&json!(plane))),
+            "no check for the {plane} plane"
+        );
+    }
+    for key in [
+        "started",
+        "bulkhead_version",
+        "host_kernel",
+        "daemon_config_sha256",
+    ] {
+        assert!(bundle[key].as_str().is_some_and(|v| !v.is_empty()), "{key}");
+    }
+    let md = std::fs::read_to_string(out.join("audit.md")).unwrap();
+    assert!(
+        md.contains("| `api_cross_tenant` | management | pass |"),
+        "{md}"
+    );
+    assert!(md.contains("every check passed"));
+    // The run's audit log came with it, and its chain holds.
+    let verify = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["audit-log", "verify"])
+        .arg(out.join("audit-log.jsonl"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
 }

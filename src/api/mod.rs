@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod client;
 pub mod daemon;
+pub mod evidence;
 pub mod exposition;
 pub mod report;
 pub mod routes;

@@ -12,6 +12,8 @@ use super::daemon::Daemon;
 use super::vms::{self, VmRecord};
 use crate::config::RawConfig;
 
+const SECCOMP_FACT: &str = "every thread is in seccomp filter mode";
+
 fn fact(what: &str, how: &str, value: Value, ok: Option<bool>) -> Value {
     let mut f = json!({ "fact": what, "how": how, "value": value });
     if let Some(ok) = ok {
@@ -177,7 +179,7 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
             .collect();
         let all_filtered = !threads.is_empty() && threads.iter().all(|t| t["seccomp"] == "2");
         compute.push(fact(
-            "every thread is in seccomp filter mode",
+            SECCOMP_FACT,
             "observed",
             json!(threads),
             Some(all_filtered),
@@ -343,6 +345,17 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
             "network": network, "vsock": vsock, "management": management,
         },
     })
+}
+
+/// The number of threads a report saw, if every one of them is under seccomp (else 0): how
+/// a caller tells that a VM process is jailed and running.
+pub fn confined_threads(report: &Value) -> usize {
+    report["planes"]["compute"]
+        .as_array()
+        .and_then(|c| c.iter().find(|f| f["fact"] == SECCOMP_FACT))
+        .filter(|f| f["ok"] == json!(true))
+        .and_then(|f| f["value"].as_array().map(Vec::len))
+        .unwrap_or(0)
 }
 
 /// The report as Markdown: one table per plane.

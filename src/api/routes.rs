@@ -20,6 +20,17 @@ use crate::telemetry::Rule;
 pub const REASON_HEADER: &str = "x-bulkhead-reason";
 /// The largest request body.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Every endpoint on one VM: (method, path after `/v1/vms/ID`).
+pub const VM_ENDPOINTS: &[(&str, &str)] = &[
+    ("GET", ""),
+    ("GET", "/metrics"),
+    ("GET", "/alerts"),
+    ("GET", "/report"),
+    ("POST", "/stop"),
+    ("POST", "/pause"),
+    ("POST", "/resume"),
+    ("DELETE", ""),
+];
 
 /// An answer, with what the audit log needs to know about it.
 #[derive(Debug)]
