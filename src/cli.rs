@@ -225,6 +225,10 @@ pub struct RunArgs {
     /// The gid the jailed VM process runs as [default: its uid].
     #[arg(long, value_name = "GID", requires = "jail")]
     pub jail_gid: Option<u32>,
+    /// Join this network namespace (e.g. /run/netns/NAME, where the VM's taps are) instead of
+    /// a new, empty one.
+    #[arg(long, value_name = "PATH", requires = "jail")]
+    pub jail_netns: Option<PathBuf>,
     /// KVM device to open.
     #[arg(long, value_name = "PATH", hide = true)]
     pub kvm_device: Option<PathBuf>,
@@ -263,6 +267,7 @@ impl RunArgs {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,
                 gid: self.jail_gid,
+                netns: self.jail_netns.clone(),
                 ..RawJail::default()
             }),
         }

@@ -48,7 +48,7 @@ pub enum ConfigError {
     Json(String),
     #[error("jail {what} 0: a jailed VM never runs as root")]
     JailRoot { what: &'static str },
-    #[error("jail dir {0} must be an absolute path")]
+    #[error("jail path {0} must be absolute")]
     JailDir(std::path::PathBuf),
     #[error("jail {what} {value} is too low: {why}")]
     JailLimit {

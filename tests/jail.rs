@@ -371,3 +371,84 @@ fn a_jail_is_never_made_in_a_directory_someone_else_controls_or_over_one_that_ex
     assert_eq!(r.status, 2, "{}", r.stderr);
     let _ = std::fs::remove_dir_all(&jails);
 }
+
+/// A named network namespace with a tap in it, removed when dropped.
+struct NetnsWithTap {
+    ns: String,
+    tap: String,
+}
+
+impl NetnsWithTap {
+    fn create() -> NetnsWithTap {
+        let id = std::process::id() % 100_000;
+        let (ns, tap) = (format!("bh-jail-{id}"), format!("bhj{id}"));
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        ip(&["-n", &ns, "tuntap", "add", "dev", &tap, "mode", "tap"]);
+        ip(&["-n", &ns, "link", "set", &tap, "up"]);
+        NetnsWithTap { ns, tap }
+    }
+}
+
+impl Drop for NetnsWithTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+#[test]
+fn a_jailed_vm_can_join_the_operators_network_namespace_where_its_tap_is() {
+    let test = "jail_netns";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let net = NetnsWithTap::create();
+    let netns_file = PathBuf::from(format!("/run/netns/{}", net.ns));
+    let jails = jail_dir(test);
+    let mut supervisor = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--kernel"])
+        .arg(guest("exitcodes"))
+        .args([
+            "--cmdline",
+            "mode=idle",
+            "--console",
+            "none",
+            "--timeout",
+            "60",
+        ])
+        .args(["--net", &format!("tap={}", net.tap)])
+        .args(["--jail", "--jail-netns"])
+        .arg(&netns_file)
+        .arg("--jail-dir")
+        .arg(&jails)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        assert!(Instant::now() < deadline, "the jailed VM never ran");
+        std::thread::sleep(Duration::from_millis(20));
+        if let Some(pid) = vm_process(&supervisor) {
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+            if threads >= 2 && status_field(pid, &pid.to_string(), "Seccomp:") == "2" {
+                break pid;
+            }
+        }
+    };
+    // The VM process is in the operator's namespace, and the tap it opened was the one there:
+    // the host has no device of that name (opening a missing tap would have made one).
+    use std::os::unix::fs::MetadataExt;
+    let want = format!("net:[{}]", std::fs::metadata(&netns_file).unwrap().ino());
+    let have = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_eq!(have.display().to_string(), want);
+    assert!(!Path::new(&format!("/sys/class/net/{}", net.tap)).exists());
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(supervisor.id() as i32, libc::SIGTERM) };
+    assert_eq!(supervisor.wait().unwrap().code(), Some(143));
+    let _ = std::fs::remove_dir_all(&jails);
+}

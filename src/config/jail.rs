@@ -42,6 +42,10 @@ pub struct RawJail {
     /// Owner of the jail's vsock socket directory, so that user's listeners for guest
     /// connections can live there [default: root].
     pub socket_owner: Option<u32>,
+    /// A network namespace to join (a file such as `/run/netns/NAME`) instead of a new, empty
+    /// one: where the operator placed the VM's taps and their routes, as Firecracker's
+    /// jailer `--netns` does.
+    pub netns: Option<PathBuf>,
 }
 
 impl RawJail {
@@ -57,6 +61,7 @@ impl RawJail {
             open_files: over.open_files.or(self.open_files),
             file_size_mib: over.file_size_mib.or(self.file_size_mib),
             socket_owner: over.socket_owner.or(self.socket_owner),
+            netns: over.netns.or(self.netns),
         }
     }
 
@@ -106,6 +111,11 @@ impl RawJail {
                 why: "the VMM needs at least 64",
             });
         }
+        if let Some(ns) = &self.netns {
+            if !ns.is_absolute() {
+                return Err(ConfigError::JailDir(ns.clone()));
+            }
+        }
         Ok(JailConfig {
             dir,
             uid: self.uid,
@@ -116,6 +126,7 @@ impl RawJail {
             open_files,
             file_size_mib: self.file_size_mib,
             socket_owner: self.socket_owner,
+            netns: self.netns,
         })
     }
 }
@@ -132,6 +143,7 @@ pub struct JailConfig {
     pub open_files: u64,
     pub file_size_mib: Option<u64>,
     pub socket_owner: Option<u32>,
+    pub netns: Option<PathBuf>,
 }
 
 #[cfg(test)]

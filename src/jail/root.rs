@@ -100,6 +100,26 @@ pub fn leave_network() -> Result<(), RootError> {
     })
 }
 
+/// Joins the network namespace bound at `path` (e.g. `/run/netns/NAME`): setns refuses a file
+/// that is not a network namespace.
+pub fn join_network(path: &Path) -> Result<(), RootError> {
+    let c = cstring(path)?;
+    // SAFETY: a valid NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return call(format!("opening {}", path.display()), -1);
+    }
+    // SAFETY: setns on the descriptor just opened, asking for a network namespace.
+    let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+    let joined = call(
+        format!("joining the network namespace {}", path.display()),
+        rc,
+    );
+    // SAFETY: closing the descriptor opened above, used by nothing else.
+    unsafe { libc::close(fd) };
+    joined
+}
+
 /// Mounts at `root/proc` a proc file system showing only this pid namespace's processes
 /// (the VM process alone) and none of the system-wide files (`subset=pid`): the VMM reads its
 /// own threads' state there, nothing else.

@@ -96,6 +96,8 @@ pub struct VmJail {
     /// Directories (absolute, as the VM sees them) that hold its vsock sockets.
     socket_dirs: Vec<PathBuf>,
     socket_owner: u32,
+    /// A network namespace to join rather than a new one.
+    netns: Option<PathBuf>,
     cgroup: Option<VmCgroup>,
     rlimits: Rlimits,
 }
@@ -215,6 +217,13 @@ impl VmJail {
             }
         }
 
+        if let Some(ns) = &jc.netns {
+            std::fs::metadata(ns).map_err(|source| JailError::File {
+                what: "network namespace",
+                path: ns.clone(),
+                source,
+            })?;
+        }
         let base = &jc.dir;
         if !base.exists() {
             // Whatever the umask: the owners of vsock listeners inside must be able to pass.
@@ -250,6 +259,7 @@ impl VmJail {
             files,
             socket_dirs,
             socket_owner: jc.socket_owner.unwrap_or(0),
+            netns: jc.netns.clone(),
             cgroup: None,
             rlimits: Rlimits {
                 open_files: jc.open_files,
@@ -282,6 +292,11 @@ impl VmJail {
             group.add(0)?;
         }
         root::enter_namespaces(&self.config.vm_id)?;
+        if let Some(ns) = &self.netns {
+            // Joined now, while the host's tree is still there to find it, and before the
+            // taps (which live there) are opened.
+            root::join_network(ns)?;
+        }
         // Each file is opened once, without following symlinks anywhere in its (resolved)
         // path, and the bind mount is made from that descriptor, so a path swapped since the
         // supervisor resolved it can not put another file in the jail.
@@ -321,9 +336,12 @@ impl VmJail {
     }
 
     /// In the VM process, once the VM is built and before any thread starts: leaves the
-    /// network namespace, sets the rlimits, and drops to the jail's uid and gid for good.
+    /// host's network namespace (unless it joined one of the operator's), sets the rlimits,
+    /// and drops to the jail's uid and gid for good.
     pub fn lock(&self) -> Result<(), JailError> {
-        root::leave_network()?;
+        if self.netns.is_none() {
+            root::leave_network()?;
+        }
         privileges::set_rlimits(self.rlimits)?;
         // Writing past the file-size limit then fails with EFBIG instead of killing the VM.
         // SAFETY: setting a signal's disposition to ignore has no memory effects.
