@@ -38,10 +38,12 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {
         .map_or("", |(_, v)| v.as_str())
 }
 
-/// The mapping of guest RAM: the largest writable private mapping of the VM process.
-fn guest_memory(pid: i32, mem_mib: u64) -> Value {
+/// The mappings of guest RAM: the VM process's writable anonymous mappings made with
+/// MAP_NORESERVE and MADV_DONTDUMP (`nr` and `dd` in smaps), which is how the builder maps it
+/// and nothing else of the VMM is. Adjacent regions may show as one mapping.
+fn guest_memory(pid: i32) -> Vec<Value> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut best: Option<Value> = None;
+    let mut found = Vec::new();
     let mut header: Option<(u64, String, String)> = None;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
@@ -56,19 +58,18 @@ fn guest_memory(pid: i32, mem_mib: u64) -> Value {
         }
         if let (Some(flags), Some((size, perms, inode))) = (line.strip_prefix("VmFlags:"), &header)
         {
-            if *size >= mem_mib << 20 && perms.starts_with("rw") {
-                let shared = perms.ends_with('s');
-                best = Some(json!({
+            let flags: Vec<&str> = flags.split_whitespace().collect();
+            if perms.starts_with("rw") && flags.contains(&"nr") && flags.contains(&"dd") {
+                found.push(json!({
                     "bytes": size,
-                    "private": !shared,
+                    "private": !perms.ends_with('s'),
                     "inode": inode,
-                    "dontdump": flags.split_whitespace().any(|f| f == "dd"),
-                    "mergeable": flags.split_whitespace().any(|f| f == "mg"),
+                    "mergeable": flags.contains(&"mg"),
                 }));
             }
         }
     }
-    best.unwrap_or(Value::Null)
+    found
 }
 
 /// The cgroup limits of process `pid`, read from each hierarchy it is in.
@@ -128,22 +129,40 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
         .pid
         .filter(|_| r.state.is_live())
         .and_then(vms::vm_process);
-    let mut memory = vec![fact(
-        "guest RAM",
-        "claimed",
-        json!(format!("{} MiB", r.mem_mib)),
-        None,
-    )];
+    let regions = crate::arch::x86_64::layout::ram_regions(r.mem_mib << 20);
+    let memslots: Vec<Value> = (0..)
+        .zip(&regions)
+        .map(|(slot, (gpa, bytes))| json!({"slot": slot, "guest_address": format!("{gpa:#x}"), "bytes": bytes}))
+        .collect();
+    let mut memory = vec![
+        fact(
+            "guest RAM",
+            "claimed",
+            json!(format!("{} MiB", r.mem_mib)),
+            None,
+        ),
+        fact(
+            "memslots, as the builder registers them (one per RAM region, no other)",
+            "claimed",
+            json!(memslots),
+            None,
+        ),
+    ];
     let mut compute = vec![fact("vCPUs", "claimed", json!(r.vcpus), None)];
     let mut network = vec![];
     if let Some(pid) = vm_pid {
-        let ram = guest_memory(pid, r.mem_mib);
-        let private = ram["private"] == json!(true) && ram["inode"] == json!("0");
+        let ram = guest_memory(pid);
+        let mapped: u64 = ram.iter().filter_map(|m| m["bytes"].as_u64()).sum();
+        let private = mapped == r.mem_mib << 20
+            && ram
+                .iter()
+                .all(|m| m["private"] == json!(true) && m["inode"] == json!("0"));
+        let unmerged = ram.iter().all(|m| m["mergeable"] == json!(false));
         memory.push(fact(
             "guest RAM backing: private anonymous memory (no file, no inode), never merged, left out of core dumps",
             "observed",
-            ram.clone(),
-            Some(private && ram["mergeable"] == json!(false)),
+            json!(ram),
+            Some(private && unmerged),
         ));
         let alone = std::fs::read_dir(format!("/proc/{pid}/root/proc"))
             .map(|d| {

@@ -165,7 +165,13 @@ pub(super) fn run_checks(h: &Host) -> Vec<Check> {
     let mem_fact = |r: &Value| {
         r["planes"]["memory"]
             .as_array()
-            .and_then(|m| m.get(1))
+            .and_then(|m| {
+                m.iter().find(|f| {
+                    f["fact"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("guest RAM backing"))
+                })
+            })
             .cloned()
             .unwrap_or(Value::Null)
     };
