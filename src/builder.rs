@@ -47,6 +47,8 @@ use crate::vstate::vm::{Vm, VmError};
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("cannot give up privileges before reading the guest's input: {0}")]
+    AfterOpen(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Kvm(#[from] KvmError),
     #[error(transparent)]
@@ -108,7 +110,14 @@ pub struct BuildEnv {
     pub console_file: Option<File>,
     /// CLOCK_MONOTONIC nanoseconds when `bulkhead run` started: boot times count from here.
     pub start_ns: u64,
+    /// Called once everything privileged is open (files, taps, the vsock socket, KVM) and
+    /// before anything the guest supplied is parsed: a jailed VM process gives up its
+    /// privileges here.
+    pub after_open: Option<AfterOpen>,
 }
+
+/// What [`BuildEnv::after_open`] runs.
+pub type AfterOpen = Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>>>;
 
 /// Builds the VM described by `config`, ready for [`Vmm::run`].
 pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
@@ -116,6 +125,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         reporter,
         console_file,
         start_ns,
+        after_open,
     } = env;
     let mut kernel_file = BootFile::open("kernel", &config.kernel)?;
     let mut initrd_file = match &config.initrd {
@@ -139,6 +149,9 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     };
     let kvm = kvm::open_kvm(&config.kvm_device)?;
     kvm::check_vcpu_limit(&kvm, config.vcpus)?;
+    if let Some(lock) = after_open {
+        lock().map_err(BuildError::AfterOpen)?;
+    }
     let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
     let vm = Vm::new(&kvm, guest_memory, config.irqchip)?;
     if !vm.msrs_filtered() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::builder::{build_vm, BuildEnv};
+use crate::builder::{build_vm, AfterOpen, BuildEnv};
 use crate::config::VmConfig;
 use crate::exit::{status, VmExitReason};
 use crate::jail::VmJail;
@@ -101,10 +101,23 @@ pub fn run(
             return status::RUNTIME_ERROR;
         }
     };
+    // A jailed VM process gives up root once everything privileged is open, before it reads
+    // the kernel or anything else the guest supplied. Changing credentials resets the death
+    // signal and the dumpable flag: both are set again.
+    let after_open: Option<AfterOpen> = jailed.map(|(jail, life)| {
+        let lock = jail.locker();
+        Box::new(move || {
+            lock.lock()?;
+            harden()?;
+            die_with_supervisor(&life)?;
+            Ok(())
+        }) as AfterOpen
+    });
     let env = BuildEnv {
         reporter: Reporter::new(region.clone(), Some(wake)),
         console_file,
         start_ns,
+        after_open,
     };
     let vmm = match build_vm(config, env) {
         Ok(vmm) => vmm,
@@ -117,19 +130,6 @@ pub fn run(
             };
         }
     };
-    if let Some((jail, life)) = jailed {
-        // Changing credentials resets the death signal and the dumpable flag: both are set
-        // again once the process is the jail's uid.
-        let locked = jail
-            .lock()
-            .map_err(|e| crate::error_chain(&e))
-            .and_then(|()| harden().map_err(|e| e.to_string()))
-            .and_then(|()| die_with_supervisor(&life).map_err(|e| e.to_string()));
-        if let Err(e) = locked {
-            log::error!("VM process: cannot lock itself in its jail: {e}");
-            return status::RUNTIME_ERROR;
-        }
-    }
     match vmm.run(Some(stop)) {
         Ok(outcome) => {
             let (kind, a, b) = outcome.reason.to_record();

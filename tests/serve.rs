@@ -30,15 +30,19 @@ struct Host {
 
 impl Host {
     fn new(test: &str, max_vms: u32) -> Host {
-        let dir = PathBuf::from(format!(
-            "/run/bulkhead-test/serve-{test}-{}",
-            std::process::id()
-        ));
+        // Short: a vsock socket's path in a jail under it must fit in 108 bytes.
+        let dir = PathBuf::from(format!("/run/bht-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        for t in ["acme", "globex"] {
+        for (t, uid) in [("acme", ACME), ("globex", GLOBEX)] {
             std::fs::create_dir_all(dir.join(t)).unwrap();
             for g in ["exitcodes", "virtio"] {
                 std::fs::copy(guest(g), dir.join(t).join(g)).unwrap();
+            }
+            let disk = dir.join(t).join("disk.img");
+            std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+            // The tenant's files are the tenant's: the daemon checks it may use them.
+            for e in std::fs::read_dir(dir.join(t)).unwrap().flatten() {
+                std::os::unix::fs::chown(e.path(), Some(uid), Some(uid)).unwrap();
             }
         }
         let config = dir.join("serve.json");
@@ -334,6 +338,45 @@ fn two_tenants_vms_run_side_by_side_and_every_cross_tenant_attempt_is_refused_au
             String::from_utf8_lossy(&a.body)
         );
     }
+    // A file in the tenant's directory that its uid may not read, or not write when it asks
+    // for a writable disk, is refused as if it were elsewhere.
+    let secret = h.path("acme", "secret");
+    std::fs::write(&secret, b"root's").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&secret, Some(0), Some(0)).unwrap();
+    let sealed = h.path("acme", "sealed.img");
+    std::fs::write(&sealed, vec![0u8; 4096]).unwrap();
+    std::os::unix::fs::chown(&sealed, Some(ACME), Some(ACME)).unwrap();
+    std::fs::set_permissions(&sealed, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+    for body in [
+        json!({"kernel": secret}),
+        json!({"kernel": h.path("acme", "exitcodes"), "disks": [{"path": sealed}]}),
+        json!({"kernel": "/etc/../etc/shadow"}),
+    ] {
+        let a = as_tenant(&h, "acme", "POST", "/v1/vms", Some(body.clone()));
+        assert_eq!(
+            a.status,
+            403,
+            "{body}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    // The same file read-only is fine: the quota (two VMs each) refuses it, not the file.
+    let a = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(
+            json!({"kernel": h.path("acme", "exitcodes"), "disks": [{"path": sealed, "read_only": true}]}),
+        ),
+    );
+    assert_eq!(a.status, 403);
+    assert!(
+        json_of(&a)["error"].as_str().unwrap().starts_with("quota"),
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
     // The quota: two VMs each.
     let a = as_tenant(
         &h,
@@ -398,8 +441,29 @@ fn two_tenants_vms_run_side_by_side_and_every_cross_tenant_attempt_is_refused_au
         202
     );
     wait_state(&h, "acme", &acme[1], "exited");
+    // An admin creating a VM for a tenant is the same break-glass.
+    let body = json!({"kernel": h.path("globex", "exitcodes"), "tenant": "globex", "cmdline": "mode=exit exit=0"});
+    assert_eq!(
+        as_admin(&h, "POST", "/v1/vms", Some(body.clone()), None)
+            .unwrap()
+            .status,
+        403
+    );
+    let made = as_admin(
+        &h,
+        "POST",
+        "/v1/vms",
+        Some(body),
+        Some("restore for ticket 9"),
+    );
+    // globex is at its quota: refused for that, after the reason was accepted.
+    assert_eq!(made.as_ref().unwrap().status, 403, "{made:?}");
     let overrides = h.alerts("management_admin_override");
-    assert_eq!(overrides.len(), 1);
+    assert_eq!(overrides.len(), 2, "{overrides:?}");
+    assert_eq!(
+        overrides[1]["output_fields"]["reason"],
+        "restore for ticket 9"
+    );
     assert_eq!(overrides[0]["priority"], "Notice");
     assert_eq!(overrides[0]["output_fields"]["reason"], "incident 7");
 
@@ -756,4 +820,50 @@ fn bulkhead_audit_passes_on_this_host_and_its_bundle_maps_every_plane() {
         .output()
         .unwrap();
     assert!(verify.status.success(), "{verify:?}");
+}
+
+#[test]
+fn a_tenant_talks_to_its_guest_over_vsock_both_ways_through_its_jail() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let test = "tenant_vsock";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let h = Host::new(test, 2);
+    let id = {
+        let body = json!({"kernel": h.path("acme", "virtio"), "cmdline": "mode=vsock clean=1",
+                          "vsock": {"cid": 61_000 + std::process::id() % 1000, "uds": "/any/dir/v.sock"}});
+        let a = as_tenant(&h, "acme", "POST", "/v1/vms", Some(body));
+        assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+        json_of(&a)["id"].as_str().unwrap().to_string()
+    };
+    let dir = h.dir.join("run/jail").join(&id).join("root/vsock");
+    let socket = dir.join("v.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // All as the tenant: its listener for guest port 5000 in its VM's socket directory, and
+    // its connection to the guest's port 1234.
+    std::thread::spawn(move || {
+        // SAFETY: as in `as_uid`: this thread's credentials only.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, ACME, ACME, ACME), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, ACME, ACME, ACME), 0);
+        }
+        let port_5000 = dir.join("v.sock_5000");
+        let listener = UnixListener::bind(&port_5000).unwrap();
+        std::fs::set_permissions(&port_5000, std::fs::Permissions::from_mode(0o666)).unwrap();
+        common::vsock_host_side(UnixStream::connect(&socket).unwrap(), &listener);
+    })
+    .join()
+    .unwrap();
+    let ended = wait_state(&h, "acme", &id, "exited");
+    assert_eq!(ended["exit"]["status"], 0, "{ended}");
 }

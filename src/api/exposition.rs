@@ -81,6 +81,8 @@ pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, say: wait rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {

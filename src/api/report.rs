@@ -118,8 +118,12 @@ fn cgroup_limits(pid: i32) -> Value {
     Value::Object(limits)
 }
 
+/// A file's device and inode, as its (resolved) path names it now: a symlink planted there
+/// since is not followed.
 fn file_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The report for `r`, as JSON.
@@ -127,7 +131,7 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
     let cfg: RawConfig = serde_json::from_value(r.config.clone()).unwrap_or_default();
     let vm_pid = r
         .pid
-        .filter(|_| r.state.is_live())
+        .filter(|&p| r.state.is_live() && vms::process_start(p) == r.pid_start)
         .and_then(vms::vm_process);
     let regions = crate::arch::x86_64::layout::ram_regions(r.mem_mib << 20);
     let memslots: Vec<Value> = (0..)
@@ -302,12 +306,9 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
     let mut vsock = Vec::new();
     if let Some(v) = &cfg.vsock {
         let jail_root = d.config.run_dir.join("jail").join(&r.id).join("root");
-        let host: PathBuf = jail_root.join(
-            v.uds
-                .components()
-                .filter(|c| matches!(c, std::path::Component::Normal(_)))
-                .collect::<PathBuf>(),
-        );
+        let host: PathBuf = jail_root
+            .join(crate::jail::vm::SOCKET_DIR.trim_start_matches('/'))
+            .join(v.uds.file_name().unwrap_or_default());
         let cid_taken = others
             .iter()
             .any(|(_, c)| c.vsock.as_ref().is_some_and(|o| o.cid == v.cid));

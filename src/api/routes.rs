@@ -260,15 +260,16 @@ fn stop(d: &Arc<Daemon>, r: &VmRecord) -> Reply {
     if !r.state.is_live() {
         return Reply::error(409, format!("VM {} is not running ({:?})", r.id, r.state));
     }
-    let Some(pid) = r.pid else {
-        return Reply::error(409, format!("VM {} has no supervisor", r.id));
+    let Some(pid) = live_supervisor(r) else {
+        return Reply::error(409, format!("VM {} is not running", r.id));
     };
     if let Some(vm) = vms::vm_process(pid) {
         // A paused VM process would not see the supervisor's SIGTERM until it runs again.
         let _ = vms::signal(vm, libc::SIGCONT);
     }
-    if let Err(e) = vms::signal(pid, libc::SIGTERM) {
-        return Reply::error(500, format!("cannot signal VM {}: {e}", r.id));
+    if vms::signal(pid, libc::SIGTERM).is_err() {
+        // It ended a moment ago.
+        return Reply::error(409, format!("VM {} is not running", r.id));
     }
     d.update(&r.id, |rec| {
         if rec.state.is_live() {
@@ -291,14 +292,21 @@ fn pause(d: &Arc<Daemon>, r: &VmRecord, pause: bool) -> Reply {
         );
     }
     // The VM process, not the supervisor: the supervisor goes on watching and reporting.
-    let Some(vm) = r.pid.and_then(vms::vm_process) else {
-        return Reply::error(409, format!("VM {} has no VM process", r.id));
+    let Some(vm) = live_supervisor(r).and_then(vms::vm_process) else {
+        return Reply::error(409, format!("VM {} is not running", r.id));
     };
-    if let Err(e) = vms::signal(vm, signal) {
-        return Reply::error(500, format!("cannot signal VM {}: {e}", r.id));
+    if vms::signal(vm, signal).is_err() {
+        return Reply::error(409, format!("VM {} is not running", r.id));
     }
     d.update(&r.id, |rec| rec.state = to);
     Reply::json(200, json!({ "id": r.id, "state": to }))
+}
+
+/// The VM's supervisor, if it is still the process the record names (same pid and start
+/// time): a pid reused since is never signalled.
+fn live_supervisor(r: &VmRecord) -> Option<i32> {
+    r.pid
+        .filter(|&pid| r.pid_start.is_some() && vms::process_start(pid) == r.pid_start)
 }
 
 fn delete(d: &Arc<Daemon>, r: &VmRecord) -> Reply {
@@ -383,44 +391,60 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {
             );
         }
     }
-    // Every file, after resolving symlinks, must be in the tenant's directories.
+    // Every file must be in the tenant's directories, before and after resolving symlinks,
+    // and one the tenant's own uid may read (and write, for a writable disk). Whether a file
+    // is missing, elsewhere or not the tenant's, the answer is the same, so the daemon tells
+    // nobody what exists outside their directories. The VM's jail then opens the resolved
+    // path following no symlink, so a path re-pointed since can not bring in another file.
     let mut resolved = raw.clone();
-    let check = |what: &str, p: &Path| -> Result<PathBuf, Reply> {
+    let uid = t.uids.iter().next().copied().unwrap_or(0);
+    let check = |what: &str, p: &Path, write: bool| -> Result<PathBuf, Reply> {
         if !p.is_absolute() {
             return Err(Reply::error(
                 422,
                 format!("{what} {} must be an absolute path", p.display()),
             ));
         }
-        let real = std::fs::canonicalize(p)
-            .map_err(|e| Reply::error(422, format!("{what} {}: {e}", p.display())))?;
-        if !t.allows(&real) {
-            return Err(Reply::error(
+        let refused = || {
+            Reply::error(
                 403,
                 format!(
-                    "{what} {} is outside tenant {tenant}'s directories",
+                    "{what} {} is not a file tenant {tenant} may use",
                     p.display()
                 ),
-            ));
+            )
+        };
+        if !t.allows(p) {
+            return Err(refused());
+        }
+        let real = std::fs::canonicalize(p).map_err(|_| refused())?;
+        let usable = t.allows(&real)
+            && std::fs::metadata(&real).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.is_file() || (what == "disk" && m.file_type().is_block_device())
+            })
+            && may_access(uid, &real, write);
+        if !usable {
+            return Err(refused());
         }
         Ok(real)
     };
     let Some(kernel) = raw.kernel.as_deref() else {
         return Reply::error(422, "no kernel given");
     };
-    match check("kernel", kernel) {
+    match check("kernel", kernel, false) {
         Ok(p) => resolved.kernel = Some(p),
         Err(r) => return r,
     }
     if let Some(initrd) = raw.initrd.as_deref() {
-        match check("initrd", initrd) {
+        match check("initrd", initrd, false) {
             Ok(p) => resolved.initrd = Some(p),
             Err(r) => return r,
         }
     }
     let mut disks = Vec::new();
     for disk in raw.disks.iter().flatten() {
-        match check("disk", &disk.path) {
+        match check("disk", &disk.path, !disk.read_only) {
             Ok(p) => {
                 let mut disk = disk.clone();
                 disk.path = p;
@@ -436,11 +460,55 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {
         Ok(vm) => vm,
         Err(e) => return Reply::error(422, e.to_string()),
     };
-    let uid = t.uids.iter().next().copied().unwrap_or(0);
-    match d.start(&tenant, &t.quota, uid, &vm, resolved, body) {
-        Ok(id) => Reply::json(201, json!({ "id": id })).about(&id),
+    let as_resolved = serde_json::to_value(&resolved).unwrap_or(body);
+    if let Principal::Admin { uid: admin } = who {
+        let reason = req.reason.clone().unwrap_or_default();
+        d.alert(
+            Rule::ManagementAdminOverride,
+            "",
+            &tenant,
+            format!("admin uid {admin} created a VM for tenant {tenant}: {reason}"),
+            vec![
+                ("admin_uid", json!(admin)),
+                ("method", json!(req.method)),
+                ("path", json!(req.path)),
+                ("reason", json!(reason)),
+            ],
+        );
+    }
+    match d.start(&tenant, &t.quota, uid, &vm, resolved, as_resolved) {
+        Ok(id) => {
+            let mut reply = Reply::json(201, json!({ "id": id })).about(&id);
+            if let Principal::Admin { .. } = who {
+                reply.audit_reason = req.reason.clone();
+            }
+            reply
+        }
         Err(reply) => reply,
     }
+}
+
+/// Whether `uid` (with its gid taken equal, and no supplementary groups) may read `path`, and
+/// write it when asked: checked by a thread of its own that takes those credentials, so the
+/// kernel's own permission rules decide.
+fn may_access(uid: u32, path: &Path, write: bool) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mode = libc::R_OK | if write { libc::W_OK } else { 0 };
+    std::thread::spawn(move || {
+        // SAFETY: the raw set*id system calls change this thread's credentials only (glibc's
+        // wrappers would change every thread's); the thread ends after one faccessat.
+        unsafe {
+            let empty: [libc::gid_t; 0] = [];
+            libc::syscall(libc::SYS_setgroups, 0, empty.as_ptr()) == 0
+                && libc::syscall(libc::SYS_setresgid, uid, uid, uid) == 0
+                && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
+                && libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) == 0
+        }
+    })
+    .join()
+    .unwrap_or(false)
 }
 
 /// How an ended VM is described when its supervisor's status is known.

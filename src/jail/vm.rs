@@ -9,7 +9,6 @@
 //! and before the guest runs a single instruction.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -45,6 +44,8 @@ pub enum JailError {
     },
     #[error("{what} {path} is not a regular file or a block device")]
     NotAFile { what: &'static str, path: PathBuf },
+    #[error("vsock socket {0}: a jailed VM's socket needs a plain file name")]
+    SocketName(PathBuf),
     #[error("jail file_size_mib {limit} is smaller than the writable disk {path} ({size} bytes)")]
     FileSize {
         limit: u64,
@@ -67,7 +68,9 @@ impl JailError {
             JailError::NotRoot(_)
                 | JailError::File { .. }
                 | JailError::NotAFile { .. }
+                | JailError::Dir(DirError::Open { .. })
                 | JailError::FileSize { .. }
+                | JailError::SocketName(_)
                 | JailError::Dir(DirError::Exists { .. } | DirError::Unsafe { .. })
         )
     }
@@ -81,6 +84,9 @@ struct JailFile {
     device: bool,
 }
 
+/// Where a jailed VM's vsock sockets are, in its root.
+pub const SOCKET_DIR: &str = "/vsock";
+
 /// A prepared jail.
 #[derive(Debug)]
 pub struct VmJail {
@@ -93,8 +99,6 @@ pub struct VmJail {
     /// The VM's settings with every file path resolved to the one the jail holds.
     pub config: VmConfig,
     files: Vec<JailFile>,
-    /// Directories (absolute, as the VM sees them) that hold its vsock sockets.
-    socket_dirs: Vec<PathBuf>,
     socket_owner: u32,
     /// A network namespace to join rather than a new one.
     netns: Option<PathBuf>,
@@ -109,29 +113,48 @@ fn inside(path: &Path) -> PathBuf {
         .collect()
 }
 
-fn resolve(what: &'static str, path: &Path) -> Result<PathBuf, JailError> {
+/// `path` made absolute (from the working directory) and normal (`..` taken lexically, which
+/// is exact because no symlink is allowed) and checked: no symlink anywhere in it (a jail follows none: a path someone else can re-point must not decide what
+/// the VM gets), and the kind of file `what` needs. Returns the path and whether it is a
+/// device node.
+fn resolve(what: &'static str, path: &Path) -> Result<(PathBuf, bool), JailError> {
     let file = |source| JailError::File {
         what,
         path: path.to_path_buf(),
         source,
     };
-    let real = std::fs::canonicalize(path).map_err(file)?;
-    let meta = std::fs::metadata(&real).map_err(file)?;
-    use std::os::unix::fs::FileTypeExt;
-    let kind = meta.file_type();
-    let device = what == "KVM device" || what == "tun device";
-    let ok = if device {
-        kind.is_char_device()
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
     } else {
-        kind.is_file() || kind.is_block_device()
+        std::env::current_dir().map_err(file)?.join(path)
+    };
+    let mut abs = PathBuf::from("/");
+    for c in joined.components() {
+        match c {
+            Component::Normal(part) => abs.push(part),
+            Component::ParentDir => {
+                abs.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    let fd = dirs::open_file_no_symlinks(&abs)?;
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open (O_PATH descriptors can be fstat'ed) and `st` is valid for writes.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(file(std::io::Error::last_os_error()));
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    let ok = match what {
+        "KVM device" | "tun device" => kind == libc::S_IFCHR,
+        "disk" => kind == libc::S_IFREG || kind == libc::S_IFBLK,
+        _ => kind == libc::S_IFREG,
     };
     if !ok {
-        return Err(JailError::NotAFile {
-            what,
-            path: path.to_path_buf(),
-        });
+        return Err(JailError::NotAFile { what, path: abs });
     }
-    Ok(real)
+    Ok((abs, kind != libc::S_IFREG))
 }
 
 impl VmJail {
@@ -145,14 +168,14 @@ impl VmJail {
         }
         let mut config = config.clone();
         let mut files = Vec::new();
-        config.kernel = resolve("kernel", &config.kernel)?;
+        config.kernel = resolve("kernel", &config.kernel)?.0;
         files.push(JailFile {
             path: config.kernel.clone(),
             read_only: true,
             device: false,
         });
         if let Some(initrd) = &config.initrd {
-            let real = resolve("initrd", initrd)?;
+            let (real, _) = resolve("initrd", initrd)?;
             files.push(JailFile {
                 path: real.clone(),
                 read_only: true,
@@ -164,11 +187,12 @@ impl VmJail {
         // past the end of every writable disk.
         let mut largest: Option<(u64, PathBuf)> = None;
         for disk in &mut config.disks {
-            disk.path = resolve("disk", &disk.path)?;
+            let (path, device) = resolve("disk", &disk.path)?;
+            disk.path = path;
             files.push(JailFile {
                 path: disk.path.clone(),
                 read_only: disk.read_only,
-                device: false,
+                device,
             });
             let size = std::fs::metadata(&disk.path).map_or(0, |m| m.len());
             if !disk.read_only && !largest.as_ref().is_some_and(|(l, _)| size <= *l) {
@@ -189,7 +213,7 @@ impl VmJail {
             },
             None => (MIN_FILE_SIZE_MIB << 20).max(largest_size),
         };
-        config.kvm_device = resolve("KVM device", &config.kvm_device)?;
+        config.kvm_device = resolve("KVM device", &config.kvm_device)?.0;
         files.push(JailFile {
             path: config.kvm_device.clone(),
             read_only: false,
@@ -197,24 +221,21 @@ impl VmJail {
         });
         if !config.nets.is_empty() {
             files.push(JailFile {
-                path: resolve("tun device", Path::new("/dev/net/tun"))?,
+                path: resolve("tun device", Path::new("/dev/net/tun"))?.0,
                 read_only: false,
                 device: true,
             });
         }
-        let mut socket_dirs = Vec::new();
+        // The vsock sockets live in the jail's own `/vsock`, whatever directory was named:
+        // only the file name is kept, so no path can reach outside that directory or share
+        // an ancestor with the files bind mounted in.
         if let Some(vsock) = &mut config.vsock {
-            if !vsock.uds.is_absolute() {
-                let cwd = std::env::current_dir().map_err(|source| JailError::File {
-                    what: "vsock socket",
-                    path: vsock.uds.clone(),
-                    source,
-                })?;
-                vsock.uds = cwd.join(&vsock.uds);
-            }
-            if let Some(dir) = vsock.uds.parent() {
-                socket_dirs.push(dir.to_path_buf());
-            }
+            let name = vsock
+                .uds
+                .file_name()
+                .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+                .ok_or_else(|| JailError::SocketName(vsock.uds.clone()))?;
+            vsock.uds = Path::new(SOCKET_DIR).join(name);
         }
 
         if let Some(ns) = &jc.netns {
@@ -226,13 +247,14 @@ impl VmJail {
         }
         let base = &jc.dir;
         if !base.exists() {
-            // Whatever the umask: the owners of vsock listeners inside must be able to pass.
+            // Whatever the umask: the owners of vsock listeners inside must be able to pass
+            // (but not to list the VMs).
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o755)
+                .mode(0o711)
                 .create(base)
                 .and_then(|()| {
-                    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))
+                    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711))
                 })
                 .map_err(|source| JailError::Create {
                     path: base.clone(),
@@ -240,7 +262,8 @@ impl VmJail {
                 })?;
         }
         let base_dir = dirs::open_root_owned(base)?;
-        let vm = dirs::create_exclusive(&base_dir, &config.vm_id, 0, 0, 0o755)?;
+        // Others may pass through, to a socket whose path they know, but not list VM ids.
+        let vm = dirs::create_exclusive(&base_dir, &config.vm_id, 0, 0, 0o711)?;
         let root = dirs::create_exclusive(&vm, "root", 0, 0, 0o755)?;
         let id = jc
             .uid
@@ -257,7 +280,6 @@ impl VmJail {
             gid: jc.gid.unwrap_or(id),
             config,
             files,
-            socket_dirs,
             socket_owner: jc.socket_owner.unwrap_or(0),
             netns: jc.netns.clone(),
             cgroup: None,
@@ -314,40 +336,38 @@ impl VmJail {
         }
         root::populate(&self.root, &entries)?;
         drop(held);
-        for dir in &self.socket_dirs {
-            let path = self.host_path(dir);
-            std::fs::create_dir_all(&path).map_err(|source| JailError::Create {
-                path: path.clone(),
+        if self.config.vsock.is_some() {
+            // The socket directory: its owner makes listeners for guest connections there, and
+            // the jail's group reaches them. Made in the fresh root, which only root can write.
+            let dir = self.root.join(SOCKET_DIR.trim_start_matches('/'));
+            let fail = |source| JailError::Create {
+                path: dir.clone(),
                 source,
-            })?;
-            let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-                .map_err(|_| JailError::Root(RootError::BadPath(path.clone())))?;
-            // SAFETY: a valid NUL-terminated path; chown touches no memory of ours.
-            if unsafe { libc::chown(c.as_ptr(), self.socket_owner, self.socket_owner) } != 0 {
-                return Err(JailError::Create {
-                    path,
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+            };
+            std::fs::create_dir(&dir).map_err(fail)?;
+            std::os::unix::fs::lchown(&dir, Some(self.socket_owner), Some(self.gid))
+                .map_err(fail)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).map_err(fail)?;
         }
         root::mount_proc(&self.root)?;
         root::pivot(&self.root)?;
         Ok(())
     }
 
-    /// In the VM process, once the VM is built and before any thread starts: leaves the
-    /// host's network namespace (unless it joined one of the operator's), sets the rlimits,
-    /// and drops to the jail's uid and gid for good.
-    pub fn lock(&self) -> Result<(), JailError> {
-        if self.netns.is_none() {
-            root::leave_network()?;
+    /// What the VM process does once its files, taps, vsock socket and KVM are open, before
+    /// it reads anything the guest supplied (the kernel included) and before any thread starts.
+    pub fn locker(&self) -> JailLock {
+        JailLock {
+            leave_network: self.netns.is_none(),
+            rlimits: self.rlimits,
+            uid: self.uid,
+            gid: self.gid,
+            socket: self
+                .config
+                .vsock
+                .as_ref()
+                .map(|v| (v.uds.clone(), self.socket_owner)),
         }
-        privileges::set_rlimits(self.rlimits)?;
-        // Writing past the file-size limit then fails with EFBIG instead of killing the VM.
-        // SAFETY: setting a signal's disposition to ignore has no memory effects.
-        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-        privileges::drop_to(self.uid, self.gid)?;
-        Ok(())
     }
 
     /// Removes what the jail left on the host: its cgroup and its directory (whose mount
@@ -366,5 +386,41 @@ impl VmJail {
                 self.vm_dir.display()
             );
         }
+    }
+}
+
+/// The last step of the jail, taken in the VM process: see [`VmJail::locker`].
+#[derive(Debug, Clone)]
+pub struct JailLock {
+    leave_network: bool,
+    rlimits: Rlimits,
+    uid: u32,
+    gid: u32,
+    /// The VM's vsock socket (as the VM process sees it) and who may connect to it.
+    socket: Option<(PathBuf, u32)>,
+}
+
+impl JailLock {
+    /// Leaves the host's network namespace (unless it joined one of the operator's), lets the
+    /// socket's owner and the jail's group reach the vsock socket, sets the rlimits, and drops
+    /// to the jail's uid and gid for good.
+    pub fn lock(&self) -> Result<(), JailError> {
+        if self.leave_network {
+            root::leave_network()?;
+        }
+        if let Some((path, owner)) = &self.socket {
+            let fail = |source| JailError::Create {
+                path: path.clone(),
+                source,
+            };
+            std::os::unix::fs::lchown(path, Some(*owner), Some(self.gid)).map_err(fail)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(fail)?;
+        }
+        privileges::set_rlimits(self.rlimits)?;
+        // Writing past the file-size limit then fails with EFBIG instead of killing the VM.
+        // SAFETY: setting a signal's disposition to ignore has no memory effects.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        privileges::drop_to(self.uid, self.gid)?;
+        Ok(())
     }
 }

@@ -71,9 +71,14 @@ pub fn spawn(
     let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(SpawnError::Wake)?;
     let console_fd = console.map(AsRawFd::as_raw_fd);
     let (life_read, life_write) = life_pipe().map_err(SpawnError::Fork)?;
-    if jail.is_some() {
-        // The next child this process forks (it forks only this one) is the first process of
-        // a new pid namespace.
+    // The supervisor's own pid namespace, to return to once the VM process is forked: while
+    // its children's namespace is another, the kernel refuses it new threads.
+    let own_pid_ns = match jail {
+        Some(_) => Some(File::open("/proc/self/ns/pid").map_err(SpawnError::PidNamespace)?),
+        None => None,
+    };
+    if own_pid_ns.is_some() {
+        // The next child this process forks is the first process of a new pid namespace.
         // SAFETY: unshare with a flag only.
         if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
             return Err(SpawnError::PidNamespace(std::io::Error::last_os_error()));
@@ -98,6 +103,19 @@ pub fn spawn(
             }
         };
         std::process::exit(status);
+    }
+    if let Some(ns) = own_pid_ns {
+        // SAFETY: setns on a namespace descriptor this process opened; the supervisor's own
+        // pid namespace is always one it may give its children.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: kill and waitpid on the child just forked.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(SpawnError::PidNamespace(e));
+        }
     }
     Ok(VmProcess {
         pid,

@@ -155,7 +155,7 @@ pub(super) fn run_checks(h: &Host) -> Vec<Check> {
         planes: &["storage"],
         claim: "A's VM process sees only its own files (kernel, disk, /dev/kvm, its vsock socket): B's disk does not exist in its root",
         pass: pid_a > 0 && !b_disk_inside.exists() && !seen.is_empty()
-            && seen.iter().all(|f| f == "/dev/kvm" || f == "/run/x" || f.contains(a.0)),
+            && seen.iter().all(|f| f == "/dev/kvm" || f == "/vsock/x" || f.contains(a.0)),
         evidence: json!({"files_in_a_root": seen, "b_disk_visible": b_disk_inside.exists()}),
     });
 
@@ -184,8 +184,8 @@ pub(super) fn run_checks(h: &Host) -> Vec<Check> {
     });
 
     // vsock and network.
-    let a_port_5000 = root_a.join("run/x_5000");
-    let b_socket = h.dir.join("run/jail").join(&vm_b).join("root/run/x_5000");
+    let a_port_5000 = root_a.join("vsock/x_5000");
+    let b_socket = h.dir.join("run/jail").join(&vm_b).join("root/vsock/x_5000");
     checks.push(Check {
         id: "vsock_paths_apart",
         planes: &["network"],

@@ -96,7 +96,7 @@ pub(super) fn start_host(guests: &Path) -> Result<Host, EvidenceError> {
     // SAFETY: getpid has no preconditions.
     let dir = PathBuf::from(format!("/run/bulkhead-audit-{}", unsafe { libc::getpid() }));
     let _ = std::fs::remove_dir_all(&dir);
-    for (tenant, _) in [TENANT_A, TENANT_B] {
+    for (tenant, uid) in [TENANT_A, TENANT_B] {
         let t = dir.join(tenant);
         std::fs::create_dir_all(&t).map_err(io("creating", &t))?;
         for g in ["exitcodes"].iter().copied().chain(ATTACKS.iter().copied()) {
@@ -113,6 +113,11 @@ pub(super) fn start_host(guests: &Path) -> Result<Host, EvidenceError> {
         }
         let disk = t.join("disk.img");
         std::fs::write(&disk, vec![0u8; 1 << 20]).map_err(io("writing", &disk))?;
+        // The tenant's files are the tenant's: the daemon checks it may use them.
+        for e in std::fs::read_dir(&t).into_iter().flatten().flatten() {
+            std::os::unix::fs::chown(e.path(), Some(uid), Some(uid))
+                .map_err(io("giving to the tenant", &e.path()))?;
+        }
     }
     let tenant = |(name, uid): (&str, u32)| {
         (
