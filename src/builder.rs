@@ -299,6 +299,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         console_input,
         raw_terminal,
         seccomp: config.seccomp,
+        firecracker_names: config.firecracker_names,
         test_hook: config.test_hook,
     })
 }

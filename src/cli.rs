@@ -58,6 +58,9 @@ pub enum Command {
     },
     /// Talk to the management daemon.
     Ctl(CtlArgs),
+    /// Firecracker's command line, config file and API (also what this binary does when
+    /// invoked as `firecracker`).
+    Firecracker(FcArgs),
     /// Run the cross-tenant isolation checks on this host (against a daemon started for the
     /// purpose, with two synthetic tenants) and write the evidence bundle (as root). Exits 0
     /// when every check passes, 1 when one fails.
@@ -263,6 +266,7 @@ impl RunArgs {
             alerts_http: self.alerts_http.clone(),
             timeout: self.timeout,
             on_violation: self.on_violation.clone(),
+            thread_names: None,
             jail: self.jail.then(|| RawJail {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,
@@ -272,4 +276,79 @@ impl RunArgs {
             }),
         }
     }
+}
+
+/// Firecracker's flags, with its names and defaults.
+#[derive(Debug, Args, Default)]
+#[command(disable_version_flag = true)]
+pub struct FcArgs {
+    /// Path to unix domain socket used by the API [default: /run/firecracker.socket].
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Path to a file that contains the microVM configuration in JSON format; the microVM
+    /// starts at once.
+    #[arg(long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// Start without the API socket (needs --config-file).
+    #[arg(long)]
+    pub no_api: bool,
+    /// MicroVM unique identifier.
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    pub id: String,
+    /// Set the logger level (Error, Warning, Info, Debug, Trace, Off).
+    #[arg(long, value_name = "LEVEL")]
+    pub level: Option<String>,
+    /// Path to a fifo or a file for the log.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+    /// Path to a fifo or a file for the metrics.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+    /// Log the guest's boot time.
+    #[arg(long)]
+    pub boot_timer: bool,
+    /// Run without seccomp filters. For debugging only.
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Print the version (Firecracker's, then bulkhead's).
+    #[arg(long)]
+    pub version: bool,
+    /// Accepted for Firecracker's jailer, which always passes them.
+    #[arg(long, value_name = "US", hide = true)]
+    pub start_time_us: Option<u64>,
+    #[arg(long, value_name = "US", hide = true)]
+    pub start_time_cpu_us: Option<u64>,
+    #[arg(long, value_name = "US", hide = true)]
+    pub parent_cpu_time_us: Option<u64>,
+    /// Logger options Firecracker has; bulkhead's log always shows the level.
+    #[arg(long, hide = true)]
+    pub show_level: bool,
+    #[arg(long, hide = true)]
+    pub show_log_origin: bool,
+    #[arg(long, value_name = "MODULE", hide = true)]
+    pub module: Option<String>,
+}
+
+impl FcArgs {
+    pub fn options(&self) -> bulkhead::api::firecracker::Options {
+        bulkhead::api::firecracker::Options {
+            api_sock: self.api_sock.clone(),
+            config_file: self.config_file.clone(),
+            no_api: self.no_api,
+            id: self.id.clone(),
+            level: self.level.clone(),
+            log_path: self.log_path.clone(),
+            metrics_path: self.metrics_path.clone(),
+            boot_timer: self.boot_timer,
+            no_seccomp: self.no_seccomp,
+        }
+    }
+}
+
+/// The command line when this binary is invoked as `firecracker`.
+#[derive(Debug, Parser)]
+#[command(name = "firecracker", disable_version_flag = true)]
+pub struct FirecrackerCli {
+    #[command(flatten)]
+    pub args: FcArgs,
 }

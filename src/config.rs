@@ -48,6 +48,8 @@ pub enum ConfigError {
     Json(String),
     #[error("jail {what} 0: a jailed VM never runs as root")]
     JailRoot { what: &'static str },
+    #[error("thread_names {0:?}: expected bulkhead or firecracker")]
+    ThreadNames(String),
     #[error("jail path {0} must be absolute")]
     JailDir(std::path::PathBuf),
     #[error("jail {what} {value} is too low: {why}")]
@@ -250,6 +252,9 @@ pub struct RawConfig {
     pub on_violation: Option<String>,
     /// Run the VM process in a jail (namespaces, its own root, a cgroup, no root).
     pub jail: Option<RawJail>,
+    /// `firecracker` names the vCPU threads as Firecracker does (`fc_vcpu N`), for the
+    /// orchestrators that look for them; `bulkhead` (the default) names them `vcpuN`.
+    pub thread_names: Option<String>,
 }
 
 impl RawConfig {
@@ -283,6 +288,7 @@ impl RawConfig {
             alerts_http: over.alerts_http.or(self.alerts_http),
             timeout: over.timeout.or(self.timeout),
             on_violation: over.on_violation.or(self.on_violation),
+            thread_names: over.thread_names.or(self.thread_names),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),
@@ -326,6 +332,8 @@ pub struct VmConfig {
     pub supervision: Supervision,
     /// The jail the VM process enters, if any.
     pub jail: Option<JailConfig>,
+    /// vCPU threads named `fc_vcpu N`.
+    pub firecracker_names: bool,
     pub test_hook: Option<TestHook>,
 }
 
@@ -387,6 +395,11 @@ impl VmConfig {
         }
         .validate()?;
         let jail = raw.jail.map(|j| j.validate(vcpus, mem_mib)).transpose()?;
+        let firecracker_names = match raw.thread_names.as_deref() {
+            None | Some("bulkhead") => false,
+            Some("firecracker") => true,
+            Some(other) => return Err(ConfigError::ThreadNames(other.to_string())),
+        };
         let devices = disks.len() + nets.len() + usize::from(vsock.is_some()) + usize::from(rng);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
@@ -411,6 +424,7 @@ impl VmConfig {
             irqchip,
             supervision,
             jail,
+            firecracker_names,
             test_hook: None,
         })
     }

@@ -13,6 +13,27 @@ use clap::Parser;
 use cli::{AuditLogCommand, Cli, Command, CtlArgs, CtlCommand, RunArgs};
 
 fn main() -> ExitCode {
+    let invoked_as = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    if invoked_as == "firecracker" {
+        return match cli::FirecrackerCli::try_parse() {
+            Ok(fc) => {
+                bulkhead::logger::init("firecracker", log::LevelFilter::Info);
+                exit_code(firecracker(&fc.args))
+            }
+            Err(e) => {
+                let _ = e.print();
+                // Firecracker's status for an argument error.
+                exit_code(if e.use_stderr() { 153 } else { status::OK })
+            }
+        };
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -32,6 +53,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::Ctl(args) => ctl(&args),
         Command::Audit { out, guests } => audit(&out, guests),
+        Command::Firecracker(args) => firecracker(&args),
     };
     exit_code(code)
 }
@@ -52,6 +74,20 @@ fn run(args: &RunArgs) -> i32 {
         log::warn!("*** --no-seccomp: seccomp filters are OFF; this VMM is not confined. Debugging only. ***");
     }
     bulkhead::supervisor::run(&config)
+}
+
+/// The Firecracker personality. `--version` prints Firecracker's version (the one Kata pins)
+/// on the first line, as Kata reads it, and bulkhead's on the next.
+fn firecracker(args: &cli::FcArgs) -> i32 {
+    if args.version {
+        println!(
+            "Firecracker v{}\nbulkhead {} (the Firecracker personality)",
+            bulkhead::api::firecracker::routes::FIRECRACKER_VERSION,
+            env!("CARGO_PKG_VERSION")
+        );
+        return status::OK;
+    }
+    bulkhead::api::firecracker::run(args.options())
 }
 
 fn serve(path: &std::path::Path) -> i32 {

@@ -91,11 +91,45 @@ pub fn request(
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).map_err(io)?;
     stream.write_all(body).map_err(io)?;
+    // Read until the answer is whole: servers that keep the connection open (Firecracker's
+    // does, whatever `Connection: close` says) never send an end of file.
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io)?;
+    let mut chunk = [0u8; 8192];
+    loop {
+        if complete(&raw) {
+            break;
+        }
+        let n = stream.read(&mut chunk).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
     parse(&raw).ok_or(ClientError::Garbled {
         path: socket.to_path_buf(),
     })
+}
+
+/// Whether `raw` holds a whole answer: headers, and then the body its Content-Length gives
+/// (none without one, as for a 204), or a chunked body up to its last chunk.
+fn complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(raw.get(..split).unwrap_or_default()).to_ascii_lowercase();
+    let body = raw.get(split + 4..).unwrap_or_default();
+    if head
+        .lines()
+        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"))
+    {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    body.len() >= length
 }
 
 /// Splits a whole HTTP/1.1 response (the connection closed after it) into status and body,

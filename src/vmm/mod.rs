@@ -63,6 +63,8 @@ pub struct Vmm {
     pub(crate) console_input: Option<File>,
     pub(crate) raw_terminal: Option<RawTerminal>,
     pub(crate) seccomp: bool,
+    /// Firecracker's thread names (`fc_vcpu N`), which its orchestrators look for.
+    pub(crate) firecracker_names: bool,
     pub(crate) test_hook: Option<TestHook>,
 }
 
@@ -92,6 +94,7 @@ impl Vmm {
             console_input,
             raw_terminal,
             seccomp,
+            firecracker_names,
             test_hook,
         } = self;
         let exit = io.exit.clone();
@@ -101,7 +104,11 @@ impl Vmm {
         let (done_tx, done_rx) = mpsc::channel::<u32>();
         let mut threads = Vec::with_capacity(vcpu_count);
         for vcpu in vcpus {
-            let name = format!("vcpu{}", vcpu.index());
+            let name = if firecracker_names {
+                format!("fc_vcpu {}", vcpu.index())
+            } else {
+                format!("vcpu{}", vcpu.index())
+            };
             let shared = Arc::new(VcpuShared::default());
             let ctx = VcpuThreadCtx {
                 io: io.clone(),
@@ -111,6 +118,7 @@ impl Vmm {
                 done: done_tx.clone(),
                 seccomp,
                 test_hook,
+                name: name.clone(),
             };
             let handle = thread::Builder::new()
                 .name(name.clone())
@@ -198,11 +206,12 @@ struct VcpuThreadCtx {
     done: mpsc::Sender<u32>,
     seccomp: bool,
     test_hook: Option<TestHook>,
+    name: String,
 }
 
 fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
     let index = vcpu.index();
-    signal::set_thread_name(&format!("vcpu{index}"));
+    signal::set_thread_name(&ctx.name);
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     ctx.shared.tid.store(tid, Ordering::Release);

@@ -1,0 +1,573 @@
+//! The Firecracker personality: `bulkhead firecracker ARGS` (or this binary invoked as
+//! `firecracker`) speaks Firecracker's command line, config file and API, so Kata Containers,
+//! firecracker-containerd and firecracker-go-sdk drive bulkhead unchanged.
+//!
+//! This process is the front end. It holds the API socket and the settings, and at
+//! InstanceStart (or at once with `--config-file`) it starts the VM as a `bulkhead run`
+//! supervisor of its own, the same supervisor `bulkhead run` and `bulkhead serve` use. That
+//! supervisor dies with this process (PR_SET_PDEATHSIG), its VM process with it. SIGTERM stops
+//! the VM in order. Firecracker's metrics lines are made from the supervisor's metrics.
+
+pub mod model;
+pub mod routes;
+mod server;
+pub mod state;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::exit::status;
+use model::{ConfigFile, Logger, Metrics, PartialDrive};
+use state::{Pending, Phase};
+
+/// The command line, as Firecracker takes it.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub api_sock: Option<PathBuf>,
+    pub config_file: Option<PathBuf>,
+    pub no_api: bool,
+    pub id: String,
+    pub level: Option<String>,
+    pub log_path: Option<PathBuf>,
+    pub metrics_path: Option<PathBuf>,
+    pub boot_timer: bool,
+    pub no_seccomp: bool,
+}
+
+/// The default API socket.
+pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+/// Firecracker writes a metrics line this often.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+/// The personality's state, shared by the API and the process's own tasks.
+pub struct Personality {
+    pub id: String,
+    pub phase: Phase,
+    pub pending: Pending,
+    seccomp: bool,
+    cwd: PathBuf,
+    work: PathBuf,
+    exe: PathBuf,
+    /// The supervisor, once started.
+    supervisor: Option<i32>,
+    metrics: Option<MetricsSink>,
+    logger_set: bool,
+    api_counts: serde_json::Map<String, Value>,
+}
+
+/// Where Firecracker-layout metrics lines go, and the last values sent (Firecracker's
+/// counters are deltas since the previous line).
+struct MetricsSink {
+    file: File,
+    emit_id: bool,
+    properties: Option<Value>,
+    last: std::collections::BTreeMap<String, f64>,
+    alerts_sent: usize,
+}
+
+impl Personality {
+    /// `path` as this process resolves it: relative to its working directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.cwd.join(path)
+        }
+    }
+
+    fn vm_process(&self) -> Option<i32> {
+        self.supervisor.and_then(super::vms::vm_process)
+    }
+
+    /// Counts a request as Firecracker's `*_api_requests` metrics do: `NAME_count` when it
+    /// arrives, `NAME_fails` when it fails.
+    pub fn count_request(&mut self, method: &str, parts: &[&str], failed: Option<bool>) {
+        let group = match method {
+            "GET" => "get_api_requests",
+            "PUT" => "put_api_requests",
+            "PATCH" => "patch_api_requests",
+            _ => return,
+        };
+        let name = match parts.first().copied().unwrap_or("") {
+            "" => "instance_info",
+            "machine-config" => "machine_cfg",
+            "version" => "vmm_version",
+            "boot-source" => "boot_source",
+            "drives" => "drive",
+            "network-interfaces" => "network",
+            other => other,
+        }
+        .replace('-', "_");
+        let key = match failed {
+            None => format!("{group}.{name}_count"),
+            Some(true) => format!("{group}.{name}_fails"),
+            Some(false) => return,
+        };
+        let n = self
+            .api_counts
+            .get(&key)
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        self.api_counts.insert(key, json!(n + 1));
+    }
+
+    pub fn set_logger(&mut self, l: Logger) -> Result<(), String> {
+        if let Some(level) = &l.level {
+            let filter = level_filter(level)
+                .ok_or_else(|| format!("Logger error: Invalid log level: {level}"))?;
+            log::set_max_level(filter);
+        }
+        if let Some(path) = &l.log_path {
+            redirect_log(&self.resolve(path))
+                .map_err(|e| format!("Logger error: Failed to open target file: {e}"))?;
+        }
+        self.logger_set = true;
+        Ok(())
+    }
+
+    pub fn set_metrics(&mut self, m: Metrics) -> Result<(), String> {
+        if self.metrics.is_some() {
+            return Err("Metrics error: Cannot initialize the metrics system due to bad user input: Reinitialization of metrics not allowed.".to_string());
+        }
+        let file = open_output(&self.resolve(&m.metrics_path)).map_err(|e| {
+            format!(
+                "Metrics error: Cannot initialize the metrics system due to bad user input: {e}"
+            )
+        })?;
+        self.metrics = Some(MetricsSink {
+            file,
+            emit_id: m.emit_id.unwrap_or(false),
+            properties: m.properties.map(|p| json!(p)),
+            last: Default::default(),
+            alerts_sent: 0,
+        });
+        Ok(())
+    }
+
+    /// InstanceStart: starts the supervisor and waits until the VM runs (or failed).
+    pub fn start(&mut self) -> Result<(), String> {
+        if self.phase != Phase::NotStarted {
+            return Err(
+                "The requested operation is not supported after starting the microVM.".to_string(),
+            );
+        }
+        let mut config = self
+            .pending
+            .to_bulkhead(&self.id, self.seccomp, &self.cwd)
+            .map_err(|e| e.to_string())?;
+        for what in self.pending.unenforced_limits() {
+            log::warn!("{what}: rate limiters are accepted but not enforced by this bulkhead");
+        }
+        config["metrics_file"] = json!(self.work.join("metrics.prom"));
+        config["alerts"] = json!(self.work.join("alerts.jsonl"));
+        let path = self.work.join("config.json");
+        std::fs::write(&path, config.to_string())
+            .map_err(|e| format!("Start microvm error: cannot write {}: {e}", path.display()))?;
+        let mut cmd = std::process::Command::new(&self.exe);
+        cmd.args([
+            "--log-level",
+            level_name(log::max_level()),
+            "run",
+            "--config",
+        ])
+        .arg(&path);
+        // SAFETY: the closure runs in the forked child before exec and calls only prctl,
+        // which is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("Start microvm error: cannot start the VMM: {e}"))?;
+        let pid = i32::try_from(child.id()).unwrap_or(0);
+        // The child is reaped by the process's wait loop.
+        std::mem::forget(child);
+        self.supervisor = Some(pid);
+        // Running means the vCPUs run: every thread of the VM process under its filter.
+        let want = usize::from(self.pending.machine.vcpu_count) + 1;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(vm) = self.vm_process() {
+                let confined = confined_threads(vm);
+                if confined >= want || (!self.seccomp && thread_count(vm) >= want) {
+                    break;
+                }
+            }
+            if !Path::new(&format!("/proc/{pid}")).exists()
+                || zombie(pid)
+                || Instant::now() > deadline
+            {
+                return Err("Start microvm error: the VM did not start; see the log".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.phase = Phase::Running;
+        let _ = self.flush_metrics();
+        Ok(())
+    }
+
+    pub fn pause(&mut self, pause: bool) -> Result<(), String> {
+        let vm = self
+            .vm_process()
+            .ok_or_else(|| "The microVM is not running.".to_string())?;
+        let signal = if pause { libc::SIGSTOP } else { libc::SIGCONT };
+        super::vms::signal(vm, signal).map_err(|e| format!("Cannot pause/resume: {e}"))?;
+        self.phase = if pause { Phase::Paused } else { Phase::Running };
+        Ok(())
+    }
+
+    pub fn patch_drive(&mut self, d: PartialDrive) -> Result<(), String> {
+        if !self.pending.drives.iter().any(|o| o.drive_id == d.drive_id) {
+            return Err("Drive config error: Unable to patch the block device: Failed perform action on device: Device not found Please verify the request arguments.".to_string());
+        }
+        Err(format!(
+            "Drive config error: Unable to patch the block device {}: swapping a running VM's backing file is not supported by this bulkhead yet",
+            d.drive_id
+        ))
+    }
+
+    pub fn ctrl_alt_del(&mut self) -> Result<(), String> {
+        if self.phase == Phase::NotStarted {
+            return Err(
+                "The requested operation is not supported before starting the microVM.".to_string(),
+            );
+        }
+        Err(
+            "SendCtrlAltDel is not supported by this bulkhead yet: stop the VM with SIGTERM"
+                .to_string(),
+        )
+    }
+
+    /// Writes one metrics line, in Firecracker's layout for what has a counterpart in
+    /// bulkhead, with bulkhead's own series and new alerts under their own keys.
+    pub fn flush_metrics(&mut self) -> Result<(), String> {
+        if self.phase == Phase::NotStarted {
+            return Err(
+                "The requested operation is not supported before starting the microVM.".to_string(),
+            );
+        }
+        let work = self.work.clone();
+        let id = self.id.clone();
+        let api = Value::Object(self.api_counts.clone());
+        let Some(sink) = self.metrics.as_mut() else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(work.join("metrics.prom")).unwrap_or_default();
+        let alerts: Vec<Value> = std::fs::read_to_string(work.join("alerts.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let line = metrics_line(sink, &text, &alerts, &id, &api);
+        sink.alerts_sent = alerts.len();
+        let mut bytes = line.to_string().into_bytes();
+        bytes.push(b'\n');
+        sink.file
+            .write_all(&bytes)
+            .map_err(|e| format!("Metrics error: cannot write a metrics line: {e}"))
+    }
+}
+
+fn level_filter(level: &str) -> Option<log::LevelFilter> {
+    Some(match level.to_ascii_lowercase().as_str() {
+        "error" => log::LevelFilter::Error,
+        "warning" | "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        "off" => log::LevelFilter::Off,
+        _ => return None,
+    })
+}
+
+fn level_name(level: log::LevelFilter) -> &'static str {
+    match level {
+        log::LevelFilter::Off | log::LevelFilter::Error => "error",
+        log::LevelFilter::Warn => "warn",
+        log::LevelFilter::Info => "info",
+        log::LevelFilter::Debug => "debug",
+        log::LevelFilter::Trace => "trace",
+    }
+}
+
+/// Opens a log or metrics destination as Firecracker does: a FIFO (its reader already
+/// waiting) or a file, appended to.
+fn open_output(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Sends this process's log (its stderr), and the VMM's it starts later, to `path`.
+fn redirect_log(path: &Path) -> std::io::Result<()> {
+    let f = open_output(path)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto stderr of a descriptor this process owns.
+    if unsafe { libc::dup2(f.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn status_field(pid: i32, task: &str, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+fn tasks(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn thread_count(pid: i32) -> usize {
+    tasks(pid).len()
+}
+
+fn confined_threads(pid: i32) -> usize {
+    tasks(pid)
+        .iter()
+        .filter(|t| status_field(pid, t, "Seccomp:") == "2")
+        .count()
+}
+
+fn zombie(pid: i32) -> bool {
+    status_field(pid, &pid.to_string(), "State:").starts_with('Z')
+}
+
+/// One Firecracker-layout metrics line from bulkhead's Prometheus text.
+fn metrics_line(
+    sink: &mut MetricsSink,
+    prom: &str,
+    alerts: &[Value],
+    id: &str,
+    api: &Value,
+) -> Value {
+    // name{labels} -> value, for every sample.
+    let samples: Vec<(String, String, f64)> = prom
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n.to_string(), rest.trim_end_matches('}').to_string()),
+                None => (series.to_string(), String::new()),
+            };
+            Some((name, labels, value))
+        })
+        .collect();
+    let sum = |name: &str, label: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|(n, l, _)| n == name && l.contains(label))
+            .map(|(_, _, v)| v)
+            .sum()
+    };
+    let mut delta = |key: &str, total: f64| -> u64 {
+        let before = sink.last.insert(key.to_string(), total).unwrap_or(0.0);
+        (total - before).max(0.0) as u64
+    };
+    let exits = |reason: &str| sum("bulkhead_vcpu_exits_total", &format!("reason=\"{reason}\""));
+    let vcpu = json!({
+        "exit_io_in": delta("vcpu.io_in", exits("io_in")),
+        "exit_io_out": delta("vcpu.io_out", exits("io_out")),
+        "exit_mmio_read": delta("vcpu.mmio_read", exits("mmio_read")),
+        "exit_mmio_write": delta("vcpu.mmio_write", exits("mmio_write")),
+        "failures": 0,
+    });
+    let bytes = |dev: &str, dir: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == "bulkhead_virtio_bytes_total"
+                    && l.contains(&format!("device=\"{dev}"))
+                    && l.contains(dir)
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    };
+    let block = json!({
+        "read_bytes": delta("block.read", bytes("virtio-blk", "to_guest")),
+        "write_bytes": delta("block.write", bytes("virtio-blk", "from_guest")),
+        "invalid_reqs_count": delta("block.refused", sum("bulkhead_virtio_refusals_total", "device=\"virtio-blk")),
+    });
+    let net = json!({
+        "rx_bytes_count": delta("net.rx", bytes("virtio-net", "to_guest")),
+        "tx_bytes_count": delta("net.tx", bytes("virtio-net", "from_guest")),
+        "tx_spoofed_mac_count": delta("net.spoof", sum("bulkhead_virtio_refusals_total", "reason=\"request.foreign_source_mac\"")),
+    });
+    let vsock = json!({
+        "rx_bytes_count": delta("vsock.rx", bytes("virtio-vsock", "to_guest")),
+        "tx_bytes_count": delta("vsock.tx", bytes("virtio-vsock", "from_guest")),
+    });
+    let seccomp_faults = sum("bulkhead_vm_exit", "reason=\"seccomp_violation\"");
+    let mut line = serde_json::Map::new();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    line.insert("utc_timestamp_ms".into(), json!(now_ms));
+    if sink.emit_id {
+        line.insert("id".into(), json!(id));
+    }
+    if let Some(p) = &sink.properties {
+        line.insert("properties".into(), p.clone());
+    }
+    for group in ["get_api_requests", "put_api_requests", "patch_api_requests"] {
+        let mut g = serde_json::Map::new();
+        if let Some(all) = api.as_object() {
+            for (k, v) in all {
+                if let Some(field) = k.strip_prefix(&format!("{group}.")) {
+                    g.insert(field.to_string(), v.clone());
+                }
+            }
+        }
+        line.insert(group.into(), Value::Object(g));
+    }
+    line.insert("block".into(), block);
+    line.insert("net".into(), net);
+    line.insert("vsock".into(), vsock);
+    line.insert("vcpu".into(), vcpu);
+    line.insert(
+        "seccomp".into(),
+        json!({ "num_faults": seccomp_faults as u64 }),
+    );
+    line.insert("vmm".into(), json!({ "panic_count": 0 }));
+    let series: serde_json::Map<String, Value> = samples
+        .iter()
+        .map(|(n, l, v)| (format!("{n}{{{l}}}"), json!(v)))
+        .collect();
+    line.insert("bulkhead".into(), Value::Object(series));
+    let new_alerts: Vec<Value> = alerts.iter().skip(sink.alerts_sent).cloned().collect();
+    line.insert("bulkhead_alerts".into(), json!(new_alerts));
+    Value::Object(line)
+}
+
+/// Builds the settings from `--config-file`.
+fn from_config_file(p: &mut Personality, path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let file: ConfigFile = serde_json::from_str(&text).map_err(|e| format!("Invalid JSON: {e}"))?;
+    for (key, present) in [
+        ("balloon", file.balloon.is_some()),
+        ("cpu-config", file.cpu_config.is_some()),
+        ("mmds-config", file.mmds_config.is_some()),
+        (
+            "pmem",
+            file.pmem
+                .as_ref()
+                .is_some_and(|v| v.as_array().map_or(true, |a| !a.is_empty())),
+        ),
+        ("memory-hotplug", file.memory_hotplug.is_some()),
+    ] {
+        if present {
+            return Err(format!("\"{key}\" is not supported by bulkhead"));
+        }
+    }
+    if let Some(m) = file.machine_config {
+        p.pending.set_machine(m).map_err(|e| e.to_string())?;
+    }
+    p.pending.boot = Some(file.boot_source);
+    for d in file.drives {
+        p.pending.put_drive(d).map_err(|e| e.to_string())?;
+    }
+    for n in file.network_interfaces {
+        p.pending.put_net(n).map_err(|e| e.to_string())?;
+    }
+    p.pending.vsock = file.vsock;
+    p.pending.entropy = file.entropy;
+    if let Some(l) = file.logger {
+        p.set_logger(l)?;
+    }
+    if let Some(m) = file.metrics {
+        p.set_metrics(m)?;
+    }
+    Ok(())
+}
+
+/// Runs the personality; returns the process's exit status.
+pub fn run(opts: Options) -> i32 {
+    if opts.no_api && opts.config_file.is_none() {
+        eprintln!("Arguments parsing error: Argument 'config-file' required, but not found.");
+        return 153;
+    }
+    if let Some(level) = &opts.level {
+        match level_filter(level) {
+            Some(f) => log::set_max_level(f),
+            None => {
+                eprintln!("Error: InvalidLogLevel({level:?})");
+                return 152;
+            }
+        }
+    }
+    if let Some(path) = &opts.log_path {
+        if let Err(e) = redirect_log(path) {
+            eprintln!("cannot open the log {}: {e}", path.display());
+            return status::RUNTIME_ERROR;
+        }
+    }
+    // SAFETY: getpid has no preconditions.
+    let work = std::env::temp_dir().join(format!("bulkhead-fc-{}", unsafe { libc::getpid() }));
+    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&work) {
+        log::error!("cannot create {}: {e}", work.display());
+        return status::RUNTIME_ERROR;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            log::error!("cannot find this program: {e}");
+            return status::RUNTIME_ERROR;
+        }
+    };
+    let mut personality = Personality {
+        id: opts.id.clone(),
+        phase: Phase::NotStarted,
+        pending: Pending::default(),
+        seccomp: !opts.no_seccomp,
+        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        work: work.clone(),
+        exe,
+        supervisor: None,
+        metrics: None,
+        logger_set: false,
+        api_counts: serde_json::Map::new(),
+    };
+    if opts.boot_timer {
+        log::info!("--boot-timer: bulkhead logs the guest's boot time itself");
+    }
+    if let Some(path) = &opts.metrics_path {
+        if let Err(e) = personality.set_metrics(Metrics {
+            metrics_path: path.clone(),
+            ..Metrics::default()
+        }) {
+            log::error!("{e}");
+            return status::RUNTIME_ERROR;
+        }
+    }
+    let personality = Arc::new(Mutex::new(personality));
+    let code = server::serve(personality.clone(), &opts);
+    let _ = std::fs::remove_dir_all(&work);
+    code
+}

@@ -1,0 +1,319 @@
+//! What the Firecracker personality has been told before InstanceStart, how it becomes
+//! bulkhead's own settings, and how it is shown back (`GET /vm/config`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::model::{
+    BootSource, Drive, EntropyDevice, Logger, MachineConfiguration, Metrics, NetworkInterface,
+    RateLimiter, Vsock,
+};
+
+/// Where the VM is in its life, as `GET /` words it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    NotStarted,
+    Running,
+    Paused,
+    /// The VM ended; the process is on its way out.
+    Ended,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::NotStarted => "Not started",
+            Phase::Running | Phase::Ended => "Running",
+            Phase::Paused => "Paused",
+        }
+    }
+}
+
+/// The microVM's settings so far.
+#[derive(Debug, Clone, Default)]
+pub struct Pending {
+    pub machine: MachineConfiguration,
+    pub boot: Option<BootSource>,
+    /// In the order given; the root device goes first when the VM is built.
+    pub drives: Vec<Drive>,
+    pub nets: Vec<NetworkInterface>,
+    pub vsock: Option<Vsock>,
+    pub entropy: Option<EntropyDevice>,
+    pub logger: Option<Logger>,
+    pub metrics: Option<Metrics>,
+}
+
+/// Why the settings can not make a VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PendingError {
+    #[error("Start microvm error: Cannot start microvm without kernel configuration.")]
+    NoKernel,
+    #[error("Drive config error: A root block device already exists!")]
+    SecondRoot,
+    #[error("Drive config error: Unable to create the virtio block device: Invalid block config.")]
+    NoDrivePath,
+    #[error("Drive config error: vhost-user block devices are not supported by bulkhead")]
+    VhostUser,
+    #[error("Machine config error: The number of vCPUs must be greater than 0, less than 32 and must be 1 or an even number if SMT is enabled.")]
+    VcpuCount,
+    #[error("Machine config error: The memory size (MiB) is either 0, or not a multiple of the configured page size.")]
+    MemSize,
+    #[error("Machine config error: {0} is not supported by bulkhead")]
+    MachineFeature(&'static str),
+    #[error("Network config error: Could not create the network device: MTU {0} is out of range [68, 65535]")]
+    Mtu(u32),
+    #[error("Network config error: a custom MTU is not supported by bulkhead")]
+    MtuUnsupported,
+}
+
+impl Pending {
+    /// Checks and stores a machine configuration.
+    pub fn set_machine(&mut self, m: MachineConfiguration) -> Result<(), PendingError> {
+        if m.vcpu_count == 0
+            || m.vcpu_count > 32
+            || (m.smt && m.vcpu_count > 1 && m.vcpu_count % 2 == 1)
+        {
+            return Err(PendingError::VcpuCount);
+        }
+        if m.mem_size_mib == 0 || (m.huge_pages == "2M" && m.mem_size_mib % 2 == 1) {
+            return Err(PendingError::MemSize);
+        }
+        if m.huge_pages != "None" {
+            return Err(PendingError::MachineFeature("huge_pages"));
+        }
+        if m.cpu_template.as_deref().is_some_and(|t| t != "None") {
+            return Err(PendingError::MachineFeature("cpu_template"));
+        }
+        if m.track_dirty_pages {
+            return Err(PendingError::MachineFeature("track_dirty_pages"));
+        }
+        self.machine = m;
+        Ok(())
+    }
+
+    /// Adds or replaces a drive.
+    pub fn put_drive(&mut self, d: Drive) -> Result<(), PendingError> {
+        if d.socket.is_some() {
+            return Err(PendingError::VhostUser);
+        }
+        if d.path_on_host.is_none() {
+            return Err(PendingError::NoDrivePath);
+        }
+        let other_root = self
+            .drives
+            .iter()
+            .any(|o| o.is_root_device && o.drive_id != d.drive_id);
+        if d.is_root_device && other_root {
+            return Err(PendingError::SecondRoot);
+        }
+        match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+            Some(o) => *o = d,
+            None => self.drives.push(d),
+        }
+        Ok(())
+    }
+
+    pub fn put_net(&mut self, n: NetworkInterface) -> Result<(), PendingError> {
+        if let Some(mtu) = n.mtu {
+            if !(68..=65535).contains(&mtu) {
+                return Err(PendingError::Mtu(mtu));
+            }
+            return Err(PendingError::MtuUnsupported);
+        }
+        match self.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
+            Some(o) => *o = n,
+            None => self.nets.push(n),
+        }
+        Ok(())
+    }
+
+    /// Drives as the guest will see them: the root device first, the others in order.
+    pub fn ordered_drives(&self) -> Vec<&Drive> {
+        let root = self.drives.iter().filter(|d| d.is_root_device);
+        let rest = self.drives.iter().filter(|d| !d.is_root_device);
+        root.chain(rest).collect()
+    }
+
+    /// Rate limiters given that bulkhead does not enforce yet: named, so they can be logged.
+    pub fn unenforced_limits(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in &self.drives {
+            if !RateLimiter::is_unlimited(&d.rate_limiter) {
+                out.push(format!("drive {}", d.drive_id));
+            }
+        }
+        for n in &self.nets {
+            if !RateLimiter::is_unlimited(&n.rx_rate_limiter)
+                || !RateLimiter::is_unlimited(&n.tx_rate_limiter)
+            {
+                out.push(format!("network interface {}", n.iface_id));
+            }
+        }
+        if let Some(e) = &self.entropy {
+            if !RateLimiter::is_unlimited(&e.rate_limiter) {
+                out.push("entropy device".to_string());
+            }
+        }
+        out
+    }
+
+    /// bulkhead's settings (a `bulkhead run --config` body) for this microVM. Relative paths
+    /// are taken from `cwd`, as Firecracker takes them from its working directory.
+    pub fn to_bulkhead(&self, id: &str, seccomp: bool, cwd: &Path) -> Result<Value, PendingError> {
+        let boot = self.boot.as_ref().ok_or(PendingError::NoKernel)?;
+        let abs = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                cwd.join(p)
+            }
+        };
+        let mut cmdline = boot.boot_args.clone().unwrap_or_default();
+        let mut disks = Vec::new();
+        for (index, d) in self.ordered_drives().into_iter().enumerate() {
+            let path = d.path_on_host.as_deref().ok_or(PendingError::NoDrivePath)?;
+            let read_only = d.is_read_only.unwrap_or(false);
+            if d.is_root_device {
+                // As Firecracker does: the root device is named on the command line.
+                let dev = match &d.partuuid {
+                    Some(uuid) => format!("PARTUUID={uuid}"),
+                    None => format!(
+                        "/dev/vd{}",
+                        char::from(b'a' + u8::try_from(index).unwrap_or(0))
+                    ),
+                };
+                let mode = if read_only { "ro" } else { "rw" };
+                cmdline = format!("{cmdline} root={dev} {mode}").trim().to_string();
+            }
+            let mut disk = json!({"path": abs(path), "read_only": read_only});
+            let id_ok = !d.drive_id.is_empty()
+                && d.drive_id.len() <= 20
+                && d.drive_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if id_ok {
+                disk["id"] = json!(d.drive_id);
+            }
+            disks.push(disk);
+        }
+        let nets: Vec<Value> = self
+            .nets
+            .iter()
+            .map(|n| {
+                let mut v = json!({"tap": n.host_dev_name});
+                if let Some(mac) = &n.guest_mac {
+                    v["mac"] = json!(mac);
+                }
+                v
+            })
+            .collect();
+        let mut config = json!({
+            "kernel": abs(&boot.kernel_image_path),
+            "cmdline": cmdline,
+            "vcpus": self.machine.vcpu_count,
+            "mem_mib": self.machine.mem_size_mib,
+            "vm_id": id,
+            "console": "stdio",
+            "rng": self.entropy.is_some(),
+            "seccomp": seccomp,
+            "thread_names": "firecracker",
+        });
+        if let Some(initrd) = &boot.initrd_path {
+            config["initrd"] = json!(abs(initrd));
+        }
+        if !disks.is_empty() {
+            config["disks"] = json!(disks);
+        }
+        if !nets.is_empty() {
+            config["nets"] = json!(nets);
+        }
+        if let Some(v) = &self.vsock {
+            config["vsock"] = json!({"cid": v.guest_cid, "uds": abs(&v.uds_path)});
+        }
+        Ok(config)
+    }
+
+    /// `GET /vm/config`, in Firecracker's layout.
+    pub fn full_config(&self) -> Value {
+        let boot = self.boot.clone().unwrap_or_default();
+        json!({
+            "balloon": null,
+            "drives": self.ordered_drives(),
+            "boot-source": {
+                "kernel_image_path": boot.kernel_image_path,
+                "initrd_path": boot.initrd_path,
+                "boot_args": boot.boot_args,
+            },
+            "cpu-config": null,
+            "logger": null,
+            "machine-config": self.machine,
+            "metrics": null,
+            "mmds-config": null,
+            "network-interfaces": self.nets,
+            "vsock": self.vsock,
+            "entropy": self.entropy,
+            "pmem": [],
+            "memory-hotplug": null,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drive(id: &str, root: bool, path: &str) -> Drive {
+        serde_json::from_value(json!({
+            "drive_id": id, "is_root_device": root, "path_on_host": path, "is_read_only": false
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_root_drive_comes_first_and_is_named_on_the_command_line() {
+        let mut p = Pending {
+            boot: Some(BootSource {
+                kernel_image_path: "vmlinux".into(),
+                initrd_path: None,
+                boot_args: Some("console=ttyS0".into()),
+            }),
+            ..Pending::default()
+        };
+        p.put_drive(drive("data", false, "/d.img")).unwrap();
+        p.put_drive(drive("rootfs", true, "/r.img")).unwrap();
+        assert_eq!(
+            p.put_drive(drive("other", true, "/o.img")),
+            Err(PendingError::SecondRoot)
+        );
+        let c = p.to_bulkhead("vm1", true, Path::new("/jail")).unwrap();
+        assert_eq!(c["kernel"], "/jail/vmlinux");
+        assert_eq!(c["cmdline"], "console=ttyS0 root=/dev/vda rw");
+        assert_eq!(c["disks"][0]["path"], "/r.img");
+        assert_eq!(c["disks"][1]["id"], "data");
+        assert_eq!(c["rng"], false);
+    }
+
+    #[test]
+    fn machine_limits_are_firecrackers() {
+        let mut p = Pending::default();
+        let m = |v: u8, mem: u64, smt: bool| MachineConfiguration {
+            vcpu_count: v,
+            mem_size_mib: mem,
+            smt,
+            ..MachineConfiguration::default()
+        };
+        assert_eq!(
+            p.set_machine(m(0, 128, false)),
+            Err(PendingError::VcpuCount)
+        );
+        assert_eq!(
+            p.set_machine(m(33, 128, false)),
+            Err(PendingError::VcpuCount)
+        );
+        assert_eq!(p.set_machine(m(3, 128, true)), Err(PendingError::VcpuCount));
+        assert_eq!(p.set_machine(m(1, 0, false)), Err(PendingError::MemSize));
+        assert!(p.set_machine(m(32, 256, false)).is_ok());
+        assert!(p.to_bulkhead("x", true, Path::new("/")).is_err());
+    }
+}
