@@ -28,7 +28,7 @@ use crate::devices::legacy::{
     self, ioapic, power, AcpiPower, BootCompletePort, GuestExitPort, IoDelayPort, Ioapic, PvPanic,
     SerialPort, I8042,
 };
-use crate::devices::virtio::block::{Block, BlockError, BlockQueue, Disk};
+use crate::devices::virtio::block::{self, BlockError, Disk};
 use crate::devices::virtio::net::{Net, NetQueues, Tap, TapError};
 use crate::devices::virtio::rng::{Rng, RngQueue};
 use crate::devices::virtio::vsock::{Vsock, VsockBackend, VsockError, VsockQueues};
@@ -38,7 +38,7 @@ use crate::devices::virtio::{
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitSignal;
 use crate::telemetry::{DeviceTelemetry, OnViolation, Reporter};
-use crate::vmm::{RawTerminal, Vmm};
+use crate::vmm::{Control, RawTerminal, Vmm};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError, VcpuIo};
@@ -114,6 +114,9 @@ pub struct BuildEnv {
     /// before anything the guest supplied is parsed: a jailed VM process gives up its
     /// privileges here.
     pub after_open: Option<AfterOpen>,
+    /// The channel the VMM's front end (the Firecracker personality) controls the running VM
+    /// through: Ctrl-Alt-Del, a disk's backing file swapped.
+    pub control: Option<std::os::fd::OwnedFd>,
 }
 
 /// What [`BuildEnv::after_open`] runs.
@@ -126,6 +129,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         console_file,
         start_ns,
         after_open,
+        control,
     } = env;
     let mut kernel_file = BootFile::open("kernel", &config.kernel)?;
     let mut initrd_file = match &config.initrd {
@@ -190,14 +194,16 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         on_violation: config.supervision.on_violation,
         ..VirtioBus::default()
     };
+    let mut disk_handles = Vec::with_capacity(disks.len());
     for (index, (disk, id)) in disks.into_iter().enumerate() {
         log::debug!(
             "virtio-blk{index}: id {id}, {} sectors{}",
             disk.sectors,
             if disk.read_only { ", read-only" } else { "" }
         );
-        let device = Box::new(Block::new(&disk));
-        virtio.attach(&vm, device, Box::new(BlockQueue::new(disk)))?;
+        let (block, queue, handle) = block::split(disk, &id);
+        let shared = virtio.attach(&vm, Box::new(block), Box::new(queue))?;
+        disk_handles.push((handle, shared));
     }
     for (index, (tap, mac)) in taps.into_iter().enumerate() {
         log::debug!(
@@ -300,6 +306,11 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         raw_terminal,
         seccomp: config.seccomp,
         firecracker_names: config.firecracker_names,
+        control: control.map(|channel| Control {
+            channel: std::os::unix::net::UnixStream::from(channel),
+            i8042: i8042.clone(),
+            disks: disk_handles,
+        }),
         test_hook: config.test_hook,
     })
 }
@@ -326,7 +337,7 @@ impl VirtioBus {
         vm: &Vm,
         device: Box<dyn VirtioDevice>,
         handler: Box<dyn QueueHandler>,
-    ) -> Result<(), BuildError> {
+    ) -> Result<Arc<DeviceShared>, BuildError> {
         let index = self.devices.len();
         let name = self
             .names
@@ -374,8 +385,8 @@ impl VirtioBus {
             VirtioWorker::new(shared.clone(), mem, queue_evts, handler)
                 .with_notifiers(Box::new(vm.queue_notifiers(notify))),
         );
-        self.devices.push(shared);
-        Ok(())
+        self.devices.push(shared.clone());
+        Ok(shared)
     }
 }
 

@@ -267,6 +267,7 @@ impl RunArgs {
             timeout: self.timeout,
             on_violation: self.on_violation.clone(),
             thread_names: None,
+            control_fd: None,
             jail: self.jail.then(|| RawJail {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,

@@ -255,6 +255,9 @@ pub struct RawConfig {
     /// `firecracker` names the vCPU threads as Firecracker does (`fc_vcpu N`), for the
     /// orchestrators that look for them; `bulkhead` (the default) names them `vcpuN`.
     pub thread_names: Option<String>,
+    /// An inherited descriptor: the front end's control channel (set by the Firecracker
+    /// personality for the `bulkhead run` it starts).
+    pub control_fd: Option<i32>,
 }
 
 impl RawConfig {
@@ -289,6 +292,7 @@ impl RawConfig {
             timeout: over.timeout.or(self.timeout),
             on_violation: over.on_violation.or(self.on_violation),
             thread_names: over.thread_names.or(self.thread_names),
+            control_fd: over.control_fd.or(self.control_fd),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),
@@ -334,6 +338,8 @@ pub struct VmConfig {
     pub jail: Option<JailConfig>,
     /// vCPU threads named `fc_vcpu N`.
     pub firecracker_names: bool,
+    /// The inherited control channel's descriptor.
+    pub control_fd: Option<i32>,
     pub test_hook: Option<TestHook>,
 }
 
@@ -425,6 +431,7 @@ impl VmConfig {
             supervision,
             jail,
             firecracker_names,
+            control_fd: raw.control_fd.filter(|fd| *fd > 2),
             test_hook: None,
         })
     }

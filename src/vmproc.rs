@@ -69,6 +69,7 @@ pub fn run(
     wake: EventFd,
     console_file: Option<File>,
     jailed: Option<(&VmJail, OwnedFd)>,
+    control: Option<OwnedFd>,
 ) -> i32 {
     if let Err(e) = harden() {
         log::error!("VM process: cannot harden itself: {e}");
@@ -118,6 +119,7 @@ pub fn run(
         console_file,
         start_ns,
         after_open,
+        control,
     };
     let vmm = match build_vm(config, env) {
         Ok(vmm) => vmm,

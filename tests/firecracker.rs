@@ -226,6 +226,17 @@ impl Drop for Vmm {
     }
 }
 
+/// The first child of process `pid` (its main thread's).
+fn first_child(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("process {pid} has no child"))
+        .parse()
+        .unwrap()
+}
+
 fn idle_kernel(dir: &Path) -> PathBuf {
     let k = dir.join("vmlinux");
     std::fs::copy(guest("exitcodes"), &k).unwrap();
@@ -322,21 +333,7 @@ fn kata_go_boots_from_a_config_file_polls_until_running_and_stops_with_sigterm()
         assert!(line.get(key).is_some(), "{key} missing: {line}");
     }
     // The vCPU threads carry Firecracker's names, which Kata looks for.
-    let pid = vmm.child.id();
-    let supervisor: u32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let vm: u32 = std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let vm = first_child(first_child(vmm.child.id()));
     let names: Vec<String> = std::fs::read_dir(format!("/proc/{vm}/task"))
         .unwrap()
         .flatten()
@@ -438,6 +435,7 @@ fn kata_rust_configures_through_the_api_starts_and_is_killed() {
 fn sdk_sequence(vmm: &Vmm, dir: &Path) -> Vec<(String, u16)> {
     let kernel = idle_kernel(dir);
     std::fs::write(dir.join("root.img"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(dir.join("root2.img"), vec![0u8; 2 << 20]).unwrap();
     let steps: Vec<(&str, String, Option<Value>)> = vec![
         (
             "PUT",
@@ -488,6 +486,28 @@ fn sdk_sequence(vmm: &Vmm, dir: &Path) -> Vec<(String, u16)> {
             "/actions".into(),
             Some(json!({"action_type": "FlushMetrics"})),
         ),
+        // A drive's backing file swapped on the running VM; an unknown drive and a missing
+        // file refused; then Ctrl-Alt-Del.
+        (
+            "PATCH",
+            "/drives/root_drive".into(),
+            Some(json!({"drive_id": "root_drive", "path_on_host": dir.join("root2.img")})),
+        ),
+        (
+            "PATCH",
+            "/drives/nope".into(),
+            Some(json!({"drive_id": "nope", "path_on_host": dir.join("root2.img")})),
+        ),
+        (
+            "PATCH",
+            "/drives/root_drive".into(),
+            Some(json!({"drive_id": "root_drive", "path_on_host": dir.join("missing.img")})),
+        ),
+        (
+            "PUT",
+            "/actions".into(),
+            Some(json!({"action_type": "SendCtrlAltDel"})),
+        ),
     ];
     let mut out = Vec::new();
     for (method, path, body) in steps {
@@ -514,14 +534,33 @@ fn firecracker_go_sdk_configures_starts_pauses_resumes_and_flushes_metrics() {
     std::fs::write(dir.join("fc.log"), b"").unwrap();
     let mut vmm = Vmm::start("bulkhead", &dir, &[]);
     let steps = sdk_sequence(&vmm, &dir);
-    for (step, status) in &steps {
-        assert!(*status < 300, "{step}: {status}; log: {}", vmm.log());
+    for (n, (step, status)) in steps.iter().enumerate() {
+        // Steps 14 and 15: the unknown drive and the missing file.
+        if n == 14 || n == 15 {
+            assert_eq!(*status, 400, "{step}");
+        } else {
+            assert!(*status < 300, "{step}: {status}; log: {}", vmm.log());
+        }
     }
+    // The swapped drive: shown in the settings, and held open by the VM process.
+    let (_, full) = vmm.call("GET", "/vm/config", None);
+    assert_eq!(
+        full["drives"][0]["path_on_host"],
+        json!(dir.join("root2.img")),
+        "{full}"
+    );
+    let vm = first_child(first_child(vmm.child.id()));
+    let open: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{vm}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect();
+    assert!(open.contains(&dir.join("root2.img")), "{open:?}");
     assert_eq!(vmm.state(), "Running");
     let metrics = std::fs::read_to_string(dir.join("fc.metrics")).unwrap();
     // One line at InstanceStart, one for FlushMetrics.
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
-    let last: Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let last: Value = serde_json::from_str(metrics.lines().nth(1).unwrap()).unwrap();
     assert_eq!(last["put_api_requests"]["actions_count"], 2, "{last}");
     assert_eq!(vmm.signal(libc::SIGTERM), 143);
 }
@@ -648,7 +687,11 @@ fn the_same_requests_to_the_firecracker_peer_get_the_same_status_codes() {
         .map(|(a, _)| a.0.as_str())
         .collect();
     assert_eq!(ours.len(), theirs.len());
-    assert_eq!(differ, ["PUT /balloon", "PUT /mmds"], "{ours:?} vs {theirs:?}");
+    assert_eq!(
+        differ,
+        ["PUT /balloon", "PUT /mmds"],
+        "{ours:?} vs {theirs:?}"
+    );
     let ours_dir = scratch("fc-peer-ours-sdk");
     let theirs_dir = scratch("fc-peer-theirs-sdk");
     std::fs::write(ours_dir.join("fc.log"), b"").unwrap();

@@ -333,6 +333,10 @@ const DAEMON_FIELDS: &[(&str, &str)] = &[
         "nets",
         "network devices are not offered through the daemon yet",
     ),
+    (
+        "control_fd",
+        "the control channel is the Firecracker personality's",
+    ),
 ];
 
 fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {

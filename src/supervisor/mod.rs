@@ -68,7 +68,21 @@ pub fn run(config: &VmConfig) -> i32 {
             };
         }
     };
-    let spawned = spawn::spawn(config, start_ns, outputs.console.as_ref(), jail.as_ref());
+    let control = match config.control_fd.map(take_control) {
+        None => None,
+        Some(Ok(fd)) => Some(fd),
+        Some(Err(e)) => {
+            log::error!("control channel: {e}");
+            return status::BAD_INPUT;
+        }
+    };
+    let spawned = spawn::spawn(
+        config,
+        start_ns,
+        outputs.console.as_ref(),
+        jail.as_ref(),
+        control,
+    );
     let vm = match spawned {
         Ok(vm) => vm,
         Err(e) => {
@@ -160,6 +174,29 @@ fn announce(jail: &VmJail) {
             jail.host_path(&v.uds).display(),
             jail.host_path(&v.uds).display()
         );
+    }
+}
+
+/// Takes the inherited descriptor `fd` as the control channel, after checking it is an open
+/// socket (the number came in the settings, not from this process).
+fn take_control(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only `st`; a bad descriptor fails with EBADF.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(std::io::Error::other(format!(
+            "descriptor {fd} is not a socket"
+        )));
+    }
+    // SAFETY: the descriptor is open and inherited for this purpose alone; this process
+    // takes it over once, here. FD_CLOEXEC keeps it from any program started later.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        Ok(std::os::fd::OwnedFd::from_raw_fd(fd))
     }
 }
 

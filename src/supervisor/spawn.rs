@@ -30,6 +30,8 @@ const CONSOLE_FD: RawFd = 3;
 const WAKE_FD: RawFd = 4;
 /// The read end of the supervisor's life pipe.
 const LIFE_FD: RawFd = 5;
+/// The front end's control channel, when there is one.
+const CONTROL_FD: RawFd = 6;
 
 /// Errors starting the VM process.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,7 @@ pub fn spawn(
     start_ns: u64,
     console: Option<&File>,
     jail: Option<&VmJail>,
+    control: Option<OwnedFd>,
 ) -> Result<VmProcess, SpawnError> {
     let config = jail.map_or(config, |j| &j.config);
     let (region, _memfd) = Region::create()?;
@@ -92,10 +95,11 @@ pub fn spawn(
     }
     if pid == 0 {
         drop(life_write);
-        let status = match become_vm_process(life_read, console_fd, wake.as_raw_fd()) {
-            Ok((console, wake, life)) => {
+        let control_fd = control.as_ref().map(AsRawFd::as_raw_fd);
+        let status = match become_vm_process(life_read, console_fd, wake.as_raw_fd(), control_fd) {
+            Ok((console, wake, life, control)) => {
                 let jailed = jail.map(|j| (j, life));
-                crate::vmproc::run(config, start_ns, region, wake, console, jailed)
+                crate::vmproc::run(config, start_ns, region, wake, console, jailed, control)
             }
             Err(e) => {
                 log::error!("VM process: {e}");
@@ -117,6 +121,8 @@ pub fn spawn(
             return Err(SpawnError::PidNamespace(e));
         }
     }
+    // The control channel is the VM process's alone.
+    drop(control);
     Ok(VmProcess {
         pid,
         region,
@@ -143,7 +149,8 @@ fn become_vm_process(
     life: OwnedFd,
     console: Option<RawFd>,
     wake: RawFd,
-) -> std::io::Result<(Option<File>, EventFd, OwnedFd)> {
+    control: Option<RawFd>,
+) -> std::io::Result<(Option<File>, EventFd, OwnedFd, Option<OwnedFd>)> {
     let check = |rc: libc::c_int| {
         if rc < 0 {
             Err(std::io::Error::last_os_error())
@@ -172,6 +179,11 @@ fn become_vm_process(
     let wake_high = check(unsafe { libc::fcntl(wake, libc::F_DUPFD, 10) })?;
     // SAFETY: as above.
     let life_high = check(unsafe { libc::fcntl(life.as_raw_fd(), libc::F_DUPFD, 10) })?;
+    let control_high = match control {
+        // SAFETY: as above.
+        Some(fd) => Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?),
+        None => None,
+    };
     let console_high = match console {
         // SAFETY: as above.
         Some(fd) => Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?),
@@ -187,9 +199,13 @@ fn become_vm_process(
     check(unsafe { libc::dup2(wake_high, WAKE_FD) })?;
     // SAFETY: as above.
     check(unsafe { libc::dup2(life_high, LIFE_FD) })?;
+    if let Some(fd) = control_high {
+        // SAFETY: as above.
+        check(unsafe { libc::dup2(fd, CONTROL_FD) })?;
+    }
     // SAFETY: close_range closes descriptors only; nothing in this process uses the ones above
     // WAKE_FD any more.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, LIFE_FD + 1, u32::MAX, 0) };
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, CONTROL_FD + 1, u32::MAX, 0) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -202,5 +218,14 @@ fn become_vm_process(
     std::mem::forget(life);
     // SAFETY: as above.
     let life = unsafe { OwnedFd::from_raw_fd(LIFE_FD) };
-    Ok((console, wake, life))
+    let control = match control_high {
+        // SAFETY: as above.
+        Some(_) => Some(unsafe { OwnedFd::from_raw_fd(CONTROL_FD) }),
+        None => {
+            // SAFETY: closing a descriptor this process does not use, whatever it is.
+            unsafe { libc::close(CONTROL_FD) };
+            None
+        }
+    };
+    Ok((console, wake, life, control))
 }

@@ -23,6 +23,8 @@ pub(super) struct VmmEvents {
     pub(super) console: Option<ConsoleInput>,
     /// A signalfd for the supervisor's SIGTERM.
     pub(super) stop: Option<OwnedFd>,
+    /// The front end's control channel.
+    pub(super) control: Option<super::Control>,
     pub(super) finished: bool,
 }
 
@@ -30,6 +32,7 @@ const EV_EXIT: u32 = 1;
 const EV_TIMER: u32 = 2;
 const EV_CONSOLE: u32 = 3;
 const EV_STOP: u32 = 4;
+const EV_CONTROL: u32 = 5;
 
 impl MutEventSubscriber for VmmEvents {
     fn init(&mut self, ops: &mut EventOps<'_>) {
@@ -52,6 +55,13 @@ impl MutEventSubscriber for VmmEvents {
             let ev = Events::with_data_raw(stop.as_raw_fd(), EV_STOP, EventSet::IN);
             if let Err(e) = ops.add(ev) {
                 log::warn!("SIGTERM will end the VM at once: {e:?}");
+            }
+        }
+        if let Some(control) = &self.control {
+            let ev = Events::with_data_raw(control.channel.as_raw_fd(), EV_CONTROL, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::warn!("the control channel is not served: {e:?}");
+                self.control = None;
             }
         }
         if let Some(console) = &self.console {
@@ -83,6 +93,15 @@ impl MutEventSubscriber for VmmEvents {
                 }
             }
             EV_CONSOLE => self.console_input(events, ops),
+            EV_CONTROL => {
+                let open = self.control.as_ref().is_some_and(|c| c.serve());
+                if !open {
+                    // The front end is gone: the VM runs on, uncontrolled but for signals.
+                    if let Some(c) = self.control.take() {
+                        let _ = ops.remove(Events::empty_raw(c.channel.as_raw_fd()));
+                    }
+                }
+            }
             EV_STOP => {
                 if let Some(stop) = &self.stop {
                     while crate::signal::read_signal(stop).is_some() {}

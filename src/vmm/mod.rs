@@ -5,6 +5,7 @@
 //! needs, installs its filter, and only then releases the vCPUs and serves guest I/O.
 
 mod console;
+pub mod control;
 mod events;
 mod watchdog;
 
@@ -19,6 +20,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::timerfd::TimerFd;
 
 pub use console::{ConsoleInput, RawTerminal};
+pub use control::Control;
 use events::VmmEvents;
 use watchdog::HaltWatchdog;
 
@@ -65,6 +67,8 @@ pub struct Vmm {
     pub(crate) seccomp: bool,
     /// Firecracker's thread names (`fc_vcpu N`), which its orchestrators look for.
     pub(crate) firecracker_names: bool,
+    /// The front end's control channel, if it has one.
+    pub(crate) control: Option<Control>,
     pub(crate) test_hook: Option<TestHook>,
 }
 
@@ -95,6 +99,7 @@ impl Vmm {
             raw_terminal,
             seccomp,
             firecracker_names,
+            control,
             test_hook,
         } = self;
         let exit = io.exit.clone();
@@ -147,6 +152,7 @@ impl Vmm {
                 serial: serial.clone(),
             }),
             stop,
+            control,
             finished: false,
         }));
         event_manager.add_subscriber(events.clone());

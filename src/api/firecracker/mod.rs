@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::exit::status;
+use crate::vmm::control;
 use model::{ConfigFile, Logger, Metrics, PartialDrive};
 use state::{Pending, Phase};
 
@@ -39,6 +40,9 @@ pub struct Options {
     pub boot_timer: bool,
     pub no_seccomp: bool,
 }
+
+/// Where the `bulkhead run` this process starts finds its end of the control channel.
+const CHILD_CONTROL_FD: i32 = 3;
 
 /// The default API socket.
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
@@ -57,6 +61,8 @@ pub struct Personality {
     /// The supervisor, once started.
     supervisor: Option<i32>,
     metrics: Option<MetricsSink>,
+    /// The control channel to the running VM process (Ctrl-Alt-Del, disk swaps).
+    control: Option<std::os::unix::net::UnixStream>,
     logger_set: bool,
     api_counts: serde_json::Map<String, Value>,
 }
@@ -165,6 +171,10 @@ impl Personality {
             log::warn!("{what}: rate limiters are accepted but not enforced by this bulkhead");
         }
         config["metrics_file"] = json!(self.work.join("metrics.prom"));
+        // The VM process's end of the control channel reaches it as descriptor 3.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| format!("Start microvm error: cannot make the control channel: {e}"))?;
+        config["control_fd"] = json!(CHILD_CONTROL_FD);
         config["alerts"] = json!(self.work.join("alerts.jsonl"));
         let path = self.work.join("config.json");
         std::fs::write(&path, config.to_string())
@@ -177,12 +187,19 @@ impl Personality {
             "--config",
         ])
         .arg(&path);
-        // SAFETY: the closure runs in the forked child before exec and calls only prctl,
-        // which is async-signal-safe.
+        let theirs_fd = {
+            use std::os::fd::AsRawFd;
+            theirs.as_raw_fd()
+        };
+        // SAFETY: the closure runs in the forked child before exec and calls only prctl and
+        // dup2, which are async-signal-safe; dup2 leaves the copy without FD_CLOEXEC, so it
+        // survives the exec.
         unsafe {
             use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+                    || libc::dup2(theirs_fd, CHILD_CONTROL_FD) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -191,6 +208,10 @@ impl Personality {
         let child = cmd
             .spawn()
             .map_err(|e| format!("Start microvm error: cannot start the VMM: {e}"))?;
+        drop(theirs);
+        ours.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| format!("Start microvm error: {e}"))?;
+        self.control = Some(ours);
         let pid = i32::try_from(child.id()).unwrap_or(0);
         // The child is reaped by the process's wait loop.
         std::mem::forget(child);
@@ -228,14 +249,56 @@ impl Personality {
         Ok(())
     }
 
+    /// Swaps a running drive's backing file (and accepts, unenforced, a rate limiter).
     pub fn patch_drive(&mut self, d: PartialDrive) -> Result<(), String> {
-        if !self.pending.drives.iter().any(|o| o.drive_id == d.drive_id) {
-            return Err("Drive config error: Unable to patch the block device: Failed perform action on device: Device not found Please verify the request arguments.".to_string());
+        const PREFIX: &str = "Drive config error: Unable to patch the block device:";
+        let found = self
+            .pending
+            .ordered_drives()
+            .iter()
+            .position(|o| o.drive_id == d.drive_id);
+        let Some(index) = found else {
+            return Err(format!("{PREFIX} Failed perform action on device: Device not found Please verify the request arguments."));
+        };
+        if !model::RateLimiter::is_unlimited(&d.rate_limiter) {
+            log::warn!(
+                "PATCH /drives/{}: rate limiters are accepted but not enforced by this bulkhead",
+                d.drive_id
+            );
         }
-        Err(format!(
-            "Drive config error: Unable to patch the block device {}: swapping a running VM's backing file is not supported by this bulkhead yet",
-            d.drive_id
-        ))
+        let Some(path) = d.path_on_host else {
+            if d.rate_limiter.is_some() {
+                return Ok(());
+            }
+            return Err(format!("{PREFIX} Block: Running method expected different backend. Please verify the request arguments."));
+        };
+        let read_only = self
+            .pending
+            .drives
+            .iter()
+            .find(|o| o.drive_id == d.drive_id)
+            .and_then(|o| o.is_read_only)
+            .unwrap_or(false);
+        let host_path = self.resolve(&path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&host_path)
+            .map_err(|e| format!("{PREFIX} Block: Virtio backend error: Error manipulating the backing file: {e} {} Please verify the request arguments.", host_path.display()))?;
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        let answer = self.command(control::SWAP_DISK, index, Some(&file))?;
+        if answer != control::DONE {
+            return Err(format!("{PREFIX} Block: the VMM refused the new backing file {} (code {answer}) Please verify the request arguments.", host_path.display()));
+        }
+        if let Some(o) = self
+            .pending
+            .drives
+            .iter_mut()
+            .find(|o| o.drive_id == d.drive_id)
+        {
+            o.path_on_host = Some(path);
+        }
+        Ok(())
     }
 
     pub fn ctrl_alt_del(&mut self) -> Result<(), String> {
@@ -244,10 +307,35 @@ impl Personality {
                 "The requested operation is not supported before starting the microVM.".to_string(),
             );
         }
-        Err(
-            "SendCtrlAltDel is not supported by this bulkhead yet: stop the VM with SIGTERM"
-                .to_string(),
-        )
+        match self.command(control::CTRL_ALT_DEL, 0, None)? {
+            control::DONE => Ok(()),
+            code => Err(format!("The VMM refused SendCtrlAltDel (code {code})")),
+        }
+    }
+
+    /// Sends one request on the control channel, with `file` passed along, and returns the
+    /// VM process's answer.
+    fn command(&mut self, command: u8, arg: u32, file: Option<&File>) -> Result<u8, String> {
+        use std::io::Read;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let gone = || "The microVM's VMM is not running.".to_string();
+        let channel = self.control.as_ref().ok_or_else(gone)?;
+        let mut msg = [0u8; 8];
+        msg[0] = command;
+        msg[4..8].copy_from_slice(&arg.to_le_bytes());
+        let sent = match file {
+            Some(f) => {
+                use std::os::fd::AsRawFd;
+                channel.send_with_fd(&msg[..], f.as_raw_fd()).is_ok()
+            }
+            None => Write::write_all(&mut &*channel, &msg).is_ok(),
+        };
+        if !sent {
+            return Err(gone());
+        }
+        let mut answer = [0u8; 1];
+        (&*channel).read_exact(&mut answer).map_err(|_| gone())?;
+        Ok(answer[0])
     }
 
     /// Writes one metrics line, in Firecracker's layout for what has a counterpart in
@@ -551,6 +639,7 @@ pub fn run(opts: Options) -> i32 {
         exe,
         supervisor: None,
         metrics: None,
+        control: None,
         logger_set: false,
         api_counts: serde_json::Map::new(),
     };

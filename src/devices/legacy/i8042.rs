@@ -86,6 +86,13 @@ impl I8042 {
         }
     }
 
+    /// Presses Ctrl-Alt-Del (scan code set 2: Ctrl, Alt, then the extended Delete), as the
+    /// host's "SendCtrlAltDel" asks: the guest decides what to do with it.
+    pub fn ctrl_alt_del(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.reply(&mut state, &[0x14, 0x11, 0xe0, 0x71]);
+    }
+
     fn reset_machine(&self) {
         self.exit.request(VmExitReason::Reset(ResetVia::I8042));
     }
@@ -224,6 +231,15 @@ mod tests {
             out.push(dev.read_byte(DATA));
         }
         out
+    }
+
+    #[test]
+    fn ctrl_alt_del_queues_the_three_keys_and_interrupts() {
+        let (dev, _, irq) = controller();
+        let _ = irq.read();
+        dev.ctrl_alt_del();
+        assert_eq!(read_all(&dev), [0x14, 0x11, 0xe0, 0x71]);
+        assert!(irq.read().is_ok(), "no keyboard interrupt");
     }
 
     #[test]

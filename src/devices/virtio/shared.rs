@@ -131,6 +131,12 @@ impl DeviceShared {
         }
     }
 
+    /// Tells the driver the device's configuration changed (a disk's new capacity).
+    pub fn config_changed(&self) {
+        self.interrupt.raise(VIRTIO_MMIO_INT_CONFIG);
+        self.telemetry.add(DeviceCounter::Interrupts, 1);
+    }
+
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::Acquire)
     }

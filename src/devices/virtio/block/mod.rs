@@ -13,6 +13,8 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -70,7 +72,7 @@ pub struct Disk {
 impl Disk {
     /// Opens `path` read-only or read-write, takes the lock, and sizes it.
     pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Disk, BlockError> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
@@ -78,6 +80,17 @@ impl Disk {
                 path: path.to_path_buf(),
                 source,
             })?;
+        Disk::from_file(file, path, read_only, id)
+    }
+
+    /// Takes `file` (opened read-only or read-write as `read_only` says) as a disk: checks its
+    /// kind, takes the lock and sizes it. `path` names it in messages.
+    pub fn from_file(
+        mut file: File,
+        path: &Path,
+        read_only: bool,
+        id: &str,
+    ) -> Result<Disk, BlockError> {
         let kind = file
             .metadata()
             .map_err(|source| BlockError::Open {
@@ -128,17 +141,74 @@ impl Disk {
     }
 }
 
+/// A running disk's backing file, as the host may swap it (Firecracker's `PATCH /drives`): the
+/// capacity both sides read, and the next file for the queue side to take.
+#[derive(Debug, Default)]
+pub struct Backing {
+    sectors: AtomicU64,
+    next: Mutex<Option<Disk>>,
+}
+
+impl Backing {
+    pub(super) fn new(sectors: u64) -> Arc<Backing> {
+        Arc::new(Backing {
+            sectors: AtomicU64::new(sectors),
+            next: Mutex::new(None),
+        })
+    }
+
+    fn take_next(&self) -> Option<Disk> {
+        self.next.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The host's handle on one disk, to swap its backing file while the VM runs.
+#[derive(Debug)]
+pub struct DiskHandle {
+    backing: Arc<Backing>,
+    read_only: bool,
+    id: String,
+}
+
+impl DiskHandle {
+    /// Makes `file` the disk's backing from the next request on, and tells the driver its
+    /// capacity may have changed. `file` must be open for writing unless the disk is
+    /// read-only.
+    pub fn swap(&self, file: File, name: &Path) -> Result<u64, BlockError> {
+        let disk = Disk::from_file(file, name, self.read_only, &self.id)?;
+        let sectors = disk.sectors;
+        *self.backing.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(disk);
+        self.backing.sectors.store(sectors, Ordering::Release);
+        Ok(sectors)
+    }
+}
+
+/// A disk split for the device: the register side, the queue side, and the host's handle.
+pub fn split(disk: Disk, id: &str) -> (Block, BlockQueue, DiskHandle) {
+    let backing = Backing::new(disk.sectors);
+    let block = Block {
+        backing: backing.clone(),
+        read_only: disk.read_only,
+    };
+    let handle = DiskHandle {
+        backing: backing.clone(),
+        read_only: disk.read_only,
+        id: id.to_string(),
+    };
+    (block, BlockQueue::with_backing(disk, backing), handle)
+}
+
 /// The register side of a block device.
 #[derive(Debug)]
 pub struct Block {
-    sectors: u64,
+    backing: Arc<Backing>,
     read_only: bool,
 }
 
 impl Block {
     pub fn new(disk: &Disk) -> Block {
         Block {
-            sectors: disk.sectors,
+            backing: Backing::new(disk.sectors),
             read_only: disk.read_only,
         }
     }
@@ -147,7 +217,10 @@ impl Block {
     fn config_space(&self) -> [u8; 24] {
         let mut c = [0u8; 24];
         let fields: [(usize, &[u8]); 4] = [
-            (0, &self.sectors.to_le_bytes()),
+            (
+                0,
+                &self.backing.sectors.load(Ordering::Acquire).to_le_bytes(),
+            ),
             (8, &SIZE_MAX.to_le_bytes()),
             (12, &SEG_MAX.to_le_bytes()),
             (20, &(SECTOR_SIZE as u32).to_le_bytes()),
@@ -190,5 +263,44 @@ impl VirtioDevice for Block {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
         // The writeback field needs VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
         false
+    }
+}
+
+#[cfg(test)]
+mod swap_tests {
+    use super::*;
+
+    fn file_of(bytes: usize, name: &str) -> (File, PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("bulkhead-swap-{name}-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; bytes]).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (f, path)
+    }
+
+    #[test]
+    fn a_swapped_backing_file_changes_the_capacity_and_serves_the_next_requests() {
+        let (f, p1) = file_of(4096, "old");
+        let disk = Disk::from_file(f, &p1, false, "d").unwrap();
+        let (block, mut queue, handle) = split(disk, "d");
+        let capacity = |b: &Block| u64::from_le_bytes(b.config_space()[..8].try_into().unwrap());
+        assert_eq!(capacity(&block), 8);
+        let (f2, p2) = file_of(8192, "new");
+        assert_eq!(handle.swap(f2, &p2).unwrap(), 16);
+        assert_eq!(capacity(&block), 16);
+        // The queue side takes the new file when it next serves.
+        let next = queue.backing.take_next().unwrap();
+        queue.disk = next;
+        assert_eq!(queue.disk.sectors, 16);
+        // Something that is not a disk is refused, and nothing changes.
+        let dir = File::open(std::env::temp_dir()).unwrap();
+        assert!(handle.swap(dir, Path::new("/tmp")).is_err());
+        assert_eq!(capacity(&block), 16);
+        let _ = std::fs::remove_file(p1);
+        let _ = std::fs::remove_file(p2);
     }
 }

@@ -14,7 +14,9 @@ use virtio_bindings::virtio_blk::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{magic, Disk, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+use std::sync::Arc;
+
+use super::{magic, Backing, Disk, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
 use crate::devices::virtio::chain::{Buffer, Chain};
 use crate::devices::virtio::worker::{drain, QueueContext, QueueHandler};
 use crate::devices::virtio::RequestError;
@@ -68,12 +70,20 @@ enum Outcome {
 /// The queue side of a block device.
 #[derive(Debug)]
 pub struct BlockQueue {
-    disk: Disk,
+    pub(super) disk: Disk,
+    pub(super) backing: Arc<Backing>,
 }
 
 impl BlockQueue {
+    /// A queue side whose backing file never changes.
     pub fn new(disk: Disk) -> BlockQueue {
-        BlockQueue { disk }
+        let backing = Backing::new(disk.sectors);
+        BlockQueue { disk, backing }
+    }
+
+    /// A queue side that takes the backing files `backing` is given.
+    pub(super) fn with_backing(disk: Disk, backing: Arc<Backing>) -> BlockQueue {
+        BlockQueue { disk, backing }
     }
 
     fn serve(&mut self, ctx: &mut QueueContext<'_>, chain: &Chain) -> u32 {
@@ -322,6 +332,10 @@ fn read_header(mem: &GuestMemoryMmap, readable: &[&Buffer]) -> Option<(u32, u64)
 
 impl QueueHandler for BlockQueue {
     fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {
+        // A backing file the host swapped in serves every request from here on.
+        if let Some(next) = self.backing.take_next() {
+            self.disk = next;
+        }
         drain(ctx, queue, |ctx| {
             while let Some(chain) = ctx.next_chain(queue, MAX_REQUEST_BYTES) {
                 let used = self.serve(ctx, &chain);
