@@ -61,6 +61,9 @@ pub enum Command {
     /// Firecracker's command line, config file and API (also what this binary does when
     /// invoked as `firecracker`).
     Firecracker(FcArgs),
+    /// Firecracker's jailer: the same flags, chroot layout and pid file, then the VMM
+    /// (normally the Firecracker personality) exec'd inside.
+    Jailer(JailerArgs),
     /// Run the cross-tenant isolation checks on this host (against a daemon started for the
     /// purpose, with two synthetic tenants) and write the evidence bundle (as root). Exits 0
     /// when every check passes, 1 when one fails.
@@ -352,4 +355,66 @@ impl FcArgs {
 pub struct FirecrackerCli {
     #[command(flatten)]
     pub args: FcArgs,
+}
+
+/// Firecracker's jailer flags.
+#[derive(Debug, Args)]
+pub struct JailerArgs {
+    /// The microVM's id: letters, digits and '-', at most 64.
+    #[arg(long)]
+    pub id: String,
+    /// The VMM to run in the jail (copied in; its file name names the layout).
+    #[arg(long, value_name = "PATH")]
+    pub exec_file: PathBuf,
+    #[arg(long)]
+    pub uid: u32,
+    #[arg(long)]
+    pub gid: u32,
+    /// Where jails are made: BASE/EXEC_NAME/ID/root.
+    #[arg(long, value_name = "DIR", default_value = "/srv/jailer")]
+    pub chroot_base_dir: PathBuf,
+    /// A network namespace to join (e.g. /var/run/netns/NAME).
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
+    /// 1 or 2.
+    #[arg(long, default_value_t = 1)]
+    pub cgroup_version: u8,
+    /// A cgroup setting, FILE=VALUE (repeatable).
+    #[arg(long = "cgroup", value_name = "FILE=VALUE")]
+    pub cgroups: Vec<String>,
+    /// The cgroup the VM's goes under [default: the exec file's name].
+    #[arg(long, value_name = "PATH")]
+    pub parent_cgroup: Option<String>,
+    /// fsize=N or no-file=N (repeatable).
+    #[arg(long = "resource-limit", value_name = "NAME=N")]
+    pub resource_limits: Vec<String>,
+    /// Detach: a new session, stdio on /dev/null.
+    #[arg(long)]
+    pub daemonize: bool,
+    /// Run the VMM as the first process of a new pid namespace.
+    #[arg(long)]
+    pub new_pid_ns: bool,
+    /// The VMM's arguments.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+impl JailerArgs {
+    pub fn options(&self) -> bulkhead::jail::jailer::JailerOptions {
+        bulkhead::jail::jailer::JailerOptions {
+            id: self.id.clone(),
+            exec_file: self.exec_file.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            chroot_base_dir: self.chroot_base_dir.clone(),
+            netns: self.netns.clone(),
+            cgroup_version: self.cgroup_version,
+            cgroups: self.cgroups.clone(),
+            parent_cgroup: self.parent_cgroup.clone(),
+            resource_limits: self.resource_limits.clone(),
+            daemonize: self.daemonize,
+            new_pid_ns: self.new_pid_ns,
+            args: self.args.clone(),
+        }
+    }
 }

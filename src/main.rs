@@ -54,6 +54,11 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl(&args),
         Command::Audit { out, guests } => audit(&out, guests),
         Command::Firecracker(args) => firecracker(&args),
+        Command::Jailer(args) => {
+            let e = bulkhead::jail::jailer::run(&args.options());
+            log::error!("jailer: {}", bulkhead::error_chain(&e));
+            status::BAD_INPUT
+        }
     };
     exit_code(code)
 }

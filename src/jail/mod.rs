@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod dirs;
+pub mod jailer;
 pub mod privileges;
 pub mod root;
 pub mod vm;

@@ -124,12 +124,24 @@ pub fn join_network(path: &Path) -> Result<(), RootError> {
 /// (the VM process alone) and none of the system-wide files (`subset=pid`): the VMM reads its
 /// own threads' state there, nothing else.
 pub fn mount_proc(root: &Path) -> Result<(), RootError> {
+    mount_proc_with(root, "subset=pid")
+}
+
+/// [`mount_proc`] with the proc options `options` (e.g. `subset=pid,hidepid=invisible`).
+pub fn mount_proc_with(root: &Path, options: &str) -> Result<(), RootError> {
     let target = root.join("proc");
-    std::fs::create_dir(&target).map_err(|source| RootError::Call {
-        what: format!("creating {}", target.display()),
-        source,
-    })?;
+    match std::fs::create_dir(&target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(RootError::Call {
+                what: format!("creating {}", target.display()),
+                source,
+            })
+        }
+    }
     let target_c = cstring(&target)?;
+    let options_c = CString::new(options).map_err(|_| RootError::BadPath(target.clone()))?;
     // SAFETY: all strings are valid and NUL-terminated.
     let rc = unsafe {
         libc::mount(
@@ -137,7 +149,7 @@ pub fn mount_proc(root: &Path) -> Result<(), RootError> {
             target_c.as_ptr(),
             c"proc".as_ptr(),
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            c"subset=pid".as_ptr().cast(),
+            options_c.as_ptr().cast(),
         )
     };
     call(format!("mounting proc on {}", target.display()), rc)
@@ -181,6 +193,46 @@ pub fn populate(root: &Path, entries: &[Entry]) -> Result<(), RootError> {
         mount(None, &target, flags, "restricting a bind mount")?;
     }
     Ok(())
+}
+
+/// Makes the host file `host` visible, read-only, at the same path under `root` (a mount
+/// point left by an earlier jail of the same name is reused).
+pub fn bind_same_path_read_only(root: &Path, host: &Path) -> Result<(), RootError> {
+    bind_at_read_only(root, host, host)
+}
+
+/// Makes the host file `host` visible, read-only, at `at` under `root`.
+pub fn bind_at_read_only(root: &Path, host: &Path, at: &Path) -> Result<(), RootError> {
+    let inside: PathBuf = at
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    if inside.as_os_str().is_empty() {
+        return Err(RootError::BadPath(host.to_path_buf()));
+    }
+    let target = root.join(inside);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| RootError::Call {
+            what: format!("creating {}", parent.display()),
+            source,
+        })?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&target)
+        .map_err(|source| RootError::Call {
+            what: format!("creating {}", target.display()),
+            source,
+        })?;
+    mount(Some(host), &target, libc::MS_BIND, "bind mount")?;
+    mount(
+        None,
+        &target,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        "restricting a bind mount",
+    )
 }
 
 /// Makes `root` the process's `/` and detaches the old root entirely.

@@ -20,6 +20,9 @@ use crate::devices::virtio::shared::DeviceShared;
 pub const CTRL_ALT_DEL: u8 = 1;
 /// Swap the backing file of disk N (the argument) for the file sent along.
 pub const SWAP_DISK: u8 = 2;
+/// Are you running? Answered once the VMM serves its event loop (the vCPUs run), with
+/// DONE and then the VM process's pid (u32, little-endian).
+pub const PING: u8 = 3;
 
 /// Answers.
 pub const DONE: u8 = 0;
@@ -75,6 +78,12 @@ impl Control {
                         }
                     }
                 }
+            }
+            (8, PING) => {
+                // SAFETY: getpid has no preconditions.
+                let pid = u32::try_from(unsafe { libc::getpid() }).unwrap_or(0).to_le_bytes();
+                let reply = [DONE, pid[0], pid[1], pid[2], pid[3]];
+                return std::io::Write::write_all(&mut &self.channel, &reply).is_ok();
             }
             _ => UNKNOWN,
         };

@@ -18,7 +18,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -60,6 +60,8 @@ pub struct Personality {
     exe: PathBuf,
     /// The supervisor, once started.
     supervisor: Option<i32>,
+    /// The VM process, as it said when asked whether it runs.
+    vm_pid: Option<i32>,
     metrics: Option<MetricsSink>,
     /// The control channel to the running VM process (Ctrl-Alt-Del, disk swaps).
     control: Option<std::os::unix::net::UnixStream>,
@@ -88,7 +90,7 @@ impl Personality {
     }
 
     fn vm_process(&self) -> Option<i32> {
-        self.supervisor.and_then(super::vms::vm_process)
+        self.vm_pid
     }
 
     /// Counts a request as Firecracker's `*_api_requests` metrics do: `NAME_count` when it
@@ -180,6 +182,9 @@ impl Personality {
         std::fs::write(&path, config.to_string())
             .map_err(|e| format!("Start microvm error: cannot write {}: {e}", path.display()))?;
         let mut cmd = std::process::Command::new(&self.exe);
+        // Named bulkhead, whatever this binary is called: invoked as `firecracker` it would
+        // be this personality again.
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "bulkhead");
         cmd.args([
             "--log-level",
             level_name(log::max_level()),
@@ -209,31 +214,27 @@ impl Personality {
             .spawn()
             .map_err(|e| format!("Start microvm error: cannot start the VMM: {e}"))?;
         drop(theirs);
-        ours.set_read_timeout(Some(Duration::from_secs(5)))
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| format!("Start microvm error: {e}"))?;
         self.control = Some(ours);
         let pid = i32::try_from(child.id()).unwrap_or(0);
         // The child is reaped by the process's wait loop.
         std::mem::forget(child);
         self.supervisor = Some(pid);
-        // Running means the vCPUs run: every thread of the VM process under its filter.
-        let want = usize::from(self.pending.machine.vcpu_count) + 1;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(vm) = self.vm_process() {
-                let confined = confined_threads(vm);
-                if confined >= want || (!self.seccomp && thread_count(vm) >= want) {
-                    break;
-                }
-            }
-            if !Path::new(&format!("/proc/{pid}")).exists()
-                || zombie(pid)
-                || Instant::now() > deadline
-            {
-                return Err("Start microvm error: the VM did not start; see the log".to_string());
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        // Running means the VMM serves its event loop (its vCPUs run): it answers a ping
+        // then, with its pid.
+        let ping = self.command(control::PING, 0, None);
+        let mut pid_bytes = [0u8; 4];
+        let answered = ping == Ok(control::DONE)
+            && self
+                .control
+                .as_ref()
+                .is_some_and(|c| std::io::Read::read_exact(&mut &*c, &mut pid_bytes).is_ok());
+        if !answered {
+            self.control = None;
+            return Err("Start microvm error: the VM did not start; see the log".to_string());
         }
+        self.vm_pid = i32::try_from(u32::from_le_bytes(pid_bytes)).ok().filter(|p| *p > 0);
         self.phase = Phase::Running;
         let _ = self.flush_metrics();
         Ok(())
@@ -412,39 +413,6 @@ fn redirect_log(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn status_field(pid: i32, task: &str, field: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
-        .unwrap_or_default()
-}
-
-fn tasks(pid: i32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn thread_count(pid: i32) -> usize {
-    tasks(pid).len()
-}
-
-fn confined_threads(pid: i32) -> usize {
-    tasks(pid)
-        .iter()
-        .filter(|t| status_field(pid, t, "Seccomp:") == "2")
-        .count()
-}
-
-fn zombie(pid: i32) -> bool {
-    status_field(pid, &pid.to_string(), "State:").starts_with('Z')
-}
-
 /// One Firecracker-layout metrics line from bulkhead's Prometheus text.
 fn metrics_line(
     sink: &mut MetricsSink,
@@ -617,11 +585,21 @@ pub fn run(opts: Options) -> i32 {
         }
     }
     // SAFETY: getpid has no preconditions.
-    let work = std::env::temp_dir().join(format!("bulkhead-fc-{}", unsafe { libc::getpid() }));
-    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&work) {
-        log::error!("cannot create {}: {e}", work.display());
+    // Its own directory for the VMM's settings and outputs: in the temporary directory, or,
+    // in a jail that has none, in the working directory.
+    // SAFETY: getpid has no preconditions.
+    let name = format!("bulkhead-fc-{}", unsafe { libc::getpid() });
+    let candidates = [std::env::temp_dir().join(&name), PathBuf::from(&name)];
+    let Some(work) = candidates
+        .into_iter()
+        .find(|dir| std::fs::DirBuilder::new().mode(0o700).create(dir).is_ok())
+    else {
+        log::error!("cannot create a working directory {name}");
         return status::RUNTIME_ERROR;
-    }
+    };
+    let work = std::env::current_dir()
+        .map(|cwd| cwd.join(&work))
+        .unwrap_or(work);
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -638,6 +616,7 @@ pub fn run(opts: Options) -> i32 {
         work: work.clone(),
         exe,
         supervisor: None,
+        vm_pid: None,
         metrics: None,
         control: None,
         logger_set: false,
