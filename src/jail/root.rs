@@ -166,31 +166,14 @@ pub fn populate(root: &Path, entries: &[Entry]) -> Result<(), RootError> {
         if !plain || e.name.as_os_str().is_empty() {
             return Err(RootError::BadName(e.name.display().to_string()));
         }
-        let target = root.join(&e.name);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| RootError::Call {
-                what: format!("creating {}", parent.display()),
-                source,
-            })?;
-        }
-        // The mount point: an empty file (a directory would not take a file's bind mount).
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&target)
-            .map_err(|source| RootError::Call {
-                what: format!("creating {}", target.display()),
-                source,
-            })?;
-        mount(Some(&e.host), &target, libc::MS_BIND, "bind mount")?;
-        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NOEXEC;
+        let mut flags = libc::MS_NOSUID | libc::MS_NOEXEC;
         if !e.device {
             flags |= libc::MS_NODEV;
         }
         if e.read_only {
             flags |= libc::MS_RDONLY;
         }
-        mount(None, &target, flags, "restricting a bind mount")?;
+        bind_file(&e.host, &root.join(&e.name), true, flags)?;
     }
     Ok(())
 }
@@ -210,27 +193,40 @@ pub fn bind_at_read_only(root: &Path, host: &Path, at: &Path) -> Result<(), Root
     if inside.as_os_str().is_empty() {
         return Err(RootError::BadPath(host.to_path_buf()));
     }
-    let target = root.join(inside);
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    bind_file(host, &root.join(inside), false, flags)
+}
+
+/// Bind mounts the file `host` on `target` (an empty file made for it, which must be new when
+/// `fresh`), then remounts it with `flags` (`MS_RDONLY`, `MS_NODEV`, ...).
+fn bind_file(
+    host: &Path,
+    target: &Path,
+    fresh: bool,
+    flags: libc::c_ulong,
+) -> Result<(), RootError> {
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(|source| RootError::Call {
             what: format!("creating {}", parent.display()),
             source,
         })?;
     }
+    // The mount point: an empty file (a directory would not take a file's bind mount).
     std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
+        .create_new(fresh)
+        .create(!fresh)
         .truncate(false)
-        .open(&target)
+        .open(target)
         .map_err(|source| RootError::Call {
             what: format!("creating {}", target.display()),
             source,
         })?;
-    mount(Some(host), &target, libc::MS_BIND, "bind mount")?;
+    mount(Some(host), target, libc::MS_BIND, "bind mount")?;
     mount(
         None,
-        &target,
-        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        target,
+        libc::MS_BIND | libc::MS_REMOUNT | flags,
         "restricting a bind mount",
     )
 }
