@@ -418,3 +418,11 @@ impl JailerArgs {
         }
     }
 }
+
+/// The command line when this binary is invoked as `jailer`.
+#[derive(Debug, Parser)]
+#[command(name = "jailer")]
+pub struct JailerCli {
+    #[command(flatten)]
+    pub args: JailerArgs,
+}

@@ -21,6 +21,20 @@ fn main() -> ExitCode {
                 .map(|n| n.to_string_lossy().into_owned())
         })
         .unwrap_or_default();
+    if invoked_as == "jailer" {
+        return match cli::JailerCli::try_parse() {
+            Ok(j) => {
+                bulkhead::logger::init("jailer", log::LevelFilter::Info);
+                let e = bulkhead::jail::jailer::run(&j.args.options());
+                log::error!("jailer: {}", bulkhead::error_chain(&e));
+                exit_code(status::BAD_INPUT)
+            }
+            Err(e) => {
+                let _ = e.print();
+                exit_code(if e.use_stderr() { status::BAD_INPUT } else { status::OK })
+            }
+        };
+    }
     if invoked_as == "firecracker" {
         return match cli::FirecrackerCli::try_parse() {
             Ok(fc) => {
