@@ -126,6 +126,15 @@ pub enum CtlCommand {
     },
     /// The audit log (admins).
     AuditLog,
+    /// Any request, as `curl --unix-socket` would send it (the Firecracker personality's API
+    /// too).
+    Request {
+        method: String,
+        path: String,
+        /// The body, from a file.
+        #[arg(long, value_name = "FILE")]
+        body_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -31,7 +31,11 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 let _ = e.print();
-                exit_code(if e.use_stderr() { status::BAD_INPUT } else { status::OK })
+                exit_code(if e.use_stderr() {
+                    status::BAD_INPUT
+                } else {
+                    status::OK
+                })
             }
         };
     }
@@ -141,7 +145,7 @@ fn ctl(args: &CtlArgs) -> i32 {
             return status::BAD_INPUT;
         }
     };
-    let body;
+    let mut body = Vec::new();
     let (method, path, payload) = match &args.command {
         CtlCommand::Create { config } => {
             body = match std::fs::read(config) {
@@ -166,6 +170,23 @@ fn ctl(args: &CtlArgs) -> i32 {
             ("GET", format!("/v1/vms/{id}/report{q}"), None)
         }
         CtlCommand::AuditLog => ("GET", "/v1/audit-log".to_string(), None),
+        CtlCommand::Request {
+            method,
+            path,
+            body_file,
+        } => {
+            if let Some(f) = body_file {
+                body = match std::fs::read(f) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        log::error!("cannot read {}: {e}", f.display());
+                        return status::BAD_INPUT;
+                    }
+                };
+            }
+            let payload = body_file.as_ref().map(|_| body.as_slice());
+            (method.as_str(), path.clone(), payload)
+        }
     };
     match client::request(&socket, method, &path, payload, args.reason.as_deref()) {
         Ok(answer) if (200..300).contains(&answer.status) => {

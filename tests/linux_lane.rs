@@ -376,3 +376,63 @@ fn a_linux_guest_with_two_vcpus_working_every_device_raises_no_alert() {
         "refusals or alerts counted:\n{out}"
     );
 }
+
+/// Run inside L1: $1 bulkhead, $2 kernel, $3 initramfs. The Firecracker personality is set up
+/// through its API (with `bulkhead ctl request`, L1 having no curl); the guest reads its disk,
+/// the host swaps the disk's backing file with PATCH /drives while the guest runs, and the
+/// guest reads the new file and sees its new size.
+const FC_API_LANE_SCRIPT: &str = r#"
+bulkhead=$1 kernel=$2 initramfs=$3 S=/tmp/fc.sock
+dd if=/dev/zero of=/tmp/a.img bs=1M count=4 2>/dev/null
+printf 'DISK-A-ORIGIN' | dd of=/tmp/a.img conv=notrunc 2>/dev/null
+dd if=/dev/zero of=/tmp/b.img bs=1M count=8 2>/dev/null
+printf 'DISK-B-SWAPPED' | dd of=/tmp/b.img conv=notrunc 2>/dev/null
+"$bulkhead" firecracker --api-sock $S > /tmp/vm.log 2>&1 &
+pid=$!
+i=0; until [ -S $S ] || [ $i -ge 100 ]; do sleep 0.1; i=$((i + 1)); done
+c() { "$bulkhead" ctl --socket $S request "$@" || echo "lane: $* failed"; }
+cat > /tmp/boot.tmpl <<'JSON'
+{"kernel_image_path": "KERNEL", "initrd_path": "INITRD", "boot_args": "panic=-1 reboot=t -- sh -c \"echo A=$(head -c 14 /dev/vda); echo SIZE1=$(cat /sys/block/vda/size); echo GUEST-WAIT''ING; i=0; while [ $i -lt 240 ]; do echo 3 > /proc/sys/vm/drop_caches; v=$(head -c 14 /dev/vda); case $v in DISK-B*) break;; esac; sleep 0.5; i=$((i + 1)); done; echo B=$v; echo SIZE2=$(cat /sys/block/vda/size)\""}
+JSON
+sed -e "s|KERNEL|$kernel|" -e "s|INITRD|$initramfs|" /tmp/boot.tmpl > /tmp/boot.json
+printf '{"vcpu_count": 1, "mem_size_mib": 256}' > /tmp/mc.json
+printf '{"drive_id": "data", "path_on_host": "/tmp/a.img", "is_root_device": false, "is_read_only": true}' > /tmp/drive.json
+printf '{"action_type": "InstanceStart"}' > /tmp/start.json
+printf '{"drive_id": "data", "path_on_host": "/tmp/b.img"}' > /tmp/patch.json
+c PUT /boot-source --body-file /tmp/boot.json
+c PUT /machine-config --body-file /tmp/mc.json
+c PUT /drives/data --body-file /tmp/drive.json
+c PUT /actions --body-file /tmp/start.json
+c GET /
+# (The kernel echoes its command line: the marker is spelled apart there.)
+i=0; until grep -q GUEST-WAITING /tmp/vm.log || [ $i -ge 600 ]; do sleep 0.5; i=$((i + 1)); done
+c PATCH /drives/data --body-file /tmp/patch.json && echo "lane: patched"
+wait $pid
+echo "lane: personality exit status $?"
+cat /tmp/vm.log
+"#;
+
+#[test]
+fn a_linux_guest_boots_through_the_firecracker_api_and_reads_a_drive_swapped_while_it_runs() {
+    let test =
+        "a_linux_guest_boots_through_the_firecracker_api_and_reads_a_drive_swapped_while_it_runs";
+    if !lane_available(test) {
+        return;
+    }
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("lane-fc-api");
+    let (status, out) = lane_script(&dir, FC_API_LANE_SCRIPT, &[]);
+    assert_eq!(status, 0, "{out}");
+    for line in [
+        "\"state\":\"Running\"",
+        "A=DISK-A-ORIGIN",
+        "SIZE1=8192",
+        "lane: patched",
+        "B=DISK-B-SWAPPED",
+        "SIZE2=16384",
+        "lane: personality exit status 0",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    assert!(!out.contains("failed"), "{out}");
+}

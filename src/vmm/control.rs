@@ -81,7 +81,9 @@ impl Control {
             }
             (8, PING) => {
                 // SAFETY: getpid has no preconditions.
-                let pid = u32::try_from(unsafe { libc::getpid() }).unwrap_or(0).to_le_bytes();
+                let pid = u32::try_from(unsafe { libc::getpid() })
+                    .unwrap_or(0)
+                    .to_le_bytes();
                 let reply = [DONE, pid[0], pid[1], pid[2], pid[3]];
                 return std::io::Write::write_all(&mut &self.channel, &reply).is_ok();
             }

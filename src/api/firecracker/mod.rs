@@ -234,7 +234,9 @@ impl Personality {
             self.control = None;
             return Err("Start microvm error: the VM did not start; see the log".to_string());
         }
-        self.vm_pid = i32::try_from(u32::from_le_bytes(pid_bytes)).ok().filter(|p| *p > 0);
+        self.vm_pid = i32::try_from(u32::from_le_bytes(pid_bytes))
+            .ok()
+            .filter(|p| *p > 0);
         self.phase = Phase::Running;
         let _ = self.flush_metrics();
         Ok(())
