@@ -700,3 +700,85 @@ fn the_same_requests_to_the_firecracker_peer_get_the_same_status_codes() {
     let theirs = sdk_sequence(&Vmm::start(PEER, &theirs_dir, &[]), &theirs_dir);
     assert_eq!(ours, theirs);
 }
+
+/// Kata's Go runtime's config file (without its FIFOs), then a placeholder drive swapped:
+/// the status of each step.
+fn kata_go_on(program: &str, dir: &Path) -> Vec<(String, u16)> {
+    let kernel = idle_kernel(dir);
+    std::fs::write(dir.join("rootfs"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(dir.join("container.img"), vec![0u8; 1 << 20]).unwrap();
+    let mut drives = vec![json!({"drive_id": "rootfs", "is_read_only": true,
+                                 "is_root_device": false, "path_on_host": dir.join("rootfs")})];
+    for n in 0..8 {
+        let p = dir.join(format!("drive_{n}"));
+        std::fs::write(&p, b"").unwrap();
+        drives.push(
+            json!({"drive_id": format!("drive_{n}"), "is_read_only": false,
+                           "is_root_device": false, "path_on_host": p}),
+        );
+    }
+    let config = json!({
+        "boot-source": {"boot_args": "mode=idle", "kernel_image_path": kernel},
+        "machine-config": {"mem_size_mib": 128, "smt": false, "vcpu_count": 1},
+        "vsock": {"guest_cid": 3, "uds_path": dir.join("kata.hvsock"), "vsock_id": "root"},
+        "drives": drives,
+    });
+    std::fs::write(dir.join("fcConfig.json"), config.to_string()).unwrap();
+    let config_path = dir.join("fcConfig.json").display().to_string();
+    let vmm = Vmm::start(program, dir, &["--config-file", &config_path]);
+    vmm.wait_running();
+    let patch = json!({"drive_id": "drive_0", "path_on_host": dir.join("container.img")});
+    let (status, _) = vmm.call("PATCH", "/drives/drive_0", Some(patch));
+    let (info, _) = vmm.call("GET", "/", None);
+    vec![
+        ("PATCH /drives/drive_0".to_string(), status),
+        ("GET /".to_string(), info),
+    ]
+}
+
+/// How a VMM ends when its API socket's directory does not exist.
+fn exit_without_socket_dir(program: &str) -> Option<i32> {
+    let mut cmd = if program == "bulkhead" {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+        c.arg("firecracker");
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.arg("--no-seccomp");
+        c
+    };
+    let out = cmd
+        .args(["--api-sock", "/nonexistent-bulkhead-dir/api.sock"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    out.status.code()
+}
+
+#[test]
+fn kata_runtimes_get_the_same_answers_from_bulkhead_and_the_firecracker_peer() {
+    let test = "fc_peer_kata";
+    if !Path::new(PEER).exists() {
+        eprintln!("SKIPPED {test}: no Firecracker peer at {PEER}");
+        return;
+    }
+    if !kvm_available(test) {
+        return;
+    }
+    let ours = kata_go_on("bulkhead", &scratch("fc-peer-ours-kata-go"));
+    let theirs = kata_go_on(PEER, &scratch("fc-peer-theirs-kata-go"));
+    assert_eq!(ours, theirs);
+    assert!(ours.iter().all(|(_, s)| *s < 300), "{ours:?}");
+    // Kata's Rust runtime: every PUT and InstanceStart answered 204 by both (`ok` asserts it).
+    for program in ["bulkhead", PEER] {
+        let dir = scratch(&format!("fc-peer-kata-rust-{}", program.len()));
+        let vmm = Vmm::start(program, &dir, &[]);
+        kata_rust_sequence(&vmm, &dir);
+        vmm.wait_running();
+    }
+    // A vanished socket directory: both end at once, with the same status.
+    assert_eq!(
+        exit_without_socket_dir("bulkhead"),
+        exit_without_socket_dir(PEER)
+    );
+}
