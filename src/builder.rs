@@ -148,7 +148,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         taps.push((Tap::open(&net.tap)?, net.mac));
     }
     let vsock = match &config.vsock {
-        Some(v) => Some(VsockBackend::open(v.cid, &v.uds)?),
+        Some(v) => Some(VsockBackend::open(v.cid, &v.uds, !config.vsock_cid_shared)?),
         None => None,
     };
     let kvm = kvm::open_kvm(&config.kvm_device)?;

@@ -280,6 +280,7 @@ impl RunArgs {
             on_violation: self.on_violation.clone(),
             thread_names: None,
             control_fd: None,
+            vsock_cid_shared: None,
             jail: self.jail.then(|| RawJail {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,

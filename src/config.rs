@@ -258,6 +258,8 @@ pub struct RawConfig {
     /// An inherited descriptor: the front end's control channel (set by the Firecracker
     /// personality for the `bulkhead run` it starts).
     pub control_fd: Option<i32>,
+    /// `true`: the vsock CID need not be unique on the host (Firecracker's semantics).
+    pub vsock_cid_shared: Option<bool>,
 }
 
 impl RawConfig {
@@ -293,6 +295,7 @@ impl RawConfig {
             on_violation: over.on_violation.or(self.on_violation),
             thread_names: over.thread_names.or(self.thread_names),
             control_fd: over.control_fd.or(self.control_fd),
+            vsock_cid_shared: over.vsock_cid_shared.or(self.vsock_cid_shared),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),
@@ -340,6 +343,8 @@ pub struct VmConfig {
     pub firecracker_names: bool,
     /// The inherited control channel's descriptor.
     pub control_fd: Option<i32>,
+    /// The vsock CID need not be unique on the host.
+    pub vsock_cid_shared: bool,
     pub test_hook: Option<TestHook>,
 }
 
@@ -432,6 +437,7 @@ impl VmConfig {
             jail,
             firecracker_names,
             control_fd: raw.control_fd.filter(|fd| *fd > 2),
+            vsock_cid_shared: raw.vsock_cid_shared.unwrap_or(false),
             test_hook: None,
         })
     }

@@ -206,14 +206,6 @@ impl Daemon {
         // Settings of other VMs this one must not share.
         for other in &live {
             let cfg: RawConfig = serde_json::from_value(other.config.clone()).unwrap_or_default();
-            if let (Some(a), Some(b)) = (&vm.vsock, &cfg.vsock) {
-                if a.cid == b.cid {
-                    return Err(Reply::error(
-                        409,
-                        format!("vsock CID {} is not available", a.cid),
-                    ));
-                }
-            }
             for disk in vm.disks.iter().filter(|d| !d.read_only) {
                 let used = cfg
                     .disks
@@ -239,6 +231,9 @@ impl Daemon {
                 json!(format!("file:{}", paths.console().display())),
             );
             obj.insert("metrics_file".into(), json!(paths.metrics()));
+            // A CID is the VM's own (its host side is its sockets, in its jail): tenants
+            // need not, and must not be able to, learn which CIDs others use.
+            obj.insert("vsock_cid_shared".into(), json!(true));
             obj.insert("alerts".into(), json!(paths.alerts()));
             obj.insert(
                 "jail".into(),

@@ -337,6 +337,7 @@ const DAEMON_FIELDS: &[(&str, &str)] = &[
         "control_fd",
         "the control channel is the Firecracker personality's",
     ),
+    ("vsock_cid_shared", "the daemon sets it"),
 ];
 
 fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {

@@ -15,7 +15,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::privileges::{self, PrivilegeError, Rlimits};
@@ -34,7 +34,11 @@ pub enum JailerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("--cgroup {0:?}: expected FILE=VALUE with a controller's file name")]
+    #[error("--uid and --gid must both be 0 or both not")]
+    MixedRoot,
+    #[error("{0}: a symlink where the jail makes its files")]
+    Symlink(PathBuf),
+    #[error("--cgroup {0:?}: expected FILE=VALUE with a controller's file name (or a relative --parent-cgroup)")]
     Cgroup(String),
     #[error("--resource-limit {0:?}: expected fsize=N or no-file=N")]
     Limit(String),
@@ -77,13 +81,43 @@ fn now_us(clock: libc::clockid_t) -> u64 {
         + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
 }
 
+/// Fails if `path` is a symlink.
+fn refuse_symlink(path: &Path) -> Result<(), JailerError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(JailerError::Symlink(path.to_path_buf())),
+        _ => Ok(()),
+    }
+}
+
+/// Removes whatever is at `path` (unlink follows no symlink), so it can be made afresh.
+fn fresh_file(path: &Path) -> Result<(), JailerError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("removing", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `pid` to a new file at `path` (an old one removed first).
+fn write_pid_file(path: &Path, pid: libc::pid_t) -> Result<(), JailerError> {
+    fresh_file(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io("writing", path))?;
+    std::io::Write::write_all(&mut f, pid.to_string().as_bytes()).map_err(io("writing", path))
+}
+
 /// Makes the device node `name` (like the host's `host`) in `dev_dir`, for uid:gid alone.
 fn device(dev_dir: &Path, name: &str, host: &Path, uid: u32, gid: u32) -> Result<(), JailerError> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(host).map_err(io("reading", host))?.rdev();
     std::fs::create_dir_all(dev_dir).map_err(io("creating", dev_dir))?;
+    refuse_symlink(dev_dir)?;
     let path = dev_dir.join(name);
-    let _ = std::fs::remove_file(&path);
+    fresh_file(&path)?;
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| JailerError::ExecFile(path.clone()))?;
     // SAFETY: a valid NUL-terminated path; mknod only reads it.
@@ -114,6 +148,22 @@ fn cgroups(o: &JailerOptions, exec_name: &str) -> Result<(), JailerError> {
         };
         let dir = base.join(&parent).join(&o.id);
         std::fs::create_dir_all(&dir).map_err(io("creating the cgroup", &dir))?;
+        if o.cgroup_version == 2 {
+            // Each level above must hand the controller down.
+            let controller = file.split('.').next().unwrap_or("");
+            let mut level = base.clone();
+            for part in Path::new(&parent).components() {
+                let _ = std::fs::write(
+                    level.join("cgroup.subtree_control"),
+                    format!("+{controller}"),
+                );
+                level.push(part);
+            }
+            let _ = std::fs::write(
+                level.join("cgroup.subtree_control"),
+                format!("+{controller}"),
+            );
+        }
         if o.cgroup_version != 2 && file.starts_with("cpuset.") {
             // A v1 cpuset needs its CPUs and memory nodes before it takes a process.
             for f in ["cpuset.cpus", "cpuset.mems"] {
@@ -210,6 +260,21 @@ pub fn run(o: &JailerOptions) -> JailerError {
 }
 
 fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerError> {
+    if (o.uid == 0) != (o.gid == 0) {
+        // Half root is no jail: root's uid with another gid, or the reverse.
+        return Err(JailerError::MixedRoot);
+    }
+    let parent_ok = o.parent_cgroup.as_deref().map_or(true, |p| {
+        !p.is_empty()
+            && Path::new(p)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+    });
+    if !parent_ok {
+        return Err(JailerError::Cgroup(
+            o.parent_cgroup.clone().unwrap_or_default(),
+        ));
+    }
     let ok_id = !o.id.is_empty()
         && o.id.len() <= 64
         && o.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -239,10 +304,30 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
         path: chroot.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
+    // A reused chroot belonged to the jailed uid: nothing it may have planted is followed.
+    for rel in [
+        "dev",
+        "dev/net",
+        "proc",
+        "usr",
+        "lib",
+        "lib64",
+        exec_name.as_str(),
+    ] {
+        refuse_symlink(&chroot.join(rel))?;
+    }
     let binary = chroot.join(&exec_name);
-    std::fs::copy(&o.exec_file, &binary).map_err(io("copying the exec file to", &binary))?;
-    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))
-        .map_err(io("setting the mode of", &binary))?;
+    fresh_file(&binary)?;
+    let mut from = std::fs::File::open(&o.exec_file).map_err(io("reading", &o.exec_file))?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&binary)
+        .map_err(io("copying the exec file to", &binary))?;
+    std::io::copy(&mut from, &mut to).map_err(io("copying the exec file to", &binary))?;
+    drop(to);
     device(
         &chroot.join("dev"),
         "kvm",
@@ -263,10 +348,14 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
         root::join_network(ns)?;
     }
     if o.daemonize {
-        detach()?;
+        // A new session, keeping this pid (the one the caller knows) unless this process
+        // already leads a process group, which setsid refuses.
         // SAFETY: setsid has no preconditions.
-        unsafe { libc::setsid() };
-        detach()?;
+        if unsafe { libc::setsid() } < 0 {
+            detach()?;
+            // SAFETY: as above.
+            unsafe { libc::setsid() };
+        }
         let null = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -294,16 +383,14 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
         }
         if child > 0 {
             // The pid file names the VMM, as Firecracker's jailer writes it.
-            let pid_file = chroot.join(format!("{exec_name}.pid"));
-            let _ = std::fs::write(&pid_file, child.to_string());
+            let written = write_pid_file(&chroot.join(format!("{exec_name}.pid")), child);
             // SAFETY: _exit has no preconditions.
-            unsafe { libc::_exit(0) };
+            unsafe { libc::_exit(i32::from(written.is_err())) };
         }
     } else {
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
-        let pid_file = chroot.join(format!("{exec_name}.pid"));
-        std::fs::write(&pid_file, pid.to_string()).map_err(io("writing", &pid_file))?;
+        write_pid_file(&chroot.join(format!("{exec_name}.pid")), pid)?;
     }
     root::enter_namespaces(&o.id)?;
     // The VMM is this program, which the dynamic loader needs its libraries for: exactly
@@ -317,22 +404,25 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
             root::bind_at_read_only(&chroot, &real, &interp)?;
         }
     }
-    // The VMM finds its own threads (and its own binary) here; others' processes are hidden.
-    root::mount_proc_with(
-        &chroot,
-        if o.new_pid_ns {
-            "subset=pid"
-        } else {
-            "subset=pid,hidepid=invisible"
-        },
-    )?;
+    // The VMM finds its own threads (and its own binary) here; others' processes are hidden
+    // from it. Not for a root VMM outside a pid namespace of its own: root sees through
+    // hidepid, and the host's processes' roots would be a way out of the chroot.
+    if o.new_pid_ns {
+        root::mount_proc_with(&chroot, "subset=pid")?;
+    } else if o.uid != 0 {
+        root::mount_proc_with(&chroot, "subset=pid,hidepid=invisible")?;
+    } else {
+        log::warn!("jailer: no /proc in the chroot of a root VMM without --new-pid-ns: the VMM's halt watchdog is off");
+    }
     std::os::unix::fs::lchown(&chroot, Some(o.uid), Some(o.gid)).map_err(io("giving", &chroot))?;
     root::pivot(&chroot)?;
     privileges::set_rlimits(limits)?;
-    if o.uid != 0 && o.gid != 0 {
+    if o.uid != 0 {
         privileges::drop_to(o.uid, o.gid)?;
     } else {
-        log::warn!("jailer: --uid 0 --gid 0 keeps the VMM root inside its chroot, as Firecracker's jailer does");
+        log::warn!(
+            "jailer: --uid 0 keeps the VMM root inside its chroot, as Firecracker's jailer does"
+        );
     }
     let parent_cpu_us = now_us(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(start_cpu_us);
     let program = format!("/{exec_name}");
@@ -356,8 +446,12 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
     ptrs.push(std::ptr::null());
     let prog =
         CString::new(program.as_bytes()).map_err(|_| JailerError::ExecFile(binary.clone()))?;
+    // Nothing of the caller's goes along: no descriptor but stdio, no environment.
+    // SAFETY: close_range closes descriptors only; nothing here uses those above stdio.
+    unsafe { libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0) };
+    let env: [*const libc::c_char; 1] = [std::ptr::null()];
     // SAFETY: `prog` and every argv entry are valid NUL-terminated strings that outlive the
-    // call, and the array ends with a null pointer; execv only returns on failure.
-    unsafe { libc::execv(prog.as_ptr(), ptrs.as_ptr()) };
+    // call, both arrays end with a null pointer; execve only returns on failure.
+    unsafe { libc::execve(prog.as_ptr(), ptrs.as_ptr(), env.as_ptr()) };
     Err(io("executing", &binary)(std::io::Error::last_os_error()))
 }

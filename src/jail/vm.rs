@@ -409,12 +409,7 @@ impl JailLock {
             root::leave_network()?;
         }
         if let Some((path, owner)) = &self.socket {
-            let fail = |source| JailError::Create {
-                path: path.clone(),
-                source,
-            };
-            std::os::unix::fs::lchown(path, Some(*owner), Some(self.gid)).map_err(fail)?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(fail)?;
+            give_socket(path, *owner, self.gid)?;
         }
         privileges::set_rlimits(self.rlimits)?;
         // Writing past the file-size limit then fails with EFBIG instead of killing the VM.
@@ -423,4 +418,29 @@ impl JailLock {
         privileges::drop_to(self.uid, self.gid)?;
         Ok(())
     }
+}
+
+/// Gives the VM's vsock socket at `path` to `owner` and the jail's group, mode 0660. The
+/// directory it is in belongs to `owner`, who could swap the socket for a symlink: the file is
+/// opened without following one, checked to be a socket, and changed through that descriptor.
+fn give_socket(path: &Path, owner: u32, gid: u32) -> Result<(), JailError> {
+    let fail = |source| JailError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fd = dirs::open_file_no_symlinks(path)
+        .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `st` valid for writes.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(fail(std::io::Error::other("not a socket")));
+    }
+    // The descriptor's own /proc entry names exactly the file it holds.
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    std::os::unix::fs::chown(&by_fd, Some(owner), Some(gid)).map_err(fail)?;
+    std::fs::set_permissions(&by_fd, std::fs::Permissions::from_mode(0o660)).map_err(fail)
 }

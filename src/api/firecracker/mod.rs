@@ -196,6 +196,8 @@ impl Personality {
             use std::os::fd::AsRawFd;
             theirs.as_raw_fd()
         };
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the forked child before exec and calls only prctl and
         // dup2, which are async-signal-safe; dup2 leaves the copy without FD_CLOEXEC, so it
         // survives the exec.
@@ -206,6 +208,10 @@ impl Personality {
                     || libc::dup2(theirs_fd, CHILD_CONTROL_FD) < 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The front end died before the death signal was set.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
                 }
                 Ok(())
             });
@@ -232,6 +238,12 @@ impl Personality {
                 .is_some_and(|c| std::io::Read::read_exact(&mut &*c, &mut pid_bytes).is_ok());
         if !answered {
             self.control = None;
+            // SAFETY: kill and waitpid on the child just started, not reaped by anyone else.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            self.supervisor = None;
             return Err("Start microvm error: the VM did not start; see the log".to_string());
         }
         self.vm_pid = i32::try_from(u32::from_le_bytes(pid_bytes))
@@ -283,9 +295,12 @@ impl Personality {
             .and_then(|o| o.is_read_only)
             .unwrap_or(false);
         let host_path = self.resolve(&path);
+        // Non-blocking, so a FIFO named here can not hang the API; the VMM refuses anything
+        // that is not a disk.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&host_path)
             .map_err(|e| format!("{PREFIX} Block: Virtio backend error: Error manipulating the backing file: {e} {} Please verify the request arguments.", host_path.display()))?;
         let index = u32::try_from(index).unwrap_or(u32::MAX);
@@ -319,6 +334,10 @@ impl Personality {
     /// Sends one request on the control channel, with `file` passed along, and returns the
     /// VM process's answer.
     fn command(&mut self, command: u8, arg: u32, file: Option<&File>) -> Result<u8, String> {
+        if self.phase == Phase::Paused {
+            // The VMM thread is stopped with the rest of the VM process: it could not answer.
+            return Err("The microVM is paused: resume it first.".to_string());
+        }
         use std::io::Read;
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let gone = || "The microVM's VMM is not running.".to_string();
@@ -333,11 +352,13 @@ impl Personality {
             }
             None => Write::write_all(&mut &*channel, &msg).is_ok(),
         };
-        if !sent {
+        let mut answer = [0u8; 1];
+        if !sent || (&*channel).read_exact(&mut answer).is_err() {
+            // A request sent but not answered would leave its answer for the next one: the
+            // channel is given up instead.
+            self.control = None;
             return Err(gone());
         }
-        let mut answer = [0u8; 1];
-        (&*channel).read_exact(&mut answer).map_err(|_| gone())?;
         Ok(answer[0])
     }
 
@@ -352,6 +373,18 @@ impl Personality {
         let work = self.work.clone();
         let id = self.id.clone();
         let api = Value::Object(self.api_counts.clone());
+        let drive_ids: Vec<String> = self
+            .pending
+            .ordered_drives()
+            .iter()
+            .map(|d| d.drive_id.clone())
+            .collect();
+        let net_ids: Vec<String> = self
+            .pending
+            .nets
+            .iter()
+            .map(|n| n.iface_id.clone())
+            .collect();
         let Some(sink) = self.metrics.as_mut() else {
             return Ok(());
         };
@@ -361,7 +394,11 @@ impl Personality {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        let line = metrics_line(sink, &text, &alerts, &id, &api);
+        let devices = Devices {
+            drives: drive_ids,
+            nets: net_ids,
+        };
+        let line = metrics_line(sink, &text, &alerts, &id, &api, &devices);
         sink.alerts_sent = alerts.len();
         let mut bytes = line.to_string().into_bytes();
         bytes.push(b'\n');
@@ -416,12 +453,19 @@ fn redirect_log(path: &Path) -> std::io::Result<()> {
 }
 
 /// One Firecracker-layout metrics line from bulkhead's Prometheus text.
+/// The Firecracker ids of the VM's devices, in bulkhead's order (virtio-blkN, virtio-netN).
+struct Devices {
+    drives: Vec<String>,
+    nets: Vec<String>,
+}
+
 fn metrics_line(
     sink: &mut MetricsSink,
     prom: &str,
     alerts: &[Value],
     id: &str,
     api: &Value,
+    devices: &Devices,
 ) -> Value {
     // name{labels} -> value, for every sample.
     let samples: Vec<(String, String, f64)> = prom
@@ -481,6 +525,28 @@ fn metrics_line(
         "rx_bytes_count": delta("vsock.rx", bytes("virtio-vsock", "to_guest")),
         "tx_bytes_count": delta("vsock.tx", bytes("virtio-vsock", "from_guest")),
     });
+    // Per device, as Firecracker's `block_<drive_id>` and `net_<iface_id>`.
+    let mut per_device = Vec::new();
+    for (i, drive) in devices.drives.iter().enumerate() {
+        let dev = format!("virtio-blk{i}\"");
+        per_device.push((
+            format!("block_{drive}"),
+            json!({
+                "read_bytes": delta(&format!("{dev}.read"), bytes(&dev, "to_guest")),
+                "write_bytes": delta(&format!("{dev}.write"), bytes(&dev, "from_guest")),
+            }),
+        ));
+    }
+    for (i, iface) in devices.nets.iter().enumerate() {
+        let dev = format!("virtio-net{i}\"");
+        per_device.push((
+            format!("net_{iface}"),
+            json!({
+                "rx_bytes_count": delta(&format!("{dev}.rx"), bytes(&dev, "to_guest")),
+                "tx_bytes_count": delta(&format!("{dev}.tx"), bytes(&dev, "from_guest")),
+            }),
+        ));
+    }
     let seccomp_faults = sum("bulkhead_vm_exit", "reason=\"seccomp_violation\"");
     let mut line = serde_json::Map::new();
     let now_ms = std::time::SystemTime::now()
@@ -498,11 +564,17 @@ fn metrics_line(
         if let Some(all) = api.as_object() {
             for (k, v) in all {
                 if let Some(field) = k.strip_prefix(&format!("{group}.")) {
-                    g.insert(field.to_string(), v.clone());
+                    // Counts since the previous line, as Firecracker reports them.
+                    let total = v.as_f64().unwrap_or(0.0);
+                    let before = sink.last.insert(format!("api.{k}"), total).unwrap_or(0.0);
+                    g.insert(field.to_string(), json!((total - before).max(0.0) as u64));
                 }
             }
         }
         line.insert(group.into(), Value::Object(g));
+    }
+    for (key, group) in per_device {
+        line.insert(key, group);
     }
     line.insert("block".into(), block);
     line.insert("net".into(), net);
@@ -586,11 +658,12 @@ pub fn run(opts: Options) -> i32 {
             return status::RUNTIME_ERROR;
         }
     }
-    // SAFETY: getpid has no preconditions.
-    // Its own directory for the VMM's settings and outputs: in the temporary directory, or,
-    // in a jail that has none, in the working directory.
-    // SAFETY: getpid has no preconditions.
-    let name = format!("bulkhead-fc-{}", unsafe { libc::getpid() });
+    // Its own directory for the VMM's settings and outputs, under a name nobody can guess: in
+    // the temporary directory, or, in a jail that has none, in the working directory.
+    let name = format!(
+        "bulkhead-fc-{}",
+        crate::config::random_vm_id().unwrap_or_else(|_| std::process::id().to_string())
+    );
     let candidates = [std::env::temp_dir().join(&name), PathBuf::from(&name)];
     let Some(work) = candidates
         .into_iter()
@@ -602,10 +675,15 @@ pub fn run(opts: Options) -> i32 {
     let work = std::env::current_dir()
         .map(|cwd| cwd.join(&work))
         .unwrap_or(work);
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            log::error!("cannot find this program: {e}");
+    // In a jail without /proc, the absolute path it was started by (the jailer's `/NAME`).
+    let argv0 = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute());
+    let exe = match std::env::current_exe().ok().or(argv0) {
+        Some(e) => e,
+        None => {
+            log::error!("cannot find this program (no /proc, and not started by an absolute path)");
             return status::RUNTIME_ERROR;
         }
     };

@@ -114,8 +114,8 @@ pub fn route(p: &mut Personality, method: &str, path: &str, body: &[u8]) -> Answ
             Err(a) => a,
         },
         ("PUT", ["boot-source"]) => match parse::<BootSource>(body) {
-            Ok(b) => match std::fs::File::open(p.resolve(&b.kernel_image_path)) {
-                Ok(_) => {
+            Ok(b) => match open_regular(&p.resolve(&b.kernel_image_path)) {
+                Ok(()) => {
                     p.pending.boot = Some(b);
                     ok()
                 }
@@ -249,4 +249,18 @@ fn is_post_boot_only(method: &str, parts: &[&str]) -> bool {
         (method, parts),
         ("PATCH", ["drives" | "network-interfaces", _]) | ("PATCH", ["vm"])
     )
+}
+
+/// Checks that `path` opens as a regular file, without waiting on a FIFO.
+fn open_regular(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if f.metadata()?.is_file() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("not a regular file"))
+    }
 }

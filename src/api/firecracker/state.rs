@@ -218,6 +218,8 @@ impl Pending {
             "rng": self.entropy.is_some(),
             "seccomp": seccomp,
             "thread_names": "firecracker",
+            // Kata gives every pod CID 3: as in Firecracker, a CID is the VM's own.
+            "vsock_cid_shared": true,
         });
         if let Some(initrd) = &boot.initrd_path {
             config["initrd"] = json!(abs(initrd));

@@ -208,7 +208,9 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.shared.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status_of(state),
-            VIRTIO_MMIO_CONFIG_GENERATION => state.config_generation,
+            VIRTIO_MMIO_CONFIG_GENERATION => state
+                .config_generation
+                .wrapping_add(self.shared.config_changes()),
             // No shared memory regions: length all-ones means "none".
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
             VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,

@@ -74,6 +74,8 @@ pub struct DeviceShared {
     state_evt: EventFd,
     active: Mutex<Option<Activation>>,
     generations: AtomicU64,
+    /// Configuration changes the host made (added to the driver-visible generation).
+    config_changes: AtomicU32,
 }
 
 impl DeviceShared {
@@ -93,6 +95,7 @@ impl DeviceShared {
             state_evt,
             active: Mutex::new(None),
             generations: AtomicU64::new(0),
+            config_changes: AtomicU32::new(0),
         }
     }
 
@@ -131,10 +134,17 @@ impl DeviceShared {
         }
     }
 
-    /// Tells the driver the device's configuration changed (a disk's new capacity).
+    /// Tells the driver the device's configuration changed (a disk's new capacity): a new
+    /// configuration generation, then the interrupt.
     pub fn config_changed(&self) {
+        self.config_changes.fetch_add(1, Ordering::AcqRel);
         self.interrupt.raise(VIRTIO_MMIO_INT_CONFIG);
         self.telemetry.add(DeviceCounter::Interrupts, 1);
+    }
+
+    /// How many times the host changed the configuration.
+    pub fn config_changes(&self) -> u32 {
+        self.config_changes.load(Ordering::Acquire)
     }
 
     pub fn needs_reset(&self) -> bool {

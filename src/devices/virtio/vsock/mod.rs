@@ -41,14 +41,21 @@ pub struct VsockBackend {
     pub cid: u64,
     pub uds: PathBuf,
     listener: OwnedFd,
-    /// Held for the VM's lifetime: the claim on the CID.
-    cid_claim: OwnedFd,
+    /// Held for the VM's lifetime: the claim on the CID, unless CIDs are per VM.
+    cid_claim: Option<OwnedFd>,
 }
 
 impl VsockBackend {
-    pub fn open(cid: u64, uds: &Path) -> Result<VsockBackend, VsockError> {
-        let claim = format!("\0bulkhead-vsock-cid-{cid}");
-        let cid_claim = sock::listen(claim.as_bytes()).map_err(|_| VsockError::CidInUse(cid))?;
+    /// Opens the VM's socket at `uds`. With `exclusive`, no other VM on the host may have
+    /// `cid`; without (Firecracker's semantics, where Kata gives every pod CID 3), the CID is
+    /// the VM's own business: the guest's packets are checked against it, nothing else.
+    pub fn open(cid: u64, uds: &Path, exclusive: bool) -> Result<VsockBackend, VsockError> {
+        let cid_claim = if exclusive {
+            let claim = format!("\0bulkhead-vsock-cid-{cid}");
+            Some(sock::listen(claim.as_bytes()).map_err(|_| VsockError::CidInUse(cid))?)
+        } else {
+            None
+        };
         use std::os::unix::ffi::OsStrExt;
         let listener =
             sock::listen(uds.as_os_str().as_bytes()).map_err(|source| VsockError::Listen {

@@ -44,7 +44,7 @@ pub struct VsockQueues {
     uds: PathBuf,
     listener: OwnedFd,
     /// Held for the VM's lifetime: the claim on the CID.
-    _cid_claim: OwnedFd,
+    _cid_claim: Option<OwnedFd>,
     conns: BTreeMap<u32, Conn>,
     next_token: u32,
     next_host_port: u32,
