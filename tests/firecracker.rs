@@ -432,7 +432,7 @@ fn kata_rust_configures_through_the_api_starts_and_is_killed() {
 }
 
 /// firecracker-go-sdk's order, from logger to pause and resume; returns each step's status.
-fn sdk_sequence(vmm: &Vmm, dir: &Path) -> Vec<(String, u16)> {
+fn sdk_sequence(vmm: &Vmm, dir: &Path, tap: &str) -> Vec<(String, u16)> {
     let kernel = idle_kernel(dir);
     std::fs::write(dir.join("root.img"), vec![0u8; 1 << 20]).unwrap();
     std::fs::write(dir.join("root2.img"), vec![0u8; 2 << 20]).unwrap();
@@ -466,6 +466,11 @@ fn sdk_sequence(vmm: &Vmm, dir: &Path) -> Vec<(String, u16)> {
             Some(
                 json!({"drive_id": "root_drive", "path_on_host": dir.join("root.img"), "is_root_device": true, "is_read_only": false}),
             ),
+        ),
+        (
+            "PUT",
+            "/network-interfaces/1".into(),
+            Some(json!({"iface_id": "1", "guest_mac": "06:00:ac:10:00:02", "host_dev_name": tap})),
         ),
         (
             "PUT",
@@ -533,10 +538,15 @@ fn firecracker_go_sdk_configures_starts_pauses_resumes_and_flushes_metrics() {
     let dir = scratch(test);
     std::fs::write(dir.join("fc.log"), b"").unwrap();
     let mut vmm = Vmm::start("bulkhead", &dir, &[]);
-    let steps = sdk_sequence(&vmm, &dir);
-    for (n, (step, status)) in steps.iter().enumerate() {
-        // Steps 14 and 15: the unknown drive and the missing file.
-        if n == 14 || n == 15 {
+    let Some(tap) = common::TestTap::create(test) else {
+        return;
+    };
+    let steps = sdk_sequence(&vmm, &dir, &tap.name);
+    let mut swaps = 0;
+    for (step, status) in &steps {
+        // Refused: the unknown drive, and the second swap (to a missing file).
+        swaps += usize::from(step == "PATCH /drives/root_drive");
+        if step == "PATCH /drives/nope" || (step == "PATCH /drives/root_drive" && swaps == 2) {
             assert_eq!(*status, 400, "{step}");
         } else {
             assert!(*status < 300, "{step}: {status}; log: {}", vmm.log());
@@ -699,8 +709,21 @@ fn the_same_requests_to_the_firecracker_peer_get_the_same_status_codes() {
     let theirs_dir = scratch("fc-peer-theirs-sdk");
     std::fs::write(ours_dir.join("fc.log"), b"").unwrap();
     std::fs::write(theirs_dir.join("fc.log"), b"").unwrap();
-    let ours = sdk_sequence(&Vmm::start("bulkhead", &ours_dir, &[]), &ours_dir);
-    let theirs = sdk_sequence(&Vmm::start(PEER, &theirs_dir, &[]), &theirs_dir);
+    let (Some(our_tap), Some(their_tap)) =
+        (common::TestTap::create(test), common::TestTap::create(test))
+    else {
+        return;
+    };
+    let ours = sdk_sequence(
+        &Vmm::start("bulkhead", &ours_dir, &[]),
+        &ours_dir,
+        &our_tap.name,
+    );
+    let theirs = sdk_sequence(
+        &Vmm::start(PEER, &theirs_dir, &[]),
+        &theirs_dir,
+        &their_tap.name,
+    );
     assert_eq!(ours, theirs);
 }
 
