@@ -48,6 +48,8 @@ pub enum ConfigError {
     Json(String),
     #[error("jail {what} 0: a jailed VM never runs as root")]
     JailRoot { what: &'static str },
+    #[error("{0}: its name is the vsock socket's followed by _PORT, so the guest could reach it")]
+    VsockOverlap(std::path::PathBuf),
     #[error("thread_names {0:?}: expected bulkhead or firecracker")]
     ThreadNames(String),
     #[error("jail path {0} must be absolute")]
@@ -405,6 +407,30 @@ impl VmConfig {
             on_violation: raw.on_violation,
         }
         .validate()?;
+        // Guest connections to host port P go to `UDS_P`: no other file this VM names may sit
+        // in that namespace, or a guest could reach it by choosing a port.
+        if let Some(v) = &vsock {
+            let prefix = format!("{}_", v.uds.display());
+            let mut named: Vec<&std::path::Path> = vec![kernel.as_path()];
+            named.extend(raw.initrd.as_deref());
+            named.extend(disks.iter().map(|d| d.path.as_path()));
+            named.extend(supervision.metrics_file.as_deref());
+            if let ConsoleConfig::File(p) = &console {
+                named.push(p);
+            }
+            if let Some(AlertsTarget::File(p)) = &supervision.alerts {
+                named.push(p);
+            }
+            for p in named {
+                let text = p.display().to_string();
+                let port = text.strip_prefix(&prefix);
+                if port.is_some_and(|port| {
+                    !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
+                }) {
+                    return Err(ConfigError::VsockOverlap(p.to_path_buf()));
+                }
+            }
+        }
         let jail = raw.jail.map(|j| j.validate(vcpus, mem_mib)).transpose()?;
         let firecracker_names = match raw.thread_names.as_deref() {
             None | Some("bulkhead") => false,

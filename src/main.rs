@@ -114,10 +114,10 @@ fn firecracker(args: &cli::FcArgs) -> i32 {
 }
 
 fn serve(path: &std::path::Path) -> i32 {
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_config_file(path) {
         Ok(t) => t,
         Err(e) => {
-            log::error!("cannot read {}: {e}", path.display());
+            log::error!("{e}");
             return status::BAD_INPUT;
         }
     };
@@ -266,15 +266,61 @@ fn verify_audit_log(file: &std::path::Path) -> i32 {
     }
 }
 
+/// The largest settings file bulkhead reads: far beyond any real one.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a settings file, refusing one larger than [`MAX_CONFIG_BYTES`] (without reading it)
+/// and anything that is not a regular file (a FIFO would hang start-up).
+fn read_config_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |e: std::io::Error| format!("cannot read config file {}: {e}", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(fail)?;
+    let meta = f.metadata().map_err(fail)?;
+    if !meta.is_file() {
+        return Err(format!(
+            "config file {}: not a regular file",
+            path.display()
+        ));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "config file {}: {} bytes, more than the {MAX_CONFIG_BYTES} a settings file may have",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    f.by_ref()
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(fail)?;
+    Ok(text)
+}
+
 fn load_config(args: &RunArgs) -> Result<VmConfig, String> {
     let file = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+            let text = read_config_file(path)?;
             RawConfig::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?
         }
         None => RawConfig::default(),
     };
+    // Turning the filters off is the operator's decision, on the command line: a settings file
+    // (which may come from elsewhere) can not do it alone.
+    if file.seccomp == Some(false) && !args.no_seccomp {
+        return Err(format!(
+            "{}: \"seccomp\": false needs --no-seccomp on the command line too",
+            args.config
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        ));
+    }
     let raw = file.overlay(args.raw_config());
     let mut config = VmConfig::from_raw(raw, host_mem_mib()).map_err(|e| e.to_string())?;
     if let Some(hook) = args.test_hook {

@@ -232,3 +232,83 @@ fn bad_supervision_settings_are_refused_before_the_vm_starts() {
         assert_refused(&bulkhead(&args), needle);
     }
 }
+
+fn fifo(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let c = std::ffi::CString::new(p.display().to_string()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    p
+}
+
+#[test]
+fn a_fifo_as_kernel_initrd_disk_or_config_file_is_refused_at_once_never_waited_on() {
+    if !kvm_available(
+        "a_fifo_as_kernel_initrd_disk_or_config_file_is_refused_at_once_never_waited_on",
+    ) {
+        return;
+    }
+    let dir = scratch("fifo-inputs");
+    let kernel = guest("hello").display().to_string();
+    let pipe = fifo(&dir, "pipe").display().to_string();
+    for (args, says) in [
+        (vec!["run", "--kernel", &pipe], "not a regular file"),
+        (
+            vec!["run", "--kernel", &kernel, "--initrd", &pipe],
+            "not a regular file",
+        ),
+        (
+            vec!["run", "--kernel", &kernel, "--disk", &pipe],
+            "not a regular file or block device",
+        ),
+        (vec!["run", "--config", &pipe], "not a regular file"),
+    ] {
+        let run = common::bulkhead_with_limit(&args, std::time::Duration::from_secs(10));
+        assert_eq!(run.status, 2, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn host_side_settings_that_would_weaken_the_vm_are_refused() {
+    let dir = scratch("host-side-settings");
+    let kernel = guest("hello").display().to_string();
+    // A tap name with '%' lets the kernel choose the device.
+    assert_refused(
+        &bulkhead(&["run", "--kernel", &kernel, "--net", "tap=tap%d"]),
+        "tap%d",
+    );
+    // A file named like the vsock socket's port namespace is reachable by the guest.
+    let uds = dir.join("v.sock");
+    let metrics = format!("{}_80", uds.display());
+    assert_refused(
+        &bulkhead(&[
+            "run",
+            "--kernel",
+            &kernel,
+            "--vsock",
+            &format!("cid=9,uds={}", uds.display()),
+            "--metrics-file",
+            &metrics,
+        ]),
+        "followed by _PORT",
+    );
+    // A settings file can not turn seccomp off alone.
+    let config = dir.join("vm.json");
+    std::fs::write(
+        &config,
+        format!(r#"{{"kernel": "{kernel}", "seccomp": false}}"#),
+    )
+    .unwrap();
+    assert_refused(
+        &bulkhead(&["run", "--config", &config.display().to_string()]),
+        "needs --no-seccomp",
+    );
+    // Nor can it be of any size.
+    let huge = dir.join("huge.json");
+    std::fs::write(&huge, vec![b' '; (1 << 20) + 1]).unwrap();
+    assert_refused(
+        &bulkhead(&["run", "--config", &huge.display().to_string()]),
+        "more than the 1048576",
+    );
+}

@@ -170,7 +170,14 @@ pub(super) fn validate_nets(raw: Vec<RawNet>, vm_id: &str) -> Result<Vec<NetConf
             && !net
                 .tap
                 .bytes()
-                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control());
+                // '%' would make the kernel pick a name of its own (tap%d).
+                .any(|b| {
+                    b == b'/'
+                        || b == b':'
+                        || b == b'%'
+                        || b.is_ascii_whitespace()
+                        || b.is_ascii_control()
+                });
         if !tap_ok {
             return Err(ConfigError::TapName(net.tap));
         }

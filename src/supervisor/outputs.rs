@@ -139,6 +139,8 @@ impl Outputs {
                 OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                     .open(path)
                     .map_err(|source| OutputError::Console {
                         path: path.clone(),

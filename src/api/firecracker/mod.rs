@@ -192,6 +192,10 @@ impl Personality {
             "--config",
         ])
         .arg(&path);
+        if !self.seccomp {
+            // The settings file alone can not turn the filters off: the command line says so.
+            cmd.arg("--no-seccomp");
+        }
         let theirs_fd = {
             use std::os::fd::AsRawFd;
             theirs.as_raw_fd()

@@ -11,6 +11,7 @@ pub mod request;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,9 +72,12 @@ pub struct Disk {
 impl Disk {
     /// Opens `path` read-only or read-write, takes the lock, and sizes it.
     pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Disk, BlockError> {
+        // Non-blocking, so a FIFO can not hang start-up; only a file or a block device is
+        // taken (checked before any read).
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|source| BlockError::Open {
                 path: path.to_path_buf(),
