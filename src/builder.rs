@@ -167,6 +167,14 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         source,
     })?);
     let (console_out, console_input) = console(&config.console, console_file)?;
+    let console_out: Box<dyn Write + Send> = match config.console_limit {
+        Some(limit) => Box::new(LimitedConsole {
+            inner: console_out,
+            left: limit,
+            reporter: reporter.clone(),
+        }),
+        None => console_out,
+    };
     let raw_terminal = console_input
         .as_ref()
         .and_then(|_| RawTerminal::new(libc::STDIN_FILENO));
@@ -523,6 +531,42 @@ fn console(
                 })?;
             Ok((Box::new(file), None))
         }
+    }
+}
+
+/// Console output up to a limit: what the guest writes past it is dropped and counted, so a
+/// guest looping on the UART can not fill the host's disk.
+struct LimitedConsole {
+    inner: Box<dyn Write + Send>,
+    left: u64,
+    reporter: Reporter,
+}
+
+impl Write for LimitedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let take = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if let Some(part) = buf.get(..take).filter(|p| !p.is_empty()) {
+            let written = self.inner.write(part)?;
+            self.left = self.left.saturating_sub(written as u64);
+            if written < take {
+                return Ok(written);
+            }
+        }
+        if take < buf.len() {
+            let dropped = (buf.len() - take) as u64;
+            self.reporter
+                .region()
+                .add_vm(crate::telemetry::VmCounter::ConsoleDroppedBytes, dropped);
+        }
+        // What is past the limit is taken, as far as the guest can tell: the UART does not
+        // stall on it.
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

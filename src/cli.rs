@@ -171,6 +171,10 @@ pub struct RunArgs {
     /// Serial console: stdio, none or file:PATH [default: stdio].
     #[arg(long, value_name = "stdio|file:PATH|none")]
     pub console: Option<String>,
+    /// Bytes the guest may write to the console; the rest is dropped and counted
+    /// (bulkhead_console_dropped_bytes) [default: 64 MiB for a console file, else no limit].
+    #[arg(long, value_name = "BYTES")]
+    pub console_limit: Option<u64>,
     /// Tenant this VM belongs to [default: default].
     #[arg(long, value_name = "ID")]
     pub tenant: Option<String>,
@@ -281,6 +285,7 @@ impl RunArgs {
             thread_names: None,
             control_fd: None,
             vsock_cid_shared: None,
+            console_limit: self.console_limit,
             jail: self.jail.then(|| RawJail {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,

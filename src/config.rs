@@ -262,6 +262,8 @@ pub struct RawConfig {
     pub control_fd: Option<i32>,
     /// `true`: the vsock CID need not be unique on the host (Firecracker's semantics).
     pub vsock_cid_shared: Option<bool>,
+    /// Bytes the guest may write to the console; the rest is dropped and counted.
+    pub console_limit: Option<u64>,
 }
 
 impl RawConfig {
@@ -298,6 +300,7 @@ impl RawConfig {
             thread_names: over.thread_names.or(self.thread_names),
             control_fd: over.control_fd.or(self.control_fd),
             vsock_cid_shared: over.vsock_cid_shared.or(self.vsock_cid_shared),
+            console_limit: over.console_limit.or(self.console_limit),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),
@@ -347,6 +350,8 @@ pub struct VmConfig {
     pub control_fd: Option<i32>,
     /// The vsock CID need not be unique on the host.
     pub vsock_cid_shared: bool,
+    /// Console bytes the guest may write, if limited.
+    pub console_limit: Option<u64>,
     pub test_hook: Option<TestHook>,
 }
 
@@ -431,6 +436,12 @@ impl VmConfig {
                 }
             }
         }
+        // A console file is capped unless told otherwise: a guest looping on the UART must not
+        // fill the host's disk.
+        let console_limit = raw.console_limit.or(match console {
+            ConsoleConfig::File(_) => Some(DEFAULT_CONSOLE_FILE_LIMIT),
+            _ => None,
+        });
         let jail = raw.jail.map(|j| j.validate(vcpus, mem_mib)).transpose()?;
         let firecracker_names = match raw.thread_names.as_deref() {
             None | Some("bulkhead") => false,
@@ -464,6 +475,7 @@ impl VmConfig {
             firecracker_names,
             control_fd: raw.control_fd.filter(|fd| *fd > 2),
             vsock_cid_shared: raw.vsock_cid_shared.unwrap_or(false),
+            console_limit,
             test_hook: None,
         })
     }
@@ -502,6 +514,9 @@ fn validate_id(field: &'static str, value: &str) -> Result<(), ConfigError> {
         })
     }
 }
+
+/// The console file's default limit: 64 MiB.
+pub const DEFAULT_CONSOLE_FILE_LIMIT: u64 = 64 << 20;
 
 /// A 128-bit random id in hex, from getrandom(2) (no file is opened).
 ///

@@ -552,3 +552,35 @@ fn a_terminal_console_is_left_as_it_was_found_even_when_the_vm_process_is_killed
     assert!(run.stderr.contains("thread vmm"), "{}", run.stderr);
     assert!(same(&before, &after), "terminal left raw");
 }
+
+#[test]
+fn console_output_past_the_limit_is_dropped_and_counted_and_the_file_is_private() {
+    let test = "console_output_past_the_limit_is_dropped_and_counted_and_the_file_is_private";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let dir = common::scratch(test);
+    let full = dir.join("full.log");
+    let cut = dir.join("cut.log");
+    let arg = |p: &std::path::Path| format!("file:{}", p.display());
+    let whole = common::run_observed(test, "hello", &["--console", &arg(&full)]);
+    assert_eq!(whole.run.status, 0, "{}", whole.run.stderr);
+    let o = common::run_observed(
+        &format!("{test}-cut"),
+        "hello",
+        &["--console", &arg(&cut), "--console-limit", "10"],
+    );
+    assert_eq!(o.run.status, 0, "{}", o.run.stderr);
+    let all = std::fs::read(&full).unwrap();
+    let kept = std::fs::read(&cut).unwrap();
+    assert_eq!(kept.as_slice(), &all[..10]);
+    assert_eq!(
+        o.metrics.sum("bulkhead_console_dropped_bytes_total", &[]),
+        (all.len() - 10) as u64
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cut).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}

@@ -167,6 +167,11 @@ impl MetricsSnapshot {
             ],
         );
         m.counter(
+            "bulkhead_console_dropped_bytes",
+            "console output bytes dropped past the console limit",
+            one(page.vm_counter(VmCounter::ConsoleDroppedBytes)),
+        );
+        m.counter(
             "bulkhead_telemetry_events_dropped",
             "telemetry events dropped because the channel to the supervisor was full",
             one(page.vm_counter(VmCounter::EventsDropped)),

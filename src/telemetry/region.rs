@@ -228,6 +228,14 @@ impl Page {
         }
     }
 
+    /// Adds `n` to a VM counter.
+    #[inline]
+    pub fn add_vm(&self, counter: VmCounter, n: u64) {
+        if let Some(c) = self.vm.get(counter.index()) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     pub fn vm_counter(&self, counter: VmCounter) -> u64 {
         self.vm
             .get(counter.index())

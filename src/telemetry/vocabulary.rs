@@ -81,6 +81,8 @@ vocabulary! {
         GuestPanics = "guest_panics",
         /// Guest kernels that reported a panic with a crash kernel loaded (they go on to it).
         GuestCrashLoaded = "guest_crash_loaded",
+        /// Console output bytes dropped past the console limit.
+        ConsoleDroppedBytes = "console_dropped_bytes",
     }
 }
 
