@@ -101,9 +101,21 @@ impl VsockQueues {
         self.control.push_back(h);
     }
 
+    /// The next token no open connection holds, above the listener's. After the counter wraps
+    /// (some 4e9 connections on), a token still in use is skipped, never shared: there are at
+    /// most MAX_CONNS of them, so the search ends.
+    fn free_token(&mut self) -> u32 {
+        loop {
+            let token = self.next_token;
+            self.next_token = self.next_token.wrapping_add(1).max(LISTENER_TOKEN + 1);
+            if !self.conns.contains_key(&token) {
+                return token;
+            }
+        }
+    }
+
     fn add_conn(&mut self, conn: Conn) -> u32 {
-        let token = self.next_token;
-        self.next_token = self.next_token.wrapping_add(1).max(LISTENER_TOKEN + 1);
+        let token = self.free_token();
         self.changes.push(FdChange::Add {
             fd: conn.stream.as_raw_fd(),
             token,
@@ -536,5 +548,35 @@ impl QueueHandler for VsockQueues {
 
     fn fd_changes(&mut self) -> Vec<FdChange> {
         std::mem::take(&mut self.changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::devices::virtio::vsock::conn::State;
+
+    #[test]
+    fn tokens_that_wrap_skip_the_ones_still_open_and_stay_above_the_listener() {
+        let uds = std::env::temp_dir().join(format!("bulkhead-token-{}", std::process::id()));
+        let _ = std::fs::remove_file(&uds);
+        let backend = VsockBackend::open(7, &uds, false).unwrap();
+        let mut q = VsockQueues::new(backend);
+        let conn = || Conn::new(UnixStream::pair().unwrap().0, State::Established, 1, 2);
+        // The first token after the listener is still open when the counter wraps to it.
+        let first = q.add_conn(conn());
+        assert_eq!(first, LISTENER_TOKEN + 1);
+        q.next_token = u32::MAX;
+        assert_eq!(q.add_conn(conn()), u32::MAX);
+        let after_wrap = q.add_conn(conn());
+        assert_eq!(
+            after_wrap,
+            LISTENER_TOKEN + 2,
+            "the open token {first} was reused"
+        );
+        assert_eq!(q.conns.len(), 3);
+        let _ = std::fs::remove_file(&uds);
     }
 }

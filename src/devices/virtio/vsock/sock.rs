@@ -97,11 +97,9 @@ pub fn connect(path: &Path) -> io::Result<UnixStream> {
         )
     };
     if rc != 0 {
-        let e = io::Error::last_os_error();
-        // A Unix socket connects at once or not at all, except when the backlog is full.
-        if e.raw_os_error() != Some(libc::EAGAIN) {
-            return Err(e);
-        }
+        // A Unix socket connects at once or not at all: EAGAIN (the listener's backlog is
+        // full) leaves it unconnected, so it is a refusal like any other.
+        return Err(io::Error::last_os_error());
     }
     Ok(UnixStream::from(fd))
 }
