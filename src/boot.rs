@@ -113,6 +113,15 @@ pub struct BootFile {
 impl BootFile {
     /// Opens `path`; `what` names it in errors ("kernel", "initrd").
     pub fn open(what: &'static str, path: &Path) -> Result<BootFile, BootError> {
+        BootFile::open_with(what, path, false)
+    }
+
+    /// [`BootFile::open`], refusing a symlink as the file itself when `no_follow`.
+    pub fn open_with(
+        what: &'static str,
+        path: &Path,
+        no_follow: bool,
+    ) -> Result<BootFile, BootError> {
         let open_err = |source| BootError::Open {
             what,
             path: path.to_path_buf(),
@@ -121,7 +130,9 @@ impl BootFile {
         // Non-blocking, so a FIFO can not hang start-up; it is refused below, before any read.
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .custom_flags(
+                libc::O_NONBLOCK | libc::O_CLOEXEC | if no_follow { libc::O_NOFOLLOW } else { 0 },
+            )
             .open(path)
             .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;

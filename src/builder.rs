@@ -131,15 +131,15 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         after_open,
         control,
     } = env;
-    let mut kernel_file = BootFile::open("kernel", &config.kernel)?;
+    let mut kernel_file = BootFile::open_with("kernel", &config.kernel, config.no_follow)?;
     let mut initrd_file = match &config.initrd {
-        Some(path) => Some(BootFile::open("initrd", path)?),
+        Some(path) => Some(BootFile::open_with("initrd", path, config.no_follow)?),
         None => None,
     };
     let mut disks = Vec::with_capacity(config.disks.len());
     for disk in &config.disks {
         disks.push((
-            Disk::open(&disk.path, disk.read_only, &disk.id)?,
+            Disk::open_with(&disk.path, disk.read_only, &disk.id, config.no_follow)?,
             disk.id.clone(),
         ));
     }

@@ -175,6 +175,10 @@ pub struct RunArgs {
     /// (bulkhead_console_dropped_bytes) [default: 64 MiB for a console file, else no limit].
     #[arg(long, value_name = "BYTES")]
     pub console_limit: Option<u64>,
+    /// Refuse a kernel, initrd or disk that is itself a symlink (O_NOFOLLOW); the default in
+    /// a jail, which follows no symlink at all.
+    #[arg(long)]
+    pub no_follow: bool,
     /// Tenant this VM belongs to [default: default].
     #[arg(long, value_name = "ID")]
     pub tenant: Option<String>,
@@ -286,6 +290,7 @@ impl RunArgs {
             control_fd: None,
             vsock_cid_shared: None,
             console_limit: self.console_limit,
+            no_follow: self.no_follow.then_some(true),
             jail: self.jail.then(|| RawJail {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,

@@ -264,6 +264,8 @@ pub struct RawConfig {
     pub vsock_cid_shared: Option<bool>,
     /// Bytes the guest may write to the console; the rest is dropped and counted.
     pub console_limit: Option<u64>,
+    /// `true`: a kernel, initrd or disk that is itself a symlink is refused.
+    pub no_follow: Option<bool>,
 }
 
 impl RawConfig {
@@ -301,6 +303,7 @@ impl RawConfig {
             control_fd: over.control_fd.or(self.control_fd),
             vsock_cid_shared: over.vsock_cid_shared.or(self.vsock_cid_shared),
             console_limit: over.console_limit.or(self.console_limit),
+            no_follow: over.no_follow.or(self.no_follow),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),
@@ -352,6 +355,8 @@ pub struct VmConfig {
     pub vsock_cid_shared: bool,
     /// Console bytes the guest may write, if limited.
     pub console_limit: Option<u64>,
+    /// Kernel, initrd and disks are opened with O_NOFOLLOW.
+    pub no_follow: bool,
     pub test_hook: Option<TestHook>,
 }
 
@@ -443,6 +448,8 @@ impl VmConfig {
             _ => None,
         });
         let jail = raw.jail.map(|j| j.validate(vcpus, mem_mib)).transpose()?;
+        // A jail follows no symlink anywhere in these paths; outside one, when asked.
+        let no_follow = raw.no_follow.unwrap_or(false) || jail.is_some();
         let firecracker_names = match raw.thread_names.as_deref() {
             None | Some("bulkhead") => false,
             Some("firecracker") => true,
@@ -476,6 +483,7 @@ impl VmConfig {
             control_fd: raw.control_fd.filter(|fd| *fd > 2),
             vsock_cid_shared: raw.vsock_cid_shared.unwrap_or(false),
             console_limit,
+            no_follow,
             test_hook: None,
         })
     }

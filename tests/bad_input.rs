@@ -312,3 +312,45 @@ fn host_side_settings_that_would_weaken_the_vm_are_refused() {
         "more than the 1048576",
     );
 }
+
+#[test]
+fn no_follow_refuses_a_kernel_or_disk_that_is_a_symlink() {
+    if !kvm_available("no_follow_refuses_a_kernel_or_disk_that_is_a_symlink") {
+        return;
+    }
+    let dir = scratch("no-follow");
+    let link = dir.join("vmlinux");
+    std::os::unix::fs::symlink(guest("hello"), &link).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let disk_link = dir.join("disk-link.img");
+    std::os::unix::fs::symlink(&disk, &disk_link).unwrap();
+    let kernel = link.display().to_string();
+    let follows = bulkhead(&["run", "--kernel", &kernel, "--console", "none"]);
+    assert_eq!(follows.status, 0, "{}", follows.stderr);
+    assert_refused(
+        &bulkhead(&[
+            "run",
+            "--kernel",
+            &kernel,
+            "--console",
+            "none",
+            "--no-follow",
+        ]),
+        "cannot open kernel",
+    );
+    let real = guest("hello").display().to_string();
+    assert_refused(
+        &bulkhead(&[
+            "run",
+            "--kernel",
+            &real,
+            "--console",
+            "none",
+            "--disk",
+            &disk_link.display().to_string(),
+            "--no-follow",
+        ]),
+        "disk-link.img",
+    );
+}

@@ -72,12 +72,22 @@ pub struct Disk {
 impl Disk {
     /// Opens `path` read-only or read-write, takes the lock, and sizes it.
     pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Disk, BlockError> {
+        Disk::open_with(path, read_only, id, false)
+    }
+
+    /// [`Disk::open`], refusing a symlink as the file itself when `no_follow`.
+    pub fn open_with(
+        path: &Path,
+        read_only: bool,
+        id: &str,
+        no_follow: bool,
+    ) -> Result<Disk, BlockError> {
         // Non-blocking, so a FIFO can not hang start-up; only a file or a block device is
         // taken (checked before any read).
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
-            .custom_flags(libc::O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK | if no_follow { libc::O_NOFOLLOW } else { 0 })
             .open(path)
             .map_err(|source| BlockError::Open {
                 path: path.to_path_buf(),
