@@ -259,7 +259,11 @@ pid=$!
 i=0
 until "$tool" unix-connect "$uds" 1234 hello-from-host > /tmp/h2g.log 2>&1 || [ $i -ge 90 ]; do sleep 1; i=$((i + 1)); done
 wait $pid
-echo "lane: bulkhead exit status $?"
+status=$?
+echo "lane: bulkhead exit status $status"
+# A VM that ended early never reaches the echo listener: stop waiting for it, so the VM's log
+# below says why.
+[ $status -eq 0 ] || kill $echo_pid 2>/dev/null
 wait $echo_pid
 echo "lane: host side: $(cat /tmp/h2g.log) / $(cat /tmp/host-echo.log)"
 cat /tmp/vm.log
