@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead::api::client;
-use common::{guest, kvm_available, scratch};
+use common::{first_child, guest, kvm_available, scratch};
 use serde_json::{json, Value};
 
 const SPEC: &str = "/work/shared/anchors/firecracker/firecracker.yaml";
@@ -127,6 +127,20 @@ fn conforms(value: &Value, name: &str) {
     }
 }
 
+/// The command for `program`: bulkhead's personality, or the Firecracker peer (which needs
+/// `--no-seccomp` here).
+fn vmm_command(program: &str) -> Command {
+    if program == "bulkhead" {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+        c.arg("firecracker");
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.arg("--no-seccomp");
+        c
+    }
+}
+
 /// A VMM speaking Firecracker's API: bulkhead's personality, or the peer.
 struct Vmm {
     child: Child,
@@ -138,16 +152,7 @@ impl Vmm {
     fn start(program: &str, dir: &Path, extra: &[&str]) -> Vmm {
         let socket = dir.join("api.sock");
         let _ = std::fs::remove_file(&socket);
-        let mut cmd = if program == "bulkhead" {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
-            c.arg("firecracker");
-            c
-        } else {
-            let mut c = Command::new(program);
-            c.arg("--no-seccomp");
-            c
-        };
-        let child = cmd
+        let child = vmm_command(program)
             .arg("--api-sock")
             .arg(&socket)
             .args(extra)
@@ -226,15 +231,11 @@ impl Drop for Vmm {
     }
 }
 
-/// The first child of process `pid` (its main thread's).
-fn first_child(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap_or_else(|| panic!("process {pid} has no child"))
-        .parse()
-        .unwrap()
+/// The VM process under the personality: its supervisor's child.
+fn vm_process_of(vmm: &Vmm) -> u32 {
+    first_child(vmm.child.id())
+        .and_then(first_child)
+        .unwrap_or_else(|| panic!("no VM process under {}", vmm.child.id()))
 }
 
 fn idle_kernel(dir: &Path) -> PathBuf {
@@ -333,7 +334,7 @@ fn kata_go_boots_from_a_config_file_polls_until_running_and_stops_with_sigterm()
         assert!(line.get(key).is_some(), "{key} missing: {line}");
     }
     // The vCPU threads carry Firecracker's names, which Kata looks for.
-    let vm = first_child(first_child(vmm.child.id()));
+    let vm = vm_process_of(&vmm);
     let names: Vec<String> = std::fs::read_dir(format!("/proc/{vm}/task"))
         .unwrap()
         .flatten()
@@ -559,7 +560,7 @@ fn firecracker_go_sdk_configures_starts_pauses_resumes_and_flushes_metrics() {
         json!(dir.join("root2.img")),
         "{full}"
     );
-    let vm = first_child(first_child(vmm.child.id()));
+    let vm = vm_process_of(&vmm);
     let open: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{vm}/fd"))
         .unwrap()
         .flatten()
@@ -764,16 +765,7 @@ fn kata_go_on(program: &str, dir: &Path) -> Vec<(String, u16)> {
 
 /// How a VMM ends when its API socket's directory does not exist.
 fn exit_without_socket_dir(program: &str) -> Option<i32> {
-    let mut cmd = if program == "bulkhead" {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
-        c.arg("firecracker");
-        c
-    } else {
-        let mut c = Command::new(program);
-        c.arg("--no-seccomp");
-        c
-    };
-    let out = cmd
+    let out = vmm_command(program)
         .args(["--api-sock", "/nonexistent-bulkhead-dir/api.sock"])
         .stdin(Stdio::null())
         .output()

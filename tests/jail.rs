@@ -6,37 +6,19 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bulkhead, guest, observed, root_and_kvm_available, scratch, vsock_host_side};
+use common::{
+    bulkhead, first_child, guest, observed, root_and_kvm_available, scratch, status_field,
+    vsock_host_side,
+};
 
 /// A jail directory of this test's own.
 fn jail_dir(test: &str) -> PathBuf {
     let dir = PathBuf::from(format!("/run/bulkhead-test/{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-fn status_field(pid: u32, task: &str, field: &str) -> String {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// The VM process: the supervisor's only child.
-fn vm_process(supervisor: &Child) -> Option<u32> {
-    let pid = supervisor.id();
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Every file (not directory) under `dir`, as paths relative to it; `skip` is not entered.
@@ -92,7 +74,7 @@ fn a_jailed_vm_process_has_its_own_namespaces_no_privilege_seccomp_everywhere_an
     let (pid, tasks) = loop {
         assert!(Instant::now() < deadline, "the jailed VM never ran");
         std::thread::sleep(Duration::from_millis(20));
-        let Some(pid) = vm_process(&supervisor) else {
+        let Some(pid) = first_child(supervisor.id()) else {
             continue;
         };
         let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -467,7 +449,7 @@ fn a_jailed_vm_can_join_the_operators_network_namespace_where_its_tap_is() {
     let pid = loop {
         assert!(Instant::now() < deadline, "the jailed VM never ran");
         std::thread::sleep(Duration::from_millis(20));
-        if let Some(pid) = vm_process(&supervisor) {
+        if let Some(pid) = first_child(supervisor.id()) {
             let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
             if threads >= 2 && status_field(pid, &pid.to_string(), "Seccomp:") == "2" {
                 break pid;

@@ -8,27 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead::api::client;
-use common::{guest, root_and_kvm_available, scratch};
+use common::{first_child, guest, root_and_kvm_available, scratch, status_field};
 use serde_json::json;
 
 const UID: u32 = 123_457;
-
-fn status_field(pid: u32, field: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
-        .unwrap_or_default()
-}
-
-fn first_child(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
 
 #[test]
 fn the_jailer_lays_out_firecrackers_chroot_writes_the_pid_file_and_runs_the_vmm_unprivileged() {
@@ -91,7 +74,7 @@ fn the_jailer_lays_out_firecrackers_chroot_writes_the_pid_file_and_runs_the_vmm_
         std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
         std::fs::read_link("/proc/self/ns/mnt").unwrap()
     );
-    assert!(status_field(pid, "Uid:")
+    assert!(status_field(pid, &pid.to_string(), "Uid:")
         .split_whitespace()
         .all(|u| u == UID.to_string()));
     let put = |path: &str, body: serde_json::Value| {
@@ -127,10 +110,10 @@ fn the_jailer_lays_out_firecrackers_chroot_writes_the_pid_file_and_runs_the_vmm_
     let vm = first_child(pid)
         .and_then(first_child)
         .expect("no VM process");
-    assert!(status_field(vm, "Uid:")
+    assert!(status_field(vm, &vm.to_string(), "Uid:")
         .split_whitespace()
         .all(|u| u == UID.to_string()));
-    assert_eq!(status_field(vm, "Seccomp:"), "2");
+    assert_eq!(status_field(vm, &vm.to_string(), "Seccomp:"), "2");
     // SAFETY: kill on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let status = jailer.wait().unwrap();

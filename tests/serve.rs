@@ -5,7 +5,7 @@
 //! load of concurrent clients leaves no error and bounded memory.
 //!
 //! Requests are made as the tenants' uids from threads that switched their own credentials
-//! (a raw setresuid changes the calling thread only), so SO_PEERCRED sees the tenant.
+//! (`become_on_this_thread`), so SO_PEERCRED sees the tenant.
 
 mod common;
 
@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead::api::client::{self, Answer, ClientError};
+use bulkhead::jail::privileges::become_on_this_thread;
 use common::{guest, root_and_kvm_available};
 use serde_json::{json, Value};
 
@@ -173,12 +174,8 @@ fn as_uid(
     );
     std::thread::spawn(move || {
         if uid != 0 {
-            // SAFETY: raw set*id system calls change this thread's credentials only (glibc's
-            // wrappers would change every thread's); the thread ends after this request.
-            unsafe {
-                assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
-                assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
-            }
+            // This thread alone becomes the uid; it ends after this request.
+            become_on_this_thread(uid).unwrap();
         }
         client::request(&socket, &method, &path, body.as_deref(), reason.as_deref())
     })
@@ -581,8 +578,7 @@ fn malformed_oversized_and_slow_requests_get_a_4xx_and_the_daemon_serves_on() {
     let raw = |uid: u32, bytes: &'static [u8]| {
         let socket = h.socket(Some("acme"));
         std::thread::spawn(move || {
-            // SAFETY: as in `as_uid`.
-            unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+            become_on_this_thread(uid).unwrap();
             let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             s.write_all(bytes).unwrap();
@@ -598,8 +594,7 @@ fn malformed_oversized_and_slow_requests_get_a_4xx_and_the_daemon_serves_on() {
     // hold nobody else up: globex is served at once, and acme again once they time out.
     let socket = h.socket(Some("acme"));
     let stalled = std::thread::spawn(move || {
-        // SAFETY: as in `as_uid`.
-        unsafe { libc::syscall(libc::SYS_setresuid, ACME, ACME, ACME) };
+        become_on_this_thread(ACME).unwrap();
         let held: Vec<_> = (0..40)
             .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
             .collect();
@@ -721,10 +716,8 @@ fn twenty_clients_and_a_thousand_mixed_requests_leave_no_error_and_bounded_memor
                 ("globex", GLOBEX, globex.clone(), acme.clone())
             };
             std::thread::spawn(move || {
-                // SAFETY: as in `as_uid`; this thread is this client alone.
-                unsafe {
-                    assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
-                }
+                // This thread is this client alone.
+                become_on_this_thread(uid).unwrap();
                 let socket = h.socket(Some(tenant));
                 let mut wrong = Vec::new();
                 for i in 0..50 {
@@ -852,11 +845,7 @@ fn a_tenant_talks_to_its_guest_over_vsock_both_ways_through_its_jail() {
     // All as the tenant: its listener for guest port 5000 in its VM's socket directory, and
     // its connection to the guest's port 1234.
     std::thread::spawn(move || {
-        // SAFETY: as in `as_uid`: this thread's credentials only.
-        unsafe {
-            assert_eq!(libc::syscall(libc::SYS_setresgid, ACME, ACME, ACME), 0);
-            assert_eq!(libc::syscall(libc::SYS_setresuid, ACME, ACME, ACME), 0);
-        }
+        become_on_this_thread(ACME).unwrap();
         let port_5000 = dir.join("v.sock_5000");
         let listener = UnixListener::bind(&port_5000).unwrap();
         std::fs::set_permissions(&port_5000, std::fs::Permissions::from_mode(0o666)).unwrap();

@@ -502,15 +502,9 @@ fn may_access(uid: u32, path: &Path, write: bool) -> bool {
     };
     let mode = libc::R_OK | if write { libc::W_OK } else { 0 };
     std::thread::spawn(move || {
-        // SAFETY: the raw set*id system calls change this thread's credentials only (glibc's
-        // wrappers would change every thread's); the thread ends after one faccessat.
-        unsafe {
-            let empty: [libc::gid_t; 0] = [];
-            libc::syscall(libc::SYS_setgroups, 0, empty.as_ptr()) == 0
-                && libc::syscall(libc::SYS_setresgid, uid, uid, uid) == 0
-                && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
-                && libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) == 0
-        }
+        crate::jail::privileges::become_on_this_thread(uid).is_ok()
+            // SAFETY: a valid NUL-terminated path; faccessat only reads it.
+            && unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) } == 0
     })
     .join()
     .unwrap_or(false)

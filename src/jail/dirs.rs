@@ -104,7 +104,8 @@ fn open_absolute(path: &Path, flags: libc::c_int) -> Result<OwnedFd, DirError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn stat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
+/// fstat of `fd` (an O_PATH descriptor works too).
+pub fn stat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
     // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open and `st` is valid for writes.

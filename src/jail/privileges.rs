@@ -110,6 +110,27 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
     verify(uid, gid)
 }
 
+/// Makes the calling thread alone `uid` (gid the same, no supplementary groups), for a
+/// short-lived thread that acts as a user: checks a permission, or connects so that the
+/// other end's SO_PEERCRED sees that user. The raw system calls change this thread's
+/// credentials only (glibc's wrappers would change every thread's), so the thread must end
+/// right after its work: it can not come back.
+pub fn become_on_this_thread(uid: u32) -> std::io::Result<()> {
+    let empty: [libc::gid_t; 0] = [];
+    // SAFETY: set*id and setgroups with integer arguments and an empty group list; they touch
+    // only this thread's credentials.
+    let ok = unsafe {
+        libc::syscall(libc::SYS_setgroups, 0, empty.as_ptr()) == 0
+            && libc::syscall(libc::SYS_setresgid, uid, uid, uid) == 0
+            && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Reads back what the kernel says about this process.
 fn verify(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
     let status = std::fs::read_to_string("/proc/thread-self/status").map_err(|source| {

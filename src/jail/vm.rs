@@ -139,12 +139,7 @@ fn resolve(what: &'static str, path: &Path) -> Result<(PathBuf, bool), JailError
         }
     }
     let fd = dirs::open_file_no_symlinks(&abs)?;
-    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open (O_PATH descriptors can be fstat'ed) and `st` is valid for writes.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(file(std::io::Error::last_os_error()));
-    }
+    let st = dirs::stat(&fd).map_err(file)?;
     let kind = st.st_mode & libc::S_IFMT;
     let ok = match what {
         "KVM device" | "tun device" => kind == libc::S_IFCHR,
@@ -430,12 +425,7 @@ fn give_socket(path: &Path, owner: u32, gid: u32) -> Result<(), JailError> {
     };
     let fd = dirs::open_file_no_symlinks(path)
         .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
-    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open and `st` valid for writes.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(fail(std::io::Error::last_os_error()));
-    }
+    let st = dirs::stat(&fd).map_err(fail)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(fail(std::io::Error::other("not a socket")));
     }

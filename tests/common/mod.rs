@@ -447,3 +447,23 @@ pub fn root_and_kvm_available(test: &str) -> bool {
     eprintln!("SKIPPED {test}: needs root");
     false
 }
+
+/// `field` (e.g. `Uid:`) of task `task` of process `pid`, from /proc, trimmed; empty when
+/// unreadable.
+pub fn status_field(pid: u32, task: &str, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// The first child of process `pid` (its main thread's): a supervisor's VM process, say.
+pub fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

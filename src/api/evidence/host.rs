@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::{io, EvidenceError, ATTACKS, TENANT_A, TENANT_B};
 use crate::api::client::{self, Answer, ClientError};
+use crate::jail::privileges;
 
 /// The synthetic host: its directory, its config and its daemon.
 pub(super) struct Host {
@@ -53,18 +54,12 @@ pub(super) fn request_as(
     let reason = reason.map(str::to_string);
     let body = body.map(|b| b.to_string().into_bytes());
     std::thread::spawn(move || {
+        // This thread makes one request, as `uid`, and ends.
         if uid != 0 {
-            // SAFETY: the raw set*id system calls change the calling thread's credentials
-            // only (glibc's wrappers would change every thread's); this thread makes one
-            // request and ends.
-            let ok = unsafe {
-                libc::syscall(libc::SYS_setresgid, uid, uid, uid) == 0
-                    && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
-            };
-            if !ok {
+            if let Err(source) = privileges::become_on_this_thread(uid) {
                 return Err(ClientError::Connect {
                     path: socket,
-                    source: std::io::Error::last_os_error(),
+                    source,
                 });
             }
         }
@@ -238,12 +233,7 @@ pub(super) fn files_under(root: &Path) -> Vec<String> {
 /// Whether a thread running as `uid` can open `path` for reading.
 pub(super) fn can_open_as(uid: u32, path: PathBuf) -> bool {
     std::thread::spawn(move || {
-        // SAFETY: as in `request_as`: this thread's credentials only.
-        let dropped = unsafe {
-            libc::syscall(libc::SYS_setresgid, uid, uid, uid) == 0
-                && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
-        };
-        dropped && std::fs::File::open(path).is_ok()
+        privileges::become_on_this_thread(uid).is_ok() && std::fs::File::open(path).is_ok()
     })
     .join()
     .unwrap_or(true)
