@@ -40,11 +40,6 @@ fn wall(binary: &str, guest: &Path, n: u64, extra: &[String]) -> Duration {
     start.elapsed()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
     let Some(runs) = common::rounds("exits", 7) else {
         return;
@@ -67,7 +62,7 @@ fn main() {
             out.push(us);
         }
     }
-    let medians: Vec<f64> = per_exit.into_iter().map(median).collect();
+    let medians: Vec<f64> = per_exit.into_iter().map(common::median).collect();
     for ((name, binary, extra), m) in builds.iter().zip(&medians) {
         println!(
             "{name:<16} {m:>6.2} us per port-I/O exit (median of {runs}; {binary} {})",

@@ -175,7 +175,8 @@ fn virtio_blk_request(c: &mut Criterion) {
         mem.clone(),
         vec![notify.try_clone().expect("eventfd")],
         Box::new(BlockQueue::new(disk)),
-    );
+    )
+    .expect("worker");
     let mut events =
         EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().expect("event manager");
     events.add_subscriber(Arc::new(Mutex::new(worker)));

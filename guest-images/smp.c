@@ -11,14 +11,6 @@
 
 #define MP_SCAN_START 0x9fc00ULL
 #define MP_SCAN_END 0xa0000ULL
-#define TRAMPOLINE 0x10000ULL
-#define SIPI_VECTOR (TRAMPOLINE >> 12)
-#define MSR_APIC_BASE 0x1b
-#define APIC_BASE_EXTD (1ULL << 10)
-#define APIC_BASE_EN (1ULL << 11)
-#define MSR_X2APIC_ICR 0x830
-#define ICR_INIT 0x4500ULL
-#define ICR_STARTUP 0x4600ULL
 #define MAX_CPUS 255
 
 extern u8 ap_tramp_start[], ap_tramp_end[];

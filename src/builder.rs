@@ -23,13 +23,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::acpi::{self, Board, PortDevice, PowerRegisters, VirtioMmio};
 use crate::arch::x86_64::{layout, mptable, reset_vector, ArchError};
 use crate::boot::{self, BootError, BootFile};
-use crate::config::{ConsoleConfig, IrqChip, VmConfig};
+use crate::config::{ConsoleConfig, IrqChip, RateLimiterConfig, TokenBucketConfig, VmConfig};
 use crate::devices::legacy::{
     self, ioapic, power, AcpiPower, BootCompletePort, GuestExitPort, IoDelayPort, Ioapic, PvPanic,
     SerialPort, I8042,
 };
 use crate::devices::virtio::block::{self, BlockError, Disk};
 use crate::devices::virtio::net::{Net, NetQueues, Tap, TapError};
+use crate::devices::virtio::rate_limiter::{RateLimiter, TokenBucket};
 use crate::devices::virtio::rng::{Rng, RngQueue};
 use crate::devices::virtio::vsock::{Vsock, VsockBackend, VsockError, VsockQueues};
 use crate::devices::virtio::{
@@ -210,6 +211,9 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
             if disk.read_only { ", read-only" } else { "" }
         );
         let (block, queue, handle) = block::split(disk, &id);
+        let queue = queue.with_limiter(limiter(
+            config.disks.get(index).and_then(|d| d.rate_limiter),
+        ));
         let shared = virtio.attach(&vm, Box::new(block), Box::new(queue))?;
         disk_handles.push((handle, shared));
     }
@@ -219,7 +223,11 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
             tap.name(),
             crate::config::format_mac(&mac)
         );
-        let queues = Box::new(NetQueues::new(tap, mac));
+        let net = config.nets.get(index);
+        let queues = Box::new(NetQueues::new(tap, mac).with_limiters(
+            limiter(net.and_then(|n| n.rx_rate_limiter)),
+            limiter(net.and_then(|n| n.tx_rate_limiter)),
+        ));
         virtio.attach(&vm, Box::new(Net::new(mac)), queues)?;
     }
     if let Some(backend) = vsock {
@@ -233,7 +241,8 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         virtio.attach(&vm, device, queues)?;
     }
     if config.rng {
-        virtio.attach(&vm, Box::new(Rng), Box::new(RngQueue))?;
+        let queue = RngQueue::with_limiter(limiter(config.rng_rate_limiter));
+        virtio.attach(&vm, Box::new(Rng), Box::new(queue))?;
     }
 
     if config.irqchip == IrqChip::Split {
@@ -391,11 +400,28 @@ impl VirtioBus {
         });
         self.workers.push(
             VirtioWorker::new(shared.clone(), mem, queue_evts, handler)
+                .map_err(|source| BuildError::EventFd {
+                    what: "a virtio worker",
+                    source,
+                })?
                 .with_notifiers(Box::new(vm.queue_notifiers(notify))),
         );
         self.devices.push(shared.clone());
         Ok(shared)
     }
+}
+
+/// The device-side rate limiter for validated settings (None: no limit).
+fn limiter(config: Option<RateLimiterConfig>) -> Option<RateLimiter> {
+    let config = config?;
+    let now = std::time::Instant::now();
+    let bucket = |b: Option<TokenBucketConfig>| {
+        b.and_then(|b| {
+            let refill = std::time::Duration::from_millis(b.refill_time);
+            TokenBucket::new(b.size, b.one_time_burst, refill, now)
+        })
+    };
+    RateLimiter::new(bucket(config.bandwidth), bucket(config.ops))
 }
 
 /// The guest port that, with `--test-hook guest-forbidden-syscall`, stands for a device bug

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use bulkhead::config::{RawDisk, RawJail, RawNet, RawVsock, TestHook};
+use bulkhead::config::{RateLimiterConfig, RawDisk, RawJail, RawNet, RawVsock, TestHook};
 use bulkhead::RawConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -187,13 +187,22 @@ pub struct RunArgs {
     pub vm_id: Option<String>,
     /// Attach a virtio block device backed by a raw file (repeatable). `ro` makes it
     /// read-only whatever the guest asks; `id` is what the guest reads as its id [default:
-    /// diskN].
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
+    /// diskN]. Rate limits are token buckets as in Firecracker: `bw_size=BYTES,
+    /// bw_refill_time=MS` (and `bw_one_time_burst=BYTES`) for bytes, `ops_size=N,
+    /// ops_refill_time=MS` (and `ops_one_time_burst=N`) for requests.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,ro][,id=NAME][,bw_size=..][,ops_size=..]"
+    )]
     pub disks: Vec<RawDisk>,
     /// Attach a virtio network device on a tap interface (repeatable). Frames the guest
     /// sends from any other MAC than this one are dropped [default MAC: derived from the VM
-    /// id].
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    /// id]. Rate limits as for --disk, prefixed `rx_` (what the guest receives) or `tx_`
+    /// (what it sends): `rx_bw_size=BYTES,rx_bw_refill_time=MS,tx_ops_size=N,...`.
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME[,mac=MAC][,rx_bw_size=..][,tx_ops_size=..]"
+    )]
     pub nets: Vec<RawNet>,
     /// Attach a virtio-vsock device with guest CID N. The host reaches guest port P by
     /// connecting to PATH and writing `CONNECT P\n`; guest connections to host port P go to
@@ -203,6 +212,10 @@ pub struct RunArgs {
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// Limit what the guest draws from virtio-rng: `bw_size=BYTES,bw_refill_time=MS` and/or
+    /// `ops_size=N,ops_refill_time=MS` (Firecracker's entropy rate limiter).
+    #[arg(long, value_name = "bw_size=..,bw_refill_time=..")]
+    pub rng_limit: Option<RateLimiterConfig>,
     /// Leave out the ACPI tables: the guest finds its vCPUs in the MP table and its devices
     /// on the command line (also what `acpi=off` in --cmdline implies).
     #[arg(long)]
@@ -278,6 +291,7 @@ impl RunArgs {
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
             vsock: self.vsock.clone(),
             rng: self.no_rng.then_some(false),
+            rng_rate_limiter: self.rng_limit,
             acpi: self.no_acpi.then_some(false),
             cmdline_devices: self.cmdline_devices.then_some(true),
             irqchip: self.irqchip.clone(),

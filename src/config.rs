@@ -10,12 +10,14 @@ use serde::Deserialize;
 
 mod devices;
 mod jail;
+mod limits;
 pub mod serve;
 mod supervision;
 
 pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet, RawVsock, VsockConfig};
 use devices::{validate_disks, validate_nets, validate_vsock};
 pub use jail::{JailConfig, RawJail, DEFAULT_JAIL_DIR, MIN_FILE_SIZE_MIB};
+pub use limits::{RateLimiterConfig, TokenBucketConfig};
 pub use supervision::{AlertsTarget, HttpTarget, RawSupervision, Supervision, MAX_TIMEOUT_SECS};
 
 /// Smallest guest RAM accepted; below this even the test guests' page tables and stacks are
@@ -78,15 +80,17 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("no random source for a VM id: {0}")]
     Random(String),
-    #[error("invalid --disk {0:?}: expected PATH[,ro][,id=NAME]")]
+    #[error("invalid --disk {0:?}: expected PATH[,ro][,id=NAME][,bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES]][,ops_size=N,ops_refill_time=MS[,ops_one_time_burst=N]]")]
     Disk(String),
+    #[error("invalid rate limit for {device}: {why}")]
+    RateLimit { device: String, why: String },
     #[error("invalid disk id {0:?}: use 1 to {MAX_DISK_ID_LEN} characters from A-Z a-z 0-9 . _ -")]
     DiskId(String),
     #[error("two disks have the id {0:?}; disk ids must be unique")]
     DuplicateDiskId(String),
     #[error("disk {0} is given twice; a VM can not attach one file as two disks")]
     DuplicateDisk(PathBuf),
-    #[error("invalid --net {0:?}: expected tap=NAME[,mac=MAC]")]
+    #[error("invalid --net {0:?}: expected tap=NAME[,mac=MAC] and rate limits as rx_bw_size=BYTES,rx_bw_refill_time=MS (also rx_ops_*, tx_bw_*, tx_ops_*, *_one_time_burst)")]
     Net(String),
     #[error("invalid tap name {0:?}: use 1 to 15 characters, no '/', ':' or whitespace")]
     TapName(String),
@@ -234,6 +238,8 @@ pub struct RawConfig {
     pub vsock: Option<RawVsock>,
     /// `false` leaves out the virtio-rng device.
     pub rng: Option<bool>,
+    /// Limits on what the guest may draw from virtio-rng (Firecracker's entropy limiter).
+    pub rng_rate_limiter: Option<RateLimiterConfig>,
     /// `false` leaves out the ACPI tables (the guest then finds vCPUs through the MP table
     /// and devices on the command line).
     pub acpi: Option<bool>,
@@ -291,6 +297,7 @@ impl RawConfig {
             nets: over.nets.or(self.nets),
             vsock: over.vsock.or(self.vsock),
             rng: over.rng.or(self.rng),
+            rng_rate_limiter: over.rng_rate_limiter.or(self.rng_rate_limiter),
             acpi: over.acpi.or(self.acpi),
             cmdline_devices: over.cmdline_devices.or(self.cmdline_devices),
             irqchip: over.irqchip.or(self.irqchip),
@@ -338,6 +345,7 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
+    pub rng_rate_limiter: Option<RateLimiterConfig>,
     /// ACPI tables in guest memory.
     pub acpi: bool,
     /// `virtio_mmio.device=` entries on the command line: when asked, when ACPI is off, or
@@ -401,6 +409,7 @@ impl VmConfig {
         let nets = validate_nets(raw.nets.unwrap_or_default(), &vm_id)?;
         let vsock = validate_vsock(raw.vsock)?;
         let rng = raw.rng.unwrap_or(true);
+        let rng_rate_limiter = RateLimiterConfig::validate(raw.rng_rate_limiter, "virtio-rng")?;
         let acpi = raw.acpi.unwrap_or(true);
         let acpi_off = !acpi || kernel_turns_acpi_off(&cmdline);
         let cmdline_devices = raw.cmdline_devices.unwrap_or(false) || acpi_off;
@@ -474,6 +483,7 @@ impl VmConfig {
             nets,
             vsock,
             rng,
+            rng_rate_limiter,
             acpi,
             cmdline_devices,
             irqchip,

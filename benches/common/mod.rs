@@ -1,5 +1,7 @@
 //! What the benchmarks share: how many rounds to run, and the test guests they boot.
 
+#![allow(dead_code)] // each bench uses part of this.
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -35,4 +37,10 @@ pub fn guest(name: &str) -> PathBuf {
         .success();
     assert!(ok, "building the test guests failed");
     out.join(name)
+}
+
+/// The median of `v` (which must not be empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }

@@ -10,6 +10,17 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef long long i64;
 
+/* Starting application processors: the real-mode trampoline's page (SIPI vector 0x10) and
+ * the x2APIC registers that send INIT and STARTUP. */
+#define TRAMPOLINE 0x10000ULL
+#define SIPI_VECTOR (TRAMPOLINE >> 12)
+#define MSR_APIC_BASE 0x1b
+#define APIC_BASE_EXTD (1ULL << 10)
+#define APIC_BASE_EN (1ULL << 11)
+#define MSR_X2APIC_ICR 0x830
+#define ICR_INIT 0x4500ULL
+#define ICR_STARTUP 0x4600ULL
+
 #define GUEST_EXIT_PORT 0xf4
 #define BOOT_COMPLETE_PORT 0xf5
 #define SERIAL_PORT 0x3f8

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::limits::RateLimiterConfig;
 use super::{id_chars_ok, ConfigError, MAX_DISK_ID_LEN};
 
-/// A disk as given: `--disk PATH[,ro][,id=NAME]`, or an entry of `disks` in the JSON file.
+/// A disk as given: `--disk PATH[,ro][,id=NAME][,bw_size=...]`, or an entry of `disks` in the
+/// JSON file.
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RawDisk {
@@ -14,6 +16,8 @@ pub struct RawDisk {
     #[serde(default)]
     pub read_only: bool,
     pub id: Option<String>,
+    /// Limits on the bytes and requests the guest may move (Firecracker's `rate_limiter`).
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl std::str::FromStr for RawDisk {
@@ -31,6 +35,11 @@ impl std::str::FromStr for RawDisk {
             match part.split_once('=') {
                 None if part == "ro" && !disk.read_only => disk.read_only = true,
                 Some(("id", id)) if disk.id.is_none() => disk.id = Some(id.to_string()),
+                Some((key, value)) => {
+                    if !RateLimiterConfig::set_flag_key(&mut disk.rate_limiter, key, value, s)? {
+                        return Err(bad());
+                    }
+                }
                 _ => return Err(bad()),
             }
         }
@@ -45,6 +54,7 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// What the guest reads with GET_ID (and sees as the disk's serial).
     pub id: String,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// A network device as given: `--net tap=NAME[,mac=MAC]`, or an entry of `nets` in JSON.
@@ -53,6 +63,9 @@ pub struct DiskConfig {
 pub struct RawNet {
     pub tap: String,
     pub mac: Option<String>,
+    /// Limits on what the guest receives and sends (Firecracker's names).
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl std::str::FromStr for RawNet {
@@ -61,16 +74,29 @@ impl std::str::FromStr for RawNet {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ConfigError::Net(s.to_string());
         let (mut tap, mut mac) = (None, None);
+        let (mut rx, mut tx) = (None, None);
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("tap", v)) if tap.is_none() => tap = Some(v.to_string()),
                 Some(("mac", v)) if mac.is_none() => mac = Some(v.to_string()),
+                Some((key, value)) => {
+                    let (limiter, key) = match (key.strip_prefix("rx_"), key.strip_prefix("tx_")) {
+                        (Some(k), _) => (&mut rx, k),
+                        (_, Some(k)) => (&mut tx, k),
+                        _ => return Err(bad()),
+                    };
+                    if !RateLimiterConfig::set_flag_key(limiter, key, value, s)? {
+                        return Err(bad());
+                    }
+                }
                 _ => return Err(bad()),
             }
         }
         Ok(RawNet {
             tap: tap.ok_or_else(bad)?,
             mac,
+            rx_rate_limiter: rx,
+            tx_rate_limiter: tx,
         })
     }
 }
@@ -131,6 +157,8 @@ pub struct NetConfig {
     pub tap: String,
     /// The VM's address on this device: the only source address its frames may carry.
     pub mac: [u8; 6],
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Gives each disk an id (`diskN` by default) and checks ids and paths are unique. Paths are
@@ -151,10 +179,12 @@ pub(super) fn validate_disks(raw: Vec<RawDisk>) -> Result<Vec<DiskConfig>, Confi
         if disks.iter().any(|d| d.path == disk.path) {
             return Err(ConfigError::DuplicateDisk(disk.path));
         }
+        let rate_limiter = RateLimiterConfig::validate(disk.rate_limiter, &id)?;
         disks.push(DiskConfig {
             path: disk.path,
             read_only: disk.read_only,
             id,
+            rate_limiter,
         });
     }
     Ok(disks)
@@ -194,7 +224,15 @@ pub(super) fn validate_nets(raw: Vec<RawNet>, vm_id: &str) -> Result<Vec<NetConf
                 format_mac(&mac)
             )));
         }
-        nets.push(NetConfig { tap: net.tap, mac });
+        let name = |dir: &str| format!("{dir} of tap {}", net.tap);
+        let rx_rate_limiter = RateLimiterConfig::validate(net.rx_rate_limiter, &name("rx"))?;
+        let tx_rate_limiter = RateLimiterConfig::validate(net.tx_rate_limiter, &name("tx"))?;
+        nets.push(NetConfig {
+            tap: net.tap,
+            mac,
+            rx_rate_limiter,
+            tx_rate_limiter,
+        });
     }
     Ok(nets)
 }
@@ -244,8 +282,15 @@ mod tests {
             RawDisk {
                 path: "/a/b.img".into(),
                 read_only: true,
-                id: Some("x".into())
+                id: Some("x".into()),
+                rate_limiter: None,
             }
+        );
+        // Rate limits ride along as bucket keys.
+        let d: RawDisk = "/a/b.img,bw_size=1000,bw_refill_time=10".parse().unwrap();
+        assert_eq!(
+            d.rate_limiter.and_then(|l| l.bandwidth).map(|b| b.size),
+            Some(1000)
         );
         for bad in ["", ",ro", "a,ro,ro", "a,rw", "a,id=x,id=y", "a,size=3"] {
             assert!(bad.parse::<RawDisk>().is_err(), "{bad:?} accepted");
@@ -257,6 +302,19 @@ mod tests {
         let n: RawNet = "tap=tap0,mac=06:00:00:00:00:01".parse().unwrap();
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac.as_deref(), Some("06:00:00:00:00:01"));
+        let n: RawNet =
+            "tap=tap0,rx_bw_size=5,rx_bw_refill_time=1,tx_ops_size=2,tx_ops_refill_time=3"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            n.rx_rate_limiter.and_then(|l| l.bandwidth).map(|b| b.size),
+            Some(5)
+        );
+        assert_eq!(
+            n.tx_rate_limiter.and_then(|l| l.ops).map(|b| b.refill_time),
+            Some(3)
+        );
+        assert!("tap=tap0,bw_size=5".parse::<RawNet>().is_err());
         for bad in [
             "",
             "mac=06:00:00:00:00:01",

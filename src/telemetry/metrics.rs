@@ -234,6 +234,16 @@ impl MetricsSnapshot {
             "times a virtio device was put in NEEDS_RESET in response to a violation",
             per_device(DeviceCounter::PolicyResets),
         );
+        m.counter(
+            "bulkhead_virtio_yields",
+            "times a virtio device used its work budget for one wakeup and let other events run first",
+            per_device(DeviceCounter::Yields),
+        );
+        m.counter(
+            "bulkhead_virtio_throttled",
+            "times a rate limiter held a virtio queue back until its bucket refilled",
+            per_device(DeviceCounter::Throttled),
+        );
         let mut violations = Vec::new();
         for d in &devices {
             for (v, n) in &d.refusals {

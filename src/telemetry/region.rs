@@ -55,6 +55,11 @@ super::vocabulary::vocabulary! {
         Dropped = "dropped",
         /// Times the device was put in NEEDS_RESET as the response to a violation.
         PolicyResets = "policy_resets",
+        /// Times the device stopped serving a queue because it had used its work budget for
+        /// one wakeup, and came back after the other events.
+        Yields = "yields",
+        /// Times a rate limiter held a queue back until its bucket refilled.
+        Throttled = "throttled",
     }
 }
 const _: () = assert!(DeviceCounter::COUNT <= DEVICE_COUNTERS);

@@ -169,9 +169,6 @@ impl Personality {
             .pending
             .to_bulkhead(&self.id, self.seccomp, &self.cwd)
             .map_err(|e| e.to_string())?;
-        for what in self.pending.unenforced_limits() {
-            log::warn!("{what}: rate limiters are accepted but not enforced by this bulkhead");
-        }
         config["metrics_file"] = json!(self.work.join("metrics.prom"));
         // The VM process's end of the control channel reaches it as descriptor 3.
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
@@ -268,7 +265,8 @@ impl Personality {
         Ok(())
     }
 
-    /// Swaps a running drive's backing file (and accepts, unenforced, a rate limiter).
+    /// Swaps a running drive's backing file. A new rate limiter is accepted and logged: a
+    /// running VM keeps the limits it started with.
     pub fn patch_drive(&mut self, d: PartialDrive) -> Result<(), String> {
         const PREFIX: &str = "Drive config error: Unable to patch the block device:";
         let found = self
@@ -281,7 +279,7 @@ impl Personality {
         };
         if !model::RateLimiter::is_unlimited(&d.rate_limiter) {
             log::warn!(
-                "PATCH /drives/{}: rate limiters are accepted but not enforced by this bulkhead",
+                "PATCH /drives/{}: a running VM keeps the rate limiter it started with; the new one is not applied",
                 d.drive_id
             );
         }

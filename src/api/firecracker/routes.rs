@@ -169,9 +169,10 @@ pub fn route(p: &mut Personality, method: &str, path: &str, body: &[u8]) -> Answ
                 "Network config error: Unable to update the net device: Failed perform action on device: Device not found",
             ),
             Ok(n) => {
-                // Accepted, as the hardening issue will enforce them; said so in the log.
+                // Accepted, as Firecracker does; a running VM keeps the limits it started with,
+                // and the log says so.
                 log::warn!(
-                    "PATCH /network-interfaces/{}: rate limiters are accepted but not enforced by this bulkhead",
+                    "PATCH /network-interfaces/{}: a running VM keeps the rate limiters it started with; the new ones are not applied",
                     n.iface_id
                 );
                 ok()

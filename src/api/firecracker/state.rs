@@ -135,29 +135,6 @@ impl Pending {
         root.chain(rest).collect()
     }
 
-    /// Rate limiters given that bulkhead does not enforce yet: named, so they can be logged.
-    pub fn unenforced_limits(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for d in &self.drives {
-            if !RateLimiter::is_unlimited(&d.rate_limiter) {
-                out.push(format!("drive {}", d.drive_id));
-            }
-        }
-        for n in &self.nets {
-            if !RateLimiter::is_unlimited(&n.rx_rate_limiter)
-                || !RateLimiter::is_unlimited(&n.tx_rate_limiter)
-            {
-                out.push(format!("network interface {}", n.iface_id));
-            }
-        }
-        if let Some(e) = &self.entropy {
-            if !RateLimiter::is_unlimited(&e.rate_limiter) {
-                out.push("entropy device".to_string());
-            }
-        }
-        out
-    }
-
     /// bulkhead's settings (a `bulkhead run --config` body) for this microVM. Relative paths
     /// are taken from `cwd`, as Firecracker takes them from its working directory.
     pub fn to_bulkhead(&self, id: &str, seccomp: bool, cwd: &Path) -> Result<Value, PendingError> {
@@ -195,6 +172,9 @@ impl Pending {
             if id_ok {
                 disk["id"] = json!(d.drive_id);
             }
+            if let Some(limiter) = RateLimiter::to_bulkhead(&d.rate_limiter) {
+                disk["rate_limiter"] = limiter;
+            }
             disks.push(disk);
         }
         let nets: Vec<Value> = self
@@ -204,6 +184,12 @@ impl Pending {
                 let mut v = json!({"tap": n.host_dev_name});
                 if let Some(mac) = &n.guest_mac {
                     v["mac"] = json!(mac);
+                }
+                if let Some(limiter) = RateLimiter::to_bulkhead(&n.rx_rate_limiter) {
+                    v["rx_rate_limiter"] = limiter;
+                }
+                if let Some(limiter) = RateLimiter::to_bulkhead(&n.tx_rate_limiter) {
+                    v["tx_rate_limiter"] = limiter;
                 }
                 v
             })
@@ -221,6 +207,13 @@ impl Pending {
             // Kata gives every pod CID 3: as in Firecracker, a CID is the VM's own.
             "vsock_cid_shared": true,
         });
+        if let Some(limiter) = self
+            .entropy
+            .as_ref()
+            .and_then(|e| RateLimiter::to_bulkhead(&e.rate_limiter))
+        {
+            config["rng_rate_limiter"] = limiter;
+        }
         if let Some(initrd) = &boot.initrd_path {
             config["initrd"] = json!(abs(initrd));
         }
@@ -294,6 +287,37 @@ mod tests {
         assert_eq!(c["disks"][0]["path"], "/r.img");
         assert_eq!(c["disks"][1]["id"], "data");
         assert_eq!(c["rng"], false);
+    }
+
+    #[test]
+    fn rate_limiters_reach_bulkheads_settings_and_zero_buckets_limit_nothing() {
+        let mut p = Pending {
+            boot: Some(BootSource {
+                kernel_image_path: "/vmlinux".into(),
+                initrd_path: None,
+                boot_args: None,
+            }),
+            ..Pending::default()
+        };
+        let mut d = drive("rootfs", true, "/r.img");
+        d.rate_limiter = serde_json::from_value(json!({
+            "bandwidth": {"size": 1000, "refill_time": 100},
+            "ops": {"size": 0, "refill_time": 100}
+        }))
+        .unwrap();
+        p.put_drive(d).unwrap();
+        let c = p.to_bulkhead("vm1", true, Path::new("/")).unwrap();
+        let limiter: crate::config::RateLimiterConfig =
+            serde_json::from_value(c["disks"][0]["rate_limiter"].clone()).unwrap();
+        assert_eq!(
+            limiter.bandwidth.map(|b| (b.size, b.refill_time)),
+            Some((1000, 100))
+        );
+        assert_eq!(limiter.ops, None);
+        // Kata's `{}` limits nothing and is left out.
+        p.drives[0].rate_limiter = Some(RateLimiter::default());
+        let c = p.to_bulkhead("vm1", true, Path::new("/")).unwrap();
+        assert!(c["disks"][0].get("rate_limiter").is_none());
     }
 
     #[test]

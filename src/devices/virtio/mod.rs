@@ -10,6 +10,7 @@ pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod rate_limiter;
 pub mod rng;
 pub mod shared;
 pub mod vsock;

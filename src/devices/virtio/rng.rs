@@ -3,6 +3,8 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::chain::Chain;
+use super::rate_limiter::RateLimiter;
 use super::worker::{drain, QueueContext, QueueHandler};
 use super::VirtioDevice;
 use crate::telemetry::{DeviceCounter, RequestViolation};
@@ -45,12 +47,38 @@ impl VirtioDevice for Rng {
 
 /// The queue side.
 #[derive(Debug, Default)]
-pub struct RngQueue;
+pub struct RngQueue {
+    limiter: Option<RateLimiter>,
+    /// A request the rate limiter holds back: the next one served.
+    parked: Option<Chain>,
+}
+
+impl RngQueue {
+    /// Limits the bytes and requests the guest may draw (Firecracker's entropy limiter).
+    pub fn with_limiter(limiter: Option<RateLimiter>) -> RngQueue {
+        RngQueue {
+            limiter,
+            parked: None,
+        }
+    }
+}
+
+/// What a request takes from the bandwidth bucket: what it will be given.
+fn requested_bytes(chain: &Chain) -> u64 {
+    chain.writable_len().min(REQUEST_CAP as u64)
+}
 
 impl QueueHandler for RngQueue {
+    fn reset(&mut self) {
+        self.parked = None;
+    }
+
     fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {
+        let (limiter, parked) = (&mut self.limiter, &mut self.parked);
         drain(ctx, queue, |ctx| {
-            while let Some(chain) = ctx.next_chain(queue, MAX_CHAIN_BYTES) {
+            while let Some(chain) =
+                ctx.next_limited_chain(queue, MAX_CHAIN_BYTES, limiter, parked, requested_bytes)
+            {
                 let written = if chain.readable_len() > 0 {
                     ctx.refuse(RequestViolation::UnexpectedReadable);
                     0

@@ -7,16 +7,20 @@
 //! cost every short-lived VM about 11 ms: each one queues an SRCU callback that KVM waits out
 //! when it destroys the VM (`srcu_barrier` in `kvm_destroy_vm`).
 
+use std::cell::Cell;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::chain::Chain;
 use super::queue::{GuestQueue, Popped};
+use super::rate_limiter::{self, RateLimiter};
 use super::shared::{Activation, DeviceShared};
 use crate::telemetry::{
     DeviceCounter, DeviceTelemetry, Evidence, RequestViolation, TransportViolation,
@@ -26,6 +30,10 @@ use crate::warn_limited;
 /// The event data of the activation/reset eventfd; queue `n`'s notifications carry `n`, and
 /// the handler's backend fds carry `BACKEND_EVENT + token`.
 const STATE_EVENT: u32 = u32::MAX;
+/// The worker's own eventfd, written when a wakeup's budget ran out with work left.
+const RESUME_EVENT: u32 = u32::MAX - 1;
+/// The worker's timer, armed while a rate limiter holds a queue back.
+const THROTTLE_EVENT: u32 = u32::MAX - 2;
 const BACKEND_EVENT: u32 = 0x1000_0000;
 
 /// A change to the set of backend fds the worker watches.
@@ -82,6 +90,35 @@ impl From<RequestViolation> for RequestError {
     }
 }
 
+/// Chains one wakeup may take from the queues of one device before the worker lets the
+/// other events run (a full Linux request batch is well under this).
+pub const WAKEUP_CHAINS: u32 = 16;
+/// Guest bytes one wakeup may move (as counted in bytes_from_guest and bytes_to_guest).
+pub const WAKEUP_BYTES: u64 = 256 << 10;
+
+/// What is left of one wakeup's work budget. A guest that keeps re-posting chains would
+/// otherwise hold the VMM thread forever: other devices, the exit request and the watchdog
+/// would wait behind it.
+/// (Bytes are a Cell: handlers count them through a shared context.)
+#[derive(Debug)]
+struct Budget {
+    chains: u32,
+    bytes: Cell<u64>,
+}
+
+impl Budget {
+    fn full() -> Budget {
+        Budget {
+            chains: WAKEUP_CHAINS,
+            bytes: Cell::new(WAKEUP_BYTES),
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.chains == 0 || self.bytes.get() == 0
+    }
+}
+
 /// What a handler works with while it serves a queue.
 pub struct QueueContext<'a> {
     pub mem: &'a GuestMemoryMmap,
@@ -89,6 +126,12 @@ pub struct QueueContext<'a> {
     shared: &'a DeviceShared,
     /// The queue being served, for evidence; None for backend work.
     queue: Option<u16>,
+    budget: Budget,
+    /// Queues (bit n for queue n) to serve again at the next turn of the event loop.
+    come_back: u64,
+    /// Queues a rate limiter holds back, and the shortest wait among them.
+    throttled: u64,
+    wait: Option<Duration>,
 }
 
 impl QueueContext<'_> {
@@ -96,9 +139,73 @@ impl QueueContext<'_> {
         &self.shared.telemetry
     }
 
-    /// Counts `n` of `counter` for this device.
+    /// Counts `n` of `counter` for this device. Bytes moved count against the wakeup's
+    /// budget.
     pub fn add(&self, counter: DeviceCounter, n: u64) {
+        if matches!(
+            counter,
+            DeviceCounter::BytesFromGuest | DeviceCounter::BytesToGuest
+        ) {
+            let bytes = &self.budget.bytes;
+            bytes.set(bytes.get().saturating_sub(n));
+        }
         self.shared.telemetry.add(counter, n);
+    }
+
+    /// True when this wakeup's work budget is used up: the handler should stop and, if it
+    /// has more to do, ask to [`come back`](Self::come_back).
+    pub fn budget_spent(&self) -> bool {
+        self.budget.spent()
+    }
+
+    /// Asks the worker to serve `queue` again after the other pending events.
+    pub fn come_back(&mut self, queue: usize) {
+        if queue < 64 {
+            self.come_back |= 1 << queue;
+        }
+    }
+
+    /// Asks the worker to serve `queue` again in `wait`, when its rate limiter allows more.
+    pub fn throttle(&mut self, queue: usize, wait: Duration) {
+        if queue < 64 {
+            self.throttled |= 1 << queue;
+            self.wait = Some(self.wait.map_or(wait, |w| w.min(wait)));
+        }
+    }
+
+    /// True when `queue` is to be served later (budget spent or throttled), not now.
+    fn held(&self, queue: usize) -> bool {
+        queue < 64 && (self.come_back | self.throttled) & (1 << queue) != 0
+    }
+
+    /// [`next_chain`](Self::next_chain) under a rate limiter: `cost` is what a chain takes
+    /// from its bytes bucket. A chain the limiter holds back waits in `parked` (it is the
+    /// next one served) while the queue waits on the worker's timer.
+    pub fn next_limited_chain(
+        &mut self,
+        queue: usize,
+        max_bytes: u64,
+        limiter: &mut Option<RateLimiter>,
+        parked: &mut Option<Chain>,
+        cost: impl Fn(&Chain) -> u64,
+    ) -> Option<Chain> {
+        let chain = match parked.take() {
+            Some(chain) if self.budget.spent() => {
+                *parked = Some(chain);
+                self.come_back(queue);
+                return None;
+            }
+            Some(chain) => chain,
+            None => self.next_chain(queue, max_bytes)?,
+        };
+        match rate_limiter::take(limiter, cost(&chain)) {
+            Ok(()) => Some(chain),
+            Err(wait) => {
+                *parked = Some(chain);
+                self.throttle(queue, wait);
+                None
+            }
+        }
     }
 
     pub fn device_name(&self) -> &str {
@@ -132,8 +239,16 @@ impl QueueContext<'_> {
             if self.shared.needs_reset() {
                 return None;
             }
+            if self.budget.spent() {
+                // Whatever is left waits for the next turn of the event loop.
+                self.come_back(queue);
+                return None;
+            }
             let q = self.queues.get_mut(queue)?.as_mut()?;
-            match q.pop(self.mem, max_bytes)? {
+            let popped = q.pop(self.mem, max_bytes)?;
+            // Refused chains cost work too: a guest posting them in a loop must yield.
+            self.budget.chains = self.budget.chains.saturating_sub(1);
+            match popped {
                 Popped::Chain(chain) => {
                     self.shared.telemetry.add(DeviceCounter::Requests, 1);
                     return Some(chain);
@@ -202,7 +317,9 @@ impl QueueContext<'_> {
 }
 
 /// Runs `serve` over a request-style queue until the driver has nothing more, with
-/// notifications off while draining (the usual virtio pattern, so no notification is lost).
+/// notifications off while draining (the usual virtio pattern, so no notification is lost),
+/// or until the wakeup's budget is spent: the worker then comes back to the queue after the
+/// other pending events.
 pub fn drain(
     ctx: &mut QueueContext<'_>,
     queue: usize,
@@ -211,6 +328,14 @@ pub fn drain(
     loop {
         ctx.disable_notification(queue);
         serve(ctx);
+        if ctx.held(queue) {
+            // A throttled queue waits for its timer; notifications stay off meanwhile.
+            break;
+        }
+        if ctx.budget_spent() {
+            ctx.come_back(queue);
+            break;
+        }
         if !ctx.enable_notification(queue) || ctx.shared.needs_reset() {
             break;
         }
@@ -233,6 +358,13 @@ pub struct VirtioWorker {
     generation: u64,
     /// Attached at the first activation, then dropped.
     notifiers: Option<Box<dyn QueueNotifiers>>,
+    /// Signalled to serve the queues in `resume` again, after the other events.
+    resume_evt: EventFd,
+    resume: u64,
+    /// Fires when the first throttled queue may go on; `throttled` are the queues waiting.
+    timer: TimerFd,
+    timer_deadline: Option<Instant>,
+    throttled: u64,
 }
 
 impl VirtioWorker {
@@ -241,15 +373,20 @@ impl VirtioWorker {
         mem: GuestMemoryMmap,
         queue_evts: Vec<EventFd>,
         handler: Box<dyn QueueHandler>,
-    ) -> VirtioWorker {
-        VirtioWorker {
+    ) -> Result<VirtioWorker, std::io::Error> {
+        Ok(VirtioWorker {
             shared,
             mem,
             queue_evts,
             handler,
             generation: 0,
             notifiers: None,
-        }
+            resume_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            resume: 0,
+            timer: TimerFd::new().map_err(std::io::Error::from)?,
+            timer_deadline: None,
+            throttled: 0,
+        })
     }
 
     /// Attaches the queues' eventfds to `notifiers` when the driver first starts the device.
@@ -287,6 +424,10 @@ impl VirtioWorker {
             queues,
             shared: &self.shared,
             queue: None,
+            budget: Budget::full(),
+            come_back: 0,
+            throttled: 0,
+            wait: None,
         };
         if *generation != self.generation {
             // A reset in between that the worker did not see still resets the handler.
@@ -298,7 +439,76 @@ impl VirtioWorker {
         }
         f(self.handler.as_mut(), &mut ctx);
         ctx.raise_interrupts();
+        let (come_back, throttled, wait) = (ctx.come_back, ctx.throttled, ctx.wait);
+        drop(active);
+        if let (true, Some(wait)) = (throttled != 0, wait) {
+            self.hold(throttled, wait);
+        }
+        if come_back != 0 {
+            // Each queue that yielded counts once per wakeup.
+            self.shared
+                .telemetry
+                .add(DeviceCounter::Yields, u64::from(come_back.count_ones()));
+            self.resume |= come_back;
+            if let Err(e) = self.resume_evt.write(1) {
+                // Not expected (the counter can not overflow here); the driver's next
+                // notification serves the queue instead.
+                warn_limited!("{}: cannot schedule more work: {e}", self.shared.name());
+            }
+        }
         true
+    }
+
+    /// Holds `queues` back for `wait`: the timer fires at the earliest deadline asked.
+    fn hold(&mut self, queues: u64, wait: Duration) {
+        self.shared
+            .telemetry
+            .add(DeviceCounter::Throttled, u64::from(queues.count_ones()));
+        self.throttled |= queues;
+        let deadline = Instant::now() + wait;
+        if self.timer_deadline.is_some_and(|d| d <= deadline) {
+            return;
+        }
+        // A zero duration would disarm the timer: wait at least a microsecond.
+        match self.timer.reset(wait.max(Duration::from_micros(1)), None) {
+            Ok(()) => self.timer_deadline = Some(deadline),
+            Err(e) => {
+                // Not expected; the driver's next notification serves the queue instead.
+                warn_limited!(
+                    "{}: cannot arm the rate-limit timer: {e}",
+                    self.shared.name()
+                );
+            }
+        }
+    }
+
+    /// The rate-limit timer fired: serves the queues it held back.
+    fn timer_fired(&mut self) {
+        let _ = self.timer.wait();
+        self.timer_deadline = None;
+        let queues = std::mem::take(&mut self.throttled);
+        self.serve_again(queues);
+    }
+
+    /// Serves again the queues whose last wakeup ran out of budget.
+    fn resumed(&mut self) {
+        let _ = self.resume_evt.read();
+        let queues = std::mem::take(&mut self.resume);
+        self.serve_again(queues);
+    }
+
+    /// Serves `queues` (bit n for queue n) that are still live.
+    fn serve_again(&mut self, queues: u64) {
+        let count = self.queue_evts.len();
+        self.with_context(|handler, ctx| {
+            for q in (0..count).filter(|&q| q < 64 && queues & (1 << q) != 0) {
+                // A reset in between leaves nothing to come back to.
+                if ctx.queue_ready(q) {
+                    ctx.queue = u16::try_from(q).ok();
+                    handler.process_queue(ctx, q);
+                }
+            }
+        });
     }
 
     fn state_changed(&mut self) {
@@ -358,7 +568,11 @@ impl VirtioWorker {
 
 impl MutEventSubscriber for VirtioWorker {
     fn init(&mut self, ops: &mut EventOps<'_>) {
-        let mut fds = vec![(self.shared.state_evt().as_raw_fd(), STATE_EVENT)];
+        let mut fds = vec![
+            (self.shared.state_evt().as_raw_fd(), STATE_EVENT),
+            (self.resume_evt.as_raw_fd(), RESUME_EVENT),
+            (self.timer.as_raw_fd(), THROTTLE_EVENT),
+        ];
         for (index, evt) in (0u32..).zip(&self.queue_evts) {
             fds.push((evt.as_raw_fd(), index));
         }
@@ -405,6 +619,8 @@ impl VirtioWorker {
     fn dispatch(&mut self, events: Events) {
         match events.data() {
             STATE_EVENT => self.state_changed(),
+            RESUME_EVENT => self.resumed(),
+            THROTTLE_EVENT => self.timer_fired(),
             token if token >= BACKEND_EVENT => {
                 let token = token - BACKEND_EVENT;
                 if !self.with_context(|handler, ctx| handler.backend_ready(Some(ctx), token)) {
@@ -457,6 +673,7 @@ mod tests {
             vec![evt(), evt()],
             Box::new(Idle),
         )
+        .unwrap()
         .with_notifiers(Box::new(Recorder(attached.clone())));
         // A reset before the driver ever started the device attaches nothing.
         worker.state_changed();

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use super::{magic, Backing, Disk, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
 use crate::devices::virtio::chain::{Buffer, Chain};
+use crate::devices::virtio::rate_limiter::RateLimiter;
 use crate::devices::virtio::worker::{drain, QueueContext, QueueHandler};
 use crate::devices::virtio::RequestError;
 use crate::telemetry::{DeviceCounter, ImageFormat, RequestViolation};
@@ -36,10 +37,19 @@ struct Segment {
 
 /// The part `[skip, skip + take)` of the byte stream the buffers form.
 fn segments(buffers: &[&Buffer], skip: u64, take: u64) -> Vec<Segment> {
+    let pieces = buffers.iter().map(|b| Segment {
+        addr: b.addr,
+        len: u64::from(b.len),
+    });
+    cut(pieces, skip, take)
+}
+
+/// The part `[skip, skip + take)` of the byte stream `pieces` form.
+fn cut(pieces: impl IntoIterator<Item = Segment>, skip: u64, take: u64) -> Vec<Segment> {
     let mut out = Vec::new();
     let (mut skip, mut take) = (skip, take);
-    for b in buffers {
-        let len = u64::from(b.len);
+    for b in pieces {
+        let len = b.len;
         if skip >= len {
             skip -= len;
             continue;
@@ -58,6 +68,10 @@ fn segments(buffers: &[&Buffer], skip: u64, take: u64) -> Vec<Segment> {
     out
 }
 
+/// The most one read or write moves in one system call: a long request is done in pieces,
+/// so that a reset, another queue or another device waits for one piece, not the request.
+const PIECE: u64 = 256 << 10;
+
 /// What a request turned out to be.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
@@ -65,6 +79,29 @@ enum Outcome {
     Done { status: u8, written: u64 },
     /// Refused with this status, for this reason.
     Refused { status: u8, error: RequestError },
+    /// A valid read or write, to be done in pieces.
+    Transfer(Transfer),
+}
+
+/// A read or write being done: what is left of it, and how to answer it.
+#[derive(Debug, PartialEq, Eq)]
+struct Transfer {
+    direction: Direction,
+    /// The guest's data buffers, in order.
+    data: Vec<Segment>,
+    /// The disk offset of the first data byte.
+    offset: u64,
+    len: u64,
+    /// Bytes moved so far.
+    done: u64,
+}
+
+/// A transfer with the chain it answers.
+#[derive(Debug)]
+struct InFlight {
+    head: u16,
+    status_at: u64,
+    transfer: Transfer,
 }
 
 /// The queue side of a block device.
@@ -72,21 +109,94 @@ enum Outcome {
 pub struct BlockQueue {
     pub(super) disk: Disk,
     pub(super) backing: Arc<Backing>,
+    /// A request the last wakeup left half done.
+    in_flight: Option<InFlight>,
+    limiter: Option<RateLimiter>,
+    /// A request the rate limiter holds back: the next one served.
+    parked: Option<Chain>,
 }
 
 impl BlockQueue {
     /// A queue side whose backing file never changes.
     pub fn new(disk: Disk) -> BlockQueue {
         let backing = Backing::new(disk.sectors);
-        BlockQueue { disk, backing }
+        BlockQueue::with_backing(disk, backing)
     }
 
     /// A queue side that takes the backing files `backing` is given.
     pub(super) fn with_backing(disk: Disk, backing: Arc<Backing>) -> BlockQueue {
-        BlockQueue { disk, backing }
+        BlockQueue {
+            disk,
+            backing,
+            in_flight: None,
+            limiter: None,
+            parked: None,
+        }
     }
 
-    fn serve(&mut self, ctx: &mut QueueContext<'_>, chain: &Chain) -> u32 {
+    /// Limits the bytes and requests the guest may move.
+    pub fn with_limiter(mut self, limiter: Option<RateLimiter>) -> BlockQueue {
+        self.limiter = limiter;
+        self
+    }
+
+    /// Moves the in-flight transfer on, piece by piece, while the wakeup's budget lasts;
+    /// answers its chain when it is done (or failed).
+    fn advance(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {
+        let Some(mut job) = self.in_flight.take() else {
+            return;
+        };
+        let t = &mut job.transfer;
+        let mut failed = false;
+        while t.done < t.len {
+            if ctx.budget_spent() {
+                self.in_flight = Some(job);
+                ctx.come_back(queue);
+                return;
+            }
+            let n = (t.len - t.done).min(PIECE);
+            let piece = cut(t.data.iter().copied(), t.done, n);
+            if let Err(e) = self.transfer(ctx.mem, &piece, t.offset + t.done, t.direction) {
+                let what = match t.direction {
+                    Direction::ToGuest => "read",
+                    Direction::ToDisk => "write",
+                };
+                warn_limited!("{}: {what} failed: {e}", ctx.device_name());
+                ctx.refuse(RequestError::new(
+                    RequestViolation::HostIo,
+                    t.offset / SECTOR_SIZE,
+                    t.len,
+                ));
+                failed = true;
+                break;
+            }
+            t.done += n;
+            let counter = match t.direction {
+                Direction::ToGuest => DeviceCounter::BytesToGuest,
+                Direction::ToDisk => DeviceCounter::BytesFromGuest,
+            };
+            ctx.add(counter, n);
+        }
+        let (status, written) = match (failed, t.direction) {
+            (true, _) => (VIRTIO_BLK_S_IOERR as u8, 0),
+            (false, Direction::ToGuest) => (VIRTIO_BLK_S_OK as u8, t.len),
+            (false, Direction::ToDisk) => (VIRTIO_BLK_S_OK as u8, 0),
+        };
+        answer(ctx, queue, job.head, job.status_at, status, written);
+    }
+
+    /// Takes one request: answers it at once, or leaves it in flight.
+    fn serve(&mut self, ctx: &mut QueueContext<'_>, queue: usize, chain: &Chain) {
+        let Some(used) = self.start(ctx, chain) else {
+            self.advance(ctx, queue);
+            return;
+        };
+        ctx.complete(queue, chain.head, used);
+    }
+
+    /// Parses and checks a request. Returns the used length when it is answered already, or
+    /// None when it became the in-flight transfer.
+    fn start(&mut self, ctx: &mut QueueContext<'_>, chain: &Chain) -> Option<u32> {
         let readable: Vec<&Buffer> = chain.buffers.iter().filter(|b| !b.writable).collect();
         let writable: Vec<&Buffer> = chain.buffers.iter().filter(|b| b.writable).collect();
         let (readable_len, writable_len) = (chain.readable_len(), chain.writable_len());
@@ -96,7 +206,7 @@ impl BlockQueue {
                 0,
                 readable_len,
             ));
-            return 0;
+            return Some(0);
         };
         let data_in = segments(&writable, 0, writable_len - 1);
         let outcome = match read_header(ctx.mem, &readable) {
@@ -115,10 +225,16 @@ impl BlockQueue {
                 ctx.refuse(error);
                 (status, 0)
             }
+            Outcome::Transfer(transfer) => {
+                self.in_flight = Some(InFlight {
+                    head: chain.head,
+                    status_at,
+                    transfer,
+                });
+                return None;
+            }
         };
-        // The status byte lies in a validated writable buffer.
-        let _ = ctx.mem.write_obj(status, GuestAddress(status_at));
-        u32::try_from(written + 1).unwrap_or(u32::MAX)
+        Some(write_status(ctx, status_at, status, written))
     }
 
     fn perform(
@@ -177,25 +293,19 @@ impl BlockQueue {
                             };
                         }
                     }
-                    if let Err(e) = self.transfer(ctx.mem, data_out, offset, Direction::ToDisk) {
-                        warn_limited!("{}: write failed: {e}", ctx.device_name());
-                        return ioerr(RequestViolation::HostIo);
-                    }
-                    ctx.add(DeviceCounter::BytesFromGuest, len);
-                    return Outcome::Done {
-                        status: VIRTIO_BLK_S_OK as u8,
-                        written: 0,
-                    };
                 }
-                if let Err(e) = self.transfer(ctx.mem, data_in, offset, Direction::ToGuest) {
-                    warn_limited!("{}: read failed: {e}", ctx.device_name());
-                    return ioerr(RequestViolation::HostIo);
-                }
-                ctx.add(DeviceCounter::BytesToGuest, len);
-                Outcome::Done {
-                    status: VIRTIO_BLK_S_OK as u8,
-                    written: len,
-                }
+                let (direction, data) = if kind == VIRTIO_BLK_T_OUT {
+                    (Direction::ToDisk, data_out)
+                } else {
+                    (Direction::ToGuest, data_in)
+                };
+                Outcome::Transfer(Transfer {
+                    direction,
+                    data: data.to_vec(),
+                    offset,
+                    len,
+                    done: 0,
+                })
             }
             VIRTIO_BLK_T_FLUSH => {
                 if let Err(e) = self.disk.file.sync_all() {
@@ -285,10 +395,36 @@ impl BlockQueue {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
     ToGuest,
     ToDisk,
+}
+
+/// Writes a request's status byte; the used length for `written` data bytes.
+fn write_status(ctx: &QueueContext<'_>, status_at: u64, status: u8, written: u64) -> u32 {
+    // The status byte lies in a validated writable buffer.
+    let _ = ctx.mem.write_obj(status, GuestAddress(status_at));
+    u32::try_from(written + 1).unwrap_or(u32::MAX)
+}
+
+/// Answers chain `head` with `status`.
+fn answer(
+    ctx: &mut QueueContext<'_>,
+    queue: usize,
+    head: u16,
+    status_at: u64,
+    status: u8,
+    written: u64,
+) {
+    let used = write_status(ctx, status_at, status, written);
+    ctx.complete(queue, head, used);
+}
+
+/// What a request takes from the bandwidth bucket: its data, less the header and status (the
+/// type is not read yet, so a flush or get-id counts the little it carries).
+fn data_bytes(chain: &Chain) -> u64 {
+    (chain.readable_len() + chain.writable_len()).saturating_sub(HEADER_LEN + 1)
 }
 
 /// The image format whose header the data written to sector 0 begins with, if any.
@@ -332,16 +468,36 @@ fn read_header(mem: &GuestMemoryMmap, readable: &[&Buffer]) -> Option<(u32, u64)
 
 impl QueueHandler for BlockQueue {
     fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {
+        // A request left half done goes first, on the file it started on.
+        self.advance(ctx, queue);
+        if self.in_flight.is_some() {
+            return;
+        }
         // A backing file the host swapped in serves every request from here on.
         if let Some(next) = self.backing.take_next() {
             self.disk = next;
         }
         drain(ctx, queue, |ctx| {
-            while let Some(chain) = ctx.next_chain(queue, MAX_REQUEST_BYTES) {
-                let used = self.serve(ctx, &chain);
-                ctx.complete(queue, chain.head, used);
+            while self.in_flight.is_none() {
+                let next = ctx.next_limited_chain(
+                    queue,
+                    MAX_REQUEST_BYTES,
+                    &mut self.limiter,
+                    &mut self.parked,
+                    data_bytes,
+                );
+                let Some(chain) = next else {
+                    break;
+                };
+                self.serve(ctx, queue, &chain);
             }
         });
+    }
+
+    fn reset(&mut self) {
+        // The driver reset the device: the requests are forgotten with the rings.
+        self.in_flight = None;
+        self.parked = None;
     }
 }
 

@@ -13,6 +13,7 @@ use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 pub use tap::{Tap, TapError, MAX_NAME_LEN as MAX_TAP_NAME_LEN};
 
 use super::chain::Chain;
+use super::rate_limiter::{self, RateLimiter};
 use super::worker::{drain, QueueContext, QueueHandler};
 use super::RequestError;
 use super::{read_config_bytes, VirtioDevice};
@@ -77,6 +78,10 @@ pub struct NetQueues {
     pending: Option<usize>,
     rx_frame: Vec<u8>,
     tx_frame: Vec<u8>,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
+    /// A frame to send that the tx limiter holds back: the next one sent.
+    tx_parked: Option<Chain>,
 }
 
 impl NetQueues {
@@ -87,7 +92,17 @@ impl NetQueues {
             pending: None,
             rx_frame: vec![0; MAX_FRAME],
             tx_frame: Vec::with_capacity(MAX_FRAME),
+            rx_limiter: None,
+            tx_limiter: None,
+            tx_parked: None,
         }
+    }
+
+    /// Limits what the guest receives (`rx`) and sends (`tx`): bytes and frames.
+    pub fn with_limiters(mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
     }
 
     /// Moves frames from the tap into receive buffers until either runs out.
@@ -108,11 +123,19 @@ impl NetQueues {
                     }
                 },
             };
+            // The frame waits here (the tap keeps the rest) while the limiter says so.
+            if let Err(wait) = rate_limiter::peek(&mut self.rx_limiter, len as u64) {
+                self.pending = Some(len);
+                ctx.throttle(RX, wait);
+                return;
+            }
             let Some(chain) = ctx.next_chain(RX, MAX_CHAIN_BYTES) else {
                 // Wait for the driver to add buffers; the frame stays here meanwhile.
                 self.pending = Some(len);
                 return;
             };
+            // Checked just above, on this thread: the tokens are there.
+            let _ = rate_limiter::take(&mut self.rx_limiter, len as u64);
             let written = self.deliver(ctx, &chain, len);
             if written.is_none() {
                 // This chain could not take the frame: the frame is dropped (it would not
@@ -144,22 +167,47 @@ impl NetQueues {
 
     /// Sends every frame the driver queued.
     fn transmit(&mut self, ctx: &mut QueueContext<'_>) {
+        let NetQueues {
+            tap,
+            mac,
+            tx_frame,
+            tx_limiter,
+            tx_parked,
+            ..
+        } = self;
+        let mut sender = Sender { tap, mac, tx_frame };
         drain(ctx, TX, |ctx| {
-            while let Some(chain) = ctx.next_chain(TX, MAX_CHAIN_BYTES) {
-                if let Err(reason) = self.send(ctx, &chain) {
+            while let Some(chain) =
+                ctx.next_limited_chain(TX, MAX_CHAIN_BYTES, tx_limiter, tx_parked, frame_bytes)
+            {
+                if let Err(reason) = sender.send(ctx, &chain) {
                     ctx.refuse(reason);
                 }
                 ctx.complete(TX, chain.head, 0);
             }
         });
     }
+}
 
+/// What a frame to send takes from the bandwidth bucket: the frame, less the virtio header.
+fn frame_bytes(chain: &Chain) -> u64 {
+    chain.readable_len().saturating_sub(HEADER_LEN as u64)
+}
+
+/// The transmit side's share of [`NetQueues`].
+struct Sender<'a> {
+    tap: &'a mut Tap,
+    mac: &'a [u8; 6],
+    tx_frame: &'a mut Vec<u8>,
+}
+
+impl Sender<'_> {
     fn send(&mut self, ctx: &QueueContext<'_>, chain: &Chain) -> Result<(), RequestError> {
         if chain.writable_len() > 0 {
             return Err(RequestViolation::UnexpectedWritable.into());
         }
         self.tx_frame.clear();
-        if !chain.read_into(ctx.mem, &mut self.tx_frame) {
+        if !chain.read_into(ctx.mem, self.tx_frame) {
             return Err(RequestViolation::HostIo.into());
         }
         let (header, frame) = self
@@ -229,6 +277,7 @@ impl QueueHandler for NetQueues {
 
     fn reset(&mut self) {
         self.pending = None;
+        self.tx_parked = None;
     }
 
     fn backend_fds(&self) -> Vec<(RawFd, u32)> {
