@@ -149,7 +149,10 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         taps.push((Tap::open(&net.tap)?, net.mac));
     }
     let vsock = match &config.vsock {
-        Some(v) => Some(VsockBackend::open(v.cid, &v.uds, !config.vsock_cid_shared)?),
+        Some(v) => Some(
+            VsockBackend::open(v.cid, &v.uds, !config.vsock_cid_shared)?
+                .with_buffer_budget(v.buffer_mib << 20),
+        ),
         None => None,
     };
     let kvm = kvm::open_kvm(&config.kvm_device)?;

@@ -206,8 +206,9 @@ pub struct RunArgs {
     pub nets: Vec<RawNet>,
     /// Attach a virtio-vsock device with guest CID N. The host reaches guest port P by
     /// connecting to PATH and writing `CONNECT P\n`; guest connections to host port P go to
-    /// PATH_P.
-    #[arg(long, value_name = "cid=N,uds=PATH")]
+    /// PATH_P. `buffer_mib` bounds the host-side buffers of all connections together
+    /// [default: 32, which allows 102 connections of 320 KiB each].
+    #[arg(long, value_name = "cid=N,uds=PATH[,buffer_mib=MIB]")]
     pub vsock: Option<RawVsock>,
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]

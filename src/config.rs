@@ -98,8 +98,10 @@ pub enum ConfigError {
     Mac(String),
     #[error("two network devices use {0}; each needs its own")]
     DuplicateNet(String),
-    #[error("invalid --vsock {0:?}: expected cid=N,uds=PATH")]
+    #[error("invalid --vsock {0:?}: expected cid=N,uds=PATH[,buffer_mib=MIB]")]
     Vsock(String),
+    #[error("vsock buffer_mib {0} is out of range: use 1 to {max} (each connection reserves 320 KiB)", max = devices::MAX_VSOCK_BUFFER_MIB)]
+    VsockBuffer(u64),
     #[error("vsock CID {0} is out of range: use 3 to 4294967294 (0-2 are reserved)")]
     VsockCid(u64),
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit (one IRQ each)")]
@@ -195,6 +197,48 @@ pub enum TestHook {
     SignalSupervisor,
     /// The vCPU thread aborts, as on a stack overflow or a failed allocation.
     VcpuAbort,
+    /// The VMM thread makes a call its filter allows only with other arguments.
+    VmmForbiddenCall(ForbiddenCall),
+    /// The vCPU thread does the same.
+    VcpuForbiddenCall(ForbiddenCall),
+}
+
+/// A system call a thread's filter allows, with arguments it does not: one per tightened
+/// rule, for `--test-hook vmm-forbidden-call:NAME` and `vcpu-forbidden-call:NAME`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForbiddenCall {
+    /// socket(AF_INET, SOCK_STREAM): the VMM thread may open Unix sockets only.
+    SocketInet,
+    /// socket(AF_UNIX, SOCK_DGRAM): and stream ones only.
+    SocketDgram,
+    /// futex(FUTEX_CMP_REQUEUE_PRIVATE): private waits and wakes only.
+    FutexRequeue,
+    /// futex(FUTEX_WAIT), process-shared.
+    FutexShared,
+    /// madvise(MADV_MERGEABLE): MADV_DONTNEED only.
+    MadviseMergeable,
+    /// mmap(MAP_SHARED | MAP_ANONYMOUS): private memory only.
+    MmapShared,
+    /// mmap of a file descriptor: anonymous memory only.
+    MmapFile,
+    /// mremap(MREMAP_MAYMOVE | MREMAP_FIXED): MAYMOVE only.
+    MremapFixed,
+    /// tgkill with a signal the filter does not list (0, which only checks the thread).
+    TgkillOtherSignal,
+}
+
+impl ForbiddenCall {
+    pub const ALL: [(&'static str, ForbiddenCall); 9] = [
+        ("socket-inet", ForbiddenCall::SocketInet),
+        ("socket-dgram", ForbiddenCall::SocketDgram),
+        ("futex-requeue", ForbiddenCall::FutexRequeue),
+        ("futex-shared", ForbiddenCall::FutexShared),
+        ("madvise-mergeable", ForbiddenCall::MadviseMergeable),
+        ("mmap-shared", ForbiddenCall::MmapShared),
+        ("mmap-file", ForbiddenCall::MmapFile),
+        ("mremap-fixed", ForbiddenCall::MremapFixed),
+        ("tgkill-other-signal", ForbiddenCall::TgkillOtherSignal),
+    ];
 }
 
 impl std::str::FromStr for TestHook {
@@ -208,7 +252,21 @@ impl std::str::FromStr for TestHook {
             "supervisor-forbidden-syscall" => Ok(TestHook::SupervisorForbiddenSyscall),
             "signal-supervisor" => Ok(TestHook::SignalSupervisor),
             "vcpu-abort" => Ok(TestHook::VcpuAbort),
-            _ => Err(format!("unknown test hook {s:?}")),
+            _ => {
+                let call = |name: &str| {
+                    ForbiddenCall::ALL
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|&(_, c)| c)
+                };
+                if let Some(c) = s.strip_prefix("vmm-forbidden-call:").and_then(call) {
+                    return Ok(TestHook::VmmForbiddenCall(c));
+                }
+                if let Some(c) = s.strip_prefix("vcpu-forbidden-call:").and_then(call) {
+                    return Ok(TestHook::VcpuForbiddenCall(c));
+                }
+                Err(format!("unknown test hook {s:?}"))
+            }
         }
     }
 }

@@ -133,6 +133,83 @@ pub fn forbidden_syscall() {
     }
 }
 
+/// Makes `call`: a system call the thread's filter allows, with arguments it does not. Each
+/// is harmless should it go through (debug builds only).
+#[cfg(debug_assertions)]
+pub fn forbidden_call(call: crate::config::ForbiddenCall) {
+    use crate::config::ForbiddenCall::*;
+    let mut word: u32 = 0;
+    let word_ptr = &mut word as *mut u32;
+    // SAFETY: every call below passes constants, or a pointer to `word`, a live local the
+    // kernel may read and write; memory it maps is unmapped again. None of them touches
+    // memory of ours otherwise.
+    unsafe {
+        let rc = match call {
+            SocketInet => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
+            SocketDgram => libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+                as libc::c_long,
+            // Requeues no waiter from `word` to itself.
+            FutexRequeue => libc::syscall(
+                libc::SYS_futex,
+                word_ptr,
+                libc::FUTEX_CMP_REQUEUE | libc::FUTEX_PRIVATE_FLAG,
+                0,
+                0,
+                word_ptr,
+                0,
+            ),
+            // Waits only while `word` is 1, which it is not: returns at once.
+            FutexShared => libc::syscall(libc::SYS_futex, word_ptr, libc::FUTEX_WAIT, 1, 0),
+            MadviseMergeable | MmapShared | MmapFile | MremapFixed => {
+                let flags = if call == MmapShared {
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS
+                } else {
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+                };
+                // A file mapping: the first descriptor a process has, stdin, read-only.
+                let (flags, fd) = if call == MmapFile {
+                    (libc::MAP_PRIVATE, 0)
+                } else {
+                    (flags, -1)
+                };
+                let page = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    fd,
+                    0,
+                );
+                if page != libc::MAP_FAILED {
+                    match call {
+                        MadviseMergeable => {
+                            libc::madvise(page, 4096, libc::MADV_MERGEABLE);
+                        }
+                        MremapFixed => {
+                            // Onto itself: EINVAL if it goes through.
+                            libc::syscall(
+                                libc::SYS_mremap,
+                                page,
+                                4096,
+                                4096,
+                                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                                page,
+                            );
+                        }
+                        _ => {}
+                    }
+                    libc::munmap(page, 4096);
+                }
+                0
+            }
+            TgkillOtherSignal => libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), 0),
+        };
+        if rc >= 0 && matches!(call, SocketInet | SocketDgram) {
+            libc::close(rc as libc::c_int);
+        }
+    }
+}
+
 /// The parent process's pid, read before a thread confines itself (no filter allows getppid).
 #[cfg(debug_assertions)]
 pub fn parent_pid() -> libc::pid_t {
@@ -211,10 +288,70 @@ mod tests {
     fn every_role_traps_what_it_does_not_allow() {
         for role in ROLES {
             let prog = program(role, Some(SOME_VM)).unwrap();
-            assert!(allowed(&prog, libc::SYS_futex, [0; 6]), "{role:?}");
+            let wake = (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as u64;
+            assert!(
+                allowed(&prog, libc::SYS_futex, [0, wake, 1, 0, 0, 0]),
+                "{role:?}"
+            );
             assert!(!allowed(&prog, libc::SYS_execve, [0; 6]), "{role:?}");
             assert!(!allowed(&prog, libc::SYS_ptrace, [0; 6]), "{role:?}");
         }
+    }
+
+    #[test]
+    fn the_vmm_and_vcpu_filters_allow_only_the_arguments_the_runtime_uses() {
+        let private = |op: i32| (op | libc::FUTEX_PRIVATE_FLAG) as u64;
+        let (rw, anon) = (
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+        );
+        for role in [ThreadRole::Vmm, ThreadRole::Vcpu] {
+            let prog = program(role, None).unwrap();
+            let futex = |op: u64| allowed(&prog, libc::SYS_futex, [0, op, 0, 0, 0, 0]);
+            assert!(futex(private(libc::FUTEX_WAIT)) && futex(private(libc::FUTEX_WAKE)));
+            assert!(futex(private(libc::FUTEX_WAIT_BITSET)));
+            assert!(!futex(libc::FUTEX_WAIT as u64), "{role:?}: shared futex");
+            assert!(
+                !futex(private(libc::FUTEX_CMP_REQUEUE)),
+                "{role:?}: requeue"
+            );
+            assert!(!futex(private(libc::FUTEX_LOCK_PI)), "{role:?}: PI");
+            let mmap = |prot: u64, flags: u64| {
+                allowed(&prog, libc::SYS_mmap, [0, 4096, prot, flags, u64::MAX, 0])
+            };
+            assert!(mmap(rw, anon) && mmap(0, anon | libc::MAP_NORESERVE as u64));
+            assert!(!mmap(rw | libc::PROT_EXEC as u64, anon), "{role:?}: exec");
+            assert!(!mmap(rw, (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64));
+            assert!(!mmap(rw, libc::MAP_PRIVATE as u64), "{role:?}: a file");
+            assert!(!mmap(rw, anon | libc::MAP_FIXED as u64), "{role:?}: fixed");
+            let madvise =
+                |advice: i32| allowed(&prog, libc::SYS_madvise, [0, 4096, advice as u64, 0, 0, 0]);
+            assert!(madvise(libc::MADV_DONTNEED));
+            assert!(!madvise(libc::MADV_MERGEABLE) && !madvise(libc::MADV_DONTFORK));
+            let mremap =
+                |flags: i32| allowed(&prog, libc::SYS_mremap, [0, 4096, 8192, flags as u64, 0, 0]);
+            assert!(mremap(libc::MREMAP_MAYMOVE));
+            assert!(!mremap(libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED));
+        }
+        let vmm = program(ThreadRole::Vmm, None).unwrap();
+        let socket = |domain: i32, kind: i32, protocol: u64| {
+            allowed(
+                &vmm,
+                libc::SYS_socket,
+                [domain as u64, kind as u64, protocol, 0, 0, 0],
+            )
+        };
+        let stream = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        assert!(socket(libc::AF_UNIX, stream, 0));
+        assert!(!socket(libc::AF_UNIX, libc::SOCK_STREAM, 0), "blocking");
+        assert!(!socket(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0
+        ));
+        assert!(!socket(libc::AF_UNIX, stream, 1));
+        assert!(!socket(libc::AF_INET, stream, 0));
+        assert!(!socket(libc::AF_NETLINK, stream, 0));
     }
 
     #[test]

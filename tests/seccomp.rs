@@ -8,12 +8,17 @@ use common::{kvm_available, run_guest, run_observed, Observed};
 /// The supervisor saw the VM process die by SIGSYS and reported it once, with the thread and
 /// system call the VM process handed over.
 fn assert_one_seccomp_alert(o: &Observed, thread: &str) {
+    assert_one_seccomp_alert_for(o, thread, 41);
+}
+
+/// [`assert_one_seccomp_alert`] for system call `nr`.
+fn assert_one_seccomp_alert_for(o: &Observed, thread: &str, nr: u64) {
     assert_eq!(o.alerts.len(), 1, "{:?}", o.alerts);
     let a = &o.alerts[0];
     assert_eq!(a["rule"], "seccomp_violation");
     assert_eq!(a["priority"], "Critical");
     assert_eq!(a["output_fields"]["thread"], thread);
-    assert_eq!(a["output_fields"]["syscall"], 41);
+    assert_eq!(a["output_fields"]["syscall"], nr);
     assert_eq!(
         o.metrics
             .value("bulkhead_vm_exit", &[("reason", "seccomp_violation")]),
@@ -161,4 +166,45 @@ fn an_aborting_thread_is_reported_as_a_crash_not_as_a_seccomp_violation() {
         o.metrics.value("bulkhead_vm_exit", &[("reason", "killed")]),
         1
     );
+}
+
+/// Each tightened rule: the call a thread's filter allows only with other arguments, made
+/// with the arguments it does not allow, traps, and the report names the system call.
+#[test]
+fn each_tightened_argument_rule_traps_the_call_it_no_longer_allows() {
+    if !kvm_available("each_tightened_argument_rule_traps_the_call_it_no_longer_allows") {
+        return;
+    }
+    // (hook, the thread, the system call number the report names)
+    let cases = [
+        ("vmm-forbidden-call:socket-inet", "vmm", 41),
+        ("vmm-forbidden-call:socket-dgram", "vmm", 41),
+        ("vmm-forbidden-call:futex-requeue", "vmm", 202),
+        ("vmm-forbidden-call:futex-shared", "vmm", 202),
+        ("vmm-forbidden-call:madvise-mergeable", "vmm", 28),
+        ("vmm-forbidden-call:mmap-shared", "vmm", 9),
+        ("vmm-forbidden-call:mmap-file", "vmm", 9),
+        ("vmm-forbidden-call:mremap-fixed", "vmm", 25),
+        ("vmm-forbidden-call:tgkill-other-signal", "vmm", 234),
+        ("vcpu-forbidden-call:futex-requeue", "vcpu0", 202),
+        ("vcpu-forbidden-call:futex-shared", "vcpu0", 202),
+        ("vcpu-forbidden-call:madvise-mergeable", "vcpu0", 28),
+        ("vcpu-forbidden-call:mmap-shared", "vcpu0", 9),
+        ("vcpu-forbidden-call:mmap-file", "vcpu0", 9),
+        ("vcpu-forbidden-call:mremap-fixed", "vcpu0", 25),
+        ("vcpu-forbidden-call:tgkill-other-signal", "vcpu0", 234),
+    ];
+    for (hook, thread, nr) in cases {
+        let name = format!("seccomp-args-{}", hook.replace(':', "-"));
+        let o = run_observed(&name, "hello", &["--test-hook", hook]);
+        let run = &o.run;
+        assert_eq!(run.status, 159, "{hook}: stderr: {}", run.stderr);
+        let said = format!("seccomp violation: thread {thread} made forbidden system call {nr}");
+        assert!(run.stderr.contains(&said), "{hook}: stderr: {}", run.stderr);
+        assert_one_seccomp_alert_for(&o, thread, nr);
+    }
+    // The same calls with the arguments bulkhead uses go through: every other test's runs,
+    // and this one without the hook.
+    let o = run_observed("seccomp-args-none", "hello", &[]);
+    assert_eq!(o.run.status, 0, "stderr: {}", o.run.stderr);
 }

@@ -107,6 +107,8 @@ impl std::str::FromStr for RawNet {
 pub struct RawVsock {
     pub cid: u64,
     pub uds: PathBuf,
+    /// MiB the host side may buffer for all connections together (default 32).
+    pub buffer_mib: Option<u64>,
 }
 
 impl std::str::FromStr for RawVsock {
@@ -114,17 +116,21 @@ impl std::str::FromStr for RawVsock {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ConfigError::Vsock(s.to_string());
-        let (mut cid, mut uds) = (None, None);
+        let (mut cid, mut uds, mut buffer_mib) = (None, None, None);
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("cid", v)) if cid.is_none() => cid = Some(v.parse().map_err(|_| bad())?),
                 Some(("uds", v)) if uds.is_none() && !v.is_empty() => uds = Some(PathBuf::from(v)),
+                Some(("buffer_mib", v)) if buffer_mib.is_none() => {
+                    buffer_mib = Some(v.parse().map_err(|_| bad())?)
+                }
                 _ => return Err(bad()),
             }
         }
         Ok(RawVsock {
             cid: cid.ok_or_else(bad)?,
             uds: uds.ok_or_else(bad)?,
+            buffer_mib,
         })
     }
 }
@@ -136,7 +142,14 @@ pub struct VsockConfig {
     pub cid: u64,
     /// Host side: connect here for guest ports, listen on `uds_P` for host port P.
     pub uds: PathBuf,
+    /// MiB the host side may buffer for all connections together.
+    pub buffer_mib: u64,
 }
+
+/// The default vsock buffer budget: 32 MiB, 102 connections of 320 KiB.
+pub const DEFAULT_VSOCK_BUFFER_MIB: u64 = 32;
+/// The largest: 1024 connections' worth.
+pub const MAX_VSOCK_BUFFER_MIB: u64 = 320;
 
 pub(super) fn validate_vsock(raw: Option<RawVsock>) -> Result<Option<VsockConfig>, ConfigError> {
     let Some(raw) = raw else {
@@ -145,9 +158,14 @@ pub(super) fn validate_vsock(raw: Option<RawVsock>) -> Result<Option<VsockConfig
     if !(3..u64::from(u32::MAX)).contains(&raw.cid) {
         return Err(ConfigError::VsockCid(raw.cid));
     }
+    let buffer_mib = raw.buffer_mib.unwrap_or(DEFAULT_VSOCK_BUFFER_MIB);
+    if !(1..=MAX_VSOCK_BUFFER_MIB).contains(&buffer_mib) {
+        return Err(ConfigError::VsockBuffer(buffer_mib));
+    }
     Ok(Some(VsockConfig {
         cid: raw.cid,
         uds: raw.uds,
+        buffer_mib,
     }))
 }
 

@@ -168,6 +168,10 @@ impl Vmm {
         if test_hook == Some(TestHook::VmmForbiddenSyscall) {
             seccomp::forbidden_syscall();
         }
+        #[cfg(debug_assertions)]
+        if let Some(TestHook::VmmForbiddenCall(call)) = test_hook {
+            seccomp::forbidden_call(call);
+        }
         go.wait();
 
         loop {
@@ -235,6 +239,10 @@ fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
             #[cfg(debug_assertions)]
             if ctx.test_hook == Some(TestHook::VcpuForbiddenSyscall) {
                 seccomp::forbidden_syscall();
+            }
+            #[cfg(debug_assertions)]
+            if let Some(TestHook::VcpuForbiddenCall(call)) = ctx.test_hook {
+                seccomp::forbidden_call(call);
             }
             #[cfg(debug_assertions)]
             if ctx.test_hook == Some(TestHook::VcpuAbort) {

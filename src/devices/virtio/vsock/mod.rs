@@ -15,7 +15,11 @@ mod sock;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-pub use muxer::VsockQueues;
+pub use muxer::{VsockQueues, CONN_BUFFER_BYTES};
+
+/// The host-side buffers a VM's vsock device may hold by default: 32 MiB, or 102 connections
+/// of [`CONN_BUFFER_BYTES`] each.
+pub const DEFAULT_BUFFER_BUDGET: u64 = 32 << 20;
 
 use super::{read_config_bytes, VirtioDevice};
 
@@ -43,6 +47,8 @@ pub struct VsockBackend {
     listener: OwnedFd,
     /// Held for the VM's lifetime: the claim on the CID, unless CIDs are per VM.
     cid_claim: Option<OwnedFd>,
+    /// Bytes the connections' buffers may take on the host's heap, all together.
+    buffer_budget: u64,
 }
 
 impl VsockBackend {
@@ -67,7 +73,15 @@ impl VsockBackend {
             uds: uds.to_path_buf(),
             listener,
             cid_claim,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
         })
+    }
+
+    /// Bounds the heap all connections together may pin: each reserves
+    /// [`CONN_BUFFER_BYTES`], so `bytes` sets how many may be open (at least one).
+    pub fn with_buffer_budget(mut self, bytes: u64) -> VsockBackend {
+        self.buffer_budget = bytes;
+        self
     }
 }
 

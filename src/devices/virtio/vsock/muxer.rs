@@ -34,8 +34,11 @@ const SHUTDOWN_BOTH: u32 = 3;
 /// Control packets waiting for receive buffers: a guest that posts none while it sends can
 /// not make the queue grow without bound.
 const MAX_CONTROL: usize = 1024;
-/// Open connections, host- and guest-started together.
+/// Open connections, host- and guest-started together, whatever the buffer budget.
 const MAX_CONNS: usize = 1024;
+/// What one connection may hold on the host's heap: the guest data its socket has not taken
+/// (the credit it advertised) and one staged packet of host data.
+pub const CONN_BUFFER_BYTES: u64 = BUF_ALLOC as u64 + MAX_PAYLOAD as u64;
 
 /// The vsock device's queue side.
 #[derive(Debug)]
@@ -51,6 +54,8 @@ pub struct VsockQueues {
     /// Packets for the guest without payload, in order.
     control: VecDeque<Header>,
     changes: Vec<FdChange>,
+    /// Connections the VM's buffer budget allows (each reserves [`CONN_BUFFER_BYTES`]).
+    max_conns: usize,
 }
 
 impl VsockQueues {
@@ -60,7 +65,11 @@ impl VsockQueues {
             uds,
             listener,
             cid_claim,
+            buffer_budget,
         } = backend;
+        let max_conns = usize::try_from(buffer_budget / CONN_BUFFER_BYTES)
+            .unwrap_or(MAX_CONNS)
+            .clamp(1, MAX_CONNS);
         VsockQueues {
             cid,
             uds,
@@ -71,6 +80,7 @@ impl VsockQueues {
             next_host_port: FIRST_HOST_PORT,
             control: VecDeque::new(),
             changes: Vec::new(),
+            max_conns,
         }
     }
 
@@ -103,7 +113,7 @@ impl VsockQueues {
 
     /// The next token no open connection holds, above the listener's. After the counter wraps
     /// (some 4e9 connections on), a token still in use is skipped, never shared: there are at
-    /// most MAX_CONNS of them, so the search ends.
+    /// most `max_conns` of them, so the search ends.
     fn free_token(&mut self) -> u32 {
         loop {
             let token = self.next_token;
@@ -154,8 +164,11 @@ impl VsockQueues {
     fn accept_all(&mut self) {
         loop {
             match sock::accept(&self.listener) {
-                Ok(Some(stream)) if self.conns.len() >= MAX_CONNS => {
-                    warn_limited!("vsock: {MAX_CONNS} connections open, refused a host one");
+                Ok(Some(stream)) if self.conns.len() >= self.max_conns => {
+                    warn_limited!(
+                        "vsock: {} connections open, all the buffer budget allows; refused a host one",
+                        self.max_conns
+                    );
                     drop(stream);
                 }
                 Ok(Some(stream)) => {
@@ -303,8 +316,11 @@ impl VsockQueues {
 
     /// The guest connects to host port P: the socket `uds_P`.
     fn guest_connect(&mut self, h: &Header) {
-        if self.conns.len() >= MAX_CONNS {
-            warn_limited!("vsock: {MAX_CONNS} connections open, refused a guest one");
+        if self.conns.len() >= self.max_conns {
+            warn_limited!(
+                "vsock: {} connections open, all the buffer budget allows; refused a guest one",
+                self.max_conns
+            );
             self.queue_control(self.rst_for(h));
             return;
         }
@@ -368,6 +384,8 @@ impl VsockQueues {
                 wanted as u64,
             ));
         }
+        // Exactly what it holds: capacity the budget did not reserve is never allocated.
+        conn.out.reserve_exact(payload.len());
         conn.out.extend_from_slice(payload);
         telemetry.add(DeviceCounter::BytesFromGuest, payload.len() as u64);
         if conn.flush().is_err() {
@@ -578,5 +596,47 @@ mod tests {
         );
         assert_eq!(q.conns.len(), 3);
         let _ = std::fs::remove_file(&uds);
+    }
+
+    #[test]
+    fn the_buffer_budget_caps_connections_from_either_side() {
+        let uds = std::env::temp_dir().join(format!("bulkhead-budget-{}", std::process::id()));
+        let _ = std::fs::remove_file(&uds);
+        let backend = VsockBackend::open(7, &uds, false)
+            .unwrap()
+            .with_buffer_budget(2 * CONN_BUFFER_BYTES + 1);
+        let mut q = VsockQueues::new(backend);
+        assert_eq!(q.max_conns, 2);
+        // Two host connections are taken, the third is closed at once.
+        let hosts: Vec<UnixStream> = (0..3).map(|_| UnixStream::connect(&uds).unwrap()).collect();
+        q.accept_all();
+        assert_eq!(q.conns.len(), 2);
+        let mut third = &hosts[2];
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            std::io::Read::read(&mut third, &mut buf).unwrap(),
+            0,
+            "not closed"
+        );
+        // A guest connection now gets a reset.
+        let request = Header {
+            src_cid: 7,
+            dst_cid: HOST_CID,
+            src_port: 1000,
+            dst_port: 5000,
+            len: 0,
+            op: Op::Request,
+            flags: 0,
+            buf_alloc: 4096,
+            fwd_cnt: 0,
+        };
+        q.guest_connect(&request);
+        assert_eq!(q.conns.len(), 2);
+        assert_eq!(q.control.back().map(|h| h.op), Some(Op::Rst));
+        // The budget can not go below one connection, nor above the hard cap.
+        let tiny = VsockBackend::open(7, &uds.with_extension("t"), false).unwrap();
+        assert_eq!(VsockQueues::new(tiny.with_buffer_budget(0)).max_conns, 1);
+        let _ = std::fs::remove_file(&uds);
+        let _ = std::fs::remove_file(uds.with_extension("t"));
     }
 }
