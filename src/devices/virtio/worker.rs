@@ -459,6 +459,23 @@ impl VirtioWorker {
         true
     }
 
+    /// Does what the event loop does for a notification of `queue`, then serves the queues
+    /// that yielded their budget, up to `rounds` more times: the queue side without an event
+    /// loop, for fuzzing. False when the device is not running.
+    pub fn serve_now(&mut self, queue: usize, rounds: usize) -> bool {
+        if self.shared.active().is_none() {
+            return false;
+        }
+        self.notified(queue);
+        for _ in 0..rounds {
+            if self.resume == 0 {
+                break;
+            }
+            self.resumed();
+        }
+        true
+    }
+
     /// Holds `queues` back for `wait`: the timer fires at the earliest deadline asked.
     fn hold(&mut self, queues: u64, wait: Duration) {
         self.shared

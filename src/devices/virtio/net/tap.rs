@@ -78,6 +78,15 @@ impl Tap {
         })
     }
 
+    /// Takes `file`, which must behave like a tap (one frame per read and write, and
+    /// non-blocking): a datagram socket pair's end, for tests and fuzzing.
+    pub fn from_file(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
