@@ -12,6 +12,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod hostfile;
 pub mod jail;
 pub mod logger;
 pub mod seccomp;

@@ -114,7 +114,7 @@ fn firecracker(args: &cli::FcArgs) -> i32 {
 }
 
 fn serve(path: &std::path::Path) -> i32 {
-    let text = match read_config_file(path) {
+    let text = match bulkhead::hostfile::read_settings(path) {
         Ok(t) => t,
         Err(e) => {
             log::error!("{e}");
@@ -266,46 +266,10 @@ fn verify_audit_log(file: &std::path::Path) -> i32 {
     }
 }
 
-/// The largest settings file bulkhead reads: far beyond any real one.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
-
-/// Reads a settings file, refusing one larger than [`MAX_CONFIG_BYTES`] (without reading it)
-/// and anything that is not a regular file (a FIFO would hang start-up).
-fn read_config_file(path: &std::path::Path) -> Result<String, String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let fail = |e: std::io::Error| format!("cannot read config file {}: {e}", path.display());
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(fail)?;
-    let meta = f.metadata().map_err(fail)?;
-    if !meta.is_file() {
-        return Err(format!(
-            "config file {}: not a regular file",
-            path.display()
-        ));
-    }
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(format!(
-            "config file {}: {} bytes, more than the {MAX_CONFIG_BYTES} a settings file may have",
-            path.display(),
-            meta.len()
-        ));
-    }
-    let mut text = String::new();
-    f.by_ref()
-        .take(MAX_CONFIG_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(fail)?;
-    Ok(text)
-}
-
 fn load_config(args: &RunArgs) -> Result<VmConfig, String> {
     let file = match &args.config {
         Some(path) => {
-            let text = read_config_file(path)?;
+            let text = bulkhead::hostfile::read_settings(path)?;
             RawConfig::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?
         }
         None => RawConfig::default(),

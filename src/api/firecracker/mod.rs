@@ -599,8 +599,7 @@ fn metrics_line(
 
 /// Builds the settings from `--config-file`.
 fn from_config_file(p: &mut Personality, path: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::hostfile::read_settings(path)?;
     let file: ConfigFile = serde_json::from_str(&text).map_err(|e| format!("Invalid JSON: {e}"))?;
     for (key, present) in [
         ("balloon", file.balloon.is_some()),
