@@ -71,7 +71,7 @@ fn a_guest_flooding_a_disk_from_one_vcpu_can_not_hold_back_its_exit_from_another
         "{}",
         run.stdout
     );
-    // Each 2 MiB request was moved in pieces, over two wakeups, to the right places.
+    // Each 2 MiB request was moved in pieces, over several wakeups, to the right places.
     assert!(
         run.stdout
             .contains("flood: the 2 MiB read holds the right bytes"),
@@ -85,7 +85,7 @@ fn a_guest_flooding_a_disk_from_one_vcpu_can_not_hold_back_its_exit_from_another
         .value("bulkhead_virtio_requests_total", &device);
     let yields = seen.metrics.value("bulkhead_virtio_yields_total", &device);
     assert!(requests >= chains_seen_by_guest(&run.stdout), "{requests}");
-    // Every request needs a second wakeup: 2 MiB is twice what one wakeup may move.
+    // Every request needs more wakeups than one: 2 MiB is eight times what one may move.
     assert!(
         yields >= requests,
         "{yields} yields for {requests} requests"

@@ -34,8 +34,9 @@ impl From<RequestViolation> for RequestError {
     }
 }
 
-/// Chains one wakeup may take from the queues of one device before the worker lets the
-/// other events run (a full Linux request batch is well under this).
+/// Chains one wakeup may take from a queue before the worker lets the other events run. A
+/// larger batch (Linux may post up to the queue's size at once) is served over several
+/// wakeups, a few microseconds apart.
 pub const WAKEUP_CHAINS: u32 = 16;
 /// Guest bytes one wakeup may move (as counted in bytes_from_guest and bytes_to_guest).
 pub const WAKEUP_BYTES: u64 = 256 << 10;
@@ -94,6 +95,16 @@ impl QueueContext<'_> {
             bytes.set(bytes.get().saturating_sub(n));
         }
         self.shared.telemetry.add(counter, n);
+    }
+
+    /// Gives the next queue served in this wakeup a full budget of its own.
+    pub(super) fn refill_budget(&mut self) {
+        self.budget = Budget::full();
+    }
+
+    /// Bytes this wakeup may still move.
+    pub fn bytes_left(&self) -> u64 {
+        self.budget.bytes.get()
     }
 
     /// True when this wakeup's work budget is used up: the handler should stop and, if it

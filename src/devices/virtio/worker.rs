@@ -106,7 +106,7 @@ impl VirtioWorker {
             notifiers: None,
             resume_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             resume: 0,
-            timer: TimerFd::new().map_err(std::io::Error::from)?,
+            timer: nonblocking_timer()?,
             timer_deadline: None,
             throttled: 0,
         })
@@ -174,9 +174,11 @@ impl VirtioWorker {
                 .add(DeviceCounter::Yields, u64::from(come_back.count_ones()));
             self.resume |= come_back;
             if let Err(e) = self.resume_evt.write(1) {
-                // Not expected (the counter can not overflow here); the driver's next
-                // notification serves the queue instead.
+                // Not expected (the counter can not overflow here). The queue waits with
+                // notifications off, so nothing else would serve it: the device stops, and
+                // the driver's reset starts it again.
                 warn_limited!("{}: cannot schedule more work: {e}", self.shared.name());
+                self.shared.set_needs_reset();
             }
         }
         true
@@ -213,11 +215,13 @@ impl VirtioWorker {
         match self.timer.reset(wait.max(Duration::from_micros(1)), None) {
             Ok(()) => self.timer_deadline = Some(deadline),
             Err(e) => {
-                // Not expected; the driver's next notification serves the queue instead.
+                // Not expected. The held queue has notifications off, so nothing else would
+                // serve it: the device stops, and the driver's reset starts it again.
                 warn_limited!(
                     "{}: cannot arm the rate-limit timer: {e}",
                     self.shared.name()
                 );
+                self.shared.set_needs_reset();
             }
         }
     }
@@ -244,6 +248,9 @@ impl VirtioWorker {
             for q in (0..count).filter(|&q| q < 64 && queues & (1 << q) != 0) {
                 // A reset in between leaves nothing to come back to.
                 if ctx.queue_ready(q) {
+                    // Each queue its own budget: a busy queue 0 must not leave the others
+                    // a spent one at every turn (they would never run again).
+                    ctx.refill_budget();
                     ctx.queue = u16::try_from(q).ok();
                     handler.process_queue(ctx, q);
                 }
@@ -268,6 +275,7 @@ impl VirtioWorker {
             for q in 0..queues {
                 if ctx.queue_ready(q) {
                     ctx.queue = u16::try_from(q).ok();
+                    ctx.refill_budget();
                     handler.process_queue(ctx, q);
                 }
             }
@@ -304,6 +312,20 @@ impl VirtioWorker {
             handler.process_queue(ctx, queue);
         });
     }
+}
+
+/// A timerfd whose read never blocks the VMM thread, even if it is re-armed between epoll
+/// reporting it and the read.
+fn nonblocking_timer() -> Result<TimerFd, std::io::Error> {
+    let timer = TimerFd::new().map_err(std::io::Error::from)?;
+    let fd = timer.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(timer)
 }
 
 impl MutEventSubscriber for VirtioWorker {
@@ -379,8 +401,8 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::devices::virtio::QueueConfig;
     use crate::devices::virtio::queue::GuestQueue;
+    use crate::devices::virtio::QueueConfig;
     use crate::telemetry::{DeviceTelemetry, OnViolation};
 
     struct Idle;
@@ -394,6 +416,53 @@ mod tests {
             self.0.lock().unwrap().push(queue);
             Ok(())
         }
+    }
+
+    /// Queue 0 always spends its whole budget and wants to come back; queue 1 records whether
+    /// it found a budget to work with.
+    struct Greedy(Arc<Mutex<Vec<(usize, bool)>>>);
+    impl QueueHandler for Greedy {
+        fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {
+            self.0.lock().unwrap().push((queue, !ctx.budget_spent()));
+            if queue == 0 {
+                ctx.add(DeviceCounter::BytesToGuest, WAKEUP_BYTES);
+                ctx.come_back(0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_queue_that_always_has_work_does_not_starve_the_others_of_the_device() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let shared = Arc::new(DeviceShared::new(
+            "virtio-test0".into(),
+            evt(),
+            evt(),
+            DeviceTelemetry::detached().unwrap(),
+            OnViolation::Log,
+        ));
+        let config = |base: u64| QueueConfig {
+            size: 16,
+            desc_table: base,
+            avail_ring: base + 0x1000,
+            used_ring: base + 0x2000,
+        };
+        let q0 = GuestQueue::new(&mem, config(0), 0).unwrap();
+        let q1 = GuestQueue::new(&mem, config(0x4000), 0).unwrap();
+        shared.activate(vec![Some(q0), Some(q1)]);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut worker = VirtioWorker::new(
+            shared.clone(),
+            mem,
+            vec![evt(), evt()],
+            Box::new(Greedy(seen.clone())),
+        )
+        .unwrap();
+        // Both queues yielded last time; queue 0 goes first and spends everything again.
+        worker.serve_again(0b11);
+        assert_eq!(*seen.lock().unwrap(), vec![(0, true), (1, true)]);
+        assert_eq!(worker.resume, 0b01, "queue 0 comes back again");
     }
 
     #[test]

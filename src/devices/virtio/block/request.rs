@@ -154,7 +154,9 @@ impl BlockQueue {
                 ctx.come_back(queue);
                 return;
             }
-            let n = (t.len - t.done).min(PIECE);
+            // What the budget has left, but never less than a page: the last piece of a
+            // wakeup may go a little past the budget, never a whole piece past it.
+            let n = (t.len - t.done).min(PIECE).min(ctx.bytes_left().max(4096));
             let piece = cut(t.data.iter().copied(), t.done, n);
             if let Err(e) = self.transfer(ctx.mem, &piece, t.offset + t.done, t.direction) {
                 let what = match t.direction {

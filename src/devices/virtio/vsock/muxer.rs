@@ -16,7 +16,7 @@ use super::{sock, VsockBackend};
 use crate::devices::virtio::chain::Chain;
 use crate::devices::virtio::worker::{drain, FdChange, QueueContext, QueueHandler};
 use crate::devices::virtio::RequestError;
-use crate::telemetry::{DeviceCounter, DeviceTelemetry, RequestViolation};
+use crate::telemetry::{DeviceCounter, RequestViolation};
 use crate::warn_limited;
 
 const RX: usize = 0;
@@ -294,7 +294,7 @@ impl VsockQueues {
             (Op::Request, None) => self.guest_connect(&h),
             (Op::Request, Some(t)) => self.reset_conn(t),
             (Op::Response, Some(t)) => self.established(t),
-            (Op::Rw, Some(t)) => return self.guest_data(t, payload, ctx.telemetry()),
+            (Op::Rw, Some(t)) => return self.guest_data(t, payload, ctx),
             (Op::CreditUpdate, Some(_)) => {}
             (Op::CreditRequest, Some(t)) => {
                 if let Some(conn) = self.conns.get_mut(&t) {
@@ -366,7 +366,7 @@ impl VsockQueues {
         &mut self,
         token: u32,
         payload: &[u8],
-        telemetry: &DeviceTelemetry,
+        ctx: &QueueContext<'_>,
     ) -> Result<(), RequestError> {
         let Some(conn) = self.conns.get_mut(&token) else {
             return Ok(());
@@ -387,7 +387,8 @@ impl VsockQueues {
         // Exactly what it holds: capacity the budget did not reserve is never allocated.
         conn.out.reserve_exact(payload.len());
         conn.out.extend_from_slice(payload);
-        telemetry.add(DeviceCounter::BytesFromGuest, payload.len() as u64);
+        // Through the context: the bytes count against the wakeup's budget.
+        ctx.add(DeviceCounter::BytesFromGuest, payload.len() as u64);
         if conn.flush().is_err() {
             self.reset_conn(token);
             return Ok(());
