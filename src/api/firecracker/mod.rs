@@ -517,6 +517,7 @@ fn metrics_line(
         "read_bytes": delta("block.read", bytes("virtio-blk", "to_guest")),
         "write_bytes": delta("block.write", bytes("virtio-blk", "from_guest")),
         "invalid_reqs_count": delta("block.refused", sum("bulkhead_virtio_refusals_total", "device=\"virtio-blk")),
+        "rate_limiter_throttled_events": delta("block.throttled", sum("bulkhead_virtio_throttled_total", "device=\"virtio-blk")),
     });
     let net = json!({
         "rx_bytes_count": delta("net.rx", bytes("virtio-net", "to_guest")),
@@ -536,6 +537,10 @@ fn metrics_line(
             json!({
                 "read_bytes": delta(&format!("{dev}.read"), bytes(&dev, "to_guest")),
                 "write_bytes": delta(&format!("{dev}.write"), bytes(&dev, "from_guest")),
+                "rate_limiter_throttled_events": delta(
+                    &format!("{dev}.throttled"),
+                    sum("bulkhead_virtio_throttled_total", &format!("device=\"{dev}")),
+                ),
             }),
         ));
     }
