@@ -50,13 +50,7 @@ fn memory() -> GuestMemoryMmap {
 }
 
 fn shared(name: &str) -> Arc<DeviceShared> {
-    Arc::new(DeviceShared::new(
-        name.to_string(),
-        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-        DeviceTelemetry::detached().expect("telemetry"),
-        OnViolation::Log,
-    ))
+    DeviceShared::detached(name, OnViolation::Log).expect("device")
 }
 
 /// A scratch disk on tmpfs when there is one, so the bench measures bulkhead, not the disk.

@@ -4,7 +4,6 @@
 //! magic and version registers never change.
 #![no_main]
 
-use std::sync::Arc;
 
 use bulkhead::devices::bus::BusDevice;
 use bulkhead::devices::virtio::block::Block;
@@ -12,10 +11,9 @@ use bulkhead::devices::virtio::net::Net;
 use bulkhead::devices::virtio::rng::Rng;
 use bulkhead::devices::virtio::vsock::Vsock;
 use bulkhead::devices::virtio::{DeviceShared, MmioTransport, VirtioDevice};
-use bulkhead::telemetry::{DeviceTelemetry, OnViolation, Violation};
+use bulkhead::telemetry::{OnViolation, Violation};
 use bulkhead_fuzz::memory;
 use libfuzzer_sys::fuzz_target;
-use vmm_sys_util::eventfd::EventFd;
 
 const FEATURES_OK: u32 = 8;
 const DRIVER_OK: u32 = 4;
@@ -49,18 +47,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&kind, ops)) = data.split_first() else {
         return;
     };
-    let evt = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let shared = Arc::new(DeviceShared::new(
-        "virtio-fuzz0".to_string(),
-        evt(),
-        evt(),
-        DeviceTelemetry::detached().expect("telemetry"),
-        if kind & 8 != 0 {
-            OnViolation::ResetDevice
-        } else {
-            OnViolation::Log
-        },
-    ));
+    let policy = if kind & 8 != 0 {
+        OnViolation::ResetDevice
+    } else {
+        OnViolation::Log
+    };
+    let shared = DeviceShared::detached("virtio-fuzz0", policy).expect("device");
     // The rings the driver may point at: two regions of RAM with a hole, as elsewhere.
     let t = MmioTransport::new(device(kind), shared.clone(), memory(&[], 1));
     let counters = || -> Vec<u64> {

@@ -158,13 +158,7 @@ impl QueueHarness {
     ) -> QueueHarness {
         let mem = memory(data, queues);
         let evt = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let shared = Arc::new(DeviceShared::new(
-            "virtio-fuzz0".to_string(),
-            evt(),
-            evt(),
-            DeviceTelemetry::detached().expect("telemetry"),
-            OnViolation::Log,
-        ));
+        let shared = DeviceShared::detached("virtio-fuzz0", OnViolation::Log).expect("device");
         let mut features = 0;
         if ctrl & 1 != 0 {
             features |= VIRTIO_RING_F_INDIRECT_DESC;

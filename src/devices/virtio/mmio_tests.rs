@@ -7,7 +7,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::telemetry::{ChainViolation, DeviceCounter, DeviceTelemetry, OnViolation};
+use crate::telemetry::{ChainViolation, DeviceCounter, OnViolation};
 
 const FEATURE_X: u64 = 1 << 5;
 
@@ -93,13 +93,7 @@ fn transport_with_policy(
         seen: seen.clone(),
         fail_activation,
     };
-    let shared = Arc::new(DeviceShared::new(
-        "virtio-test0".to_string(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        DeviceTelemetry::detached().unwrap(),
-        policy,
-    ));
+    let shared = DeviceShared::detached("virtio-test0", policy).unwrap();
     (
         MmioTransport::new(Box::new(dev), shared.clone(), memory()),
         seen,

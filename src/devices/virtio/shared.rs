@@ -6,14 +6,14 @@
 //! touches rings the driver has already reclaimed.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::GuestQueue;
 use crate::telemetry::{
-    DeviceCounter, DeviceTelemetry, Evidence, OnViolation, Response, Violation,
+    DeviceCounter, DeviceTelemetry, Evidence, OnViolation, RegionError, Response, Violation,
 };
 use crate::warn_limited;
 
@@ -62,6 +62,15 @@ pub struct Activation {
     pub generation: u64,
 }
 
+/// Errors making a detached device's shared state.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("cannot create an eventfd for a detached device: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] RegionError),
+}
+
 /// State shared by a device's two sides.
 #[derive(Debug)]
 pub struct DeviceShared {
@@ -97,6 +106,22 @@ impl DeviceShared {
             generations: AtomicU64::new(0),
             config_changes: AtomicU32::new(0),
         }
+    }
+
+    /// A device outside any VM: counters of its own and eventfds nobody else watches. For
+    /// tests, benchmarks and fuzzing.
+    pub fn detached(
+        name: &str,
+        on_violation: OnViolation,
+    ) -> Result<Arc<DeviceShared>, SharedError> {
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(SharedError::EventFd);
+        Ok(Arc::new(DeviceShared::new(
+            name.to_string(),
+            evt()?,
+            evt()?,
+            DeviceTelemetry::detached()?,
+            on_violation,
+        )))
     }
 
     /// The device's name in logs and counters, e.g. `virtio-blk0`.

@@ -403,7 +403,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::queue::GuestQueue;
     use crate::devices::virtio::QueueConfig;
-    use crate::telemetry::{DeviceTelemetry, OnViolation};
+    use crate::telemetry::OnViolation;
 
     struct Idle;
     impl QueueHandler for Idle {
@@ -435,13 +435,7 @@ mod tests {
     fn a_queue_that_always_has_work_does_not_starve_the_others_of_the_device() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let shared = Arc::new(DeviceShared::new(
-            "virtio-test0".into(),
-            evt(),
-            evt(),
-            DeviceTelemetry::detached().unwrap(),
-            OnViolation::Log,
-        ));
+        let shared = DeviceShared::detached("virtio-test0", OnViolation::Log).unwrap();
         let config = |base: u64| QueueConfig {
             size: 16,
             desc_table: base,
@@ -469,13 +463,7 @@ mod tests {
     fn queue_notifiers_are_attached_at_the_first_activation_and_only_then() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let shared = Arc::new(DeviceShared::new(
-            "virtio-test0".into(),
-            evt(),
-            evt(),
-            DeviceTelemetry::detached().unwrap(),
-            OnViolation::Log,
-        ));
+        let shared = DeviceShared::detached("virtio-test0", OnViolation::Log).unwrap();
         let attached = Arc::new(Mutex::new(Vec::new()));
         let mut worker = VirtioWorker::new(
             shared.clone(),

@@ -300,7 +300,6 @@ impl QueueHandler for NetQueues {
 mod tests {
     use std::io::Read;
     use std::os::fd::FromRawFd;
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -310,7 +309,7 @@ mod tests {
     use crate::devices::virtio::queue::GuestQueue;
     use crate::devices::virtio::rate_limiter::{RateLimiter, TokenBucket};
     use crate::devices::virtio::{DeviceShared, QueueConfig, VirtioWorker};
-    use crate::telemetry::{DeviceTelemetry, OnViolation};
+    use crate::telemetry::OnViolation;
 
     const MAC: [u8; 6] = [6, 0, 0, 0, 0, 1];
 
@@ -346,13 +345,7 @@ mod tests {
     fn a_tx_limit_of_one_frame_per_100_ms_holds_the_rest_until_the_bucket_refills() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let shared = Arc::new(DeviceShared::new(
-            "virtio-net0".into(),
-            evt(),
-            evt(),
-            DeviceTelemetry::detached().unwrap(),
-            OnViolation::Log,
-        ));
+        let shared = DeviceShared::detached("virtio-net0", OnViolation::Log).unwrap();
         // The TX queue (1) at 0x1000..; three 60-byte frames from the VM's MAC.
         let tx = QueueConfig {
             size: 16,
@@ -400,13 +393,7 @@ mod tests {
     fn an_rx_bandwidth_limit_keeps_the_frame_waiting_until_the_bucket_has_room() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let shared = Arc::new(DeviceShared::new(
-            "virtio-net0".into(),
-            evt(),
-            evt(),
-            DeviceTelemetry::detached().unwrap(),
-            OnViolation::Log,
-        ));
+        let shared = DeviceShared::detached("virtio-net0", OnViolation::Log).unwrap();
         // The RX queue (0): four 2 KiB receive buffers.
         let rx = QueueConfig {
             size: 16,
