@@ -219,31 +219,36 @@ impl MetricsSnapshot {
             "bytes a virtio device moved, by direction",
             bytes,
         );
-        m.counter(
-            "bulkhead_virtio_interrupts",
-            "interrupts a virtio device raised",
-            per_device(DeviceCounter::Interrupts),
-        );
-        m.counter(
-            "bulkhead_virtio_dropped",
-            "host-side data a virtio device dropped (no guest buffer, or the backend full)",
-            per_device(DeviceCounter::Dropped),
-        );
-        m.counter(
-            "bulkhead_virtio_policy_resets",
-            "times a virtio device was put in NEEDS_RESET in response to a violation",
-            per_device(DeviceCounter::PolicyResets),
-        );
-        m.counter(
-            "bulkhead_virtio_yields",
-            "times a virtio device used its work budget for one wakeup and let other events run first",
-            per_device(DeviceCounter::Yields),
-        );
-        m.counter(
-            "bulkhead_virtio_throttled",
-            "times a rate limiter held a virtio queue back until its bucket refilled",
-            per_device(DeviceCounter::Throttled),
-        );
+        // The per-device counters with no label of their own, in exposition order.
+        for (name, help, counter) in [
+            (
+                "bulkhead_virtio_interrupts",
+                "interrupts a virtio device raised",
+                DeviceCounter::Interrupts,
+            ),
+            (
+                "bulkhead_virtio_dropped",
+                "host-side data a virtio device dropped (no guest buffer, or the backend full)",
+                DeviceCounter::Dropped,
+            ),
+            (
+                "bulkhead_virtio_policy_resets",
+                "times a virtio device was put in NEEDS_RESET in response to a violation",
+                DeviceCounter::PolicyResets,
+            ),
+            (
+                "bulkhead_virtio_yields",
+                "times a virtio device used its work budget for one wakeup and let other events run first",
+                DeviceCounter::Yields,
+            ),
+            (
+                "bulkhead_virtio_throttled",
+                "times a rate limiter held a virtio queue back until its bucket refilled",
+                DeviceCounter::Throttled,
+            ),
+        ] {
+            m.counter(name, help, per_device(counter));
+        }
         let mut violations = Vec::new();
         for d in &devices {
             for (v, n) in &d.refusals {
