@@ -218,7 +218,7 @@ impl BlockQueue {
             },
             Some((kind, sector)) => {
                 let data_out = segments(&readable, HEADER_LEN, readable_len - HEADER_LEN);
-                self.perform(ctx, kind, sector, &data_out, &data_in)
+                self.perform(ctx, kind, sector, data_out, data_in)
             }
         };
         let (status, written) = match outcome {
@@ -244,8 +244,8 @@ impl BlockQueue {
         ctx: &QueueContext<'_>,
         kind: u32,
         sector: u64,
-        data_out: &[Segment],
-        data_in: &[Segment],
+        data_out: Vec<Segment>,
+        data_in: Vec<Segment>,
     ) -> Outcome {
         let out_len: u64 = data_out.iter().map(|s| s.len).sum();
         let in_len: u64 = data_in.iter().map(|s| s.len).sum();
@@ -281,7 +281,7 @@ impl BlockQueue {
                         return ioerr(RequestViolation::ReadOnly);
                     }
                     if offset == 0 {
-                        if let Some(format) = image_header(ctx.mem, data_out) {
+                        if let Some(format) = image_header(ctx.mem, &data_out) {
                             // A raw disk that starts with another format's header would be
                             // opened as that format by any tool that guesses (the
                             // CVE-2026-27211 class): the write is refused.
@@ -303,7 +303,7 @@ impl BlockQueue {
                 };
                 Outcome::Transfer(Transfer {
                     direction,
-                    data: data.to_vec(),
+                    data,
                     offset,
                     len,
                     done: 0,
