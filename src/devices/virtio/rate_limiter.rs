@@ -123,13 +123,18 @@ impl RateLimiter {
     /// buckets have enough.
     pub fn take(&mut self, bytes: u64, now: Instant) -> Result<(), Duration> {
         self.peek(bytes, now)?;
+        self.consume(bytes);
+        Ok(())
+    }
+
+    /// Takes `bytes` and one operation that [`peek`](Self::peek) just found there.
+    pub fn consume(&mut self, bytes: u64) {
         if let Some(b) = &mut self.bandwidth {
             b.take(bytes);
         }
         if let Some(b) = &mut self.ops {
             b.take(1);
         }
-        Ok(())
     }
 }
 

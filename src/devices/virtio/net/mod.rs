@@ -135,7 +135,9 @@ impl NetQueues {
                 return;
             };
             // Checked just above, on this thread: the tokens are there.
-            let _ = rate_limiter::take(&mut self.rx_limiter, len as u64);
+            if let Some(l) = &mut self.rx_limiter {
+                l.consume(len as u64);
+            }
             let written = self.deliver(ctx, &chain, len);
             if written.is_none() {
                 // This chain could not take the frame: the frame is dropped (it would not
