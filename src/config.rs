@@ -197,6 +197,8 @@ pub enum TestHook {
     SignalSupervisor,
     /// The vCPU thread aborts, as on a stack overflow or a failed allocation.
     VcpuAbort,
+    /// The vCPU thread panics, as on a bug in bulkhead's own code.
+    VcpuPanic,
     /// The VMM thread makes a call its filter allows only with other arguments.
     VmmForbiddenCall(ForbiddenCall),
     /// The vCPU thread does the same.
@@ -252,6 +254,7 @@ impl std::str::FromStr for TestHook {
             "supervisor-forbidden-syscall" => Ok(TestHook::SupervisorForbiddenSyscall),
             "signal-supervisor" => Ok(TestHook::SignalSupervisor),
             "vcpu-abort" => Ok(TestHook::VcpuAbort),
+            "vcpu-panic" => Ok(TestHook::VcpuPanic),
             _ => {
                 let call = |name: &str| {
                     ForbiddenCall::ALL

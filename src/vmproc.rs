@@ -13,7 +13,7 @@ use crate::config::VmConfig;
 use crate::exit::{status, VmExitReason};
 use crate::jail::VmJail;
 use crate::signal;
-use crate::telemetry::{Region, Reporter};
+use crate::telemetry::{Region, Reporter, VmCounter};
 
 /// Makes the VM process leave no core dump (it would hold guest memory) and refuse ptrace by
 /// other processes of the same user.
@@ -58,6 +58,30 @@ pub fn die_with_supervisor(life: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Counts every panic of this process's own code in the region (`bulkhead_vmm_panics_total`,
+/// Firecracker's `vmm.panic_count`) and prints where it happened. A panicking vCPU thread is
+/// caught and ends the VM; one on the VMM thread ends the process: either way the supervisor
+/// sees the count. The standard hook is not called: with `RUST_BACKTRACE` set it resolves a
+/// backtrace (getcwd, opening its own executable), calls the filters refuse, and the panic
+/// would be reported as a seccomp violation instead.
+fn count_panics(region: Arc<Region>) {
+    std::panic::set_hook(Box::new(move |info| {
+        region.count(VmCounter::VmmPanics);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        match info.location() {
+            Some(at) => eprintln!("bulkhead: thread {name} panicked at {at}: {message}"),
+            None => eprintln!("bulkhead: thread {name} panicked: {message}"),
+        }
+    }));
+}
+
 /// Builds and runs the VM; returns the process's exit status. `region` is the supervisor's
 /// telemetry region (shared across the fork), `wake` its eventfd, `console_file` the console
 /// file it opened. A jailed VM process gets its jail and the life pipe (see
@@ -98,6 +122,7 @@ pub fn run(
     // never dropped, so the mapping is never unmapped.
     std::mem::forget(region.clone());
     signal::set_telemetry(region.as_ptr());
+    count_panics(region.clone());
     // SIGTERM from the supervisor ends the VM in order (the console flushed) rather than at
     // once; every thread started from here on inherits the block.
     let stop = match signal::signalfd(&[libc::SIGTERM]) {

@@ -808,3 +808,84 @@ fn kata_runtimes_get_the_same_answers_from_bulkhead_and_the_firecracker_peer() {
         exit_without_socket_dir(PEER)
     );
 }
+
+/// Runs an attack guest from a Firecracker config file (`extra` holds its drives and
+/// network interfaces) until it ends; returns the exit status and the Firecracker-layout
+/// metrics lines written meanwhile.
+fn attack_through_personality(test: &str, attack: &str, extra: Value) -> (i32, Vec<Value>) {
+    let dir = scratch(test);
+    let kernel = dir.join("vmlinux");
+    std::fs::copy(guest(&format!("attacks/{attack}")), &kernel).unwrap();
+    let mut config = json!({
+        "boot-source": {"kernel_image_path": kernel},
+        "machine-config": {"mem_size_mib": 128, "vcpu_count": 1},
+        "metrics": {"metrics_path": dir.join("fc.metrics")},
+        "drives": [],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    std::fs::write(dir.join("fc.json"), config.to_string()).unwrap();
+    let path = dir.join("fc.json").display().to_string();
+    let mut vmm = Vmm::start("bulkhead", &dir, &["--config-file", &path]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = vmm.child.try_wait().unwrap() {
+            break s.code().unwrap_or(-1);
+        }
+        assert!(Instant::now() < deadline, "did not end: {}", vmm.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let lines = std::fs::read_to_string(dir.join("fc.metrics"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (status, lines)
+}
+
+/// The sum of `group.field` over every line: Firecracker's counters are deltas.
+fn total(lines: &[Value], group: &str, field: &str) -> u64 {
+    lines
+        .iter()
+        .map(|l| l[group][field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn firecracker_failure_metrics_count_a_spoofed_frame_a_bad_block_request_and_a_failed_vcpu() {
+    let test = "fc_failure_metrics";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(tap) = common::TestTap::create(test) else {
+        return;
+    };
+    let (status, lines) = attack_through_personality(
+        "fc_metrics_spoof",
+        "net_mac_spoof",
+        json!({"network-interfaces": [{"iface_id": "eth0", "host_dev_name": tap.name}]}),
+    );
+    assert_eq!(status, 0, "{lines:?}");
+    assert_eq!(total(&lines, "net", "tx_spoofed_mac_count"), 1, "{lines:?}");
+    assert_eq!(total(&lines, "net_eth0", "tx_spoofed_mac_count"), 1);
+    assert_eq!(total(&lines, "block", "invalid_reqs_count"), 0);
+
+    let disk = scratch("fc_metrics_disk").join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (status, lines) = attack_through_personality(
+        "fc_metrics_block",
+        "virtio_malformed_payload",
+        json!({"drives": [{"drive_id": "root", "path_on_host": disk,
+                           "is_root_device": false, "is_read_only": false}]}),
+    );
+    assert_eq!(status, 0, "{lines:?}");
+    assert_eq!(total(&lines, "block", "invalid_reqs_count"), 1, "{lines:?}");
+    assert_eq!(total(&lines, "block_root", "invalid_reqs_count"), 1);
+    assert_eq!(total(&lines, "vcpu", "failures"), 0);
+
+    let (status, lines) = attack_through_personality("fc_metrics_vcpu", "triple_fault", json!({}));
+    assert_eq!(status, 81, "{lines:?}");
+    assert_eq!(total(&lines, "vcpu", "failures"), 1, "{lines:?}");
+    assert_eq!(total(&lines, "vmm", "panic_count"), 0);
+}

@@ -168,6 +168,22 @@ fn an_aborting_thread_is_reported_as_a_crash_not_as_a_seccomp_violation() {
     );
 }
 
+#[test]
+fn a_panicking_vcpu_thread_ends_the_vm_and_is_counted_as_a_vmm_panic_and_a_vcpu_failure() {
+    if !kvm_available(
+        "a_panicking_vcpu_thread_ends_the_vm_and_is_counted_as_a_vmm_panic_and_a_vcpu_failure",
+    ) {
+        return;
+    }
+    let o = run_observed("seccomp-panic", "hello", &["--test-hook", "vcpu-panic"]);
+    // 85: a vCPU thread failed.
+    assert_eq!(o.run.status, 85, "{}", o.run.stderr);
+    assert!(o.run.stderr.contains("vcpu-panic"), "{}", o.run.stderr);
+    assert_eq!(o.metrics.value("bulkhead_vmm_panics_total", &[]), 1);
+    assert_eq!(o.metrics.value("bulkhead_vcpu_failures_total", &[]), 1);
+    assert!(o.alerts.is_empty(), "{:?}", o.alerts);
+}
+
 /// Each tightened rule: the call a thread's filter allows only with other arguments, made
 /// with the arguments it does not allow, traps, and the report names the system call.
 #[test]

@@ -149,8 +149,13 @@ impl MetricsSnapshot {
         );
         m.counter(
             "bulkhead_vcpu_failures",
-            "abnormal vCPU exits: triple fault, internal error, failed entry",
+            "abnormal vCPU exits: triple fault, internal error, failed entry, a panicked vCPU thread",
             one(page.vm_counter(VmCounter::VcpuFailures)),
+        );
+        m.counter(
+            "bulkhead_vmm_panics",
+            "panics in the VM process's own code, on any thread",
+            one(page.vm_counter(VmCounter::VmmPanics)),
         );
         m.counter(
             "bulkhead_guest_panics",

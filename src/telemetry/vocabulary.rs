@@ -83,6 +83,8 @@ vocabulary! {
         GuestCrashLoaded = "guest_crash_loaded",
         /// Console output bytes dropped past the console limit.
         ConsoleDroppedBytes = "console_dropped_bytes",
+        /// Panics of the VM process's own code (a bug in bulkhead, whatever thread).
+        VmmPanics = "vmm_panics",
     }
 }
 

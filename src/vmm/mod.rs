@@ -30,6 +30,7 @@ use crate::devices::virtio::VirtioWorker;
 use crate::exit::VmExitReason;
 use crate::seccomp::{self, ThreadRole};
 use crate::signal;
+use crate::telemetry::VmCounter;
 use crate::vstate::vcpu::{Vcpu, VcpuIo, VcpuShared};
 use crate::vstate::vm::Vm;
 
@@ -255,10 +256,17 @@ fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
             let _ = ctx.test_hook;
             let io = ctx.io.clone();
             let shared = ctx.shared.clone();
+            let hook = ctx.test_hook;
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                #[cfg(debug_assertions)]
+                if hook == Some(TestHook::VcpuPanic) {
+                    panic!("--test-hook vcpu-panic");
+                }
+                let _ = hook;
                 vcpu.run(&io, &shared);
             }));
             if result.is_err() {
+                ctx.io.reporter.region().count(VmCounter::VcpuFailures);
                 ctx.io.exit.request(VmExitReason::VcpuFailed {
                     vcpu: index,
                     error: "the vCPU thread panicked".to_string(),

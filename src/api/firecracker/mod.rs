@@ -500,7 +500,7 @@ fn metrics_line(
         "exit_io_out": delta("vcpu.io_out", exits("io_out")),
         "exit_mmio_read": delta("vcpu.mmio_read", exits("mmio_read")),
         "exit_mmio_write": delta("vcpu.mmio_write", exits("mmio_write")),
-        "failures": 0,
+        "failures": delta("vcpu.failures", sum("bulkhead_vcpu_failures_total", "")),
     });
     let bytes = |dev: &str, dir: &str| -> f64 {
         samples
@@ -513,16 +513,28 @@ fn metrics_line(
             .map(|(_, _, v)| v)
             .sum()
     };
+    // Frames refused for a source MAC not the VM's.
+    let spoofed = |dev: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == "bulkhead_virtio_violations_total"
+                    && l.contains(&format!("device=\"{dev}"))
+                    && l.contains("reason=\"foreign_source_mac\"")
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    };
     let block = json!({
         "read_bytes": delta("block.read", bytes("virtio-blk", "to_guest")),
         "write_bytes": delta("block.write", bytes("virtio-blk", "from_guest")),
-        "invalid_reqs_count": delta("block.refused", sum("bulkhead_virtio_refusals_total", "device=\"virtio-blk")),
+        "invalid_reqs_count": delta("block.refused", sum("bulkhead_virtio_violations_total", "device=\"virtio-blk")),
         "rate_limiter_throttled_events": delta("block.throttled", sum("bulkhead_virtio_throttled_total", "device=\"virtio-blk")),
     });
     let net = json!({
         "rx_bytes_count": delta("net.rx", bytes("virtio-net", "to_guest")),
         "tx_bytes_count": delta("net.tx", bytes("virtio-net", "from_guest")),
-        "tx_spoofed_mac_count": delta("net.spoof", sum("bulkhead_virtio_refusals_total", "reason=\"request.foreign_source_mac\"")),
+        "tx_spoofed_mac_count": delta("net.spoof", spoofed("virtio-net")),
     });
     let vsock = json!({
         "rx_bytes_count": delta("vsock.rx", bytes("virtio-vsock", "to_guest")),
@@ -541,6 +553,10 @@ fn metrics_line(
                     &format!("{dev}.throttled"),
                     sum("bulkhead_virtio_throttled_total", &format!("device=\"{dev}")),
                 ),
+                "invalid_reqs_count": delta(
+                    &format!("{dev}.refused"),
+                    sum("bulkhead_virtio_violations_total", &format!("device=\"{dev}")),
+                ),
             }),
         ));
     }
@@ -551,9 +567,11 @@ fn metrics_line(
             json!({
                 "rx_bytes_count": delta(&format!("{dev}.rx"), bytes(&dev, "to_guest")),
                 "tx_bytes_count": delta(&format!("{dev}.tx"), bytes(&dev, "from_guest")),
+                "tx_spoofed_mac_count": delta(&format!("{dev}.spoof"), spoofed(&dev)),
             }),
         ));
     }
+    let vmm = json!({ "panic_count": delta("vmm.panics", sum("bulkhead_vmm_panics_total", "")) });
     let seccomp_faults = sum("bulkhead_vm_exit", "reason=\"seccomp_violation\"");
     let mut line = serde_json::Map::new();
     let now_ms = std::time::SystemTime::now()
@@ -591,7 +609,7 @@ fn metrics_line(
         "seccomp".into(),
         json!({ "num_faults": seccomp_faults as u64 }),
     );
-    line.insert("vmm".into(), json!({ "panic_count": 0 }));
+    line.insert("vmm".into(), vmm);
     let series: serde_json::Map<String, Value> = samples
         .iter()
         .map(|(n, l, v)| (format!("{n}{{{l}}}"), json!(v)))
@@ -724,4 +742,61 @@ pub fn run(opts: Options) -> i32 {
     let code = server::serve(personality.clone(), &opts);
     let _ = std::fs::remove_dir_all(&work);
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{MetricsSnapshot, Region, RequestViolation, SupervisorFacts, VmCounter};
+
+    /// The supervisor's own metrics text, as the personality reads it.
+    fn exposition(r: &Region) -> String {
+        let facts = SupervisorFacts {
+            vcpus: 1,
+            devices: vec!["virtio-blk0".into(), "virtio-net0".into()],
+            ..Default::default()
+        };
+        MetricsSnapshot::collect(r, &facts)
+            .encode("vm-1", "default")
+            .unwrap()
+    }
+
+    #[test]
+    fn firecracker_failure_counters_follow_bulkheads_series_as_deltas() {
+        let r = Region::anonymous().unwrap();
+        r.device(0)
+            .unwrap()
+            .refuse(RequestViolation::BadHeader.into());
+        r.device(1)
+            .unwrap()
+            .refuse(RequestViolation::ForeignSourceMac.into());
+        r.device(1)
+            .unwrap()
+            .refuse(RequestViolation::ForeignSourceMac.into());
+        r.count(VmCounter::VcpuFailures);
+        r.count(VmCounter::VmmPanics);
+        let mut sink = MetricsSink {
+            file: File::open("/dev/null").unwrap(),
+            emit_id: false,
+            properties: None,
+            last: Default::default(),
+            alerts_sent: 0,
+        };
+        let devices = Devices {
+            drives: vec!["root".into()],
+            nets: vec!["eth0".into()],
+        };
+        let text = exposition(&r);
+        let line = metrics_line(&mut sink, &text, &[], "vm-1", &json!({}), &devices);
+        assert_eq!(line["block"]["invalid_reqs_count"], 1, "{line}");
+        assert_eq!(line["block_root"]["invalid_reqs_count"], 1, "{line}");
+        assert_eq!(line["net"]["tx_spoofed_mac_count"], 2, "{line}");
+        assert_eq!(line["net_eth0"]["tx_spoofed_mac_count"], 2, "{line}");
+        assert_eq!(line["vcpu"]["failures"], 1, "{line}");
+        assert_eq!(line["vmm"]["panic_count"], 1, "{line}");
+        // Firecracker's counters are deltas: nothing new, all zero.
+        let again = metrics_line(&mut sink, &text, &[], "vm-1", &json!({}), &devices);
+        assert_eq!(again["net"]["tx_spoofed_mac_count"], 0, "{again}");
+        assert_eq!(again["vmm"]["panic_count"], 0, "{again}");
+    }
 }
