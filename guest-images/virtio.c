@@ -426,6 +426,9 @@ static void hostile_transport(struct dev *blk) {
      * a loaded host; without them a busy CI machine once saw the count at 0. */
     wr(blk, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     for (int i = 0; i < 2000; i++) (void)rd(blk, VIRTIO_MMIO_STATUS);
+    /* DRIVER_OK with queue 0 never made ready: the device can not start. */
+    wr(blk, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    check(rd(blk, VIRTIO_MMIO_STATUS) & S_NEEDS_RESET, "transport: DRIVER_OK without a ready queue needs a reset");
     check(init_device(blk, FEAT_INDIRECT), "transport: the device comes back after a reset");
     expect_alive(blk, "transport: and works");
 }

@@ -202,6 +202,7 @@ fn every_bad_input_is_refused_counted_and_survived() {
         ("transport.config_write_refused", 1),
         ("transport.wrong_direction", 1),
         ("transport.notify_not_ready", 1),
+        ("transport.queue_not_ready", 1),
         // A next index and a head index past the table.
         ("chain.index_out_of_range", 2),
         ("chain.loop", 1),

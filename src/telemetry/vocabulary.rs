@@ -140,6 +140,8 @@ vocabulary! {
         WrongDirection = "wrong_direction",
         /// A queue notification before DRIVER_OK, or for a queue the driver did not make ready.
         NotifyNotReady = "notify_not_ready",
+        /// DRIVER_OK with a queue the device needs not made ready.
+        QueueNotReady = "queue_not_ready",
     }
 }
 
@@ -302,9 +304,8 @@ impl TransportViolation {
             MisalignedRing => Rule::VirtioRingOutOfRam,
             BadFeatures | FeaturesEarly => Rule::VirtioFeatureViolation,
             BadAccess | BadStatusTransition | QueueEarly | BadQueueSize | BadQueueSetup
-            | NoSuchQueue | ConfigWriteRefused | WrongDirection | NotifyNotReady => {
-                Rule::VirtioQueueConfigViolation
-            }
+            | NoSuchQueue | ConfigWriteRefused | WrongDirection | NotifyNotReady
+            | QueueNotReady => Rule::VirtioQueueConfigViolation,
         }
     }
 }

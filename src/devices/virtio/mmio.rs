@@ -281,7 +281,10 @@ impl MmioTransport {
             let features = state.driver_features;
             state.status = value;
             if let Err(e) = state.device.activate(features, &configs) {
-                warn_limited!("{}: device activation failed: {e}", self.shared.name());
+                // The status write itself is taken (the driver sees DRIVER_OK with
+                // NEEDS_RESET), whatever the response policy: the device can not run.
+                let (reason, queue) = e.violation();
+                self.refuse_on(reason, Some(queue.into()), offset, value.into());
                 self.shared.set_needs_reset();
                 return true;
             }

@@ -7,6 +7,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::devices::virtio::ActivateError;
 use crate::telemetry::{ChainViolation, DeviceCounter, OnViolation};
 
 const FEATURE_X: u64 = 1 << 5;
@@ -55,9 +56,13 @@ impl VirtioDevice for MockDevice {
         dst.copy_from_slice(data);
         true
     }
-    fn activate(&mut self, features: u64, queues: &[Option<QueueConfig>]) -> Result<(), String> {
+    fn activate(
+        &mut self,
+        features: u64,
+        queues: &[Option<QueueConfig>],
+    ) -> Result<(), ActivateError> {
         if self.fail_activation {
-            return Err("no".into());
+            return Err(ActivateError::QueueNotReady(1));
         }
         self.seen.lock().unwrap().activated = Some((features, queues.to_vec()));
         Ok(())
@@ -408,13 +413,15 @@ fn a_driver_echoing_needs_reset_in_a_status_write_is_not_refused() {
 }
 
 #[test]
-fn failed_activation_marks_the_device_as_needing_reset() {
+fn driver_ok_without_a_needed_queue_is_counted_and_marks_the_device_as_needing_reset() {
     let (t, seen) = transport(true);
     negotiate(&t);
     assert!(setup_queue(&t, 0, 16, 0x1000));
     assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
     assert_ne!(r(&t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
     assert!(seen.lock().unwrap().activated.is_none());
+    // The driver's fault, counted like any refusal.
+    assert_eq!(t.violations(TransportViolation::QueueNotReady), 1);
 }
 
 #[test]

@@ -17,6 +17,7 @@ pub mod shared;
 pub mod vsock;
 pub mod worker;
 
+use crate::telemetry::TransportViolation;
 pub use mmio::MmioTransport;
 pub use shared::DeviceShared;
 pub use worker::{QueueContext, QueueHandler, RequestError, VirtioWorker};
@@ -43,6 +44,23 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) -> bool {
     true
 }
 
+/// Why a device refused to start at DRIVER_OK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set DRIVER_OK without making this queue ready.
+    #[error("queue {0} is not ready")]
+    QueueNotReady(u16),
+}
+
+impl ActivateError {
+    /// The refusal reason it is counted under, and the queue it names.
+    pub fn violation(self) -> (TransportViolation, u16) {
+        match self {
+            ActivateError::QueueNotReady(q) => (TransportViolation::QueueNotReady, q),
+        }
+    }
+}
+
 /// The register side of a virtio device.
 pub trait VirtioDevice: Send {
     /// The virtio device id (2 block, 1 net, 19 vsock, 4 entropy).
@@ -56,12 +74,18 @@ pub trait VirtioDevice: Send {
     /// Writes device-specific config space. Returns false to refuse the access.
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool;
     /// Checks that the device can start with the negotiated features and the queues the
-    /// driver made ready (indexed by queue number). An error marks the device as needing a
-    /// reset. The queues then go to the device's queue side. By default every queue must be
-    /// ready.
-    fn activate(&mut self, _features: u64, queues: &[Option<QueueConfig>]) -> Result<(), String> {
+    /// driver made ready (indexed by queue number). An error is the driver's fault: the
+    /// transport counts it as a violation and marks the device as needing a reset. The queues
+    /// then go to the device's queue side. By default every queue must be ready.
+    fn activate(
+        &mut self,
+        _features: u64,
+        queues: &[Option<QueueConfig>],
+    ) -> Result<(), ActivateError> {
         match queues.iter().position(Option::is_none) {
-            Some(index) => Err(format!("queue {index} is not ready")),
+            Some(index) => Err(ActivateError::QueueNotReady(
+                u16::try_from(index).unwrap_or(u16::MAX),
+            )),
             None => Ok(()),
         }
     }
