@@ -261,14 +261,22 @@ fn two_tenants_vms_run_side_by_side_and_every_cross_tenant_attempt_is_refused_au
     }
     let h = Host::new(test, 2);
     // The vsock paths that met in one directory before the jail: VM A's `x`, VM B's `x_80`.
-    let acme = [
-        create_idle(
-            &h,
-            "acme",
-            json!({"vsock": {"cid": 60_001, "uds": "/run/x"}}),
-        ),
-        create_idle(&h, "acme", json!({})),
-    ];
+    let first = create_idle(
+        &h,
+        "acme",
+        json!({"vsock": {"cid": 60_001, "uds": "/run/x"}}),
+    );
+    // A scrape right after create finds the VM's series, never an empty body.
+    let metrics = as_tenant(&h, "acme", "GET", &format!("/v1/vms/{first}/metrics"), None);
+    assert_eq!(metrics.status, 200);
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines().any(|l| l.starts_with("bulkhead_vm_running{")
+            && l.contains(&first)
+            && l.ends_with(" 1")),
+        "{text}"
+    );
+    let acme = [first, create_idle(&h, "acme", json!({}))];
     let globex = [
         create_idle(
             &h,

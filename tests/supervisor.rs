@@ -160,7 +160,23 @@ fn the_metrics_file_is_rewritten_while_the_vm_runs_and_parses_with_prometheus_cl
         return;
     }
     let mut vm = LiveVm::start(test, &["--vm-id", "vm-live", "--tenant", "acme"]);
-    let running = vm.metrics_with("bulkhead_vm_running{vm_id=\"vm-live\",tenant=\"acme\"} 1");
+    // Once the guest runs (it says so on the console), its series are there: they are
+    // written before the VM process starts, not at the first tick a second later.
+    let mut said = Vec::new();
+    let mut byte = [0u8; 1];
+    let stdout = vm.child.stdout.as_mut().unwrap();
+    while !said.ends_with(b"echo: ready") {
+        assert_eq!(stdout.read(&mut byte).unwrap(), 1, "the guest never spoke");
+        said.push(byte[0]);
+    }
+    let early = std::fs::read_to_string(&vm.metrics).unwrap_or_default();
+    assert!(
+        early.contains("bulkhead_vm_running{vm_id=\"vm-live\",tenant=\"acme\"} 1")
+            && early.contains("bulkhead_vcpu_exits_total{"),
+        "{early:?}"
+    );
+    // A snapshot with the kernel's view of the threads, which the first one can not have.
+    let running = vm.metrics_with("bulkhead_vm_process_threads{");
     let first = std::fs::metadata(&vm.metrics).unwrap().ino();
     let m = Metrics::parse(&running);
     // The kernel's view of the VM process: each of its threads runs under a filter.

@@ -248,6 +248,13 @@ impl Daemon {
         if let Err(e) = made {
             return Err(Reply::error(500, format!("cannot prepare VM {id}: {e}")));
         }
+        // The VM's series exist before the answer: a scrape right after create finds them.
+        let mut shape = vm.clone();
+        shape.vm_id = id.clone();
+        if let Err(e) = crate::supervisor::write_initial_metrics(&shape, &paths.metrics()) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(Reply::error(500, format!("cannot prepare VM {id}: {e}")));
+        }
         let log = File::create(paths.log())
             .map_err(|e| Reply::error(500, format!("cannot create the VM's log: {e}")))?;
         let log2 = log

@@ -16,13 +16,14 @@ mod watch;
 use std::time::SystemTime;
 
 pub use ending::{StopCause, VmEnd};
+pub use outputs::{write_initial_metrics, OutputError};
 
 use crate::config::VmConfig;
 use crate::exit::status;
 use crate::jail::VmJail;
 use crate::seccomp::{self, ThreadRole};
 use crate::signal;
-use crate::telemetry::{AlertContext, Engine, Limits};
+use crate::telemetry::{AlertContext, Engine, Limits, Region};
 use outputs::Outputs;
 use terminal::SavedTerminal;
 use watch::Watch;
@@ -76,9 +77,31 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::BAD_INPUT;
         }
     };
+    let region = match Region::create() {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("{e}");
+            if let Some(j) = jail.as_mut() {
+                j.remove();
+            }
+            return status::RUNTIME_ERROR;
+        }
+    };
+    // The VM's series exist before its process does, so a scrape never finds a running VM
+    // without them.
+    if let Some(metrics) = &outputs.metrics {
+        if let Err(e) = metrics.write_initial(config, &region.0, start_wall) {
+            log::error!("{e}");
+            if let Some(j) = jail.as_mut() {
+                j.remove();
+            }
+            return status::RUNTIME_ERROR;
+        }
+    }
     let spawned = spawn::spawn(
         config,
         start_ns,
+        region,
         outputs.console.as_ref(),
         jail.as_ref(),
         control,

@@ -6,8 +6,10 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use crate::config::{AlertsTarget, ConsoleConfig, VmConfig};
+use crate::telemetry::{MetricsSnapshot, Page, Region, RegionError, SupervisorFacts};
 
 use super::http::{Endpoint, HttpSink};
 
@@ -34,6 +36,15 @@ pub enum OutputError {
     },
     #[error(transparent)]
     Http(#[from] super::http::HttpError),
+    #[error(transparent)]
+    Region(#[from] RegionError),
+}
+
+/// Writes the metrics of VM `config` before anything of it runs, for a front end that starts
+/// it (`bulkhead serve`): its shape, running, every counter at zero.
+pub fn write_initial_metrics(config: &VmConfig, path: &Path) -> Result<(), OutputError> {
+    let page = Region::anonymous()?;
+    MetricsFile::open(path)?.write_initial(config, &page, SystemTime::now())
 }
 
 /// The metrics file: written to a hidden sibling, then renamed over the real name, so a
@@ -45,7 +56,8 @@ pub struct MetricsFile {
 }
 
 impl MetricsFile {
-    /// Checks the file can be written now, so a bad path fails before the VM starts.
+    /// Checks the file can be written now, so a bad path fails before the VM starts. The
+    /// file itself is left as it is until the first snapshot replaces it: never emptied.
     pub fn open(path: &Path) -> Result<MetricsFile, OutputError> {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
         let Some(name) = name else {
@@ -59,8 +71,44 @@ impl MetricsFile {
             path: path.to_path_buf(),
             tmp,
         };
-        file.write("")?;
+        file.create_tmp()?;
+        std::fs::remove_file(&file.tmp).map_err(|source| OutputError::Metrics {
+            path: file.path.clone(),
+            source,
+        })?;
         Ok(file)
+    }
+
+    fn create_tmp(&self) -> Result<File, OutputError> {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.tmp)
+            .map_err(|source| OutputError::Metrics {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Writes what a VM's metrics are before its process runs (its shape, running, every
+    /// counter at zero, from `page`): what a scrape sees from the moment it is started.
+    pub fn write_initial(
+        &self,
+        config: &VmConfig,
+        page: &Page,
+        start_wall: SystemTime,
+    ) -> Result<(), OutputError> {
+        let facts = initial_facts(config, start_wall);
+        let text = MetricsSnapshot::collect(page, &facts)
+            .encode(&config.vm_id, &config.tenant)
+            .map_err(|e| OutputError::Metrics {
+                path: self.path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        self.write(&text)
     }
 
     pub fn write(&self, text: &str) -> Result<(), OutputError> {
@@ -68,17 +116,25 @@ impl MetricsFile {
             path: self.path.clone(),
             source,
         };
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&self.tmp)
-            .map_err(err)?;
+        let mut f = self.create_tmp()?;
         f.write_all(text.as_bytes()).map_err(err)?;
         drop(f);
         std::fs::rename(&self.tmp, &self.path).map_err(err)
+    }
+}
+
+/// What the supervisor knows of a VM before its process starts: the VM's shape, running, and
+/// nothing counted yet.
+pub fn initial_facts(config: &VmConfig, start_wall: SystemTime) -> SupervisorFacts {
+    SupervisorFacts {
+        vcpus: config.vcpus as usize,
+        devices: config.device_names(),
+        guest_memory_bytes: config.mem_bytes(),
+        running: true,
+        start_time_seconds: start_wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        ..SupervisorFacts::default()
     }
 }
 

@@ -65,12 +65,12 @@ pub struct VmProcess {
 pub fn spawn(
     config: &VmConfig,
     start_ns: u64,
+    (region, _memfd): (Region, OwnedFd),
     console: Option<&File>,
     jail: Option<&VmJail>,
     control: Option<OwnedFd>,
 ) -> Result<VmProcess, SpawnError> {
     let config = jail.map_or(config, |j| &j.config);
-    let (region, _memfd) = Region::create()?;
     let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(SpawnError::Wake)?;
     let console_fd = console.map(AsRawFd::as_raw_fd);
     let (life_read, life_write) = life_pipe().map_err(SpawnError::Fork)?;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 
 use super::ending::{StopCause, VmEnd};
-use super::outputs::Outputs;
+use super::outputs::{initial_facts, Outputs};
 use super::spawn::VmProcess;
 use crate::config::VmConfig;
 use crate::exit::VmExitReason;
@@ -354,9 +354,6 @@ impl<'a> Watch<'a> {
     fn facts(&mut self, end: Option<&VmEnd>) -> SupervisorFacts {
         let (filtered, threads) = self.threads(end);
         SupervisorFacts {
-            vcpus: self.config.vcpus as usize,
-            devices: self.config.device_names(),
-            guest_memory_bytes: self.config.mem_bytes(),
             seccomp_filtered_threads: filtered,
             vm_process_threads: threads,
             boot_complete_seconds: self
@@ -380,10 +377,7 @@ impl<'a> Watch<'a> {
             deliveries_dropped: self.outputs.http.as_ref().map_or(0, |h| h.stats.dropped()),
             vm_process_peak_rss_bytes: end.and(self.peak_rss),
             supervisor_peak_rss_bytes: end.and_then(|_| own_peak_rss()),
-            start_time_seconds: self
-                .start_wall
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+            ..initial_facts(self.config, self.start_wall)
         }
     }
 
