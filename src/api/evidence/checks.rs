@@ -4,11 +4,32 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
+use crate::api::client::{Answer, ClientError};
+
 use super::host::{
     as_json, can_open_as, create, files_under, get, request_as, status, uid_of, wait_ended,
     wait_running, Host,
 };
 use super::{Check, ATTACKS, TENANT_A, TENANT_B};
+
+/// True when a create was refused the way the daemon promises for a file the tenant may not
+/// use: 403, naming the tenant. Any other failure (a 500, a lost connection, a 422 for a
+/// path that is merely malformed) proves nothing about isolation.
+fn refused_as_promised(r: &Result<String, Value>, tenant: &str) -> bool {
+    let Err(e) = r else { return false };
+    let promised = format!("is not a file tenant {tenant} may use");
+    e["status"] == json!(403)
+        && e["answer"]["error"]
+            .as_str()
+            .is_some_and(|m| m.ends_with(&promised))
+}
+
+/// True when the socket refused the connection itself: its mode lets only its owner in. An
+/// answer of any status, or another failure, is not that.
+fn permission_denied(a: &Result<Answer, ClientError>) -> bool {
+    matches!(a, Err(ClientError::Connect { source, .. })
+        if source.kind() == std::io::ErrorKind::PermissionDenied)
+}
 
 pub(super) fn run_checks(h: &Host) -> Vec<Check> {
     let mut checks = Vec::new();
@@ -93,7 +114,7 @@ pub(super) fn run_checks(h: &Host) -> Vec<Check> {
         id: "sockets_per_tenant",
         planes: &["management"],
         claim: "B's uid can not use A's socket, and no tenant can use the admin socket",
-        pass: !matches!(foreign, Ok(ref x) if x.status < 400) && !matches!(tenant_on_admin, Ok(ref x) if x.status < 400),
+        pass: permission_denied(&foreign) && permission_denied(&tenant_on_admin),
         evidence: json!({"b_on_a_socket": status(&foreign), "a_on_admin_socket": status(&tenant_on_admin)}),
     });
     let no_reason = request_as(
@@ -136,7 +157,9 @@ pub(super) fn run_checks(h: &Host) -> Vec<Check> {
         ),
     ] {
         let r = create(h, a, body);
-        refusals.push(json!({"attempt": what, "refused": r.is_err(), "answer": r.err()}));
+        refusals.push(
+            json!({"attempt": what, "refused": refused_as_promised(&r, a.0), "answer": r.err()}),
+        );
     }
     checks.push(Check {
         id: "create_with_other_tenants_files",
@@ -318,4 +341,42 @@ pub(super) fn run_checks(h: &Host) -> Vec<Check> {
         wait_ended(h, t, id);
     }
     checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_promised_403_counts_as_a_refused_create() {
+        let answer = |status: u16, error: &str| -> Result<String, Value> {
+            Err(json!({"status": status, "answer": {"error": error}}))
+        };
+        let promised = "disk /srv/b/disk.img is not a file tenant tenant-a may use";
+        assert!(refused_as_promised(&answer(403, promised), "tenant-a"));
+        assert!(!refused_as_promised(&answer(500, promised), "tenant-a"));
+        assert!(!refused_as_promised(&answer(403, "quota: no"), "tenant-a"));
+        assert!(!refused_as_promised(&answer(403, promised), "tenant-b"));
+        assert!(!refused_as_promised(&Ok("vm-1".into()), "tenant-a"));
+        let no_connection: Result<String, Value> =
+            Err(json!({"status": "no connection: refused", "answer": null}));
+        assert!(!refused_as_promised(&no_connection, "tenant-a"));
+    }
+
+    #[test]
+    fn only_a_connection_refused_for_permission_counts_as_a_closed_socket() {
+        let connect = |kind| -> Result<Answer, ClientError> {
+            Err(ClientError::Connect {
+                path: PathBuf::from("/run/x.sock"),
+                source: std::io::Error::from(kind),
+            })
+        };
+        assert!(permission_denied(&connect(
+            std::io::ErrorKind::PermissionDenied
+        )));
+        assert!(!permission_denied(&connect(std::io::ErrorKind::NotFound)));
+        assert!(!permission_denied(&connect(
+            std::io::ErrorKind::ConnectionRefused
+        )));
+    }
 }
