@@ -121,7 +121,7 @@ void guest_main(void) {
         delay(100);
         for (int attempt = 0; attempt < 2 && *flag == 0; attempt++) {
             wrmsr(MSR_X2APIC_ICR, ((u64)id << 32) | ICR_STARTUP | SIPI_VECTOR);
-            for (u64 spin = 0; spin < 2000000 && *flag == 0; spin++) {
+            for (u64 until = deadline_after_ms(WAIT_LIMIT_MS); *flag == 0 && !past(until);) {
             }
         }
         if (*flag != (u32)id + 1) {

@@ -24,8 +24,6 @@
 #include "lib/acpi.h"
 #include "lib/virtio.h"
 
-/* How long to wait for the device: seconds, far more than it needs. */
-#define SPIN_LIMIT 20000000ULL
 
 struct dev {
     u64 base;
@@ -105,7 +103,7 @@ static void post(struct dev *d, u32 index, struct vq *q, u16 head) {
 /* Waits for the device to use one entry of `q`. Returns the used length, or NO_ANSWER when
  * nothing was used in time. */
 static u32 wait_used(struct dev *d, struct vq *q, u16 head) {
-    for (u64 spin = 0; spin < SPIN_LIMIT; spin++) {
+    for (u64 until = deadline_after_ms(WAIT_LIMIT_MS); !past(until);) {
         barrier();
         if (*(volatile u16 *)&q->used.idx != q->last_used) {
             u32 len = q->used.ring[q->last_used % QSIZE].len;
@@ -113,7 +111,8 @@ static u32 wait_used(struct dev *d, struct vq *q, u16 head) {
             q->last_used++;
             /* The device raises the interrupt after it finishes the batch, so wait for it. */
             u32 isr = 0;
-            for (u64 w = 0; w < SPIN_LIMIT && !(isr & 1); w++) isr = rd(d, VIRTIO_MMIO_INTERRUPT_STATUS);
+            for (u64 w = deadline_after_ms(WAIT_LIMIT_MS); !(isr & 1) && !past(w);)
+                isr = rd(d, VIRTIO_MMIO_INTERRUPT_STATUS);
             wr(d, VIRTIO_MMIO_INTERRUPT_ACK, isr);
             if (!(isr & 1)) check(0, "used-buffer interrupt raised");
             if (id != head) check(0, "used entry names the chain's head");
@@ -421,11 +420,12 @@ static void hostile_transport(struct dev *blk) {
     wr(blk, VIRTIO_MMIO_QUEUE_READY, 1);
     check(rd(blk, VIRTIO_MMIO_QUEUE_READY) == 0, "transport: rings outside guest RAM are refused");
     /* A notify before DRIVER_OK goes nowhere. It reaches the VMM thread through the queue's
-     * ioeventfd, with no exit to wait on: the VMM counts it only if it looks before the device
-     * is live again. 2,000 Status reads (exits, tens of milliseconds) give it that time even on
-     * a loaded host; without them a busy CI machine once saw the count at 0. */
+     * ioeventfd, with no exit to wait on and (under --on-violation log) nothing the guest can
+     * see: the VMM counts it only if it looks before the device is live again. A quarter of a
+     * second by the clock gives its thread that time on any host, however loaded (a count of
+     * 2,000 register reads once was not enough on a busy CI machine). */
     wr(blk, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-    for (int i = 0; i < 2000; i++) (void)rd(blk, VIRTIO_MMIO_STATUS);
+    wait_ms(250);
     /* DRIVER_OK with queue 0 never made ready: the device can not start. */
     wr(blk, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     check(rd(blk, VIRTIO_MMIO_STATUS) & S_NEEDS_RESET, "transport: DRIVER_OK without a ready queue needs a reset");
@@ -439,7 +439,7 @@ static void hostile_avail_jump(struct dev *blk) {
     barrier();
     wr(blk, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     u32 status_reg = 0;
-    for (u64 spin = 0; spin < SPIN_LIMIT && !(status_reg & S_NEEDS_RESET); spin++)
+    for (u64 until = deadline_after_ms(WAIT_LIMIT_MS); !(status_reg & S_NEEDS_RESET) && !past(until);)
         status_reg = rd(blk, VIRTIO_MMIO_STATUS);
     check(status_reg & S_NEEDS_RESET, "ring: an avail index jump sets NEEDS_RESET");
     check(rd(blk, VIRTIO_MMIO_INTERRUPT_STATUS) & 2, "ring: with a configuration interrupt");
@@ -567,7 +567,7 @@ static void vs_post_rx(struct dev *d, u16 i) {
  * its buffer. Returns 0 when nothing came in time. */
 static int vs_recv(struct dev *d, u8 *out) {
     struct vq *q = d->q;
-    for (u64 spin = 0; spin < SPIN_LIMIT * 10; spin++) {
+    for (u64 until = deadline_after_ms(2 * WAIT_LIMIT_MS); !past(until);) {
         barrier();
         if (*(volatile u16 *)&q->used.idx != q->last_used) {
             u16 id = (u16)q->used.ring[q->last_used % QSIZE].id;

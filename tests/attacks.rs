@@ -24,6 +24,8 @@ struct Attack {
     rule: &'static str,
     /// Flags the guest needs (devices).
     flags: Vec<String>,
+    /// Words for the guest's command line.
+    cmdline: Vec<String>,
     /// The evidence the first alert must carry.
     evidence: Vec<(&'static str, Value)>,
     ends: Ends,
@@ -36,6 +38,7 @@ impl Attack {
         Attack {
             rule,
             flags: Vec::new(),
+            cmdline: Vec::new(),
             evidence: Vec::new(),
             ends: Ends::Survives,
             device: None,
@@ -44,6 +47,11 @@ impl Attack {
 
     fn flags(mut self, flags: &[&str]) -> Attack {
         self.flags.extend(flags.iter().map(|s| s.to_string()));
+        self
+    }
+
+    fn cmdline(mut self, words: &[&str]) -> Attack {
+        self.cmdline.extend(words.iter().map(|s| s.to_string()));
         self
     }
 
@@ -66,6 +74,16 @@ impl Attack {
         let mut args: Vec<&str> = self.flags.iter().map(String::as_str).collect();
         if let Some(p) = policy {
             args.extend(["--on-violation", p]);
+        }
+        let mut cmdline = self.cmdline.clone();
+        if policy == Some("stop-vm") {
+            // The guest waits for the stop (ended early by it), however long the supervisor
+            // takes to act on a loaded host.
+            cmdline.push("linger_ms=20000".into());
+        }
+        let cmdline = cmdline.join(" ");
+        if !cmdline.is_empty() {
+            args.extend(["--cmdline", &cmdline]);
         }
         let test = format!("attack-{}-{}", self.rule, policy.unwrap_or("default"));
         run_observed(&test, &format!("attacks/{}", self.rule), &args)
@@ -423,7 +441,7 @@ attack_test!(
 attack_test!(
     a_vcpu_spinning_on_port_exits_raises_exit_storm,
     Attack::new("exit_storm")
-        .flags(&["--cmdline", "storm=200000"])
+        .cmdline(&["storm_ms=2000"])
         .evidence(&[("vcpu", json!(0))])
 );
 

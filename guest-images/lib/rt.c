@@ -40,6 +40,57 @@ void put_hex(u64 v) {
 
 void boot_complete(void) { outb(BOOT_COMPLETE_PORT, 1); }
 
+/* KVM's pvclock_vcpu_time_info, which the host keeps up to date. */
+struct pvclock {
+    u32 version;
+    u32 pad0;
+    u64 tsc_timestamp;
+    u64 system_time;
+    u32 tsc_to_system_mul;
+    signed char tsc_shift;
+    u8 flags;
+    u8 pad[2];
+} __attribute__((packed));
+
+#define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01
+
+static volatile struct pvclock kvmclock __attribute__((aligned(64)));
+static int kvmclock_on;
+
+static inline u64 rdtsc(void) {
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+u64 now_ns(void) {
+    if (!kvmclock_on) {
+        /* The guest runs identity-mapped: the structure's address is its physical one. */
+        wrmsr(MSR_KVM_SYSTEM_TIME_NEW, (u64)&kvmclock | 1);
+        kvmclock_on = 1;
+    }
+    u32 version;
+    u64 ns;
+    do {
+        version = kvmclock.version;
+        __asm__ volatile("" ::: "memory");
+        u64 delta = rdtsc() - kvmclock.tsc_timestamp;
+        int shift = kvmclock.tsc_shift;
+        delta = shift < 0 ? delta >> -shift : delta << shift;
+        ns = kvmclock.system_time +
+             (u64)(((unsigned __int128)delta * kvmclock.tsc_to_system_mul) >> 32);
+        __asm__ volatile("" ::: "memory");
+    } while ((version & 1) || version != kvmclock.version);
+    return ns;
+}
+
+void wait_ms(u64 ms) {
+    u64 until = now_ns() + ms * 1000000;
+    while (now_ns() < until) {
+        for (int i = 0; i < 16; i++) (void)inb(0x80);
+    }
+}
+
 void halt_forever(void) {
     for (;;) __asm__ volatile("cli; hlt");
 }

@@ -72,6 +72,21 @@ static inline u64 mmio_read64(u64 addr) { return *(volatile u64 *)addr; }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 
+/* Nanoseconds of wall time from KVM's paravirtual clock (kvmclock, MSR 0x4b564d01 on the
+ * calling vCPU; the first call turns it on). For waiting a time rather than a count of
+ * iterations, whose duration depends on the host. Boot vCPU only. */
+u64 now_ns(void);
+/* Spins with port reads of the I/O delay port (one exit each, so the VMM's threads run too)
+ * until `ms` milliseconds have passed. */
+void wait_ms(u64 ms);
+
+/* How long a test guest waits for something of the VMM's (a used buffer, a status bit, an AP
+ * checking in) before it calls the wait failed: far more than any host needs, and measured by
+ * the clock, so a fast host does not shorten it nor a slow one stretch it. */
+#define WAIT_LIMIT_MS 5000ULL
+static inline u64 deadline_after_ms(u64 ms) { return now_ns() + ms * 1000000ULL; }
+static inline int past(u64 deadline) { return now_ns() >= deadline; }
+
 void putc(char c);
 void puts(const char *s);
 void put_dec(u64 v);

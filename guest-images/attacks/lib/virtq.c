@@ -3,10 +3,10 @@
 #include "virtq.h"
 #include "attack.h"
 
-/* How many register polls a wait may take. Each poll is a VM exit (about 10-20 us on the
- * nested test hosts, far less on hardware) and lets the VMM's device thread run, so this
- * bounds a wait to a few seconds while a device answers in well under a millisecond. */
-#define POLL_LIMIT 300000u
+/* How long a wait may take, by the clock. Each poll is a VM exit and lets the VMM's device
+ * thread run; a device answers in well under a millisecond, and a wait that runs out means it
+ * will not answer (an attack left it stopped). */
+#define POLL_LIMIT_MS 2000ULL
 
 int vdev_begin(struct vdev *d, u32 id, u64 features) {
     d->id = id;
@@ -68,7 +68,7 @@ void vq_post(struct vdev *d, u32 index, struct vq *q, u16 head) {
 }
 
 u32 vq_wait_used(struct vdev *d, struct vq *q, u32 *head) {
-    for (u32 poll = 0; poll < POLL_LIMIT; poll++) {
+    for (u64 until = deadline_after_ms(POLL_LIMIT_MS); !past(until);) {
         u32 isr = vdev_read(d, VIRTIO_MMIO_INTERRUPT_STATUS);
         barrier();
         if (*(volatile u16 *)&q->used.idx == q->last_used) {
@@ -82,7 +82,8 @@ u32 vq_wait_used(struct vdev *d, struct vq *q, u32 *head) {
         q->last_used++;
         /* The device raises the interrupt once it has finished the batch: wait for it, so
          * no interrupt is left pending, then acknowledge it. */
-        for (u32 w = 0; w < POLL_LIMIT && !(isr & 1); w++) isr = vdev_read(d, VIRTIO_MMIO_INTERRUPT_STATUS);
+        for (u64 w = deadline_after_ms(POLL_LIMIT_MS); !(isr & 1) && !past(w);)
+            isr = vdev_read(d, VIRTIO_MMIO_INTERRUPT_STATUS);
         if (isr) vdev_write(d, VIRTIO_MMIO_INTERRUPT_ACK, isr);
         return len;
     }
@@ -101,7 +102,7 @@ void vq_report_used(u32 len) {
 
 u32 vdev_wait_status(struct vdev *d, u32 bits) {
     u32 s = 0;
-    for (u32 poll = 0; poll < POLL_LIMIT && !(s & bits); poll++) s = vdev_status(d);
+    for (u64 until = deadline_after_ms(POLL_LIMIT_MS); !(s & bits) && !past(until);) s = vdev_status(d);
     return s;
 }
 

@@ -191,6 +191,10 @@ impl VirtioWorker {
         if self.shared.active().is_none() {
             return false;
         }
+        // The driver's notification, as KVM would signal it.
+        if let Some(evt) = self.queue_evts.get(queue) {
+            let _ = evt.write(1);
+        }
         self.notified(queue);
         for _ in 0..rounds {
             if self.resume == 0 {
@@ -283,14 +287,21 @@ impl VirtioWorker {
     }
 
     fn notified(&mut self, queue: usize) {
-        if let Some(evt) = self.queue_evts.get(queue) {
-            let _ = evt.read();
-        }
-        let ready = self
-            .shared
-            .active()
-            .as_ref()
-            .is_some_and(|a| a.queues.get(queue).is_some_and(Option::is_some));
+        let ready = {
+            // Read under the lock a status change takes: the notification is judged against
+            // one state of the device, not one that changes between the read and the look.
+            let active = self.shared.active();
+            let pending = self
+                .queue_evts
+                .get(queue)
+                .is_some_and(|evt| evt.read().is_ok_and(|n| n > 0));
+            if !pending {
+                return;
+            }
+            active
+                .as_ref()
+                .is_some_and(|a| a.queues.get(queue).is_some_and(Option::is_some))
+        };
         if !ready {
             // Before DRIVER_OK, or for a queue the driver never made ready.
             let index = u16::try_from(queue).ok();
