@@ -320,6 +320,11 @@ fn kata_go_boots_from_a_config_file_polls_until_running_and_stops_with_sigterm()
     // SAFETY: reading into a buffer we own from the FIFO opened above.
     let n = unsafe { libc::read(fifos[1], buf.as_mut_ptr().cast(), buf.len()) };
     assert!(n > 0, "no metrics line");
+    // Whole within 64 KiB: Kata reads the FIFO with a bufio.Scanner, which gives up on more.
+    assert!(
+        buf[..n as usize].contains(&b'\n'),
+        "a metrics line over 64 KiB"
+    );
     let line: Value =
         serde_json::from_slice(buf[..n as usize].split(|b| *b == b'\n').next().unwrap()).unwrap();
     for key in [

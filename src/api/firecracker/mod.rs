@@ -401,7 +401,6 @@ impl Personality {
             nets: net_ids,
         };
         let line = metrics_line(sink, &text, &alerts, &id, &api, &devices);
-        sink.alerts_sent = alerts.len();
         let mut bytes = line.to_string().into_bytes();
         bytes.push(b'\n');
         sink.file
@@ -610,15 +609,33 @@ fn metrics_line(
         json!({ "num_faults": seccomp_faults as u64 }),
     );
     line.insert("vmm".into(), vmm);
+    // bulkhead's own series that are not zero: all of them (every refusal reason of every
+    // device) would not fit a line Kata's reader takes.
     let series: serde_json::Map<String, Value> = samples
         .iter()
+        .filter(|(_, _, v)| *v != 0.0)
         .map(|(n, l, v)| (format!("{n}{{{l}}}"), json!(v)))
         .collect();
     line.insert("bulkhead".into(), Value::Object(series));
-    let new_alerts: Vec<Value> = alerts.iter().skip(sink.alerts_sent).cloned().collect();
+    // New alerts, as many as fit; the rest go in the next line.
+    let mut size = Value::Object(line.clone()).to_string().len();
+    let mut new_alerts = Vec::new();
+    for alert in alerts.iter().skip(sink.alerts_sent) {
+        let len = alert.to_string().len() + 1;
+        if size + len > MAX_LINE - 64 {
+            break;
+        }
+        size += len;
+        new_alerts.push(alert.clone());
+    }
+    sink.alerts_sent += new_alerts.len();
     line.insert("bulkhead_alerts".into(), json!(new_alerts));
     Value::Object(line)
 }
+
+/// The longest metrics line written: Kata's Go runtime reads the metrics FIFO with a
+/// bufio.Scanner, whose default limit is 64 KiB a line (a longer one stops its reader).
+pub const MAX_LINE: usize = 60 << 10;
 
 /// Builds the settings from `--config-file`.
 fn from_config_file(p: &mut Personality, path: &Path) -> Result<(), String> {
@@ -798,5 +815,53 @@ mod tests {
         let again = metrics_line(&mut sink, &text, &[], "vm-1", &json!({}), &devices);
         assert_eq!(again["net"]["tx_spoofed_mac_count"], 0, "{again}");
         assert_eq!(again["vmm"]["panic_count"], 0, "{again}");
+    }
+
+    #[test]
+    fn a_metrics_line_fits_kata_s_reader_and_alerts_that_do_not_fit_wait_for_the_next() {
+        let r = Region::anonymous().unwrap();
+        let facts = SupervisorFacts {
+            vcpus: 32,
+            devices: (0..16).map(|i| format!("virtio-blk{i}")).collect(),
+            ..Default::default()
+        };
+        let text = MetricsSnapshot::collect(&r, &facts)
+            .encode("vm-1", "default")
+            .unwrap();
+        assert!(
+            text.len() > MAX_LINE,
+            "the exposition alone is {}",
+            text.len()
+        );
+        let mut sink = MetricsSink {
+            file: File::open("/dev/null").unwrap(),
+            emit_id: false,
+            properties: None,
+            last: Default::default(),
+            alerts_sent: 0,
+        };
+        let devices = Devices {
+            drives: (0..16).map(|i| format!("drive{i}")).collect(),
+            nets: vec![],
+        };
+        let alerts: Vec<Value> = (0..200)
+            .map(|i| json!({"rule": "pio_scan", "output": "x".repeat(500), "seq": i}))
+            .collect();
+        let mut seen = 0;
+        for _ in 0..10 {
+            let line = metrics_line(&mut sink, &text, &alerts, "vm-1", &json!({}), &devices);
+            assert!(
+                line.to_string().len() <= MAX_LINE,
+                "{}",
+                line.to_string().len()
+            );
+            let sent = line["bulkhead_alerts"].as_array().unwrap();
+            assert_eq!(
+                sent.first().map(|a| a["seq"].clone()),
+                (seen < 200).then(|| json!(seen))
+            );
+            seen += sent.len();
+        }
+        assert_eq!(seen, 200);
     }
 }
