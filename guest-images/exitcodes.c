@@ -77,9 +77,7 @@ static u8 echo_line(void) {
     u64 n = 0;
     puts("echo: ready\n");
     for (;;) {
-        while (!(inb(SERIAL_PORT + 5) & 1)) {
-        }
-        char c = (char)inb(SERIAL_PORT);
+        char c = (char)serial_getc();
         if (c == '\r' || c == '\n') break;
         putc(c);
         if (c >= '0' && c <= '9' && n < 1000) n = n * 10 + (u64)(c - '0');

@@ -264,7 +264,7 @@ static void test_blk_hostio(void) {
     u64 cap = blk_capacity(&d);
     check(blk_request(&d, BLK_T_IN, cap - 1, data, 512, &used) == BLK_S_OK, "blk: the last sector reads");
     puts("blk: waiting for the host\n");
-    while (!(inb(SERIAL_PORT + 5) & 1) || inb(SERIAL_PORT) != '\n') {
+    while (serial_getc() != '\n') {
     }
     check(blk_request(&d, BLK_T_IN, cap - 1, data, 512, &used) == BLK_S_IOERR && used == 1,
           "blk: a read the host can not serve fails with IOERR");

@@ -441,7 +441,7 @@ attack_test!(
 attack_test!(
     a_vcpu_spinning_on_port_exits_raises_exit_storm,
     Attack::new("exit_storm")
-        .cmdline(&["storm_ms=2000"])
+        .cmdline(&["storm_ms=3000"])
         .evidence(&[("vcpu", json!(0))])
 );
 
@@ -478,4 +478,51 @@ fn a_vmm_thread_taken_over_by_the_guest_raises_exactly_one_seccomp_violation() {
     );
     assert_eq!(o.metrics.value("bulkhead_vm_exit_status", &[]), 159);
     assert!(!o.run.stdout.contains("attack: done"), "{}", o.run.stdout);
+}
+
+/// Each probe rule judges a guest that never reports boot complete and exits the moment its
+/// probe is done: nothing the guest says or does afterwards decides whether it is seen.
+#[test]
+fn each_probe_rule_fires_for_a_guest_that_probes_at_once_and_exits() {
+    if !kvm_available("each_probe_rule_fires_for_a_guest_that_probes_at_once_and_exits") {
+        return;
+    }
+    for rule in ["legacy_device_probe", "pio_scan", "mmio_scan", "msr_probe"] {
+        let o = Attack::new(rule).cmdline(&["quick=1"]).run(None);
+        assert_eq!(o.run.status, 0, "{rule}: {}", o.run.stderr);
+        assert!(
+            !o.alerts_of(rule).is_empty(),
+            "{rule} did not fire for a quick guest; alerts: {:?}",
+            o.alerts
+        );
+        assert!(
+            o.metrics
+                .samples
+                .iter()
+                .all(|(name, _, _)| name != "bulkhead_boot_complete_seconds"),
+            "{rule}: the quick guest reported boot complete"
+        );
+    }
+}
+
+/// The held-out case: a VENOM-style command byte to the floppy controller and a sweep of 64
+/// ports, at once, then an exit, with no boot report. Every probe is alerted.
+#[test]
+fn a_guest_that_probes_the_floppy_and_sweeps_ports_then_exits_at_once_is_alerted() {
+    if !kvm_available(
+        "a_guest_that_probes_the_floppy_and_sweeps_ports_then_exits_at_once_is_alerted",
+    ) {
+        return;
+    }
+    let o = run_observed("attack-probe-and-flee", "attacks/probe_and_flee", &[]);
+    assert_eq!(o.run.status, 0, "{}", o.run.stderr);
+    let legacy = o.alerts_of("legacy_device_probe");
+    let ports: Vec<&Value> = legacy.iter().map(|a| &a["output_fields"]["port"]).collect();
+    assert_eq!(ports, [&json!("0x3f5"), &json!("0x3f4")], "{:?}", o.alerts);
+    assert_eq!(legacy[0]["output_fields"]["direction"], "write");
+    let scans = o.alerts_of("pio_scan");
+    assert_eq!(scans.len(), 4, "{:?}", o.alerts);
+    // The floppy ports count towards the first scan.
+    assert_eq!(scans[0]["output_fields"]["lowest"], "0x3f4");
+    assert_eq!(o.metrics.sum("bulkhead_unhandled_pio_total", &[]), 66);
 }

@@ -86,9 +86,12 @@ u64 now_ns(void) {
 
 void wait_ms(u64 ms) {
     u64 until = now_ns() + ms * 1000000;
-    while (now_ns() < until) {
-        for (int i = 0; i < 16; i++) (void)inb(0x80);
-    }
+    while (now_ns() < until) __asm__ volatile("pause");
+}
+
+u8 serial_getc(void) {
+    while (!(inb(SERIAL_PORT + 5) & 1)) wait_ms(1);
+    return inb(SERIAL_PORT);
 }
 
 void halt_forever(void) {

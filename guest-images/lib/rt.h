@@ -76,9 +76,12 @@ static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
  * calling vCPU; the first call turns it on). For waiting a time rather than a count of
  * iterations, whose duration depends on the host. Boot vCPU only. */
 u64 now_ns(void);
-/* Spins with port reads of the I/O delay port (one exit each, so the VMM's threads run too)
- * until `ms` milliseconds have passed. */
+/* Spins on the clock, with no exit, until `ms` milliseconds have passed. */
 void wait_ms(u64 ms);
+/* Waits for a byte on the serial console and returns it, looking about a thousand times a
+ * second: a guest polling the line status as fast as it can exits tens of thousands of times a
+ * second, which is an exit storm (and bulkhead says so). */
+u8 serial_getc(void);
 
 /* How long a test guest waits for something of the VMM's (a used buffer, a status bit, an AP
  * checking in) before it calls the wait failed: far more than any host needs, and measured by

@@ -215,15 +215,12 @@ impl<'a> Watch<'a> {
     /// limit, or a producer still filling the next cell).
     fn drain(&mut self) -> bool {
         self.vm.region.ring.clear_wake();
-        self.engine
-            .set_boot_complete(self.vm.region.boot_complete_ns());
         let mut firings = Vec::new();
         for _ in 0..DRAIN_LIMIT {
             let Some(raw) = self.vm.region.ring.pop(&mut self.tail) else {
                 break;
             };
-            let boot = self.vm.region.boot_complete_ns();
-            firings.extend(self.engine.observe(&raw, monotonic_ns(), boot));
+            firings.extend(self.engine.observe(&raw, monotonic_ns()));
         }
         self.handle(firings);
         self.vm.region.ring.backlog(self.tail)

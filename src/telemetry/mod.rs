@@ -13,6 +13,7 @@ pub mod device;
 pub mod devices;
 pub mod engine;
 pub mod events;
+pub mod expected;
 pub mod metrics;
 pub mod policy;
 pub mod region;

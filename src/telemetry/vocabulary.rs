@@ -435,20 +435,6 @@ impl Rule {
         self.name().starts_with("virtio_")
     }
 
-    /// Rules whose trigger a booting guest produces honestly (Linux probes legacy ports,
-    /// MSRs and unmapped addresses, and its console is busy): they wait until the boot has
-    /// settled.
-    pub fn waits_for_boot(self) -> bool {
-        matches!(
-            self,
-            Rule::LegacyDeviceProbe
-                | Rule::PioScan
-                | Rule::MmioScan
-                | Rule::MsrProbe
-                | Rule::ExitStorm
-        )
-    }
-
     /// Falco-style tags: the area, and MITRE ATT&CK's "Escape to Host" where it applies.
     pub fn tags(self) -> &'static [&'static str] {
         use Rule::*;
@@ -507,7 +493,7 @@ impl Rule {
             MmioScan => "16 or more distinct unmapped guest-physical pages within 1 s",
             MsrProbe => "guest access to an MSR outside the allow-list",
             TripleFault => "a guest shutdown (triple fault)",
-            ExitStorm => "a vCPU's exit rate above the threshold for 1 s",
+            ExitStorm => "more than 60,000 exits of one vCPU within 3 s (20,000 a second)",
             VcpuEntryFailure => "KVM could not emulate an instruction or enter the guest",
             SeccompViolation => "a bulkhead thread made a system call outside its filter",
             ManagementCrossTenant => {

@@ -42,11 +42,6 @@ impl Ledger {
         lost
     }
 
-    /// Forgets what is owed: increments read while their rule could not fire anyway.
-    pub fn forgive(&mut self) {
-        self.owed = 0;
-    }
-
     /// The last word, once the VM process is gone and the channel drained: every increment
     /// still unexplained was lost.
     pub fn close(&mut self, current: u64) -> u64 {

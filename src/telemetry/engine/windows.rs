@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::{EXIT_STORM_PER_SEC, SCAN_THRESHOLD, SCAN_WINDOW_NS};
+use super::{EXIT_STORM_PER_SEC, EXIT_STORM_WINDOW_NS, SCAN_THRESHOLD, SCAN_WINDOW_NS};
 
 const SECOND: u64 = 1_000_000_000;
 
@@ -42,38 +42,52 @@ impl ScanWindow {
     }
 }
 
-/// One vCPU's exit counts over the last second or so.
-#[derive(Debug, Default)]
+/// One vCPU's exit counts over the last storm window or so, from the VM's start.
+#[derive(Debug)]
 pub struct ExitHistory {
     samples: VecDeque<(u64, u64)>,
     storming: bool,
 }
 
 impl ExitHistory {
-    /// Records `total` exits at `now`. Returns the rate when it has just gone above the
-    /// threshold, measured over at least a second that began after `settle`; a storm is
+    /// The history of a vCPU that had made no exit at `start` (the VM's start).
+    pub fn new(start: u64) -> ExitHistory {
+        ExitHistory {
+            samples: VecDeque::from([(start, 0)]),
+            storming: false,
+        }
+    }
+
+    /// Records `total` exits at `now`. Returns the exits per second when they have just gone
+    /// above the threshold over the window ([`EXIT_STORM_WINDOW_NS`]): measured over the last
+    /// window, or, while the VM is younger than one, over the exits made so far against the
+    /// whole window's allowance (a window that holds them can only hold more). A storm is
     /// reported once, until the rate falls below half the threshold.
-    pub fn sample(&mut self, now: u64, total: u64, settle: u64) -> Option<u64> {
+    pub fn sample(&mut self, now: u64, total: u64) -> Option<u64> {
         self.samples.push_back((now, total));
-        // Keep the newest sample that is at least a second old, and everything after it.
+        // Keep the newest sample that is at least a window old, and everything after it.
         while self
             .samples
             .get(1)
-            .is_some_and(|&(t, _)| now.saturating_sub(t) >= SECOND)
+            .is_some_and(|&(t, _)| now.saturating_sub(t) >= EXIT_STORM_WINDOW_NS)
         {
             self.samples.pop_front();
         }
         let &(t0, n0) = self.samples.front()?;
-        let dt = now.saturating_sub(t0);
-        if dt < SECOND || t0 < settle {
-            return None;
-        }
-        let rate = total.saturating_sub(n0).saturating_mul(SECOND) / dt;
-        if rate > EXIT_STORM_PER_SEC && !self.storming {
+        let span = now.saturating_sub(t0).max(1);
+        let exits = total.saturating_sub(n0);
+        let allowed = EXIT_STORM_PER_SEC.saturating_mul(EXIT_STORM_WINDOW_NS) / SECOND;
+        let over = if span >= EXIT_STORM_WINDOW_NS {
+            exits.saturating_mul(EXIT_STORM_WINDOW_NS) / span > allowed
+        } else {
+            exits > allowed
+        };
+        let rate = exits.saturating_mul(SECOND) / span;
+        if over && !self.storming {
             self.storming = true;
             return Some(rate);
         }
-        if rate < EXIT_STORM_PER_SEC / 2 {
+        if span >= EXIT_STORM_WINDOW_NS && rate < EXIT_STORM_PER_SEC / 2 {
             self.storming = false;
         }
         None
