@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +32,11 @@ struct Host {
 
 impl Host {
     fn new(test: &str, max_vms: u32) -> Host {
+        Host::with(test, max_vms, |_, _| {})
+    }
+
+    /// A host whose serve.json `edit` changes first (given it and the host's directory).
+    fn with(test: &str, max_vms: u32, edit: impl FnOnce(&mut Value, &Path)) -> Host {
         // Short: a vsock socket's path in a jail under it must fit in 108 bytes.
         let dir = PathBuf::from(format!("/run/bht-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -47,7 +53,7 @@ impl Host {
             }
         }
         let config = dir.join("serve.json");
-        let serve = json!({
+        let mut serve = json!({
             "run_dir": dir.join("run"), "state_dir": dir.join("state"),
             "audit_log": dir.join("audit.jsonl"), "admins": [0],
             "tenants": {
@@ -57,6 +63,7 @@ impl Host {
                            "max_vms": max_vms, "max_vcpus": 8, "max_mem_mib": 2048},
             }
         });
+        edit(&mut serve, &dir);
         std::fs::write(&config, serve.to_string()).unwrap();
         let mut host = Host {
             dir,
@@ -501,7 +508,6 @@ fn two_tenants_vms_run_side_by_side_and_every_cross_tenant_attempt_is_refused_au
 
 #[test]
 fn malformed_oversized_and_slow_requests_get_a_4xx_and_the_daemon_serves_on() {
-    use std::io::{Read, Write};
     let test = "bad_requests";
     if !root_and_kvm_available(test) {
         return;
@@ -865,4 +871,89 @@ fn a_tenant_talks_to_its_guest_over_vsock_both_ways_through_its_jail() {
     .unwrap();
     let ended = wait_state(&h, "acme", &id, "exited");
     assert_eq!(ended["exit"]["status"], 0, "{ended}");
+}
+
+/// An HTTP/1.1 GET of `path` on an already connected stream, with an optional bearer token;
+/// the status line and the body.
+fn get_on(mut s: impl Read + Write, path: &str, token: Option<&str>) -> (String, String) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.lines().next().unwrap_or("").to_string();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn the_merged_metrics_answer_root_or_the_token_holder_and_no_tenant() {
+    let test = "merged_metrics";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let token = "0123456789abcdef-metrics";
+    let h = Host::with(test, 2, |serve, dir| {
+        serve["metrics_listen"] = json!(format!("unix:{}", dir.join("run/metrics.sock").display()));
+    });
+    let a = create_idle(&h, "acme", json!({}));
+    let g = create_idle(&h, "globex", json!({}));
+    let socket = h.dir.join("run/metrics.sock");
+    // Root: every tenant's VMs.
+    let (status, body) = get_on(
+        std::os::unix::net::UnixStream::connect(&socket).unwrap(),
+        "/metrics",
+        None,
+    );
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.contains(&a) && body.contains(&g), "{body}");
+    // A tenant can not even connect.
+    let refused = std::thread::spawn(move || {
+        become_on_this_thread(ACME).unwrap();
+        std::os::unix::net::UnixStream::connect(&socket).map(|_| ())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::PermissionDenied
+    );
+    drop(h);
+
+    // On TCP, only with the token.
+    let h = Host::with("merged_metrics_tcp", 2, |serve, dir| {
+        let file = dir.join("metrics.token");
+        std::fs::write(&file, token).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        serve["metrics_listen"] = json!("127.0.0.1:0");
+        serve["metrics_token_file"] = json!(file);
+    });
+    let log = h.log();
+    let addr = log
+        .lines()
+        .find_map(|l| l.split("http://").nth(1))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no TCP address in {log}"))
+        .to_string();
+    let a = create_idle(&h, "acme", json!({}));
+    for wrong in [None, Some("0123456789abcdef-metricz")] {
+        let (status, body) = get_on(
+            std::net::TcpStream::connect(&addr).unwrap(),
+            "/metrics",
+            wrong,
+        );
+        assert!(status.contains(" 401 "), "{status}");
+        assert!(!body.contains(&a), "{body}");
+    }
+    let (status, body) = get_on(
+        std::net::TcpStream::connect(&addr).unwrap(),
+        "/metrics",
+        Some(token),
+    );
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.contains(&a), "{body}");
 }

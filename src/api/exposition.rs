@@ -1,5 +1,7 @@
 //! The daemon's Prometheus endpoint (`metrics_listen`, for admins and the operator's
-//! Prometheus): every VM's metrics file, merged into one exposition. Each VM's series already
+//! Prometheus): every VM's metrics file, merged into one exposition. It shows every tenant's
+//! VMs, so it listens on a Unix socket only root (and a configured group) may use, or on TCP
+//! for requests that carry the operator's bearer token. Each VM's series already
 //! carry `vm_id` and `tenant`; what the merge adds is one `# HELP`/`# TYPE` block per family,
 //! which the text format requires, with every VM's samples under it.
 
@@ -11,7 +13,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::Response;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
 use super::daemon::Daemon;
 use super::server::{CONNECTION_LIFETIME, HEADER_TIMEOUT, MAX_CONNECTIONS};
@@ -76,11 +78,28 @@ fn exposition(daemon: &Daemon) -> String {
     merge(texts.iter().map(String::as_str))
 }
 
+/// The merged endpoint's listener: a Unix socket (its mode decides who may connect), or TCP,
+/// where every request must carry the bearer token.
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp {
+        listener: TcpListener,
+        token: Arc<String>,
+    },
+}
+
 /// Serves `GET /metrics` on `listener`.
-pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
+pub async fn serve(daemon: Arc<Daemon>, listener: Listener) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = match &listener {
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| (Stream::Unix(s), None)),
+            Listener::Tcp { listener, token } => listener
+                .accept()
+                .await
+                .map(|(s, _)| (Stream::Tcp(s), Some(token.clone()))),
+        };
+        let Ok((stream, token)) = accepted else {
             // Out of descriptors, say: wait rather than spin.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
@@ -91,39 +110,107 @@ pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
         let daemon = daemon.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                let daemon = daemon.clone();
-                async move {
-                    let mut response = if req.uri().path() == "/metrics" {
-                        let mut r = Response::new(Full::new(Bytes::from(exposition(&daemon))));
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
-                        );
-                        r
-                    } else {
-                        Response::new(Full::new(Bytes::from_static(b"only /metrics here\n")))
-                    };
-                    if req.uri().path() != "/metrics" {
-                        *response.status_mut() = hyper::StatusCode::NOT_FOUND;
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            match stream {
+                Stream::Unix(s) => connection(daemon, token, s).await,
+                Stream::Tcp(s) => connection(daemon, token, s).await,
+            }
         });
     }
+}
+
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+/// Serves one connection; with a `token`, only requests that carry it.
+async fn connection<S>(daemon: Arc<Daemon>, token: Option<Arc<String>>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+        let daemon = daemon.clone();
+        let token = token.clone();
+        async move {
+            let allowed = token.as_deref().map_or(true, |t| bearer_matches(&req, t));
+            let (status, body) = if !allowed {
+                (
+                    hyper::StatusCode::UNAUTHORIZED,
+                    b"a bearer token is needed\n".to_vec(),
+                )
+            } else if req.uri().path() == "/metrics" {
+                (hyper::StatusCode::OK, exposition(&daemon).into_bytes())
+            } else {
+                (
+                    hyper::StatusCode::NOT_FOUND,
+                    b"only /metrics here\n".to_vec(),
+                )
+            };
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = status;
+            if status == hyper::StatusCode::OK {
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+            }
+            if status == hyper::StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    hyper::header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            Ok::<_, Infallible>(r)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+}
+
+/// True when `req` carries `Authorization: Bearer TOKEN` with this token. Compared in time
+/// that does not depend on where the first difference is.
+fn bearer_matches<B>(req: &hyper::Request<B>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_exact_bearer_token_is_let_in() {
+        let with = |v: Option<&str>| {
+            let mut b = hyper::Request::builder();
+            if let Some(v) = v {
+                b = b.header(hyper::header::AUTHORIZATION, v);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(bearer_matches(&with(Some("Bearer s3cret")), "s3cret"));
+        for wrong in [
+            None,
+            Some("Bearer s3crex"),
+            Some("Bearer s3cre"),
+            Some("s3cret"),
+            Some("Basic s3cret"),
+        ] {
+            assert!(!bearer_matches(&with(wrong), "s3cret"), "{wrong:?}");
+        }
+    }
 
     #[test]
     fn two_vms_metrics_merge_into_one_block_per_family() {

@@ -22,8 +22,9 @@ use tokio::sync::Semaphore;
 
 use super::audit::Record;
 use super::daemon::{Daemon, DaemonError, Principal};
+use super::exposition::Listener;
 use super::routes::{self, Reply, REASON_HEADER};
-use crate::config::serve::ServeConfig;
+use crate::config::serve::{MetricsListen, ServeConfig};
 use crate::exit::status;
 
 pub const MAX_CONNECTIONS: usize = 32;
@@ -84,7 +85,7 @@ async fn run(daemon: Arc<Daemon>) -> i32 {
     }
     doors.push((run_dir.join("admin.sock"), Door::Admin, 0));
     for (path, door, owner) in doors {
-        match bind(&path, owner) {
+        match bind_for(&path, owner) {
             Ok(listener) => {
                 log::info!("listening on {}", path.display());
                 tokio::spawn(accept_loop(daemon.clone(), listener, door));
@@ -95,17 +96,14 @@ async fn run(daemon: Arc<Daemon>) -> i32 {
             }
         }
     }
-    if let Some(addr) = daemon.config.metrics_listen {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                log::info!("Prometheus metrics on http://{addr}/metrics");
-                tokio::spawn(super::exposition::serve(daemon.clone(), l));
-            }
+    if let Some(listen) = &daemon.config.metrics_listen {
+        match metrics_listener(listen).await {
+            Ok(l) => tokio::spawn(super::exposition::serve(daemon.clone(), l)),
             Err(e) => {
-                log::error!("cannot listen on {addr}: {e}");
+                log::error!("metrics_listen: {e}");
                 return status::RUNTIME_ERROR;
             }
-        }
+        };
     }
     tokio::spawn(daemon.clone().watch_adopted());
     let stop = async {
@@ -126,9 +124,59 @@ async fn run(daemon: Arc<Daemon>) -> i32 {
     status::OK
 }
 
+/// The merged metrics endpoint's listener: a Unix socket root's (0600) or root's and
+/// `group`'s (0660), or TCP with the token read from its file (a regular file no one but its
+/// owner may read or write).
+async fn metrics_listener(listen: &MetricsListen) -> std::io::Result<Listener> {
+    match listen {
+        MetricsListen::Unix { path, group } => {
+            let mode = if group.is_some() { 0o660 } else { 0o600 };
+            let l = bind(path, 0, *group, mode)?;
+            log::info!("Prometheus metrics on unix:{}, /metrics", path.display());
+            Ok(Listener::Unix(l))
+        }
+        MetricsListen::Tcp { addr, token_file } => {
+            let token = read_token(token_file)?;
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let bound = listener.local_addr()?;
+            log::info!("Prometheus metrics on http://{bound}/metrics, with a bearer token");
+            Ok(Listener::Tcp {
+                listener,
+                token: Arc::new(token),
+            })
+        }
+    }
+}
+
+fn read_token(path: &Path) -> std::io::Result<String> {
+    let text = crate::hostfile::read_settings(path).map_err(std::io::Error::other)?;
+    let meta = std::fs::metadata(path)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} may be read by others than its owner (mode {:o})",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    let token = text.trim().to_string();
+    if token.len() < 16 {
+        return Err(std::io::Error::other(format!(
+            "{} holds fewer than 16 characters",
+            path.display()
+        )));
+    }
+    Ok(token)
+}
+
 /// Binds the socket at `path` (a stale socket there is replaced; anything else is refused)
 /// and gives it to `owner`, mode 0600.
-fn bind(path: &Path, owner: u32) -> std::io::Result<UnixListener> {
+fn bind_for(path: &Path, owner: u32) -> std::io::Result<UnixListener> {
+    bind(path, owner, None, 0o600)
+}
+
+/// Binds the socket at `path` (a stale socket there is replaced; anything else is refused),
+/// owned by `owner` (and `group`), with `mode`.
+fn bind(path: &Path, owner: u32, group: Option<u32>, mode: u32) -> std::io::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
@@ -146,8 +194,8 @@ fn bind(path: &Path, owner: u32) -> std::io::Result<UnixListener> {
         Err(_) => {}
     }
     let listener = UnixListener::bind(path)?;
-    std::os::unix::fs::chown(path, Some(owner), None)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::os::unix::fs::chown(path, Some(owner), group)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 

@@ -47,8 +47,35 @@ pub enum ServeConfigError {
     },
     #[error("serve config: tenant {tenant}: {field} must be at least 1")]
     ZeroQuota { tenant: String, field: &'static str },
-    #[error("serve config: metrics_listen {0:?} is not an IP address and port")]
+    #[error("serve config: metrics_listen {0:?} is neither unix:/ABSOLUTE/PATH nor an IP address and port")]
     MetricsListen(String),
+    #[error("serve config: metrics_listen on TCP needs metrics_token_file: every VM of every tenant shows there")]
+    MetricsToken,
+    #[error("serve config: {0} goes with a metrics_listen of the other kind")]
+    MetricsOption(&'static str),
+}
+
+/// What a tenant's VM may write to its console, unless serve.json says otherwise.
+pub const DEFAULT_CONSOLE_LIMIT: u64 = 16 << 20;
+/// Exited VMs a tenant's records keep, unless serve.json says otherwise.
+pub const DEFAULT_MAX_EXITED_VMS: u32 = 16;
+/// Requests a tenant's socket takes a second, and at once, unless serve.json says otherwise.
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 20;
+pub const DEFAULT_REQUEST_BURST: u32 = 100;
+
+/// Where the merged Prometheus endpoint listens. It shows every tenant's VMs, so it is never
+/// open to any local user: a Unix socket only root (and a configured group) may connect to,
+/// or TCP with a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// Mode 0600 root's, or 0660 root:`group`'s.
+    Unix { path: PathBuf, group: Option<u32> },
+    /// Every request must carry `Authorization: Bearer TOKEN`, the token being the contents
+    /// of `token_file` (read by the daemon at start).
+    Tcp {
+        addr: SocketAddr,
+        token_file: PathBuf,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +86,8 @@ struct RawServe {
     audit_log: PathBuf,
     admins: Vec<u32>,
     metrics_listen: Option<String>,
+    metrics_group: Option<u32>,
+    metrics_token_file: Option<PathBuf>,
     tenants: BTreeMap<String, RawTenant>,
 }
 
@@ -70,6 +99,10 @@ struct RawTenant {
     max_vms: u32,
     max_vcpus: u32,
     max_mem_mib: u64,
+    console_limit: Option<u64>,
+    max_exited_vms: Option<u32>,
+    requests_per_second: Option<u32>,
+    request_burst: Option<u32>,
 }
 
 /// What one tenant may hold at once.
@@ -86,6 +119,13 @@ pub struct Tenant {
     /// Directories its VMs may take kernels, initrds and disks from.
     pub paths: Vec<PathBuf>,
     pub quota: Quota,
+    /// Bytes each of its VMs may write to the console file in the state directory.
+    pub console_limit: u64,
+    /// Records of exited VMs kept; the oldest go first.
+    pub max_exited_vms: u32,
+    /// Requests its socket takes a second, after a burst of `request_burst`.
+    pub requests_per_second: u32,
+    pub request_burst: u32,
 }
 
 impl Tenant {
@@ -103,7 +143,7 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     pub audit_log: PathBuf,
     pub admins: BTreeSet<u32>,
-    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<MetricsListen>,
     pub tenants: BTreeMap<String, Tenant>,
 }
 
@@ -125,10 +165,11 @@ impl ServeConfig {
             return Err(ServeConfigError::NoTenants);
         }
         let admins: BTreeSet<u32> = raw.admins.into_iter().collect();
-        let metrics_listen = raw
-            .metrics_listen
-            .map(|m| m.parse().map_err(|_| ServeConfigError::MetricsListen(m)))
-            .transpose()?;
+        let metrics_listen = metrics_listen(
+            raw.metrics_listen,
+            raw.metrics_group,
+            raw.metrics_token_file,
+        )?;
         let mut owner: BTreeMap<u32, String> = BTreeMap::new();
         let mut tenants = BTreeMap::new();
         for (name, t) in raw.tenants {
@@ -153,6 +194,37 @@ impl ServeConfig {
             .find(|(_, t)| t.uids.contains(&uid))
             .map(|(name, _)| name.as_str())
     }
+}
+
+fn metrics_listen(
+    listen: Option<String>,
+    group: Option<u32>,
+    token_file: Option<PathBuf>,
+) -> Result<Option<MetricsListen>, ServeConfigError> {
+    let Some(listen) = listen else {
+        return match (group, token_file) {
+            (None, None) => Ok(None),
+            (Some(_), _) => Err(ServeConfigError::MetricsOption("metrics_group")),
+            (_, Some(_)) => Err(ServeConfigError::MetricsOption("metrics_token_file")),
+        };
+    };
+    if let Some(path) = listen.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        check_path("metrics_listen", &path)?;
+        if token_file.is_some() {
+            return Err(ServeConfigError::MetricsOption("metrics_token_file"));
+        }
+        return Ok(Some(MetricsListen::Unix { path, group }));
+    }
+    let addr = listen
+        .parse()
+        .map_err(|_| ServeConfigError::MetricsListen(listen.clone()))?;
+    if group.is_some() {
+        return Err(ServeConfigError::MetricsOption("metrics_group"));
+    }
+    let token_file = token_file.ok_or(ServeConfigError::MetricsToken)?;
+    check_path("metrics_token_file", &token_file)?;
+    Ok(Some(MetricsListen::Tcp { addr, token_file }))
 }
 
 /// Absolute, and with no `.` or `..` that could make two spellings of one directory.
@@ -211,10 +283,20 @@ fn check_tenant(
     for path in &raw.paths {
         check_path(&format!("tenants.{name}.paths"), path)?;
     }
+    let console_limit = raw.console_limit.unwrap_or(DEFAULT_CONSOLE_LIMIT);
+    let max_exited_vms = raw.max_exited_vms.unwrap_or(DEFAULT_MAX_EXITED_VMS);
+    let requests_per_second = raw
+        .requests_per_second
+        .unwrap_or(DEFAULT_REQUESTS_PER_SECOND);
+    let request_burst = raw.request_burst.unwrap_or(DEFAULT_REQUEST_BURST);
     for (field, value) in [
         ("max_vms", u64::from(raw.max_vms)),
         ("max_vcpus", u64::from(raw.max_vcpus)),
         ("max_mem_mib", raw.max_mem_mib),
+        ("console_limit", console_limit),
+        ("max_exited_vms", u64::from(max_exited_vms)),
+        ("requests_per_second", u64::from(requests_per_second)),
+        ("request_burst", u64::from(request_burst)),
     ] {
         if value == 0 {
             return Err(ServeConfigError::ZeroQuota {
@@ -231,6 +313,10 @@ fn check_tenant(
             max_vcpus: raw.max_vcpus,
             max_mem_mib: raw.max_mem_mib,
         },
+        console_limit,
+        max_exited_vms,
+        requests_per_second,
+        request_burst,
     })
 }
 
@@ -272,7 +358,15 @@ mod tests {
     fn the_shipped_example_is_valid_and_maps_each_uid_to_its_tenant() {
         let c = ServeConfig::from_json(EXAMPLE).unwrap();
         assert_eq!(c.admins, BTreeSet::from([0]));
-        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            c.metrics_listen,
+            Some(MetricsListen::Unix {
+                path: PathBuf::from("/run/bulkhead/metrics.sock"),
+                group: None
+            })
+        );
+        assert_eq!(c.tenants["acme"].console_limit, DEFAULT_CONSOLE_LIMIT);
+        assert_eq!(c.tenants["acme"].max_exited_vms, DEFAULT_MAX_EXITED_VMS);
         assert_eq!(c.tenant_of(1001), Some("acme"));
         assert_eq!(c.tenant_of(1002), Some("globex"));
         assert_eq!(c.tenant_of(0), None);
@@ -383,6 +477,17 @@ mod tests {
             with(|v| v["metrics_listen"] = "localhost".into()),
             Err(ServeConfigError::MetricsListen(_))
         ));
+        assert!(matches!(
+            with(|v| v["metrics_listen"] = "unix:run/m.sock".into()),
+            Err(ServeConfigError::Path { .. })
+        ));
+        assert!(matches!(
+            with(|v| v["tenants"]["acme"]["console_limit"] = 0.into()),
+            Err(ServeConfigError::ZeroQuota {
+                field: "console_limit",
+                ..
+            })
+        ));
         let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
         let tenants = v["tenants"].as_object_mut().unwrap();
         let acme = tenants.remove("acme").unwrap();
@@ -391,5 +496,47 @@ mod tests {
             ServeConfig::from_json(&v.to_string()),
             Err(ServeConfigError::TenantName(_))
         ));
+    }
+
+    #[test]
+    fn the_merged_metrics_are_never_open_to_every_local_user() {
+        // TCP only with a token: any local user can connect to a port.
+        assert_eq!(
+            with(|v| v["metrics_listen"] = "127.0.0.1:9464".into()),
+            Err(ServeConfigError::MetricsToken)
+        );
+        let tcp = with(|v| {
+            v["metrics_listen"] = "127.0.0.1:9464".into();
+            v["metrics_token_file"] = "/etc/bulkhead/metrics.token".into();
+        })
+        .unwrap();
+        assert_eq!(
+            tcp.metrics_listen,
+            Some(MetricsListen::Tcp {
+                addr: "127.0.0.1:9464".parse().unwrap(),
+                token_file: PathBuf::from("/etc/bulkhead/metrics.token"),
+            })
+        );
+        let unix = with(|v| v["metrics_group"] = 998.into()).unwrap();
+        assert_eq!(
+            unix.metrics_listen,
+            Some(MetricsListen::Unix {
+                path: PathBuf::from("/run/bulkhead/metrics.sock"),
+                group: Some(998),
+            })
+        );
+        // Each option with its own kind of listener only.
+        assert_eq!(
+            with(|v| v["metrics_token_file"] = "/etc/t".into()),
+            Err(ServeConfigError::MetricsOption("metrics_token_file"))
+        );
+        assert_eq!(
+            with(|v| {
+                v["metrics_listen"] = "127.0.0.1:9464".into();
+                v["metrics_token_file"] = "/etc/t".into();
+                v["metrics_group"] = 998.into();
+            }),
+            Err(ServeConfigError::MetricsOption("metrics_group"))
+        );
     }
 }
