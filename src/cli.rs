@@ -145,6 +145,11 @@ pub enum AuditLogCommand {
     Verify {
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// A head kept elsewhere (from `GET /v1/audit-log/head` or the daemon's log): the
+        /// chain must hold a line with this hash, or the log was cut or rewritten before it
+        /// (exit 1).
+        #[arg(long, value_name = "HASH")]
+        head: Option<String>,
     },
 }
 

@@ -67,7 +67,9 @@ fn main() -> ExitCode {
     bulkhead::logger::init("bulkhead", cli.log_level.into());
     let code = match cli.command {
         Command::Run(args) => run(&args),
-        Command::AuditLog(AuditLogCommand::Verify { file }) => verify_audit_log(&file),
+        Command::AuditLog(AuditLogCommand::Verify { file, head }) => {
+            verify_audit_log(&file, head.as_deref())
+        }
         Command::Serve { config } => serve(&config),
         Command::Ctl(args) => ctl(&args),
         Command::Audit { out, guests } => audit(&out, guests),
@@ -244,16 +246,33 @@ fn audit(out: &std::path::Path, guests: Option<std::path::PathBuf>) -> i32 {
     }
 }
 
-fn verify_audit_log(file: &std::path::Path) -> i32 {
-    match bulkhead::api::audit::verify_file(file) {
-        Ok(Ok(intact)) => {
+fn verify_audit_log(file: &std::path::Path, head: Option<&str>) -> i32 {
+    let checked = match head {
+        None => bulkhead::api::audit::verify_file(file).map(|c| c.map(|i| (i, None))),
+        Some(h) => bulkhead::api::audit::verify_file_with_head(file, h),
+    };
+    match checked {
+        Ok(Ok((intact, at))) => {
             println!(
                 "{}: {} entries, chain intact, head {}",
                 file.display(),
                 intact.entries,
                 intact.head
             );
-            status::OK
+            match (head, at) {
+                (None, _) => status::OK,
+                (Some(h), Some(line)) => {
+                    println!("{}: head {h} is line {line}", file.display());
+                    status::OK
+                }
+                (Some(h), None) => {
+                    println!(
+                        "{}: no line has head {h}: the log was cut before it, or rewritten",
+                        file.display()
+                    );
+                    status::RUNTIME_ERROR
+                }
+            }
         }
         Ok(Err(broken)) => {
             println!("{}: chain broken at {broken}", file.display());

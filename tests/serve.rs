@@ -57,10 +57,13 @@ impl Host {
             "run_dir": dir.join("run"), "state_dir": dir.join("state"),
             "audit_log": dir.join("audit.jsonl"), "admins": [0],
             "tenants": {
+                // The tests poll as fast as they like: the rate limit has a test of its own.
                 "acme": {"uids": [ACME], "paths": [dir.join("acme")],
-                         "max_vms": max_vms, "max_vcpus": 8, "max_mem_mib": 2048},
+                         "max_vms": max_vms, "max_vcpus": 8, "max_mem_mib": 2048,
+                         "requests_per_second": 100_000, "request_burst": 100_000},
                 "globex": {"uids": [GLOBEX], "paths": [dir.join("globex")],
-                           "max_vms": max_vms, "max_vcpus": 8, "max_mem_mib": 2048},
+                           "max_vms": max_vms, "max_vcpus": 8, "max_mem_mib": 2048,
+                           "requests_per_second": 100_000, "request_burst": 100_000},
             }
         });
         edit(&mut serve, &dir);
@@ -956,4 +959,305 @@ fn the_merged_metrics_answer_root_or_the_token_holder_and_no_tenant() {
     );
     assert!(status.contains(" 200 "), "{status}");
     assert!(body.contains(&a), "{body}");
+}
+
+/// Makes `n` requests as `uid` on `socket`, one after the other from one thread; their
+/// statuses.
+fn burst_as(uid: u32, socket: &Path, path: &str, n: usize) -> Vec<u16> {
+    let socket = socket.to_path_buf();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        become_on_this_thread(uid).unwrap();
+        (0..n)
+            .map(|_| {
+                client::request(&socket, "GET", &path, None, None)
+                    .map(|a| a.status)
+                    .unwrap_or(0)
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_flood_of_requests_is_cut_by_the_rate_limit_and_audited_as_a_line_a_second() {
+    let test = "ratelimit";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let h = Host::with(test, 2, |serve, _| {
+        serve["tenants"]["acme"]["requests_per_second"] = json!(20);
+        serve["tenants"]["acme"]["request_burst"] = json!(50);
+    });
+    let before = h.audit().len();
+    let statuses = burst_as(ACME, &h.socket(Some("acme")), "/v1/vms", 2000);
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(ok + limited, 2000, "{statuses:?}");
+    // The burst, and what the bucket earned meanwhile (20 a second).
+    assert!((50..200).contains(&ok), "{ok} answered");
+    // globex's socket is not held up by acme's flood.
+    assert_eq!(as_tenant(&h, "globex", "GET", "/v1/vms", None).status, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    let lines = h.audit();
+    let added = &lines[before..];
+    let summaries: Vec<&Value> = added
+        .iter()
+        .filter(|l| l["method"] == "RATE_LIMITED")
+        .collect();
+    assert!(!summaries.is_empty(), "no summary line");
+    let refused: u64 = summaries
+        .iter()
+        .map(|l| {
+            let reason = l["reason"].as_str().unwrap();
+            reason.split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(refused as usize, limited);
+    // One line per answered request, one a second for the rest: far fewer than 2000.
+    assert!(
+        added.len() < ok + 20,
+        "{} lines for {ok} answers",
+        added.len()
+    );
+    // The head, as an admin keeps it, verifies against the file.
+    let head = json_of(&as_admin(&h, "GET", "/v1/audit-log/head", None, None).unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args([
+            "audit-log",
+            "verify",
+            "--head",
+            head["head"].as_str().unwrap(),
+        ])
+        .arg(h.dir.join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("is line {}", head["seq"])), "{said}");
+}
+
+#[test]
+fn a_tenant_can_not_fill_the_state_disk_nor_keep_the_daemon_from_starting() {
+    let test = "fill";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    // The audit log on a small file system of its own, to fill.
+    let auditfs = std::cell::RefCell::new(PathBuf::new());
+    let mut h = Host::with(test, 4, |serve, dir| {
+        let fs = dir.join("auditfs");
+        std::fs::create_dir_all(&fs).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&fs)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot mount a tmpfs");
+        serve["audit_log"] = json!(fs.join("audit.jsonl"));
+        serve["tenants"]["acme"]["max_exited_vms"] = json!(1);
+        *auditfs.borrow_mut() = fs;
+    });
+    let fs = auditfs.into_inner();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(fs.clone());
+    let audit = fs.join("audit.jsonl");
+    let kernel = h.path("acme", "exitcodes");
+
+    // Console output: capped by the tenant's limit (16 MiB by default).
+    let a = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(json!({"kernel": kernel, "console_limit": u64::MAX})),
+    );
+    assert_eq!(a.status, 422, "{}", String::from_utf8_lossy(&a.body));
+    // Exited VMs: the tenant keeps one record; the older one goes, audited.
+    let first = create_idle(&h, "acme", json!({"cmdline": "mode=exit exit=0"}));
+    wait_state(&h, "acme", &first, "exited");
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(h.dir.join(format!("state/vms/{first}/config.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["console_limit"], 16 << 20);
+    let second = create_idle(&h, "acme", json!({"cmdline": "mode=exit exit=0"}));
+    wait_state(&h, "acme", &second, "exited");
+    let gone = as_tenant(&h, "acme", "GET", &format!("/v1/vms/{first}"), None);
+    assert_eq!(gone.status, 404);
+    assert!(!h.dir.join(format!("state/vms/{first}")).exists());
+    let lines: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["method"] == "REAP" && l["vm"] == json!(first)),
+        "no REAP line"
+    );
+
+    // A full disk: requests are refused, and nothing is done, until the log can be written.
+    let filler = fs.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4096"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    let vms_before = json_of(
+        &as_admin(&h, "GET", "/v1/vms", None, None).unwrap_or(Answer {
+            status: 0,
+            body: b"{}".to_vec(),
+        }),
+    );
+    // The log keeps room for its next lines; once it can not keep that much ahead, every
+    // request is refused.
+    let statuses = burst_as(ACME, &h.socket(Some("acme")), "/v1/vms", 200);
+    assert!(statuses.contains(&503), "never refused: {statuses:?}");
+    let refused = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(json!({"kernel": kernel})),
+    );
+    assert_eq!(
+        refused.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let vms = json_of(&as_admin(&h, "GET", "/v1/vms", None, None).unwrap());
+    assert_eq!(
+        vms["vms"].as_array().map(Vec::len),
+        vms_before["vms"].as_array().map(Vec::len),
+        "a VM was started while the audit log could not record it"
+    );
+
+    // A torn last line (the disk filled mid-write): the daemon starts, sets it aside and says so.
+    h.stop_daemon();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&audit)
+        .unwrap();
+    f.write_all(b"{\"seq\":9999,\"time\":\"20").unwrap();
+    drop(f);
+    h.start();
+    assert_eq!(as_tenant(&h, "acme", "GET", "/v1/vms", None).status, 200);
+    assert_eq!(
+        h.alerts("management_audit_recovered").len(),
+        1,
+        "{}",
+        h.log()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["audit-log", "verify"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(text.lines().any(|l| l.contains("\"method\":\"RECOVER\"")));
+}
+
+#[test]
+fn a_file_that_hangs_is_refused_within_the_deadline_and_holds_up_nobody() {
+    let test = "hang";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let h = std::sync::Arc::new(Host::new(test, 8));
+    // A FUSE mount in acme's directory that nobody serves: every lookup in it waits.
+    let mnt = h.dir.join("acme/hung");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let fuse = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    let opts = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other",
+        fuse.as_raw_fd()
+    );
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let target = c(mnt.to_str().unwrap());
+    // SAFETY: valid NUL-terminated strings; mount reads them.
+    let rc = unsafe {
+        libc::mount(
+            c("bulkhead-test").as_ptr(),
+            target.as_ptr(),
+            c("fuse").as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c(&opts).as_ptr().cast(),
+        )
+    };
+    assert_eq!(rc, 0, "mount fuse: {}", std::io::Error::last_os_error());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let kernel = mnt.join("vmlinux");
+    let create = {
+        let h = h.clone();
+        let kernel = kernel.clone();
+        move || {
+            let start = Instant::now();
+            let a = as_tenant(
+                &h,
+                "acme",
+                "POST",
+                "/v1/vms",
+                Some(json!({"kernel": kernel})),
+            );
+            (a, start.elapsed())
+        }
+    };
+    let hung = std::thread::spawn(create.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    // Another tenant is served at once meanwhile.
+    let start = Instant::now();
+    assert_eq!(as_tenant(&h, "globex", "GET", "/v1/vms", None).status, 200);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    let (a, took) = hung.join().unwrap();
+    assert_eq!(a.status, 403, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        String::from_utf8_lossy(&a.body).contains("did not answer within 2 s"),
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The stuck checks are bounded: with four outstanding, the next is turned away at once.
+    let more: Vec<_> = (0..3).map(|_| std::thread::spawn(create.clone())).collect();
+    for m in more {
+        assert_eq!(m.join().unwrap().0.status, 403);
+    }
+    let (a, took) = create();
+    assert_eq!(a.status, 503, "{}", String::from_utf8_lossy(&a.body));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Closing the connection ends the stuck lookups.
+    drop(fuse);
 }

@@ -7,17 +7,18 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use super::audit::{AuditError, AuditLog, Record};
+use super::audit::{AuditError, AuditLog, Record, Recovered};
 use super::routes::{self, Reply};
-use super::vms::{self, VmPaths, VmRecord, VmState};
+use super::vms::{self, DiskId, VmPaths, VmRecord, VmState};
 use crate::config::serve::{Quota, ServeConfig};
 use crate::config::{random_vm_id, RawConfig, VmConfig};
+use crate::jail::privileges::User;
 use crate::telemetry::{Alert, AlertContext, Rule};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,20 @@ pub enum Principal {
     Admin { uid: u32 },
 }
 
+/// A VM to start, as a request described it once checked.
+pub struct Launch<'a> {
+    pub tenant: &'a str,
+    pub quota: &'a Quota,
+    /// The uid its jail's vsock sockets are given to.
+    pub socket_owner: u32,
+    pub vm: &'a VmConfig,
+    /// The settings with the tenant's files resolved.
+    pub resolved: RawConfig,
+    /// The settings as the record keeps them.
+    pub as_given: Value,
+    pub disks: Vec<DiskId>,
+}
+
 /// The daemon: its settings, its VMs, its audit log and alerts.
 pub struct Daemon {
     pub config: ServeConfig,
@@ -52,6 +67,10 @@ pub struct Daemon {
     hostname: String,
     /// VMs this daemon started (and waits for); the others were taken back after a restart.
     children: Mutex<BTreeSet<String>>,
+    /// Each tenant uid as the kernel checks permissions for it.
+    users: BTreeMap<u32, User>,
+    /// Each tenant's path checks outstanding (`paths::check`).
+    path_checks: BTreeMap<String, Arc<AtomicUsize>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -75,7 +94,7 @@ impl Daemon {
                 source,
             })?;
         }
-        let audit = AuditLog::open(&config.audit_log)?;
+        let (audit, recovered) = AuditLog::open_recovering(&config.audit_log)?;
         let alerts_path = config.state_dir.join("alerts.jsonl");
         let alerts = std::fs::OpenOptions::new()
             .append(true)
@@ -88,7 +107,18 @@ impl Daemon {
                 source,
             })?;
         let vms = vms::recover(&config.state_dir);
-        Ok(Daemon {
+        let users = config
+            .tenants
+            .values()
+            .flat_map(|t| t.uids.iter())
+            .map(|&uid| (uid, User::lookup(uid)))
+            .collect();
+        let path_checks = config
+            .tenants
+            .keys()
+            .map(|name| (name.clone(), Arc::new(AtomicUsize::new(0))))
+            .collect();
+        let daemon = Daemon {
             exe: std::env::current_exe().map_err(DaemonError::Exe)?,
             vms: Mutex::new(vms),
             audit: Mutex::new(audit),
@@ -96,8 +126,78 @@ impl Daemon {
             alert_seq: AtomicU64::new(0),
             hostname: crate::supervisor::hostname(),
             children: Mutex::new(BTreeSet::new()),
+            users,
+            path_checks,
             config,
+        };
+        if let Some(r) = recovered {
+            daemon.recovered(r)?;
+        }
+        let tenants: Vec<String> = daemon.config.tenants.keys().cloned().collect();
+        for tenant in tenants {
+            daemon.reap_exited(&tenant);
+        }
+        Ok(daemon)
+    }
+
+    /// Logs and alerts how the audit log's unfinished last line was dealt with at start.
+    fn recovered(&self, r: Recovered) -> Result<(), DaemonError> {
+        let (reason, fields) = match &r {
+            Recovered::Completed { line } => (
+                format!("line {line} was whole but had no newline; the newline was added"),
+                vec![("line", json!(line))],
+            ),
+            Recovered::Cut {
+                offset,
+                bytes,
+                saved_to,
+            } => (
+                format!(
+                    "an unfinished last line ({bytes} bytes at offset {offset}) was cut and kept in {}",
+                    saved_to.display()
+                ),
+                vec![
+                    ("offset", json!(offset)),
+                    ("bytes", json!(bytes)),
+                    ("saved_to", json!(saved_to)),
+                ],
+            ),
+        };
+        self.audit(Record {
+            uid: 0,
+            pid: i32::try_from(std::process::id()).unwrap_or(0),
+            tenant: None,
+            method: "RECOVER".into(),
+            path: self.config.audit_log.display().to_string(),
+            vm: None,
+            outcome: 200,
+            reason: Some(reason.clone()),
+        })?;
+        self.alert(
+            Rule::ManagementAuditRecovered,
+            "",
+            "",
+            format!("audit log: {reason}"),
+            fields,
+        );
+        Ok(())
+    }
+
+    /// The user `uid` is, as permissions are checked for it.
+    pub fn user(&self, uid: u32) -> User {
+        self.users.get(&uid).cloned().unwrap_or(User {
+            uid,
+            gid: uid,
+            groups: Vec::new(),
         })
+    }
+
+    /// `tenant`'s count of outstanding path checks.
+    pub fn path_checks(&self, tenant: &str) -> Arc<AtomicUsize> {
+        self.path_checks
+            .get(tenant)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(AtomicUsize::new(usize::MAX)))
     }
 
     pub fn vms(&self) -> MutexGuard<'_, BTreeMap<String, VmRecord>> {
@@ -133,9 +233,57 @@ impl Daemon {
     }
 
     /// Appends one request to the audit log.
-    pub fn audit(&self, record: Record) {
-        if let Err(e) = lock(&self.audit).append(record, SystemTime::now()) {
-            log::error!("AUDIT LOG WRITE FAILED: {}", crate::error_chain(&e));
+    pub fn audit(&self, record: Record) -> Result<(), AuditError> {
+        let appended = lock(&self.audit).append(record, SystemTime::now());
+        if let Err(e) = &appended {
+            log::error!("AUDIT LOG WRITE FAILED: {}", crate::error_chain(e));
+        }
+        appended.map(|_| ())
+    }
+
+    /// Whether the audit log can take the next lines: checked before a request is acted on,
+    /// which is refused when it can not (nothing is done that the log could not record).
+    pub fn audit_ready(&self) -> Result<(), AuditError> {
+        lock(&self.audit).reserve()
+    }
+
+    /// The audit log's length and head (the last line's hash).
+    pub fn audit_head(&self) -> (u64, String) {
+        let log = lock(&self.audit);
+        (log.seq(), log.head().to_string())
+    }
+
+    /// Removes `tenant`'s oldest exited VMs past the `max_exited_vms` it may keep, each
+    /// removal audited.
+    pub fn reap_exited(&self, tenant: &str) {
+        let Some(keep) = self.config.tenants.get(tenant).map(|t| t.max_exited_vms) else {
+            return;
+        };
+        let mut exited: Vec<(String, String)> = self
+            .vms()
+            .values()
+            .filter(|r| r.tenant == tenant && !r.state.is_live())
+            .map(|r| {
+                let when = r.ended.clone().unwrap_or_else(|| r.started.clone());
+                (when, r.id.clone())
+            })
+            .collect();
+        exited.sort();
+        let excess = exited.len().saturating_sub(keep as usize);
+        for (_, id) in exited.into_iter().take(excess) {
+            self.forget(&id);
+            let _ = self.audit(Record {
+                uid: 0,
+                pid: i32::try_from(std::process::id()).unwrap_or(0),
+                tenant: Some(tenant.to_string()),
+                method: "REAP".into(),
+                path: format!("/v1/vms/{id}"),
+                vm: Some(id.clone()),
+                outcome: 204,
+                reason: Some(format!(
+                    "tenant {tenant} keeps at most {keep} exited VMs; the oldest went"
+                )),
+            });
         }
     }
 
@@ -170,16 +318,17 @@ impl Daemon {
         }
     }
 
-    /// Starts a VM for `tenant` within its `quota`; returns its id.
-    pub fn start(
-        self: &Arc<Self>,
-        tenant: &str,
-        quota: &Quota,
-        socket_owner: u32,
-        vm: &VmConfig,
-        resolved: RawConfig,
-        as_given: Value,
-    ) -> Result<String, Reply> {
+    /// Starts the VM `launch` describes, within its tenant's quota; returns its id.
+    pub fn start(self: &Arc<Self>, launch: Launch<'_>) -> Result<String, Reply> {
+        let Launch {
+            tenant,
+            quota,
+            socket_owner,
+            vm,
+            resolved,
+            as_given,
+            disks,
+        } = launch;
         let mut vms = self.vms();
         let live: Vec<&VmRecord> = vms.values().filter(|r| r.state.is_live()).collect();
         let mine: Vec<&&VmRecord> = live.iter().filter(|r| r.tenant == tenant).collect();
@@ -203,21 +352,22 @@ impl Daemon {
                 ));
             }
         }
-        // Settings of other VMs this one must not share.
+        // Disks of other VMs this one must not share, compared as files (a path resolved as
+        // root, here, could be a tenant's hung mount).
         for other in &live {
-            let cfg: RawConfig = serde_json::from_value(other.config.clone()).unwrap_or_default();
-            for disk in vm.disks.iter().filter(|d| !d.read_only) {
-                let used = cfg
+            if let Some(d) = disks
+                .iter()
+                .find(|d| other.disks.iter().any(|o| o.clashes(d)))
+            {
+                let path = vm
                     .disks
-                    .iter()
-                    .flatten()
-                    .any(|o| std::fs::canonicalize(&o.path).is_ok_and(|p| p == disk.path));
-                if used {
-                    return Err(Reply::error(
-                        409,
-                        format!("disk {} is in use by another VM", disk.path.display()),
-                    ));
-                }
+                    .get(disks.iter().position(|x| x == d).unwrap_or(0))
+                    .map(|c| c.path.display().to_string())
+                    .unwrap_or_default();
+                return Err(Reply::error(
+                    409,
+                    format!("disk {path} is in use by another VM"),
+                ));
             }
         }
         let id = random_vm_id().map_err(|e| Reply::error(500, e.to_string()))?;
@@ -288,6 +438,8 @@ impl Daemon {
             vcpus: vm.vcpus,
             mem_mib: vm.mem_mib,
             config: as_given,
+            disks,
+            ended: None,
         };
         if let Err(e) = vms::save(&paths, &record) {
             log::error!("{e}");
@@ -313,10 +465,16 @@ impl Daemon {
         let metrics = std::fs::read_to_string(self.paths(id).metrics()).ok();
         let exit = routes::ended(status, metrics.as_deref());
         log::info!("VM {id} ended: {} (status {status:?})", exit.reason);
+        let mut tenant = None;
         self.update(id, |r| {
             r.state = VmState::Exited;
             r.exit = Some(exit);
+            r.ended = Some(vms::now_rfc3339_precise());
+            tenant = Some(r.tenant.clone());
         });
+        if let Some(t) = tenant {
+            self.reap_exited(&t);
+        }
     }
 
     /// Watches VMs taken back after a restart (not this daemon's children, so not waited

@@ -6,13 +6,14 @@
 //! - The admin socket serves admins; acting on a tenant's VM needs a reason
 //!   (`X-Bulkhead-Reason`), which is audited and raises `management_admin_override`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::daemon::{Daemon, Principal};
-use super::vms::{self, VmExit, VmRecord, VmState};
+use super::daemon::{Daemon, Launch, Principal};
+use super::paths::{self, Usable, Use, Verdict};
+use super::vms::{self, DiskId, VmExit, VmRecord, VmState};
 use crate::config::{host_mem_mib, RawConfig, VmConfig};
 use crate::telemetry::Rule;
 
@@ -79,21 +80,22 @@ impl Reply {
 }
 
 /// One request, as the router sees it.
-pub struct Request<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub query: Option<&'a str>,
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
     pub reason: Option<String>,
     pub body: Vec<u8>,
 }
 
 /// Routes `req` from `who` (already known to be allowed on its socket).
-pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request<'_>) -> Reply {
+pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request) -> Reply {
     let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
-    match (req.method, parts.as_slice()) {
+    match (req.method.as_str(), parts.as_slice()) {
         ("POST", ["v1", "vms"]) => create(d, who, &req),
         ("GET", ["v1", "vms"]) => list(d, who),
         ("GET", ["v1", "audit-log"]) => admin_file(who, &d.config.audit_log, "audit log"),
+        ("GET", ["v1", "audit-log", "head"]) => audit_head(d, who),
         ("GET", ["v1", "alerts"]) => admin_file(who, &d.alerts_path(), "daemon alerts"),
         (method, ["v1", "vms", id, rest @ ..]) => {
             let id = id.to_string();
@@ -109,7 +111,7 @@ pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request<'_>) -> Reply {
                 ("POST", ["resume"]) => pause(d, &record, false),
                 ("GET", ["metrics"]) => vm_file(d, &record, "metrics"),
                 ("GET", ["alerts"]) => vm_file(d, &record, "alerts"),
-                ("GET", ["report"]) => report(d, &record, req.query),
+                ("GET", ["report"]) => report(d, &record, req.query.as_deref()),
                 _ => Reply::error(404, format!("no such endpoint: {} {}", method, req.path)),
             };
             if let Principal::Admin { .. } = who {
@@ -129,7 +131,7 @@ pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request<'_>) -> Reply {
 
 /// The VM `id` as `who` may see it. Another tenant's VM is answered as a missing one (and
 /// alerted on); an admin must give a reason.
-fn find(d: &Arc<Daemon>, who: &Principal, id: &str, req: &Request<'_>) -> Result<VmRecord, Reply> {
+fn find(d: &Arc<Daemon>, who: &Principal, id: &str, req: &Request) -> Result<VmRecord, Reply> {
     let missing = || Reply::error(404, format!("no VM {id}"));
     let record = d.vms().get(id).cloned();
     match (who, record) {
@@ -211,6 +213,17 @@ fn list(d: &Arc<Daemon>, who: &Principal) -> Reply {
         .map(|r| describe(r, false))
         .collect();
     Reply::json(200, json!({ "vms": vms }))
+}
+
+/// The audit log's length and head, for an admin to keep elsewhere: `bulkhead audit-log
+/// verify --head HASH` then tells whether the log was cut or rewritten before it. (This
+/// request's own line comes after the head it answers.)
+fn audit_head(d: &Arc<Daemon>, who: &Principal) -> Reply {
+    if !matches!(who, Principal::Admin { .. }) {
+        return Reply::error(403, "the audit log is for admins, on the admin socket");
+    }
+    let (seq, head) = d.audit_head();
+    Reply::json(200, json!({ "seq": seq, "head": head }))
 }
 
 fn admin_file(who: &Principal, path: &Path, what: &str) -> Reply {
@@ -340,7 +353,7 @@ const DAEMON_FIELDS: &[(&str, &str)] = &[
     ("vsock_cid_shared", "the daemon sets it"),
 ];
 
-fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {
+fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
     let body: Value = match serde_json::from_slice(&req.body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return Reply::error(400, "the body must be a JSON object"),
@@ -397,63 +410,78 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {
         }
     }
     // Every file must be in the tenant's directories, before and after resolving symlinks,
-    // and one the tenant's own uid may read (and write, for a writable disk). Whether a file
-    // is missing, elsewhere or not the tenant's, the answer is the same, so the daemon tells
+    // and one the caller may open as they are (read, and write for a writable disk): checked
+    // by a thread with the caller's credentials, never as root, within a deadline. Whether a
+    // file is missing, elsewhere or not theirs, the answer is the same, so the daemon tells
     // nobody what exists outside their directories. The VM's jail then opens the resolved
     // path following no symlink, so a path re-pointed since can not bring in another file.
     let mut resolved = raw.clone();
     let uid = t.uids.iter().next().copied().unwrap_or(0);
-    let check = |what: &str, p: &Path, write: bool| -> Result<PathBuf, Reply> {
+    let user = match who {
+        Principal::Tenant { uid, .. } => d.user(*uid),
+        Principal::Admin { .. } => d.user(uid),
+    };
+    let pending = d.path_checks(&tenant);
+    let check = |what: &str, p: &Path, use_: Use| -> Result<Usable, Reply> {
         if !p.is_absolute() {
             return Err(Reply::error(
                 422,
                 format!("{what} {} must be an absolute path", p.display()),
             ));
         }
-        let refused = || {
-            Reply::error(
+        match paths::check(t, &user, p, use_, &pending) {
+            Verdict::Usable(u) => Ok(u),
+            Verdict::Refused => Err(Reply::error(
                 403,
                 format!(
                     "{what} {} is not a file tenant {tenant} may use",
                     p.display()
                 ),
-            )
-        };
-        if !t.allows(p) {
-            return Err(refused());
+            )),
+            Verdict::TooSlow => Err(Reply::error(
+                403,
+                format!(
+                    "{what} {} did not answer within {} s",
+                    p.display(),
+                    paths::DEADLINE.as_secs()
+                ),
+            )),
+            Verdict::Busy => Err(Reply::error(
+                503,
+                format!(
+                    "tenant {tenant} has {} file checks still running; try again later",
+                    paths::MAX_PENDING
+                ),
+            )),
         }
-        let real = std::fs::canonicalize(p).map_err(|_| refused())?;
-        let usable = t.allows(&real)
-            && std::fs::metadata(&real).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.is_file() || (what == "disk" && m.file_type().is_block_device())
-            })
-            && may_access(uid, &real, write);
-        if !usable {
-            return Err(refused());
-        }
-        Ok(real)
     };
     let Some(kernel) = raw.kernel.as_deref() else {
         return Reply::error(422, "no kernel given");
     };
-    match check("kernel", kernel, false) {
-        Ok(p) => resolved.kernel = Some(p),
+    match check("kernel", kernel, Use::Boot) {
+        Ok(u) => resolved.kernel = Some(u.path),
         Err(r) => return r,
     }
     if let Some(initrd) = raw.initrd.as_deref() {
-        match check("initrd", initrd, false) {
-            Ok(p) => resolved.initrd = Some(p),
+        match check("initrd", initrd, Use::Boot) {
+            Ok(u) => resolved.initrd = Some(u.path),
             Err(r) => return r,
         }
     }
     let mut disks = Vec::new();
+    let mut disk_ids = Vec::new();
     for disk in raw.disks.iter().flatten() {
-        match check("disk", &disk.path, !disk.read_only) {
-            Ok(p) => {
+        let write = !disk.read_only;
+        match check("disk", &disk.path, Use::Disk { write }) {
+            Ok(u) => {
                 let mut disk = disk.clone();
-                disk.path = p;
+                disk.path = u.path;
                 disks.push(disk);
+                disk_ids.push(DiskId {
+                    dev: u.dev,
+                    ino: u.ino,
+                    writable: write,
+                });
             }
             Err(r) => return r,
         }
@@ -461,6 +489,20 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {
     resolved.disks = raw.disks.as_ref().map(|_| disks.clone());
     resolved.tenant = Some(tenant.clone());
     resolved.console = Some("none".to_string());
+    // The console file lives in the daemon's state directory: its size is the tenant's cap.
+    match raw.console_limit {
+        Some(asked) if asked > t.console_limit => {
+            return Reply::error(
+                422,
+                format!(
+                    "console_limit {asked} is above tenant {tenant}'s cap of {} bytes",
+                    t.console_limit
+                ),
+            )
+        }
+        Some(asked) => resolved.console_limit = Some(asked),
+        None => resolved.console_limit = Some(t.console_limit),
+    }
     let vm = match VmConfig::from_raw(resolved.clone(), host_mem_mib()) {
         Ok(vm) => vm,
         Err(e) => return Reply::error(422, e.to_string()),
@@ -481,7 +523,16 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {
             ],
         );
     }
-    match d.start(&tenant, &t.quota, uid, &vm, resolved, as_resolved) {
+    let launch = Launch {
+        tenant: &tenant,
+        quota: &t.quota,
+        socket_owner: uid,
+        vm: &vm,
+        resolved,
+        as_given: as_resolved,
+        disks: disk_ids,
+    };
+    match d.start(launch) {
         Ok(id) => {
             let mut reply = Reply::json(201, json!({ "id": id })).about(&id);
             if let Principal::Admin { .. } = who {
@@ -491,23 +542,6 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request<'_>) -> Reply {
         }
         Err(reply) => reply,
     }
-}
-
-/// Whether `uid` (with its gid taken equal, and no supplementary groups) may read `path`, and
-/// write it when asked: checked by a thread of its own that takes those credentials, so the
-/// kernel's own permission rules decide.
-fn may_access(uid: u32, path: &Path, write: bool) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mode = libc::R_OK | if write { libc::W_OK } else { 0 };
-    std::thread::spawn(move || {
-        crate::jail::privileges::become_on_this_thread(uid).is_ok()
-            // SAFETY: a valid NUL-terminated path; faccessat only reads it.
-            && unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) } == 0
-    })
-    .join()
-    .unwrap_or(false)
 }
 
 /// How an ended VM is described when its supervisor's status is known.

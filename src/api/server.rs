@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -31,6 +31,8 @@ pub const MAX_CONNECTIONS: usize = 32;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How often the daemon logs the audit log's head.
+pub const AUDIT_HEAD_EVERY: Duration = Duration::from_secs(60);
 
 /// Which socket a connection came in on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +108,7 @@ async fn run(daemon: Arc<Daemon>) -> i32 {
         };
     }
     tokio::spawn(daemon.clone().watch_adopted());
+    tokio::spawn(log_audit_head(daemon.clone()));
     let stop = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
@@ -201,6 +204,10 @@ fn bind(path: &Path, owner: u32, group: Option<u32>, mode: u32) -> std::io::Resu
 
 async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, door: Door) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let budget = budget_of(&daemon, &door);
+    if let (Some(b), Door::Tenant(name)) = (&budget, &door) {
+        tokio::spawn(audit_refusals(daemon.clone(), name.clone(), b.clone()));
+    }
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -224,12 +231,14 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, door: Door) {
         };
         let daemon = daemon.clone();
         let door = door.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let daemon = daemon.clone();
                 let door = door.clone();
-                async move { Ok::<_, Infallible>(handle(daemon, door, caller, req).await) }
+                let budget = budget.clone();
+                async move { Ok::<_, Infallible>(handle(daemon, door, caller, budget, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -269,12 +278,135 @@ fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, 
     }
 }
 
+/// A tenant socket's request budget: a token bucket of `request_burst` requests, refilled at
+/// `requests_per_second`. Requests past it are answered 429 and, so that a flood can not fill
+/// the audit log, counted and audited once a second as one line.
+struct Budget {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+    refused: u64,
+}
+
+impl Budget {
+    fn new(rate: u32, burst: u32) -> Budget {
+        Budget {
+            tokens: f64::from(burst),
+            last: Instant::now(),
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            refused: 0,
+        }
+    }
+
+    /// Takes one request's token; false (and counted) when there is none.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.refused += 1;
+            false
+        }
+    }
+}
+
+type SharedBudget = Arc<std::sync::Mutex<Budget>>;
+
+fn budget_of(daemon: &Daemon, door: &Door) -> Option<SharedBudget> {
+    match door {
+        Door::Tenant(name) => daemon.config.tenants.get(name).map(|t| {
+            Arc::new(std::sync::Mutex::new(Budget::new(
+                t.requests_per_second,
+                t.request_burst,
+            )))
+        }),
+        Door::Admin => None,
+    }
+}
+
+/// Once a second, one audit line for the requests `budget` refused since the last.
+async fn audit_refusals(daemon: Arc<Daemon>, tenant: String, budget: SharedBudget) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (refused, rate, burst) = {
+            let mut b = budget.lock().unwrap_or_else(|e| e.into_inner());
+            (std::mem::take(&mut b.refused), b.rate, b.burst)
+        };
+        if refused == 0 {
+            continue;
+        }
+        let d = daemon.clone();
+        let tenant = tenant.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            d.audit(Record {
+                uid: 0,
+                pid: 0,
+                tenant: Some(tenant.clone()),
+                method: "RATE_LIMITED".into(),
+                path: String::new(),
+                vm: None,
+                outcome: 429,
+                reason: Some(format!(
+                    "{refused} request(s) past tenant {tenant}'s limit of {rate} a second (burst {burst}) were refused"
+                )),
+            })
+        })
+        .await;
+    }
+}
+
+/// Logs the audit log's head every minute, so that a cut tail is found by comparing.
+async fn log_audit_head(daemon: Arc<Daemon>) {
+    let mut tick = tokio::time::interval(AUDIT_HEAD_EVERY);
+    loop {
+        tick.tick().await;
+        let d = daemon.clone();
+        if let Ok((seq, head)) = tokio::task::spawn_blocking(move || d.audit_head()).await {
+            log::info!("audit log head: {seq} lines, head {head}");
+        }
+    }
+}
+
+fn respond(reply: Reply, close: bool) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
+    *response.status_mut() = hyper::StatusCode::from_u16(reply.status)
+        .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reply.content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    if close {
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
 async fn handle(
     daemon: Arc<Daemon>,
     door: Door,
     caller: Caller,
+    budget: Option<SharedBudget>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    if let Some(b) = &budget {
+        if !b.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return respond(
+                Reply::error(429, "too many requests: this socket's rate limit"),
+                true,
+            );
+        }
+    }
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
@@ -289,49 +421,58 @@ async fn handle(
     };
     let who = principal(&daemon, &door, caller);
     let body = Limited::new(req.into_body(), routes::MAX_BODY);
-    let reply = match who {
-        Err(why) => Reply::error(403, why),
+    let request = match who {
+        Err(why) => Err(Reply::error(403, why)),
         Ok(who) => match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
-            Err(_) => Reply::error(408, "the body did not arrive in time"),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Reply::error(
+            Err(_) => Err(Reply::error(408, "the body did not arrive in time")),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Reply::error(
                 413,
                 format!("the body is larger than {} bytes", routes::MAX_BODY),
-            ),
-            Ok(Err(e)) => Reply::error(400, format!("cannot read the body: {e}")),
-            Ok(Ok(collected)) => {
-                let d = daemon.clone();
-                let request = routes::Request {
-                    method: &method,
-                    path: &path,
-                    query: query.as_deref(),
-                    reason: reason.clone(),
+            )),
+            Ok(Err(e)) => Err(Reply::error(400, format!("cannot read the body: {e}"))),
+            Ok(Ok(collected)) => Ok((
+                who,
+                routes::Request {
+                    method: method.clone(),
+                    path: path.clone(),
+                    query,
+                    reason,
                     body: collected.to_bytes().to_vec(),
-                };
-                routes::route(&d, &who, request)
-            }
+                },
+            )),
         },
     };
-    daemon.audit(Record {
-        uid: caller.uid,
-        pid: caller.pid,
-        tenant: match (&tenant, &reply.vm) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(vm)) => daemon.vms().get(vm).map(|r| r.tenant.clone()),
-            (None, None) => None,
-        },
-        method,
-        path,
-        vm: reply.vm.clone(),
-        outcome: reply.status,
-        reason: reply.audit_reason.clone(),
+    // Everything that may block (files, path checks, the audit log's sync) runs off the
+    // runtime's one thread, so one tenant's slow path holds up nobody else.
+    let d = daemon.clone();
+    let worker = tokio::task::spawn_blocking(move || {
+        let reply = match request {
+            Err(reply) => reply,
+            // Nothing is acted on that the audit log could not record.
+            Ok(_) if d.audit_ready().is_err() => Reply::error(
+                503,
+                "the audit log can not be written: requests are refused until it can",
+            ),
+            Ok((who, request)) => routes::route(&d, &who, request),
+        };
+        let _ = d.audit(Record {
+            uid: caller.uid,
+            pid: caller.pid,
+            tenant: match (&tenant, &reply.vm) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(vm)) => d.vms().get(vm).map(|r| r.tenant.clone()),
+                (None, None) => None,
+            },
+            method,
+            path,
+            vm: reply.vm.clone(),
+            outcome: reply.status,
+            reason: reply.audit_reason.clone(),
+        });
+        reply
     });
-    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
-    *response.status_mut() = hyper::StatusCode::from_u16(reply.status)
-        .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    if let Ok(v) = hyper::header::HeaderValue::from_str(reply.content_type) {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, v);
-    }
-    response
+    let reply = worker
+        .await
+        .unwrap_or_else(|_| Reply::error(500, "the request's worker failed"));
+    respond(reply, false)
 }

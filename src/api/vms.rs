@@ -78,6 +78,28 @@ pub struct VmRecord {
     pub mem_mib: u64,
     /// The settings as the tenant gave them.
     pub config: Value,
+    /// Its disks as the files they are, whatever path names them: no two live VMs share one
+    /// that either writes.
+    #[serde(default)]
+    pub disks: Vec<DiskId>,
+    /// When the VM was seen to end (RFC 3339, UTC): exited records go oldest first.
+    #[serde(default)]
+    pub ended: Option<String>,
+}
+
+/// A disk file: its device and inode, and whether the VM writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskId {
+    pub dev: u64,
+    pub ino: u64,
+    pub writable: bool,
+}
+
+impl DiskId {
+    /// Whether two VMs holding `self` and `other` would share a file one of them writes.
+    pub fn clashes(&self, other: &DiskId) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino) && (self.writable || other.writable)
+    }
 }
 
 /// A VM's files under the state directory.
@@ -225,6 +247,11 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Now in RFC 3339 with nanoseconds: what orders records made within one second.
+pub fn now_rfc3339_precise() -> String {
+    humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
+}
+
 /// How often a supervisor the daemon did not start (one taken back) is looked for.
 pub const ADOPTED_POLL: Duration = Duration::from_millis(500);
 
@@ -258,6 +285,8 @@ mod tests {
         // SAFETY: getpid has no preconditions.
         let me = unsafe { libc::getpid() };
         let mk = |id: &str, pid: i32, pid_start: Option<u64>| VmRecord {
+            disks: Vec::new(),
+            ended: None,
             id: id.into(),
             tenant: "acme".into(),
             state: VmState::Running,

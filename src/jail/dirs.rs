@@ -71,7 +71,9 @@ pub fn open_file_no_symlinks(path: &Path) -> Result<OwnedFd, DirError> {
     open_absolute(path, libc::O_PATH | libc::O_CLOEXEC)
 }
 
-fn open_absolute(path: &Path, flags: libc::c_int) -> Result<OwnedFd, DirError> {
+/// Opens the absolute `path` with `flags` (the caller's own O_* flags), refusing a symlink in
+/// any of its components.
+pub fn open_absolute(path: &Path, flags: libc::c_int) -> Result<OwnedFd, DirError> {
     let bad = || DirError::BadPath {
         path: path.to_path_buf(),
     };

@@ -116,12 +116,71 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
 /// credentials only (glibc's wrappers would change every thread's), so the thread must end
 /// right after its work: it can not come back.
 pub fn become_on_this_thread(uid: u32) -> std::io::Result<()> {
-    let empty: [libc::gid_t; 0] = [];
-    // SAFETY: set*id and setgroups with integer arguments and an empty group list; they touch
-    // only this thread's credentials.
+    become_user_on_this_thread(&User {
+        uid,
+        gid: uid,
+        groups: Vec::new(),
+    })
+}
+
+/// A user as the kernel checks permissions for it: uid, primary gid and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl User {
+    /// `uid` as the password database describes it (its primary group and the groups it is a
+    /// member of); a uid with no entry gets a gid equal to it and no other group.
+    pub fn lookup(uid: u32) -> User {
+        let mut pwd: libc::passwd = unsafe_zeroed_passwd();
+        let mut buf = vec![0u8; 16 << 10];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is to a live buffer of the stated length; getpwuid_r writes
+        // only into them.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc != 0 || found.is_null() {
+            return User {
+                uid,
+                gid: uid,
+                groups: Vec::new(),
+            };
+        }
+        let gid = pwd.pw_gid;
+        let mut groups = vec![0 as libc::gid_t; 256];
+        let mut n = groups.len() as libc::c_int;
+        // SAFETY: pw_name points into `buf`, alive here; `groups` holds `n` entries.
+        let got = unsafe { libc::getgrouplist(pwd.pw_name, gid, groups.as_mut_ptr(), &mut n) };
+        groups.truncate(if got < 0 { 0 } else { n.max(0) as usize });
+        User { uid, gid, groups }
+    }
+}
+
+fn unsafe_zeroed_passwd() -> libc::passwd {
+    // SAFETY: passwd is a plain C struct of integers and pointers; all-zero is a valid value
+    // (null pointers), filled in by getpwuid_r before anything reads it.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Makes the calling thread alone `user`, as [`become_on_this_thread`] does with the user's
+/// own gid and groups.
+pub fn become_user_on_this_thread(user: &User) -> std::io::Result<()> {
+    let (uid, gid) = (user.uid, user.gid);
+    // SAFETY: set*id and setgroups with integer arguments and a group list of the length
+    // given; they touch only this thread's credentials.
     let ok = unsafe {
-        libc::syscall(libc::SYS_setgroups, 0, empty.as_ptr()) == 0
-            && libc::syscall(libc::SYS_setresgid, uid, uid, uid) == 0
+        libc::syscall(libc::SYS_setgroups, user.groups.len(), user.groups.as_ptr()) == 0
+            && libc::syscall(libc::SYS_setresgid, gid, gid, gid) == 0
             && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
     };
     if ok {

@@ -403,6 +403,7 @@ vocabulary! {
         SeccompViolation = "seccomp_violation",
         ManagementCrossTenant = "management_cross_tenant",
         ManagementAdminOverride = "management_admin_override",
+        ManagementAuditRecovered = "management_audit_recovered",
     }
 }
 
@@ -425,7 +426,8 @@ impl Rule {
             | NetMacSpoof
             | LegacyDeviceProbe
             | TripleFault
-            | ManagementCrossTenant => Priority::Warning,
+            | ManagementCrossTenant
+            | ManagementAuditRecovered => Priority::Warning,
             PioScan | MmioScan | MsrProbe | ExitStorm | ManagementAdminOverride => Priority::Notice,
         }
     }
@@ -460,6 +462,7 @@ impl Rule {
             SeccompViolation => &["bulkhead", "vmm", "mitre_privilege_escalation", "T1611"],
             ManagementCrossTenant => &["bulkhead", "management", "mitre_discovery"],
             ManagementAdminOverride => &["bulkhead", "management", "break_glass"],
+            ManagementAuditRecovered => &["bulkhead", "management", "logs"],
         }
     }
 
@@ -502,6 +505,9 @@ impl Rule {
             ManagementAdminOverride => {
                 "an admin acting on a tenant's VM, with the reason they gave"
             }
+            ManagementAuditRecovered => {
+                "the audit log's last line was left unfinished (a full disk or a crash mid-write) and was set aside at start"
+            }
         }
     }
 }
@@ -534,12 +540,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn there_are_twenty_one_rules_with_distinct_names() {
-        assert_eq!(Rule::COUNT, 21);
+    fn there_are_twenty_two_rules_with_distinct_names() {
+        assert_eq!(Rule::COUNT, 22);
         let mut names: Vec<&str> = Rule::ALL.iter().map(|r| r.name()).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 21);
+        assert_eq!(names.len(), 22);
     }
 
     #[test]
@@ -584,6 +590,7 @@ mod tests {
                     // Raised by the management daemon, not by a VM.
                     | Rule::ManagementCrossTenant
                     | Rule::ManagementAdminOverride
+                    | Rule::ManagementAuditRecovered
             );
             assert!(
                 from_refusals.contains(rule) != other_source,
