@@ -104,11 +104,13 @@ fn a_jailed_vm_process_has_its_own_namespaces_no_privilege_seccomp_everywhere_an
             .last(),
         Some("1")
     );
+    // The default id: 0x70000000 plus the supervisor's pid, clear of systemd's ranges.
+    let id = (0x7000_0000u32 + supervisor.id()).to_string();
     for task in &tasks {
         let uids = status_field(pid, task, "Uid:");
         assert!(
-            uids.split_whitespace().all(|u| u != "0"),
-            "task {task} uids {uids}"
+            uids.split_whitespace().all(|u| u == id),
+            "task {task} uids {uids}, not {id}"
         );
         let gids = status_field(pid, task, "Gid:");
         assert!(
@@ -467,4 +469,36 @@ fn a_jailed_vm_can_join_the_operators_network_namespace_where_its_tap_is() {
     unsafe { libc::kill(supervisor.id() as i32, libc::SIGTERM) };
     assert_eq!(supervisor.wait().unwrap().code(), Some(143));
     let _ = std::fs::remove_dir_all(&jails);
+}
+
+#[test]
+fn a_jail_whose_setup_fails_after_it_was_made_leaves_no_directory_or_cgroup_behind() {
+    let test = "jail_cleanup";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let jails = jail_dir(test);
+    std::fs::create_dir_all(&jails).unwrap();
+    let vm_id = format!("jail-cleanup-{}", std::process::id());
+    // The jail is made, then the supervisor finds its control channel (descriptor 999) is not
+    // there and gives up before any VM process exists.
+    let config = jails.with_extension("json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "kernel": guest("hello"), "console": "none", "vm_id": vm_id,
+            "jail": {"dir": jails}, "control_fd": 999,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let r = bulkhead(&["run", "--config", &config.display().to_string()]);
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("control channel"), "{}", r.stderr);
+    let left: Vec<_> = std::fs::read_dir(&jails).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let group = controller.path().join("bulkhead").join(&vm_id);
+        assert!(!group.exists(), "cgroup {} left behind", group.display());
+    }
 }

@@ -17,6 +17,18 @@ pub const DEFAULT_MEMORY_OVERHEAD_MIB: u64 = 256;
 pub const DEFAULT_EXTRA_PIDS: u64 = 16;
 /// Open files: the VMM needs a few dozen; vsock connections take one each.
 pub const DEFAULT_OPEN_FILES: u64 = 4096;
+/// The first of the per-VM uids and gids a jailed VM process runs as unless given one (plus
+/// the supervisor's pid): 0x70000000. systemd leaves 0x70000000-0x7FFFFFFF unused (its
+/// container range, from which systemd-nspawn and others pick, ends below it; users and
+/// DynamicUser= are far below; 2^31 and up is what tools that read uids as signed break on).
+pub const DEFAULT_ID_BASE: u32 = 0x7000_0000;
+/// The largest pid Linux hands out (pid_max's ceiling): a base plus any pid stays below 2^31.
+const PID_MAX: u32 = 4 << 20;
+
+// systemd's container range ends at 1879048191; 2^31 and up is signed trouble.
+const _: () = assert!(DEFAULT_ID_BASE > 1_879_048_191);
+const _: () = assert!((DEFAULT_ID_BASE as u64) + (PID_MAX as u64) < 1 << 31);
+
 /// The smallest file-size limit: the console file grows to this before writes fail (a disk
 /// larger than this raises the limit to its size).
 pub const MIN_FILE_SIZE_MIB: u64 = 1024;
@@ -30,6 +42,9 @@ pub struct RawJail {
     /// The uid and gid the VM process runs as [default: one of bulkhead's per-VM range].
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Without `uid`, the VM process runs as this plus the supervisor's pid
+    /// [default: 0x70000000]: a range of 4 Mi ids no user or container manager uses.
+    pub id_base: Option<u32>,
     /// CPU time, in percent of one CPU [default: 100 per vCPU, plus 100 for the VMM thread].
     pub cpu_percent: Option<u32>,
     /// Memory limit of the VM process [default: guest RAM + 256 MiB].
@@ -55,6 +70,7 @@ impl RawJail {
             dir: over.dir.or(self.dir),
             uid: over.uid.or(self.uid),
             gid: over.gid.or(self.gid),
+            id_base: over.id_base.or(self.id_base),
             cpu_percent: over.cpu_percent.or(self.cpu_percent),
             memory_mib: over.memory_mib.or(self.memory_mib),
             pids: over.pids.or(self.pids),
@@ -76,6 +92,14 @@ impl RawJail {
             if id == Some(0) {
                 return Err(ConfigError::JailRoot { what });
             }
+        }
+        let id_base = self.id_base.unwrap_or(DEFAULT_ID_BASE);
+        if !(0x1_0000..=0x7FFF_FFFF - PID_MAX).contains(&id_base) {
+            return Err(ConfigError::JailLimit {
+                what: "id_base",
+                value: u64::from(id_base),
+                why: "the range must lie above the 16-bit ids and end below 2^31",
+            });
         }
         let cpu_percent = self.cpu_percent.unwrap_or(100 * (vcpus + 1));
         if cpu_percent == 0 {
@@ -120,6 +144,7 @@ impl RawJail {
             dir,
             uid: self.uid,
             gid: self.gid,
+            id_base,
             cpu_percent,
             memory_mib,
             pids,
@@ -137,6 +162,7 @@ pub struct JailConfig {
     pub dir: PathBuf,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    pub id_base: u32,
     pub cpu_percent: u32,
     pub memory_mib: u64,
     pub pids: u64,
@@ -156,6 +182,23 @@ mod tests {
         assert_eq!(j.dir, PathBuf::from(DEFAULT_JAIL_DIR));
         assert_eq!((j.cpu_percent, j.memory_mib, j.pids), (300, 768, 18));
         assert_eq!((j.uid, j.gid), (None, None));
+        assert_eq!(j.id_base, DEFAULT_ID_BASE);
+    }
+
+    #[test]
+    fn a_base_that_would_reach_16_bit_ids_or_2_pow_31_is_refused() {
+        for bad in [1000, 0x7FFF_0000, u32::MAX] {
+            let raw = RawJail {
+                id_base: Some(bad),
+                ..RawJail::default()
+            };
+            assert!(raw.validate(1, 128).is_err(), "{bad:#x}");
+        }
+        let raw = RawJail {
+            id_base: Some(200_000),
+            ..RawJail::default()
+        };
+        assert_eq!(raw.validate(1, 128).unwrap().id_base, 200_000);
     }
 
     #[test]

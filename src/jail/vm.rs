@@ -18,11 +18,6 @@ use super::privileges::{self, PrivilegeError, Rlimits};
 use super::root::{self, Entry, RootError};
 use crate::config::{JailConfig, VmConfig, MIN_FILE_SIZE_MIB};
 
-/// A VM process's uid and gid, unless configured: this plus the supervisor's pid, so two
-/// running VMs never share one. Far above the ranges distributions hand to users and to
-/// subordinate-id maps.
-pub const JAIL_ID_BASE: u32 = 900_000_000;
-
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
     #[error("--jail needs root (bulkhead runs as uid {0})")]
@@ -104,6 +99,16 @@ pub struct VmJail {
     netns: Option<PathBuf>,
     cgroup: Option<VmCgroup>,
     rlimits: Rlimits,
+    /// Set once the directory and cgroup are gone.
+    removed: bool,
+}
+
+/// Whatever way the supervisor leaves a jail behind (a step after it failed, an early return),
+/// its directory and cgroup go with it.
+impl Drop for VmJail {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
 
 /// `path` relative to `/`, for joining under the jail root.
@@ -259,10 +264,16 @@ impl VmJail {
         let base_dir = dirs::open_root_owned(base)?;
         // Others may pass through, to a socket whose path they know, but not list VM ids.
         let vm = dirs::create_exclusive(&base_dir, &config.vm_id, 0, 0, 0o711)?;
-        let root = dirs::create_exclusive(&vm, "root", 0, 0, 0o755)?;
+        let root = match dirs::create_exclusive(&vm, "root", 0, 0, 0o755) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&vm.path);
+                return Err(e.into());
+            }
+        };
         let id = jc
             .uid
-            .unwrap_or(JAIL_ID_BASE.saturating_add(pid.unsigned_abs()));
+            .unwrap_or(jc.id_base.saturating_add(pid.unsigned_abs()));
         let limits = Limits {
             cpu: Some((u64::from(jc.cpu_percent) * 1000, 100_000)),
             memory_bytes: Some(jc.memory_mib << 20),
@@ -282,16 +293,15 @@ impl VmJail {
                 open_files: jc.open_files,
                 file_size_bytes: file_size,
             },
+            removed: false,
         };
         let made = cgroup::detect().and_then(|h| {
             VmCgroup::create(&h, &format!("bulkhead/{}", jail.config.vm_id), &limits)
         });
         match made {
             Ok(group) => jail.cgroup = Some(group),
-            Err(e) => {
-                jail.remove();
-                return Err(e.into());
-            }
+            // Dropping the jail removes what was made.
+            Err(e) => return Err(e.into()),
         }
         Ok(jail)
     }
@@ -369,6 +379,9 @@ impl VmJail {
     /// points died with the VM process's mount namespace). Called after the VM process is
     /// reaped; errors are logged, not returned: the VM has ended either way.
     pub fn remove(&mut self) {
+        if std::mem::replace(&mut self.removed, true) {
+            return;
+        }
         if let Some(group) = self.cgroup.take() {
             if let Err(e) = group.remove() {
                 log::warn!("jail of VM {}: {e}", self.config.vm_id);
