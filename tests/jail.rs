@@ -286,6 +286,17 @@ fn a_jailed_vms_vsock_sockets_live_in_its_jail_where_no_other_vm_can_meet_them()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The socket directory is a small file system of its own: nobody fills /run through it.
+    let sockets = inside.parent().unwrap().to_path_buf();
+    let c = std::ffi::CString::new(sockets.to_str().unwrap()).unwrap();
+    // SAFETY: an all-zero statfs is a valid buffer.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs fills `fs` from a valid NUL-terminated path.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut fs) };
+    assert_eq!(rc, 0);
+    assert_eq!(fs.f_type, libc::TMPFS_MAGIC, "not a tmpfs of its own");
+    assert!(fs.f_blocks as u64 * fs.f_bsize as u64 <= 1 << 20);
+    assert!(fs.f_files <= 1024, "{} inodes", fs.f_files);
     // The host's listener for guest port 5000 goes next to the VM's socket, in its jail, and
     // lets the jail's uid connect.
     let port_5000 = inside.with_file_name("v.sock_5000");
@@ -299,6 +310,13 @@ fn a_jailed_vms_vsock_sockets_live_in_its_jail_where_no_other_vm_can_meet_them()
     assert!(
         outside.accept().is_err(),
         "the guest reached a socket outside its jail"
+    );
+    // Gone with the VM: no mount left behind.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(sockets.to_str().unwrap()),
+        "{} still mounted",
+        sockets.display()
     );
     let _ = std::fs::remove_dir_all(&jails);
 }

@@ -69,6 +69,35 @@ fn mount(
     call(format!("{what} ({})", target.display()), rc)
 }
 
+/// Mounts a tmpfs of its own at `target` with `options` (`size=`, `nr_inodes=`, `mode=`,
+/// `uid=`, `gid=`), never executable, with no device or set-id file that would count.
+pub fn mount_tmpfs(target: &Path, options: &str) -> Result<(), RootError> {
+    let target_c = cstring(target)?;
+    let data = std::ffi::CString::new(options).map_err(|_| RootError::Call {
+        what: format!("tmpfs options {options:?}"),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: valid NUL-terminated strings; mount reads them.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target_c.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    call(format!("mounting a tmpfs ({})", target.display()), rc)
+}
+
+/// Detaches whatever is mounted at `target` (lazily: nothing may be using it by then).
+pub fn unmount(target: &Path) -> Result<(), RootError> {
+    let target_c = cstring(target)?;
+    // SAFETY: a valid NUL-terminated path; umount2 reads it.
+    let rc = unsafe { libc::umount2(target_c.as_ptr(), libc::MNT_DETACH) };
+    call(format!("unmounting {}", target.display()), rc)
+}
+
 /// Leaves the host's mount, IPC and UTS namespaces (the pid namespace is entered by the
 /// process that forks this one, the network namespace by [`leave_network`] once the VM's taps
 /// are open) and stops mount events from propagating back to the host. `hostname` becomes the

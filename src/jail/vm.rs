@@ -101,7 +101,13 @@ pub struct VmJail {
     rlimits: Rlimits,
     /// Set once the directory and cgroup are gone.
     removed: bool,
+    /// The vsock socket directory's tmpfs, on the host.
+    socket_dir: Option<PathBuf>,
 }
+
+/// The vsock socket directory's size: sockets take no room; the owner's stray files little.
+pub const SOCKET_DIR_BYTES: u64 = 1 << 20;
+pub const SOCKET_DIR_INODES: u64 = 1024;
 
 /// Whatever way the supervisor leaves a jail behind (a step after it failed, an early return),
 /// its directory and cgroup go with it.
@@ -294,6 +300,7 @@ impl VmJail {
                 file_size_bytes: file_size,
             },
             removed: false,
+            socket_dir: None,
         };
         let made = cgroup::detect().and_then(|h| {
             VmCgroup::create(&h, &format!("bulkhead/{}", jail.config.vm_id), &limits)
@@ -303,7 +310,30 @@ impl VmJail {
             // Dropping the jail removes what was made.
             Err(e) => return Err(e.into()),
         }
+        if jail.config.vsock.is_some() {
+            jail.make_socket_dir()?;
+        }
         Ok(jail)
+    }
+
+    /// The vsock socket directory, on the host side, before the VM process exists: a tmpfs of
+    /// its own of [`SOCKET_DIR_BYTES`] and [`SOCKET_DIR_INODES`], so neither the VM process
+    /// nor the owner of its listeners can fill the file system under `DIR`. Its owner makes
+    /// listeners for guest connections there, and the jail's group reaches them. Made in the
+    /// host's mount namespace, so host and VM process see the same directory.
+    fn make_socket_dir(&mut self) -> Result<(), JailError> {
+        let dir = self.root.join(SOCKET_DIR.trim_start_matches('/'));
+        std::fs::create_dir(&dir).map_err(|source| JailError::Create {
+            path: dir.clone(),
+            source,
+        })?;
+        let options = format!(
+            "size={SOCKET_DIR_BYTES},nr_inodes={SOCKET_DIR_INODES},mode=0770,uid={},gid={}",
+            self.socket_owner, self.gid
+        );
+        root::mount_tmpfs(&dir, &options)?;
+        self.socket_dir = Some(dir);
+        Ok(())
     }
 
     /// Where the host finds the socket the VM process creates at `path` (as the VM sees it).
@@ -341,19 +371,6 @@ impl VmJail {
         }
         root::populate(&self.root, &entries)?;
         drop(held);
-        if self.config.vsock.is_some() {
-            // The socket directory: its owner makes listeners for guest connections there, and
-            // the jail's group reaches them. Made in the fresh root, which only root can write.
-            let dir = self.root.join(SOCKET_DIR.trim_start_matches('/'));
-            let fail = |source| JailError::Create {
-                path: dir.clone(),
-                source,
-            };
-            std::fs::create_dir(&dir).map_err(fail)?;
-            std::os::unix::fs::lchown(&dir, Some(self.socket_owner), Some(self.gid))
-                .map_err(fail)?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).map_err(fail)?;
-        }
         root::mount_proc(&self.root)?;
         root::pivot(&self.root)?;
         Ok(())
@@ -381,6 +398,11 @@ impl VmJail {
     pub fn remove(&mut self) {
         if std::mem::replace(&mut self.removed, true) {
             return;
+        }
+        if let Some(dir) = self.socket_dir.take() {
+            if let Err(e) = root::unmount(&dir) {
+                log::warn!("jail of VM {}: {e}", self.config.vm_id);
+            }
         }
         if let Some(group) = self.cgroup.take() {
             if let Err(e) = group.remove() {
