@@ -69,7 +69,12 @@ fn the_jailer_lays_out_firecrackers_chroot_writes_the_pid_file_and_runs_the_vmm_
     let pid = jailer.id();
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     assert!(root.join("firecracker").is_file() && root.join("vmlinux").is_file());
-    assert!(!root.join("etc").exists() && !root.join("home").exists());
+    assert!(!root.join("home").exists());
+    // The chroot's root is root's alone, and /etc is empty and read-only: the VMM can place
+    // no loader configuration (ld.so.preload) for the next program run there.
+    let top = std::fs::metadata(&root).unwrap();
+    assert_eq!((top.uid(), top.mode() & 0o022), (0, 0));
+    assert_eq!(std::fs::read_dir(root.join("etc")).unwrap().count(), 0);
     assert_ne!(
         std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
         std::fs::read_link("/proc/self/ns/mnt").unwrap()
@@ -119,4 +124,81 @@ fn the_jailer_lays_out_firecrackers_chroot_writes_the_pid_file_and_runs_the_vmm_
     let status = jailer.wait().unwrap();
     assert_eq!(status.code(), Some(143), "{}", log());
     assert!(!Path::new(&socket).exists());
+}
+
+/// Runs the jailer for `id` under `base` with a short-lived VMM (`--version`); its exit status
+/// and stderr.
+fn jail_once(base: &Path, id: &str, exec: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["jailer", "--id", id, "--exec-file"])
+        .arg(exec)
+        .args(["--uid", &UID.to_string(), "--gid", &UID.to_string()])
+        .arg("--chroot-base-dir")
+        .arg(base)
+        .args(["--", "--version"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn a_chroot_an_earlier_occupant_left_is_refused_and_nothing_planted_there_is_run_or_followed() {
+    let test = "jailer_reuse";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let base = scratch(test);
+    std::fs::create_dir_all(base.join("bin")).unwrap();
+    let exec = base.join("bin/firecracker");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_bulkhead"), &exec).unwrap();
+    let root_of = |id: &str| base.join("firecracker").join(id).join("root");
+    let outside = base.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+
+    // A clean run, then the same id again: the chroot holds the first run's files.
+    let (status, err) = jail_once(&base, "reuse-a", &exec);
+    assert_eq!(status, 0, "{err}");
+    let (status, err) = jail_once(&base, "reuse-a", &exec);
+    assert_ne!(status, 0);
+    assert!(err.contains("left by an earlier jail"), "{err}");
+
+    // A chroot its previous uid owned, with a loader preload planted in it.
+    let planted = root_of("reuse-b");
+    std::fs::create_dir_all(planted.join("etc")).unwrap();
+    std::fs::write(planted.join("etc/ld.so.preload"), "/planted.so\n").unwrap();
+    for p in [&planted, &planted.join("etc")] {
+        std::os::unix::fs::chown(p, Some(UID), Some(UID)).unwrap();
+    }
+    let (status, err) = jail_once(&base, "reuse-b", &exec);
+    assert_ne!(status, 0);
+    assert!(err.contains("owned by root"), "{err}");
+    assert!(
+        !err.contains("ld.so"),
+        "the planted preload was read: {err}"
+    );
+
+    // A root's chroot with a symlink where the jailer would bind its libraries.
+    let planted = root_of("reuse-c");
+    std::fs::create_dir_all(planted.join("usr")).unwrap();
+    std::os::unix::fs::symlink(&outside, planted.join("usr/lib")).unwrap();
+    let (status, err) = jail_once(&base, "reuse-c", &exec);
+    assert_ne!(status, 0);
+    assert!(err.contains("left by an earlier jail"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "a file was made outside"
+    );
+
+    // The directories on the way must be root's alone too.
+    let planted = base.join("firecracker").join("reuse-d");
+    std::fs::create_dir_all(&planted).unwrap();
+    std::os::unix::fs::chown(&planted, Some(UID), Some(UID)).unwrap();
+    let (status, err) = jail_once(&base, "reuse-d", &exec);
+    assert_ne!(status, 0);
+    assert!(err.contains("owned by root"), "{err}");
 }

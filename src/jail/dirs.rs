@@ -106,6 +106,73 @@ pub fn open_absolute(path: &Path, flags: libc::c_int) -> Result<OwnedFd, DirErro
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Opens the single name `name` in `parent` with `flags` (and `mode` when it creates),
+/// staying beneath `parent` and following no symlink, magic link included.
+pub fn open_beneath(
+    parent: &Dir,
+    name: &str,
+    flags: libc::c_int,
+    mode: u32,
+) -> Result<OwnedFd, DirError> {
+    let path = parent.path.join(name);
+    let single = !name.is_empty() && name != "." && name != ".." && !name.contains('/');
+    let c = CString::new(name)
+        .ok()
+        .filter(|_| single)
+        .ok_or_else(|| DirError::BadPath { path: path.clone() })?;
+    let mut how = open_how(
+        flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    );
+    how.mode = u64::from(mode);
+    // SAFETY: `parent.fd` is an open directory, `c` a valid NUL-terminated name and `how` a
+    // valid open_how of the size passed; openat2 only reads them.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            parent.fd.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(DirError::Open {
+            path,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: openat2 returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The directory `name` in `parent`, made (root's, `mode`) if missing; an existing one must be
+/// a directory only root can change (owned by uid 0, not writable by group or others).
+pub fn root_owned_child(parent: &Dir, name: &str, mode: u32) -> Result<Dir, DirError> {
+    let path = parent.path.join(name);
+    let c = CString::new(name).map_err(|_| DirError::BadPath { path: path.clone() })?;
+    // SAFETY: `parent.fd` is an open directory and `c` a valid NUL-terminated name.
+    if unsafe { libc::mkdirat(parent.fd.as_raw_fd(), c.as_ptr(), mode) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(DirError::Create { path, source: e });
+        }
+    }
+    let fd = open_beneath(parent, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let st = stat(&fd).map_err(|source| DirError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+        return Err(DirError::Unsafe {
+            path,
+            uid: st.st_uid,
+            mode: st.st_mode & 0o7777,
+        });
+    }
+    Ok(Dir { fd, path })
+}
+
 /// fstat of `fd` (an O_PATH descriptor works too).
 pub fn stat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
     // SAFETY: an all-zero stat is a valid buffer for fstat to fill.

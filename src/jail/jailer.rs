@@ -14,10 +14,9 @@
 //! own threads) and never follows a symlink in the paths it makes.
 
 use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
+use super::chroot::{Chroot, ChrootError};
 use super::privileges::{self, PrivilegeError, Rlimits};
 use super::root::{self, RootError};
 
@@ -44,6 +43,8 @@ pub enum JailerError {
     Limit(String),
     #[error(transparent)]
     Root(#[from] RootError),
+    #[error(transparent)]
+    Chroot(#[from] ChrootError),
     #[error(transparent)]
     Privilege(#[from] PrivilegeError),
 }
@@ -81,52 +82,41 @@ fn now_us(clock: libc::clockid_t) -> u64 {
         + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
 }
 
-/// Fails if `path` is a symlink.
-fn refuse_symlink(path: &Path) -> Result<(), JailerError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(JailerError::Symlink(path.to_path_buf())),
-        _ => Ok(()),
-    }
+/// Writes `pid` to the new file `name` in the chroot.
+fn write_pid_file(jail: &Chroot, name: &str, pid: libc::pid_t) -> Result<(), JailerError> {
+    let mut f = jail.new_file(Path::new(name), 0o644)?;
+    std::io::Write::write_all(&mut f, pid.to_string().as_bytes())
+        .map_err(io("writing", &jail.root.path.join(name)))
 }
 
-/// Removes whatever is at `path` (unlink follows no symlink), so it can be made afresh.
-fn fresh_file(path: &Path) -> Result<(), JailerError> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("removing", path)(e)),
-        _ => Ok(()),
+/// `run/` in the chroot: the VMM's own (uid:gid, 0700) when the jailer makes it; one the
+/// caller made is left as it is.
+fn make_run_dir(jail: &Chroot, uid: u32, gid: u32) -> Result<(), JailerError> {
+    let path = jail.root.path.join("run");
+    let c = CString::new("run").map_err(|_| JailerError::ExecFile(path.clone()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: an open directory and a valid name.
+    if unsafe { libc::mkdirat(jail.root.fd.as_raw_fd(), c.as_ptr(), 0o700) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(());
+        }
+        return Err(io("creating", &path)(e));
     }
-}
-
-/// Writes `pid` to a new file at `path` (an old one removed first).
-fn write_pid_file(path: &Path, pid: libc::pid_t) -> Result<(), JailerError> {
-    fresh_file(path)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(io("writing", path))?;
-    std::io::Write::write_all(&mut f, pid.to_string().as_bytes()).map_err(io("writing", path))
-}
-
-/// Makes the device node `name` (like the host's `host`) in `dev_dir`, for uid:gid alone.
-fn device(dev_dir: &Path, name: &str, host: &Path, uid: u32, gid: u32) -> Result<(), JailerError> {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = std::fs::metadata(host).map_err(io("reading", host))?.rdev();
-    std::fs::create_dir_all(dev_dir).map_err(io("creating", dev_dir))?;
-    refuse_symlink(dev_dir)?;
-    let path = dev_dir.join(name);
-    fresh_file(&path)?;
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| JailerError::ExecFile(path.clone()))?;
-    // SAFETY: a valid NUL-terminated path; mknod only reads it.
-    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, rdev) } != 0 {
-        return Err(io("making the device", &path)(
-            std::io::Error::last_os_error(),
-        ));
+    // SAFETY: as above; the directory was just made, and no link is followed.
+    if unsafe {
+        libc::fchownat(
+            jail.root.fd.as_raw_fd(),
+            c.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(io("giving", &path)(std::io::Error::last_os_error()));
     }
-    std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(io("giving", &path))
+    Ok(())
 }
 
 /// Applies `--cgroup FILE=VALUE` settings under `PARENT/ID` and moves this process in.
@@ -290,58 +280,45 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
         .to_string();
     let start_us = now_us(libc::CLOCK_REALTIME);
     let start_cpu_us = now_us(libc::CLOCK_PROCESS_CPUTIME_ID);
-    let chroot = o.chroot_base_dir.join(&exec_name).join(&o.id).join("root");
-    if chroot
+    if o.chroot_base_dir
         .components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
+        .any(|c| matches!(c, Component::ParentDir))
+        || !o.chroot_base_dir.is_absolute()
     {
-        return Err(JailerError::ExecFile(chroot));
+        return Err(JailerError::ExecFile(o.chroot_base_dir.clone()));
     }
-    std::fs::create_dir_all(&chroot).map_err(io("creating", &chroot))?;
-    // Nothing on the way may be a symlink someone planted.
-    super::dirs::open_no_symlinks(&chroot).map_err(|e| JailerError::Io {
-        what: "opening",
-        path: chroot.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    // A reused chroot belonged to the jailed uid: nothing it may have planted is followed.
-    for rel in [
+    // Every level down to the chroot is root's alone, and nothing an earlier occupant (who
+    // ran as uid:gid, or as root inside) left there is taken over: the jail's own files must
+    // be absent, and everything is made through its parent's descriptor.
+    let jail = Chroot::open(&o.chroot_base_dir, &exec_name, &o.id)?;
+    let chroot = jail.root.path.clone();
+    let pid_file = format!("{exec_name}.pid");
+    jail.refuse_stale(&[
+        exec_name.as_str(),
+        pid_file.as_str(),
         "dev",
-        "dev/net",
         "proc",
+        "etc",
         "usr",
         "lib",
         "lib64",
-        exec_name.as_str(),
-    ] {
-        refuse_symlink(&chroot.join(rel))?;
-    }
+    ])?;
     let binary = chroot.join(&exec_name);
-    fresh_file(&binary)?;
     let mut from = std::fs::File::open(&o.exec_file).map_err(io("reading", &o.exec_file))?;
-    let mut to = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o755)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&binary)
-        .map_err(io("copying the exec file to", &binary))?;
+    let mut to = jail.new_file(Path::new(&exec_name), 0o755)?;
     std::io::copy(&mut from, &mut to).map_err(io("copying the exec file to", &binary))?;
     drop(to);
-    device(
-        &chroot.join("dev"),
-        "kvm",
-        Path::new("/dev/kvm"),
-        o.uid,
-        o.gid,
-    )?;
-    device(
-        &chroot.join("dev/net"),
-        "tun",
+    jail.device(Path::new("dev/kvm"), Path::new("/dev/kvm"), o.uid, o.gid)?;
+    jail.device(
+        Path::new("dev/net/tun"),
         Path::new("/dev/net/tun"),
         o.uid,
         o.gid,
     )?;
+    jail.dir(Path::new("proc"))?;
+    // The one place the VMM may write (its sockets, its work directory), as Firecracker's
+    // jailer gives it: kept as the caller made it (Kata makes it before starting the jailer).
+    make_run_dir(&jail, o.uid, o.gid)?;
     cgroups(o, &exec_name)?;
     let limits = rlimits(o)?;
     if let Some(ns) = &o.netns {
@@ -383,27 +360,34 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
         }
         if child > 0 {
             // The pid file names the VMM, as Firecracker's jailer writes it.
-            let written = write_pid_file(&chroot.join(format!("{exec_name}.pid")), child);
+            let written = write_pid_file(&jail, &pid_file, child);
             // SAFETY: _exit has no preconditions.
             unsafe { libc::_exit(i32::from(written.is_err())) };
         }
     } else {
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
-        write_pid_file(&chroot.join(format!("{exec_name}.pid")), pid)?;
+        write_pid_file(&jail, &pid_file, pid)?;
     }
     root::enter_namespaces(&o.id)?;
     // The VMM is this program, which the dynamic loader needs its libraries for: exactly
     // those this process has mapped, read-only at their own paths.
-    for lib in shared_libraries() {
-        root::bind_same_path_read_only(&chroot, &lib)?;
+    // Opened again in the new mount namespace: a descriptor from the old one leads to mounts
+    // this namespace can not mount on.
+    let jail = Chroot::open(&o.chroot_base_dir, &exec_name, &o.id)?;
+    let libs = shared_libraries();
+    for lib in &libs {
+        jail.bind_read_only(lib, lib)?;
     }
     // The loader itself, at the path the program names it by (often a symlink's).
-    if let Some(interp) = interpreter() {
+    if let Some(interp) = interpreter().filter(|i| !libs.contains(i)) {
         if let Ok(real) = std::fs::canonicalize(&interp) {
-            root::bind_at_read_only(&chroot, &real, &interp)?;
+            jail.bind_read_only(&real, &interp)?;
         }
     }
+    // Nothing can be placed where the loader looks for its configuration (ld.so.preload,
+    // ld.so.cache): an empty, read-only /etc.
+    jail.empty_read_only(Path::new("etc"))?;
     // The VMM finds its own threads (and its own binary) here; others' processes are hidden
     // from it. Not for a root VMM outside a pid namespace of its own: root sees through
     // hidepid, and the host's processes' roots would be a way out of the chroot.
@@ -414,7 +398,7 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
     } else {
         log::warn!("jailer: no /proc in the chroot of a root VMM without --new-pid-ns: the VMM's halt watchdog is off");
     }
-    std::os::unix::fs::lchown(&chroot, Some(o.uid), Some(o.gid)).map_err(io("giving", &chroot))?;
+    // The chroot's root stays root's: the VMM can not add a file to it.
     root::pivot(&chroot)?;
     privileges::set_rlimits(limits)?;
     if o.uid != 0 {

@@ -4,6 +4,7 @@
 //! every capability and the means to regain them. [`vm`] puts them together for one VM.
 
 pub mod cgroup;
+pub mod chroot;
 pub mod dirs;
 pub mod jailer;
 pub mod privileges;

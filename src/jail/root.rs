@@ -251,12 +251,48 @@ fn bind_file(
             what: format!("creating {}", target.display()),
             source,
         })?;
-    mount(Some(host), target, libc::MS_BIND, "bind mount")?;
+    bind_onto(host, target, flags)
+}
+
+/// Bind mounts `host` on `target` (which must exist; `/proc/self/fd/N` lands on that very
+/// file), then remounts it with `flags`.
+pub fn bind_onto(host: &Path, target: &Path, flags: libc::c_ulong) -> Result<(), RootError> {
+    bind(host, target)?;
+    restrict(target, flags)
+}
+
+/// Bind mounts `host` on `target`, which must exist.
+pub fn bind(host: &Path, target: &Path) -> Result<(), RootError> {
+    mount(Some(host), target, libc::MS_BIND, "bind mount")
+}
+
+/// Remounts the bind mount at `target` (its root: a descriptor opened before the bind mount
+/// still leads to the file under it) with `flags`.
+pub fn restrict(target: &Path, flags: libc::c_ulong) -> Result<(), RootError> {
     mount(
         None,
         target,
         libc::MS_BIND | libc::MS_REMOUNT | flags,
         "restricting a bind mount",
+    )
+}
+
+/// Mounts an empty, read-only tmpfs on the directory `target`.
+pub fn mount_empty_read_only(target: &Path) -> Result<(), RootError> {
+    let target_c = cstring(target)?;
+    // SAFETY: valid NUL-terminated strings; mount reads them.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target_c.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"size=4k,nr_inodes=1,mode=0555".as_ptr().cast(),
+        )
+    };
+    call(
+        format!("mounting an empty tmpfs ({})", target.display()),
+        rc,
     )
 }
 

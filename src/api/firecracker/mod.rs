@@ -700,12 +700,17 @@ pub fn run(opts: Options) -> i32 {
         }
     }
     // Its own directory for the VMM's settings and outputs, under a name nobody can guess: in
-    // the temporary directory, or, in a jail that has none, in the working directory.
+    // the temporary directory, or, in a jail that has none, in /run (the one place the jailer
+    // lets it write; its root is root's), or in the working directory.
     let name = format!(
         "bulkhead-fc-{}",
         crate::config::random_vm_id().unwrap_or_else(|_| std::process::id().to_string())
     );
-    let candidates = [std::env::temp_dir().join(&name), PathBuf::from(&name)];
+    let candidates = [
+        std::env::temp_dir().join(&name),
+        PathBuf::from("/run").join(&name),
+        PathBuf::from(&name),
+    ];
     let Some(work) = candidates
         .into_iter()
         .find(|dir| std::fs::DirBuilder::new().mode(0o700).create(dir).is_ok())
