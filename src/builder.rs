@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::acpi::{self, Board, PortDevice, PowerRegisters, VirtioMmio};
 use crate::arch::x86_64::{layout, mptable, reset_vector, ArchError};
 use crate::boot::{self, BootError, BootFile};
+use crate::broker::BrokerClient;
 use crate::config::{ConsoleConfig, IrqChip, RateLimiterConfig, TokenBucketConfig, VmConfig};
 use crate::devices::legacy::{
     self, ioapic, power, AcpiPower, BootCompletePort, GuestExitPort, IoDelayPort, Ioapic, PvPanic,
@@ -78,6 +79,8 @@ pub enum BuildError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error("cannot take the vsock connection broker: {0}")]
+    Broker(#[source] std::io::Error),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::RegionError),
     #[error("cannot open console file {path}: {source}")]
@@ -118,6 +121,9 @@ pub struct BuildEnv {
     /// The channel the VMM's front end (the Firecracker personality) controls the running VM
     /// through: Ctrl-Alt-Del, a disk's backing file swapped.
     pub control: Option<std::os::fd::OwnedFd>,
+    /// The supervisor's vsock connection broker: guest connections to host ports go through
+    /// it, so the VM process never calls `connect`.
+    pub broker: Option<std::os::fd::OwnedFd>,
 }
 
 /// What [`BuildEnv::after_open`] runs.
@@ -131,6 +137,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         start_ns,
         after_open,
         control,
+        broker,
     } = env;
     let mut kernel_file = BootFile::open_with("kernel", &config.kernel, config.no_follow)?;
     let mut initrd_file = match &config.initrd {
@@ -149,10 +156,14 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         taps.push((Tap::open(&net.tap)?, net.mac));
     }
     let vsock = match &config.vsock {
-        Some(v) => Some(
-            VsockBackend::open(v.cid, &v.uds, !config.vsock_cid_shared)?
-                .with_buffer_budget(v.buffer_mib << 20),
-        ),
+        Some(v) => {
+            let backend = VsockBackend::open(v.cid, &v.uds, !config.vsock_cid_shared)?
+                .with_buffer_budget(v.buffer_mib << 20);
+            Some(match broker {
+                Some(fd) => backend.with_broker(BrokerClient::new(fd).map_err(BuildError::Broker)?),
+                None => backend,
+            })
+        }
         None => None,
     };
     let kvm = kvm::open_kvm(&config.kvm_device)?;

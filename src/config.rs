@@ -227,10 +227,15 @@ pub enum ForbiddenCall {
     MremapFixed,
     /// tgkill with a signal the filter does not list (0, which only checks the thread).
     TgkillOtherSignal,
+    /// socket(AF_UNIX, SOCK_STREAM): the VMM thread may open no socket at all (the
+    /// supervisor's broker connects guest connections).
+    SocketUnixStream,
+    /// connect to a Unix socket by path: in no thread's filter.
+    ConnectUnix,
 }
 
 impl ForbiddenCall {
-    pub const ALL: [(&'static str, ForbiddenCall); 9] = [
+    pub const ALL: [(&'static str, ForbiddenCall); 11] = [
         ("socket-inet", ForbiddenCall::SocketInet),
         ("socket-dgram", ForbiddenCall::SocketDgram),
         ("futex-requeue", ForbiddenCall::FutexRequeue),
@@ -240,6 +245,8 @@ impl ForbiddenCall {
         ("mmap-file", ForbiddenCall::MmapFile),
         ("mremap-fixed", ForbiddenCall::MremapFixed),
         ("tgkill-other-signal", ForbiddenCall::TgkillOtherSignal),
+        ("socket-unix-stream", ForbiddenCall::SocketUnixStream),
+        ("connect-unix", ForbiddenCall::ConnectUnix),
     ];
 }
 

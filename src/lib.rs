@@ -8,6 +8,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod broker;
 pub mod builder;
 pub mod config;
 pub mod devices;

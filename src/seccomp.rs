@@ -148,6 +148,24 @@ pub fn forbidden_call(call: crate::config::ForbiddenCall) {
             SocketInet => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
             SocketDgram => libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
                 as libc::c_long,
+            SocketUnixStream => libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            ) as libc::c_long,
+            // On no descriptor: with connect in the filter this would fail with EBADF.
+            ConnectUnix => {
+                let mut addr: libc::sockaddr_un = std::mem::zeroed();
+                addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+                for (d, s) in addr.sun_path.iter_mut().zip(b"/run/containerd.sock") {
+                    *d = *s as libc::c_char;
+                }
+                libc::connect(
+                    -1,
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                ) as libc::c_long
+            }
             // Requeues no waiter from `word` to itself.
             FutexRequeue => libc::syscall(
                 libc::SYS_futex,
@@ -204,7 +222,7 @@ pub fn forbidden_call(call: crate::config::ForbiddenCall) {
             }
             TgkillOtherSignal => libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), 0),
         };
-        if rc >= 0 && matches!(call, SocketInet | SocketDgram) {
+        if rc >= 0 && matches!(call, SocketInet | SocketDgram | SocketUnixStream) {
             libc::close(rc as libc::c_int);
         }
     }
@@ -342,7 +360,10 @@ mod tests {
             )
         };
         let stream = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-        assert!(socket(libc::AF_UNIX, stream, 0));
+        // No socket of any kind, and no connect: the supervisor's broker connects guest
+        // connections to host sockets.
+        assert!(!socket(libc::AF_UNIX, stream, 0));
+        assert!(!allowed(&vmm, libc::SYS_connect, [3, 0, 110, 0, 0, 0]));
         assert!(!socket(libc::AF_UNIX, libc::SOCK_STREAM, 0), "blocking");
         assert!(!socket(
             libc::AF_UNIX,

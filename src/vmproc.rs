@@ -82,6 +82,14 @@ fn count_panics(region: Arc<Region>) {
     }));
 }
 
+/// The sockets the VM process gets from its supervisor besides stdio: the front end's control
+/// channel, and the vsock connection broker.
+#[derive(Debug, Default)]
+pub struct Channels {
+    pub control: Option<OwnedFd>,
+    pub broker: Option<OwnedFd>,
+}
+
 /// Builds and runs the VM; returns the process's exit status. `region` is the supervisor's
 /// telemetry region (shared across the fork), `wake` its eventfd, `console_file` the console
 /// file it opened. A jailed VM process gets its jail and the life pipe (see
@@ -93,7 +101,7 @@ pub fn run(
     wake: EventFd,
     console_file: Option<File>,
     jailed: Option<(&VmJail, OwnedFd)>,
-    control: Option<OwnedFd>,
+    channels: Channels,
 ) -> i32 {
     // One malloc arena for every thread. glibc then never makes or shrinks a heap of a
     // thread's own; shrinking one maps PROT_NONE over it with MAP_FIXED and may read /proc,
@@ -149,7 +157,8 @@ pub fn run(
         console_file,
         start_ns,
         after_open,
-        control,
+        control: channels.control,
+        broker: channels.broker,
     };
     let vmm = match build_vm(config, env) {
         Ok(vmm) => vmm,

@@ -195,6 +195,10 @@ fn each_tightened_argument_rule_traps_the_call_it_no_longer_allows() {
     let cases = [
         ("vmm-forbidden-call:socket-inet", "vmm", 41),
         ("vmm-forbidden-call:socket-dgram", "vmm", 41),
+        // No socket, no connect: a VMM thread taken over reaches no host socket.
+        ("vmm-forbidden-call:socket-unix-stream", "vmm", 41),
+        ("vmm-forbidden-call:connect-unix", "vmm", 42),
+        ("vcpu-forbidden-call:connect-unix", "vcpu0", 42),
         ("vmm-forbidden-call:futex-requeue", "vmm", 202),
         ("vmm-forbidden-call:futex-shared", "vmm", 202),
         ("vmm-forbidden-call:madvise-mergeable", "vmm", 28),

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 pub use ending::{StopCause, VmEnd};
 pub use outputs::{write_initial_metrics, OutputError};
 
+use crate::broker::{self, BrokerServer};
 use crate::config::VmConfig;
 use crate::exit::status;
 use crate::jail::VmJail;
@@ -98,6 +99,24 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::RUNTIME_ERROR;
         }
     }
+    // Guest connections to host ports are connected here and handed over: the VM process's
+    // filter has no `connect`.
+    let broker = match config
+        .vsock
+        .as_ref()
+        .map(|v| make_broker(&v.uds, jail.as_ref()))
+    {
+        None => None,
+        Some(Ok(pair)) => Some(pair),
+        Some(Err(e)) => {
+            log::error!("vsock broker: {e}");
+            return status::RUNTIME_ERROR;
+        }
+    };
+    let (broker, broker_far) = match broker {
+        Some((server, far)) => (Some(server), Some(far)),
+        None => (None, None),
+    };
     let spawned = spawn::spawn(
         config,
         start_ns,
@@ -105,6 +124,7 @@ pub fn run(config: &VmConfig) -> i32 {
         outputs.console.as_ref(),
         jail.as_ref(),
         control,
+        broker_far,
     );
     let vm = match spawned {
         Ok(vm) => vm,
@@ -147,6 +167,7 @@ pub fn run(config: &VmConfig) -> i32 {
     let watched = Watch::new(
         config, vm, outputs, engine, ctx, signals, start_ns, start_wall,
     )
+    .with_broker(broker)
     .run();
     let end = watched.end;
     if let Some(j) = jail.as_mut() {
@@ -162,6 +183,24 @@ pub fn run(config: &VmConfig) -> i32 {
         log::error!("{message}");
     }
     end.status()
+}
+
+/// The broker's two ends for a VM whose vsock socket is `uds` (as the VM process names it):
+/// the supervisor's, serving the socket directory the host sees, as the jail's user when
+/// jailed; and the VM process's.
+fn make_broker(
+    uds: &std::path::Path,
+    jail: Option<&VmJail>,
+) -> std::io::Result<(BrokerServer, std::os::fd::OwnedFd)> {
+    let (ours, theirs) = broker::pair()?;
+    // A jail keeps only the file name, in its own socket directory.
+    let inside = jail.and_then(|j| j.config.vsock.as_ref().map(|v| (j, v.uds.clone())));
+    let (host_uds, as_user) = match inside {
+        Some((j, at)) => (j.host_path(&at), Some((j.uid, j.gid))),
+        None => (uds.to_path_buf(), None),
+    };
+    let server = BrokerServer::new(ours, &host_uds, as_user)?;
+    Ok((server, std::os::fd::OwnedFd::from(theirs)))
 }
 
 /// Kills and reaps the VM process (it would die with the supervisor anyway, through

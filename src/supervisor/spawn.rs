@@ -32,6 +32,8 @@ const WAKE_FD: RawFd = 4;
 const LIFE_FD: RawFd = 5;
 /// The front end's control channel, when there is one.
 const CONTROL_FD: RawFd = 6;
+/// The VM process's end of the vsock connection broker, when the VM has vsock.
+const BROKER_FD: RawFd = 7;
 
 /// Errors starting the VM process.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,7 @@ pub fn spawn(
     console: Option<&File>,
     jail: Option<&VmJail>,
     control: Option<OwnedFd>,
+    broker: Option<OwnedFd>,
 ) -> Result<VmProcess, SpawnError> {
     let config = jail.map_or(config, |j| &j.config);
     let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(SpawnError::Wake)?;
@@ -96,10 +99,18 @@ pub fn spawn(
     if pid == 0 {
         drop(life_write);
         let control_fd = control.as_ref().map(AsRawFd::as_raw_fd);
-        let status = match become_vm_process(life_read, console_fd, wake.as_raw_fd(), control_fd) {
-            Ok((console, wake, life, control)) => {
+        let broker_fd = broker.as_ref().map(AsRawFd::as_raw_fd);
+        let kept = become_vm_process(
+            life_read,
+            console_fd,
+            wake.as_raw_fd(),
+            [control_fd, broker_fd],
+        );
+        let status = match kept {
+            Ok((console, wake, life, [control, broker])) => {
                 let jailed = jail.map(|j| (j, life));
-                crate::vmproc::run(config, start_ns, region, wake, console, jailed, control)
+                let channels = crate::vmproc::Channels { control, broker };
+                crate::vmproc::run(config, start_ns, region, wake, console, jailed, channels)
             }
             Err(e) => {
                 log::error!("VM process: {e}");
@@ -121,8 +132,9 @@ pub fn spawn(
             return Err(SpawnError::PidNamespace(e));
         }
     }
-    // The control channel is the VM process's alone.
+    // The control channel and the broker's far end are the VM process's alone.
     drop(control);
+    drop(broker);
     Ok(VmProcess {
         pid,
         region,
@@ -142,15 +154,19 @@ fn life_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// What the VM process keeps: the console file, the wake eventfd, the life pipe, and the
+/// control channel and broker when there are.
+type Kept = (Option<File>, EventFd, OwnedFd, [Option<OwnedFd>; 2]);
+
 /// In the child: dies with the supervisor, restores the signal mask, and keeps only the
 /// descriptors it needs (stdio, the console file, the wake eventfd and the life pipe, moved to
-/// 3, 4 and 5).
+/// 3, 4 and 5, and the control channel and broker when there are, at 6 and 7).
 fn become_vm_process(
     life: OwnedFd,
     console: Option<RawFd>,
     wake: RawFd,
-    control: Option<RawFd>,
-) -> std::io::Result<(Option<File>, EventFd, OwnedFd, Option<OwnedFd>)> {
+    channels: [Option<RawFd>; 2],
+) -> std::io::Result<Kept> {
     let check = |rc: libc::c_int| {
         if rc < 0 {
             Err(std::io::Error::last_os_error())
@@ -179,11 +195,13 @@ fn become_vm_process(
     let wake_high = check(unsafe { libc::fcntl(wake, libc::F_DUPFD, 10) })?;
     // SAFETY: as above.
     let life_high = check(unsafe { libc::fcntl(life.as_raw_fd(), libc::F_DUPFD, 10) })?;
-    let control_high = match control {
-        // SAFETY: as above.
-        Some(fd) => Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?),
-        None => None,
-    };
+    let mut channels_high = [None; 2];
+    for (high, fd) in channels_high.iter_mut().zip(channels) {
+        if let Some(fd) = fd {
+            // SAFETY: as above.
+            *high = Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?);
+        }
+    }
     let console_high = match console {
         // SAFETY: as above.
         Some(fd) => Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?),
@@ -199,13 +217,15 @@ fn become_vm_process(
     check(unsafe { libc::dup2(wake_high, WAKE_FD) })?;
     // SAFETY: as above.
     check(unsafe { libc::dup2(life_high, LIFE_FD) })?;
-    if let Some(fd) = control_high {
-        // SAFETY: as above.
-        check(unsafe { libc::dup2(fd, CONTROL_FD) })?;
+    for (high, at) in channels_high.iter().zip([CONTROL_FD, BROKER_FD]) {
+        if let Some(fd) = high {
+            // SAFETY: as above.
+            check(unsafe { libc::dup2(*fd, at) })?;
+        }
     }
     // SAFETY: close_range closes descriptors only; nothing in this process uses the ones above
-    // WAKE_FD any more.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, CONTROL_FD + 1, u32::MAX, 0) };
+    // BROKER_FD any more.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, BROKER_FD + 1, u32::MAX, 0) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -218,14 +238,21 @@ fn become_vm_process(
     std::mem::forget(life);
     // SAFETY: as above.
     let life = unsafe { OwnedFd::from_raw_fd(LIFE_FD) };
-    let control = match control_high {
-        // SAFETY: as above.
-        Some(_) => Some(unsafe { OwnedFd::from_raw_fd(CONTROL_FD) }),
-        None => {
-            // SAFETY: closing a descriptor this process does not use, whatever it is.
-            unsafe { libc::close(CONTROL_FD) };
-            None
-        }
-    };
-    Ok((console, wake, life, control))
+    let mut kept = [None, None];
+    for ((slot, high), at) in kept
+        .iter_mut()
+        .zip(channels_high)
+        .zip([CONTROL_FD, BROKER_FD])
+    {
+        *slot = match high {
+            // SAFETY: as above.
+            Some(_) => Some(unsafe { OwnedFd::from_raw_fd(at) }),
+            None => {
+                // SAFETY: closing a descriptor this process does not use, whatever it is.
+                unsafe { libc::close(at) };
+                None
+            }
+        };
+    }
+    Ok((console, wake, life, kept))
 }

@@ -10,7 +10,7 @@
 mod conn;
 mod muxer;
 mod packet;
-mod sock;
+pub mod sock;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -49,6 +49,18 @@ pub struct VsockBackend {
     cid_claim: Option<OwnedFd>,
     /// Bytes the connections' buffers may take on the host's heap, all together.
     buffer_budget: u64,
+    /// How a guest connection to host port P reaches the socket `uds_P`.
+    connector: Connector,
+}
+
+/// How the device connects a guest's connection to host port P.
+#[derive(Debug)]
+pub enum Connector {
+    /// Itself, to `uds_P` (tests and fuzzing: a process with `connect` in its filter).
+    Direct,
+    /// Through the supervisor, which connects and hands the socket over: the VM process's
+    /// filter then has no `connect` at all.
+    Broker(crate::broker::BrokerClient),
 }
 
 impl VsockBackend {
@@ -74,7 +86,14 @@ impl VsockBackend {
             listener,
             cid_claim,
             buffer_budget: DEFAULT_BUFFER_BUDGET,
+            connector: Connector::Direct,
         })
+    }
+
+    /// Guest connections go through the supervisor's broker.
+    pub fn with_broker(mut self, broker: crate::broker::BrokerClient) -> VsockBackend {
+        self.connector = Connector::Broker(broker);
+        self
     }
 
     /// Bounds the heap all connections together may pin: each reserves

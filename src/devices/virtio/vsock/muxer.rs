@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use super::conn::{Conn, State};
 use super::packet::{Header, HeaderError, Op, HEADER_LEN, HOST_CID};
-use super::{sock, VsockBackend};
+use super::{sock, Connector, VsockBackend};
 use crate::devices::virtio::chain::Chain;
 use crate::devices::virtio::worker::{drain, FdChange, QueueContext, QueueHandler};
 use crate::devices::virtio::RequestError;
@@ -56,6 +56,7 @@ pub struct VsockQueues {
     changes: Vec<FdChange>,
     /// Connections the VM's buffer budget allows (each reserves [`CONN_BUFFER_BYTES`]).
     max_conns: usize,
+    connector: Connector,
 }
 
 impl VsockQueues {
@@ -66,6 +67,7 @@ impl VsockQueues {
             listener,
             cid_claim,
             buffer_budget,
+            connector,
         } = backend;
         let max_conns = usize::try_from(buffer_budget / CONN_BUFFER_BYTES)
             .unwrap_or(MAX_CONNS)
@@ -81,6 +83,7 @@ impl VsockQueues {
             control: VecDeque::new(),
             changes: Vec::new(),
             max_conns,
+            connector,
         }
     }
 
@@ -324,9 +327,15 @@ impl VsockQueues {
             self.queue_control(self.rst_for(h));
             return;
         }
-        let mut path = self.uds.clone().into_os_string();
-        path.push(format!("_{}", h.dst_port));
-        match sock::connect(std::path::Path::new(&path)) {
+        let connected = match &mut self.connector {
+            Connector::Direct => {
+                let mut path = self.uds.clone().into_os_string();
+                path.push(format!("_{}", h.dst_port));
+                sock::connect(std::path::Path::new(&path))
+            }
+            Connector::Broker(broker) => broker.connect(h.dst_port),
+        };
+        match connected {
             Ok(stream) => {
                 let mut conn = Conn::new(stream, State::Established, h.dst_port, h.src_port);
                 conn.peer_buf_alloc = h.buf_alloc;
