@@ -5,13 +5,17 @@
 //! daemon's) and no abstract one: only sockets named `uds_P` in the directory of its own
 //! `uds`, as the supervisor finds them.
 //!
-//! The two ends are a Unix datagram socket pair made before the VM process is forked. The VM
+//! The two ends are a Unix sequenced-packet socket pair made before the VM process is forked. The VM
 //! process sends a [`Request`] (a sequence number and the port) and waits, at most
 //! [`REPLY_TIMEOUT`], for the answer with the same sequence number: a status, and the
 //! connected socket as SCM_RIGHTS when it worked. The supervisor takes nothing from the VM
 //! process but those eight bytes: the name is its own `uds` and the port as a number; the
 //! socket is opened in a directory it opened itself, following no symlink, must be a socket,
-//! and is connected with the VM process's credentials (a jailed VM's uid and gid).
+//! and is connected by a thread of the supervisor's that has taken the VM process's
+//! credentials for good (a jailed VM's uid and gid, no groups): the kernel's permission check
+//! and the listener's SO_PEERCRED see that user, never root. At most [`CONNECTS_PER_SECOND`]
+//! connections a second (after a burst as large) are made; past that the guest's connection
+//! is refused, so a guest can not spend the supervisor's CPU, which its cgroup does not count.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -27,8 +31,11 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// connection.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Requests the supervisor serves in one go before it looks at anything else.
-const MAX_BATCH: usize = 64;
+/// How long one wait for the answer lasts; the VM process waits again until
+/// [`REPLY_TIMEOUT`] has passed since it asked.
+const RECV_SLICE: Duration = Duration::from_millis(100);
+/// Connections the broker makes a second for one VM, and at once.
+pub const CONNECTS_PER_SECOND: u32 = 100;
 
 /// A request: connect guest port `port`'s host socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +63,30 @@ impl Request {
     }
 }
 
-/// The two ends: (the supervisor's, the VM process's).
+/// The two ends: (the supervisor's, the VM process's). Sequenced packets: messages keep their
+/// bounds, and the supervisor's end reads the end of the stream when the VM process is gone.
 pub fn pair() -> io::Result<(UnixDatagram, UnixDatagram)> {
-    UnixDatagram::pair()
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is valid for writes of two ints.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socketpair returned two new descriptors nothing else owns; a sequenced-packet
+    // socket takes the datagram type's send and receive calls.
+    Ok(unsafe {
+        (
+            UnixDatagram::from_raw_fd(fds[0]),
+            UnixDatagram::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 /// The VM process's end.
@@ -73,7 +101,7 @@ impl BrokerClient {
     /// seccomp filter is installed).
     pub fn new(fd: OwnedFd) -> io::Result<BrokerClient> {
         let socket = UnixDatagram::from(fd);
-        socket.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        socket.set_read_timeout(Some(RECV_SLICE))?;
         Ok(BrokerClient { socket, seq: 0 })
     }
 
@@ -84,19 +112,20 @@ impl BrokerClient {
         self.socket.send(&Request { seq, port }.encode())?;
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
+            if Instant::now() >= deadline {
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
             let mut answer = [0u8; 8];
-            let (n, file) = self
-                .socket
-                .recv_with_fd(&mut answer)
-                .map_err(io::Error::from)?;
+            let (n, file) = match self.socket.recv_with_fd(&mut answer) {
+                Ok(got) => got,
+                Err(e) if matches!(e.errno(), libc::EAGAIN | libc::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            };
             let Some(reply) = Request::decode(answer.get(..n).unwrap_or(&[])) else {
                 continue;
             };
             // An answer to an earlier request that timed out: its socket is dropped.
             if reply.seq != seq {
-                if Instant::now() >= deadline {
-                    return Err(io::Error::from(io::ErrorKind::TimedOut));
-                }
                 continue;
             }
             // The status travels where the port went: 0, or the errno of the refusal.
@@ -120,7 +149,7 @@ pub struct BrokerServer {
     dir_path: PathBuf,
     /// The file name of the VM's `uds`: a guest port P's socket is `BASE_P`.
     base: String,
-    /// The credentials the connection is made with (a jailed VM's uid and gid).
+    /// The user the connections are made as (a jailed VM's uid and gid).
     as_user: Option<(u32, u32)>,
     /// Whether /proc is there to connect through the opened file itself.
     proc: bool,
@@ -157,7 +186,6 @@ impl BrokerServer {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        socket.set_nonblocking(true)?;
         Ok(BrokerServer {
             socket,
             // SAFETY: open returned a new descriptor nothing else owns.
@@ -169,24 +197,59 @@ impl BrokerServer {
         })
     }
 
-    /// The descriptor to poll for requests.
-    pub fn fd(&self) -> i32 {
-        self.socket.as_raw_fd()
+    /// Serves requests on a thread of its own (`vsock-broker`), which takes the VM's user for
+    /// good first. Start it after the VM process is forked and before the supervisor's filter
+    /// goes on (the filter covers it too). It ends when the VM process's end is gone.
+    ///
+    /// Returns once the thread has taken the user: after that, it makes no system call the
+    /// supervisor's filter does not allow.
+    pub fn start(self) -> io::Result<std::thread::JoinHandle<()>> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("vsock-broker".into())
+            .spawn(move || {
+                if let Some((uid, gid)) = self.as_user {
+                    let user = crate::jail::privileges::User {
+                        uid,
+                        gid,
+                        groups: Vec::new(),
+                    };
+                    if let Err(e) = crate::jail::privileges::become_user_on_this_thread(&user) {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                }
+                let _ = ready_tx.send(Ok(()));
+                self.serve();
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::other(
+                "the broker thread ended before it started",
+            )),
+        }
     }
 
-    /// Answers the requests waiting (a bounded number); how many were served.
-    pub fn serve(&self) -> usize {
-        let mut served = 0;
-        while served < MAX_BATCH {
+    /// Answers requests until the VM process's end is closed.
+    fn serve(&self) {
+        let mut tokens = f64::from(CONNECTS_PER_SECOND);
+        let mut last = Instant::now();
+        loop {
             let mut buf = [0u8; 16];
-            let Ok(n) = self.socket.recv(&mut buf) else {
-                break;
+            let n = match self.socket.recv(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
             };
-            served += 1;
             // Anything but eight bytes is not a request: dropped, unanswered.
             let Some(req) = Request::decode(buf.get(..n).unwrap_or(&[])) else {
                 continue;
             };
+            let now = Instant::now();
+            tokens = (tokens
+                + now.duration_since(last).as_secs_f64() * f64::from(CONNECTS_PER_SECOND))
+            .min(f64::from(CONNECTS_PER_SECOND));
+            last = now;
             let answer = |status: u32| {
                 Request {
                     seq: req.seq,
@@ -194,7 +257,13 @@ impl BrokerServer {
                 }
                 .encode()
             };
-            let sent = match self.connect(req.port) {
+            let connected = if tokens >= 1.0 {
+                tokens -= 1.0;
+                self.connect(req.port)
+            } else {
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            };
+            let sent = match connected {
                 Ok(stream) => self.socket.send_with_fd(&answer(0)[..], stream.as_raw_fd()),
                 Err(e) => self
                     .socket
@@ -207,7 +276,6 @@ impl BrokerServer {
                 crate::warn_limited!("vsock broker: cannot answer the VM process");
             }
         }
-        served
     }
 
     /// Connects to `BASE_PORT` in the socket directory: a socket file there, no symlink.
@@ -239,41 +307,15 @@ impl BrokerServer {
         if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
             return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
         }
-        // Through the opened file itself where /proc shows it; by name otherwise (the
-        // directory's writers are then the VM's own uid, who could name anything anyway).
+        // Through the opened file itself where /proc shows it. Without /proc (a jailer's
+        // chroot without one) by name, checked just before: whoever could swap it in between
+        // could write that directory, and so could name the socket themselves.
         let target = if self.proc {
             PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
         } else {
             self.dir_path.join(&name)
         };
-        let _as = self.as_user.map(AsUser::take);
         crate::devices::virtio::vsock::sock::connect(&target)
-    }
-}
-
-/// This thread's file-system credentials, taken for a connect and given back when dropped:
-/// the kernel checks the socket's permissions against them.
-struct AsUser;
-
-impl AsUser {
-    fn take((uid, gid): (u32, u32)) -> AsUser {
-        // SAFETY: setfsgid and setfsuid take integers and change this thread's file-system
-        // ids only.
-        unsafe {
-            libc::syscall(libc::SYS_setfsgid, gid);
-            libc::syscall(libc::SYS_setfsuid, uid);
-        }
-        AsUser
-    }
-}
-
-impl Drop for AsUser {
-    fn drop(&mut self) {
-        // SAFETY: as above, back to the real ids (root's, for a jailed VM's supervisor).
-        unsafe {
-            libc::syscall(libc::SYS_setfsuid, libc::getuid());
-            libc::syscall(libc::SYS_setfsgid, libc::getgid());
-        }
     }
 }
 
@@ -310,14 +352,7 @@ mod tests {
         let (ours, theirs) = pair().unwrap();
         let server = BrokerServer::new(ours, &uds, None).unwrap();
         let mut client = BrokerClient::new(OwnedFd::from(theirs)).unwrap();
-        let serve = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut served = 0;
-            while served < 4 && Instant::now() < deadline {
-                served += server.serve();
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
+        let serve = server.start().unwrap();
         let stream = client.connect(5000).unwrap();
         let (peer, _) = listener.accept().unwrap();
         drop(peer);
@@ -325,6 +360,7 @@ mod tests {
         for port in [6000, 7000, 8000] {
             assert!(client.connect(port).is_err(), "port {port}");
         }
+        drop(client);
         serve.join().unwrap();
     }
 }

@@ -302,7 +302,9 @@ fn a_jailed_vms_vsock_sockets_live_in_its_jail_where_no_other_vm_can_meet_them()
     let port_5000 = inside.with_file_name("v.sock_5000");
     let listener = UnixListener::bind(&port_5000).unwrap();
     std::fs::set_permissions(&port_5000, std::fs::Permissions::from_mode(0o666)).unwrap();
-    vsock_host_side(UnixStream::connect(&inside).unwrap(), &listener);
+    let peer = vsock_host_side(UnixStream::connect(&inside).unwrap(), &listener);
+    // The guest's connection comes from the jail's user, never from root.
+    assert_eq!(peer, 0x7000_0000 + supervisor.id());
     let status = supervisor.wait().unwrap();
     let mut err = String::new();
     let _ = supervisor.stderr.take().unwrap().read_to_string(&mut err);

@@ -138,6 +138,12 @@ pub fn run(config: &VmConfig) -> i32 {
     };
     // The console file is the VM process's now.
     outputs.console = None;
+    // Its thread takes the VM's user before the supervisor's filter goes on (and covers it).
+    if let Some(Err(e)) = broker.map(BrokerServer::start) {
+        log::error!("vsock broker: {e}");
+        stop_now(vm.pid, terminal.as_ref(), jail.as_mut());
+        return status::RUNTIME_ERROR;
+    }
     if let Err(e) = outputs.start_http() {
         log::error!("{e}");
         stop_now(vm.pid, terminal.as_ref(), jail.as_mut());
@@ -167,7 +173,6 @@ pub fn run(config: &VmConfig) -> i32 {
     let watched = Watch::new(
         config, vm, outputs, engine, ctx, signals, start_ns, start_wall,
     )
-    .with_broker(broker)
     .run();
     let end = watched.end;
     if let Some(j) = jail.as_mut() {

@@ -10,7 +10,6 @@ use serde_json::json;
 use super::ending::{StopCause, VmEnd};
 use super::outputs::{initial_facts, Outputs};
 use super::spawn::VmProcess;
-use crate::broker::BrokerServer;
 use crate::config::VmConfig;
 use crate::exit::VmExitReason;
 use crate::signal;
@@ -63,8 +62,6 @@ pub struct Watch<'a> {
     peak_rss: Option<u64>,
     /// The last /proc view of the VM process's threads: (when, filtered, all).
     threads: Option<(u64, u64, u64)>,
-    /// The vsock connection broker, for a VM with vsock.
-    broker: Option<BrokerServer>,
 }
 
 impl<'a> Watch<'a> {
@@ -95,14 +92,7 @@ impl<'a> Watch<'a> {
             reaped: false,
             peak_rss: None,
             threads: None,
-            broker: None,
         }
-    }
-
-    /// Serves the VM's vsock connection broker in the loop.
-    pub fn with_broker(mut self, broker: Option<BrokerServer>) -> Watch<'a> {
-        self.broker = broker;
-        self
     }
 
     fn pid(&self) -> libc::pid_t {
@@ -134,17 +124,11 @@ impl<'a> Watch<'a> {
                 wake_at = wake_at.min(t);
             }
             let timeout_ms = wake_at.saturating_sub(now).div_ceil(1_000_000).min(1000);
-            let (wake, brokered) = poll(
+            let wake = poll(
                 &self.signals,
                 listen.then_some(&self.vm.wake),
-                self.broker.as_ref().map(BrokerServer::fd),
                 timeout_ms as i32,
             );
-            if brokered {
-                if let Some(b) = &self.broker {
-                    b.serve();
-                }
-            }
             if wake {
                 let _ = self.vm.wake.read();
                 self.drain();
@@ -443,13 +427,7 @@ fn own_peak_rss() -> Option<u64> {
 }
 
 /// Polls the signalfd, and the wake eventfd when given: true when the eventfd is readable.
-/// Waits for a signal, the wake eventfd or a broker request; (woken, a request waits).
-fn poll(
-    signals: &OwnedFd,
-    wake: Option<&vmm_sys_util::eventfd::EventFd>,
-    broker: Option<i32>,
-    timeout_ms: i32,
-) -> (bool, bool) {
+fn poll(signals: &OwnedFd, wake: Option<&vmm_sys_util::eventfd::EventFd>, timeout_ms: i32) -> bool {
     let fd = |fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -458,16 +436,12 @@ fn poll(
     let mut fds = [
         fd(signals.as_raw_fd()),
         fd(wake.map_or(-1, AsRawFd::as_raw_fd)),
-        fd(broker.unwrap_or(-1)),
     ];
-    // SAFETY: `fds` is a valid array of three pollfd structs for the kernel to fill; a
-    // negative fd is ignored.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout_ms) };
-    let [_, w, b] = fds;
-    (
-        n > 0 && w.revents & libc::POLLIN != 0,
-        n > 0 && b.revents & libc::POLLIN != 0,
-    )
+    // SAFETY: `fds` is a valid array of two pollfd structs for the kernel to fill; a negative
+    // fd is ignored.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    let [_, w] = fds;
+    n > 0 && w.revents & libc::POLLIN != 0
 }
 
 /// (threads under a seccomp filter, threads) of process `pid`, as /proc says; None when

@@ -406,7 +406,7 @@ pub fn read_line(stream: &mut std::os::unix::net::UnixStream) -> String {
 pub fn vsock_host_side(
     mut stream: std::os::unix::net::UnixStream,
     listener: &std::os::unix::net::UnixListener,
-) {
+) -> u32 {
     use std::io::Write;
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
@@ -427,6 +427,26 @@ pub fn vsock_host_side(
     from_guest.read_exact(&mut ping).unwrap();
     assert_eq!(&ping, b"ping-from-guest");
     from_guest.write_all(b"pong-from-host").unwrap();
+    // Who the guest's connection came from, as the listener sees it.
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    use std::os::fd::AsRawFd;
+    // SAFETY: `cred` and `len` are valid for the kernel to write; the socket is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            from_guest.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0);
+    cred.uid
 }
 
 /// For tests that need root as well as KVM (the jail, the daemon: namespaces, mounts,
