@@ -991,12 +991,19 @@ fn a_flood_of_requests_is_cut_by_the_rate_limit_and_audited_as_a_line_a_second()
         serve["tenants"]["acme"]["request_burst"] = json!(50);
     });
     let before = h.audit().len();
+    let start = Instant::now();
     let statuses = burst_as(ACME, &h.socket(Some("acme")), "/v1/vms", 2000);
+    let took = start.elapsed().as_secs_f64();
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     let limited = statuses.iter().filter(|&&s| s == 429).count();
     assert_eq!(ok + limited, 2000, "{statuses:?}");
-    // The burst, and what the bucket earned meanwhile (20 a second).
-    assert!((50..200).contains(&ok), "{ok} answered");
+    // The burst, and what the bucket earned meanwhile (20 a second), however long the flood
+    // took on this host.
+    let most = 50.0 + 20.0 * took + 2.0;
+    assert!(
+        ok >= 50 && (ok as f64) <= most,
+        "{ok} answered in {took:.2} s"
+    );
     // globex's socket is not held up by acme's flood.
     assert_eq!(as_tenant(&h, "globex", "GET", "/v1/vms", None).status, 200);
     std::thread::sleep(Duration::from_millis(1500));

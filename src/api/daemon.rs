@@ -71,6 +71,7 @@ pub struct Daemon {
     users: BTreeMap<u32, User>,
     /// Each tenant's path checks outstanding (`paths::check`).
     path_checks: BTreeMap<String, Arc<AtomicUsize>>,
+    reaping: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -128,6 +129,7 @@ impl Daemon {
             children: Mutex::new(BTreeSet::new()),
             users,
             path_checks,
+            reaping: Mutex::new(()),
             config,
         };
         if let Some(r) = recovered {
@@ -256,6 +258,8 @@ impl Daemon {
     /// Removes `tenant`'s oldest exited VMs past the `max_exited_vms` it may keep, each
     /// removal audited.
     pub fn reap_exited(&self, tenant: &str) {
+        // One reaping at a time: two VMs ending together reap each record once.
+        let _reaping = lock(&self.reaping);
         let Some(keep) = self.config.tenants.get(tenant).map(|t| t.max_exited_vms) else {
             return;
         };
@@ -355,6 +359,24 @@ impl Daemon {
         // Disks of other VMs this one must not share, compared as files (a path resolved as
         // root, here, could be a tenant's hung mount).
         for other in &live {
+            if other.disks.is_empty() {
+                // A record from before disks were kept as files: its stored paths are the
+                // resolved ones, compared as they are (never resolved again, as root).
+                let cfg: RawConfig =
+                    serde_json::from_value(other.config.clone()).unwrap_or_default();
+                let theirs: Vec<&std::path::Path> = cfg
+                    .disks
+                    .iter()
+                    .flatten()
+                    .map(|o| o.path.as_path())
+                    .collect();
+                if let Some(mine) = vm.disks.iter().find(|d| theirs.contains(&d.path.as_path())) {
+                    return Err(Reply::error(
+                        409,
+                        format!("disk {} is in use by another VM", mine.path.display()),
+                    ));
+                }
+            }
             if let Some(d) = disks
                 .iter()
                 .find(|d| other.disks.iter().any(|o| o.clashes(d)))
@@ -454,8 +476,12 @@ impl Daemon {
             let status = child.wait().await.ok();
             use std::os::unix::process::ExitStatusExt;
             let code = status.and_then(|s| s.code().or_else(|| s.signal().map(|n| 128 + n)));
-            d.ended(&vm_id, code);
-            lock(&d.children).remove(&vm_id);
+            // Files, the audit log's sync and reaping: off the event loop.
+            let _ = tokio::task::spawn_blocking(move || {
+                d.ended(&vm_id, code);
+                lock(&d.children).remove(&vm_id);
+            })
+            .await;
         });
         Ok(id)
     }
@@ -490,8 +516,14 @@ impl Daemon {
                 .filter(|r| r.pid.is_some_and(|p| vms::process_start(p) != r.pid_start))
                 .map(|r| r.id.clone())
                 .collect();
-            for id in gone {
-                self.ended(&id, None);
+            if !gone.is_empty() {
+                let d = self.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for id in gone {
+                        d.ended(&id, None);
+                    }
+                })
+                .await;
             }
         }
     }

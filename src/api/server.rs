@@ -134,7 +134,7 @@ async fn metrics_listener(listen: &MetricsListen) -> std::io::Result<Listener> {
     match listen {
         MetricsListen::Unix { path, group } => {
             let mode = if group.is_some() { 0o660 } else { 0o600 };
-            let l = bind(path, 0, *group, mode)?;
+            let l = bind(path, 0, *group, mode, false)?;
             log::info!("Prometheus metrics on unix:{}, /metrics", path.display());
             Ok(Listener::Unix(l))
         }
@@ -174,15 +174,26 @@ fn read_token(path: &Path) -> std::io::Result<String> {
 /// Binds the socket at `path` (a stale socket there is replaced; anything else is refused)
 /// and gives it to `owner`, mode 0600.
 fn bind_for(path: &Path, owner: u32) -> std::io::Result<UnixListener> {
-    bind(path, owner, None, 0o600)
+    bind(path, owner, None, 0o600, true)
 }
 
 /// Binds the socket at `path` (a stale socket there is replaced; anything else is refused),
 /// owned by `owner` (and `group`), with `mode`.
-fn bind(path: &Path, owner: u32, group: Option<u32>, mode: u32) -> std::io::Result<UnixListener> {
+fn bind(
+    path: &Path,
+    owner: u32,
+    group: Option<u32>,
+    mode: u32,
+    own_dir: bool,
+) -> std::io::Result<UnixListener> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
+        // The daemon's own directories are made passable; another's (the operator's choice for
+        // the metrics socket: /tmp, a Prometheus directory) is left as it is, made only when
+        // missing.
+        if own_dir || !parent.exists() {
+            std::fs::create_dir_all(parent)?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {

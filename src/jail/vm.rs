@@ -103,6 +103,9 @@ pub struct VmJail {
     removed: bool,
     /// The vsock socket directory's tmpfs, on the host.
     socket_dir: Option<PathBuf>,
+    /// The supervisor that made it: only it removes it (a forked VM process, unwinding from a
+    /// panic through the supervisor's frames, must not).
+    owner: libc::pid_t,
 }
 
 /// The vsock socket directory's size: sockets take no room; the owner's stray files little.
@@ -301,6 +304,8 @@ impl VmJail {
             },
             removed: false,
             socket_dir: None,
+            // SAFETY: getpid has no preconditions.
+            owner: unsafe { libc::getpid() },
         };
         let made = cgroup::detect().and_then(|h| {
             VmCgroup::create(&h, &format!("bulkhead/{}", jail.config.vm_id), &limits)
@@ -396,7 +401,8 @@ impl VmJail {
     /// points died with the VM process's mount namespace). Called after the VM process is
     /// reaped; errors are logged, not returned: the VM has ended either way.
     pub fn remove(&mut self) {
-        if std::mem::replace(&mut self.removed, true) {
+        // SAFETY: getpid has no preconditions.
+        if unsafe { libc::getpid() } != self.owner || std::mem::replace(&mut self.removed, true) {
             return;
         }
         if let Some(dir) = self.socket_dir.take() {

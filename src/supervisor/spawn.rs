@@ -110,7 +110,12 @@ pub fn spawn(
             Ok((console, wake, life, [control, broker])) => {
                 let jailed = jail.map(|j| (j, life));
                 let channels = crate::vmproc::Channels { control, broker };
-                crate::vmproc::run(config, start_ns, region, wake, console, jailed, channels)
+                // A panic on the VMM thread ends here, never unwinding into the supervisor's
+                // frames this process was forked from (whose values are the supervisor's).
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    crate::vmproc::run(config, start_ns, region, wake, console, jailed, channels)
+                }))
+                .unwrap_or(crate::exit::status::RUNTIME_ERROR)
             }
             Err(e) => {
                 log::error!("VM process: {e}");

@@ -320,7 +320,7 @@ impl AuditLog {
 
     /// [`AuditLog::open`], after dealing with a last line a write left without its newline:
     /// a whole line that chains gets its newline; a torn one is saved beside the log
-    /// (`PATH.torn-SECONDS`, 0600) and cut. Any other break is refused as by `open`.
+    /// (`PATH.torn-NANOSECONDS`, 0600) and cut. Any other break is refused as by `open`.
     pub fn open_recovering(path: &Path) -> Result<(AuditLog, Option<Recovered>), AuditError> {
         let open_err = |source| AuditError::Open {
             path: path.to_path_buf(),
@@ -361,11 +361,11 @@ impl AuditLog {
                 line: before.entries + 1,
             }
         } else {
-            let secs = SystemTime::now()
+            let nanos = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+                .map_or(0, |d| d.as_nanos());
             let mut name = path.as_os_str().to_owned();
-            name.push(format!(".torn-{secs}"));
+            name.push(format!(".torn-{nanos}"));
             let saved_to = PathBuf::from(name);
             OpenOptions::new()
                 .write(true)

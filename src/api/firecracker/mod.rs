@@ -611,25 +611,48 @@ fn metrics_line(
     line.insert("vmm".into(), vmm);
     // bulkhead's own series that are not zero: all of them (every refusal reason of every
     // device) would not fit a line Kata's reader takes.
-    let series: serde_json::Map<String, Value> = samples
-        .iter()
-        .filter(|(_, _, v)| *v != 0.0)
-        .map(|(n, l, v)| (format!("{n}{{{l}}}"), json!(v)))
-        .collect();
+    // At most half a line of them (a guest can make many series non-zero); how many did
+    // not fit is said.
+    let mut series = serde_json::Map::new();
+    let mut room = MAX_LINE / 2;
+    let mut omitted = 0u64;
+    for (n, l, v) in samples.iter().filter(|(_, _, v)| *v != 0.0) {
+        let key = format!("{n}{{{l}}}");
+        let len = key.len() + 32;
+        if len > room {
+            omitted += 1;
+            continue;
+        }
+        room -= len;
+        series.insert(key, json!(v));
+    }
     line.insert("bulkhead".into(), Value::Object(series));
-    // New alerts, as many as fit; the rest go in the next line.
+    if omitted > 0 {
+        line.insert("bulkhead_series_omitted".into(), json!(omitted));
+    }
+    // New alerts, as many as fit; the rest go in the next line. One too large for any line
+    // is passed over (it is in the alerts file) and counted.
     let mut size = Value::Object(line.clone()).to_string().len();
     let mut new_alerts = Vec::new();
+    let mut too_large = 0u64;
     for alert in alerts.iter().skip(sink.alerts_sent) {
         let len = alert.to_string().len() + 1;
-        if size + len > MAX_LINE - 64 {
+        if len > MAX_LINE / 4 {
+            too_large += 1;
+            sink.alerts_sent += 1;
+            continue;
+        }
+        if size + len > MAX_LINE - 128 {
             break;
         }
         size += len;
+        sink.alerts_sent += 1;
         new_alerts.push(alert.clone());
     }
-    sink.alerts_sent += new_alerts.len();
     line.insert("bulkhead_alerts".into(), json!(new_alerts));
+    if too_large > 0 {
+        line.insert("bulkhead_alerts_omitted".into(), json!(too_large));
+    }
     Value::Object(line)
 }
 
@@ -824,7 +847,19 @@ mod tests {
 
     #[test]
     fn a_metrics_line_fits_kata_s_reader_and_alerts_that_do_not_fit_wait_for_the_next() {
+        // A guest that made every refusal reason of every device, and every exit kind of
+        // every vCPU, non-zero.
         let r = Region::anonymous().unwrap();
+        for d in 0..16 {
+            for v in crate::telemetry::Violation::all() {
+                r.device(d).unwrap().refuse(v);
+            }
+        }
+        for c in 0..32 {
+            for k in crate::telemetry::ExitKind::ALL {
+                r.vcpu(c).unwrap().count(*k);
+            }
+        }
         let facts = SupervisorFacts {
             vcpus: 32,
             devices: (0..16).map(|i| format!("virtio-blk{i}")).collect(),
@@ -849,9 +884,14 @@ mod tests {
             drives: (0..16).map(|i| format!("drive{i}")).collect(),
             nets: vec![],
         };
-        let alerts: Vec<Value> = (0..200)
+        let mut alerts: Vec<Value> = (0..200)
             .map(|i| json!({"rule": "pio_scan", "output": "x".repeat(500), "seq": i}))
             .collect();
+        // One alert no line could hold is passed over, not a block for those after it.
+        alerts.insert(
+            100,
+            json!({"rule": "pio_scan", "output": "y".repeat(MAX_LINE), "seq": -1}),
+        );
         let mut seen = 0;
         for _ in 0..10 {
             let line = metrics_line(&mut sink, &text, &alerts, "vm-1", &json!({}), &devices);
@@ -859,6 +899,10 @@ mod tests {
                 line.to_string().len() <= MAX_LINE,
                 "{}",
                 line.to_string().len()
+            );
+            assert!(
+                line.get("bulkhead_series_omitted").is_some(),
+                "nothing omitted?"
             );
             let sent = line["bulkhead_alerts"].as_array().unwrap();
             assert_eq!(
