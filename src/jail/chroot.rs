@@ -99,6 +99,46 @@ impl Chroot {
         Ok(dir)
     }
 
+    /// The directory `name` in the root made `uid:gid`'s (0700) when missing; one already
+    /// there (the orchestrator's) is left as it is.
+    pub fn own_dir(&self, name: &str, uid: u32, gid: u32) -> Result<(), ChrootError> {
+        let path = self.root.path.join(name);
+        let c =
+            std::ffi::CString::new(name).map_err(|_| DirError::BadPath { path: path.clone() })?;
+        let io = |what| {
+            let path = path.clone();
+            move |source| ChrootError::Io { what, path, source }
+        };
+        // SAFETY: an open directory and a valid name.
+        if unsafe { libc::mkdirat(self.root.fd.as_raw_fd(), c.as_ptr(), 0o700) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                return Ok(());
+            }
+            return Err(io("creating")(e));
+        }
+        self.give(&self.root, &c, uid, gid).map_err(io("giving"))
+    }
+
+    /// `fchownat` of `name` in `dir` to `uid:gid`, following no link.
+    fn give(&self, dir: &Dir, name: &std::ffi::CStr, uid: u32, gid: u32) -> std::io::Result<()> {
+        // SAFETY: an open directory and a valid name; no link is followed.
+        let rc = unsafe {
+            libc::fchownat(
+                dir.fd.as_raw_fd(),
+                name.as_ptr(),
+                uid,
+                gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
     /// A new file at `rel` (it must not exist), made with `mode`.
     pub fn new_file(&self, rel: &Path, mode: u32) -> Result<File, ChrootError> {
         let (parent, name) = self.parent_of(rel)?;
@@ -141,20 +181,7 @@ impl Chroot {
         {
             return Err(io("making the device")(std::io::Error::last_os_error()));
         }
-        // SAFETY: as above; the node was just made and is not followed if it were a link.
-        if unsafe {
-            libc::fchownat(
-                parent.fd.as_raw_fd(),
-                c.as_ptr(),
-                uid,
-                gid,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        } != 0
-        {
-            return Err(io("giving")(std::io::Error::last_os_error()));
-        }
-        Ok(())
+        self.give(&parent, &c, uid, gid).map_err(io("giving"))
     }
 
     /// Makes the host file `host` visible at `rel` beneath the root, read-only, on a new

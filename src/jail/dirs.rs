@@ -230,30 +230,9 @@ pub fn create_exclusive(
             DirError::Create { path, source }
         });
     }
-    let dir = {
-        let how = open_how(
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
-        );
-        // SAFETY: as in `open_no_symlinks`, relative to the open parent.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                parent.fd.as_raw_fd(),
-                c.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(DirError::Open {
-                path,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: openat2 returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        Dir { fd, path }
+    let dir = Dir {
+        fd: open_beneath(parent, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?,
+        path,
     };
     let own_err = |source| DirError::Own {
         path: dir.path.clone(),

@@ -89,36 +89,6 @@ fn write_pid_file(jail: &Chroot, name: &str, pid: libc::pid_t) -> Result<(), Jai
         .map_err(io("writing", &jail.root.path.join(name)))
 }
 
-/// `run/` in the chroot: the VMM's own (uid:gid, 0700) when the jailer makes it; one the
-/// caller made is left as it is.
-fn make_run_dir(jail: &Chroot, uid: u32, gid: u32) -> Result<(), JailerError> {
-    let path = jail.root.path.join("run");
-    let c = CString::new("run").map_err(|_| JailerError::ExecFile(path.clone()))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: an open directory and a valid name.
-    if unsafe { libc::mkdirat(jail.root.fd.as_raw_fd(), c.as_ptr(), 0o700) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(());
-        }
-        return Err(io("creating", &path)(e));
-    }
-    // SAFETY: as above; the directory was just made, and no link is followed.
-    if unsafe {
-        libc::fchownat(
-            jail.root.fd.as_raw_fd(),
-            c.as_ptr(),
-            uid,
-            gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    } != 0
-    {
-        return Err(io("giving", &path)(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
 /// Applies `--cgroup FILE=VALUE` settings under `PARENT/ID` and moves this process in.
 fn cgroups(o: &JailerOptions, exec_name: &str) -> Result<(), JailerError> {
     let parent = o
@@ -318,7 +288,7 @@ fn jail_and_exec(o: &JailerOptions) -> Result<std::convert::Infallible, JailerEr
     jail.dir(Path::new("proc"))?;
     // The one place the VMM may write (its sockets, its work directory), as Firecracker's
     // jailer gives it: kept as the caller made it (Kata makes it before starting the jailer).
-    make_run_dir(&jail, o.uid, o.gid)?;
+    jail.own_dir("run", o.uid, o.gid)?;
     cgroups(o, &exec_name)?;
     let limits = rlimits(o)?;
     if let Some(ns) = &o.netns {

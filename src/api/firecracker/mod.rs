@@ -794,6 +794,17 @@ mod tests {
     use super::*;
     use crate::telemetry::{MetricsSnapshot, Region, RequestViolation, SupervisorFacts, VmCounter};
 
+    /// A sink that writes nowhere and has sent nothing yet.
+    fn test_sink() -> MetricsSink {
+        MetricsSink {
+            file: File::open("/dev/null").unwrap(),
+            emit_id: false,
+            properties: None,
+            last: Default::default(),
+            alerts_sent: 0,
+        }
+    }
+
     /// The supervisor's own metrics text, as the personality reads it.
     fn exposition(r: &Region) -> String {
         let facts = SupervisorFacts {
@@ -820,13 +831,7 @@ mod tests {
             .refuse(RequestViolation::ForeignSourceMac.into());
         r.count(VmCounter::VcpuFailures);
         r.count(VmCounter::VmmPanics);
-        let mut sink = MetricsSink {
-            file: File::open("/dev/null").unwrap(),
-            emit_id: false,
-            properties: None,
-            last: Default::default(),
-            alerts_sent: 0,
-        };
+        let mut sink = test_sink();
         let devices = Devices {
             drives: vec!["root".into()],
             nets: vec!["eth0".into()],
@@ -873,13 +878,7 @@ mod tests {
             "the exposition alone is {}",
             text.len()
         );
-        let mut sink = MetricsSink {
-            file: File::open("/dev/null").unwrap(),
-            emit_id: false,
-            properties: None,
-            last: Default::default(),
-            alerts_sent: 0,
-        };
+        let mut sink = test_sink();
         let devices = Devices {
             drives: (0..16).map(|i| format!("drive{i}")).collect(),
             nets: vec![],
