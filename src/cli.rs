@@ -308,6 +308,7 @@ impl RunArgs {
             on_violation: self.on_violation.clone(),
             thread_names: None,
             control_fd: None,
+            handover_fd: None,
             vsock_cid_shared: None,
             console_limit: self.console_limit,
             no_follow: self.no_follow.then_some(true),

@@ -52,6 +52,8 @@ pub enum ConfigError {
     JailRoot { what: &'static str },
     #[error("{0}: its name is the vsock socket's followed by _PORT, so the guest could reach it")]
     VsockOverlap(std::path::PathBuf),
+    #[error("handover_fd and jail: a VM handed over to another process is not jailed by bulkhead")]
+    HandoverJailed,
     #[error("thread_names {0:?}: expected bulkhead or firecracker")]
     ThreadNames(String),
     #[error("jail path {0} must be absolute")]
@@ -334,6 +336,10 @@ pub struct RawConfig {
     /// An inherited descriptor: the front end's control channel (set by the Firecracker
     /// personality for the `bulkhead run` it starts).
     pub control_fd: Option<i32>,
+    /// An inherited descriptor: the socket to the process the VM is handed over to instead of
+    /// a forked VM process (the Firecracker personality's own process; see
+    /// `bulkhead::handover`).
+    pub handover_fd: Option<i32>,
     /// `true`: the vsock CID need not be unique on the host (Firecracker's semantics).
     pub vsock_cid_shared: Option<bool>,
     /// Bytes the guest may write to the console; the rest is dropped and counted.
@@ -376,6 +382,7 @@ impl RawConfig {
             on_violation: over.on_violation.or(self.on_violation),
             thread_names: over.thread_names.or(self.thread_names),
             control_fd: over.control_fd.or(self.control_fd),
+            handover_fd: over.handover_fd.or(self.handover_fd),
             vsock_cid_shared: over.vsock_cid_shared.or(self.vsock_cid_shared),
             console_limit: over.console_limit.or(self.console_limit),
             no_follow: over.no_follow.or(self.no_follow),
@@ -427,6 +434,9 @@ pub struct VmConfig {
     pub firecracker_names: bool,
     /// The inherited control channel's descriptor.
     pub control_fd: Option<i32>,
+    /// The inherited hand-over socket's descriptor: the VM runs in the process at its other
+    /// end, not in a fork of the supervisor.
+    pub handover_fd: Option<i32>,
     /// The vsock CID need not be unique on the host.
     pub vsock_cid_shared: bool,
     /// Console bytes the guest may write, if limited.
@@ -525,6 +535,11 @@ impl VmConfig {
             _ => None,
         });
         let jail = raw.jail.map(|j| j.validate(vcpus, mem_mib)).transpose()?;
+        // The process the VM is handed over to is already running, outside any jail this
+        // supervisor could build around a fork.
+        if jail.is_some() && raw.handover_fd.is_some() {
+            return Err(ConfigError::HandoverJailed);
+        }
         // A jail follows no symlink anywhere in these paths; outside one, when asked.
         let no_follow = raw.no_follow.unwrap_or(false) || jail.is_some();
         let firecracker_names = match raw.thread_names.as_deref() {
@@ -559,6 +574,7 @@ impl VmConfig {
             jail,
             firecracker_names,
             control_fd: raw.control_fd.filter(|fd| *fd > 2),
+            handover_fd: raw.handover_fd.filter(|fd| *fd > 2),
             vsock_cid_shared: raw.vsock_cid_shared.unwrap_or(false),
             console_limit,
             no_follow,

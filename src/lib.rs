@@ -13,6 +13,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod handover;
 pub mod hostfile;
 pub mod jail;
 pub mod logger;

@@ -3,7 +3,8 @@
 //! and events while it runs, then the exit record and its exit status.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -11,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{build_vm, AfterOpen, BuildEnv};
 use crate::config::VmConfig;
 use crate::exit::{status, VmExitReason};
+use crate::handover::Parts;
 use crate::jail::VmJail;
 use crate::signal;
 use crate::telemetry::{Region, Reporter, VmCounter};
@@ -88,6 +90,8 @@ fn count_panics(region: Arc<Region>) {
 pub struct Channels {
     pub control: Option<OwnedFd>,
     pub broker: Option<OwnedFd>,
+    /// The supervisor's life pipe, for a VM process the supervisor did not fork.
+    pub lifeline: Option<OwnedFd>,
 }
 
 /// Builds and runs the VM; returns the process's exit status. `region` is the supervisor's
@@ -160,6 +164,7 @@ pub fn run(
         control: channels.control,
         broker: channels.broker,
     };
+
     let vmm = match build_vm(config, env) {
         Ok(vmm) => vmm,
         Err(e) => {
@@ -171,7 +176,7 @@ pub fn run(
             };
         }
     };
-    match vmm.run(Some(stop)) {
+    match vmm.run(Some(stop), channels.lifeline) {
         Ok(outcome) => {
             let (kind, a, b) = outcome.reason.to_record();
             region.exit.write(kind, a, b);
@@ -189,4 +194,87 @@ pub fn run(
             status::RUNTIME_ERROR
         }
     }
+}
+
+/// Runs the VM `config` describes in this process, which the supervisor did not fork: it
+/// handed over `parts` on `socket` (see [`crate::handover`]). Returns the status this process
+/// should exit with: `bulkhead run`'s, as the front end sends it once the supervisor ended,
+/// or the VM process's own when the front end is gone.
+pub fn run_handed(config: &VmConfig, parts: Parts, socket: UnixDatagram) -> i32 {
+    let start_ns = crate::logger::process_start_ns();
+    let mut keep = parts.raw_fds();
+    keep.push(socket.as_raw_fd());
+    if let Err(e) = close_all_except(&keep) {
+        log::error!("VM process: cannot close inherited descriptors: {e}");
+        return status::RUNTIME_ERROR;
+    }
+    // SAFETY: signal with valid arguments.
+    unsafe {
+        // As a forked VM process does: the supervisor decides what these mean.
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    if let Err(e) = signal::install_sigsys_reporter(signal::SigsysReporter::VmProcess) {
+        log::error!("VM process: cannot install the SIGSYS reporter: {e}");
+        return status::RUNTIME_ERROR;
+    }
+    let Parts {
+        region,
+        wake,
+        life,
+        alive,
+        console,
+        control,
+        broker,
+    } = parts;
+    let region_map = match Region::attach(&region) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("VM process: {e}");
+            return status::RUNTIME_ERROR;
+        }
+    };
+    // The mapping stays; the descriptor is not needed.
+    drop(region);
+    // SAFETY: the descriptor was handed over as the wake eventfd and is owned here alone.
+    let wake = unsafe { EventFd::from_raw_fd(wake.into_raw_fd()) };
+    let channels = Channels {
+        control,
+        broker,
+        lifeline: Some(life),
+    };
+    let own = run(
+        config,
+        start_ns,
+        region_map,
+        wake,
+        console.map(File::from),
+        None,
+        channels,
+    );
+    crate::handover::report_status(alive, own);
+    crate::handover::read_status(&socket).unwrap_or(own)
+}
+
+/// Closes every descriptor above standard error except `keep`.
+fn close_all_except(keep: &[RawFd]) -> std::io::Result<()> {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd > 2).collect();
+    keep.sort_unstable();
+    let mut from: u32 = 3;
+    for fd in keep.into_iter().filter_map(|fd| u32::try_from(fd).ok()) {
+        if fd > from {
+            close_range(from, fd - 1)?;
+        }
+        from = fd.saturating_add(1);
+    }
+    close_range(from, u32::MAX)
+}
+
+fn close_range(first: u32, last: u32) -> std::io::Result<()> {
+    // SAFETY: close_range closes descriptors only; the caller keeps every one it still uses
+    // outside the range.
+    if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -222,6 +222,18 @@ impl Vmm {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+
+    /// Its exit status once it ends by itself, or None after `limit`.
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
 }
 
 impl Drop for Vmm {
@@ -231,11 +243,32 @@ impl Drop for Vmm {
     }
 }
 
-/// The VM process under the personality: its supervisor's child.
+/// The VM process: the one the orchestrator started (the personality's front end and
+/// supervisor are its child and grandchild).
 fn vm_process_of(vmm: &Vmm) -> u32 {
-    first_child(vmm.child.id())
-        .and_then(first_child)
-        .unwrap_or_else(|| panic!("no VM process under {}", vmm.child.id()))
+    vmm.child.id()
+}
+
+/// The vCPU threads of `pid` as Kata's Go runtime finds them (`fc.go`, GetThreadIDs): every
+/// task whose comm starts with `fc_vcpu`, the rest of the name parsed as the vCPU index.
+fn kata_vcpu_threads(pid: u32) -> Vec<(u32, i32)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue;
+        };
+        let Some(rest) = comm.trim_end_matches('\n').strip_prefix("fc_vcpu") else {
+            continue;
+        };
+        let index: u32 = rest.trim().parse().expect("fc_vcpu followed by a number");
+        let tid = task.file_name().to_str().unwrap().parse().unwrap();
+        found.push((index, tid));
+    }
+    found.sort();
+    found
 }
 
 fn idle_kernel(dir: &Path) -> PathBuf {
@@ -338,19 +371,14 @@ fn kata_go_boots_from_a_config_file_polls_until_running_and_stops_with_sigterm()
     ] {
         assert!(line.get(key).is_some(), "{key} missing: {line}");
     }
-    // The vCPU threads carry Firecracker's names, which Kata looks for.
-    let vm = vm_process_of(&vmm);
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{vm}/task"))
-        .unwrap()
-        .flatten()
-        .map(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .unwrap()
-                .trim()
-                .to_string()
-        })
-        .collect();
-    assert!(names.iter().any(|n| n == "fc_vcpu 0"), "{names:?}");
+    // The vCPU threads carry Firecracker's names, in the process Kata started, where it looks
+    // for them.
+    let vcpus = kata_vcpu_threads(vmm.child.id());
+    assert_eq!(
+        vcpus.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![0],
+        "{vcpus:?}"
+    );
     assert_eq!(vmm.signal(libc::SIGTERM), 143, "{}", vmm.log());
     assert!(!vmm.socket.exists());
     for fd in fifos {
@@ -395,16 +423,24 @@ fn kata_rust_sequence(vmm: &Vmm, dir: &Path) {
     vmm.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
 }
 
-#[test]
-fn kata_rust_configures_through_the_api_starts_and_is_killed() {
-    let test = "kata_rust_replay";
+/// The personality, configured and started as Kata's Rust runtime does, running; None (the
+/// test skipped) without KVM.
+fn kata_rust_running(test: &str) -> Option<(Vmm, PathBuf)> {
     if !kvm_available(test) {
-        return;
+        return None;
     }
     let dir = scratch(test);
-    let mut vmm = Vmm::start("bulkhead", &dir, &[]);
+    let vmm = Vmm::start("bulkhead", &dir, &[]);
     kata_rust_sequence(&vmm, &dir);
     vmm.wait_running();
+    Some((vmm, dir))
+}
+
+#[test]
+fn kata_rust_configures_through_the_api_starts_and_is_killed() {
+    let Some((mut vmm, dir)) = kata_rust_running("kata_rust_replay") else {
+        return;
+    };
     assert!(
         dir.join("kata.hvsock").exists(),
         "the relative vsock path is the VMM's cwd"
@@ -418,23 +454,46 @@ fn kata_rust_configures_through_the_api_starts_and_is_killed() {
         conforms(d, "Drive");
     }
     assert_eq!(full["drives"].as_array().unwrap().len(), 6);
-    let pid = vmm.child.id();
-    let supervisor = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-    let supervisor = supervisor.trim().to_string();
+    // The VM runs in the process Kata started; the API front end and the supervisor are its
+    // child and grandchild.
+    assert_eq!(kata_vcpu_threads(vmm.child.id()).len(), 1);
+    let front_end = first_child(vmm.child.id()).expect("no front end");
+    let supervisor = first_child(front_end).expect("no supervisor");
     assert_eq!(vmm.signal(libc::SIGKILL), 137);
-    // SIGKILL leaves no VMM behind: the supervisor (and its VM process) die with it.
+    // SIGKILL leaves nothing behind: the front end and the supervisor die with the VM.
+    for (pid, what) in [(front_end, "front end"), (supervisor, "supervisor")] {
+        wait_gone(pid, what);
+    }
+}
+
+/// Waits until process `pid` is gone or a zombie, for at most 5 s.
+fn wait_gone(pid: u32, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Path::new(&format!("/proc/{supervisor}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{supervisor}/stat"))
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .unwrap_or_default()
             .contains(") Z")
     {
         assert!(
             Instant::now() < deadline,
-            "the supervisor outlived a SIGKILLed personality"
+            "the {what} outlived a SIGKILLed personality"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn a_vm_whose_supervisor_is_killed_ends_at_once() {
+    let Some((mut vmm, _dir)) = kata_rust_running("fc_supervisor_killed") else {
+        return;
+    };
+    let front_end = first_child(vmm.child.id()).expect("no front end");
+    let supervisor = first_child(front_end).expect("no supervisor");
+    // SAFETY: kill on a process this test started (a grandchild of its child).
+    unsafe { libc::kill(supervisor as i32, libc::SIGKILL) };
+    // Nothing watches the VM any more: it must not run on unsupervised.
+    let status = vmm.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some(), "the VM outlived its supervisor");
 }
 
 /// firecracker-go-sdk's order, from logger to pause and resume; returns each step's status.

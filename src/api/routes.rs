@@ -350,6 +350,10 @@ const DAEMON_FIELDS: &[(&str, &str)] = &[
         "control_fd",
         "the control channel is the Firecracker personality's",
     ),
+    (
+        "handover_fd",
+        "handing a VM over is the Firecracker personality's",
+    ),
     ("vsock_cid_shared", "the daemon sets it"),
 ];
 

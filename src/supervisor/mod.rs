@@ -78,6 +78,14 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::BAD_INPUT;
         }
     };
+    let handover = match config.handover_fd.map(take_control) {
+        None => None,
+        Some(Ok(fd)) => Some(std::os::unix::net::UnixDatagram::from(fd)),
+        Some(Err(e)) => {
+            log::error!("hand-over socket: {e}");
+            return status::BAD_INPUT;
+        }
+    };
     let region = match Region::create() {
         Ok(r) => r,
         Err(e) => {
@@ -117,15 +125,26 @@ pub fn run(config: &VmConfig) -> i32 {
         Some((server, far)) => (Some(server), Some(far)),
         None => (None, None),
     };
-    let spawned = spawn::spawn(
-        config,
-        start_ns,
-        region,
-        outputs.console.as_ref(),
-        jail.as_ref(),
-        control,
-        broker_far,
-    );
+    let spawned = match &handover {
+        // The VM runs in the process at the socket's other end (config forbids a jail here).
+        Some(socket) => spawn::hand_over(
+            socket,
+            region,
+            outputs.console.as_ref(),
+            control,
+            broker_far,
+        ),
+        None => spawn::spawn(
+            config,
+            start_ns,
+            region,
+            outputs.console.as_ref(),
+            jail.as_ref(),
+            control,
+            broker_far,
+        ),
+    };
+    drop(handover);
     let vm = match spawned {
         Ok(vm) => vm,
         Err(e) => {
@@ -244,8 +263,8 @@ fn announce(jail: &VmJail) {
     }
 }
 
-/// Takes the inherited descriptor `fd` as the control channel, after checking it is an open
-/// socket (the number came in the settings, not from this process).
+/// Takes the inherited descriptor `fd` as the control channel or hand-over socket, after
+/// checking it is an open socket (the number came in the settings, not from this process).
 fn take_control(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: an all-zero stat is a valid buffer for fstat to fill.

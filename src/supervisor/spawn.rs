@@ -46,6 +46,10 @@ pub enum SpawnError {
     Fork(#[source] std::io::Error),
     #[error("cannot create the VM process's pid namespace: {0}")]
     PidNamespace(#[source] std::io::Error),
+    #[error("cannot find the process to hand the VM over to: {0}")]
+    Peer(#[source] std::io::Error),
+    #[error(transparent)]
+    Handover(#[from] crate::handover::HandoverError),
 }
 
 /// The running VM process, as the supervisor holds it.
@@ -56,6 +60,10 @@ pub struct VmProcess {
     pub wake: EventFd,
     /// The write end of the life pipe: closed when the supervisor dies.
     _life: OwnedFd,
+    /// For a VM handed over to a process this supervisor did not fork: the read end of the
+    /// alive pipe, which says the VM process's status (or hangs up when it is killed) in place
+    /// of a wait status. Non-blocking.
+    pub alive: Option<OwnedFd>,
 }
 
 /// Forks the VM process, which builds and runs the VM `config` describes and exits with its
@@ -109,7 +117,11 @@ pub fn spawn(
         let status = match kept {
             Ok((console, wake, life, [control, broker])) => {
                 let jailed = jail.map(|j| (j, life));
-                let channels = crate::vmproc::Channels { control, broker };
+                let channels = crate::vmproc::Channels {
+                    control,
+                    broker,
+                    lifeline: None,
+                };
                 // A panic on the VMM thread ends here, never unwinding into the supervisor's
                 // frames this process was forked from (whose values are the supervisor's).
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -145,7 +157,81 @@ pub fn spawn(
         region,
         wake,
         _life: life_write,
+        alive: None,
     })
+}
+
+/// Hands the VM over to the process at the other end of `socket` (see [`crate::handover`])
+/// instead of forking one: it runs the VM `config` describes (it reads the same settings).
+/// `region` is the telemetry region and its memfd. The process's pid is the socket's peer's:
+/// the socket pair was made by that process.
+pub fn hand_over(
+    socket: &std::os::unix::net::UnixDatagram,
+    (region, memfd): (Region, OwnedFd),
+    console: Option<&File>,
+    control: Option<OwnedFd>,
+    broker: Option<OwnedFd>,
+) -> Result<VmProcess, SpawnError> {
+    let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(SpawnError::Wake)?;
+    let (life_read, life_write) = life_pipe().map_err(SpawnError::Fork)?;
+    let (alive_read, alive_write) = life_pipe().map_err(SpawnError::Fork)?;
+    // SAFETY: fcntl on a descriptor this process owns.
+    if unsafe { libc::fcntl(alive_read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(SpawnError::Fork(std::io::Error::last_os_error()));
+    }
+    let pid = peer_pid(socket).map_err(SpawnError::Peer)?;
+    let dup = |fd: RawFd| -> Result<OwnedFd, SpawnError> {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor this process owns.
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if new < 0 {
+            return Err(SpawnError::Fork(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    };
+    let parts = crate::handover::Parts {
+        region: memfd,
+        wake: dup(wake.as_raw_fd())?,
+        life: life_read,
+        alive: alive_write,
+        console: console.map(|c| dup(c.as_raw_fd())).transpose()?,
+        control,
+        broker,
+    };
+    crate::handover::send(socket, &parts)?;
+    Ok(VmProcess {
+        pid,
+        region,
+        wake,
+        _life: life_write,
+        alive: Some(alive_read),
+    })
+}
+
+/// The pid of the process that made the socket pair `socket` belongs to.
+fn peer_pid(socket: &std::os::unix::net::UnixDatagram) -> std::io::Result<libc::pid_t> {
+    // SAFETY: an all-zero ucred is a valid buffer.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if cred.pid <= 0 {
+        return Err(std::io::Error::other(
+            "the hand-over socket has no peer process",
+        ));
+    }
+    Ok(cred.pid)
 }
 
 /// A close-on-exec pipe: (read end, write end).

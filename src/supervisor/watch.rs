@@ -11,7 +11,7 @@ use super::ending::{StopCause, VmEnd};
 use super::outputs::{initial_facts, Outputs};
 use super::spawn::VmProcess;
 use crate::config::VmConfig;
-use crate::exit::VmExitReason;
+use crate::exit::{status, VmExitReason};
 use crate::signal;
 use crate::telemetry::{
     monotonic_ns, AlertContext, DeviceSnapshot, Engine, Firing, MetricsSnapshot, Response, Rule,
@@ -127,6 +127,7 @@ impl<'a> Watch<'a> {
             let wake = poll(
                 &self.signals,
                 listen.then_some(&self.vm.wake),
+                self.vm.alive.as_ref(),
                 timeout_ms as i32,
             );
             if wake {
@@ -169,6 +170,9 @@ impl<'a> Watch<'a> {
 
     /// The VM process's wait status if it has ended: (exit code, killing signal).
     fn reap(&mut self) -> Option<(Option<i32>, Option<i32>)> {
+        if self.vm.alive.is_some() {
+            return self.reap_handed();
+        }
         let mut status = 0;
         // SAFETY: an all-zero rusage is a valid buffer for wait4 to fill.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -187,6 +191,23 @@ impl<'a> Watch<'a> {
         } else {
             None
         }
+    }
+
+    /// [`Watch::reap`] for a VM process this supervisor did not fork, which has no wait status
+    /// here: its alive pipe says its exit status, or hangs up without one when it was killed.
+    /// Which signal killed it only its parent learns: a seccomp record in the region means
+    /// SIGSYS (the reporter writes it as the filter kills), anything else is taken as SIGKILL.
+    fn reap_handed(&mut self) -> Option<(Option<i32>, Option<i32>)> {
+        let said = crate::handover::read_alive(self.vm.alive.as_ref()?).ok()?;
+        // The process is still there after an orderly end (it waits for the front end's
+        // status): its peak from /proc.
+        self.peak_rss = proc_peak_rss(self.pid());
+        self.reaped = true;
+        Some(match said {
+            Some(code) => (Some(code), None),
+            None if self.vm.region.seccomp.read().is_some() => (None, Some(libc::SIGSYS)),
+            None => (None, Some(libc::SIGKILL)),
+        })
     }
 
     fn signal_vm(&self, sig: libc::c_int) {
@@ -259,13 +280,18 @@ impl<'a> Watch<'a> {
             .exit
             .read()
             .and_then(|(k, a, b)| VmExitReason::from_record(k, a, b));
-        let end = VmEnd::conclude(
-            exit,
-            signal,
-            record,
-            self.vm.region.seccomp.read(),
-            self.stop,
-        );
+        // A handed-over VM process is the one its orchestrator signals (Kata sends SIGTERM to
+        // the pid it started): a stop it reports with the status a SIGTERM stop has is that
+        // signal's, as if `bulkhead run` had got it.
+        let stop = match (&self.vm.alive, exit, &record) {
+            (Some(_), Some(status::TERMINATED), Some(VmExitReason::Stopped)) => {
+                self.stop.or(Some(StopCause::Signal {
+                    signal: libc::SIGTERM,
+                }))
+            }
+            _ => self.stop,
+        };
+        let end = VmEnd::conclude(exit, signal, record, self.vm.region.seccomp.read(), stop);
         let firings = self.ending_alerts(&end);
         self.handle(firings);
         // Deliveries end first, so the final metrics count them.
@@ -426,8 +452,14 @@ fn own_peak_rss() -> Option<u64> {
     u64::try_from(usage.ru_maxrss).ok().map(|kib| kib * 1024)
 }
 
-/// Polls the signalfd, and the wake eventfd when given: true when the eventfd is readable.
-fn poll(signals: &OwnedFd, wake: Option<&vmm_sys_util::eventfd::EventFd>, timeout_ms: i32) -> bool {
+/// Polls the signalfd, the wake eventfd when given and a handed-over VM's alive pipe: true
+/// when the eventfd is readable.
+fn poll(
+    signals: &OwnedFd,
+    wake: Option<&vmm_sys_util::eventfd::EventFd>,
+    alive: Option<&OwnedFd>,
+    timeout_ms: i32,
+) -> bool {
     let fd = |fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -436,12 +468,27 @@ fn poll(signals: &OwnedFd, wake: Option<&vmm_sys_util::eventfd::EventFd>, timeou
     let mut fds = [
         fd(signals.as_raw_fd()),
         fd(wake.map_or(-1, AsRawFd::as_raw_fd)),
+        fd(alive.map_or(-1, AsRawFd::as_raw_fd)),
     ];
-    // SAFETY: `fds` is a valid array of two pollfd structs for the kernel to fill; a negative
-    // fd is ignored.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-    let [_, w] = fds;
+    // SAFETY: `fds` is a valid array of three pollfd structs for the kernel to fill; a
+    // negative fd is ignored.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout_ms) };
+    let [_, w, _] = fds;
     n > 0 && w.revents & libc::POLLIN != 0
+}
+
+/// Process `pid`'s peak resident set (VmHWM), in bytes.
+fn proc_peak_rss(pid: libc::pid_t) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// (threads under a seccomp filter, threads) of process `pid`, as /proc says; None when

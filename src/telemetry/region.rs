@@ -360,6 +360,30 @@ impl Region {
         Ok((region, fd))
     }
 
+    /// The VM process's side when it was not forked from the supervisor: maps the region
+    /// `fd` (the supervisor's memfd, handed over) after checking it is sealed against resizing
+    /// and large enough.
+    pub fn attach(fd: &OwnedFd) -> Result<Region, RegionError> {
+        let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: fcntl on a descriptor the caller owns.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & need != need {
+            return Err(RegionError::Seal(io::Error::other(
+                "the handed-over region is not sealed against resizing",
+            )));
+        }
+        let size = std::fs::File::from(fd.try_clone().map_err(RegionError::Map)?)
+            .metadata()
+            .map_err(RegionError::Map)?
+            .len();
+        if size < region_len() as u64 {
+            return Err(RegionError::Map(io::Error::other(
+                "the handed-over region is too small",
+            )));
+        }
+        Region::map(fd.as_raw_fd(), libc::MAP_SHARED)
+    }
+
     fn map(fd: RawFd, flags: libc::c_int) -> Result<Region, RegionError> {
         let len = region_len();
         // SAFETY: a fresh shared mapping of `len` bytes; the kernel picks the address.

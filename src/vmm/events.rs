@@ -25,6 +25,9 @@ pub(super) struct VmmEvents {
     pub(super) stop: Option<OwnedFd>,
     /// The front end's control channel.
     pub(super) control: Option<super::Control>,
+    /// The read end of the supervisor's life pipe, for a VM process the supervisor did not
+    /// fork (no death signal ties them): its hang-up means the supervisor is gone.
+    pub(super) lifeline: Option<OwnedFd>,
     pub(super) finished: bool,
 }
 
@@ -33,6 +36,7 @@ const EV_TIMER: u32 = 2;
 const EV_CONSOLE: u32 = 3;
 const EV_STOP: u32 = 4;
 const EV_CONTROL: u32 = 5;
+const EV_LIFELINE: u32 = 6;
 
 impl MutEventSubscriber for VmmEvents {
     fn init(&mut self, ops: &mut EventOps<'_>) {
@@ -62,6 +66,17 @@ impl MutEventSubscriber for VmmEvents {
             if let Err(e) = ops.add(ev) {
                 log::warn!("the control channel is not served: {e:?}");
                 self.control = None;
+            }
+        }
+        if let Some(life) = &self.lifeline {
+            let ev = Events::with_data_raw(life.as_raw_fd(), EV_LIFELINE, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                // Unwatched, the VM would outlive its supervisor: end it now instead.
+                log::error!("cannot watch the supervisor's life pipe: {e:?}");
+                self.exit.request(VmExitReason::VcpuFailed {
+                    vcpu: 0,
+                    error: "event loop setup failed".into(),
+                });
             }
         }
         if let Some(console) = &self.console {
@@ -107,6 +122,13 @@ impl MutEventSubscriber for VmmEvents {
                     while crate::signal::read_signal(stop).is_some() {}
                 }
                 self.exit.request(VmExitReason::Stopped);
+            }
+            EV_LIFELINE => {
+                // What PR_SET_PDEATHSIG does for a forked VM process: the supervisor is gone,
+                // nobody watches this VM any more, and it ends at once.
+                log::error!("the supervisor is gone; the VM ends");
+                // SAFETY: _exit has no preconditions.
+                unsafe { libc::_exit(crate::exit::status::RUNTIME_ERROR) };
             }
             other => log::warn!("unexpected VMM event {other}"),
         }

@@ -86,8 +86,13 @@ pub(crate) struct VcpuThread {
 
 impl Vmm {
     /// Runs the VM until it ends, and says why. A signal on `stop` (a signalfd) ends it in
-    /// order, as [`VmExitReason::Stopped`].
-    pub fn run(self, stop: Option<std::os::fd::OwnedFd>) -> Result<RunOutcome, VmmError> {
+    /// order, as [`VmExitReason::Stopped`]; a hang-up on `lifeline` (the supervisor's life
+    /// pipe) ends the process at once.
+    pub fn run(
+        self,
+        stop: Option<std::os::fd::OwnedFd>,
+        lifeline: Option<std::os::fd::OwnedFd>,
+    ) -> Result<RunOutcome, VmmError> {
         signal::install_handlers().map_err(VmmError::Signals)?;
         signal::set_thread_name(ThreadRole::Vmm.name());
         let Vmm {
@@ -154,6 +159,7 @@ impl Vmm {
             }),
             stop,
             control,
+            lifeline,
             finished: false,
         }));
         event_manager.add_subscriber(events.clone());

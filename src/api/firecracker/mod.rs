@@ -2,12 +2,16 @@
 //! `firecracker`) speaks Firecracker's command line, config file and API, so Kata Containers,
 //! firecracker-containerd and firecracker-go-sdk drive bulkhead unchanged.
 //!
-//! This process is the front end. It holds the API socket and the settings, and at
-//! InstanceStart (or at once with `--config-file`) it starts the VM as a `bulkhead run`
-//! supervisor of its own, the same supervisor `bulkhead run` and `bulkhead serve` use. That
-//! supervisor dies with this process (PR_SET_PDEATHSIG), its VM process with it. SIGTERM stops
-//! the VM in order. Firecracker's metrics lines are made from the supervisor's metrics.
+//! The process started as Firecracker becomes the VM process (see [`host`]: Kata looks for the
+//! vCPU threads there); a child forked at once is the front end. It holds the API socket and
+//! the settings, and at InstanceStart (or at once with `--config-file`) it starts a
+//! `bulkhead run` supervisor of its own, the same supervisor `bulkhead run` and `bulkhead
+//! serve` use, which hands the VM over to the first process. The supervisor dies with the front
+//! end, the front end with the first process (PR_SET_PDEATHSIG), and the VM ends when its
+//! supervisor is gone. SIGTERM stops the VM in order. Firecracker's metrics lines are made from
+//! the supervisor's metrics.
 
+mod host;
 pub mod model;
 pub mod routes;
 mod server;
@@ -15,6 +19,7 @@ pub mod state;
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -43,6 +48,8 @@ pub struct Options {
 
 /// Where the `bulkhead run` this process starts finds its end of the control channel.
 const CHILD_CONTROL_FD: i32 = 3;
+/// Where it finds the socket to the VM's host process (see [`host`]).
+const CHILD_HANDOVER_FD: i32 = 4;
 
 /// The default API socket.
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
@@ -59,14 +66,17 @@ pub struct Personality {
     work: PathBuf,
     exe: PathBuf,
     /// The supervisor, once started.
-    supervisor: Option<i32>,
+    pub(super) supervisor: Option<i32>,
     /// The VM process, as it said when asked whether it runs.
-    vm_pid: Option<i32>,
+    pub(super) vm_pid: Option<i32>,
     metrics: Option<MetricsSink>,
     /// The control channel to the running VM process (Ctrl-Alt-Del, disk swaps).
     control: Option<std::os::unix::net::UnixStream>,
     logger_set: bool,
     api_counts: serde_json::Map<String, Value>,
+    /// The front end's end of the hand-over socket: the supervisor gets a copy and hands the
+    /// VM over to the process the orchestrator started (see [`host`]).
+    handover_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Where Firecracker-layout metrics lines go, and the last values sent (Firecracker's
@@ -174,6 +184,9 @@ impl Personality {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| format!("Start microvm error: cannot make the control channel: {e}"))?;
         config["control_fd"] = json!(CHILD_CONTROL_FD);
+        if self.handover_fd.is_some() {
+            config["handover_fd"] = json!(CHILD_HANDOVER_FD);
+        }
         config["alerts"] = json!(self.work.join("alerts.jsonl"));
         let path = self.work.join("config.json");
         std::fs::write(&path, config.to_string())
@@ -197,16 +210,24 @@ impl Personality {
             use std::os::fd::AsRawFd;
             theirs.as_raw_fd()
         };
+        let handover_fd = self.handover_fd;
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
-        // SAFETY: the closure runs in the forked child before exec and calls only prctl and
-        // dup2, which are async-signal-safe; dup2 leaves the copy without FD_CLOEXEC, so it
-        // survives the exec.
+        // SAFETY: the closure runs in the forked child before exec and calls only prctl, fcntl
+        // and dup2, which are async-signal-safe; dup2 leaves the copy without FD_CLOEXEC, so it
+        // survives the exec (the close-on-exec copies do not).
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(move || {
+                // Both out of the way first: either may sit at the other's place.
+                let control = libc::fcntl(theirs_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let handover =
+                    handover_fd.map_or(-1, |fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10));
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
-                    || libc::dup2(theirs_fd, CHILD_CONTROL_FD) < 0
+                    || control < 0
+                    || (handover_fd.is_some() && handover < 0)
+                    || libc::dup2(control, CHILD_CONTROL_FD) < 0
+                    || (handover >= 0 && libc::dup2(handover, CHILD_HANDOVER_FD) < 0)
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -744,6 +765,12 @@ pub fn run(opts: Options) -> i32 {
     let work = std::env::current_dir()
         .map(|cwd| cwd.join(&work))
         .unwrap_or(work);
+    // This process, the one the orchestrator started, keeps the vCPU threads, where Kata
+    // looks for them; the API front end goes on in a child (see `host`).
+    let front_end = match host::split(&work, opts.no_seccomp) {
+        host::Split::FrontEnd(socket) => socket,
+        host::Split::HostEnded(code) => return code,
+    };
     // In a jail without /proc, the absolute path it was started by (the jailer's `/NAME`).
     let argv0 = std::env::args_os()
         .next()
@@ -770,6 +797,7 @@ pub fn run(opts: Options) -> i32 {
         control: None,
         logger_set: false,
         api_counts: serde_json::Map::new(),
+        handover_fd: Some(front_end.as_raw_fd()),
     };
     if opts.boot_timer {
         log::info!("--boot-timer: bulkhead logs the guest's boot time itself");
@@ -786,6 +814,10 @@ pub fn run(opts: Options) -> i32 {
     let personality = Arc::new(Mutex::new(personality));
     let code = server::serve(personality.clone(), &opts);
     let _ = std::fs::remove_dir_all(&work);
+    // The host process exits with this status, the one Firecracker's process would have.
+    if let Err(e) = crate::handover::send_status(&front_end, code) {
+        log::debug!("the VM's host process did not take the status: {e}");
+    }
     code
 }
 

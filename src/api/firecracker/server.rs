@@ -90,11 +90,15 @@ async fn main_loop(p: Arc<Mutex<Personality>>, opts: Options) -> i32 {
     let code = loop {
         tokio::select! {
             _ = sigterm.recv() => {
-                let supervisor = lock(&p).supervisor;
+                let (supervisor, vm) = {
+                    let g = lock(&p);
+                    (g.supervisor, g.vm_pid)
+                };
                 match supervisor {
                     // An orderly stop: the supervisor stops the VM and ends with 143.
                     Some(pid) => {
-                        if let Some(vm) = super::super::vms::vm_process(pid) {
+                        // A paused VM process must run to stop in order.
+                        if let Some(vm) = vm {
                             let _ = super::super::vms::signal(vm, libc::SIGCONT);
                         }
                         let _ = super::super::vms::signal(pid, libc::SIGTERM);
