@@ -309,6 +309,7 @@ impl RunArgs {
             thread_names: None,
             control_fd: None,
             handover_fd: None,
+            pinned_files: None,
             vsock_cid_shared: None,
             console_limit: self.console_limit,
             no_follow: self.no_follow.then_some(true),

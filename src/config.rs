@@ -346,6 +346,19 @@ pub struct RawConfig {
     pub console_limit: Option<u64>,
     /// `true`: a kernel, initrd or disk that is itself a symlink is refused.
     pub no_follow: Option<bool>,
+    /// Files that must still be the ones checked earlier (the daemon's checks as the tenant):
+    /// a jail refuses a path that now names another file.
+    pub pinned_files: Option<Vec<PinnedFile>>,
+}
+
+/// A file by path and identity: its device and inode (for a block device, the device it names
+/// and 0).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedFile {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
 }
 
 impl RawConfig {
@@ -386,6 +399,7 @@ impl RawConfig {
             vsock_cid_shared: over.vsock_cid_shared.or(self.vsock_cid_shared),
             console_limit: over.console_limit.or(self.console_limit),
             no_follow: over.no_follow.or(self.no_follow),
+            pinned_files: over.pinned_files.or(self.pinned_files),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),
@@ -443,6 +457,8 @@ pub struct VmConfig {
     pub console_limit: Option<u64>,
     /// Kernel, initrd and disks are opened with O_NOFOLLOW.
     pub no_follow: bool,
+    /// Files a jail must find unchanged (see [`PinnedFile`]).
+    pub pinned_files: Vec<PinnedFile>,
     pub test_hook: Option<TestHook>,
 }
 
@@ -578,6 +594,7 @@ impl VmConfig {
             vsock_cid_shared: raw.vsock_cid_shared.unwrap_or(false),
             console_limit,
             no_follow,
+            pinned_files: raw.pinned_files.unwrap_or_default(),
             test_hook: None,
         })
     }

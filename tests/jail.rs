@@ -522,3 +522,44 @@ fn a_jail_whose_setup_fails_after_it_was_made_leaves_no_directory_or_cgroup_behi
         assert!(!group.exists(), "cgroup {} left behind", group.display());
     }
 }
+
+#[test]
+fn a_jail_refuses_a_file_that_is_no_longer_the_one_that_was_checked() {
+    use std::os::unix::fs::MetadataExt;
+    let test = "jail_pinned";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let jails = jail_dir(test);
+    std::fs::create_dir_all(&jails).unwrap();
+    let kernel = jails.with_extension("kernel");
+    std::fs::copy(guest("hello"), &kernel).unwrap();
+    let st = std::fs::metadata(&kernel).unwrap();
+    let run = |ino: u64| {
+        let config = jails.with_extension("json");
+        std::fs::write(
+            &config,
+            serde_json::json!({
+                "kernel": kernel, "console": "none", "jail": {"dir": jails},
+                "pinned_files": [{"path": kernel, "dev": st.dev(), "ino": ino}],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        bulkhead(&["run", "--config", &config.display().to_string()])
+    };
+    // The file the daemon checked, still there: the VM runs.
+    let r = run(st.ino());
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    // Another file at the checked path (what a swap after the check looks like): refused
+    // before anything is made, as bad input.
+    let r = run(st.ino() + 1);
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no longer the file that was checked"),
+        "{}",
+        r.stderr
+    );
+    let left: Vec<_> = std::fs::read_dir(&jails).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -286,6 +286,26 @@ fn two_tenants_vms_run_side_by_side_and_every_cross_tenant_attempt_is_refused_au
             && l.ends_with(" 1")),
         "{text}"
     );
+    // The daemon pinned the kernel it checked as the tenant: the jail runs only that file.
+    let vm = json_of(&as_tenant(
+        &h,
+        "acme",
+        "GET",
+        &format!("/v1/vms/{first}"),
+        None,
+    ));
+    let kernel = std::fs::metadata(h.path("acme", "exitcodes")).unwrap();
+    let pin = &vm["config"]["pinned_files"][0];
+    assert_eq!(
+        pin["ino"],
+        json!(std::os::unix::fs::MetadataExt::ino(&kernel)),
+        "{vm}"
+    );
+    assert_eq!(
+        pin["dev"],
+        json!(std::os::unix::fs::MetadataExt::dev(&kernel)),
+        "{vm}"
+    );
     let acme = [first, create_idle(&h, "acme", json!({}))];
     let globex = [
         create_idle(

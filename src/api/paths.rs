@@ -110,12 +110,7 @@ fn resolve(tenant: &Tenant, path: &Path, what: Use) -> Option<Usable> {
     let st = dirs::stat(&fd).ok()?;
     let kind = st.st_mode & libc::S_IFMT;
     let fits = kind == libc::S_IFREG || (kind == libc::S_IFBLK && matches!(what, Use::Disk { .. }));
-    // A block device is the device it names, whichever node names it.
-    let (dev, ino) = if kind == libc::S_IFBLK {
-        (st.st_rdev, 0)
-    } else {
-        (st.st_dev, st.st_ino)
-    };
+    let (dev, ino) = dirs::identity(&st);
     fits.then_some(Usable {
         path: real,
         dev,

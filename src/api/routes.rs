@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::daemon::{Daemon, Launch, Principal};
 use super::paths::{self, Usable, Use, Verdict};
 use super::vms::{self, DiskId, VmExit, VmRecord, VmState};
-use crate::config::{host_mem_mib, RawConfig, VmConfig};
+use crate::config::{host_mem_mib, PinnedFile, RawConfig, VmConfig};
 use crate::telemetry::Rule;
 
 /// The header an admin gives a reason in.
@@ -354,6 +354,7 @@ const DAEMON_FIELDS: &[(&str, &str)] = &[
         "handover_fd",
         "handing a VM over is the Firecracker personality's",
     ),
+    ("pinned_files", "the daemon pins the files it checked"),
     ("vsock_cid_shared", "the daemon sets it"),
 ];
 
@@ -462,13 +463,29 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
     let Some(kernel) = raw.kernel.as_deref() else {
         return Reply::error(422, "no kernel given");
     };
+    // Each file as checked, by identity: the jail refuses a path that names another file by
+    // the time it opens it (as root), so a swap after the check gains the tenant nothing.
+    let mut pins = Vec::new();
+    let mut pin = |u: &Usable| {
+        pins.push(PinnedFile {
+            path: u.path.clone(),
+            dev: u.dev,
+            ino: u.ino,
+        })
+    };
     match check("kernel", kernel, Use::Boot) {
-        Ok(u) => resolved.kernel = Some(u.path),
+        Ok(u) => {
+            pin(&u);
+            resolved.kernel = Some(u.path);
+        }
         Err(r) => return r,
     }
     if let Some(initrd) = raw.initrd.as_deref() {
         match check("initrd", initrd, Use::Boot) {
-            Ok(u) => resolved.initrd = Some(u.path),
+            Ok(u) => {
+                pin(&u);
+                resolved.initrd = Some(u.path);
+            }
             Err(r) => return r,
         }
     }
@@ -478,6 +495,7 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
         let write = !disk.read_only;
         match check("disk", &disk.path, Use::Disk { write }) {
             Ok(u) => {
+                pin(&u);
                 let mut disk = disk.clone();
                 disk.path = u.path;
                 disks.push(disk);
@@ -491,6 +509,7 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
         }
     }
     resolved.disks = raw.disks.as_ref().map(|_| disks.clone());
+    resolved.pinned_files = Some(pins);
     resolved.tenant = Some(tenant.clone());
     resolved.console = Some("none".to_string());
     // The console file lives in the daemon's state directory: its size is the tenant's cap.

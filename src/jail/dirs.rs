@@ -173,6 +173,16 @@ pub fn root_owned_child(parent: &Dir, name: &str, mode: u32) -> Result<Dir, DirE
     Ok(Dir { fd, path })
 }
 
+/// Which file a stat describes, as (device, inode): a block device is the device it names,
+/// whichever node names it, so it is (its device number, 0).
+pub fn identity(st: &libc::stat) -> (u64, u64) {
+    if st.st_mode & libc::S_IFMT == libc::S_IFBLK {
+        (st.st_rdev, 0)
+    } else {
+        (st.st_dev, st.st_ino)
+    }
+}
+
 /// fstat of `fd` (an O_PATH descriptor works too).
 pub fn stat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
     // SAFETY: an all-zero stat is a valid buffer for fstat to fill.

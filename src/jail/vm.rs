@@ -39,6 +39,8 @@ pub enum JailError {
     },
     #[error("{what} {path} is not a regular file or a block device")]
     NotAFile { what: &'static str, path: PathBuf },
+    #[error("{what} {path} is no longer the file that was checked (it was replaced)")]
+    FileChanged { what: &'static str, path: PathBuf },
     #[error("vsock socket {0}: a jailed VM's socket needs a plain file name")]
     SocketName(PathBuf),
     #[error("jail file_size_mib {limit} is smaller than the writable disk {path} ({size} bytes)")]
@@ -63,6 +65,7 @@ impl JailError {
             JailError::NotRoot(_)
                 | JailError::File { .. }
                 | JailError::NotAFile { .. }
+                | JailError::FileChanged { .. }
                 | JailError::Dir(DirError::Open { .. })
                 | JailError::FileSize { .. }
                 | JailError::SocketName(_)
@@ -77,6 +80,8 @@ struct JailFile {
     path: PathBuf,
     read_only: bool,
     device: bool,
+    /// The file the supervisor resolved (device, inode): the one bound in must be it.
+    id: (u64, u64),
 }
 
 /// Where a jailed VM's vsock sockets are, in its root.
@@ -129,9 +134,9 @@ fn inside(path: &Path) -> PathBuf {
 
 /// `path` made absolute (from the working directory) and normal (`..` taken lexically, which
 /// is exact because no symlink is allowed) and checked: no symlink anywhere in it (a jail follows none: a path someone else can re-point must not decide what
-/// the VM gets), and the kind of file `what` needs. Returns the path and whether it is a
-/// device node.
-fn resolve(what: &'static str, path: &Path) -> Result<(PathBuf, bool), JailError> {
+/// the VM gets), and the kind of file `what` needs. Returns the path, whether it is a device
+/// node, and which file it is ([`dirs::identity`]).
+fn resolve(what: &'static str, path: &Path) -> Result<(PathBuf, bool, (u64, u64)), JailError> {
     let file = |source| JailError::File {
         what,
         path: path.to_path_buf(),
@@ -163,7 +168,7 @@ fn resolve(what: &'static str, path: &Path) -> Result<(PathBuf, bool), JailError
     if !ok {
         return Err(JailError::NotAFile { what, path: abs });
     }
-    Ok((abs, kind != libc::S_IFREG))
+    Ok((abs, kind != libc::S_IFREG, dirs::identity(&st)))
 }
 
 impl VmJail {
@@ -177,18 +182,34 @@ impl VmJail {
         }
         let mut config = config.clone();
         let mut files = Vec::new();
-        config.kernel = resolve("kernel", &config.kernel)?.0;
+        // A file the daemon checked as the tenant must still be that file: a tenant that
+        // swapped it since (in its own directory) gets a refusal, not root's open of another.
+        let pins = std::mem::take(&mut config.pinned_files);
+        let unchanged =
+            |what, path: &Path, id: (u64, u64)| match pins.iter().find(|p| p.path == path) {
+                Some(p) if (p.dev, p.ino) != id => Err(JailError::FileChanged {
+                    what,
+                    path: path.to_path_buf(),
+                }),
+                _ => Ok(()),
+            };
+        let (kernel, _, id) = resolve("kernel", &config.kernel)?;
+        unchanged("kernel", &kernel, id)?;
+        config.kernel = kernel;
         files.push(JailFile {
             path: config.kernel.clone(),
             read_only: true,
             device: false,
+            id,
         });
         if let Some(initrd) = &config.initrd {
-            let (real, _) = resolve("initrd", initrd)?;
+            let (real, _, id) = resolve("initrd", initrd)?;
+            unchanged("initrd", &real, id)?;
             files.push(JailFile {
                 path: real.clone(),
                 read_only: true,
                 device: false,
+                id,
             });
             config.initrd = Some(real);
         }
@@ -196,12 +217,14 @@ impl VmJail {
         // past the end of every writable disk.
         let mut largest: Option<(u64, PathBuf)> = None;
         for disk in &mut config.disks {
-            let (path, device) = resolve("disk", &disk.path)?;
+            let (path, device, id) = resolve("disk", &disk.path)?;
+            unchanged("disk", &path, id)?;
             disk.path = path;
             files.push(JailFile {
                 path: disk.path.clone(),
                 read_only: disk.read_only,
                 device,
+                id,
             });
             let size = std::fs::metadata(&disk.path).map_or(0, |m| m.len());
             if !disk.read_only && !largest.as_ref().is_some_and(|(l, _)| size <= *l) {
@@ -222,17 +245,21 @@ impl VmJail {
             },
             None => (MIN_FILE_SIZE_MIB << 20).max(largest_size),
         };
-        config.kvm_device = resolve("KVM device", &config.kvm_device)?.0;
+        let (kvm, _, id) = resolve("KVM device", &config.kvm_device)?;
+        config.kvm_device = kvm;
         files.push(JailFile {
             path: config.kvm_device.clone(),
             read_only: false,
             device: true,
+            id,
         });
         if !config.nets.is_empty() {
+            let (path, _, id) = resolve("tun device", Path::new("/dev/net/tun"))?;
             files.push(JailFile {
-                path: resolve("tun device", Path::new("/dev/net/tun"))?.0,
+                path,
                 read_only: false,
                 device: true,
+                id,
             });
         }
         // The vsock sockets live in the jail's own `/vsock`, whatever directory was named:
@@ -366,6 +393,15 @@ impl VmJail {
         let mut entries = Vec::with_capacity(self.files.len());
         for f in &self.files {
             let fd = dirs::open_file_no_symlinks(&f.path)?;
+            // The file the supervisor resolved (and, for the daemon's, the one checked as the
+            // tenant), not one put at its path since.
+            let now = dirs::stat(&fd).map(|st| dirs::identity(&st));
+            if now.ok() != Some(f.id) {
+                return Err(JailError::FileChanged {
+                    what: "file",
+                    path: f.path.clone(),
+                });
+            }
             entries.push(Entry {
                 host: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
                 name: inside(&f.path),
