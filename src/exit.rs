@@ -42,6 +42,16 @@ pub mod status {
     /// A VMM thread made a system call its seccomp filter forbids (128 + SIGSYS): the VM
     /// process was killed by SIGSYS. Other signals that kill it give 128 + their number.
     pub const SECCOMP_VIOLATION: i32 = 159;
+
+    /// The status a shell reports for a child's wait status `wstatus`: its exit code, or 128
+    /// plus the signal that killed it.
+    pub fn of_wait(wstatus: i32) -> i32 {
+        if libc::WIFEXITED(wstatus) {
+            libc::WEXITSTATUS(wstatus)
+        } else {
+            128 + libc::WTERMSIG(wstatus)
+        }
+    }
 }
 
 /// Why a running VM stopped.

@@ -200,8 +200,8 @@ pub fn read_alive(alive: &OwnedFd) -> io::Result<Option<i32>> {
     let n = unsafe { libc::read(alive.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
     match n {
         4 => Ok(Some(i32::from_le_bytes(bytes))),
-        0 => Ok(None),
-        n if n > 0 => Ok(None),
+        // The end of the pipe, or less than a status: gone without one.
+        n if n >= 0 => Ok(None),
         _ => Err(io::Error::last_os_error()),
     }
 }

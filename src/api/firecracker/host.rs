@@ -148,11 +148,7 @@ fn wait_for(front_end: libc::pid_t) -> i32 {
             return status::RUNTIME_ERROR;
         }
     }
-    if libc::WIFEXITED(wstatus) {
-        libc::WEXITSTATUS(wstatus)
-    } else {
-        128 + libc::WTERMSIG(wstatus)
-    }
+    status::of_wait(wstatus)
 }
 
 /// Errors reading the VM's settings in the host process.

@@ -76,7 +76,7 @@ pub struct Personality {
     api_counts: serde_json::Map<String, Value>,
     /// The front end's end of the hand-over socket: the supervisor gets a copy and hands the
     /// VM over to the process the orchestrator started (see [`host`]).
-    handover_fd: Option<std::os::fd::RawFd>,
+    handover_fd: std::os::fd::RawFd,
 }
 
 /// Where Firecracker-layout metrics lines go, and the last values sent (Firecracker's
@@ -184,9 +184,7 @@ impl Personality {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| format!("Start microvm error: cannot make the control channel: {e}"))?;
         config["control_fd"] = json!(CHILD_CONTROL_FD);
-        if self.handover_fd.is_some() {
-            config["handover_fd"] = json!(CHILD_HANDOVER_FD);
-        }
+        config["handover_fd"] = json!(CHILD_HANDOVER_FD);
         config["alerts"] = json!(self.work.join("alerts.jsonl"));
         let path = self.work.join("config.json");
         std::fs::write(&path, config.to_string())
@@ -221,13 +219,12 @@ impl Personality {
             cmd.pre_exec(move || {
                 // Both out of the way first: either may sit at the other's place.
                 let control = libc::fcntl(theirs_fd, libc::F_DUPFD_CLOEXEC, 10);
-                let handover =
-                    handover_fd.map_or(-1, |fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10));
+                let handover = libc::fcntl(handover_fd, libc::F_DUPFD_CLOEXEC, 10);
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
                     || control < 0
-                    || (handover_fd.is_some() && handover < 0)
+                    || handover < 0
                     || libc::dup2(control, CHILD_CONTROL_FD) < 0
-                    || (handover >= 0 && libc::dup2(handover, CHILD_HANDOVER_FD) < 0)
+                    || libc::dup2(handover, CHILD_HANDOVER_FD) < 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -797,7 +794,7 @@ pub fn run(opts: Options) -> i32 {
         control: None,
         logger_set: false,
         api_counts: serde_json::Map::new(),
-        handover_fd: Some(front_end.as_raw_fd()),
+        handover_fd: front_end.as_raw_fd(),
     };
     if opts.boot_timer {
         log::info!("--boot-timer: bulkhead logs the guest's boot time itself");

@@ -143,11 +143,7 @@ fn reap(pid: i32) -> Option<i32> {
     if rc != pid {
         return None;
     }
-    if libc::WIFEXITED(wstatus) {
-        Some(libc::WEXITSTATUS(wstatus))
-    } else {
-        Some(128 + libc::WTERMSIG(wstatus))
-    }
+    Some(status::of_wait(wstatus))
 }
 
 async fn accept_loop(p: Arc<Mutex<Personality>>, listener: UnixListener) {
