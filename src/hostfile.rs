@@ -5,14 +5,32 @@
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The largest settings file bulkhead reads: far beyond any real one.
 pub const MAX_SETTINGS_BYTES: u64 = 1 << 20;
 
-/// Reads the settings file at `path`; the error names the file and what is wrong with it.
-pub fn read_settings(path: &Path) -> Result<String, String> {
-    let fail = |e: std::io::Error| format!("cannot read config file {}: {e}", path.display());
+/// Why a settings file could not be read; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum HostFileError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: not a regular file", path.display())]
+    NotRegular { path: PathBuf },
+    #[error("config file {}: {len} bytes, more than the {MAX_SETTINGS_BYTES} a settings file may have", path.display())]
+    TooLarge { path: PathBuf, len: u64 },
+}
+
+/// Reads the settings file at `path`.
+pub fn read_settings(path: &Path) -> Result<String, HostFileError> {
+    let fail = |source| HostFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -20,17 +38,15 @@ pub fn read_settings(path: &Path) -> Result<String, String> {
         .map_err(fail)?;
     let meta = f.metadata().map_err(fail)?;
     if !meta.is_file() {
-        return Err(format!(
-            "config file {}: not a regular file",
-            path.display()
-        ));
+        return Err(HostFileError::NotRegular {
+            path: path.to_path_buf(),
+        });
     }
     if meta.len() > MAX_SETTINGS_BYTES {
-        return Err(format!(
-            "config file {}: {} bytes, more than the {MAX_SETTINGS_BYTES} a settings file may have",
-            path.display(),
-            meta.len()
-        ));
+        return Err(HostFileError::TooLarge {
+            path: path.to_path_buf(),
+            len: meta.len(),
+        });
     }
     let mut text = String::new();
     // A file that grows while it is read stops at the limit, and fails to parse.
@@ -54,10 +70,14 @@ mod tests {
         assert_eq!(read_settings(&small).unwrap(), "{}");
         let big = dir.join("big.json");
         std::fs::write(&big, vec![b' '; MAX_SETTINGS_BYTES as usize + 1]).unwrap();
-        assert!(read_settings(&big).unwrap_err().contains("more than"));
-        assert!(read_settings(&dir)
+        assert!(read_settings(&big)
             .unwrap_err()
-            .contains("not a regular file"));
+            .to_string()
+            .contains("more than"));
+        assert!(matches!(
+            read_settings(&dir),
+            Err(HostFileError::NotRegular { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

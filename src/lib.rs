@@ -11,6 +11,7 @@ pub mod boot;
 pub mod broker;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod handover;

@@ -90,8 +90,8 @@ fn exit_code(code: i32) -> ExitCode {
 fn run(args: &RunArgs) -> i32 {
     let config = match load_config(args) {
         Ok(c) => c,
-        Err(msg) => {
-            log::error!("{msg}");
+        Err(e) => {
+            log::error!("{e}");
             return status::BAD_INPUT;
         }
     };
@@ -285,30 +285,47 @@ fn verify_audit_log(file: &std::path::Path, head: Option<&str>) -> i32 {
     }
 }
 
-fn load_config(args: &RunArgs) -> Result<VmConfig, String> {
+/// Why `bulkhead run`'s settings could not be taken.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error(transparent)]
+    Read(#[from] bulkhead::hostfile::HostFileError),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: bulkhead::ConfigError,
+    },
+    #[error("{}: \"seccomp\": false needs --no-seccomp on the command line too", path.display())]
+    SeccompOffInFile { path: std::path::PathBuf },
+    #[error(transparent)]
+    Invalid(#[from] bulkhead::ConfigError),
+    #[error("--test-hook exists only in debug builds")]
+    TestHookInRelease,
+}
+
+fn load_config(args: &RunArgs) -> Result<VmConfig, LoadError> {
     let file = match &args.config {
         Some(path) => {
             let text = bulkhead::hostfile::read_settings(path)?;
-            RawConfig::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            let raw = RawConfig::from_json(&text).map_err(|source| LoadError::File {
+                path: path.clone(),
+                source,
+            })?;
+            // Turning the filters off is the operator's decision, on the command line: a
+            // settings file (which may come from elsewhere) can not do it alone.
+            if raw.seccomp == Some(false) && !args.no_seccomp {
+                return Err(LoadError::SeccompOffInFile { path: path.clone() });
+            }
+            raw
         }
         None => RawConfig::default(),
     };
-    // Turning the filters off is the operator's decision, on the command line: a settings file
-    // (which may come from elsewhere) can not do it alone.
-    if file.seccomp == Some(false) && !args.no_seccomp {
-        return Err(format!(
-            "{}: \"seccomp\": false needs --no-seccomp on the command line too",
-            args.config
-                .as_deref()
-                .unwrap_or(std::path::Path::new(""))
-                .display()
-        ));
-    }
     let raw = file.overlay(args.raw_config());
-    let mut config = VmConfig::from_raw(raw, host_mem_mib()).map_err(|e| e.to_string())?;
+    let mut config = VmConfig::from_raw(raw, host_mem_mib())?;
     if let Some(hook) = args.test_hook {
         if !cfg!(debug_assertions) {
-            return Err("--test-hook exists only in debug builds".to_string());
+            return Err(LoadError::TestHookInRelease);
         }
         config.test_hook = Some(hook);
     }

@@ -261,8 +261,17 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, door: Door) {
     }
 }
 
+/// Why a caller may not use a door.
+#[derive(Debug, thiserror::Error)]
+enum DoorRefusal {
+    #[error("uid {uid} is not a member of tenant {tenant}")]
+    NotMember { uid: u32, tenant: String },
+    #[error("uid {uid} is not an admin")]
+    NotAdmin { uid: u32 },
+}
+
 /// Who the caller is on this door, or why they may not use it.
-fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, String> {
+fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, DoorRefusal> {
     match door {
         Door::Tenant(name) => {
             let member = daemon
@@ -276,16 +285,16 @@ fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, 
                     uid: caller.uid,
                 })
             } else {
-                Err(format!(
-                    "uid {} is not a member of tenant {name}",
-                    caller.uid
-                ))
+                Err(DoorRefusal::NotMember {
+                    uid: caller.uid,
+                    tenant: name.clone(),
+                })
             }
         }
         Door::Admin if daemon.config.admins.contains(&caller.uid) => {
             Ok(Principal::Admin { uid: caller.uid })
         }
-        Door::Admin => Err(format!("uid {} is not an admin", caller.uid)),
+        Door::Admin => Err(DoorRefusal::NotAdmin { uid: caller.uid }),
     }
 }
 
@@ -433,7 +442,7 @@ async fn handle(
     let who = principal(&daemon, &door, caller);
     let body = Limited::new(req.into_body(), routes::MAX_BODY);
     let request = match who {
-        Err(why) => Err(Reply::error(403, why)),
+        Err(why) => Err(Reply::error(403, why.to_string())),
         Ok(who) => match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
             Err(_) => Err(Reply::error(408, "the body did not arrive in time")),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Reply::error(

@@ -154,8 +154,8 @@ fn wait_for(front_end: libc::pid_t) -> i32 {
 /// Errors reading the VM's settings in the host process.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("cannot read the VM's settings {path}: {message}")]
-    Read { path: String, message: String },
+    #[error("cannot read the VM's settings: {0}")]
+    Read(#[from] crate::hostfile::HostFileError),
     #[error("the VM's settings {path}: {source}")]
     Config {
         path: String,
@@ -169,10 +169,7 @@ pub enum HostError {
 fn load_config(work: &Path, no_seccomp: bool) -> Result<VmConfig, HostError> {
     let path = work.join("config.json");
     let shown = path.display().to_string();
-    let text = crate::hostfile::read_settings(&path).map_err(|message| HostError::Read {
-        path: shown.clone(),
-        message,
-    })?;
+    let text = crate::hostfile::read_settings(&path)?;
     let config = |source| HostError::Config {
         path: shown.clone(),
         source,

@@ -11,6 +11,7 @@
 //! supervisor is gone. SIGTERM stops the VM in order. Firecracker's metrics lines are made from
 //! the supervisor's metrics.
 
+mod error;
 mod host;
 pub mod model;
 pub mod routes;
@@ -27,8 +28,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::control::{self, Answer, Request};
 use crate::exit::status;
-use crate::vmm::control;
+pub use error::FcError;
 use model::{ConfigFile, Logger, Metrics, PartialDrive};
 use state::{Pending, Phase};
 
@@ -135,29 +137,23 @@ impl Personality {
         self.api_counts.insert(key, json!(n + 1));
     }
 
-    pub fn set_logger(&mut self, l: Logger) -> Result<(), String> {
+    pub fn set_logger(&mut self, l: Logger) -> Result<(), FcError> {
         if let Some(level) = &l.level {
-            let filter = level_filter(level)
-                .ok_or_else(|| format!("Logger error: Invalid log level: {level}"))?;
+            let filter = level_filter(level).ok_or_else(|| FcError::LogLevel(level.clone()))?;
             log::set_max_level(filter);
         }
         if let Some(path) = &l.log_path {
-            redirect_log(&self.resolve(path))
-                .map_err(|e| format!("Logger error: Failed to open target file: {e}"))?;
+            redirect_log(&self.resolve(path)).map_err(FcError::LogFile)?;
         }
         self.logger_set = true;
         Ok(())
     }
 
-    pub fn set_metrics(&mut self, m: Metrics) -> Result<(), String> {
+    pub fn set_metrics(&mut self, m: Metrics) -> Result<(), FcError> {
         if self.metrics.is_some() {
-            return Err("Metrics error: Cannot initialize the metrics system due to bad user input: Reinitialization of metrics not allowed.".to_string());
+            return Err(FcError::MetricsAgain);
         }
-        let file = open_output(&self.resolve(&m.metrics_path)).map_err(|e| {
-            format!(
-                "Metrics error: Cannot initialize the metrics system due to bad user input: {e}"
-            )
-        })?;
+        let file = open_output(&self.resolve(&m.metrics_path)).map_err(FcError::MetricsFile)?;
         self.metrics = Some(MetricsSink {
             file,
             emit_id: m.emit_id.unwrap_or(false),
@@ -169,26 +165,28 @@ impl Personality {
     }
 
     /// InstanceStart: starts the supervisor and waits until the VM runs (or failed).
-    pub fn start(&mut self) -> Result<(), String> {
+    pub fn start(&mut self) -> Result<(), FcError> {
         if self.phase != Phase::NotStarted {
-            return Err(
-                "The requested operation is not supported after starting the microVM.".to_string(),
-            );
+            return Err(FcError::Started);
         }
         let mut config = self
             .pending
-            .to_bulkhead(&self.id, self.seccomp, &self.cwd)
-            .map_err(|e| e.to_string())?;
+            .to_bulkhead(&self.id, self.seccomp, &self.cwd)?;
         config["metrics_file"] = json!(self.work.join("metrics.prom"));
         // The VM process's end of the control channel reaches it as descriptor 3.
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| format!("Start microvm error: cannot make the control channel: {e}"))?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| FcError::Start {
+                what: "make the control channel",
+                source,
+            })?;
         config["control_fd"] = json!(CHILD_CONTROL_FD);
         config["handover_fd"] = json!(CHILD_HANDOVER_FD);
         config["alerts"] = json!(self.work.join("alerts.jsonl"));
         let path = self.work.join("config.json");
-        std::fs::write(&path, config.to_string())
-            .map_err(|e| format!("Start microvm error: cannot write {}: {e}", path.display()))?;
+        std::fs::write(&path, config.to_string()).map_err(|source| FcError::Start {
+            what: "write the VMM's settings",
+            source,
+        })?;
         let mut cmd = std::process::Command::new(&self.exe);
         // Named bulkhead, whatever this binary is called: invoked as `firecracker` it would
         // be this personality again.
@@ -235,12 +233,16 @@ impl Personality {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("Start microvm error: cannot start the VMM: {e}"))?;
+        let child = cmd.spawn().map_err(|source| FcError::Start {
+            what: "start the VMM",
+            source,
+        })?;
         drop(theirs);
         ours.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| format!("Start microvm error: {e}"))?;
+            .map_err(|source| FcError::Start {
+                what: "time the control channel",
+                source,
+            })?;
         self.control = Some(ours);
         let pid = i32::try_from(child.id()).unwrap_or(0);
         // The child is reaped by the process's wait loop.
@@ -248,14 +250,11 @@ impl Personality {
         self.supervisor = Some(pid);
         // Running means the VMM serves its event loop (its vCPUs run): it answers a ping
         // then, with its pid.
-        let ping = self.command(control::PING, 0, None);
-        let mut pid_bytes = [0u8; 4];
-        let answered = ping == Ok(control::DONE)
-            && self
-                .control
-                .as_ref()
-                .is_some_and(|c| std::io::Read::read_exact(&mut &*c, &mut pid_bytes).is_ok());
-        if !answered {
+        let vm_pid = match self.command(Request::Ping, None) {
+            Ok(Answer::Running { pid }) => i32::try_from(pid).ok().filter(|p| *p > 0),
+            _ => None,
+        };
+        if vm_pid.is_none() {
             self.control = None;
             // SAFETY: kill and waitpid on the child just started, not reaped by anyone else.
             unsafe {
@@ -263,37 +262,32 @@ impl Personality {
                 libc::waitpid(pid, std::ptr::null_mut(), 0);
             }
             self.supervisor = None;
-            return Err("Start microvm error: the VM did not start; see the log".to_string());
+            return Err(FcError::DidNotStart);
         }
-        self.vm_pid = i32::try_from(u32::from_le_bytes(pid_bytes))
-            .ok()
-            .filter(|p| *p > 0);
+        self.vm_pid = vm_pid;
         self.phase = Phase::Running;
         let _ = self.flush_metrics();
         Ok(())
     }
 
-    pub fn pause(&mut self, pause: bool) -> Result<(), String> {
-        let vm = self
-            .vm_process()
-            .ok_or_else(|| "The microVM is not running.".to_string())?;
+    pub fn pause(&mut self, pause: bool) -> Result<(), FcError> {
+        let vm = self.vm_process().ok_or(FcError::NotRunning)?;
         let signal = if pause { libc::SIGSTOP } else { libc::SIGCONT };
-        super::vms::signal(vm, signal).map_err(|e| format!("Cannot pause/resume: {e}"))?;
+        super::vms::signal(vm, signal).map_err(FcError::Signal)?;
         self.phase = if pause { Phase::Paused } else { Phase::Running };
         Ok(())
     }
 
     /// Swaps a running drive's backing file. A new rate limiter is accepted and logged: a
     /// running VM keeps the limits it started with.
-    pub fn patch_drive(&mut self, d: PartialDrive) -> Result<(), String> {
-        const PREFIX: &str = "Drive config error: Unable to patch the block device:";
+    pub fn patch_drive(&mut self, d: PartialDrive) -> Result<(), FcError> {
         let found = self
             .pending
             .ordered_drives()
             .iter()
             .position(|o| o.drive_id == d.drive_id);
         let Some(index) = found else {
-            return Err(format!("{PREFIX} Failed perform action on device: Device not found Please verify the request arguments."));
+            return Err(FcError::NoSuchDrive);
         };
         if !model::RateLimiter::is_unlimited(&d.rate_limiter) {
             log::warn!(
@@ -305,7 +299,7 @@ impl Personality {
             if d.rate_limiter.is_some() {
                 return Ok(());
             }
-            return Err(format!("{PREFIX} Block: Running method expected different backend. Please verify the request arguments."));
+            return Err(FcError::NoBackingFile);
         };
         let read_only = self
             .pending
@@ -322,11 +316,17 @@ impl Personality {
             .write(!read_only)
             .custom_flags(libc::O_NONBLOCK)
             .open(&host_path)
-            .map_err(|e| format!("{PREFIX} Block: Virtio backend error: Error manipulating the backing file: {e} {} Please verify the request arguments.", host_path.display()))?;
+            .map_err(|source| FcError::BackingFile {
+                path: host_path.clone(),
+                source,
+            })?;
         let index = u32::try_from(index).unwrap_or(u32::MAX);
-        let answer = self.command(control::SWAP_DISK, index, Some(&file))?;
-        if answer != control::DONE {
-            return Err(format!("{PREFIX} Block: the VMM refused the new backing file {} (code {answer}) Please verify the request arguments.", host_path.display()));
+        let answer = self.command(Request::SwapDisk { index }, Some(&file))?;
+        if answer != Answer::Done {
+            return Err(FcError::SwapRefused {
+                path: host_path,
+                answer,
+            });
         }
         if let Some(o) = self
             .pending
@@ -339,56 +339,40 @@ impl Personality {
         Ok(())
     }
 
-    pub fn ctrl_alt_del(&mut self) -> Result<(), String> {
+    pub fn ctrl_alt_del(&mut self) -> Result<(), FcError> {
         if self.phase == Phase::NotStarted {
-            return Err(
-                "The requested operation is not supported before starting the microVM.".to_string(),
-            );
+            return Err(FcError::NotStarted);
         }
-        match self.command(control::CTRL_ALT_DEL, 0, None)? {
-            control::DONE => Ok(()),
-            code => Err(format!("The VMM refused SendCtrlAltDel (code {code})")),
+        match self.command(Request::CtrlAltDel, None)? {
+            Answer::Done => Ok(()),
+            other => Err(FcError::CtrlAltDelRefused(other)),
         }
     }
 
     /// Sends one request on the control channel, with `file` passed along, and returns the
     /// VM process's answer.
-    fn command(&mut self, command: u8, arg: u32, file: Option<&File>) -> Result<u8, String> {
+    fn command(&mut self, request: Request, file: Option<&File>) -> Result<Answer, FcError> {
         if self.phase == Phase::Paused {
             // The VMM thread is stopped with the rest of the VM process: it could not answer.
-            return Err("The microVM is paused: resume it first.".to_string());
+            return Err(FcError::Paused);
         }
-        use std::io::Read;
-        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        let gone = || "The microVM's VMM is not running.".to_string();
-        let channel = self.control.as_ref().ok_or_else(gone)?;
-        let mut msg = [0u8; 8];
-        msg[0] = command;
-        msg[4..8].copy_from_slice(&arg.to_le_bytes());
-        let sent = match file {
-            Some(f) => {
-                use std::os::fd::AsRawFd;
-                channel.send_with_fd(&msg[..], f.as_raw_fd()).is_ok()
-            }
-            None => Write::write_all(&mut &*channel, &msg).is_ok(),
-        };
-        let mut answer = [0u8; 1];
-        if !sent || (&*channel).read_exact(&mut answer).is_err() {
+        let channel = self
+            .control
+            .as_ref()
+            .ok_or(FcError::VmmGone(control::ControlError::Closed))?;
+        control::ask(channel, request, file).map_err(|e| {
             // A request sent but not answered would leave its answer for the next one: the
             // channel is given up instead.
             self.control = None;
-            return Err(gone());
-        }
-        Ok(answer[0])
+            FcError::VmmGone(e)
+        })
     }
 
     /// Writes one metrics line, in Firecracker's layout for what has a counterpart in
     /// bulkhead, with bulkhead's own series and new alerts under their own keys.
-    pub fn flush_metrics(&mut self) -> Result<(), String> {
+    pub fn flush_metrics(&mut self) -> Result<(), FcError> {
         if self.phase == Phase::NotStarted {
-            return Err(
-                "The requested operation is not supported before starting the microVM.".to_string(),
-            );
+            return Err(FcError::NotStarted);
         }
         let work = self.work.clone();
         let id = self.id.clone();
@@ -421,9 +405,7 @@ impl Personality {
         let line = metrics_line(sink, &text, &alerts, &id, &api, &devices);
         let mut bytes = line.to_string().into_bytes();
         bytes.push(b'\n');
-        sink.file
-            .write_all(&bytes)
-            .map_err(|e| format!("Metrics error: cannot write a metrics line: {e}"))
+        sink.file.write_all(&bytes).map_err(FcError::MetricsWrite)
     }
 }
 
@@ -679,9 +661,9 @@ fn metrics_line(
 pub const MAX_LINE: usize = 60 << 10;
 
 /// Builds the settings from `--config-file`.
-fn from_config_file(p: &mut Personality, path: &Path) -> Result<(), String> {
+fn from_config_file(p: &mut Personality, path: &Path) -> Result<(), FcError> {
     let text = crate::hostfile::read_settings(path)?;
-    let file: ConfigFile = serde_json::from_str(&text).map_err(|e| format!("Invalid JSON: {e}"))?;
+    let file: ConfigFile = serde_json::from_str(&text).map_err(FcError::Json)?;
     for (key, present) in [
         ("balloon", file.balloon.is_some()),
         ("cpu-config", file.cpu_config.is_some()),
@@ -695,18 +677,18 @@ fn from_config_file(p: &mut Personality, path: &Path) -> Result<(), String> {
         ("memory-hotplug", file.memory_hotplug.is_some()),
     ] {
         if present {
-            return Err(format!("\"{key}\" is not supported by bulkhead"));
+            return Err(FcError::Unsupported(key));
         }
     }
     if let Some(m) = file.machine_config {
-        p.pending.set_machine(m).map_err(|e| e.to_string())?;
+        p.pending.set_machine(m)?;
     }
     p.pending.boot = Some(file.boot_source);
     for d in file.drives {
-        p.pending.put_drive(d).map_err(|e| e.to_string())?;
+        p.pending.put_drive(d)?;
     }
     for n in file.network_interfaces {
-        p.pending.put_net(n).map_err(|e| e.to_string())?;
+        p.pending.put_net(n)?;
     }
     p.pending.vsock = file.vsock;
     p.pending.entropy = file.entropy;

@@ -149,7 +149,7 @@ pub fn route(p: &mut Personality, method: &str, path: &str, body: &[u8]) -> Answ
             Ok(d) if d.drive_id != *id => {
                 fault("The id from the path does not match the id from the body!")
             }
-            Ok(d) => p.patch_drive(d).map_or_else(fault, |()| ok()),
+            Ok(d) => p.patch_drive(d).map_or_else(|e| fault(e.to_string()), |()| ok()),
             Err(a) => a,
         },
         ("PUT", ["network-interfaces", id]) => match parse::<NetworkInterface>(body) {
@@ -197,25 +197,25 @@ pub fn route(p: &mut Personality, method: &str, path: &str, body: &[u8]) -> Answ
             Err(a) => a,
         },
         ("PUT", ["logger"]) => match parse::<Logger>(body) {
-            Ok(l) => p.set_logger(l).map_or_else(fault, |()| ok()),
+            Ok(l) => p.set_logger(l).map_or_else(|e| fault(e.to_string()), |()| ok()),
             Err(a) => a,
         },
         ("PUT", ["metrics"]) => match parse::<Metrics>(body) {
-            Ok(m) => p.set_metrics(m).map_or_else(fault, |()| ok()),
+            Ok(m) => p.set_metrics(m).map_or_else(|e| fault(e.to_string()), |()| ok()),
             Err(a) => a,
         },
         ("PUT", ["actions"]) => match parse::<InstanceActionInfo>(body) {
             Ok(a) => match a.action_type {
-                ActionType::InstanceStart => p.start().map_or_else(fault, |()| ok()),
-                ActionType::FlushMetrics => p.flush_metrics().map_or_else(fault, |()| ok()),
-                ActionType::SendCtrlAltDel => p.ctrl_alt_del().map_or_else(fault, |()| ok()),
+                ActionType::InstanceStart => p.start().map_or_else(|e| fault(e.to_string()), |()| ok()),
+                ActionType::FlushMetrics => p.flush_metrics().map_or_else(|e| fault(e.to_string()), |()| ok()),
+                ActionType::SendCtrlAltDel => p.ctrl_alt_del().map_or_else(|e| fault(e.to_string()), |()| ok()),
             },
             Err(a) => a,
         },
         ("PATCH", ["vm"]) => match parse::<Vm>(body) {
             Ok(vm) => p
                 .pause(vm.state == VmStateRequest::Paused)
-                .map_or_else(fault, |()| ok()),
+                .map_or_else(|e| fault(e.to_string()), |()| ok()),
             Err(a) => a,
         },
         _ => match unsupported(path) {
