@@ -488,8 +488,7 @@ impl Daemon {
 
     /// Records how VM `id` ended.
     pub fn ended(&self, id: &str, status: Option<i32>) {
-        let metrics = std::fs::read_to_string(self.paths(id).metrics()).ok();
-        let exit = routes::ended(status, metrics.as_deref());
+        let exit = routes::ended(status, vms::exit_reason(&self.paths(id)));
         log::info!("VM {id} ended: {} (status {status:?})", exit.reason);
         let mut tenant = None;
         self.update(id, |r| {

@@ -2,10 +2,10 @@
 //! Prometheus): every VM's metrics file, merged into one exposition. It shows every tenant's
 //! VMs, so it listens on a Unix socket only root (and a configured group) may use, or on TCP
 //! for requests that carry the operator's bearer token. Each VM's series already
-//! carry `vm_id` and `tenant`; what the merge adds is one `# HELP`/`# TYPE` block per family,
-//! which the text format requires, with every VM's samples under it.
+//! carry `vm_id` and `tenant`; the merge (`telemetry::Exposition::merge`) reads each file back
+//! and writes one `# HELP`/`# TYPE` block per family, which the text format requires, with every
+//! VM's samples under it.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -17,65 +17,17 @@ use tokio::net::{TcpListener, UnixListener};
 
 use super::daemon::Daemon;
 use super::server::{CONNECTION_LIFETIME, HEADER_TIMEOUT, MAX_CONNECTIONS};
-
-/// One metric family: its comment lines (HELP, TYPE, UNIT) and its samples.
-#[derive(Default)]
-struct Family {
-    comments: Vec<String>,
-    samples: Vec<String>,
-}
-
-/// Merges Prometheus/OpenMetrics text expositions: families in the order first seen, each with
-/// its comment lines once and the samples of all.
-pub fn merge<'a>(texts: impl IntoIterator<Item = &'a str>) -> String {
-    let mut order: Vec<String> = Vec::new();
-    let mut families: BTreeMap<String, Family> = BTreeMap::new();
-    for text in texts {
-        let mut current = String::new();
-        for line in text.lines() {
-            if line.is_empty() || line == "# EOF" {
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix("# ") {
-                // `# HELP name ...`, `# TYPE name kind`, `# UNIT name unit`.
-                current = rest.split(' ').nth(1).unwrap_or("").to_string();
-                let family = families.entry(current.clone()).or_insert_with(|| {
-                    order.push(current.clone());
-                    Family::default()
-                });
-                if !family.comments.iter().any(|c| c == line) {
-                    family.comments.push(line.to_string());
-                }
-                continue;
-            }
-            let family = families.entry(current.clone()).or_insert_with(|| {
-                order.push(current.clone());
-                Family::default()
-            });
-            family.samples.push(line.to_string());
-        }
-    }
-    let mut out = String::new();
-    for name in order {
-        if let Some(f) = families.get(&name) {
-            for line in f.comments.iter().chain(&f.samples) {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out.push_str("# EOF\n");
-    out
-}
+use crate::telemetry::Exposition;
 
 /// Every VM's metrics, merged.
 fn exposition(daemon: &Daemon) -> String {
     let ids: Vec<String> = daemon.vms().keys().cloned().collect();
-    let texts: Vec<String> = ids
+    let read: Vec<Exposition> = ids
         .iter()
         .filter_map(|id| std::fs::read_to_string(daemon.paths(id).metrics()).ok())
+        .map(|text| Exposition::parse(&text))
         .collect();
-    merge(texts.iter().map(String::as_str))
+    Exposition::merge(&read)
 }
 
 /// The merged endpoint's listener: a Unix socket (its mode decides who may connect), or TCP,
@@ -210,19 +162,5 @@ mod tests {
         ] {
             assert!(!bearer_matches(&with(wrong), "s3cret"), "{wrong:?}");
         }
-    }
-
-    #[test]
-    fn two_vms_metrics_merge_into_one_block_per_family() {
-        let a =
-            "# HELP bulkhead_up Up.\n# TYPE bulkhead_up gauge\nbulkhead_up{vm_id=\"a\"} 1\n# EOF\n";
-        let b =
-            "# HELP bulkhead_up Up.\n# TYPE bulkhead_up gauge\nbulkhead_up{vm_id=\"b\"} 1\n# EOF\n";
-        let merged = merge([a, b]);
-        assert_eq!(
-            merged,
-            "# HELP bulkhead_up Up.\n# TYPE bulkhead_up gauge\nbulkhead_up{vm_id=\"a\"} 1\nbulkhead_up{vm_id=\"b\"} 1\n# EOF\n"
-        );
-        assert_eq!(merged.matches("# TYPE").count(), 1);
     }
 }

@@ -568,12 +568,10 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
 }
 
 /// How an ended VM is described when its supervisor's status is known.
-pub fn ended(status: Option<i32>, metrics: Option<&str>) -> VmExit {
-    let reason = metrics
-        .and_then(vms::exit_reason)
-        .unwrap_or_else(|| match status {
-            Some(s) => format!("supervisor_exit_{s}"),
-            None => "killed".to_string(),
-        });
+pub fn ended(status: Option<i32>, reason: Option<String>) -> VmExit {
+    let reason = reason.unwrap_or_else(|| match status {
+        Some(s) => format!("supervisor_exit_{s}"),
+        None => "killed".to_string(),
+    });
     VmExit { status, reason }
 }

@@ -162,18 +162,12 @@ pub fn vm_process(supervisor: i32) -> Option<i32> {
         .ok()
 }
 
-/// The `reason` label of `bulkhead_vm_exit` in a metrics file.
-pub fn exit_reason(metrics: &str) -> Option<String> {
-    metrics.lines().find_map(|l| {
-        let rest = l.strip_prefix("bulkhead_vm_exit{")?;
-        let value = l.rsplit(' ').next()?;
-        if value.trim() != "1" {
-            return None;
-        }
-        let start = rest.find("reason=\"")? + "reason=\"".len();
-        let end = rest.get(start..)?.find('"')? + start;
-        rest.get(start..end).map(str::to_string)
-    })
+/// Why the VM ended, from its metrics file (the `reason` of `bulkhead_vm_exit`).
+pub fn exit_reason(paths: &VmPaths) -> Option<String> {
+    let text = std::fs::read_to_string(paths.metrics()).ok()?;
+    crate::telemetry::Exposition::parse(&text)
+        .exit_reason()
+        .map(str::to_string)
 }
 
 /// Reads every record under `state_dir/vms`, and decides what became of the live ones: a
@@ -207,9 +201,7 @@ pub fn recover(state_dir: &Path) -> BTreeMap<String, VmRecord> {
             if same {
                 log::info!("VM {} (tenant {}): taken back", record.id, record.tenant);
             } else {
-                let reason = std::fs::read_to_string(paths.metrics())
-                    .ok()
-                    .and_then(|m| exit_reason(&m));
+                let reason = exit_reason(&paths);
                 record.state = if reason.is_some() {
                     VmState::Exited
                 } else {
@@ -258,15 +250,6 @@ pub const ADOPTED_POLL: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_exit_reason_is_read_from_the_metric_set_to_one() {
-        let m = "# TYPE bulkhead_vm_exit gauge\n\
-                 bulkhead_vm_exit{vm_id=\"a\",tenant=\"t\",reason=\"guest_exit\"} 1\n";
-        assert_eq!(exit_reason(m).as_deref(), Some("guest_exit"));
-        assert_eq!(exit_reason("bulkhead_vm_exit{reason=\"x\"} 0\n"), None);
-        assert_eq!(exit_reason("garbage"), None);
-    }
 
     #[test]
     fn a_process_start_time_is_read_past_a_name_with_spaces() {

@@ -41,6 +41,10 @@ pub enum VmEnd {
     Stopped(StopCause),
 }
 
+/// The `reason` of `bulkhead_vm_exit` for a VM process killed by its seccomp filter, which
+/// the Firecracker personality reports as a seccomp fault.
+pub const EXIT_SECCOMP_VIOLATION: &str = "seccomp_violation";
+
 impl VmEnd {
     /// The exit status of `bulkhead run`.
     pub fn status(&self) -> i32 {
@@ -62,7 +66,7 @@ impl VmEnd {
             VmEnd::Process(status::RUNTIME_ERROR) => "runtime_error",
             VmEnd::Process(status::BAD_INPUT) => "bad_input",
             VmEnd::Process(_) => "vm_process_exit",
-            VmEnd::SeccompViolation { .. } => "seccomp_violation",
+            VmEnd::SeccompViolation { .. } => EXIT_SECCOMP_VIOLATION,
             VmEnd::Killed { .. } => "killed",
             VmEnd::Stopped(StopCause::Timeout { .. }) => "timeout",
             VmEnd::Stopped(StopCause::Policy { .. }) => "policy_stop",

@@ -15,6 +15,7 @@ mod watch;
 
 use std::time::SystemTime;
 
+pub use ending::EXIT_SECCOMP_VIOLATION;
 pub use ending::{StopCause, VmEnd};
 pub use outputs::{write_initial_metrics, OutputError};
 

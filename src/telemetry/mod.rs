@@ -25,7 +25,7 @@ pub use device::{DeviceTelemetry, Evidence};
 pub use devices::DeviceSnapshot;
 pub use engine::{Engine, Firing};
 pub use events::{monotonic_ns, request_evidence, Event, Limits, Reporter};
-pub use metrics::{MetricsSnapshot, SupervisorFacts};
+pub use metrics::{Exposition, MetricsSnapshot, SupervisorFacts};
 pub use policy::{OnViolation, Response};
 pub use region::{DeviceCounter, Page, Region, RegionError, VcpuRow, MAX_DEVICES, MAX_VCPUS};
 pub use vocabulary::{

@@ -30,6 +30,8 @@ use serde_json::{json, Value};
 
 use crate::control::{self, Answer, Request};
 use crate::exit::status;
+use crate::telemetry::metrics::{ByteDirection, Family, Label, ReadSample};
+use crate::telemetry::{ExitKind, Exposition, RequestViolation, Violation};
 pub use error::FcError;
 use model::{ConfigFile, Logger, Metrics, PartialDrive};
 use state::{Pending, Phase};
@@ -75,10 +77,50 @@ pub struct Personality {
     /// The control channel to the running VM process (Ctrl-Alt-Del, disk swaps).
     control: Option<std::os::unix::net::UnixStream>,
     logger_set: bool,
-    api_counts: serde_json::Map<String, Value>,
+    api_counts: ApiCounts,
     /// The front end's end of the hand-over socket: the supervisor gets a copy and hands the
     /// VM over to the process the orchestrator started (see [`host`]).
     handover_fd: std::os::fd::RawFd,
+}
+
+/// Firecracker's groups of API request counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum ApiGroup {
+    Get,
+    Put,
+    Patch,
+}
+
+impl ApiGroup {
+    const ALL: [ApiGroup; 3] = [ApiGroup::Get, ApiGroup::Put, ApiGroup::Patch];
+
+    fn of_method(method: &str) -> Option<ApiGroup> {
+        match method {
+            "GET" => Some(ApiGroup::Get),
+            "PUT" => Some(ApiGroup::Put),
+            "PATCH" => Some(ApiGroup::Patch),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ApiGroup::Get => "get_api_requests",
+            ApiGroup::Put => "put_api_requests",
+            ApiGroup::Patch => "patch_api_requests",
+        }
+    }
+}
+
+/// Each API counter (its group and Firecracker's field name) and its total.
+type ApiCounts = std::collections::BTreeMap<(ApiGroup, String), u64>;
+
+/// A device's series, as the metrics line sums them.
+enum Dev<'a> {
+    /// Every device of a kind (`virtio-blk` is `virtio-blk0`, `virtio-blk1`, ...).
+    Kind(&'static str),
+    /// One device.
+    One(&'a str),
 }
 
 /// Where Firecracker-layout metrics lines go, and the last values sent (Firecracker's
@@ -108,11 +150,8 @@ impl Personality {
     /// Counts a request as Firecracker's `*_api_requests` metrics do: `NAME_count` when it
     /// arrives, `NAME_fails` when it fails.
     pub fn count_request(&mut self, method: &str, parts: &[&str], failed: Option<bool>) {
-        let group = match method {
-            "GET" => "get_api_requests",
-            "PUT" => "put_api_requests",
-            "PATCH" => "patch_api_requests",
-            _ => return,
+        let Some(group) = ApiGroup::of_method(method) else {
+            return;
         };
         let name = match parts.first().copied().unwrap_or("") {
             "" => "instance_info",
@@ -124,17 +163,12 @@ impl Personality {
             other => other,
         }
         .replace('-', "_");
-        let key = match failed {
-            None => format!("{group}.{name}_count"),
-            Some(true) => format!("{group}.{name}_fails"),
+        let field = match failed {
+            None => format!("{name}_count"),
+            Some(true) => format!("{name}_fails"),
             Some(false) => return,
         };
-        let n = self
-            .api_counts
-            .get(&key)
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        self.api_counts.insert(key, json!(n + 1));
+        *self.api_counts.entry((group, field)).or_insert(0) += 1;
     }
 
     pub fn set_logger(&mut self, l: Logger) -> Result<(), FcError> {
@@ -376,7 +410,7 @@ impl Personality {
         }
         let work = self.work.clone();
         let id = self.id.clone();
-        let api = Value::Object(self.api_counts.clone());
+        let api = self.api_counts.clone();
         let drive_ids: Vec<String> = self
             .pending
             .ordered_drives()
@@ -393,6 +427,7 @@ impl Personality {
             return Ok(());
         };
         let text = std::fs::read_to_string(work.join("metrics.prom")).unwrap_or_default();
+        let prom = Exposition::parse(&text);
         let alerts: Vec<Value> = std::fs::read_to_string(work.join("alerts.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -402,7 +437,7 @@ impl Personality {
             drives: drive_ids,
             nets: net_ids,
         };
-        let line = metrics_line(sink, &text, &alerts, &id, &api, &devices);
+        let line = metrics_line(sink, &prom, &alerts, &id, &api, &devices);
         let mut bytes = line.to_string().into_bytes();
         bytes.push(b'\n');
         sink.file.write_all(&bytes).map_err(FcError::MetricsWrite)
@@ -462,116 +497,102 @@ struct Devices {
 
 fn metrics_line(
     sink: &mut MetricsSink,
-    prom: &str,
+    prom: &Exposition,
     alerts: &[Value],
     id: &str,
-    api: &Value,
+    api: &ApiCounts,
     devices: &Devices,
 ) -> Value {
-    // name{labels} -> value, for every sample.
-    let samples: Vec<(String, String, f64)> = prom
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let value: f64 = value.parse().ok()?;
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n.to_string(), rest.trim_end_matches('}').to_string()),
-                None => (series.to_string(), String::new()),
-            };
-            Some((name, labels, value))
-        })
-        .collect();
-    let sum = |name: &str, label: &str| -> f64 {
-        samples
-            .iter()
-            .filter(|(n, l, _)| n == name && l.contains(label))
-            .map(|(_, _, v)| v)
-            .sum()
-    };
     let mut delta = |key: &str, total: f64| -> u64 {
         let before = sink.last.insert(key.to_string(), total).unwrap_or(0.0);
         (total - before).max(0.0) as u64
     };
-    let exits = |reason: &str| sum("bulkhead_vcpu_exits_total", &format!("reason=\"{reason}\""));
+    // A device's series: every device of a kind (`virtio-blk`) or one (`virtio-blk0`).
+    let of = |s: &ReadSample, dev: &Dev| -> bool {
+        s.label(Label::Device).is_some_and(|d| match dev {
+            Dev::Kind(kind) => d
+                .strip_prefix(kind)
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())),
+            Dev::One(name) => d == *name,
+        })
+    };
+    let exits = |kind: ExitKind| {
+        prom.sum(Family::VcpuExits, |s| {
+            s.label(Label::Reason) == Some(kind.name())
+        })
+    };
     let vcpu = json!({
-        "exit_io_in": delta("vcpu.io_in", exits("io_in")),
-        "exit_io_out": delta("vcpu.io_out", exits("io_out")),
-        "exit_mmio_read": delta("vcpu.mmio_read", exits("mmio_read")),
-        "exit_mmio_write": delta("vcpu.mmio_write", exits("mmio_write")),
-        "failures": delta("vcpu.failures", sum("bulkhead_vcpu_failures_total", "")),
+        "exit_io_in": delta("vcpu.io_in", exits(ExitKind::IoIn)),
+        "exit_io_out": delta("vcpu.io_out", exits(ExitKind::IoOut)),
+        "exit_mmio_read": delta("vcpu.mmio_read", exits(ExitKind::MmioRead)),
+        "exit_mmio_write": delta("vcpu.mmio_write", exits(ExitKind::MmioWrite)),
+        "failures": delta("vcpu.failures", prom.sum(Family::VcpuFailures, |_| true)),
     });
-    let bytes = |dev: &str, dir: &str| -> f64 {
-        samples
-            .iter()
-            .filter(|(n, l, _)| {
-                n == "bulkhead_virtio_bytes_total"
-                    && l.contains(&format!("device=\"{dev}"))
-                    && l.contains(dir)
-            })
-            .map(|(_, _, v)| v)
-            .sum()
+    let bytes = |dev: &Dev, dir: ByteDirection| -> f64 {
+        prom.sum(Family::VirtioBytes, |s| {
+            of(s, dev) && s.label(Label::Direction) == Some(dir.name())
+        })
     };
+    let refused = |dev: &Dev| prom.sum(Family::VirtioViolations, |s| of(s, dev));
+    let throttled = |dev: &Dev| prom.sum(Family::VirtioThrottled, |s| of(s, dev));
     // Frames refused for a source MAC not the VM's.
-    let spoofed = |dev: &str| -> f64 {
-        samples
-            .iter()
-            .filter(|(n, l, _)| {
-                n == "bulkhead_virtio_violations_total"
-                    && l.contains(&format!("device=\"{dev}"))
-                    && l.contains("reason=\"foreign_source_mac\"")
-            })
-            .map(|(_, _, v)| v)
-            .sum()
+    let spoofed = |dev: &Dev| -> f64 {
+        let reason = Violation::from(RequestViolation::ForeignSourceMac).name();
+        prom.sum(Family::VirtioViolations, |s| {
+            of(s, dev) && s.label(Label::Reason) == Some(reason)
+        })
     };
+    let (blk, net, vsock) = (
+        Dev::Kind("virtio-blk"),
+        Dev::Kind("virtio-net"),
+        Dev::Kind("virtio-vsock"),
+    );
     let block = json!({
-        "read_bytes": delta("block.read", bytes("virtio-blk", "to_guest")),
-        "write_bytes": delta("block.write", bytes("virtio-blk", "from_guest")),
-        "invalid_reqs_count": delta("block.refused", sum("bulkhead_virtio_violations_total", "device=\"virtio-blk")),
-        "rate_limiter_throttled_events": delta("block.throttled", sum("bulkhead_virtio_throttled_total", "device=\"virtio-blk")),
+        "read_bytes": delta("block.read", bytes(&blk, ByteDirection::ToGuest)),
+        "write_bytes": delta("block.write", bytes(&blk, ByteDirection::FromGuest)),
+        "invalid_reqs_count": delta("block.refused", refused(&blk)),
+        "rate_limiter_throttled_events": delta("block.throttled", throttled(&blk)),
     });
-    let net = json!({
-        "rx_bytes_count": delta("net.rx", bytes("virtio-net", "to_guest")),
-        "tx_bytes_count": delta("net.tx", bytes("virtio-net", "from_guest")),
-        "tx_spoofed_mac_count": delta("net.spoof", spoofed("virtio-net")),
+    let net_all = json!({
+        "rx_bytes_count": delta("net.rx", bytes(&net, ByteDirection::ToGuest)),
+        "tx_bytes_count": delta("net.tx", bytes(&net, ByteDirection::FromGuest)),
+        "tx_spoofed_mac_count": delta("net.spoof", spoofed(&net)),
     });
     let vsock = json!({
-        "rx_bytes_count": delta("vsock.rx", bytes("virtio-vsock", "to_guest")),
-        "tx_bytes_count": delta("vsock.tx", bytes("virtio-vsock", "from_guest")),
+        "rx_bytes_count": delta("vsock.rx", bytes(&vsock, ByteDirection::ToGuest)),
+        "tx_bytes_count": delta("vsock.tx", bytes(&vsock, ByteDirection::FromGuest)),
     });
     // Per device, as Firecracker's `block_<drive_id>` and `net_<iface_id>`.
     let mut per_device = Vec::new();
     for (i, drive) in devices.drives.iter().enumerate() {
-        let dev = format!("virtio-blk{i}\"");
+        let name = format!("virtio-blk{i}");
+        let dev = Dev::One(&name);
         per_device.push((
             format!("block_{drive}"),
             json!({
-                "read_bytes": delta(&format!("{dev}.read"), bytes(&dev, "to_guest")),
-                "write_bytes": delta(&format!("{dev}.write"), bytes(&dev, "from_guest")),
-                "rate_limiter_throttled_events": delta(
-                    &format!("{dev}.throttled"),
-                    sum("bulkhead_virtio_throttled_total", &format!("device=\"{dev}")),
-                ),
-                "invalid_reqs_count": delta(
-                    &format!("{dev}.refused"),
-                    sum("bulkhead_virtio_violations_total", &format!("device=\"{dev}")),
-                ),
+                "read_bytes": delta(&format!("{name}.read"), bytes(&dev, ByteDirection::ToGuest)),
+                "write_bytes": delta(&format!("{name}.write"), bytes(&dev, ByteDirection::FromGuest)),
+                "rate_limiter_throttled_events": delta(&format!("{name}.throttled"), throttled(&dev)),
+                "invalid_reqs_count": delta(&format!("{name}.refused"), refused(&dev)),
             }),
         ));
     }
     for (i, iface) in devices.nets.iter().enumerate() {
-        let dev = format!("virtio-net{i}\"");
+        let name = format!("virtio-net{i}");
+        let dev = Dev::One(&name);
         per_device.push((
             format!("net_{iface}"),
             json!({
-                "rx_bytes_count": delta(&format!("{dev}.rx"), bytes(&dev, "to_guest")),
-                "tx_bytes_count": delta(&format!("{dev}.tx"), bytes(&dev, "from_guest")),
-                "tx_spoofed_mac_count": delta(&format!("{dev}.spoof"), spoofed(&dev)),
+                "rx_bytes_count": delta(&format!("{name}.rx"), bytes(&dev, ByteDirection::ToGuest)),
+                "tx_bytes_count": delta(&format!("{name}.tx"), bytes(&dev, ByteDirection::FromGuest)),
+                "tx_spoofed_mac_count": delta(&format!("{name}.spoof"), spoofed(&dev)),
             }),
         ));
     }
-    let vmm = json!({ "panic_count": delta("vmm.panics", sum("bulkhead_vmm_panics_total", "")) });
-    let seccomp_faults = sum("bulkhead_vm_exit", "reason=\"seccomp_violation\"");
+    let vmm = json!({ "panic_count": delta("vmm.panics", prom.sum(Family::VmmPanics, |_| true)) });
+    let seccomp_faults = prom.sum(Family::VmExit, |s| {
+        s.label(Label::Reason) == Some(crate::supervisor::EXIT_SECCOMP_VIOLATION)
+    });
     let mut line = serde_json::Map::new();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -583,25 +604,22 @@ fn metrics_line(
     if let Some(p) = &sink.properties {
         line.insert("properties".into(), p.clone());
     }
-    for group in ["get_api_requests", "put_api_requests", "patch_api_requests"] {
+    for group in ApiGroup::ALL {
         let mut g = serde_json::Map::new();
-        if let Some(all) = api.as_object() {
-            for (k, v) in all {
-                if let Some(field) = k.strip_prefix(&format!("{group}.")) {
-                    // Counts since the previous line, as Firecracker reports them.
-                    let total = v.as_f64().unwrap_or(0.0);
-                    let before = sink.last.insert(format!("api.{k}"), total).unwrap_or(0.0);
-                    g.insert(field.to_string(), json!((total - before).max(0.0) as u64));
-                }
-            }
+        for ((_, field), &total) in api.iter().filter(|((g, _), _)| *g == group) {
+            // Counts since the previous line, as Firecracker reports them.
+            let key = format!("api.{}.{field}", group.name());
+            let total = total as f64;
+            let before = sink.last.insert(key, total).unwrap_or(0.0);
+            g.insert(field.clone(), json!((total - before).max(0.0) as u64));
         }
-        line.insert(group.into(), Value::Object(g));
+        line.insert(group.name().into(), Value::Object(g));
     }
     for (key, group) in per_device {
         line.insert(key, group);
     }
     line.insert("block".into(), block);
-    line.insert("net".into(), net);
+    line.insert("net".into(), net_all);
     line.insert("vsock".into(), vsock);
     line.insert("vcpu".into(), vcpu);
     line.insert(
@@ -616,15 +634,15 @@ fn metrics_line(
     let mut series = serde_json::Map::new();
     let mut room = MAX_LINE / 2;
     let mut omitted = 0u64;
-    for (n, l, v) in samples.iter().filter(|(_, _, v)| *v != 0.0) {
-        let key = format!("{n}{{{l}}}");
+    for sample in prom.samples.iter().filter(|s| s.value != 0.0) {
+        let key = sample.series();
         let len = key.len() + 32;
         if len > room {
             omitted += 1;
             continue;
         }
         room -= len;
-        series.insert(key, json!(v));
+        series.insert(key, json!(sample.value));
     }
     line.insert("bulkhead".into(), Value::Object(series));
     if omitted > 0 {
@@ -775,7 +793,7 @@ pub fn run(opts: Options) -> i32 {
         metrics: None,
         control: None,
         logger_set: false,
-        api_counts: serde_json::Map::new(),
+        api_counts: ApiCounts::new(),
         handover_fd: front_end.as_raw_fd(),
     };
     if opts.boot_timer {
@@ -847,8 +865,8 @@ mod tests {
             drives: vec!["root".into()],
             nets: vec!["eth0".into()],
         };
-        let text = exposition(&r);
-        let line = metrics_line(&mut sink, &text, &[], "vm-1", &json!({}), &devices);
+        let text = Exposition::parse(&exposition(&r));
+        let line = metrics_line(&mut sink, &text, &[], "vm-1", &ApiCounts::new(), &devices);
         assert_eq!(line["block"]["invalid_reqs_count"], 1, "{line}");
         assert_eq!(line["block_root"]["invalid_reqs_count"], 1, "{line}");
         assert_eq!(line["net"]["tx_spoofed_mac_count"], 2, "{line}");
@@ -856,7 +874,7 @@ mod tests {
         assert_eq!(line["vcpu"]["failures"], 1, "{line}");
         assert_eq!(line["vmm"]["panic_count"], 1, "{line}");
         // Firecracker's counters are deltas: nothing new, all zero.
-        let again = metrics_line(&mut sink, &text, &[], "vm-1", &json!({}), &devices);
+        let again = metrics_line(&mut sink, &text, &[], "vm-1", &ApiCounts::new(), &devices);
         assert_eq!(again["net"]["tx_spoofed_mac_count"], 0, "{again}");
         assert_eq!(again["vmm"]["panic_count"], 0, "{again}");
     }
@@ -889,6 +907,7 @@ mod tests {
             "the exposition alone is {}",
             text.len()
         );
+        let read = Exposition::parse(&text);
         let mut sink = test_sink();
         let devices = Devices {
             drives: (0..16).map(|i| format!("drive{i}")).collect(),
@@ -904,7 +923,14 @@ mod tests {
         );
         let mut seen = 0;
         for _ in 0..10 {
-            let line = metrics_line(&mut sink, &text, &alerts, "vm-1", &json!({}), &devices);
+            let line = metrics_line(
+                &mut sink,
+                &read,
+                &alerts,
+                "vm-1",
+                &ApiCounts::new(),
+                &devices,
+            );
             assert!(
                 line.to_string().len() <= MAX_LINE,
                 "{}",

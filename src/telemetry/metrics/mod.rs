@@ -11,11 +11,17 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+mod names;
+mod read;
+
+pub use names::{ByteDirection, Family, Kind, Label};
+pub use read::{Exposition, ReadSample};
+
 use super::devices::DeviceSnapshot;
 use super::region::{DeviceCounter, Page};
 use super::vocabulary::{ExitKind, Rule, VmCounter};
 
-type Labels = Vec<(&'static str, String)>;
+type Labels = Vec<(Label, String)>;
 
 /// One sample: its labels and value.
 #[derive(Debug, Clone)]
@@ -24,21 +30,11 @@ struct Sample {
     value: u64,
 }
 
-/// One metric family.
-#[derive(Debug, Clone)]
-struct Family {
-    /// Without the `_total` a counter gets on output.
-    name: &'static str,
-    help: &'static str,
-    counter: bool,
-    samples: Vec<Sample>,
-}
-
 /// Everything one write of the metrics file holds.
 #[derive(Debug, Clone, Default)]
 pub struct MetricsSnapshot {
-    families: Vec<Family>,
-    float_gauges: Vec<(&'static str, &'static str, f64)>,
+    families: Vec<(Family, Vec<Sample>)>,
+    float_gauges: Vec<(Family, f64)>,
 }
 
 /// What the supervisor knows beyond the region.
@@ -66,22 +62,14 @@ pub struct SupervisorFacts {
 }
 
 impl MetricsSnapshot {
-    fn counter(&mut self, name: &'static str, help: &'static str, samples: Vec<Sample>) {
-        self.families.push(Family {
-            name,
-            help,
-            counter: true,
-            samples,
-        });
+    fn counter(&mut self, family: Family, samples: Vec<Sample>) {
+        debug_assert_eq!(family.kind(), Kind::Counter, "{family:?}");
+        self.families.push((family, samples));
     }
 
-    fn gauge(&mut self, name: &'static str, help: &'static str, samples: Vec<Sample>) {
-        self.families.push(Family {
-            name,
-            help,
-            counter: false,
-            samples,
-        });
+    fn gauge(&mut self, family: Family, samples: Vec<Sample>) {
+        debug_assert_eq!(family.kind(), Kind::Gauge, "{family:?}");
+        self.families.push((family, samples));
     }
 
     /// Copies the region's counters and the supervisor's facts.
@@ -96,11 +84,11 @@ impl MetricsSnapshot {
         let by_dir = |read: VmCounter, write: VmCounter| {
             vec![
                 Sample {
-                    labels: vec![("direction", "read".into())],
+                    labels: vec![(Label::Direction, "read".into())],
                     value: page.vm_counter(read),
                 },
                 Sample {
-                    labels: vec![("direction", "write".into())],
+                    labels: vec![(Label::Direction, "write".into())],
                     value: page.vm_counter(write),
                 },
             ]
@@ -111,81 +99,67 @@ impl MetricsSnapshot {
             let Some(row) = page.vcpu(vcpu) else { continue };
             for &kind in ExitKind::ALL {
                 exits.push(Sample {
-                    labels: vec![("vcpu", vcpu.to_string()), ("reason", kind.name().into())],
+                    labels: vec![
+                        (Label::Vcpu, vcpu.to_string()),
+                        (Label::Reason, kind.name().into()),
+                    ],
                     value: row.get(kind),
                 });
             }
         }
+        m.counter(Family::VcpuExits, exits);
         m.counter(
-            "bulkhead_vcpu_exits",
-            "vCPU exits to user space, by vCPU and reason",
-            exits,
-        );
-        m.counter(
-            "bulkhead_unhandled_pio",
-            "port accesses no device claims (reads get all-ones, writes are dropped)",
+            Family::UnhandledPio,
             by_dir(
                 VmCounter::PioUnassignedReads,
                 VmCounter::PioUnassignedWrites,
             ),
         );
         m.counter(
-            "bulkhead_unhandled_mmio",
-            "MMIO accesses to addresses with neither RAM nor a device",
+            Family::UnhandledMmio,
             by_dir(
                 VmCounter::MmioUnassignedReads,
                 VmCounter::MmioUnassignedWrites,
             ),
         );
         m.counter(
-            "bulkhead_msr_filtered",
-            "MSR accesses outside the allow-list, answered with #GP",
+            Family::MsrFiltered,
             by_dir(VmCounter::MsrFilteredReads, VmCounter::MsrFilteredWrites),
         );
         m.counter(
-            "bulkhead_refused_accesses",
-            "register accesses a device refused (bad size, offset or command)",
+            Family::RefusedAccesses,
             one(page.vm_counter(VmCounter::DeviceRefusedAccesses)),
         );
         m.counter(
-            "bulkhead_vcpu_failures",
-            "abnormal vCPU exits: triple fault, internal error, failed entry, a panicked vCPU thread",
+            Family::VcpuFailures,
             one(page.vm_counter(VmCounter::VcpuFailures)),
         );
         m.counter(
-            "bulkhead_vmm_panics",
-            "panics in the VM process's own code, on any thread",
+            Family::VmmPanics,
             one(page.vm_counter(VmCounter::VmmPanics)),
         );
         m.counter(
-            "bulkhead_guest_panics",
-            "guest kernel panics the pvpanic device reported, by what the kernel did next",
+            Family::GuestPanics,
             vec![
                 Sample {
-                    labels: vec![("event", "panicked".into())],
+                    labels: vec![(Label::Event, "panicked".into())],
                     value: page.vm_counter(VmCounter::GuestPanics),
                 },
                 Sample {
-                    labels: vec![("event", "crash_loaded".into())],
+                    labels: vec![(Label::Event, "crash_loaded".into())],
                     value: page.vm_counter(VmCounter::GuestCrashLoaded),
                 },
             ],
         );
         m.counter(
-            "bulkhead_console_dropped_bytes",
-            "console output bytes dropped past the console limit",
+            Family::ConsoleDroppedBytes,
             one(page.vm_counter(VmCounter::ConsoleDroppedBytes)),
         );
         m.counter(
-            "bulkhead_telemetry_events_dropped",
-            "telemetry events dropped because the channel to the supervisor was full",
+            Family::TelemetryEventsDropped,
             one(page.vm_counter(VmCounter::EventsDropped)),
         );
-        m.counter(
-            "bulkhead_telemetry_events_invalid",
-            "telemetry events the supervisor rejected as naming nothing of this VM",
-            one(facts.events_invalid),
-        );
+        m.counter(Family::TelemetryEventsInvalid, one(facts.events_invalid));
 
         let devices: Vec<DeviceSnapshot> = facts
             .devices
@@ -197,203 +171,140 @@ impl MetricsSnapshot {
             devices
                 .iter()
                 .map(|d| Sample {
-                    labels: vec![("device", d.device.clone())],
+                    labels: vec![(Label::Device, d.device.clone())],
                     value: d.get(c),
                 })
                 .collect()
         };
-        m.counter(
-            "bulkhead_virtio_requests",
-            "requests (descriptor chains) a virtio device took, valid or not",
-            per_device(DeviceCounter::Requests),
-        );
+        m.counter(Family::VirtioRequests, per_device(DeviceCounter::Requests));
         let mut bytes = Vec::new();
         for d in &devices {
             for (dir, c) in [
-                ("from_guest", DeviceCounter::BytesFromGuest),
-                ("to_guest", DeviceCounter::BytesToGuest),
+                (ByteDirection::FromGuest, DeviceCounter::BytesFromGuest),
+                (ByteDirection::ToGuest, DeviceCounter::BytesToGuest),
             ] {
                 bytes.push(Sample {
-                    labels: vec![("device", d.device.clone()), ("direction", dir.into())],
+                    labels: vec![
+                        (Label::Device, d.device.clone()),
+                        (Label::Direction, dir.name().into()),
+                    ],
                     value: d.get(c),
                 });
             }
         }
-        m.counter(
-            "bulkhead_virtio_bytes",
-            "bytes a virtio device moved, by direction",
-            bytes,
-        );
+        m.counter(Family::VirtioBytes, bytes);
         // The per-device counters with no label of their own, in exposition order.
-        for (name, help, counter) in [
-            (
-                "bulkhead_virtio_interrupts",
-                "interrupts a virtio device raised",
-                DeviceCounter::Interrupts,
-            ),
-            (
-                "bulkhead_virtio_dropped",
-                "host-side data a virtio device dropped (no guest buffer, or the backend full)",
-                DeviceCounter::Dropped,
-            ),
-            (
-                "bulkhead_virtio_policy_resets",
-                "times a virtio device was put in NEEDS_RESET in response to a violation",
-                DeviceCounter::PolicyResets,
-            ),
-            (
-                "bulkhead_virtio_yields",
-                "times a virtio device used its work budget for one wakeup and let other events run first",
-                DeviceCounter::Yields,
-            ),
-            (
-                "bulkhead_virtio_throttled",
-                "times a rate limiter held a virtio queue back until its bucket refilled",
-                DeviceCounter::Throttled,
-            ),
+        for (family, counter) in [
+            (Family::VirtioInterrupts, DeviceCounter::Interrupts),
+            (Family::VirtioDropped, DeviceCounter::Dropped),
+            (Family::VirtioPolicyResets, DeviceCounter::PolicyResets),
+            (Family::VirtioYields, DeviceCounter::Yields),
+            (Family::VirtioThrottled, DeviceCounter::Throttled),
         ] {
-            m.counter(name, help, per_device(counter));
+            m.counter(family, per_device(counter));
         }
         let mut violations = Vec::new();
         for d in &devices {
             for (v, n) in &d.refusals {
                 violations.push(Sample {
                     labels: vec![
-                        ("device", d.device.clone()),
-                        ("layer", v.layer().into()),
-                        ("reason", v.name().into()),
+                        (Label::Device, d.device.clone()),
+                        (Label::Layer, v.layer().into()),
+                        (Label::Reason, v.name().into()),
                     ],
                     value: *n,
                 });
             }
         }
-        m.counter(
-            "bulkhead_virtio_violations",
-            "guest requests a virtio device refused, by layer and reason",
-            violations,
-        );
+        m.counter(Family::VirtioViolations, violations);
 
         let lookup = |list: &[(Rule, u64)], rule: Rule| {
             list.iter().find(|(r, _)| *r == rule).map_or(0, |(_, n)| *n)
         };
         m.counter(
-            "bulkhead_alerts",
-            "alerts sent, by rule and priority",
+            Family::Alerts,
             Rule::ALL
                 .iter()
                 .map(|&r| Sample {
                     labels: vec![
-                        ("rule", r.name().into()),
-                        ("priority", r.priority().name().into()),
+                        (Label::Rule, r.name().into()),
+                        (Label::Priority, r.priority().name().into()),
                     ],
                     value: lookup(&facts.alerts_sent, r),
                 })
                 .collect(),
         );
         m.counter(
-            "bulkhead_alerts_suppressed",
-            "rule firings the per-rule rate limit held back",
+            Family::AlertsSuppressed,
             Rule::ALL
                 .iter()
                 .map(|&r| Sample {
-                    labels: vec![("rule", r.name().into())],
+                    labels: vec![(Label::Rule, r.name().into())],
                     value: lookup(&facts.alerts_suppressed, r),
                 })
                 .collect(),
         );
         m.counter(
-            "bulkhead_alert_deliveries",
-            "alerts POSTed to --alerts-http, by outcome",
+            Family::AlertDeliveries,
             vec![
                 Sample {
-                    labels: vec![("outcome", "sent".into())],
+                    labels: vec![(Label::Outcome, "sent".into())],
                     value: facts.deliveries_sent,
                 },
                 Sample {
-                    labels: vec![("outcome", "dropped".into())],
+                    labels: vec![(Label::Outcome, "dropped".into())],
                     value: facts.deliveries_dropped,
                 },
             ],
         );
 
-        m.gauge(
-            "bulkhead_guest_memory_bytes",
-            "guest RAM",
-            one(facts.guest_memory_bytes),
-        );
-        m.gauge(
-            "bulkhead_vcpus",
-            "vCPUs the VM has",
-            one(facts.vcpus as u64),
-        );
+        m.gauge(Family::GuestMemoryBytes, one(facts.guest_memory_bytes));
+        m.gauge(Family::Vcpus, one(facts.vcpus as u64));
         if let Some(n) = facts.seccomp_filtered_threads {
-            m.gauge(
-                "bulkhead_seccomp_filtered_threads",
-                "VM process threads running under a seccomp filter, as the kernel reports",
-                one(n),
-            );
+            m.gauge(Family::SeccompFilteredThreads, one(n));
         }
         if let Some(n) = facts.vm_process_threads {
-            m.gauge(
-                "bulkhead_vm_process_threads",
-                "threads of the VM process",
-                one(n),
-            );
+            m.gauge(Family::VmProcessThreads, one(n));
         }
-        m.gauge(
-            "bulkhead_vm_running",
-            "1 while the VM process runs",
-            one(u64::from(facts.running)),
-        );
+        m.gauge(Family::VmRunning, one(u64::from(facts.running)));
         if let Some((reason, status)) = facts.exit {
             m.gauge(
-                "bulkhead_vm_exit",
-                "why the VM ended: 1 for the reason",
+                Family::VmExit,
                 vec![Sample {
-                    labels: vec![("reason", reason.into())],
+                    labels: vec![(Label::Reason, reason.into())],
                     value: 1,
                 }],
             );
             m.gauge(
-                "bulkhead_vm_exit_status",
-                "the exit status of bulkhead run",
+                Family::VmExitStatus,
                 one(u64::try_from(status).unwrap_or(0)),
             );
         }
         if let Some(rss) = facts.vm_process_peak_rss_bytes {
-            m.gauge(
-                "bulkhead_vm_process_peak_rss_bytes",
-                "the VM process's peak resident set",
-                one(rss),
-            );
+            m.gauge(Family::VmProcessPeakRssBytes, one(rss));
         }
         if let Some(rss) = facts.supervisor_peak_rss_bytes {
-            m.gauge(
-                "bulkhead_supervisor_peak_rss_bytes",
-                "the supervisor's peak resident set",
-                one(rss),
-            );
+            m.gauge(Family::SupervisorPeakRssBytes, one(rss));
         }
         if let Some(s) = facts.boot_complete_seconds {
-            m.float_gauges.push((
-                "bulkhead_boot_complete_seconds",
-                "seconds from bulkhead run to the guest's boot-complete report",
-                s,
-            ));
+            m.float_gauges.push((Family::BootCompleteSeconds, s));
         }
-        m.float_gauges.push((
-            "bulkhead_vm_start_time_seconds",
-            "when bulkhead run started, in seconds since the Unix epoch",
-            facts.start_time_seconds,
-        ));
+        m.float_gauges
+            .push((Family::VmStartTimeSeconds, facts.start_time_seconds));
         m
     }
 
     /// The Prometheus text (version 0.0.4), every series labelled with `vm_id` and `tenant`.
     pub fn encode(self, vm_id: &str, tenant: &str) -> Result<String, std::fmt::Error> {
         let labels = [
-            (Cow::Borrowed("vm_id"), Cow::Owned(vm_id.to_string())),
-            (Cow::Borrowed("tenant"), Cow::Owned(tenant.to_string())),
+            (
+                Cow::Borrowed(Label::VmId.name()),
+                Cow::Owned(vm_id.to_string()),
+            ),
+            (
+                Cow::Borrowed(Label::Tenant.name()),
+                Cow::Owned(tenant.to_string()),
+            ),
         ];
         let mut registry = Registry::with_labels(labels.into_iter());
         registry.register_collector(Box::new(self));
@@ -405,24 +316,29 @@ impl MetricsSnapshot {
 
 impl Collector for MetricsSnapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for f in &self.families {
-            let kind = if f.counter {
-                MetricType::Counter
-            } else {
-                MetricType::Gauge
+        for (family, samples) in &self.families {
+            let kind = match family.kind() {
+                Kind::Counter => MetricType::Counter,
+                Kind::Gauge => MetricType::Gauge,
             };
-            let mut metric = encoder.encode_descriptor(f.name, f.help, None, kind)?;
-            for s in &f.samples {
-                let family = metric.encode_family(&s.labels)?;
-                if f.counter {
-                    ConstCounter::new(s.value).encode(family)?;
-                } else {
-                    ConstGauge::new(i64::try_from(s.value).unwrap_or(i64::MAX)).encode(family)?;
+            let mut metric = encoder.encode_descriptor(family.name(), family.help(), None, kind)?;
+            for s in samples {
+                let labels: Vec<(&str, &str)> = s
+                    .labels
+                    .iter()
+                    .map(|(l, v)| (l.name(), v.as_str()))
+                    .collect();
+                let encoder = metric.encode_family(&labels)?;
+                match family.kind() {
+                    Kind::Counter => ConstCounter::new(s.value).encode(encoder)?,
+                    Kind::Gauge => ConstGauge::new(i64::try_from(s.value).unwrap_or(i64::MAX))
+                        .encode(encoder)?,
                 }
             }
         }
-        for (name, help, value) in &self.float_gauges {
-            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (family, value) in &self.float_gauges {
+            let metric =
+                encoder.encode_descriptor(family.name(), family.help(), None, MetricType::Gauge)?;
             ConstGauge::new(*value).encode(metric)?;
         }
         Ok(())
