@@ -54,8 +54,6 @@ pub enum ConfigError {
     VsockOverlap(std::path::PathBuf),
     #[error("handover_fd and jail: a VM handed over to another process is not jailed by bulkhead")]
     HandoverJailed,
-    #[error("thread_names {0:?}: expected bulkhead or firecracker")]
-    ThreadNames(String),
     #[error("jail path {0} must be absolute")]
     JailDir(std::path::PathBuf),
     #[error("jail {what} {value} is too low: {why}")]
@@ -283,6 +281,16 @@ impl std::str::FromStr for TestHook {
     }
 }
 
+/// How the VM process names its vCPU threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThreadNames {
+    /// `vcpuN`.
+    Bulkhead,
+    /// `fc_vcpu N`, as Firecracker names them, for the orchestrators that look for them.
+    Firecracker,
+}
+
 /// Settings as given, before validation. Both the JSON file and the flags produce one; the
 /// flags' one is laid over the file's.
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -332,7 +340,7 @@ pub struct RawConfig {
     pub jail: Option<RawJail>,
     /// `firecracker` names the vCPU threads as Firecracker does (`fc_vcpu N`), for the
     /// orchestrators that look for them; `bulkhead` (the default) names them `vcpuN`.
-    pub thread_names: Option<String>,
+    pub thread_names: Option<ThreadNames>,
     /// An inherited descriptor: the front end's control channel (set by the Firecracker
     /// personality for the `bulkhead run` it starts).
     pub control_fd: Option<i32>,
@@ -365,6 +373,13 @@ impl RawConfig {
     /// Parses the text of a JSON config file. Unknown fields are errors.
     pub fn from_json(text: &str) -> Result<RawConfig, ConfigError> {
         serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))
+    }
+
+    /// The settings as a JSON config file holds them: what a front end writes for the
+    /// `bulkhead run` it starts (the process boundary), and [`RawConfig::from_json`] reads.
+    pub fn to_json(&self) -> String {
+        // Every field is a plain value, a path or a list of them: serialising can not fail.
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     /// Lays `over` on top of `self`: every field set in `over` wins.
@@ -558,11 +573,7 @@ impl VmConfig {
         }
         // A jail follows no symlink anywhere in these paths; outside one, when asked.
         let no_follow = raw.no_follow.unwrap_or(false) || jail.is_some();
-        let firecracker_names = match raw.thread_names.as_deref() {
-            None | Some("bulkhead") => false,
-            Some("firecracker") => true,
-            Some(other) => return Err(ConfigError::ThreadNames(other.to_string())),
-        };
+        let firecracker_names = raw.thread_names == Some(ThreadNames::Firecracker);
         let devices = disks.len() + nets.len() + usize::from(vsock.is_some()) + usize::from(rng);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
@@ -613,6 +624,12 @@ impl VmConfig {
         let rng = self.rng.then(|| "virtio-rng0".to_string());
         disks.chain(nets).chain(vsock).chain(rng).collect()
     }
+}
+
+/// Whether `id` may be a disk's id (what virtio-blk's GET_ID returns): the one rule, which the
+/// Firecracker personality also asks before it passes a drive id on.
+pub fn is_disk_id(id: &str) -> bool {
+    id_chars_ok(id, MAX_DISK_ID_LEN)
 }
 
 fn id_chars_ok(value: &str, max: usize) -> bool {

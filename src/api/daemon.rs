@@ -17,7 +17,7 @@ use super::audit::{AuditError, AuditLog, Record, Recovered};
 use super::routes::{self, Reply};
 use super::vms::{self, DiskId, VmPaths, VmRecord, VmState};
 use crate::config::serve::{Quota, ServeConfig};
-use crate::config::{random_vm_id, RawConfig, VmConfig};
+use crate::config::{random_vm_id, ConsoleConfig, RawConfig, RawJail, VmConfig};
 use crate::jail::privileges::User;
 use crate::telemetry::{Alert, AlertContext, Rule};
 
@@ -49,10 +49,8 @@ pub struct Launch<'a> {
     /// The uid its jail's vsock sockets are given to.
     pub socket_owner: u32,
     pub vm: &'a VmConfig,
-    /// The settings with the tenant's files resolved.
+    /// The settings with the tenant's files resolved, as the record keeps them.
     pub resolved: RawConfig,
-    /// The settings as the record keeps them.
-    pub as_given: Value,
     pub disks: Vec<DiskId>,
 }
 
@@ -330,7 +328,6 @@ impl Daemon {
             socket_owner,
             vm,
             resolved,
-            as_given,
             disks,
         } = launch;
         let mut vms = self.vms();
@@ -362,9 +359,8 @@ impl Daemon {
             if other.disks.is_empty() {
                 // A record from before disks were kept as files: its stored paths are the
                 // resolved ones, compared as they are (never resolved again, as root).
-                let cfg: RawConfig =
-                    serde_json::from_value(other.config.clone()).unwrap_or_default();
-                let theirs: Vec<&std::path::Path> = cfg
+                let theirs: Vec<&std::path::Path> = other
+                    .config
                     .disks
                     .iter()
                     .flatten()
@@ -394,29 +390,23 @@ impl Daemon {
         }
         let id = random_vm_id().map_err(|e| Reply::error(500, e.to_string()))?;
         let paths = self.paths(&id);
-        let mut config = serde_json::to_value(&resolved).unwrap_or(Value::Null);
-        if let Some(obj) = config.as_object_mut() {
-            obj.retain(|_, v| !v.is_null());
-            obj.insert("vm_id".into(), json!(id));
-            obj.insert(
-                "console".into(),
-                json!(format!("file:{}", paths.console().display())),
-            );
-            obj.insert("metrics_file".into(), json!(paths.metrics()));
+        let config = RawConfig {
+            vm_id: Some(id.clone()),
+            console: Some(ConsoleConfig::File(paths.console()).to_string()),
+            metrics_file: Some(paths.metrics()),
             // A CID is the VM's own (its host side is its sockets, in its jail): tenants
             // need not, and must not be able to, learn which CIDs others use.
-            obj.insert("vsock_cid_shared".into(), json!(true));
-            obj.insert("alerts".into(), json!(paths.alerts()));
-            obj.insert(
-                "jail".into(),
-                json!({
-                    "dir": self.config.run_dir.join("jail"),
-                    "socket_owner": socket_owner,
-                }),
-            );
-        }
+            vsock_cid_shared: Some(true),
+            alerts: Some(paths.alerts().display().to_string()),
+            jail: Some(RawJail {
+                dir: Some(self.config.run_dir.join("jail")),
+                socket_owner: Some(socket_owner),
+                ..RawJail::default()
+            }),
+            ..resolved.clone()
+        };
         let made = std::fs::create_dir(&paths.dir)
-            .and_then(|()| std::fs::write(paths.config(), config.to_string()));
+            .and_then(|()| std::fs::write(paths.config(), config.to_json()));
         if let Err(e) = made {
             return Err(Reply::error(500, format!("cannot prepare VM {id}: {e}")));
         }
@@ -459,7 +449,7 @@ impl Daemon {
             exit: None,
             vcpus: vm.vcpus,
             mem_mib: vm.mem_mib,
-            config: as_given,
+            config: resolved,
             disks,
             ended: None,
         };

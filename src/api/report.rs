@@ -128,7 +128,7 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 
 /// The report for `r`, as JSON.
 pub fn build(d: &Daemon, r: &VmRecord) -> Value {
-    let cfg: RawConfig = serde_json::from_value(r.config.clone()).unwrap_or_default();
+    let cfg = &r.config;
     let vm_pid = r
         .pid
         .filter(|&p| r.state.is_live() && vms::process_start(p) == r.pid_start)
@@ -260,12 +260,7 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
         .vms()
         .values()
         .filter(|o| o.id != r.id && o.state.is_live())
-        .map(|o| {
-            (
-                o.id.clone(),
-                serde_json::from_value(o.config.clone()).unwrap_or_default(),
-            )
-        })
+        .map(|o| (o.id.clone(), o.config.clone()))
         .collect();
     let mut storage = Vec::new();
     for disk in cfg.disks.iter().flatten() {

@@ -197,7 +197,7 @@ fn describe(r: &VmRecord, full: bool) -> Value {
         "mem_mib": r.mem_mib,
     });
     if full {
-        v["config"] = r.config.clone();
+        v["config"] = serde_json::to_value(&r.config).unwrap_or(Value::Null);
     }
     v
 }
@@ -330,33 +330,70 @@ fn delete(d: &Arc<Daemon>, r: &VmRecord) -> Reply {
     Reply::text(204, "application/json", Vec::new())
 }
 
-/// Fields a tenant's body may not set: the daemon sets them (identity, outputs, jail), or
-/// they would reach beyond the tenant's compartment.
-const DAEMON_FIELDS: &[(&str, &str)] = &[
-    ("vm_id", "VM ids are assigned by the daemon"),
-    ("metrics_file", "the daemon keeps each VM's metrics"),
-    ("alerts", "the daemon keeps each VM's alerts"),
-    (
-        "alerts_http",
-        "alerts leave the host through the operator's pipeline only",
-    ),
-    ("kvm_device", "the KVM device is the host's"),
-    ("jail", "every VM is jailed by the daemon"),
-    (
-        "nets",
-        "network devices are not offered through the daemon yet",
-    ),
-    (
-        "control_fd",
-        "the control channel is the Firecracker personality's",
-    ),
-    (
-        "handover_fd",
-        "handing a VM over is the Firecracker personality's",
-    ),
-    ("pinned_files", "the daemon pins the files it checked"),
-    ("vsock_cid_shared", "the daemon sets it"),
-];
+/// The field of `raw` a tenant's body may not set, and why, if it sets one: the daemon sets
+/// them (identity, outputs, jail), or they would reach beyond the tenant's compartment.
+fn daemon_field(raw: &RawConfig) -> Option<(&'static str, &'static str)> {
+    let set = [
+        (
+            raw.vm_id.is_some(),
+            "vm_id",
+            "VM ids are assigned by the daemon",
+        ),
+        (
+            raw.metrics_file.is_some(),
+            "metrics_file",
+            "the daemon keeps each VM's metrics",
+        ),
+        (
+            raw.alerts.is_some(),
+            "alerts",
+            "the daemon keeps each VM's alerts",
+        ),
+        (
+            raw.alerts_http.is_some(),
+            "alerts_http",
+            "alerts leave the host through the operator's pipeline only",
+        ),
+        (
+            raw.kvm_device.is_some(),
+            "kvm_device",
+            "the KVM device is the host's",
+        ),
+        (
+            raw.jail.is_some(),
+            "jail",
+            "every VM is jailed by the daemon",
+        ),
+        (
+            raw.nets.is_some(),
+            "nets",
+            "network devices are not offered through the daemon yet",
+        ),
+        (
+            raw.control_fd.is_some(),
+            "control_fd",
+            "the control channel is the Firecracker personality's",
+        ),
+        (
+            raw.handover_fd.is_some(),
+            "handover_fd",
+            "handing a VM over is the Firecracker personality's",
+        ),
+        (
+            raw.pinned_files.is_some(),
+            "pinned_files",
+            "the daemon pins the files it checked",
+        ),
+        (
+            raw.vsock_cid_shared.is_some(),
+            "vsock_cid_shared",
+            "the daemon sets it",
+        ),
+    ];
+    set.into_iter()
+        .find(|(is_set, _, _)| *is_set)
+        .map(|(_, field, why)| (field, why))
+}
 
 fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
     let body: Value = match serde_json::from_slice(&req.body) {
@@ -392,27 +429,24 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
     let Some(t) = d.config.tenants.get(&tenant) else {
         return Reply::error(422, format!("no tenant {tenant}"));
     };
-    if let Some(obj) = body.as_object() {
-        for (field, why) in DAEMON_FIELDS {
-            if obj.contains_key(*field) {
-                return Reply::error(422, format!("\"{field}\" can not be set here: {why}"));
-            }
-        }
-        if obj.get("seccomp") == Some(&Value::Bool(false)) {
-            return Reply::error(
-                422,
-                "\"seccomp\": false is never allowed through the daemon",
-            );
-        }
-        if obj
-            .get("console")
-            .is_some_and(|c| c != "none" && c != "file")
-        {
-            return Reply::error(
-                422,
-                "\"console\" may only be \"none\": the daemon keeps the console in the VM's directory",
-            );
-        }
+    if let Some((field, why)) = daemon_field(&raw) {
+        return Reply::error(422, format!("\"{field}\" can not be set here: {why}"));
+    }
+    if raw.seccomp == Some(false) {
+        return Reply::error(
+            422,
+            "\"seccomp\": false is never allowed through the daemon",
+        );
+    }
+    if raw
+        .console
+        .as_deref()
+        .is_some_and(|c| c != "none" && c != "file")
+    {
+        return Reply::error(
+            422,
+            "\"console\" may only be \"none\": the daemon keeps the console in the VM's directory",
+        );
     }
     // Every file must be in the tenant's directories, before and after resolving symlinks,
     // and one the caller may open as they are (read, and write for a writable disk): checked
@@ -530,7 +564,6 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
         Ok(vm) => vm,
         Err(e) => return Reply::error(422, e.to_string()),
     };
-    let as_resolved = serde_json::to_value(&resolved).unwrap_or(body);
     if let Principal::Admin { uid: admin } = who {
         let reason = req.reason.clone().unwrap_or_default();
         d.alert(
@@ -552,7 +585,6 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
         socket_owner: uid,
         vm: &vm,
         resolved,
-        as_given: as_resolved,
         disks: disk_ids,
     };
     match d.start(launch) {

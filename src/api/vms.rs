@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+use crate::config::RawConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmsError {
@@ -76,8 +77,8 @@ pub struct VmRecord {
     pub exit: Option<VmExit>,
     pub vcpus: u32,
     pub mem_mib: u64,
-    /// The settings as the tenant gave them.
-    pub config: Value,
+    /// The settings as the tenant gave them, with their files resolved.
+    pub config: RawConfig,
     /// Its disks as the files they are, whatever path names them: no two live VMs share one
     /// that either writes.
     #[serde(default)]
@@ -279,7 +280,7 @@ mod tests {
             exit: None,
             vcpus: 1,
             mem_mib: 128,
-            config: Value::Null,
+            config: RawConfig::default(),
         };
         for r in [
             mk("alive", me, process_start(me)),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::limits::RateLimiterConfig;
-use super::{id_chars_ok, ConfigError, MAX_DISK_ID_LEN};
+use super::ConfigError;
 
 /// A disk as given: `--disk PATH[,ro][,id=NAME][,bw_size=...]`, or an entry of `disks` in the
 /// JSON file.
@@ -185,7 +185,7 @@ pub(super) fn validate_disks(raw: Vec<RawDisk>) -> Result<Vec<DiskConfig>, Confi
     let mut disks: Vec<DiskConfig> = Vec::with_capacity(raw.len());
     for (index, disk) in raw.into_iter().enumerate() {
         let id = disk.id.unwrap_or_else(|| format!("disk{index}"));
-        if !id_chars_ok(&id, MAX_DISK_ID_LEN) {
+        if !super::is_disk_id(&id) {
             return Err(ConfigError::DiskId(id));
         }
         if disks.iter().any(|d| d.id == id) {

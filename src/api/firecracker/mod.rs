@@ -206,18 +206,18 @@ impl Personality {
         let mut config = self
             .pending
             .to_bulkhead(&self.id, self.seccomp, &self.cwd)?;
-        config["metrics_file"] = json!(self.work.join("metrics.prom"));
+        config.metrics_file = Some(self.work.join("metrics.prom"));
         // The VM process's end of the control channel reaches it as descriptor 3.
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|source| FcError::Start {
                 what: "make the control channel",
                 source,
             })?;
-        config["control_fd"] = json!(CHILD_CONTROL_FD);
-        config["handover_fd"] = json!(CHILD_HANDOVER_FD);
-        config["alerts"] = json!(self.work.join("alerts.jsonl"));
+        config.control_fd = Some(CHILD_CONTROL_FD);
+        config.handover_fd = Some(CHILD_HANDOVER_FD);
+        config.alerts = Some(self.work.join("alerts.jsonl").display().to_string());
         let path = self.work.join("config.json");
-        std::fs::write(&path, config.to_string()).map_err(|source| FcError::Start {
+        std::fs::write(&path, config.to_json()).map_err(|source| FcError::Start {
             what: "write the VMM's settings",
             source,
         })?;

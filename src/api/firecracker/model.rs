@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{RateLimiterConfig, TokenBucketConfig};
+
 /// `GET /`.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceInfo {
@@ -96,26 +98,22 @@ impl RateLimiter {
 
     /// The limiter in bulkhead's settings, or None when it limits nothing. A bucket with a
     /// zero size or refill time limits nothing in Firecracker, and is left out.
-    pub fn to_bulkhead(limiter: &Option<RateLimiter>) -> Option<serde_json::Value> {
+    pub fn to_bulkhead(limiter: &Option<RateLimiter>) -> Option<RateLimiterConfig> {
         let l = limiter.as_ref()?;
         let bucket = |b: &Option<TokenBucket>| {
             b.as_ref()
                 .filter(|b| b.size > 0 && b.refill_time > 0)
-                .map(|b| {
-                    serde_json::json!({
-                        "size": b.size,
-                        "one_time_burst": b.one_time_burst.unwrap_or(0),
-                        "refill_time": b.refill_time,
-                    })
+                .map(|b| TokenBucketConfig {
+                    size: b.size,
+                    one_time_burst: b.one_time_burst.unwrap_or(0),
+                    refill_time: b.refill_time,
                 })
         };
-        let mut out = serde_json::Map::new();
-        for (name, b) in [("bandwidth", bucket(&l.bandwidth)), ("ops", bucket(&l.ops))] {
-            if let Some(b) = b {
-                out.insert(name.to_string(), b);
-            }
-        }
-        (!out.is_empty()).then_some(serde_json::Value::Object(out))
+        let out = RateLimiterConfig {
+            bandwidth: bucket(&l.bandwidth),
+            ops: bucket(&l.ops),
+        };
+        (out.bandwidth.is_some() || out.ops.is_some()).then_some(out)
     }
 }
 

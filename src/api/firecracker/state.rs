@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use crate::config::{ConsoleConfig, RawConfig, RawDisk, RawNet, RawVsock, ThreadNames};
+
 use super::model::{
     BootSource, Drive, EntropyDevice, Logger, MachineConfiguration, Metrics, NetworkInterface,
     RateLimiter, Vsock,
@@ -135,9 +137,14 @@ impl Pending {
         root.chain(rest).collect()
     }
 
-    /// bulkhead's settings (a `bulkhead run --config` body) for this microVM. Relative paths
-    /// are taken from `cwd`, as Firecracker takes them from its working directory.
-    pub fn to_bulkhead(&self, id: &str, seccomp: bool, cwd: &Path) -> Result<Value, PendingError> {
+    /// bulkhead's settings for this microVM. Relative paths are taken from `cwd`, as
+    /// Firecracker takes them from its working directory.
+    pub fn to_bulkhead(
+        &self,
+        id: &str,
+        seccomp: bool,
+        cwd: &Path,
+    ) -> Result<RawConfig, PendingError> {
         let boot = self.boot.as_ref().ok_or(PendingError::NoKernel)?;
         let abs = |p: &Path| -> PathBuf {
             if p.is_absolute() {
@@ -163,70 +170,51 @@ impl Pending {
                 let mode = if read_only { "ro" } else { "rw" };
                 cmdline = format!("{cmdline} root={dev} {mode}").trim().to_string();
             }
-            let mut disk = json!({"path": abs(path), "read_only": read_only});
-            let id_ok = !d.drive_id.is_empty()
-                && d.drive_id.len() <= 20
-                && d.drive_id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-            if id_ok {
-                disk["id"] = json!(d.drive_id);
-            }
-            if let Some(limiter) = RateLimiter::to_bulkhead(&d.rate_limiter) {
-                disk["rate_limiter"] = limiter;
-            }
-            disks.push(disk);
+            disks.push(RawDisk {
+                path: abs(path),
+                read_only,
+                // A Firecracker drive id bulkhead can not use as a disk id (too long, other
+                // characters) leaves the disk its default id.
+                id: crate::config::is_disk_id(&d.drive_id).then(|| d.drive_id.clone()),
+                rate_limiter: RateLimiter::to_bulkhead(&d.rate_limiter),
+            });
         }
-        let nets: Vec<Value> = self
+        let nets: Vec<RawNet> = self
             .nets
             .iter()
-            .map(|n| {
-                let mut v = json!({"tap": n.host_dev_name});
-                if let Some(mac) = &n.guest_mac {
-                    v["mac"] = json!(mac);
-                }
-                if let Some(limiter) = RateLimiter::to_bulkhead(&n.rx_rate_limiter) {
-                    v["rx_rate_limiter"] = limiter;
-                }
-                if let Some(limiter) = RateLimiter::to_bulkhead(&n.tx_rate_limiter) {
-                    v["tx_rate_limiter"] = limiter;
-                }
-                v
+            .map(|n| RawNet {
+                tap: n.host_dev_name.clone(),
+                mac: n.guest_mac.clone(),
+                rx_rate_limiter: RateLimiter::to_bulkhead(&n.rx_rate_limiter),
+                tx_rate_limiter: RateLimiter::to_bulkhead(&n.tx_rate_limiter),
             })
             .collect();
-        let mut config = json!({
-            "kernel": abs(&boot.kernel_image_path),
-            "cmdline": cmdline,
-            "vcpus": self.machine.vcpu_count,
-            "mem_mib": self.machine.mem_size_mib,
-            "vm_id": id,
-            "console": "stdio",
-            "rng": self.entropy.is_some(),
-            "seccomp": seccomp,
-            "thread_names": "firecracker",
+        Ok(RawConfig {
+            kernel: Some(abs(&boot.kernel_image_path)),
+            initrd: boot.initrd_path.as_deref().map(abs),
+            cmdline: Some(cmdline),
+            vcpus: Some(u32::from(self.machine.vcpu_count)),
+            mem_mib: Some(self.machine.mem_size_mib),
+            vm_id: Some(id.to_string()),
+            console: Some(ConsoleConfig::Stdio.to_string()),
+            rng: Some(self.entropy.is_some()),
+            rng_rate_limiter: self
+                .entropy
+                .as_ref()
+                .and_then(|e| RateLimiter::to_bulkhead(&e.rate_limiter)),
+            seccomp: Some(seccomp),
+            thread_names: Some(ThreadNames::Firecracker),
             // Kata gives every pod CID 3: as in Firecracker, a CID is the VM's own.
-            "vsock_cid_shared": true,
-        });
-        if let Some(limiter) = self
-            .entropy
-            .as_ref()
-            .and_then(|e| RateLimiter::to_bulkhead(&e.rate_limiter))
-        {
-            config["rng_rate_limiter"] = limiter;
-        }
-        if let Some(initrd) = &boot.initrd_path {
-            config["initrd"] = json!(abs(initrd));
-        }
-        if !disks.is_empty() {
-            config["disks"] = json!(disks);
-        }
-        if !nets.is_empty() {
-            config["nets"] = json!(nets);
-        }
-        if let Some(v) = &self.vsock {
-            config["vsock"] = json!({"cid": v.guest_cid, "uds": abs(&v.uds_path)});
-        }
-        Ok(config)
+            vsock_cid_shared: Some(true),
+            disks: (!disks.is_empty()).then_some(disks),
+            nets: (!nets.is_empty()).then_some(nets),
+            vsock: self.vsock.as_ref().map(|v| RawVsock {
+                cid: v.guest_cid,
+                uds: abs(&v.uds_path),
+                buffer_mib: None,
+            }),
+            ..RawConfig::default()
+        })
     }
 
     /// `GET /vm/config`, in Firecracker's layout.
@@ -282,11 +270,12 @@ mod tests {
             Err(PendingError::SecondRoot)
         );
         let c = p.to_bulkhead("vm1", true, Path::new("/jail")).unwrap();
-        assert_eq!(c["kernel"], "/jail/vmlinux");
-        assert_eq!(c["cmdline"], "console=ttyS0 root=/dev/vda rw");
-        assert_eq!(c["disks"][0]["path"], "/r.img");
-        assert_eq!(c["disks"][1]["id"], "data");
-        assert_eq!(c["rng"], false);
+        assert_eq!(c.kernel.as_deref(), Some(Path::new("/jail/vmlinux")));
+        assert_eq!(c.cmdline.as_deref(), Some("console=ttyS0 root=/dev/vda rw"));
+        let disks = c.disks.unwrap();
+        assert_eq!(disks[0].path, Path::new("/r.img"));
+        assert_eq!(disks[1].id.as_deref(), Some("data"));
+        assert_eq!(c.rng, Some(false));
     }
 
     #[test]
@@ -307,8 +296,7 @@ mod tests {
         .unwrap();
         p.put_drive(d).unwrap();
         let c = p.to_bulkhead("vm1", true, Path::new("/")).unwrap();
-        let limiter: crate::config::RateLimiterConfig =
-            serde_json::from_value(c["disks"][0]["rate_limiter"].clone()).unwrap();
+        let limiter = c.disks.unwrap()[0].rate_limiter.unwrap();
         assert_eq!(
             limiter.bandwidth.map(|b| (b.size, b.refill_time)),
             Some((1000, 100))
@@ -317,7 +305,7 @@ mod tests {
         // Kata's `{}` limits nothing and is left out.
         p.drives[0].rate_limiter = Some(RateLimiter::default());
         let c = p.to_bulkhead("vm1", true, Path::new("/")).unwrap();
-        assert!(c["disks"][0].get("rate_limiter").is_none());
+        assert_eq!(c.disks.unwrap()[0].rate_limiter, None);
     }
 
     #[test]
