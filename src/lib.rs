@@ -18,6 +18,8 @@ pub mod handover;
 pub mod hostfile;
 pub mod jail;
 pub mod logger;
+pub mod process;
+pub mod procfs;
 pub mod seccomp;
 pub mod signal;
 pub mod supervisor;

@@ -14,6 +14,7 @@ use std::time::SystemTime;
 use serde_json::{json, Value};
 
 use super::audit::{AuditError, AuditLog, Record, Recovered};
+use super::launch::{self, Supervisor};
 use super::routes::{self, Reply};
 use super::vms::{self, DiskId, VmPaths, VmRecord, VmState};
 use crate::config::serve::{Quota, ServeConfig};
@@ -419,32 +420,31 @@ impl Daemon {
         }
         let log = File::create(paths.log())
             .map_err(|e| Reply::error(500, format!("cannot create the VM's log: {e}")))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| Reply::error(500, format!("cannot create the VM's log: {e}")))?;
-        let child = tokio::process::Command::new(&self.exe)
-            .arg("run")
-            .arg("--config")
-            .arg(paths.config())
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0)
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
+        let config_path = paths.config();
+        let started = Supervisor::start(launch::Launch {
+            exe: &self.exe,
+            config: &config_path,
+            log_level: None,
+            no_seccomp: false,
+            inherit: Vec::new(),
+            output: Some(log),
+            own_group: true,
+            dies_with_us: false,
+        });
+        let supervisor = match started {
+            Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&paths.dir);
                 return Err(Reply::error(500, format!("cannot start VM {id}: {e}")));
             }
         };
-        let pid = child.id().and_then(|p| i32::try_from(p).ok());
+        let pid = Some(supervisor.pid());
         let record = VmRecord {
             id: id.clone(),
             tenant: tenant.to_string(),
             state: VmState::Running,
             pid,
-            pid_start: pid.and_then(vms::process_start),
+            pid_start: pid.and_then(crate::procfs::start_time),
             started: vms::now_rfc3339(),
             exit: None,
             vcpus: vm.vcpus,
@@ -463,9 +463,7 @@ impl Daemon {
         let d = self.clone();
         let vm_id = id.clone();
         tokio::spawn(async move {
-            let status = child.wait().await.ok();
-            use std::os::unix::process::ExitStatusExt;
-            let code = status.and_then(|s| s.code().or_else(|| s.signal().map(|n| 128 + n)));
+            let code = Some(supervisor.ended().await);
             // Files, the audit log's sync and reaping: off the event loop.
             let _ = tokio::task::spawn_blocking(move || {
                 d.ended(&vm_id, code);
@@ -502,7 +500,10 @@ impl Daemon {
                 .vms()
                 .values()
                 .filter(|r| r.state.is_live() && !children.contains(&r.id))
-                .filter(|r| r.pid.is_some_and(|p| vms::process_start(p) != r.pid_start))
+                .filter(|r| {
+                    r.pid
+                        .is_some_and(|p| crate::procfs::start_time(p) != r.pid_start)
+                })
                 .map(|r| r.id.clone())
                 .collect();
             if !gone.is_empty() {

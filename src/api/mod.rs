@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod evidence;
 pub mod exposition;
 pub mod firecracker;
+pub mod launch;
 pub mod paths;
 pub mod report;
 pub mod routes;

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::daemon::Daemon;
 use super::vms::{self, VmRecord};
 use crate::config::RawConfig;
+use crate::procfs::{self, ProcStatus};
 
 const SECCOMP_FACT: &str = "every thread is in seccomp filter mode";
 
@@ -20,22 +21,6 @@ fn fact(what: &str, how: &str, value: Value, ok: Option<bool>) -> Value {
         f["ok"] = json!(ok);
     }
     f
-}
-
-fn status_fields(pid: i32, task: &str) -> Vec<(String, String)> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
-}
-
-fn field<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {
-    fields
-        .iter()
-        .find(|(k, _)| k == name)
-        .map_or("", |(_, v)| v.as_str())
 }
 
 /// The mappings of guest RAM: the VM process's writable anonymous mappings made with
@@ -131,8 +116,8 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
     let cfg = &r.config;
     let vm_pid = r
         .pid
-        .filter(|&p| r.state.is_live() && vms::process_start(p) == r.pid_start)
-        .and_then(vms::vm_process);
+        .filter(|&p| r.state.is_live() && crate::procfs::start_time(p) == r.pid_start)
+        .and_then(crate::procfs::first_child);
     let regions = crate::arch::x86_64::layout::ram_regions(r.mem_mib << 20);
     let memslots: Vec<Value> = (0..)
         .zip(&regions)
@@ -181,22 +166,17 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
             json!({ "processes_in_pid_namespace": alone }),
             Some(private && alone == 1),
         ));
-        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let tasks = procfs::threads(pid).unwrap_or_default();
         let threads: Vec<Value> = tasks
             .iter()
             .map(|t| {
-                let f = status_fields(pid, t);
+                let f = ProcStatus::of_thread(pid, *t).unwrap_or_default();
                 let name = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm"))
                     .unwrap_or_default();
                 json!({
-                    "tid": t, "name": name.trim(),
-                    "seccomp": field(&f, "Seccomp"), "filters": field(&f, "Seccomp_filters"),
+                    "tid": t.to_string(), "name": name.trim(),
+                    "seccomp": f.field("Seccomp").unwrap_or(""),
+                    "filters": f.field("Seccomp_filters").unwrap_or(""),
                 })
             })
             .collect();
@@ -207,16 +187,19 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
             json!(threads),
             Some(all_filtered),
         ));
-        let f = status_fields(pid, &pid.to_string());
+        let f = ProcStatus::of_process(pid).unwrap_or_default();
+        let field = |name: &str| f.field(name).unwrap_or("");
         let creds = json!({
-            "uid": field(&f, "Uid"), "gid": field(&f, "Gid"), "groups": field(&f, "Groups"),
-            "cap_eff": field(&f, "CapEff"), "cap_prm": field(&f, "CapPrm"), "cap_bnd": field(&f, "CapBnd"),
-            "no_new_privs": field(&f, "NoNewPrivs"),
+            "uid": field("Uid"), "gid": field("Gid"), "groups": field("Groups"),
+            "cap_eff": field("CapEff"), "cap_prm": field("CapPrm"), "cap_bnd": field("CapBnd"),
+            "no_new_privs": field("NoNewPrivs"),
         });
-        let unprivileged = field(&f, "Uid").split_whitespace().all(|u| u != "0")
-            && field(&f, "CapEff") == "0000000000000000"
-            && field(&f, "CapBnd") == "0000000000000000"
-            && field(&f, "NoNewPrivs") == "1";
+        let unprivileged = f
+            .numbers("Uid")
+            .is_some_and(|ids| ids.iter().all(|&u| u != 0))
+            && field("CapEff") == "0000000000000000"
+            && field("CapBnd") == "0000000000000000"
+            && field("NoNewPrivs") == "1";
         compute.push(fact(
             "the VM process is not root, holds no capability and can gain none",
             "observed",

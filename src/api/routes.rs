@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::daemon::{Daemon, Launch, Principal};
 use super::paths::{self, Usable, Use, Verdict};
-use super::vms::{self, DiskId, VmExit, VmRecord, VmState};
+use super::vms::{DiskId, VmExit, VmRecord, VmState};
 use crate::config::{host_mem_mib, PinnedFile, RawConfig, VmConfig};
 use crate::telemetry::Rule;
 
@@ -190,7 +190,7 @@ fn describe(r: &VmRecord, full: bool) -> Value {
         "tenant": r.tenant,
         "state": r.state,
         "pid": r.pid,
-        "vm_process_pid": r.pid.filter(|_| r.state.is_live()).and_then(vms::vm_process),
+        "vm_process_pid": r.pid.filter(|_| r.state.is_live()).and_then(crate::procfs::first_child),
         "started": r.started,
         "exit": r.exit,
         "vcpus": r.vcpus,
@@ -276,11 +276,11 @@ fn stop(d: &Arc<Daemon>, r: &VmRecord) -> Reply {
     let Some(pid) = live_supervisor(r) else {
         return Reply::error(409, format!("VM {} is not running", r.id));
     };
-    if let Some(vm) = vms::vm_process(pid) {
+    if let Some(vm) = crate::procfs::first_child(pid) {
         // A paused VM process would not see the supervisor's SIGTERM until it runs again.
-        let _ = vms::signal(vm, libc::SIGCONT);
+        let _ = crate::process::signal(vm, libc::SIGCONT);
     }
-    if vms::signal(pid, libc::SIGTERM).is_err() {
+    if crate::process::signal(pid, libc::SIGTERM).is_err() {
         // It ended a moment ago.
         return Reply::error(409, format!("VM {} is not running", r.id));
     }
@@ -305,10 +305,10 @@ fn pause(d: &Arc<Daemon>, r: &VmRecord, pause: bool) -> Reply {
         );
     }
     // The VM process, not the supervisor: the supervisor goes on watching and reporting.
-    let Some(vm) = live_supervisor(r).and_then(vms::vm_process) else {
+    let Some(vm) = live_supervisor(r).and_then(crate::procfs::first_child) else {
         return Reply::error(409, format!("VM {} is not running", r.id));
     };
-    if vms::signal(vm, signal).is_err() {
+    if crate::process::signal(vm, signal).is_err() {
         return Reply::error(409, format!("VM {} is not running", r.id));
     }
     d.update(&r.id, |rec| rec.state = to);
@@ -319,7 +319,7 @@ fn pause(d: &Arc<Daemon>, r: &VmRecord, pause: bool) -> Reply {
 /// time): a pid reused since is never signalled.
 fn live_supervisor(r: &VmRecord) -> Option<i32> {
     r.pid
-        .filter(|&pid| r.pid_start.is_some() && vms::process_start(pid) == r.pid_start)
+        .filter(|&pid| r.pid_start.is_some() && crate::procfs::start_time(pid) == r.pid_start)
 }
 
 fn delete(d: &Arc<Daemon>, r: &VmRecord) -> Reply {

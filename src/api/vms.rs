@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RawConfig;
+use crate::procfs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmsError {
@@ -145,24 +146,6 @@ pub fn save(paths: &VmPaths, record: &VmRecord) -> Result<(), VmsError> {
         .map_err(|source| VmsError::Write { path, source })
 }
 
-/// The start time (field 22 of /proc/PID/stat) of process `pid`, if it exists.
-pub fn process_start(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count from its end.
-    let after = stat.rsplit_once(')')?.1;
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The VM process: the supervisor's only child.
-pub fn vm_process(supervisor: i32) -> Option<i32> {
-    std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// Why the VM ended, from its metrics file (the `reason` of `bulkhead_vm_exit`).
 pub fn exit_reason(paths: &VmPaths) -> Option<String> {
     let text = std::fs::read_to_string(paths.metrics()).ok()?;
@@ -197,7 +180,7 @@ pub fn recover(state_dir: &Path) -> BTreeMap<String, VmRecord> {
         }
         if record.state.is_live() {
             let same = record.pid.is_some_and(|pid| {
-                process_start(pid).is_some() && process_start(pid) == record.pid_start
+                procfs::start_time(pid).is_some() && procfs::start_time(pid) == record.pid_start
             });
             if same {
                 log::info!("VM {} (tenant {}): taken back", record.id, record.tenant);
@@ -226,15 +209,6 @@ pub fn recover(state_dir: &Path) -> BTreeMap<String, VmRecord> {
     found
 }
 
-/// Sends `signal` to process `pid`.
-pub fn signal(pid: i32, signal: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: kill(2) with integer arguments.
-    if unsafe { libc::kill(pid, signal) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Now, in RFC 3339.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -251,16 +225,6 @@ pub const ADOPTED_POLL: Duration = Duration::from_millis(500);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_process_start_time_is_read_past_a_name_with_spaces() {
-        // SAFETY: getpid has no preconditions.
-        let me = unsafe { libc::getpid() };
-        let start = process_start(me).unwrap();
-        assert!(start > 0);
-        assert_eq!(process_start(me), Some(start));
-        assert_eq!(process_start(i32::MAX), None);
-    }
 
     #[test]
     fn records_of_vanished_supervisors_are_reported_lost_and_live_ones_kept() {
@@ -283,7 +247,7 @@ mod tests {
             config: RawConfig::default(),
         };
         for r in [
-            mk("alive", me, process_start(me)),
+            mk("alive", me, procfs::start_time(me)),
             mk("reused-pid", me, Some(1)),
             mk("gone", i32::MAX, Some(5)),
         ] {

@@ -3,6 +3,8 @@
 //! groups), the ability to gain privileges (no_new_privs), and unbounded open files and file
 //! sizes. Each step is checked afterwards, not assumed.
 
+use crate::procfs::ProcStatus;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
     #[error("{what} failed: {source}")]
@@ -192,43 +194,32 @@ pub fn become_user_on_this_thread(user: &User) -> std::io::Result<()> {
 
 /// Reads back what the kernel says about this process.
 fn verify(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
-    let status = std::fs::read_to_string("/proc/thread-self/status").map_err(|source| {
-        PrivilegeError::Call {
-            what: "reading /proc/thread-self/status",
-            source,
-        }
+    let status = ProcStatus::of_this_thread().map_err(|source| PrivilegeError::Call {
+        what: "reading /proc/thread-self/status",
+        source,
     })?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or("")
-            .to_string()
-    };
-    let ids = |v: String| v.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    for (what, id) in [("Uid:", uid), ("Gid:", gid)] {
+    let field = |name: &str| status.field(name).unwrap_or("").to_string();
+    for (what, id) in [("Uid", uid), ("Gid", gid)] {
         // Real, effective, saved and filesystem ids.
-        if ids(field(what)) != vec![id.to_string(); 4] {
+        if status.numbers(what) != Some(vec![u64::from(id); 4]) {
             return Err(PrivilegeError::StillHeld {
-                what: what.trim_end_matches(':'),
+                what,
                 value: field(what),
             });
         }
     }
     const NONE: &str = "0000000000000000";
     for (what, want) in [
-        ("Groups:", ""),
-        ("CapInh:", NONE),
-        ("CapPrm:", NONE),
-        ("CapEff:", NONE),
-        ("CapBnd:", NONE),
-        ("CapAmb:", NONE),
-        ("NoNewPrivs:", "1"),
+        ("Groups", ""),
+        ("CapInh", NONE),
+        ("CapPrm", NONE),
+        ("CapEff", NONE),
+        ("CapBnd", NONE),
+        ("CapAmb", NONE),
+        ("NoNewPrivs", "1"),
     ] {
         let value = field(what);
         if value != want {
-            let what = what.trim_end_matches(':');
             return Err(PrivilegeError::StillHeld { what, value });
         }
     }

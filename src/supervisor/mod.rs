@@ -232,11 +232,7 @@ fn make_broker(
 /// PR_SET_PDEATHSIG, but not be reaped), removes its jail, and puts back the terminal it may
 /// have left raw.
 fn stop_now(pid: libc::pid_t, terminal: Option<&SavedTerminal>, jail: Option<&mut VmJail>) {
-    // SAFETY: kill and waitpid on our own child, not yet reaped.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        libc::waitpid(pid, std::ptr::null_mut(), 0);
-    }
+    crate::process::kill_and_reap(pid);
     if let Some(j) = jail {
         j.remove();
     }

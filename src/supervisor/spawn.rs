@@ -141,11 +141,7 @@ pub fn spawn(
         // pid namespace is always one it may give its children.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
             let e = std::io::Error::last_os_error();
-            // SAFETY: kill and waitpid on the child just forked.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+            crate::process::kill_and_reap(pid);
             return Err(SpawnError::PidNamespace(e));
         }
     }

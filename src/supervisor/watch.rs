@@ -12,6 +12,7 @@ use super::outputs::{initial_facts, Outputs};
 use super::spawn::VmProcess;
 use crate::config::VmConfig;
 use crate::exit::{status, VmExitReason};
+use crate::procfs::{self, ProcStatus};
 use crate::signal;
 use crate::telemetry::{
     monotonic_ns, AlertContext, DeviceSnapshot, Engine, Firing, MetricsSnapshot, Response, Rule,
@@ -479,34 +480,19 @@ fn poll(
 
 /// Process `pid`'s peak resident set (VmHWM), in bytes.
 fn proc_peak_rss(pid: libc::pid_t) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
+    ProcStatus::of_process(pid).ok()?.bytes("VmHWM")
 }
 
 /// (threads under a seccomp filter, threads) of process `pid`, as /proc says; None when
 /// /proc can not be read.
 fn seccomp_threads(pid: libc::pid_t) -> Option<(u64, u64)> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let (mut filtered, mut threads) = (0u64, 0u64);
-    for task in tasks.flatten() {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+    for tid in procfs::threads(pid).ok()? {
+        let Ok(status) = ProcStatus::of_thread(pid, tid) else {
             continue;
         };
         threads += 1;
-        if status
-            .lines()
-            .any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() == "2"))
-        {
-            filtered += 1;
-        }
+        filtered += u64::from(status.seccomp_filtered());
     }
     Some((filtered, threads))
 }

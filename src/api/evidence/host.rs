@@ -240,12 +240,9 @@ pub(super) fn can_open_as(uid: u32, path: PathBuf) -> bool {
 }
 
 pub(super) fn uid_of(pid: i64) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    let real = *crate::procfs::ProcStatus::of_process(i32::try_from(pid).ok()?)
         .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+        .numbers("Uid")?
+        .first()?;
+    u32::try_from(real).ok()
 }

@@ -35,6 +35,8 @@ pub enum FcError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Start microvm error: {0}")]
+    Launch(#[source] crate::api::launch::LaunchError),
     #[error("Start microvm error: the VM did not start; see the log")]
     DidNotStart,
     #[error("The microVM's VMM is not running.")]

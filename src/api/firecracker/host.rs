@@ -94,10 +94,10 @@ fn host_run(front_end: libc::pid_t, socket: UnixDatagram, work: &Path, no_seccom
                 status::BAD_INPUT
             }
         },
-        Err(HandoverError::Closed) => wait_for(front_end),
+        Err(HandoverError::Closed) => crate::process::reap(front_end),
         Err(e) => {
             log::error!("the VM's host process: {}", crate::error_chain(&e));
-            wait_for(front_end)
+            crate::process::reap(front_end)
         }
     }
 }
@@ -125,30 +125,14 @@ fn wait_readable(socket: &UnixDatagram, term: &OwnedFd, front_end: libc::pid_t) 
         let [sock, sig] = fds;
         if sig.revents & libc::POLLIN != 0 {
             while signal::read_signal(term).is_some() {
-                // SAFETY: kill on our own child, not yet reaped (it is reaped only below).
-                unsafe { libc::kill(front_end, libc::SIGTERM) };
+                // Our own child, not yet reaped (it is reaped only below).
+                let _ = crate::process::signal(front_end, libc::SIGTERM);
             }
         }
         if sock.revents != 0 {
             return;
         }
     }
-}
-
-/// The front end's exit status, once it has ended.
-fn wait_for(front_end: libc::pid_t) -> i32 {
-    let mut wstatus = 0;
-    loop {
-        // SAFETY: waitpid on our own child with a valid status pointer.
-        let rc = unsafe { libc::waitpid(front_end, &mut wstatus, 0) };
-        if rc == front_end {
-            break;
-        }
-        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return status::RUNTIME_ERROR;
-        }
-    }
-    status::of_wait(wstatus)
 }
 
 /// Errors reading the VM's settings in the host process.

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::launch::{Launch, Supervisor};
 use crate::control::{self, Answer, Request};
 use crate::exit::status;
 use crate::telemetry::metrics::{ByteDirection, Family, Label, ReadSample};
@@ -70,7 +71,7 @@ pub struct Personality {
     work: PathBuf,
     exe: PathBuf,
     /// The supervisor, once started.
-    pub(super) supervisor: Option<i32>,
+    pub(super) supervisor: Option<Supervisor>,
     /// The VM process, as it said when asked whether it runs.
     pub(super) vm_pid: Option<i32>,
     metrics: Option<MetricsSink>,
@@ -221,56 +222,21 @@ impl Personality {
             what: "write the VMM's settings",
             source,
         })?;
-        let mut cmd = std::process::Command::new(&self.exe);
-        // Named bulkhead, whatever this binary is called: invoked as `firecracker` it would
-        // be this personality again.
-        std::os::unix::process::CommandExt::arg0(&mut cmd, "bulkhead");
-        cmd.args([
-            "--log-level",
-            level_name(log::max_level()),
-            "run",
-            "--config",
-        ])
-        .arg(&path);
-        if !self.seccomp {
+        let supervisor = Supervisor::start(Launch {
+            exe: &self.exe,
+            config: &path,
+            log_level: Some(level_name(log::max_level())),
             // The settings file alone can not turn the filters off: the command line says so.
-            cmd.arg("--no-seccomp");
-        }
-        let theirs_fd = {
-            use std::os::fd::AsRawFd;
-            theirs.as_raw_fd()
-        };
-        let handover_fd = self.handover_fd;
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
-        // SAFETY: the closure runs in the forked child before exec and calls only prctl, fcntl
-        // and dup2, which are async-signal-safe; dup2 leaves the copy without FD_CLOEXEC, so it
-        // survives the exec (the close-on-exec copies do not).
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || {
-                // Both out of the way first: either may sit at the other's place.
-                let control = libc::fcntl(theirs_fd, libc::F_DUPFD_CLOEXEC, 10);
-                let handover = libc::fcntl(handover_fd, libc::F_DUPFD_CLOEXEC, 10);
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
-                    || control < 0
-                    || handover < 0
-                    || libc::dup2(control, CHILD_CONTROL_FD) < 0
-                    || libc::dup2(handover, CHILD_HANDOVER_FD) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The front end died before the death signal was set.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|source| FcError::Start {
-            what: "start the VMM",
-            source,
-        })?;
+            no_seccomp: !self.seccomp,
+            inherit: vec![
+                (theirs.as_raw_fd(), CHILD_CONTROL_FD),
+                (self.handover_fd, CHILD_HANDOVER_FD),
+            ],
+            output: None,
+            own_group: false,
+            dies_with_us: true,
+        })
+        .map_err(FcError::Launch)?;
         drop(theirs);
         ours.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|source| FcError::Start {
@@ -278,10 +244,6 @@ impl Personality {
                 source,
             })?;
         self.control = Some(ours);
-        let pid = i32::try_from(child.id()).unwrap_or(0);
-        // The child is reaped by the process's wait loop.
-        std::mem::forget(child);
-        self.supervisor = Some(pid);
         // Running means the VMM serves its event loop (its vCPUs run): it answers a ping
         // then, with its pid.
         let vm_pid = match self.command(Request::Ping, None) {
@@ -290,14 +252,11 @@ impl Personality {
         };
         if vm_pid.is_none() {
             self.control = None;
-            // SAFETY: kill and waitpid on the child just started, not reaped by anyone else.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-            self.supervisor = None;
+            supervisor.kill();
             return Err(FcError::DidNotStart);
         }
+        // Reaped by the process's wait loop.
+        self.supervisor = Some(supervisor);
         self.vm_pid = vm_pid;
         self.phase = Phase::Running;
         let _ = self.flush_metrics();
@@ -307,7 +266,7 @@ impl Personality {
     pub fn pause(&mut self, pause: bool) -> Result<(), FcError> {
         let vm = self.vm_process().ok_or(FcError::NotRunning)?;
         let signal = if pause { libc::SIGSTOP } else { libc::SIGCONT };
-        super::vms::signal(vm, signal).map_err(FcError::Signal)?;
+        crate::process::signal(vm, signal).map_err(FcError::Signal)?;
         self.phase = if pause { Phase::Paused } else { Phase::Running };
         Ok(())
     }

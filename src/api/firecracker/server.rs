@@ -13,6 +13,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 
+use super::super::launch::Supervisor;
 use super::state::Phase;
 use super::{from_config_file, routes, Options, Personality, DEFAULT_API_SOCK, METRICS_PERIOD};
 use crate::exit::status;
@@ -92,23 +93,23 @@ async fn main_loop(p: Arc<Mutex<Personality>>, opts: Options) -> i32 {
             _ = sigterm.recv() => {
                 let (supervisor, vm) = {
                     let g = lock(&p);
-                    (g.supervisor, g.vm_pid)
+                    (g.supervisor.as_ref().map(Supervisor::pid), g.vm_pid)
                 };
                 match supervisor {
                     // An orderly stop: the supervisor stops the VM and ends with 143.
                     Some(pid) => {
                         // A paused VM process must run to stop in order.
                         if let Some(vm) = vm {
-                            let _ = super::super::vms::signal(vm, libc::SIGCONT);
+                            let _ = crate::process::signal(vm, libc::SIGCONT);
                         }
-                        let _ = super::super::vms::signal(pid, libc::SIGTERM);
+                        let _ = crate::process::signal(pid, libc::SIGTERM);
                     }
                     None => break status::TERMINATED,
                 }
             }
             _ = sigchld.recv() => {
-                let supervisor = lock(&p).supervisor;
-                if let Some(code) = supervisor.and_then(reap) {
+                let ended = lock(&p).supervisor.as_ref().and_then(Supervisor::try_reap);
+                if let Some(code) = ended {
                     let mut g = lock(&p);
                     g.phase = Phase::Ended;
                     let _ = g.flush_metrics();
@@ -133,17 +134,6 @@ fn remove(socket: Option<&Path>) {
     if let Some(s) = socket {
         let _ = std::fs::remove_file(s);
     }
-}
-
-/// The supervisor's exit status, if it has ended (and is now reaped).
-fn reap(pid: i32) -> Option<i32> {
-    let mut wstatus = 0;
-    // SAFETY: waitpid on our own child with a valid status pointer.
-    let rc = unsafe { libc::waitpid(pid, &mut wstatus, libc::WNOHANG) };
-    if rc != pid {
-        return None;
-    }
-    Some(status::of_wait(wstatus))
 }
 
 async fn accept_loop(p: Arc<Mutex<Personality>>, listener: UnixListener) {

@@ -1,0 +1,200 @@
+//! Starting a `bulkhead run` supervisor from a front end, and knowing when it ends: the one
+//! way `bulkhead serve` (a jailed supervisor per VM) and the Firecracker personality (the
+//! supervisor that hands its VM over) do it. The supervisor is this binary, given its settings
+//! file; a front end never builds a VM itself.
+//!
+//! The end is watched through a pidfd (readable once the process has exited), so an async
+//! front end awaits it without a thread per VM and without a SIGCHLD handler; the reaping is a
+//! plain `waitpid` of that one pid.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::io::unix::AsyncFd;
+
+use crate::process;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start the supervisor {}: {source}", exe.display())]
+    Spawn {
+        exe: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch supervisor {pid}: {source}")]
+    Watch {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to start one supervisor.
+pub struct Launch<'a> {
+    /// This program.
+    pub exe: &'a Path,
+    /// The settings file `bulkhead run --config` reads.
+    pub config: &'a Path,
+    /// `--log-level`, when not the default.
+    pub log_level: Option<&'static str>,
+    /// `--no-seccomp`: the operator turned the filters off on the front end's command line
+    /// (a settings file alone can not).
+    pub no_seccomp: bool,
+    /// Descriptors the supervisor gets at fixed numbers: (this process's, the supervisor's).
+    pub inherit: Vec<(RawFd, RawFd)>,
+    /// Where its standard output and error go (standard input is /dev/null); this process's
+    /// own when None.
+    pub output: Option<File>,
+    /// In a process group of its own, so a signal meant for the front end's group (Ctrl-C, a
+    /// stop of its unit with KillMode=process) does not reach it: the daemon's supervisors
+    /// outlive a daemon restart.
+    pub own_group: bool,
+    /// Killed when this process dies (PR_SET_PDEATHSIG): the personality's supervisor does
+    /// not outlive the front end that holds its control channel.
+    pub dies_with_us: bool,
+}
+
+/// A supervisor this process started and has not reaped yet.
+#[derive(Debug)]
+pub struct Supervisor {
+    pid: i32,
+    /// Readable once the supervisor has exited.
+    pidfd: OwnedFd,
+}
+
+impl Supervisor {
+    pub fn start(launch: Launch<'_>) -> Result<Supervisor, LaunchError> {
+        let mut cmd = std::process::Command::new(launch.exe);
+        // Named bulkhead, whatever this binary is called: invoked as `firecracker` it would
+        // be the personality again.
+        cmd.arg0("bulkhead");
+        if let Some(level) = launch.log_level {
+            cmd.args(["--log-level", level]);
+        }
+        cmd.args(["run", "--config"]).arg(launch.config);
+        if launch.no_seccomp {
+            cmd.arg("--no-seccomp");
+        }
+        cmd.stdin(Stdio::null());
+        if let Some(out) = launch.output {
+            let err = out.try_clone().map_err(|source| LaunchError::Spawn {
+                exe: launch.exe.to_path_buf(),
+                source,
+            })?;
+            cmd.stdout(out).stderr(err);
+        }
+        if launch.own_group {
+            cmd.process_group(0);
+        }
+        let inherit = launch.inherit;
+        // The child moves them through a fixed array: it may not allocate.
+        debug_assert!(inherit.len() <= 8, "{} descriptors to pass", inherit.len());
+        let dies_with_us = launch.dies_with_us;
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: the closure runs in the forked child before exec and calls only fcntl, dup2,
+        // prctl, getppid and _exit, which are async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Every source out of the way first (to 10 and up): one may sit at another's
+                // target. The copies are close-on-exec; dup2 makes the targets survive exec.
+                let mut moved = [-1; 8];
+                for (slot, (from, _)) in moved.iter_mut().zip(&inherit) {
+                    *slot = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 10);
+                    if *slot < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (copy, (_, to)) in moved.iter().zip(&inherit) {
+                    if libc::dup2(*copy, *to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if dies_with_us {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The front end died before the death signal was set.
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            exe: launch.exe.to_path_buf(),
+            source,
+        })?;
+        // The std handle is dropped without waiting: the pid is reaped here, by `reap`.
+        let pid = i32::try_from(child.id()).unwrap_or(-1);
+        drop(child);
+        // SAFETY: pidfd_open with an integer pid and no flags; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let Ok(fd) =
+            RawFd::try_from(fd).map_err(|_| ()).and_then(
+                |fd| {
+                    if fd >= 0 {
+                        Ok(fd)
+                    } else {
+                        Err(())
+                    }
+                },
+            )
+        else {
+            let source = std::io::Error::last_os_error();
+            process::kill_and_reap(pid);
+            return Err(LaunchError::Watch { pid, source });
+        };
+        // SAFETY: pidfd_open returned a new descriptor this process now owns alone.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Supervisor { pid, pidfd })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Its exit status, once it has ended (it is then reaped); None while it runs.
+    pub fn try_reap(&self) -> Option<i32> {
+        process::try_reap(self.pid)
+    }
+
+    /// Waits (without blocking the runtime) until the supervisor ends; returns its exit status
+    /// as a shell shows it. Reaps it.
+    pub async fn ended(self) -> i32 {
+        let pid = self.pid;
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open and unchanged
+        // until it is dropped.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(self.pidfd, tokio::io::Interest::READABLE) };
+        match registered {
+            Ok(fd) => {
+                // Readable once the process has exited; it stays readable.
+                let _ = fd.readable().await;
+                drop(fd);
+                process::reap(pid)
+            }
+            Err(e) => {
+                log::warn!("supervisor {pid}: cannot watch its pidfd ({e}); waiting for it");
+                tokio::task::spawn_blocking(move || process::reap(pid))
+                    .await
+                    .unwrap_or(crate::exit::status::RUNTIME_ERROR)
+            }
+        }
+    }
+
+    /// Kills and reaps it.
+    pub fn kill(self) {
+        process::kill_and_reap(self.pid);
+    }
+
+    /// The descriptor that becomes readable when it ends.
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+}
