@@ -124,7 +124,7 @@ fn serve(path: &std::path::Path) -> i32 {
         }
     };
     match bulkhead::config::serve::ServeConfig::from_json(&text) {
-        Ok(config) => bulkhead::api::server::serve(config),
+        Ok(config) => bulkhead::api::serve::serve(config),
         Err(e) => {
             log::error!("{}: {e}", path.display());
             status::BAD_INPUT
@@ -222,7 +222,7 @@ fn audit(out: &std::path::Path, guests: Option<std::path::PathBuf>) -> i32 {
             .and_then(|exe| exe.parent()?.parent().map(|t| t.join("guest-images")))
             .unwrap_or_default()
     });
-    match bulkhead::api::evidence::run(out, &guests) {
+    match bulkhead::api::audit::run(out, &guests) {
         Ok(passed) => {
             println!(
                 "{}: {}",
@@ -248,8 +248,8 @@ fn audit(out: &std::path::Path, guests: Option<std::path::PathBuf>) -> i32 {
 
 fn verify_audit_log(file: &std::path::Path, head: Option<&str>) -> i32 {
     let checked = match head {
-        None => bulkhead::api::audit::verify_file(file).map(|c| c.map(|i| (i, None))),
-        Some(h) => bulkhead::api::audit::verify_file_with_head(file, h),
+        None => bulkhead::api::serve::audit_log::verify_file(file).map(|c| c.map(|i| (i, None))),
+        Some(h) => bulkhead::api::serve::audit_log::verify_file_with_head(file, h),
     };
     match checked {
         Ok(Ok((intact, at))) => {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
-use bulkhead::api::audit::{AuditLog, Record};
+use bulkhead::api::serve::audit_log::{AuditLog, Record};
 
 fn scratch(name: &str) -> PathBuf {
     let dir =

@@ -253,7 +253,7 @@ fn wait_running(h: &Host, tenant: &str, id: &str) {
             &format!("/v1/vms/{id}/report"),
             None,
         ));
-        let threads = bulkhead::api::report::confined_threads(&r);
+        let threads = bulkhead::api::serve::report::confined_threads(&r);
         if threads >= 2 {
             return;
         }
@@ -340,7 +340,7 @@ fn two_tenants_vms_run_side_by_side_and_every_cross_tenant_attempt_is_refused_au
     let mut attempts = 0;
     for (tenant, theirs) in [("globex", &acme), ("acme", &globex)] {
         for id in theirs.iter().map(String::as_str).chain([missing]) {
-            for &(method, suffix) in bulkhead::api::routes::VM_ENDPOINTS {
+            for &(method, suffix) in bulkhead::api::serve::routes::VM_ENDPOINTS {
                 let a = as_tenant(&h, tenant, method, &format!("/v1/vms/{id}{suffix}"), None);
                 assert_eq!(a.status, 404, "{tenant} {method} {id}{suffix}");
                 assert_eq!(json_of(&a), json!({"error": format!("no VM {id}")}));
@@ -643,7 +643,7 @@ fn malformed_oversized_and_slow_requests_get_a_4xx_and_the_daemon_serves_on() {
     assert_eq!(as_tenant(&h, "globex", "GET", "/v1/vms", None).status, 200);
     // Well before the stalled connections time out (HEADER_TIMEOUT, 5 s): a daemon waiting
     // on them would answer only then, however fast the host.
-    assert!(start.elapsed() < bulkhead::api::server::HEADER_TIMEOUT / 2);
+    assert!(start.elapsed() < bulkhead::api::serve::http::HEADER_TIMEOUT / 2);
     stalled.join().unwrap();
     assert_eq!(as_tenant(&h, "acme", "GET", "/v1/vms", None).status, 200);
     // And the daemon is still the same process.

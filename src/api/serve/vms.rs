@@ -62,6 +62,18 @@ pub struct VmExit {
     pub reason: String,
 }
 
+impl VmExit {
+    /// How an ended VM is described: the reason its metrics give, or what the daemon saw of
+    /// its supervisor (its status, or nothing for a VM taken back after a restart).
+    pub fn seen(status: Option<i32>, reason: Option<String>) -> VmExit {
+        let reason = reason.unwrap_or_else(|| match status {
+            Some(s) => format!("supervisor_exit_{s}"),
+            None => "killed".to_string(),
+        });
+        VmExit { status, reason }
+    }
+}
+
 /// One VM, as the daemon keeps it (and writes it to `record.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {

@@ -15,8 +15,8 @@ use hyper::Response;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
 
-use super::daemon::Daemon;
-use super::server::{CONNECTION_LIFETIME, HEADER_TIMEOUT, MAX_CONNECTIONS};
+use super::http::{CONNECTION_LIFETIME, HEADER_TIMEOUT, MAX_CONNECTIONS};
+use super::registry::Daemon;
 use crate::telemetry::Exposition;
 
 /// Every VM's metrics, merged.

@@ -1,6 +1,7 @@
 //! `bulkhead serve`: the management daemon's state and its VMs' lives. It runs as root, starts
 //! each VM as a jailed `bulkhead run` supervisor, and keeps the audit log and its own alerts.
-//! The HTTP side is in [`super::server`]; what each request may do, in [`super::routes`].
+//! It knows nothing of HTTP: it answers in [`ServeError`]s, which [`super::http`] maps to status
+//! codes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -13,10 +14,11 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use super::audit::{AuditError, AuditLog, Record, Recovered};
-use super::launch::{self, Supervisor};
-use super::routes::{self, Reply};
-use super::vms::{self, DiskId, VmPaths, VmRecord, VmState};
+use super::audit_log::{AuditError, AuditLog, Record, Recovered};
+use super::error::ServeError;
+use super::quota;
+use super::vms::{self, DiskId, VmExit, VmPaths, VmRecord, VmState};
+use crate::api::launch::{self, Supervisor};
 use crate::config::serve::{Quota, ServeConfig};
 use crate::config::{random_vm_id, ConsoleConfig, RawConfig, RawJail, VmConfig};
 use crate::jail::privileges::User;
@@ -322,7 +324,7 @@ impl Daemon {
     }
 
     /// Starts the VM `launch` describes, within its tenant's quota; returns its id.
-    pub fn start(self: &Arc<Self>, launch: Launch<'_>) -> Result<String, Reply> {
+    pub fn start(self: &Arc<Self>, launch: Launch<'_>) -> Result<String, ServeError> {
         let Launch {
             tenant,
             quota,
@@ -332,28 +334,8 @@ impl Daemon {
             disks,
         } = launch;
         let mut vms = self.vms();
+        quota::check(quota, tenant, vms.values(), vm.vcpus, vm.mem_mib)?;
         let live: Vec<&VmRecord> = vms.values().filter(|r| r.state.is_live()).collect();
-        let mine: Vec<&&VmRecord> = live.iter().filter(|r| r.tenant == tenant).collect();
-        let (count, vcpus, mem) = mine.iter().fold((0u32, 0u32, 0u64), |(n, c, m), r| {
-            (n + 1, c + r.vcpus, m + r.mem_mib)
-        });
-        for (what, used, asked, max) in [
-            ("VMs", u64::from(count), 1, u64::from(quota.max_vms)),
-            (
-                "vCPUs",
-                u64::from(vcpus),
-                u64::from(vm.vcpus),
-                u64::from(quota.max_vcpus),
-            ),
-            ("MiB of memory", mem, vm.mem_mib, quota.max_mem_mib),
-        ] {
-            if used + asked > max {
-                return Err(Reply::error(
-                    403,
-                    format!("quota: tenant {tenant} has {used} of {max} {what} in use and asks for {asked} more"),
-                ));
-            }
-        }
         // Disks of other VMs this one must not share, compared as files (a path resolved as
         // root, here, could be a tenant's hung mount).
         for other in &live {
@@ -368,10 +350,7 @@ impl Daemon {
                     .map(|o| o.path.as_path())
                     .collect();
                 if let Some(mine) = vm.disks.iter().find(|d| theirs.contains(&d.path.as_path())) {
-                    return Err(Reply::error(
-                        409,
-                        format!("disk {} is in use by another VM", mine.path.display()),
-                    ));
+                    return Err(ServeError::DiskInUse(mine.path.clone()));
                 }
             }
             if let Some(d) = disks
@@ -381,15 +360,12 @@ impl Daemon {
                 let path = vm
                     .disks
                     .get(disks.iter().position(|x| x == d).unwrap_or(0))
-                    .map(|c| c.path.display().to_string())
+                    .map(|c| c.path.clone())
                     .unwrap_or_default();
-                return Err(Reply::error(
-                    409,
-                    format!("disk {path} is in use by another VM"),
-                ));
+                return Err(ServeError::DiskInUse(path));
             }
         }
-        let id = random_vm_id().map_err(|e| Reply::error(500, e.to_string()))?;
+        let id = random_vm_id().map_err(ServeError::VmId)?;
         let paths = self.paths(&id);
         let config = RawConfig {
             vm_id: Some(id.clone()),
@@ -409,17 +385,22 @@ impl Daemon {
         let made = std::fs::create_dir(&paths.dir)
             .and_then(|()| std::fs::write(paths.config(), config.to_json()));
         if let Err(e) = made {
-            return Err(Reply::error(500, format!("cannot prepare VM {id}: {e}")));
+            return Err(ServeError::Prepare {
+                id,
+                source: Box::new(e),
+            });
         }
         // The VM's series exist before the answer: a scrape right after create finds them.
         let mut shape = vm.clone();
         shape.vm_id = id.clone();
         if let Err(e) = crate::supervisor::write_initial_metrics(&shape, &paths.metrics()) {
             let _ = std::fs::remove_dir_all(&paths.dir);
-            return Err(Reply::error(500, format!("cannot prepare VM {id}: {e}")));
+            return Err(ServeError::Prepare {
+                id,
+                source: Box::new(e),
+            });
         }
-        let log = File::create(paths.log())
-            .map_err(|e| Reply::error(500, format!("cannot create the VM's log: {e}")))?;
+        let log = File::create(paths.log()).map_err(ServeError::VmLog)?;
         let config_path = paths.config();
         let started = Supervisor::start(launch::Launch {
             exe: &self.exe,
@@ -433,9 +414,9 @@ impl Daemon {
         });
         let supervisor = match started {
             Ok(s) => s,
-            Err(e) => {
+            Err(source) => {
                 let _ = std::fs::remove_dir_all(&paths.dir);
-                return Err(Reply::error(500, format!("cannot start VM {id}: {e}")));
+                return Err(ServeError::Start { id, source });
             }
         };
         let pid = Some(supervisor.pid());
@@ -476,7 +457,7 @@ impl Daemon {
 
     /// Records how VM `id` ended.
     pub fn ended(&self, id: &str, status: Option<i32>) {
-        let exit = routes::ended(status, vms::exit_reason(&self.paths(id)));
+        let exit = VmExit::seen(status, vms::exit_reason(&self.paths(id)));
         log::info!("VM {id} ended: {} (status {status:?})", exit.reason);
         let mut tenant = None;
         self.update(id, |r| {

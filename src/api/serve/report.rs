@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::daemon::Daemon;
+use super::registry::Daemon;
 use super::vms::{self, VmRecord};
 use crate::config::RawConfig;
 use crate::procfs::{self, ProcStatus};

@@ -5,7 +5,7 @@
 //! A client can not hold the daemon up: each socket takes at most [`MAX_CONNECTIONS`] at once
 //! (the rest are closed at once, and a tenant's crowd never touches another tenant's socket),
 //! headers must arrive within [`HEADER_TIMEOUT`], a body within [`BODY_TIMEOUT`] and at most
-//! [`routes::MAX_BODY`] bytes, and a connection lives at most [`CONNECTION_LIFETIME`].
+//! [`MAX_BODY`] bytes, and a connection lives at most [`CONNECTION_LIFETIME`].
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -20,17 +20,18 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use super::audit::Record;
-use super::daemon::{Daemon, DaemonError, Principal};
+use super::audit_log::Record;
+use super::error::ServeError;
 use super::exposition::Listener;
-use super::routes::{self, Reply, REASON_HEADER};
+use super::http::{
+    Reply, BODY_TIMEOUT, CONNECTION_LIFETIME, HEADER_TIMEOUT, MAX_BODY, MAX_CONNECTIONS,
+    REASON_HEADER,
+};
+use super::registry::{Daemon, DaemonError, Principal};
+use super::routes;
 use crate::config::serve::{MetricsListen, ServeConfig};
 use crate::exit::status;
 
-pub const MAX_CONNECTIONS: usize = 32;
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// How often the daemon logs the audit log's head.
 pub const AUDIT_HEAD_EVERY: Duration = Duration::from_secs(60);
 
@@ -254,24 +255,15 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, door: Door) {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(routes::MAX_BODY)
+                .max_buf_size(MAX_BODY)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
         });
     }
 }
 
-/// Why a caller may not use a door.
-#[derive(Debug, thiserror::Error)]
-enum DoorRefusal {
-    #[error("uid {uid} is not a member of tenant {tenant}")]
-    NotMember { uid: u32, tenant: String },
-    #[error("uid {uid} is not an admin")]
-    NotAdmin { uid: u32 },
-}
-
 /// Who the caller is on this door, or why they may not use it.
-fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, DoorRefusal> {
+fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, ServeError> {
     match door {
         Door::Tenant(name) => {
             let member = daemon
@@ -285,7 +277,7 @@ fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, 
                     uid: caller.uid,
                 })
             } else {
-                Err(DoorRefusal::NotMember {
+                Err(ServeError::NotMember {
                     uid: caller.uid,
                     tenant: name.clone(),
                 })
@@ -294,7 +286,7 @@ fn principal(daemon: &Daemon, door: &Door, caller: Caller) -> Result<Principal, 
         Door::Admin if daemon.config.admins.contains(&caller.uid) => {
             Ok(Principal::Admin { uid: caller.uid })
         }
-        Door::Admin => Err(DoorRefusal::NotAdmin { uid: caller.uid }),
+        Door::Admin => Err(ServeError::NotAdmin { uid: caller.uid }),
     }
 }
 
@@ -421,10 +413,7 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     if let Some(b) = &budget {
         if !b.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            return respond(
-                Reply::error(429, "too many requests: this socket's rate limit"),
-                true,
-            );
+            return respond(Reply::from(ServeError::RateLimited), true);
         }
     }
     let method = req.method().as_str().to_string();
@@ -440,16 +429,15 @@ async fn handle(
         Door::Admin => None,
     };
     let who = principal(&daemon, &door, caller);
-    let body = Limited::new(req.into_body(), routes::MAX_BODY);
+    let body = Limited::new(req.into_body(), MAX_BODY);
     let request = match who {
-        Err(why) => Err(Reply::error(403, why.to_string())),
+        Err(why) => Err(why),
         Ok(who) => match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
-            Err(_) => Err(Reply::error(408, "the body did not arrive in time")),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Reply::error(
-                413,
-                format!("the body is larger than {} bytes", routes::MAX_BODY),
-            )),
-            Ok(Err(e)) => Err(Reply::error(400, format!("cannot read the body: {e}"))),
+            Err(_) => Err(ServeError::BodyTimeout),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(ServeError::BodyTooLarge(MAX_BODY))
+            }
+            Ok(Err(e)) => Err(ServeError::Body(e)),
             Ok(Ok(collected)) => Ok((
                 who,
                 routes::Request {
@@ -466,13 +454,12 @@ async fn handle(
     // runtime's one thread, so one tenant's slow path holds up nobody else.
     let d = daemon.clone();
     let worker = tokio::task::spawn_blocking(move || {
-        let reply = match request {
-            Err(reply) => reply,
+        let reply = match request.and_then(|r| {
             // Nothing is acted on that the audit log could not record.
-            Ok(_) if d.audit_ready().is_err() => Reply::error(
-                503,
-                "the audit log can not be written: requests are refused until it can",
-            ),
+            d.audit_ready().map_err(ServeError::AuditUnwritable)?;
+            Ok(r)
+        }) {
+            Err(refused) => Reply::from(refused),
             Ok((who, request)) => routes::route(&d, &who, request),
         };
         let _ = d.audit(Record {
@@ -493,6 +480,6 @@ async fn handle(
     });
     let reply = worker
         .await
-        .unwrap_or_else(|_| Reply::error(500, "the request's worker failed"));
+        .unwrap_or_else(|_| Reply::from(ServeError::Worker));
     respond(reply, false)
 }

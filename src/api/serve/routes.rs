@@ -11,16 +11,14 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::daemon::{Daemon, Launch, Principal};
+use super::error::ServeError;
+use super::http::Reply;
 use super::paths::{self, Usable, Use, Verdict};
-use super::vms::{DiskId, VmExit, VmRecord, VmState};
+use super::registry::{Daemon, Launch, Principal};
+use super::vms::{DiskId, VmRecord, VmState};
 use crate::config::{host_mem_mib, PinnedFile, RawConfig, VmConfig};
 use crate::telemetry::Rule;
 
-/// The header an admin gives a reason in.
-pub const REASON_HEADER: &str = "x-bulkhead-reason";
-/// The largest request body.
-pub const MAX_BODY: usize = 64 * 1024;
 /// Every endpoint on one VM: (method, path after `/v1/vms/ID`).
 pub const VM_ENDPOINTS: &[(&str, &str)] = &[
     ("GET", ""),
@@ -32,52 +30,6 @@ pub const VM_ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/resume"),
     ("DELETE", ""),
 ];
-
-/// An answer, with what the audit log needs to know about it.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub body: Vec<u8>,
-    pub content_type: &'static str,
-    /// The VM the request was about, if any.
-    pub vm: Option<String>,
-    /// Why it was refused, or an admin's reason.
-    pub audit_reason: Option<String>,
-}
-
-impl Reply {
-    pub fn json(status: u16, value: Value) -> Reply {
-        Reply {
-            status,
-            body: serde_json::to_vec(&value).unwrap_or_default(),
-            content_type: "application/json",
-            vm: None,
-            audit_reason: None,
-        }
-    }
-
-    pub fn error(status: u16, message: impl Into<String>) -> Reply {
-        let message = message.into();
-        let mut r = Reply::json(status, json!({ "error": message }));
-        r.audit_reason = Some(message);
-        r
-    }
-
-    fn text(status: u16, content_type: &'static str, body: Vec<u8>) -> Reply {
-        Reply {
-            status,
-            body,
-            content_type,
-            vm: None,
-            audit_reason: None,
-        }
-    }
-
-    fn about(mut self, vm: &str) -> Reply {
-        self.vm = Some(vm.to_string());
-        self
-    }
-}
 
 /// One request, as the router sees it.
 pub struct Request {
@@ -92,28 +44,33 @@ pub struct Request {
 pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request) -> Reply {
     let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
     match (req.method.as_str(), parts.as_slice()) {
-        ("POST", ["v1", "vms"]) => create(d, who, &req),
+        ("POST", ["v1", "vms"]) => create(d, who, &req).unwrap_or_else(Reply::from),
         ("GET", ["v1", "vms"]) => list(d, who),
-        ("GET", ["v1", "audit-log"]) => admin_file(who, &d.config.audit_log, "audit log"),
-        ("GET", ["v1", "audit-log", "head"]) => audit_head(d, who),
-        ("GET", ["v1", "alerts"]) => admin_file(who, &d.alerts_path(), "daemon alerts"),
+        ("GET", ["v1", "audit-log"]) => {
+            admin_file(who, &d.config.audit_log, "audit log").unwrap_or_else(Reply::from)
+        }
+        ("GET", ["v1", "audit-log", "head"]) => audit_head(d, who).unwrap_or_else(Reply::from),
+        ("GET", ["v1", "alerts"]) => {
+            admin_file(who, &d.alerts_path(), "daemon alerts").unwrap_or_else(Reply::from)
+        }
         (method, ["v1", "vms", id, rest @ ..]) => {
             let id = id.to_string();
             let record = match find(d, who, &id, &req) {
                 Ok(r) => r,
                 Err(reply) => return reply.about(&id),
             };
-            let mut reply = match (method, rest) {
-                ("GET", []) => Reply::json(200, describe(&record, true)),
+            let answered = match (method, rest) {
+                ("GET", []) => Ok(Reply::json(200, describe(&record, true))),
                 ("DELETE", []) => delete(d, &record),
                 ("POST", ["stop"]) => stop(d, &record),
                 ("POST", ["pause"]) => pause(d, &record, true),
                 ("POST", ["resume"]) => pause(d, &record, false),
-                ("GET", ["metrics"]) => vm_file(d, &record, "metrics"),
-                ("GET", ["alerts"]) => vm_file(d, &record, "alerts"),
-                ("GET", ["report"]) => report(d, &record, req.query.as_deref()),
-                _ => Reply::error(404, format!("no such endpoint: {} {}", method, req.path)),
+                ("GET", ["metrics"]) => vm_file(d, &record, VmFile::Metrics),
+                ("GET", ["alerts"]) => vm_file(d, &record, VmFile::Alerts),
+                ("GET", ["report"]) => Ok(report(d, &record, req.query.as_deref())),
+                _ => Err(no_endpoint(&req)),
             };
+            let mut reply = answered.unwrap_or_else(Reply::from);
             if let Principal::Admin { .. } = who {
                 // The break-glass reason is what the audit line keeps for an allowed request.
                 if reply.status < 400 {
@@ -122,17 +79,21 @@ pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request) -> Reply {
             }
             reply.about(&id)
         }
-        _ => Reply::error(
-            404,
-            format!("no such endpoint: {} {}", req.method, req.path),
-        ),
+        _ => Reply::from(no_endpoint(&req)),
+    }
+}
+
+fn no_endpoint(req: &Request) -> ServeError {
+    ServeError::NoEndpoint {
+        method: req.method.clone(),
+        path: req.path.clone(),
     }
 }
 
 /// The VM `id` as `who` may see it. Another tenant's VM is answered as a missing one (and
 /// alerted on); an admin must give a reason.
 fn find(d: &Arc<Daemon>, who: &Principal, id: &str, req: &Request) -> Result<VmRecord, Reply> {
-    let missing = || Reply::error(404, format!("no VM {id}"));
+    let missing = || Reply::from(ServeError::NoVm(id.to_string()));
     let record = d.vms().get(id).cloned();
     match (who, record) {
         (_, None) => Err(missing()),
@@ -176,10 +137,7 @@ fn find(d: &Arc<Daemon>, who: &Principal, id: &str, req: &Request) -> Result<VmR
                 );
                 Ok(r)
             }
-            _ => Err(Reply::error(
-                403,
-                "an admin acting on a tenant's VM must give a reason (X-Bulkhead-Reason, at most 512 bytes)",
-            )),
+            _ => Err(Reply::from(ServeError::NoAdminReason)),
         },
     }
 }
@@ -218,40 +176,50 @@ fn list(d: &Arc<Daemon>, who: &Principal) -> Reply {
 /// The audit log's length and head, for an admin to keep elsewhere: `bulkhead audit-log
 /// verify --head HASH` then tells whether the log was cut or rewritten before it. (This
 /// request's own line comes after the head it answers.)
-fn audit_head(d: &Arc<Daemon>, who: &Principal) -> Reply {
+fn audit_head(d: &Arc<Daemon>, who: &Principal) -> Result<Reply, ServeError> {
     if !matches!(who, Principal::Admin { .. }) {
-        return Reply::error(403, "the audit log is for admins, on the admin socket");
+        return Err(ServeError::AdminsOnly("audit log"));
     }
     let (seq, head) = d.audit_head();
-    Reply::json(200, json!({ "seq": seq, "head": head }))
+    Ok(Reply::json(200, json!({ "seq": seq, "head": head })))
 }
 
-fn admin_file(who: &Principal, path: &Path, what: &str) -> Reply {
+fn admin_file(who: &Principal, path: &Path, what: &'static str) -> Result<Reply, ServeError> {
     if !matches!(who, Principal::Admin { .. }) {
-        return Reply::error(
-            403,
-            format!("the {what} is for admins, on the admin socket"),
-        );
+        return Err(ServeError::AdminsOnly(what));
     }
-    match std::fs::read(path) {
-        Ok(bytes) => Reply::text(200, "application/x-ndjson", bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Reply::text(200, "application/x-ndjson", Vec::new())
-        }
-        Err(e) => Reply::error(500, format!("cannot read the {what}: {e}")),
-    }
+    let bytes = read_or_empty(path).map_err(|source| ServeError::Read {
+        what: what.to_string(),
+        source,
+    })?;
+    Ok(Reply::text(200, "application/x-ndjson", bytes))
 }
 
-fn vm_file(d: &Arc<Daemon>, r: &VmRecord, which: &str) -> Reply {
+/// A VM's output files a caller may read.
+#[derive(Debug, Clone, Copy)]
+enum VmFile {
+    Metrics,
+    Alerts,
+}
+
+fn vm_file(d: &Arc<Daemon>, r: &VmRecord, which: VmFile) -> Result<Reply, ServeError> {
     let paths = d.paths(&r.id);
-    let (path, kind) = match which {
-        "metrics" => (paths.metrics(), "text/plain; version=0.0.4"),
-        _ => (paths.alerts(), "application/x-ndjson"),
+    let (path, kind, what) = match which {
+        VmFile::Metrics => (paths.metrics(), "text/plain; version=0.0.4", "metrics"),
+        VmFile::Alerts => (paths.alerts(), "application/x-ndjson", "alerts"),
     };
-    match std::fs::read(&path) {
-        Ok(bytes) => Reply::text(200, kind, bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Reply::text(200, kind, Vec::new()),
-        Err(e) => Reply::error(500, format!("cannot read the VM's {which}: {e}")),
+    let bytes = read_or_empty(&path).map_err(|source| ServeError::Read {
+        what: format!("VM's {what}"),
+        source,
+    })?;
+    Ok(Reply::text(200, kind, bytes))
+}
+
+/// A file's bytes; none when it is not there (yet).
+fn read_or_empty(path: &Path) -> std::io::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        read => read,
     }
 }
 
@@ -269,12 +237,15 @@ fn report(d: &Arc<Daemon>, r: &VmRecord, query: Option<&str>) -> Reply {
     }
 }
 
-fn stop(d: &Arc<Daemon>, r: &VmRecord) -> Reply {
+fn stop(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
     if !r.state.is_live() {
-        return Reply::error(409, format!("VM {} is not running ({:?})", r.id, r.state));
+        return Err(ServeError::NotLive {
+            id: r.id.clone(),
+            state: r.state,
+        });
     }
     let Some(pid) = live_supervisor(r) else {
-        return Reply::error(409, format!("VM {} is not running", r.id));
+        return Err(ServeError::NotRunning(r.id.clone()));
     };
     if let Some(vm) = crate::procfs::first_child(pid) {
         // A paused VM process would not see the supervisor's SIGTERM until it runs again.
@@ -282,37 +253,36 @@ fn stop(d: &Arc<Daemon>, r: &VmRecord) -> Reply {
     }
     if crate::process::signal(pid, libc::SIGTERM).is_err() {
         // It ended a moment ago.
-        return Reply::error(409, format!("VM {} is not running", r.id));
+        return Err(ServeError::NotRunning(r.id.clone()));
     }
     d.update(&r.id, |rec| {
         if rec.state.is_live() {
             rec.state = VmState::Stopping;
         }
     });
-    Reply::json(202, json!({ "id": r.id, "state": "stopping" }))
+    Ok(Reply::json(202, json!({ "id": r.id, "state": "stopping" })))
 }
 
-fn pause(d: &Arc<Daemon>, r: &VmRecord, pause: bool) -> Reply {
+fn pause(d: &Arc<Daemon>, r: &VmRecord, pause: bool) -> Result<Reply, ServeError> {
     let (from, to, signal) = if pause {
         (VmState::Running, VmState::Paused, libc::SIGSTOP)
     } else {
         (VmState::Paused, VmState::Running, libc::SIGCONT)
     };
     if r.state != from {
-        return Reply::error(
-            409,
-            format!("VM {} is {:?}, not {:?}", r.id, r.state, from).to_lowercase(),
-        );
+        return Err(ServeError::WrongState {
+            id: r.id.clone(),
+            state: r.state,
+            want: from,
+        });
     }
     // The VM process, not the supervisor: the supervisor goes on watching and reporting.
-    let Some(vm) = live_supervisor(r).and_then(crate::procfs::first_child) else {
-        return Reply::error(409, format!("VM {} is not running", r.id));
-    };
-    if crate::process::signal(vm, signal).is_err() {
-        return Reply::error(409, format!("VM {} is not running", r.id));
+    let vm = live_supervisor(r).and_then(crate::procfs::first_child);
+    if !vm.is_some_and(|vm| crate::process::signal(vm, signal).is_ok()) {
+        return Err(ServeError::NotRunning(r.id.clone()));
     }
     d.update(&r.id, |rec| rec.state = to);
-    Reply::json(200, json!({ "id": r.id, "state": to }))
+    Ok(Reply::json(200, json!({ "id": r.id, "state": to })))
 }
 
 /// The VM's supervisor, if it is still the process the record names (same pid and start
@@ -322,12 +292,12 @@ fn live_supervisor(r: &VmRecord) -> Option<i32> {
         .filter(|&pid| r.pid_start.is_some() && crate::procfs::start_time(pid) == r.pid_start)
 }
 
-fn delete(d: &Arc<Daemon>, r: &VmRecord) -> Reply {
+fn delete(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
     if r.state.is_live() {
-        return Reply::error(409, format!("VM {} is still running: stop it first", r.id));
+        return Err(ServeError::StillRunning(r.id.clone()));
     }
     d.forget(&r.id);
-    Reply::text(204, "application/json", Vec::new())
+    Ok(Reply::text(204, "application/json", Vec::new()))
 }
 
 /// The field of `raw` a tenant's body may not set, and why, if it sets one: the daemon sets
@@ -395,58 +365,44 @@ fn daemon_field(raw: &RawConfig) -> Option<(&'static str, &'static str)> {
         .map(|(_, field, why)| (field, why))
 }
 
-fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
+fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, ServeError> {
     let body: Value = match serde_json::from_slice(&req.body) {
         Ok(v @ Value::Object(_)) => v,
-        Ok(_) => return Reply::error(400, "the body must be a JSON object"),
-        Err(e) => return Reply::error(400, format!("the body is not JSON: {e}")),
+        Ok(_) => return Err(ServeError::NotAnObject),
+        Err(e) => return Err(ServeError::NotJson(e)),
     };
-    let raw = match serde_json::from_value::<RawConfig>(body.clone()) {
-        Ok(r) => r,
-        Err(e) => return Reply::error(400, format!("invalid VM settings: {e}")),
-    };
+    let raw = serde_json::from_value::<RawConfig>(body).map_err(ServeError::Settings)?;
     let tenant = match (who, raw.tenant.as_deref()) {
         (Principal::Tenant { name, .. }, Some(t)) if t != name => {
-            return Reply::error(
-                403,
-                format!("the body names tenant {t}, but this socket is tenant {name}'s"),
-            )
+            return Err(ServeError::OtherTenant {
+                named: t.to_string(),
+                socket: name.clone(),
+            })
         }
         (Principal::Tenant { name, .. }, _) => name.clone(),
-        (Principal::Admin { .. }, None) => {
-            return Reply::error(422, "an admin creating a VM must name its tenant")
-        }
+        (Principal::Admin { .. }, None) => return Err(ServeError::NoTenantNamed),
         (Principal::Admin { .. }, Some(t)) => {
             if req.reason.as_deref().map_or(true, |r| r.trim().is_empty()) {
-                return Reply::error(
-                    403,
-                    "an admin acting for a tenant must give a reason (X-Bulkhead-Reason)",
-                );
+                return Err(ServeError::NoAdminReasonToCreate);
             }
             t.to_string()
         }
     };
     let Some(t) = d.config.tenants.get(&tenant) else {
-        return Reply::error(422, format!("no tenant {tenant}"));
+        return Err(ServeError::NoSuchTenant(tenant));
     };
     if let Some((field, why)) = daemon_field(&raw) {
-        return Reply::error(422, format!("\"{field}\" can not be set here: {why}"));
+        return Err(ServeError::DaemonField { field, why });
     }
     if raw.seccomp == Some(false) {
-        return Reply::error(
-            422,
-            "\"seccomp\": false is never allowed through the daemon",
-        );
+        return Err(ServeError::SeccompOff);
     }
     if raw
         .console
         .as_deref()
         .is_some_and(|c| c != "none" && c != "file")
     {
-        return Reply::error(
-            422,
-            "\"console\" may only be \"none\": the daemon keeps the console in the VM's directory",
-        );
+        return Err(ServeError::Console);
     }
     // Every file must be in the tenant's directories, before and after resolving symlinks,
     // and one the caller may open as they are (read, and write for a writable disk): checked
@@ -461,41 +417,33 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
         Principal::Admin { .. } => d.user(uid),
     };
     let pending = d.path_checks(&tenant);
-    let check = |what: &str, p: &Path, use_: Use| -> Result<Usable, Reply> {
+    let check = |what: &'static str, p: &Path, use_: Use| -> Result<Usable, ServeError> {
         if !p.is_absolute() {
-            return Err(Reply::error(
-                422,
-                format!("{what} {} must be an absolute path", p.display()),
-            ));
+            return Err(ServeError::RelativePath {
+                what,
+                path: p.to_path_buf(),
+            });
         }
         match paths::check(t, &user, p, use_, &pending) {
             Verdict::Usable(u) => Ok(u),
-            Verdict::Refused => Err(Reply::error(
-                403,
-                format!(
-                    "{what} {} is not a file tenant {tenant} may use",
-                    p.display()
-                ),
-            )),
-            Verdict::TooSlow => Err(Reply::error(
-                403,
-                format!(
-                    "{what} {} did not answer within {} s",
-                    p.display(),
-                    paths::DEADLINE.as_secs()
-                ),
-            )),
-            Verdict::Busy => Err(Reply::error(
-                503,
-                format!(
-                    "tenant {tenant} has {} file checks still running; try again later",
-                    paths::MAX_PENDING
-                ),
-            )),
+            Verdict::Refused => Err(ServeError::FileRefused {
+                what,
+                path: p.to_path_buf(),
+                tenant: tenant.clone(),
+            }),
+            Verdict::TooSlow => Err(ServeError::FileTooSlow {
+                what,
+                path: p.to_path_buf(),
+                secs: paths::DEADLINE.as_secs(),
+            }),
+            Verdict::Busy => Err(ServeError::ChecksBusy {
+                tenant: tenant.clone(),
+                max: paths::MAX_PENDING,
+            }),
         }
     };
     let Some(kernel) = raw.kernel.as_deref() else {
-        return Reply::error(422, "no kernel given");
+        return Err(ServeError::NoKernel);
     };
     // Each file as checked, by identity: the jail refuses a path that names another file by
     // the time it opens it (as root), so a swap after the check gains the tenant nothing.
@@ -507,40 +455,28 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
             ino: u.ino,
         })
     };
-    match check("kernel", kernel, Use::Boot) {
-        Ok(u) => {
-            pin(&u);
-            resolved.kernel = Some(u.path);
-        }
-        Err(r) => return r,
-    }
+    let u = check("kernel", kernel, Use::Boot)?;
+    pin(&u);
+    resolved.kernel = Some(u.path);
     if let Some(initrd) = raw.initrd.as_deref() {
-        match check("initrd", initrd, Use::Boot) {
-            Ok(u) => {
-                pin(&u);
-                resolved.initrd = Some(u.path);
-            }
-            Err(r) => return r,
-        }
+        let u = check("initrd", initrd, Use::Boot)?;
+        pin(&u);
+        resolved.initrd = Some(u.path);
     }
     let mut disks = Vec::new();
     let mut disk_ids = Vec::new();
     for disk in raw.disks.iter().flatten() {
         let write = !disk.read_only;
-        match check("disk", &disk.path, Use::Disk { write }) {
-            Ok(u) => {
-                pin(&u);
-                let mut disk = disk.clone();
-                disk.path = u.path;
-                disks.push(disk);
-                disk_ids.push(DiskId {
-                    dev: u.dev,
-                    ino: u.ino,
-                    writable: write,
-                });
-            }
-            Err(r) => return r,
-        }
+        let u = check("disk", &disk.path, Use::Disk { write })?;
+        pin(&u);
+        let mut disk = disk.clone();
+        disk.path = u.path;
+        disks.push(disk);
+        disk_ids.push(DiskId {
+            dev: u.dev,
+            ino: u.ino,
+            writable: write,
+        });
     }
     resolved.disks = raw.disks.as_ref().map(|_| disks.clone());
     resolved.pinned_files = Some(pins);
@@ -549,21 +485,16 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
     // The console file lives in the daemon's state directory: its size is the tenant's cap.
     match raw.console_limit {
         Some(asked) if asked > t.console_limit => {
-            return Reply::error(
-                422,
-                format!(
-                    "console_limit {asked} is above tenant {tenant}'s cap of {} bytes",
-                    t.console_limit
-                ),
-            )
+            return Err(ServeError::ConsoleLimit {
+                asked,
+                tenant,
+                cap: t.console_limit,
+            })
         }
         Some(asked) => resolved.console_limit = Some(asked),
         None => resolved.console_limit = Some(t.console_limit),
     }
-    let vm = match VmConfig::from_raw(resolved.clone(), host_mem_mib()) {
-        Ok(vm) => vm,
-        Err(e) => return Reply::error(422, e.to_string()),
-    };
+    let vm = VmConfig::from_raw(resolved.clone(), host_mem_mib()).map_err(ServeError::Invalid)?;
     if let Principal::Admin { uid: admin } = who {
         let reason = req.reason.clone().unwrap_or_default();
         d.alert(
@@ -587,23 +518,10 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Reply {
         resolved,
         disks: disk_ids,
     };
-    match d.start(launch) {
-        Ok(id) => {
-            let mut reply = Reply::json(201, json!({ "id": id })).about(&id);
-            if let Principal::Admin { .. } = who {
-                reply.audit_reason = req.reason.clone();
-            }
-            reply
-        }
-        Err(reply) => reply,
+    let id = d.start(launch)?;
+    let mut reply = Reply::json(201, json!({ "id": id })).about(&id);
+    if let Principal::Admin { .. } = who {
+        reply.audit_reason = req.reason.clone();
     }
-}
-
-/// How an ended VM is described when its supervisor's status is known.
-pub fn ended(status: Option<i32>, reason: Option<String>) -> VmExit {
-    let reason = reason.unwrap_or_else(|| match status {
-        Some(s) => format!("supervisor_exit_{s}"),
-        None => "killed".to_string(),
-    });
-    VmExit { status, reason }
+    Ok(reply)
 }

@@ -71,7 +71,7 @@ pub(super) fn run_checks(h: &Host) -> Vec<Check> {
     let missing = "00000000000000000000000000000000";
     let mut answers = Vec::new();
     let mut same = true;
-    for &(method, suffix) in crate::api::routes::VM_ENDPOINTS {
+    for &(method, suffix) in crate::api::serve::routes::VM_ENDPOINTS {
         let theirs = request_as(
             a.1,
             &h.socket(Some(a.0)),
@@ -308,7 +308,7 @@ pub(super) fn run_checks(h: &Host) -> Vec<Check> {
                 .is_some_and(|r| r.starts_with("cross_tenant"))
         })
         .count();
-    let chain = crate::api::audit::verify_file(&audit_path);
+    let chain = crate::api::serve::audit_log::verify_file(&audit_path);
     let intact = matches!(chain, Ok(Ok(_)));
     let alerts = std::fs::read_to_string(h.dir.join("state/alerts.jsonl")).unwrap_or_default();
     let cross_alerts = alerts

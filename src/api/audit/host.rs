@@ -190,7 +190,7 @@ pub(super) fn wait_running(h: &Host, tenant: (&str, u32), id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let report = get(h, tenant, &format!("/v1/vms/{id}/report"));
-        let threads = crate::api::report::confined_threads(&report);
+        let threads = crate::api::serve::report::confined_threads(&report);
         if threads >= 2 || report["state"] != "running" || Instant::now() > deadline {
             return report;
         }
