@@ -203,13 +203,9 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         acpi_ports(&mut pio, &exit, &reporter)?;
     }
     #[cfg(debug_assertions)]
-    let pio = {
-        let mut pio = pio;
-        if config.test_hook == Some(crate::config::TestHook::GuestForbiddenSyscall) {
-            pio.insert(Arc::new(SeccompHookPort), SECCOMP_HOOK_PORT, 1)?;
-        }
-        pio
-    };
+    if let Some((port, base)) = crate::test_hooks::guest_port(config.test_hook) {
+        pio.insert(port, base, 1)?;
+    }
 
     let mut virtio = VirtioBus {
         names: config.device_names(),
@@ -436,26 +432,6 @@ fn limiter(config: Option<RateLimiterConfig>) -> Option<RateLimiter> {
         })
     };
     RateLimiter::new(bucket(config.bandwidth), bucket(config.ops))
-}
-
-/// The guest port that, with `--test-hook guest-forbidden-syscall`, stands for a device bug
-/// a guest exploits to run code of its choice on a vCPU thread.
-#[cfg(debug_assertions)]
-const SECCOMP_HOOK_PORT: u64 = 0xf6;
-
-#[cfg(debug_assertions)]
-struct SeccompHookPort;
-
-#[cfg(debug_assertions)]
-impl crate::devices::BusDevice for SeccompHookPort {
-    fn read(&self, _offset: u64, _data: &mut [u8]) -> bool {
-        false
-    }
-
-    fn write(&self, _offset: u64, _data: &[u8]) -> bool {
-        crate::seccomp::forbidden_syscall();
-        true
-    }
 }
 
 /// An eventfd that raises `gsi` when written (an irqfd); `what` names it in errors.

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use bulkhead::config::{RateLimiterConfig, RawDisk, RawJail, RawNet, RawVsock, TestHook};
+use bulkhead::config::{RateLimiterConfig, RawDisk, RawJail, RawNet, RawVsock};
+use bulkhead::test_hooks::TestHook;
 use bulkhead::RawConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 

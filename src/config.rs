@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::test_hooks::TestHook;
+
 mod devices;
 mod jail;
 mod limits;
@@ -176,107 +178,6 @@ impl fmt::Display for ConsoleConfig {
             ConsoleConfig::Stdio => write!(f, "stdio"),
             ConsoleConfig::None => write!(f, "none"),
             ConsoleConfig::File(p) => write!(f, "file:{}", p.display()),
-        }
-    }
-}
-
-/// Debugging hooks that make the VMM misbehave on purpose, so tests can prove its defences.
-/// Only compiled into debug builds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TestHook {
-    /// The vCPU thread makes a system call its seccomp filter forbids before its first KVM_RUN.
-    VcpuForbiddenSyscall,
-    /// The VMM thread does the same before serving its event loop.
-    VmmForbiddenSyscall,
-    /// A guest write to port 0xf6 makes the vCPU thread do the same: a stand-in for a guest
-    /// that has taken over a VMM thread.
-    GuestForbiddenSyscall,
-    /// The supervisor makes a system call its own filter forbids once the VM is running.
-    SupervisorForbiddenSyscall,
-    /// The vCPU thread tries to kill the supervisor (its parent) with tgkill.
-    SignalSupervisor,
-    /// The vCPU thread aborts, as on a stack overflow or a failed allocation.
-    VcpuAbort,
-    /// The vCPU thread panics, as on a bug in bulkhead's own code.
-    VcpuPanic,
-    /// The VMM thread makes a call its filter allows only with other arguments.
-    VmmForbiddenCall(ForbiddenCall),
-    /// The vCPU thread does the same.
-    VcpuForbiddenCall(ForbiddenCall),
-}
-
-/// A system call a thread's filter allows, with arguments it does not: one per tightened
-/// rule, for `--test-hook vmm-forbidden-call:NAME` and `vcpu-forbidden-call:NAME`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForbiddenCall {
-    /// socket(AF_INET, SOCK_STREAM): the VMM thread may open Unix sockets only.
-    SocketInet,
-    /// socket(AF_UNIX, SOCK_DGRAM): and stream ones only.
-    SocketDgram,
-    /// futex(FUTEX_CMP_REQUEUE_PRIVATE): private waits and wakes only.
-    FutexRequeue,
-    /// futex(FUTEX_WAIT), process-shared.
-    FutexShared,
-    /// madvise(MADV_MERGEABLE): MADV_DONTNEED only.
-    MadviseMergeable,
-    /// mmap(MAP_SHARED | MAP_ANONYMOUS): private memory only.
-    MmapShared,
-    /// mmap of a file descriptor: anonymous memory only.
-    MmapFile,
-    /// mremap(MREMAP_MAYMOVE | MREMAP_FIXED): MAYMOVE only.
-    MremapFixed,
-    /// tgkill with a signal the filter does not list (0, which only checks the thread).
-    TgkillOtherSignal,
-    /// socket(AF_UNIX, SOCK_STREAM): the VMM thread may open no socket at all (the
-    /// supervisor's broker connects guest connections).
-    SocketUnixStream,
-    /// connect to a Unix socket by path: in no thread's filter.
-    ConnectUnix,
-}
-
-impl ForbiddenCall {
-    pub const ALL: [(&'static str, ForbiddenCall); 11] = [
-        ("socket-inet", ForbiddenCall::SocketInet),
-        ("socket-dgram", ForbiddenCall::SocketDgram),
-        ("futex-requeue", ForbiddenCall::FutexRequeue),
-        ("futex-shared", ForbiddenCall::FutexShared),
-        ("madvise-mergeable", ForbiddenCall::MadviseMergeable),
-        ("mmap-shared", ForbiddenCall::MmapShared),
-        ("mmap-file", ForbiddenCall::MmapFile),
-        ("mremap-fixed", ForbiddenCall::MremapFixed),
-        ("tgkill-other-signal", ForbiddenCall::TgkillOtherSignal),
-        ("socket-unix-stream", ForbiddenCall::SocketUnixStream),
-        ("connect-unix", ForbiddenCall::ConnectUnix),
-    ];
-}
-
-impl std::str::FromStr for TestHook {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "vcpu-forbidden-syscall" => Ok(TestHook::VcpuForbiddenSyscall),
-            "vmm-forbidden-syscall" => Ok(TestHook::VmmForbiddenSyscall),
-            "guest-forbidden-syscall" => Ok(TestHook::GuestForbiddenSyscall),
-            "supervisor-forbidden-syscall" => Ok(TestHook::SupervisorForbiddenSyscall),
-            "signal-supervisor" => Ok(TestHook::SignalSupervisor),
-            "vcpu-abort" => Ok(TestHook::VcpuAbort),
-            "vcpu-panic" => Ok(TestHook::VcpuPanic),
-            _ => {
-                let call = |name: &str| {
-                    ForbiddenCall::ALL
-                        .iter()
-                        .find(|(n, _)| *n == name)
-                        .map(|&(_, c)| c)
-                };
-                if let Some(c) = s.strip_prefix("vmm-forbidden-call:").and_then(call) {
-                    return Ok(TestHook::VmmForbiddenCall(c));
-                }
-                if let Some(c) = s.strip_prefix("vcpu-forbidden-call:").and_then(call) {
-                    return Ok(TestHook::VcpuForbiddenCall(c));
-                }
-                Err(format!("unknown test hook {s:?}"))
-            }
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod seccomp;
 pub mod signal;
 pub mod supervisor;
 pub mod telemetry;
+pub mod test_hooks;
 pub mod vmm;
 pub mod vmproc;
 pub mod vstate;

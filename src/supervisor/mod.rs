@@ -181,10 +181,10 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::RUNTIME_ERROR;
         }
     }
-    #[cfg(debug_assertions)]
-    if config.test_hook == Some(crate::config::TestHook::SupervisorForbiddenSyscall) {
-        seccomp::forbidden_syscall();
-    }
+    crate::test_hooks::fire(
+        config.test_hook,
+        crate::test_hooks::Point::SupervisorRunning,
+    );
     let limits = Limits {
         vcpus: u16::try_from(config.vcpus).unwrap_or(u16::MAX),
         devices: u16::try_from(config.device_names().len()).unwrap_or(u16::MAX),

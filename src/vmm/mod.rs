@@ -24,13 +24,13 @@ pub use control::Control;
 use events::VmmEvents;
 use watchdog::HaltWatchdog;
 
-use crate::config::TestHook;
 use crate::devices::legacy::SerialPort;
 use crate::devices::virtio::VirtioWorker;
 use crate::exit::VmExitReason;
 use crate::seccomp::{self, ThreadRole};
 use crate::signal;
 use crate::telemetry::VmCounter;
+use crate::test_hooks::{self, Point, TestHook};
 use crate::vstate::vcpu::{Vcpu, VcpuIo, VcpuShared};
 use crate::vstate::vm::Vm;
 
@@ -171,14 +171,7 @@ impl Vmm {
         if seccomp {
             seccomp::apply(ThreadRole::Vmm)?;
         }
-        #[cfg(debug_assertions)]
-        if test_hook == Some(TestHook::VmmForbiddenSyscall) {
-            seccomp::forbidden_syscall();
-        }
-        #[cfg(debug_assertions)]
-        if let Some(TestHook::VmmForbiddenCall(call)) = test_hook {
-            seccomp::forbidden_call(call);
-        }
+        test_hooks::fire(test_hook, Point::VmmStart);
         go.wait();
 
         loop {
@@ -232,8 +225,7 @@ fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     ctx.shared.tid.store(tid, Ordering::Release);
-    #[cfg(debug_assertions)]
-    let parent = seccomp::parent_pid();
+    let parent = test_hooks::parent_pid();
     let filter = if ctx.seccomp {
         seccomp::apply(ThreadRole::Vcpu)
     } else {
@@ -243,32 +235,12 @@ fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
     ctx.go.wait();
     match filter {
         Ok(()) => {
-            #[cfg(debug_assertions)]
-            if ctx.test_hook == Some(TestHook::VcpuForbiddenSyscall) {
-                seccomp::forbidden_syscall();
-            }
-            #[cfg(debug_assertions)]
-            if let Some(TestHook::VcpuForbiddenCall(call)) = ctx.test_hook {
-                seccomp::forbidden_call(call);
-            }
-            #[cfg(debug_assertions)]
-            if ctx.test_hook == Some(TestHook::VcpuAbort) {
-                std::process::abort();
-            }
-            #[cfg(debug_assertions)]
-            if ctx.test_hook == Some(TestHook::SignalSupervisor) {
-                seccomp::signal_parent(parent);
-            }
-            let _ = ctx.test_hook;
+            test_hooks::fire(ctx.test_hook, Point::VcpuStart { parent });
             let io = ctx.io.clone();
             let shared = ctx.shared.clone();
             let hook = ctx.test_hook;
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                #[cfg(debug_assertions)]
-                if hook == Some(TestHook::VcpuPanic) {
-                    panic!("--test-hook vcpu-panic");
-                }
-                let _ = hook;
+                test_hooks::fire(hook, Point::VcpuRun);
                 vcpu.run(&io, &shared);
             }));
             if result.is_err() {
