@@ -139,25 +139,35 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         control,
         broker,
     } = env;
-    let mut kernel_file = BootFile::open_with("kernel", &config.kernel, config.no_follow)?;
-    let mut initrd_file = match &config.initrd {
-        Some(path) => Some(BootFile::open_with("initrd", path, config.no_follow)?),
+    let mut kernel_file =
+        BootFile::open_with("kernel", &config.vm.kernel, config.process.no_follow)?;
+    let mut initrd_file = match &config.vm.initrd {
+        Some(path) => Some(BootFile::open_with(
+            "initrd",
+            path,
+            config.process.no_follow,
+        )?),
         None => None,
     };
-    let mut disks = Vec::with_capacity(config.disks.len());
-    for disk in &config.disks {
+    let mut disks = Vec::with_capacity(config.vm.disks.len());
+    for disk in &config.vm.disks {
         disks.push((
-            Disk::open_with(&disk.path, disk.read_only, &disk.id, config.no_follow)?,
+            Disk::open_with(
+                &disk.path,
+                disk.read_only,
+                &disk.id,
+                config.process.no_follow,
+            )?,
             disk.id.clone(),
         ));
     }
-    let mut taps = Vec::with_capacity(config.nets.len());
-    for net in &config.nets {
+    let mut taps = Vec::with_capacity(config.vm.nets.len());
+    for net in &config.vm.nets {
         taps.push((Tap::open(&net.tap)?, net.mac));
     }
-    let vsock = match &config.vsock {
+    let vsock = match &config.vm.vsock {
         Some(v) => {
-            let backend = VsockBackend::open(v.cid, &v.uds, !config.vsock_cid_shared)?
+            let backend = VsockBackend::open(v.cid, &v.uds, !config.quirks.vsock_cid_shared)?
                 .with_buffer_budget(v.buffer_mib << 20);
             Some(match broker {
                 Some(fd) => backend.with_broker(BrokerClient::new(fd).map_err(BuildError::Broker)?),
@@ -166,13 +176,13 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         }
         None => None,
     };
-    let kvm = kvm::open_kvm(&config.kvm_device)?;
-    kvm::check_vcpu_limit(&kvm, config.vcpus)?;
+    let kvm = kvm::open_kvm(&config.process.kvm_device)?;
+    kvm::check_vcpu_limit(&kvm, config.vm.vcpus)?;
     if let Some(lock) = after_open {
         lock().map_err(BuildError::AfterOpen)?;
     }
-    let guest_memory = memory::create_guest_memory(config.mem_bytes())?;
-    let vm = Vm::new(&kvm, guest_memory, config.irqchip)?;
+    let guest_memory = memory::create_guest_memory(config.vm.mem_bytes())?;
+    let vm = Vm::new(&kvm, guest_memory, config.vm.irqchip)?;
     if !vm.msrs_filtered() {
         log::warn!("this KVM can not filter MSRs to user space: msr_probe alerts are off");
     }
@@ -181,8 +191,8 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         what: "VM exit",
         source,
     })?);
-    let (console_out, console_input) = console(&config.console, console_file)?;
-    let console_out: Box<dyn Write + Send> = match config.console_limit {
+    let (console_out, console_input) = console(&config.vm.console, console_file)?;
+    let console_out: Box<dyn Write + Send> = match config.vm.console_limit {
         Some(limit) => Box::new(LimitedConsole {
             inner: console_out,
             left: limit,
@@ -198,7 +208,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     let keyboard_irq = irq_line(&vm, legacy::I8042_IRQ, "the keyboard IRQ")?;
     let i8042 = Arc::new(I8042::new(keyboard_irq, exit.clone()));
     let mut pio = pio_bus(&serial, &i8042, &exit, &reporter, start_ns)?;
-    if config.acpi {
+    if config.vm.acpi {
         // Only a guest the tables told about them may use them.
         acpi_ports(&mut pio, &exit, &reporter)?;
     }
@@ -208,9 +218,9 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     }
 
     let mut virtio = VirtioBus {
-        names: config.device_names(),
+        names: config.vm.device_names(),
         reporter: Some(reporter.clone()),
-        on_violation: config.supervision.on_violation,
+        on_violation: config.process.supervision.on_violation,
         ..VirtioBus::default()
     };
     let mut disk_handles = Vec::with_capacity(disks.len());
@@ -222,7 +232,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         );
         let (block, queue, handle) = block::split(disk, &id);
         let queue = queue.with_limiter(limiter(
-            config.disks.get(index).and_then(|d| d.rate_limiter),
+            config.vm.disks.get(index).and_then(|d| d.rate_limiter),
         ));
         let shared = virtio.attach(&vm, Box::new(block), Box::new(queue))?;
         disk_handles.push((handle, shared));
@@ -233,7 +243,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
             tap.name(),
             crate::config::format_mac(&mac)
         );
-        let net = config.nets.get(index);
+        let net = config.vm.nets.get(index);
         let queues = Box::new(NetQueues::new(tap, mac).with_limiters(
             limiter(net.and_then(|n| n.rx_rate_limiter)),
             limiter(net.and_then(|n| n.tx_rate_limiter)),
@@ -250,13 +260,13 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         let queues = Box::new(VsockQueues::new(backend));
         virtio.attach(&vm, device, queues)?;
     }
-    if config.rng {
-        let queue = RngQueue::with_limiter(limiter(config.rng_rate_limiter));
+    if config.vm.rng {
+        let queue = RngQueue::with_limiter(limiter(config.vm.rng_rate_limiter));
         virtio.attach(&vm, Box::new(Rng), Box::new(queue))?;
     }
 
-    if config.irqchip == IrqChip::Split {
-        let ioapic = Ioapic::new(mptable::apic_id(config.vcpus), Box::new(vm.msi_routes()));
+    if config.vm.irqchip == IrqChip::Split {
+        let ioapic = Ioapic::new(mptable::apic_id(config.vm.vcpus), Box::new(vm.msi_routes()));
         virtio
             .bus
             .insert(Arc::new(ioapic), layout::IOAPIC_START, ioapic::IOAPIC_LEN)?;
@@ -265,10 +275,15 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     let mem = vm.memory();
     let kernel = boot::load_kernel(mem, &mut kernel_file)?;
     let initrd = match initrd_file.as_mut() {
-        Some(file) => Some(boot::load_initrd(mem, file, config.mem_bytes(), &kernel)?),
+        Some(file) => Some(boot::load_initrd(
+            mem,
+            file,
+            config.vm.mem_bytes(),
+            &kernel,
+        )?),
         None => None,
     };
-    let announced: Vec<String> = if config.cmdline_devices {
+    let announced: Vec<String> = if config.vm.cmdline_devices {
         virtio
             .windows
             .iter()
@@ -277,42 +292,42 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     } else {
         Vec::new()
     };
-    let cmdline = boot::build_cmdline(&config.cmdline, &announced)?;
-    let rsdp = if config.acpi {
-        Some(acpi::Tables::build(&board(config.vcpus, &virtio.windows))?.write(mem)?)
+    let cmdline = boot::build_cmdline(&config.vm.cmdline, &announced)?;
+    let rsdp = if config.vm.acpi {
+        Some(acpi::Tables::build(&board(config.vm.vcpus, &virtio.windows))?.write(mem)?)
     } else {
         None
     };
     boot::write_boot_info(
         mem,
-        config.mem_bytes(),
+        config.vm.mem_bytes(),
         &kernel,
         initrd.as_ref(),
         &cmdline,
         rsdp,
     )?;
-    mptable::setup_mptable(mem, config.vcpus)?;
+    mptable::setup_mptable(mem, config.vm.vcpus)?;
     reset_vector::write(mem, legacy::I8042_COMMAND_PORT, legacy::I8042_PULSE_RESET)?;
 
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::Cpuid)?;
     let mut vcpus = Vec::new();
-    for index in 0..config.vcpus {
+    for index in 0..config.vm.vcpus {
         let vcpu = Vcpu::new(&vm, index)?;
         let boot = (index == 0).then_some(BootEntry {
             entry: kernel.entry,
             mode: kernel.mode,
         });
-        vcpu.configure(&supported_cpuid, config.vcpus, mem, boot)?;
+        vcpu.configure(&supported_cpuid, config.vm.vcpus, mem, boot)?;
         vcpus.push(vcpu);
     }
     log::debug!(
         "built VM {} for tenant {}: {} vCPU(s), {} MiB, kernel entry {:#x} ({:?})",
-        config.vm_id,
-        config.tenant,
-        config.vcpus,
-        config.mem_mib,
+        config.process.vm_id,
+        config.process.tenant,
+        config.vm.vcpus,
+        config.vm.mem_mib,
         kernel.entry,
         kernel.mode
     );
@@ -331,8 +346,8 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         virtio_workers: virtio.workers,
         console_input,
         raw_terminal,
-        seccomp: config.seccomp,
-        firecracker_names: config.firecracker_names,
+        seccomp: config.process.seccomp,
+        firecracker_names: config.quirks.firecracker_names,
         control: control.map(|channel| Control {
             channel: std::os::unix::net::UnixStream::from(channel),
             i8042: i8042.clone(),

@@ -3,23 +3,22 @@
 //! This module never opens files: the caller reads the JSON file and hands over its text, and
 //! paths are only checked for shape here; the boot module opens them.
 
-use std::fmt;
 use std::path::PathBuf;
-
-use serde::Deserialize;
-
-use crate::test_hooks::TestHook;
 
 mod devices;
 mod jail;
 mod limits;
+mod raw;
 pub mod serve;
+mod spec;
 mod supervision;
 
 pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet, RawVsock, VsockConfig};
 use devices::{validate_disks, validate_nets, validate_vsock};
 pub use jail::{JailConfig, RawJail, DEFAULT_JAIL_DIR, MIN_FILE_SIZE_MIB};
 pub use limits::{RateLimiterConfig, TokenBucketConfig};
+pub use raw::{PinnedFile, RawConfig, ThreadNames};
+pub use spec::{ConsoleConfig, IrqChip, ProcessSpec, Quirks, VmConfig, VmSpec};
 pub use supervision::{AlertsTarget, HttpTarget, RawSupervision, Supervision, MAX_TIMEOUT_SECS};
 
 /// Smallest guest RAM accepted; below this even the test guests' page tables and stacks are
@@ -122,260 +121,12 @@ pub enum ConfigError {
     IrqChip(String),
 }
 
-/// How the VM's interrupt controllers are split between KVM and bulkhead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IrqChip {
-    /// Local APICs in KVM; the IOAPIC in bulkhead; no PIC, no PIT. What a hardware-reduced
-    /// ACPI guest needs, and the VM tears down in well under a millisecond.
-    Split,
-    /// KVM's PIC, IOAPIC, local APICs and PIT, for guests without ACPI (their timer check
-    /// needs the PIT). Tearing these down costs the kernel 5 to 20 ms.
-    Full,
-}
-
-impl std::str::FromStr for IrqChip {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<IrqChip, ConfigError> {
-        match s {
-            "split" => Ok(IrqChip::Split),
-            "full" => Ok(IrqChip::Full),
-            _ => Err(ConfigError::IrqChip(s.to_string())),
-        }
-    }
-}
-
-/// Where the guest's serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum ConsoleConfig {
-    /// The VMM's stdin and stdout.
-    #[default]
-    Stdio,
-    /// Appended to a file (guest output only).
-    File(PathBuf),
-    /// Discarded; the port still works so the guest does not notice.
-    None,
-}
-
-impl std::str::FromStr for ConsoleConfig {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "stdio" => Ok(ConsoleConfig::Stdio),
-            "none" => Ok(ConsoleConfig::None),
-            _ => match s.strip_prefix("file:") {
-                Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(path))),
-                _ => Err(ConfigError::Console(s.to_string())),
-            },
-        }
-    }
-}
-
-impl fmt::Display for ConsoleConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConsoleConfig::Stdio => write!(f, "stdio"),
-            ConsoleConfig::None => write!(f, "none"),
-            ConsoleConfig::File(p) => write!(f, "file:{}", p.display()),
-        }
-    }
-}
-
-/// How the VM process names its vCPU threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ThreadNames {
-    /// `vcpuN`.
-    Bulkhead,
-    /// `fc_vcpu N`, as Firecracker names them, for the orchestrators that look for them.
-    Firecracker,
-}
-
-/// Settings as given, before validation. Both the JSON file and the flags produce one; the
-/// flags' one is laid over the file's.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: Option<String>,
-    pub vcpus: Option<u32>,
-    pub mem_mib: Option<u64>,
-    pub console: Option<String>,
-    pub tenant: Option<String>,
-    pub vm_id: Option<String>,
-    /// `false` disables the seccomp filters (debugging only).
-    pub seccomp: Option<bool>,
-    /// Path of the KVM device; `/dev/kvm` unless given.
-    pub kvm_device: Option<PathBuf>,
-    /// Block devices, in the order the guest sees them.
-    pub disks: Option<Vec<RawDisk>>,
-    /// Network devices, in the order the guest sees them.
-    pub nets: Option<Vec<RawNet>>,
-    /// The vsock device.
-    pub vsock: Option<RawVsock>,
-    /// `false` leaves out the virtio-rng device.
-    pub rng: Option<bool>,
-    /// Limits on what the guest may draw from virtio-rng (Firecracker's entropy limiter).
-    pub rng_rate_limiter: Option<RateLimiterConfig>,
-    /// `false` leaves out the ACPI tables (the guest then finds vCPUs through the MP table
-    /// and devices on the command line).
-    pub acpi: Option<bool>,
-    /// `true` also announces the virtio devices on the kernel command line, for kernels
-    /// built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` but without ACPI.
-    pub cmdline_devices: Option<bool>,
-    /// `split` or `full` (see [`IrqChip`]); by default split with ACPI, full without.
-    pub irqchip: Option<String>,
-    /// Prometheus text file the supervisor keeps up to date.
-    pub metrics_file: Option<PathBuf>,
-    /// Where alerts go: a file, or `-` for standard error.
-    pub alerts: Option<String>,
-    /// A falcosidekick-compatible endpoint each alert is also POSTed to.
-    pub alerts_http: Option<String>,
-    /// Seconds the VM may run.
-    pub timeout: Option<u64>,
-    /// `log`, `reset-device` or `stop-vm`.
-    pub on_violation: Option<String>,
-    /// Run the VM process in a jail (namespaces, its own root, a cgroup, no root).
-    pub jail: Option<RawJail>,
-    /// `firecracker` names the vCPU threads as Firecracker does (`fc_vcpu N`), for the
-    /// orchestrators that look for them; `bulkhead` (the default) names them `vcpuN`.
-    pub thread_names: Option<ThreadNames>,
-    /// An inherited descriptor: the front end's control channel (set by the Firecracker
-    /// personality for the `bulkhead run` it starts).
-    pub control_fd: Option<i32>,
-    /// An inherited descriptor: the socket to the process the VM is handed over to instead of
-    /// a forked VM process (the Firecracker personality's own process; see
-    /// `bulkhead::handover`).
-    pub handover_fd: Option<i32>,
-    /// `true`: the vsock CID need not be unique on the host (Firecracker's semantics).
-    pub vsock_cid_shared: Option<bool>,
-    /// Bytes the guest may write to the console; the rest is dropped and counted.
-    pub console_limit: Option<u64>,
-    /// `true`: a kernel, initrd or disk that is itself a symlink is refused.
-    pub no_follow: Option<bool>,
-    /// Files that must still be the ones checked earlier (the daemon's checks as the tenant):
-    /// a jail refuses a path that now names another file.
-    pub pinned_files: Option<Vec<PinnedFile>>,
-}
-
-/// A file by path and identity: its device and inode (for a block device, the device it names
-/// and 0).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PinnedFile {
-    pub path: PathBuf,
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl RawConfig {
-    /// Parses the text of a JSON config file. Unknown fields are errors.
-    pub fn from_json(text: &str) -> Result<RawConfig, ConfigError> {
-        serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))
-    }
-
-    /// The settings as a JSON config file holds them: what a front end writes for the
-    /// `bulkhead run` it starts (the process boundary), and [`RawConfig::from_json`] reads.
-    pub fn to_json(&self) -> String {
-        // Every field is a plain value, a path or a list of them: serialising can not fail.
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    /// Lays `over` on top of `self`: every field set in `over` wins.
-    pub fn overlay(self, over: RawConfig) -> RawConfig {
-        RawConfig {
-            kernel: over.kernel.or(self.kernel),
-            initrd: over.initrd.or(self.initrd),
-            cmdline: over.cmdline.or(self.cmdline),
-            vcpus: over.vcpus.or(self.vcpus),
-            mem_mib: over.mem_mib.or(self.mem_mib),
-            console: over.console.or(self.console),
-            tenant: over.tenant.or(self.tenant),
-            vm_id: over.vm_id.or(self.vm_id),
-            seccomp: over.seccomp.or(self.seccomp),
-            kvm_device: over.kvm_device.or(self.kvm_device),
-            disks: over.disks.or(self.disks),
-            nets: over.nets.or(self.nets),
-            vsock: over.vsock.or(self.vsock),
-            rng: over.rng.or(self.rng),
-            rng_rate_limiter: over.rng_rate_limiter.or(self.rng_rate_limiter),
-            acpi: over.acpi.or(self.acpi),
-            cmdline_devices: over.cmdline_devices.or(self.cmdline_devices),
-            irqchip: over.irqchip.or(self.irqchip),
-            metrics_file: over.metrics_file.or(self.metrics_file),
-            alerts: over.alerts.or(self.alerts),
-            alerts_http: over.alerts_http.or(self.alerts_http),
-            timeout: over.timeout.or(self.timeout),
-            on_violation: over.on_violation.or(self.on_violation),
-            thread_names: over.thread_names.or(self.thread_names),
-            control_fd: over.control_fd.or(self.control_fd),
-            handover_fd: over.handover_fd.or(self.handover_fd),
-            vsock_cid_shared: over.vsock_cid_shared.or(self.vsock_cid_shared),
-            console_limit: over.console_limit.or(self.console_limit),
-            no_follow: over.no_follow.or(self.no_follow),
-            pinned_files: over.pinned_files.or(self.pinned_files),
-            jail: match (self.jail, over.jail) {
-                (Some(base), Some(over)) => Some(base.overlay(over)),
-                (base, over) => over.or(base),
-            },
-        }
-    }
-}
-
 /// True when the kernel's part of `cmdline` (before any `--`) holds `acpi=off`.
 fn kernel_turns_acpi_off(cmdline: &str) -> bool {
     cmdline
         .split_whitespace()
         .take_while(|w| *w != "--")
         .any(|w| w == "acpi=off")
-}
-
-/// Validated settings for one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    /// The user's part of the kernel command line; bulkhead adds its own in front.
-    pub cmdline: String,
-    pub vcpus: u32,
-    pub mem_mib: u64,
-    pub console: ConsoleConfig,
-    pub tenant: String,
-    pub vm_id: String,
-    pub seccomp: bool,
-    pub kvm_device: PathBuf,
-    pub disks: Vec<DiskConfig>,
-    pub nets: Vec<NetConfig>,
-    pub vsock: Option<VsockConfig>,
-    pub rng: bool,
-    pub rng_rate_limiter: Option<RateLimiterConfig>,
-    /// ACPI tables in guest memory.
-    pub acpi: bool,
-    /// `virtio_mmio.device=` entries on the command line: when asked, when ACPI is off, or
-    /// when the command line turns it off (`acpi=off`).
-    pub cmdline_devices: bool,
-    pub irqchip: IrqChip,
-    pub supervision: Supervision,
-    /// The jail the VM process enters, if any.
-    pub jail: Option<JailConfig>,
-    /// vCPU threads named `fc_vcpu N`.
-    pub firecracker_names: bool,
-    /// The inherited control channel's descriptor.
-    pub control_fd: Option<i32>,
-    /// The inherited hand-over socket's descriptor: the VM runs in the process at its other
-    /// end, not in a fork of the supervisor.
-    pub handover_fd: Option<i32>,
-    /// The vsock CID need not be unique on the host.
-    pub vsock_cid_shared: bool,
-    /// Console bytes the guest may write, if limited.
-    pub console_limit: Option<u64>,
-    /// Kernel, initrd and disks are opened with O_NOFOLLOW.
-    pub no_follow: bool,
-    /// Files a jail must find unchanged (see [`PinnedFile`]).
-    pub pinned_files: Vec<PinnedFile>,
-    pub test_hook: Option<TestHook>,
 }
 
 impl VmConfig {
@@ -480,50 +231,41 @@ impl VmConfig {
             return Err(ConfigError::TooManyDevices(devices));
         }
         Ok(VmConfig {
-            kernel,
-            initrd: raw.initrd,
-            cmdline,
-            vcpus,
-            mem_mib,
-            console,
-            tenant,
-            vm_id,
-            seccomp: raw.seccomp.unwrap_or(true),
-            kvm_device: raw.kvm_device.unwrap_or_else(|| PathBuf::from("/dev/kvm")),
-            disks,
-            nets,
-            vsock,
-            rng,
-            rng_rate_limiter,
-            acpi,
-            cmdline_devices,
-            irqchip,
-            supervision,
-            jail,
-            firecracker_names,
-            control_fd: raw.control_fd.filter(|fd| *fd > 2),
-            handover_fd: raw.handover_fd.filter(|fd| *fd > 2),
-            vsock_cid_shared: raw.vsock_cid_shared.unwrap_or(false),
-            console_limit,
-            no_follow,
-            pinned_files: raw.pinned_files.unwrap_or_default(),
+            vm: VmSpec {
+                kernel,
+                initrd: raw.initrd,
+                cmdline,
+                vcpus,
+                mem_mib,
+                console,
+                console_limit,
+                disks,
+                nets,
+                vsock,
+                rng,
+                rng_rate_limiter,
+                acpi,
+                cmdline_devices,
+                irqchip,
+            },
+            process: ProcessSpec {
+                tenant,
+                vm_id,
+                seccomp: raw.seccomp.unwrap_or(true),
+                kvm_device: raw.kvm_device.unwrap_or_else(|| PathBuf::from("/dev/kvm")),
+                supervision,
+                jail,
+                control_fd: raw.control_fd.filter(|fd| *fd > 2),
+                handover_fd: raw.handover_fd.filter(|fd| *fd > 2),
+                no_follow,
+                pinned_files: raw.pinned_files.unwrap_or_default(),
+            },
+            quirks: Quirks {
+                firecracker_names,
+                vsock_cid_shared: raw.vsock_cid_shared.unwrap_or(false),
+            },
             test_hook: None,
         })
-    }
-
-    /// Guest RAM in bytes.
-    pub fn mem_bytes(&self) -> u64 {
-        self.mem_mib << 20
-    }
-
-    /// The virtio devices' names, in the order the guest finds them (and their telemetry slots
-    /// are numbered): disks, network devices, vsock, rng.
-    pub fn device_names(&self) -> Vec<String> {
-        let disks = (0..self.disks.len()).map(|i| format!("virtio-blk{i}"));
-        let nets = (0..self.nets.len()).map(|i| format!("virtio-net{i}"));
-        let vsock = self.vsock.iter().map(|_| "virtio-vsock0".to_string());
-        let rng = self.rng.then(|| "virtio-rng0".to_string());
-        disks.chain(nets).chain(vsock).chain(rng).collect()
     }
 }
 
@@ -601,12 +343,12 @@ mod tests {
     fn defaults_are_one_vcpu_128_mib_stdio_and_random_id() {
         let a = VmConfig::from_raw(raw_with_kernel(), 1 << 20).unwrap();
         let b = VmConfig::from_raw(raw_with_kernel(), 1 << 20).unwrap();
-        assert_eq!(a.vcpus, 1);
-        assert_eq!(a.mem_mib, 128);
-        assert_eq!(a.console, ConsoleConfig::Stdio);
-        assert_eq!(a.vm_id.len(), 32);
-        assert_ne!(a.vm_id, b.vm_id);
-        assert!(a.seccomp);
+        assert_eq!(a.vm.vcpus, 1);
+        assert_eq!(a.vm.mem_mib, 128);
+        assert_eq!(a.vm.console, ConsoleConfig::Stdio);
+        assert_eq!(a.process.vm_id.len(), 32);
+        assert_ne!(a.process.vm_id, b.process.vm_id);
+        assert!(a.process.seccomp);
     }
 
     #[test]
@@ -615,7 +357,7 @@ mod tests {
             let mut raw = raw_with_kernel();
             f(&mut raw);
             let c = VmConfig::from_raw(raw, 1 << 20).unwrap();
-            (c.acpi, c.cmdline_devices)
+            (c.vm.acpi, c.vm.cmdline_devices)
         };
         assert_eq!(with(|_| {}), (true, false));
         assert_eq!(with(|r| r.acpi = Some(false)), (false, true));
@@ -630,7 +372,7 @@ mod tests {
             (true, false)
         );
         let file = RawConfig::from_json(r#"{"kernel":"k","acpi":false}"#).unwrap();
-        assert!(!VmConfig::from_raw(file, 1 << 20).unwrap().acpi);
+        assert!(!VmConfig::from_raw(file, 1 << 20).unwrap().vm.acpi);
     }
 
     #[test]
@@ -638,7 +380,7 @@ mod tests {
         let with = |f: fn(&mut RawConfig)| {
             let mut raw = raw_with_kernel();
             f(&mut raw);
-            VmConfig::from_raw(raw, 1 << 20).map(|c| c.irqchip)
+            VmConfig::from_raw(raw, 1 << 20).map(|c| c.vm.irqchip)
         };
         assert_eq!(with(|_| {}).unwrap(), IrqChip::Split);
         assert_eq!(with(|r| r.acpi = Some(false)).unwrap(), IrqChip::Full);

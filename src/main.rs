@@ -95,7 +95,7 @@ fn run(args: &RunArgs) -> i32 {
             return status::BAD_INPUT;
         }
     };
-    if !config.seccomp {
+    if !config.process.seccomp {
         log::warn!("*** --no-seccomp: seccomp filters are OFF; this VMM is not confined. Debugging only. ***");
     }
     bulkhead::supervisor::run(&config)

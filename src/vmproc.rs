@@ -185,7 +185,7 @@ pub fn run(
                 outcome.reason,
                 VmExitReason::UnhandledExit { .. } | VmExitReason::VcpuFailed { .. }
             ) {
-                log::error!("VM {}: {}", config.vm_id, outcome.reason);
+                log::error!("VM {}: {}", config.process.vm_id, outcome.reason);
             }
             outcome.reason.status()
         }

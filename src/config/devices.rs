@@ -382,13 +382,13 @@ mod tests {
         )
         .unwrap();
         let c = VmConfig::from_raw(raw, 1 << 20).unwrap();
-        assert!(!c.rng);
-        assert_eq!(c.disks[0].id, "disk0");
+        assert!(!c.vm.rng);
+        assert_eq!(c.vm.disks[0].id, "disk0");
         assert_eq!(
-            (c.disks[1].id.as_str(), c.disks[1].read_only),
+            (c.vm.disks[1].id.as_str(), c.vm.disks[1].read_only),
             ("data", true)
         );
-        assert_eq!(c.nets[0].mac, default_mac("vm-7", 0));
+        assert_eq!(c.vm.nets[0].mac, default_mac("vm-7", 0));
         assert!(RawConfig::from_json(r#"{"disks": [{"path": "/d", "size": 1}]}"#).is_err());
     }
 }

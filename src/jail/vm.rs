@@ -184,7 +184,7 @@ impl VmJail {
         let mut files = Vec::new();
         // A file the daemon checked as the tenant must still be that file: a tenant that
         // swapped it since (in its own directory) gets a refusal, not root's open of another.
-        let pins = std::mem::take(&mut config.pinned_files);
+        let pins = std::mem::take(&mut config.process.pinned_files);
         let unchanged =
             |what, path: &Path, id: (u64, u64)| match pins.iter().find(|p| p.path == path) {
                 Some(p) if (p.dev, p.ino) != id => Err(JailError::FileChanged {
@@ -193,16 +193,16 @@ impl VmJail {
                 }),
                 _ => Ok(()),
             };
-        let (kernel, _, id) = resolve("kernel", &config.kernel)?;
+        let (kernel, _, id) = resolve("kernel", &config.vm.kernel)?;
         unchanged("kernel", &kernel, id)?;
-        config.kernel = kernel;
+        config.vm.kernel = kernel;
         files.push(JailFile {
-            path: config.kernel.clone(),
+            path: config.vm.kernel.clone(),
             read_only: true,
             device: false,
             id,
         });
-        if let Some(initrd) = &config.initrd {
+        if let Some(initrd) = &config.vm.initrd {
             let (real, _, id) = resolve("initrd", initrd)?;
             unchanged("initrd", &real, id)?;
             files.push(JailFile {
@@ -211,12 +211,12 @@ impl VmJail {
                 device: false,
                 id,
             });
-            config.initrd = Some(real);
+            config.vm.initrd = Some(real);
         }
         // The file-size rlimit bounds the offsets the VM process may write at: it must reach
         // past the end of every writable disk.
         let mut largest: Option<(u64, PathBuf)> = None;
-        for disk in &mut config.disks {
+        for disk in &mut config.vm.disks {
             let (path, device, id) = resolve("disk", &disk.path)?;
             unchanged("disk", &path, id)?;
             disk.path = path;
@@ -245,15 +245,15 @@ impl VmJail {
             },
             None => (MIN_FILE_SIZE_MIB << 20).max(largest_size),
         };
-        let (kvm, _, id) = resolve("KVM device", &config.kvm_device)?;
-        config.kvm_device = kvm;
+        let (kvm, _, id) = resolve("KVM device", &config.process.kvm_device)?;
+        config.process.kvm_device = kvm;
         files.push(JailFile {
-            path: config.kvm_device.clone(),
+            path: config.process.kvm_device.clone(),
             read_only: false,
             device: true,
             id,
         });
-        if !config.nets.is_empty() {
+        if !config.vm.nets.is_empty() {
             let (path, _, id) = resolve("tun device", Path::new("/dev/net/tun"))?;
             files.push(JailFile {
                 path,
@@ -265,7 +265,7 @@ impl VmJail {
         // The vsock sockets live in the jail's own `/vsock`, whatever directory was named:
         // only the file name is kept, so no path can reach outside that directory or share
         // an ancestor with the files bind mounted in.
-        if let Some(vsock) = &mut config.vsock {
+        if let Some(vsock) = &mut config.vm.vsock {
             let name = vsock
                 .uds
                 .file_name()
@@ -299,7 +299,7 @@ impl VmJail {
         }
         let base_dir = dirs::open_root_owned(base)?;
         // Others may pass through, to a socket whose path they know, but not list VM ids.
-        let vm = dirs::create_exclusive(&base_dir, &config.vm_id, 0, 0, 0o711)?;
+        let vm = dirs::create_exclusive(&base_dir, &config.process.vm_id, 0, 0, 0o711)?;
         let root = match dirs::create_exclusive(&vm, "root", 0, 0, 0o755) {
             Ok(r) => r,
             Err(e) => {
@@ -335,14 +335,18 @@ impl VmJail {
             owner: unsafe { libc::getpid() },
         };
         let made = cgroup::detect().and_then(|h| {
-            VmCgroup::create(&h, &format!("bulkhead/{}", jail.config.vm_id), &limits)
+            VmCgroup::create(
+                &h,
+                &format!("bulkhead/{}", jail.config.process.vm_id),
+                &limits,
+            )
         });
         match made {
             Ok(group) => jail.cgroup = Some(group),
             // Dropping the jail removes what was made.
             Err(e) => return Err(e.into()),
         }
-        if jail.config.vsock.is_some() {
+        if jail.config.vm.vsock.is_some() {
             jail.make_socket_dir()?;
         }
         Ok(jail)
@@ -380,7 +384,7 @@ impl VmJail {
             // 0: the writing process itself, whatever its pid in this namespace.
             group.add(0)?;
         }
-        root::enter_namespaces(&self.config.vm_id)?;
+        root::enter_namespaces(&self.config.process.vm_id)?;
         if let Some(ns) = &self.netns {
             // Joined now, while the host's tree is still there to find it, and before the
             // taps (which live there) are opened.
@@ -427,6 +431,7 @@ impl VmJail {
             gid: self.gid,
             socket: self
                 .config
+                .vm
                 .vsock
                 .as_ref()
                 .map(|v| (v.uds.clone(), self.socket_owner)),
@@ -443,18 +448,18 @@ impl VmJail {
         }
         if let Some(dir) = self.socket_dir.take() {
             if let Err(e) = root::unmount(&dir) {
-                log::warn!("jail of VM {}: {e}", self.config.vm_id);
+                log::warn!("jail of VM {}: {e}", self.config.process.vm_id);
             }
         }
         if let Some(group) = self.cgroup.take() {
             if let Err(e) = group.remove() {
-                log::warn!("jail of VM {}: {e}", self.config.vm_id);
+                log::warn!("jail of VM {}: {e}", self.config.process.vm_id);
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.vm_dir) {
             log::warn!(
                 "jail of VM {}: cannot remove {}: {e}",
-                self.config.vm_id,
+                self.config.process.vm_id,
                 self.vm_dir.display()
             );
         }

@@ -46,7 +46,7 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::BAD_INPUT;
         }
     };
-    let terminal = SavedTerminal::save(libc::STDIN_FILENO, &config.console);
+    let terminal = SavedTerminal::save(libc::STDIN_FILENO, &config.vm.console);
     // Blocked before the VM process starts, so none is missed; the child's mask is reset.
     let signals =
         match signal::signalfd(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
@@ -56,14 +56,19 @@ pub fn run(config: &VmConfig) -> i32 {
                 return status::RUNTIME_ERROR;
             }
         };
-    let mut jail = match config.jail.as_ref().map(|j| VmJail::prepare(config, j)) {
+    let mut jail = match config
+        .process
+        .jail
+        .as_ref()
+        .map(|j| VmJail::prepare(config, j))
+    {
         None => None,
         Some(Ok(jail)) => {
             announce(&jail);
             Some(jail)
         }
         Some(Err(e)) => {
-            log::error!("VM {}: {}", config.vm_id, crate::error_chain(&e));
+            log::error!("VM {}: {}", config.process.vm_id, crate::error_chain(&e));
             return if e.is_bad_input() {
                 status::BAD_INPUT
             } else {
@@ -71,7 +76,7 @@ pub fn run(config: &VmConfig) -> i32 {
             };
         }
     };
-    let control = match config.control_fd.map(take_control) {
+    let control = match config.process.control_fd.map(take_control) {
         None => None,
         Some(Ok(fd)) => Some(fd),
         Some(Err(e)) => {
@@ -79,7 +84,7 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::BAD_INPUT;
         }
     };
-    let handover = match config.handover_fd.map(take_control) {
+    let handover = match config.process.handover_fd.map(take_control) {
         None => None,
         Some(Ok(fd)) => Some(std::os::unix::net::UnixDatagram::from(fd)),
         Some(Err(e)) => {
@@ -111,6 +116,7 @@ pub fn run(config: &VmConfig) -> i32 {
     // Guest connections to host ports are connected here and handed over: the VM process's
     // filter has no `connect`.
     let broker = match config
+        .vm
         .vsock
         .as_ref()
         .map(|v| make_broker(&v.uds, jail.as_ref()))
@@ -170,11 +176,11 @@ pub fn run(config: &VmConfig) -> i32 {
         return status::RUNTIME_ERROR;
     }
     let ctx = AlertContext {
-        vm_id: config.vm_id.clone(),
-        tenant: config.tenant.clone(),
+        vm_id: config.process.vm_id.clone(),
+        tenant: config.process.tenant.clone(),
         hostname: hostname(),
     };
-    if config.seccomp {
+    if config.process.seccomp {
         if let Err(e) = seccomp::confine_supervisor(vm.pid) {
             log::error!("{e}");
             stop_now(vm.pid, terminal.as_ref(), jail.as_mut());
@@ -186,10 +192,10 @@ pub fn run(config: &VmConfig) -> i32 {
         crate::test_hooks::Point::SupervisorRunning,
     );
     let limits = Limits {
-        vcpus: u16::try_from(config.vcpus).unwrap_or(u16::MAX),
-        devices: u16::try_from(config.device_names().len()).unwrap_or(u16::MAX),
+        vcpus: u16::try_from(config.vm.vcpus).unwrap_or(u16::MAX),
+        devices: u16::try_from(config.vm.device_names().len()).unwrap_or(u16::MAX),
     };
-    let engine = Engine::new(limits, config.device_names(), start_ns);
+    let engine = Engine::new(limits, config.vm.device_names(), start_ns);
     let watched = Watch::new(
         config, vm, outputs, engine, ctx, signals, start_ns, start_wall,
     )
@@ -201,7 +207,10 @@ pub fn run(config: &VmConfig) -> i32 {
     if let Some(t) = terminal {
         t.restore();
     }
-    let message = format!("VM {} (tenant {}): {end}", config.vm_id, config.tenant);
+    let message = format!(
+        "VM {} (tenant {}): {end}",
+        config.process.vm_id, config.process.tenant
+    );
     if end.is_orderly() {
         log::info!("{message}");
     } else {
@@ -219,7 +228,7 @@ fn make_broker(
 ) -> std::io::Result<(BrokerServer, std::os::fd::OwnedFd)> {
     let (ours, theirs) = broker::pair()?;
     // A jail keeps only the file name, in its own socket directory.
-    let inside = jail.and_then(|j| j.config.vsock.as_ref().map(|v| (j, v.uds.clone())));
+    let inside = jail.and_then(|j| j.config.vm.vsock.as_ref().map(|v| (j, v.uds.clone())));
     let (host_uds, as_user) = match inside {
         Some((j, at)) => (j.host_path(&at), Some((j.uid, j.gid))),
         None => (uds.to_path_buf(), None),
@@ -245,15 +254,15 @@ fn stop_now(pid: libc::pid_t, terminal: Option<&SavedTerminal>, jail: Option<&mu
 fn announce(jail: &VmJail) {
     log::info!(
         "VM {} jailed in {} as uid {} gid {}",
-        jail.config.vm_id,
+        jail.config.process.vm_id,
         jail.root.display(),
         jail.uid,
         jail.gid
     );
-    if let Some(v) = &jail.config.vsock {
+    if let Some(v) = &jail.config.vm.vsock {
         log::info!(
             "VM {}: vsock socket on the host: {} (guest connections to port P go to {}_P)",
-            jail.config.vm_id,
+            jail.config.process.vm_id,
             jail.host_path(&v.uds).display(),
             jail.host_path(&v.uds).display()
         );

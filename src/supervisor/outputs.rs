@@ -103,7 +103,7 @@ impl MetricsFile {
     ) -> Result<(), OutputError> {
         let facts = initial_facts(config, start_wall);
         let text = MetricsSnapshot::collect(page, &facts)
-            .encode(&config.vm_id, &config.tenant)
+            .encode(&config.process.vm_id, &config.process.tenant)
             .map_err(|e| OutputError::Metrics {
                 path: self.path.clone(),
                 source: std::io::Error::other(e),
@@ -127,9 +127,9 @@ impl MetricsFile {
 /// nothing counted yet.
 pub fn initial_facts(config: &VmConfig, start_wall: SystemTime) -> SupervisorFacts {
     SupervisorFacts {
-        vcpus: config.vcpus as usize,
-        devices: config.device_names(),
-        guest_memory_bytes: config.mem_bytes(),
+        vcpus: config.vm.vcpus as usize,
+        devices: config.vm.device_names(),
+        guest_memory_bytes: config.vm.mem_bytes(),
         running: true,
         start_time_seconds: start_wall
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -190,7 +190,7 @@ pub struct Outputs {
 
 impl Outputs {
     pub fn open(config: &VmConfig) -> Result<Outputs, OutputError> {
-        let console = match &config.console {
+        let console = match &config.vm.console {
             ConsoleConfig::File(path) => Some(
                 OpenOptions::new()
                     .create(true)
@@ -205,7 +205,7 @@ impl Outputs {
             ),
             _ => None,
         };
-        let s = &config.supervision;
+        let s = &config.process.supervision;
         Ok(Outputs {
             console,
             metrics: s

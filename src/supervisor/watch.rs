@@ -102,7 +102,7 @@ impl<'a> Watch<'a> {
 
     /// Runs until the VM process is gone; returns how the VM ended.
     pub fn run(mut self) -> Watched {
-        let mut deadline = self.config.supervision.timeout_secs.map(|s| {
+        let mut deadline = self.config.process.supervision.timeout_secs.map(|s| {
             self.start_ns
                 .saturating_add(s.saturating_mul(1_000_000_000))
         });
@@ -149,7 +149,7 @@ impl<'a> Watch<'a> {
             }
             if deadline.is_some_and(|d| now >= d) {
                 deadline = None;
-                let secs = self.config.supervision.timeout_secs.unwrap_or(0);
+                let secs = self.config.process.supervision.timeout_secs.unwrap_or(0);
                 self.stop(StopCause::Timeout { secs });
             }
             if self.kill_at.is_some_and(|k| now >= k) {
@@ -261,7 +261,12 @@ impl<'a> Watch<'a> {
                     http.send(line);
                 }
             }
-            let response = self.config.supervision.on_violation.response(firing.rule);
+            let response = self
+                .config
+                .process
+                .supervision
+                .on_violation
+                .response(firing.rule);
             if response == Response::StopVm {
                 self.stop(StopCause::Policy { rule: firing.rule });
             }
@@ -433,7 +438,7 @@ impl<'a> Watch<'a> {
             .map(|&c| format!("{c}={}", region.vm_counter(c)))
             .collect();
         lines.push(format!("counters: {}", counters.join(" ")));
-        for (i, name) in self.config.device_names().iter().enumerate() {
+        for (i, name) in self.config.vm.device_names().iter().enumerate() {
             if let Some(slot) = region.device(i) {
                 lines.push(format!("device {}", DeviceSnapshot::read(name, slot)));
             }

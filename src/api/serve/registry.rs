@@ -334,7 +334,7 @@ impl Daemon {
             disks,
         } = launch;
         let mut vms = self.vms();
-        quota::check(quota, tenant, vms.values(), vm.vcpus, vm.mem_mib)?;
+        quota::check(quota, tenant, vms.values(), vm.vm.vcpus, vm.vm.mem_mib)?;
         let live: Vec<&VmRecord> = vms.values().filter(|r| r.state.is_live()).collect();
         // Disks of other VMs this one must not share, compared as files (a path resolved as
         // root, here, could be a tenant's hung mount).
@@ -349,7 +349,12 @@ impl Daemon {
                     .flatten()
                     .map(|o| o.path.as_path())
                     .collect();
-                if let Some(mine) = vm.disks.iter().find(|d| theirs.contains(&d.path.as_path())) {
+                if let Some(mine) = vm
+                    .vm
+                    .disks
+                    .iter()
+                    .find(|d| theirs.contains(&d.path.as_path()))
+                {
                     return Err(ServeError::DiskInUse(mine.path.clone()));
                 }
             }
@@ -358,6 +363,7 @@ impl Daemon {
                 .find(|d| other.disks.iter().any(|o| o.clashes(d)))
             {
                 let path = vm
+                    .vm
                     .disks
                     .get(disks.iter().position(|x| x == d).unwrap_or(0))
                     .map(|c| c.path.clone())
@@ -392,7 +398,7 @@ impl Daemon {
         }
         // The VM's series exist before the answer: a scrape right after create finds them.
         let mut shape = vm.clone();
-        shape.vm_id = id.clone();
+        shape.process.vm_id = id.clone();
         if let Err(e) = crate::supervisor::write_initial_metrics(&shape, &paths.metrics()) {
             let _ = std::fs::remove_dir_all(&paths.dir);
             return Err(ServeError::Prepare {
@@ -428,8 +434,8 @@ impl Daemon {
             pid_start: pid.and_then(crate::procfs::start_time),
             started: vms::now_rfc3339(),
             exit: None,
-            vcpus: vm.vcpus,
-            mem_mib: vm.mem_mib,
+            vcpus: vm.vm.vcpus,
+            mem_mib: vm.vm.mem_mib,
             config: resolved,
             disks,
             ended: None,
