@@ -253,7 +253,8 @@ fn wait_running(h: &Host, tenant: &str, id: &str) {
             &format!("/v1/vms/{id}/report"),
             None,
         ));
-        let threads = bulkhead::api::serve::report::confined_threads(&r);
+        let threads = serde_json::from_value::<bulkhead::api::serve::report::Report>(r.clone())
+            .map_or(0, |r| r.confined_threads());
         if threads >= 2 {
             return;
         }

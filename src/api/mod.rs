@@ -7,7 +7,8 @@
 //! - [`audit`]: `bulkhead audit`, which runs a daemon of its own and writes the isolation
 //!   evidence bundle;
 //! - [`launch`]: how a front end starts, watches and reaps a `bulkhead run` supervisor;
-//! - [`client`]: the HTTP client `bulkhead ctl` and `bulkhead audit` speak to a daemon with.
+//! - [`client`]: the HTTP client `bulkhead ctl` and `bulkhead audit` speak to a daemon with;
+//! - [`markdown`]: the table writer reports are rendered for people with.
 //!
 //! Imports go one way: `audit` uses `serve` and `client`; `serve` and `firecracker` use
 //! `launch`; none of them uses another front end.
@@ -16,4 +17,5 @@ pub mod audit;
 pub mod client;
 pub mod firecracker;
 pub mod launch;
+pub mod markdown;
 pub mod serve;

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::{io, EvidenceError, ATTACKS, TENANT_A, TENANT_B};
 use crate::api::client::{self, Answer, ClientError};
+use crate::api::serve::report::Report;
 use crate::jail::privileges;
 
 /// The synthetic host: its directory, its config and its daemon.
@@ -190,7 +191,8 @@ pub(super) fn wait_running(h: &Host, tenant: (&str, u32), id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let report = get(h, tenant, &format!("/v1/vms/{id}/report"));
-        let threads = crate::api::serve::report::confined_threads(&report);
+        let threads =
+            serde_json::from_value::<Report>(report.clone()).map_or(0, |r| r.confined_threads());
         if threads >= 2 || report["state"] != "running" || Instant::now() > deadline {
             return report;
         }

@@ -12,7 +12,10 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::api::markdown;
 use sha2::{Digest, Sha256};
 
 mod checks;
@@ -79,71 +82,100 @@ pub fn run(out: &Path, guests: &Path) -> Result<bool, EvidenceError> {
         .map_err(io("copying the audit log to", &audit_copy))?;
     let passed = checks.iter().all(|c| c.pass);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let bundle = json!({
-        "standard": "ISO/IEC 27017:2015 CLD.9.5.1 segregation in virtual computing environments",
-        "started": humantime::format_rfc3339_seconds(started).to_string(),
-        "finished": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        "bulkhead_version": env!("CARGO_PKG_VERSION"),
-        "host": crate::supervisor::hostname(),
-        "host_kernel": kernel.trim(),
-        "daemon_config_sha256": format!("{:x}", Sha256::digest(host.config_text.as_bytes())),
-        "daemon_config": serde_json::from_str::<Value>(&host.config_text).unwrap_or(Value::Null),
-        "passed": passed,
-        "checks": checks.iter().map(|c| json!({
-            "id": c.id, "planes": c.planes, "claim": c.claim,
-            "result": if c.pass { "pass" } else { "fail" }, "evidence": c.evidence,
-        })).collect::<Vec<_>>(),
-    });
+    let bundle = Bundle {
+        standard: STANDARD,
+        started: humantime::format_rfc3339_seconds(started).to_string(),
+        finished: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        bulkhead_version: env!("CARGO_PKG_VERSION"),
+        host: crate::supervisor::hostname(),
+        host_kernel: kernel.trim().to_string(),
+        daemon_config_sha256: format!("{:x}", Sha256::digest(host.config_text.as_bytes())),
+        daemon_config: serde_json::from_str::<Value>(&host.config_text).unwrap_or(Value::Null),
+        passed,
+        checks: checks
+            .iter()
+            .map(|c| CheckRecord {
+                id: c.id,
+                planes: c.planes,
+                claim: c.claim,
+                result: if c.pass { "pass" } else { "fail" },
+                evidence: &c.evidence,
+            })
+            .collect(),
+    };
     let json_path = out.join("audit.json");
     let text = serde_json::to_string_pretty(&bundle).unwrap_or_default();
     std::fs::write(&json_path, text).map_err(io("writing", &json_path))?;
     let md_path = out.join("audit.md");
-    std::fs::write(&md_path, markdown(&bundle)).map_err(io("writing", &md_path))?;
+    std::fs::write(&md_path, bundle.markdown()).map_err(io("writing", &md_path))?;
     Ok(passed)
 }
 
-/// The bundle as Markdown: a summary table by plane, then each check's evidence.
-pub fn markdown(bundle: &Value) -> String {
-    let mut out = format!(
-        "# bulkhead isolation audit\n\n{}\n\n- run: {} to {}\n- bulkhead {} on {} (kernel {})\n- daemon config SHA-256: `{}`\n- result: **{}**\n\n",
-        bundle["standard"].as_str().unwrap_or(""),
-        bundle["started"].as_str().unwrap_or(""),
-        bundle["finished"].as_str().unwrap_or(""),
-        bundle["bulkhead_version"].as_str().unwrap_or(""),
-        bundle["host"].as_str().unwrap_or(""),
-        bundle["host_kernel"].as_str().unwrap_or(""),
-        bundle["daemon_config_sha256"].as_str().unwrap_or(""),
-        if bundle["passed"] == json!(true) { "every check passed" } else { "CHECKS FAILED" },
-    );
-    out.push_str("| check | planes | result | claim |\n|---|---|---|---|\n");
-    let checks = bundle["checks"].as_array().cloned().unwrap_or_default();
-    for c in &checks {
-        let planes: Vec<&str> = c["planes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        out.push_str(&format!(
-            "| `{}` | {} | {} | {} |\n",
-            c["id"].as_str().unwrap_or(""),
-            planes.join(", "),
-            if c["result"] == "pass" {
-                "pass"
-            } else {
-                "**FAIL**"
-            },
-            c["claim"].as_str().unwrap_or(""),
-        ));
+const STANDARD: &str = "ISO/IEC 27017:2015 CLD.9.5.1 segregation in virtual computing environments";
+
+/// The evidence bundle, as `audit.json` holds it.
+#[derive(Debug, Serialize)]
+struct Bundle<'a> {
+    standard: &'static str,
+    started: String,
+    finished: String,
+    bulkhead_version: &'static str,
+    host: String,
+    host_kernel: String,
+    daemon_config_sha256: String,
+    daemon_config: Value,
+    passed: bool,
+    checks: Vec<CheckRecord<'a>>,
+}
+
+/// One check's record in the bundle.
+#[derive(Debug, Serialize)]
+struct CheckRecord<'a> {
+    id: &'static str,
+    planes: &'static [&'static str],
+    claim: &'static str,
+    /// `pass` or `fail`.
+    result: &'static str,
+    evidence: &'a Value,
+}
+
+impl Bundle<'_> {
+    /// The bundle as Markdown: a summary table by plane, then each check's evidence.
+    fn markdown(&self) -> String {
+        let mut out = format!(
+            "# bulkhead isolation audit\n\n{}\n\n- run: {} to {}\n- bulkhead {} on {} (kernel {})\n- daemon config SHA-256: `{}`\n- result: **{}**\n\n",
+            self.standard,
+            self.started,
+            self.finished,
+            self.bulkhead_version,
+            self.host,
+            self.host_kernel,
+            self.daemon_config_sha256,
+            if self.passed { "every check passed" } else { "CHECKS FAILED" },
+        );
+        let rows = self.checks.iter().map(|c| {
+            vec![
+                format!("`{}`", c.id),
+                c.planes.join(", "),
+                if c.result == "pass" {
+                    "pass"
+                } else {
+                    "**FAIL**"
+                }
+                .to_string(),
+                markdown::cell(c.claim),
+            ]
+        });
+        markdown::table(&mut out, &["check", "planes", "result", "claim"], rows);
+        out.push_str("\n## Evidence\n");
+        for c in &self.checks {
+            out.push_str(&format!(
+                "\n### `{}`: {}\n\n```json\n{}\n```\n",
+                c.id,
+                c.result,
+                serde_json::to_string_pretty(c.evidence).unwrap_or_default()
+            ));
+        }
+        out
     }
-    out.push_str("\n## Evidence\n");
-    for c in &checks {
-        out.push_str(&format!(
-            "\n### `{}`: {}\n\n```json\n{}\n```\n",
-            c["id"].as_str().unwrap_or(""),
-            c["result"].as_str().unwrap_or(""),
-            serde_json::to_string_pretty(&c["evidence"]).unwrap_or_default()
-        ));
-    }
-    out
 }

@@ -8,19 +8,83 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use serde::{Deserialize, Serialize};
+
 use super::registry::Daemon;
-use super::vms::{self, VmRecord};
+use super::vms::{self, VmRecord, VmState};
+use crate::api::markdown;
 use crate::config::RawConfig;
 use crate::procfs::{self, ProcStatus};
 
 const SECCOMP_FACT: &str = "every thread is in seccomp filter mode";
 
-fn fact(what: &str, how: &str, value: Value, ok: Option<bool>) -> Value {
-    let mut f = json!({ "fact": what, "how": how, "value": value });
-    if let Some(ok) = ok {
-        f["ok"] = json!(ok);
+/// How the daemon knows a fact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum How {
+    /// From the VM's settings, as the daemon gave them.
+    Claimed,
+    /// Read from the kernel: /proc, cgroup files.
+    Observed,
+    /// Checked by the daemon against the other VMs and the host.
+    Tested,
+}
+
+/// One fact, and whether it holds (none for a fact that is only stated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fact {
+    pub fact: String,
+    pub how: How,
+    pub value: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
+}
+
+/// The facts of each plane ISO/IEC 27017 CLD.9.5.1 asks about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Planes {
+    pub memory: Vec<Fact>,
+    pub compute: Vec<Fact>,
+    pub storage: Vec<Fact>,
+    pub network: Vec<Fact>,
+    pub vsock: Vec<Fact>,
+    pub management: Vec<Fact>,
+}
+
+impl Planes {
+    fn each(&self) -> [(&'static str, &[Fact]); 6] {
+        [
+            ("memory", &self.memory),
+            ("compute", &self.compute),
+            ("storage", &self.storage),
+            ("network", &self.network),
+            ("vsock", &self.vsock),
+            ("management", &self.management),
+        ]
     }
-    f
+}
+
+/// A VM's isolation report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub vm: String,
+    pub tenant: String,
+    pub state: VmState,
+    /// RFC 3339, UTC.
+    pub generated: String,
+    /// The bulkhead version that made it.
+    pub bulkhead: String,
+    pub failed_checks: usize,
+    pub planes: Planes,
+}
+
+fn fact(what: &str, how: How, value: Value, ok: Option<bool>) -> Fact {
+    Fact {
+        fact: what.to_string(),
+        how,
+        value,
+        ok,
+    }
 }
 
 /// The mappings of guest RAM: the VM process's writable anonymous mappings made with
@@ -112,7 +176,7 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 }
 
 /// The report for `r`, as JSON.
-pub fn build(d: &Daemon, r: &VmRecord) -> Value {
+pub fn build(d: &Daemon, r: &VmRecord) -> Report {
     let cfg = &r.config;
     let vm_pid = r
         .pid
@@ -126,18 +190,18 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
     let mut memory = vec![
         fact(
             "guest RAM",
-            "claimed",
+            How::Claimed,
             json!(format!("{} MiB", r.mem_mib)),
             None,
         ),
         fact(
             "memslots, as the builder registers them (one per RAM region, no other)",
-            "claimed",
+            How::Claimed,
             json!(memslots),
             None,
         ),
     ];
-    let mut compute = vec![fact("vCPUs", "claimed", json!(r.vcpus), None)];
+    let mut compute = vec![fact("vCPUs", How::Claimed, json!(r.vcpus), None)];
     let mut network = vec![];
     if let Some(pid) = vm_pid {
         let ram = guest_memory(pid);
@@ -149,7 +213,7 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
         let unmerged = ram.iter().all(|m| m["mergeable"] == json!(false));
         memory.push(fact(
             "guest RAM backing: private anonymous memory (no file, no inode), never merged, left out of core dumps",
-            "observed",
+            How::Observed,
             json!(ram),
             Some(private && unmerged),
         ));
@@ -162,7 +226,7 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
             .unwrap_or(0);
         memory.push(fact(
             "no other process maps it: private anonymous memory is shared only with a fork, and the VM process is alone in its pid namespace",
-            "tested",
+            How::Tested,
             json!({ "processes_in_pid_namespace": alone }),
             Some(private && alone == 1),
         ));
@@ -183,7 +247,7 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
         let all_filtered = !threads.is_empty() && threads.iter().all(|t| t["seccomp"] == "2");
         compute.push(fact(
             SECCOMP_FACT,
-            "observed",
+            How::Observed,
             json!(threads),
             Some(all_filtered),
         ));
@@ -202,7 +266,7 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
             && field("NoNewPrivs") == "1";
         compute.push(fact(
             "the VM process is not root, holds no capability and can gain none",
-            "observed",
+            How::Observed,
             creds,
             Some(unprivileged),
         ));
@@ -216,11 +280,16 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
         }
         compute.push(fact(
             "namespaces of its own (not the host's)",
-            "observed",
+            How::Observed,
             Value::Object(spaces),
             Some(separate),
         ));
-        compute.push(fact("cgroup limits", "observed", cgroup_limits(pid), None));
+        compute.push(fact(
+            "cgroup limits",
+            How::Observed,
+            cgroup_limits(pid),
+            None,
+        ));
         let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap_or_default();
         let ifaces: Vec<String> = dev
             .lines()
@@ -230,12 +299,17 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
             .collect();
         network.push(fact(
             "network interfaces in the VM process's namespace",
-            "observed",
+            How::Observed,
             json!(ifaces),
             Some(ifaces.iter().all(|i| i == "lo")),
         ));
     } else {
-        compute.push(fact("VM process", "observed", json!("not running"), None));
+        compute.push(fact(
+            "VM process",
+            How::Observed,
+            json!("not running"),
+            None,
+        ));
     }
 
     // Storage: each disk, its backing file, and that no other live VM has it writable.
@@ -260,7 +334,7 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
             .collect();
         storage.push(fact(
             &format!("disk {}", disk.path.display()),
-            "claimed",
+            How::Claimed,
             json!({ "read_only": disk.read_only, "id": disk.id }),
             None,
         ));
@@ -269,16 +343,16 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
                 "disk {}: no other VM has this file writable",
                 disk.path.display()
             ),
-            "tested",
+            How::Tested,
             json!({ "dev_inode": id, "shared_with": shared_writable.len() }),
             Some(id.is_some() && shared_writable.is_empty()),
         ));
     }
     if storage.is_empty() {
-        storage.push(fact("disks", "claimed", json!([]), None));
+        storage.push(fact("disks", How::Claimed, json!([]), None));
     }
     if cfg.nets.as_ref().map_or(true, |n| n.is_empty()) {
-        network.push(fact("network devices", "claimed", json!([]), None));
+        network.push(fact("network devices", How::Claimed, json!([]), None));
     }
 
     let mut vsock = Vec::new();
@@ -287,110 +361,156 @@ pub fn build(d: &Daemon, r: &VmRecord) -> Value {
         let host: PathBuf = jail_root
             .join(crate::jail::vm::SOCKET_DIR.trim_start_matches('/'))
             .join(v.uds.file_name().unwrap_or_default());
-        vsock.push(fact("guest CID", "claimed", json!(v.cid), None));
+        vsock.push(fact("guest CID", How::Claimed, json!(v.cid), None));
         // Hybrid vsock: the host side of a VM's vsock is its sockets, not its CID, so a CID
         // need not be unique; what keeps VMs apart is where their sockets are.
         vsock.push(fact(
             "the host reaches this guest only through its own sockets (the CID addresses nothing on the host)",
-            "claimed",
+            How::Claimed,
             json!({"host_side": "unix sockets", "cid": v.cid}),
             None,
         ));
         vsock.push(fact(
             "its sockets (PATH and PATH_PORT) are in its own jail directory, which no other VM sees",
-            "tested",
+            How::Tested,
             json!(host),
             Some(host.starts_with(&jail_root) && (!r.state.is_live() || host.exists())),
         ));
     } else {
-        vsock.push(fact("vsock", "claimed", json!(null), None));
+        vsock.push(fact("vsock", How::Claimed, json!(null), None));
     }
 
     let tenant = d.config.tenants.get(&r.tenant);
     let management = vec![
         fact(
             "who may act on this VM: members of its tenant, through the tenant's socket",
-            "claimed",
+            How::Claimed,
             json!({ "tenant": r.tenant, "uids": tenant.map(|t| t.uids.clone()) }),
             None,
         ),
         fact(
             "admins, through the admin socket, only with a reason that is audited and alerted",
-            "claimed",
+            How::Claimed,
             json!({ "admins": d.config.admins }),
             None,
         ),
     ];
-    let all: Vec<&Value> = memory
+    let planes = Planes {
+        memory,
+        compute,
+        storage,
+        network,
+        vsock,
+        management,
+    };
+    let failed_checks = planes
+        .each()
         .iter()
-        .chain(&compute)
-        .chain(&storage)
-        .chain(&network)
-        .chain(&vsock)
-        .chain(&management)
-        .collect();
-    let failed = all.iter().filter(|f| f["ok"] == json!(false)).count();
-    json!({
-        "vm": r.id,
-        "tenant": r.tenant,
-        "state": r.state,
-        "generated": vms::now_rfc3339(),
-        "bulkhead": env!("CARGO_PKG_VERSION"),
-        "failed_checks": failed,
-        "planes": {
-            "memory": memory, "compute": compute, "storage": storage,
-            "network": network, "vsock": vsock, "management": management,
-        },
-    })
-}
-
-/// The number of threads a report saw, if every one of them is under seccomp (else 0): how
-/// a caller tells that a VM process is jailed and running.
-pub fn confined_threads(report: &Value) -> usize {
-    report["planes"]["compute"]
-        .as_array()
-        .and_then(|c| c.iter().find(|f| f["fact"] == SECCOMP_FACT))
-        .filter(|f| f["ok"] == json!(true))
-        .and_then(|f| f["value"].as_array().map(Vec::len))
-        .unwrap_or(0)
-}
-
-/// The report as Markdown: one table per plane.
-pub fn markdown(report: &Value) -> String {
-    let mut out = format!(
-        "# Isolation report: VM {} (tenant {})\n\nGenerated {} by bulkhead {}; state {}; {} failed checks.\n",
-        report["vm"].as_str().unwrap_or(""),
-        report["tenant"].as_str().unwrap_or(""),
-        report["generated"].as_str().unwrap_or(""),
-        report["bulkhead"].as_str().unwrap_or(""),
-        report["state"].as_str().unwrap_or(""),
-        report["failed_checks"],
-    );
-    for plane in [
-        "memory",
-        "compute",
-        "storage",
-        "network",
-        "vsock",
-        "management",
-    ] {
-        out.push_str(&format!(
-            "\n## {plane}\n\n| fact | how | value | ok |\n|---|---|---|---|\n"
-        ));
-        for f in report["planes"][plane].as_array().into_iter().flatten() {
-            let ok = match f.get("ok") {
-                Some(Value::Bool(true)) => "yes",
-                Some(Value::Bool(false)) => "**NO**",
-                _ => "",
-            };
-            let value = f["value"].to_string().replace('|', "\\|");
-            out.push_str(&format!(
-                "| {} | {} | `{}` | {ok} |\n",
-                f["fact"].as_str().unwrap_or(""),
-                f["how"].as_str().unwrap_or(""),
-                value
-            ));
-        }
+        .flat_map(|(_, facts)| facts.iter())
+        .filter(|f| f.ok == Some(false))
+        .count();
+    Report {
+        vm: r.id.clone(),
+        tenant: r.tenant.clone(),
+        state: r.state,
+        generated: vms::now_rfc3339(),
+        bulkhead: env!("CARGO_PKG_VERSION").to_string(),
+        failed_checks,
+        planes,
     }
-    out
+}
+
+impl Report {
+    /// The number of threads the report saw, if every one of them is under seccomp (else 0):
+    /// how a caller tells that a VM process is jailed and running.
+    pub fn confined_threads(&self) -> usize {
+        self.planes
+            .compute
+            .iter()
+            .find(|f| f.fact == SECCOMP_FACT)
+            .filter(|f| f.ok == Some(true))
+            .and_then(|f| f.value.as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+
+    /// The report as Markdown: one table per plane.
+    pub fn markdown(&self) -> String {
+        let mut out = format!(
+            "# Isolation report: VM {} (tenant {})\n\nGenerated {} by bulkhead {}; state {}; {} failed checks.\n",
+            self.vm,
+            self.tenant,
+            self.generated,
+            self.bulkhead,
+            serde_json::to_value(self.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            self.failed_checks,
+        );
+        for (plane, facts) in self.planes.each() {
+            out.push_str(&format!("\n## {plane}\n\n"));
+            let rows = facts.iter().map(|f| {
+                let ok = match f.ok {
+                    Some(true) => "yes",
+                    Some(false) => "**NO**",
+                    None => "",
+                };
+                let how = serde_json::to_value(f.how)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                vec![
+                    markdown::cell(&f.fact),
+                    how,
+                    format!("`{}`", markdown::cell(&f.value.to_string())),
+                    ok.to_string(),
+                ]
+            });
+            markdown::table(&mut out, &["fact", "how", "value", "ok"], rows);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_renders_each_plane_as_a_table_and_marks_what_fails() {
+        let facts = |ok| vec![fact("a | b", How::Tested, json!({"x": "y|z"}), ok)];
+        let report = Report {
+            vm: "vm1".into(),
+            tenant: "acme".into(),
+            state: VmState::Running,
+            generated: "2026-12-05T00:00:00Z".into(),
+            bulkhead: "0.1.0".into(),
+            failed_checks: 1,
+            planes: Planes {
+                memory: facts(Some(false)),
+                compute: facts(Some(true)),
+                storage: facts(None),
+                network: vec![],
+                vsock: vec![],
+                management: vec![],
+            },
+        };
+        let md = report.markdown();
+        assert!(
+            md.starts_with("# Isolation report: VM vm1 (tenant acme)\n"),
+            "{md}"
+        );
+        assert!(md.contains("state running; 1 failed checks"), "{md}");
+        assert!(
+            md.contains("## memory\n\n| fact | how | value | ok |\n|---|---|---|---|\n| a \\| b | tested | `{\"x\":\"y\\|z\"}` | **NO** |\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| tested | `{\"x\":\"y\\|z\"}` | yes |"),
+            "{md}"
+        );
+        // What a client reads back is the same report.
+        let text = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<Report>(&text).unwrap(), report);
+    }
 }

@@ -230,10 +230,10 @@ fn report(d: &Arc<Daemon>, r: &VmRecord, query: Option<&str>) -> Reply {
         Reply::text(
             200,
             "text/markdown; charset=utf-8",
-            super::report::markdown(&report).into_bytes(),
+            report.markdown().into_bytes(),
         )
     } else {
-        Reply::json(200, report)
+        Reply::json(200, serde_json::to_value(&report).unwrap_or(Value::Null))
     }
 }
 
