@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use super::audit_log::{AuditError, AuditLog, Record, Recovered};
+use super::audit_log::{AuditError, AuditLog, DaemonAction, Record, Recovered};
 use super::error::ServeError;
 use super::quota;
 use super::vms::{self, DiskId, VmExit, VmPaths, VmRecord, VmState};
@@ -166,16 +166,14 @@ impl Daemon {
                 ],
             ),
         };
-        self.audit(Record {
-            uid: 0,
-            pid: i32::try_from(std::process::id()).unwrap_or(0),
-            tenant: None,
-            method: "RECOVER".into(),
-            path: self.config.audit_log.display().to_string(),
-            vm: None,
-            outcome: 200,
-            reason: Some(reason.clone()),
-        })?;
+        self.audit(Record::of_daemon(
+            DaemonAction::Recover,
+            None,
+            self.config.audit_log.display().to_string(),
+            None,
+            200,
+            reason.clone(),
+        ))?;
         self.alert(
             Rule::ManagementAuditRecovered,
             "",
@@ -277,18 +275,14 @@ impl Daemon {
         let excess = exited.len().saturating_sub(keep as usize);
         for (_, id) in exited.into_iter().take(excess) {
             self.forget(&id);
-            let _ = self.audit(Record {
-                uid: 0,
-                pid: i32::try_from(std::process::id()).unwrap_or(0),
-                tenant: Some(tenant.to_string()),
-                method: "REAP".into(),
-                path: format!("/v1/vms/{id}"),
-                vm: Some(id.clone()),
-                outcome: 204,
-                reason: Some(format!(
-                    "tenant {tenant} keeps at most {keep} exited VMs; the oldest went"
-                )),
-            });
+            let _ = self.audit(Record::of_daemon(
+                DaemonAction::Reap,
+                Some(tenant.to_string()),
+                format!("/v1/vms/{id}"),
+                Some(id.clone()),
+                204,
+                format!("tenant {tenant} keeps at most {keep} exited VMs; the oldest went"),
+            ));
         }
     }
 

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use super::audit_log::Record;
+use super::audit_log::{DaemonAction, Record};
 use super::error::ServeError;
 use super::exposition::Listener;
 use super::http::{
@@ -357,18 +357,16 @@ async fn audit_refusals(daemon: Arc<Daemon>, tenant: String, budget: SharedBudge
         let d = daemon.clone();
         let tenant = tenant.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            d.audit(Record {
-                uid: 0,
-                pid: 0,
-                tenant: Some(tenant.clone()),
-                method: "RATE_LIMITED".into(),
-                path: String::new(),
-                vm: None,
-                outcome: 429,
-                reason: Some(format!(
+            d.audit(Record::of_daemon(
+                DaemonAction::RateLimited,
+                Some(tenant.clone()),
+                String::new(),
+                None,
+                429,
+                format!(
                     "{refused} request(s) past tenant {tenant}'s limit of {rate} a second (burst {burst}) were refused"
-                )),
-            })
+                ),
+            ))
         })
         .await;
     }

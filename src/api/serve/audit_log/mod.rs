@@ -65,6 +65,51 @@ pub struct Record {
     pub reason: Option<String>,
 }
 
+/// What the daemon does of its own accord, audited as a request of uid 0 would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonAction {
+    /// Dealt with an unfinished last line of this log at start.
+    Recover,
+    /// Removed an exited VM past its tenant's `max_exited_vms`.
+    Reap,
+    /// Refused requests past a tenant socket's rate (one line a second for all of them).
+    RateLimited,
+}
+
+impl DaemonAction {
+    /// The `method` its line carries.
+    pub fn method(self) -> &'static str {
+        match self {
+            DaemonAction::Recover => "RECOVER",
+            DaemonAction::Reap => "REAP",
+            DaemonAction::RateLimited => "RATE_LIMITED",
+        }
+    }
+}
+
+impl Record {
+    /// The line for something the daemon did itself: uid 0, the daemon's pid.
+    pub fn of_daemon(
+        action: DaemonAction,
+        tenant: Option<String>,
+        path: String,
+        vm: Option<String>,
+        outcome: u16,
+        reason: String,
+    ) -> Record {
+        Record {
+            uid: 0,
+            pid: i32::try_from(std::process::id()).unwrap_or(0),
+            tenant,
+            method: action.method().to_string(),
+            path,
+            vm,
+            outcome,
+            reason: Some(reason),
+        }
+    }
+}
+
 /// Where a chain breaks: the 1-based line number and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {problem}")]
