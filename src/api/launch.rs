@@ -46,8 +46,8 @@ pub struct Launch<'a> {
     pub no_seccomp: bool,
     /// Descriptors the supervisor gets at fixed numbers: (this process's, the supervisor's).
     pub inherit: Vec<(RawFd, RawFd)>,
-    /// Where its standard output and error go (standard input is /dev/null); this process's
-    /// own when None.
+    /// Where its standard output and error go (standard input is then /dev/null); this
+    /// process's own stdio when None.
     pub output: Option<File>,
     /// In a process group of its own, so a signal meant for the front end's group (Ctrl-C, a
     /// stop of its unit with KillMode=process) does not reach it: the daemon's supervisors
@@ -79,8 +79,10 @@ impl Supervisor {
         if launch.no_seccomp {
             cmd.arg("--no-seccomp");
         }
-        cmd.stdin(Stdio::null());
         if let Some(out) = launch.output {
+            // Its own output, and no input. Without one, all three are the front end's (the
+            // personality's: in a jailer's chroot there may be no /dev/null to open).
+            cmd.stdin(Stdio::null());
             let err = out.try_clone().map_err(|source| LaunchError::Spawn {
                 exe: launch.exe.to_path_buf(),
                 source,
