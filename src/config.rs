@@ -48,7 +48,7 @@ const _: () = assert!(MAX_VIRTIO_DEVICES <= crate::telemetry::MAX_DEVICES);
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("invalid config file: {0}")]
-    Json(String),
+    Json(#[source] crate::Cause<serde_json::Error>),
     #[error("jail {what} 0: a jailed VM never runs as root")]
     JailRoot { what: &'static str },
     #[error("{0}: its name is the vsock socket's followed by _PORT, so the guest could reach it")]
@@ -80,7 +80,7 @@ pub enum ConfigError {
     #[error("the kernel command line contains a NUL byte")]
     CmdlineNul,
     #[error("no random source for a VM id: {0}")]
-    Random(String),
+    Random(#[source] crate::Cause<std::io::Error>),
     #[error("invalid --disk {0:?}: expected PATH[,ro][,id=NAME][,bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES]][,ops_size=N,ops_refill_time=MS[,ops_one_time_burst=N]]")]
     Disk(String),
     #[error("invalid rate limit for {device}: {why}")]
@@ -115,8 +115,8 @@ pub enum ConfigError {
     Timeout(u64),
     #[error("--metrics-file needs a path")]
     MetricsFile,
-    #[error("{0}")]
-    OnViolation(String),
+    #[error(transparent)]
+    OnViolation(#[from] crate::telemetry::policy::UnknownPolicy),
     #[error("invalid --irqchip {0:?}: expected split or full")]
     IrqChip(String),
 }
@@ -309,9 +309,9 @@ pub fn random_vm_id() -> Result<String, ConfigError> {
     // that many bytes.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), GRND_INSECURE) };
     if usize::try_from(n).ok() != Some(bytes.len()) {
-        return Err(ConfigError::Random(
-            std::io::Error::last_os_error().to_string(),
-        ));
+        return Err(ConfigError::Random(crate::Cause::new(
+            std::io::Error::last_os_error(),
+        )));
     }
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -422,7 +422,9 @@ mod tests {
     #[test]
     fn unknown_json_field_is_refused() {
         let err = RawConfig::from_json(r#"{"kernel":"a","vcpu":2}"#).unwrap_err();
-        assert!(matches!(err, ConfigError::Json(m) if m.contains("unknown field `vcpu`")));
+        assert!(
+            matches!(err, ConfigError::Json(m) if m.to_string().contains("unknown field `vcpu`"))
+        );
     }
 
     #[test]

@@ -33,6 +33,43 @@ pub use builder::{build_vm, BuildError};
 pub use config::{ConfigError, RawConfig, VmConfig};
 pub use exit::VmExitReason;
 
+/// An underlying error kept as the source of an error that must compare equal (settings errors
+/// are compared in tests) or be cloned: two are equal when their messages are.
+#[derive(Debug)]
+pub struct Cause<E>(pub std::sync::Arc<E>);
+
+impl<E> Clone for Cause<E> {
+    fn clone(&self) -> Cause<E> {
+        Cause(self.0.clone())
+    }
+}
+
+impl<E> Cause<E> {
+    pub fn new(e: E) -> Cause<E> {
+        Cause(std::sync::Arc::new(e))
+    }
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for Cause<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for Cause<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl<E: std::fmt::Display> PartialEq for Cause<E> {
+    fn eq(&self, other: &Cause<E>) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl<E: std::fmt::Display> Eq for Cause<E> {}
+
 /// An error and its sources, joined into one clear line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

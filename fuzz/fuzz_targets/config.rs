@@ -29,21 +29,21 @@ fuzz_target!(|data: &[u8]| {
     let Ok(config) = VmConfig::from_raw(raw, 4096) else {
         return;
     };
-    assert!((1..=255).contains(&config.vcpus), "{} vCPUs", config.vcpus);
-    assert!(config.mem_mib <= 4096, "{} MiB", config.mem_mib);
-    assert!(!config.cmdline.contains('\0'));
-    for (i, d) in config.disks.iter().enumerate() {
-        assert!(config.disks[..i]
+    assert!((1..=255).contains(&config.vm.vcpus), "{} vCPUs", config.vm.vcpus);
+    assert!(config.vm.mem_mib <= 4096, "{} MiB", config.vm.mem_mib);
+    assert!(!config.vm.cmdline.contains('\0'));
+    for (i, d) in config.vm.disks.iter().enumerate() {
+        assert!(config.vm.disks[..i]
             .iter()
             .all(|o| o.id != d.id && o.path != d.path));
     }
-    for (i, n) in config.nets.iter().enumerate() {
-        assert!(config.nets[..i]
+    for (i, n) in config.vm.nets.iter().enumerate() {
+        assert!(config.vm.nets[..i]
             .iter()
             .all(|o| o.tap != n.tap && o.mac != n.mac));
         assert!(n.mac[0] & 1 == 0, "a multicast MAC");
     }
-    if let Some(v) = &config.vsock {
+    if let Some(v) = &config.vm.vsock {
         assert!(v.cid > 2 && v.cid < u64::from(u32::MAX));
     }
 });

@@ -98,7 +98,7 @@ pub struct PinnedFile {
 impl RawConfig {
     /// Parses the text of a JSON config file. Unknown fields are errors.
     pub fn from_json(text: &str) -> Result<RawConfig, ConfigError> {
-        serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))
+        serde_json::from_str(text).map_err(|e| ConfigError::Json(crate::Cause::new(e)))
     }
 
     /// The settings as a JSON config file holds them: what a front end writes for the

@@ -15,7 +15,7 @@ use super::{id_chars_ok, MAX_ID_LEN};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServeConfigError {
     #[error("serve config: {0}")]
-    Json(String),
+    Json(#[source] crate::Cause<serde_json::Error>),
     #[error("serve config: {field} {path:?} must be an absolute path without `..`")]
     Path { field: String, path: PathBuf },
     #[error("serve config: `admins` is empty: nobody could use the admin socket")]
@@ -150,7 +150,7 @@ pub struct ServeConfig {
 impl ServeConfig {
     pub fn from_json(text: &str) -> Result<ServeConfig, ServeConfigError> {
         let raw: RawServe =
-            serde_json::from_str(text).map_err(|e| ServeConfigError::Json(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| ServeConfigError::Json(crate::Cause::new(e)))?;
         for (field, path) in [
             ("run_dir", &raw.run_dir),
             ("state_dir", &raw.state_dir),
@@ -398,11 +398,11 @@ mod tests {
     fn unknown_fields_are_refused_at_both_levels() {
         assert!(matches!(
             with(|v| v["listen"] = "x".into()),
-            Err(ServeConfigError::Json(e)) if e.contains("unknown field `listen`")
+            Err(ServeConfigError::Json(e)) if e.to_string().contains("unknown field `listen`")
         ));
         assert!(matches!(
             with(|v| v["tenants"]["acme"]["max_disks"] = 3.into()),
-            Err(ServeConfigError::Json(e)) if e.contains("unknown field `max_disks`")
+            Err(ServeConfigError::Json(e)) if e.to_string().contains("unknown field `max_disks`")
         ));
     }
 

@@ -41,17 +41,20 @@ impl OnViolation {
     }
 }
 
+/// An `--on-violation` that names no policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid --on-violation {0:?}: expected log, reset-device or stop-vm")]
+pub struct UnknownPolicy(pub String);
+
 impl std::str::FromStr for OnViolation {
-    type Err = String;
+    type Err = UnknownPolicy;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "log" => Ok(OnViolation::Log),
             "reset-device" => Ok(OnViolation::ResetDevice),
             "stop-vm" => Ok(OnViolation::StopVm),
-            _ => Err(format!(
-                "invalid --on-violation {s:?}: expected log, reset-device or stop-vm"
-            )),
+            _ => Err(UnknownPolicy(s.to_string())),
         }
     }
 }
