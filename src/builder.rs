@@ -181,7 +181,8 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     if let Some(lock) = after_open {
         lock().map_err(BuildError::AfterOpen)?;
     }
-    let guest_memory = memory::create_guest_memory(config.vm.mem_bytes())?;
+    let guest_memory =
+        memory::create_guest_memory(config.vm.mem_bytes(), memory::Backing::Private)?;
     let vm = Vm::new(&kvm, guest_memory, config.vm.irqchip)?;
     if !vm.msrs_filtered() {
         log::warn!("this KVM can not filter MSRs to user space: msr_probe alerts are off");

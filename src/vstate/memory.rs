@@ -10,10 +10,16 @@
 //! It was a sealed memfd before; a Linux guest in the nested lane booted about 10% slower on
 //! it (shmem's fault path against anonymous memory's), and the seals guarded nothing an
 //! anonymous mapping exposes.
+//!
+//! A vhost-user backend (virtiofsd, for a virtio-fs share) must map guest RAM itself, so a VM
+//! with one gets [`Backing::Shared`]: one memfd for all of RAM, mapped shared, sealed against
+//! shrinking and growing (a backend given the descriptor can not truncate it under the VMM),
+//! with the same dump, fork and merge advice. Only such a VM pays shmem's fault path, and its
+//! isolation report says which backing it has.
 
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 
 use crate::arch::x86_64::layout;
@@ -32,6 +38,12 @@ pub enum MemoryError {
     Region(u64),
     #[error("guest RAM regions overlap: {0}")]
     Collection(#[from] vm_memory::GuestRegionCollectionError),
+    #[error("{what} for shared guest RAM failed: {source}")]
+    Memfd {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("madvise({advice}) on guest RAM failed: {source}")]
     Madvise {
         advice: &'static str,
@@ -40,28 +52,83 @@ pub enum MemoryError {
     },
 }
 
+/// What guest RAM is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Private anonymous memory: no descriptor exists through which another process could
+    /// map it.
+    #[default]
+    Private,
+    /// A sealed memfd mapped shared, whose descriptor a vhost-user backend is given.
+    Shared,
+}
+
 /// Creates `mem_bytes` of zeroed guest RAM laid out around the MMIO gap.
-pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create_guest_memory(
+    mem_bytes: u64,
+    backing: Backing,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let memfd = match backing {
+        Backing::Private => None,
+        Backing::Shared => Some(std::sync::Arc::new(sealed_memfd(mem_bytes)?)),
+    };
     let mut regions = Vec::new();
+    let mut offset = 0u64;
     for (guest_addr, size) in layout::ram_regions(mem_bytes) {
         let len = usize::try_from(size).map_err(|_| MemoryError::Region(guest_addr))?;
-        let mapping = MmapRegion::build(
-            None,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-        )
-        .map_err(|source| MemoryError::Map {
-            addr: guest_addr,
-            size,
-            source,
-        })?;
+        let (file, flags) = match &memfd {
+            None => (
+                None,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            ),
+            Some(fd) => (
+                Some(FileOffset::from_arc(fd.clone(), offset)),
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            ),
+        };
+        offset += size;
+        let mapping = MmapRegion::build(file, len, libc::PROT_READ | libc::PROT_WRITE, flags)
+            .map_err(|source| MemoryError::Map {
+                addr: guest_addr,
+                size,
+                source,
+            })?;
         advise(mapping.as_ptr(), len)?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(guest_addr))
             .ok_or(MemoryError::Region(guest_addr))?;
         regions.push(region);
     }
     Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// One memfd of `bytes`, sealed against shrinking, growing and further seals.
+fn sealed_memfd(bytes: u64) -> Result<std::fs::File, MemoryError> {
+    let fail = |what| {
+        let source = std::io::Error::last_os_error();
+        move || MemoryError::Memfd { what, source }
+    };
+    // SAFETY: memfd_create with a NUL-terminated name and flags; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"bulkhead-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(fail("memfd_create")());
+    }
+    // SAFETY: memfd_create returned a new descriptor this process now owns alone.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(bytes).map_err(|source| MemoryError::Memfd {
+        what: "ftruncate",
+        source,
+    })?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) on the memfd just made, with an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(fail("F_ADD_SEALS")());
+    }
+    Ok(file)
 }
 
 fn advise(addr: *mut u8, len: usize) -> Result<(), MemoryError> {
@@ -127,7 +194,7 @@ mod tests {
 
     #[test]
     fn guest_ram_is_zeroed_and_split_around_the_gap() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(64 << 20, Backing::Private).unwrap();
         assert_eq!(mem.num_regions(), 1);
         let mut buf = [0xffu8; 4096];
         for addr in [0u64, 0x10_0000, (64 << 20) - 4096] {
@@ -135,7 +202,7 @@ mod tests {
             assert!(buf.iter().all(|&b| b == 0));
         }
         // A big VM: only the address space is reserved (MAP_NORESERVE), nothing is touched.
-        let big = create_guest_memory((4 << 30) + (64 << 20)).unwrap();
+        let big = create_guest_memory((4 << 30) + (64 << 20), Backing::Private).unwrap();
         let regions = host_regions(&big);
         assert_eq!(regions.len(), 2);
         assert_eq!((regions[0].0, regions[0].1), (0, layout::MMIO_GAP_START));
@@ -147,7 +214,7 @@ mod tests {
 
     #[test]
     fn guest_ram_is_private_anonymous_undumpable_unforkable_and_not_mergeable() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = create_guest_memory(16 << 20, Backing::Private).unwrap();
         let host = host_regions(&mem)[0].2;
         let flags = smaps_flags_for(host).expect("mapping not found in smaps");
         let flags: Vec<&str> = flags.split_whitespace().collect();
@@ -159,6 +226,34 @@ mod tests {
                 !flags.contains(&unwanted),
                 "mapping has {unwanted} (shared or KSM-mergeable): {flags:?}"
             );
+        }
+    }
+
+    #[test]
+    fn shared_guest_ram_is_one_sealed_memfd_a_backend_sees_the_guests_writes_through() {
+        use std::os::unix::fs::FileExt;
+        let size = (4 << 30) + (16 << 20);
+        let mem = create_guest_memory(size, Backing::Shared).unwrap();
+        let regions: Vec<_> = mem.iter().collect();
+        assert_eq!(regions.len(), 2);
+        let (low, high) = (regions[0], regions[1]);
+        let low_fd = low.file_offset().expect("no file").file();
+        let high_fd = high.file_offset().expect("no file").file();
+        assert!(std::ptr::eq(low_fd, high_fd), "one memfd for all RAM");
+        assert_eq!(low.file_offset().unwrap().start(), 0);
+        assert_eq!(high.file_offset().unwrap().start(), low.len());
+        // What the guest writes high up is what a backend reads from the descriptor.
+        mem.write_slice(b"virtio-fs", GuestAddress(layout::MMIO_GAP_END))
+            .unwrap();
+        let mut seen = [0u8; 9];
+        low_fd.read_exact_at(&mut seen, low.len()).unwrap();
+        assert_eq!(&seen, b"virtio-fs");
+        // A backend given the descriptor can not shrink it under the VMM.
+        assert!(low_fd.set_len(4096).is_err());
+        let flags = smaps_flags_for(high.as_ptr() as u64).expect("mapping not in smaps");
+        let flags: Vec<&str> = flags.split_whitespace().collect();
+        for want in ["sh", "dd", "dc"] {
+            assert!(flags.contains(&want), "missing {want} in {flags:?}");
         }
     }
 }
