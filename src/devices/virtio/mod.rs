@@ -14,6 +14,7 @@ pub mod queue;
 pub mod rate_limiter;
 pub mod rng;
 pub mod shared;
+pub mod vhost_user;
 pub mod vsock;
 pub mod worker;
 
