@@ -5,7 +5,10 @@
 
 use std::fs::File;
 
-use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::telemetry::metrics::{ByteDirection, Family, Label, ReadSample};
 use crate::telemetry::{ExitKind, Exposition, RequestViolation, Violation};
@@ -19,8 +22,6 @@ pub(super) enum ApiGroup {
 }
 
 impl ApiGroup {
-    const ALL: [ApiGroup; 3] = [ApiGroup::Get, ApiGroup::Put, ApiGroup::Patch];
-
     fn of_method(method: &str) -> Option<ApiGroup> {
         match method {
             "GET" => Some(ApiGroup::Get),
@@ -108,6 +109,86 @@ pub(super) struct Devices {
     pub(super) nets: Vec<String>,
 }
 
+/// A Firecracker `vcpu` group.
+#[derive(Debug, Serialize)]
+struct VcpuGroup {
+    exit_io_in: u64,
+    exit_io_out: u64,
+    exit_mmio_read: u64,
+    exit_mmio_write: u64,
+    failures: u64,
+}
+
+/// A Firecracker `block` (or `block_<drive_id>`) group.
+#[derive(Debug, Serialize)]
+struct BlockGroup {
+    read_bytes: u64,
+    write_bytes: u64,
+    invalid_reqs_count: u64,
+    rate_limiter_throttled_events: u64,
+}
+
+/// A Firecracker `net` (or `net_<iface_id>`) group.
+#[derive(Debug, Serialize)]
+struct NetGroup {
+    rx_bytes_count: u64,
+    tx_bytes_count: u64,
+    tx_spoofed_mac_count: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct VsockGroup {
+    rx_bytes_count: u64,
+    tx_bytes_count: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct SeccompGroup {
+    num_faults: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct VmmGroup {
+    panic_count: u64,
+}
+
+/// One device's own group.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum DeviceGroup {
+    Block(BlockGroup),
+    Net(NetGroup),
+}
+
+/// One metrics line: Firecracker's groups for what has a counterpart in bulkhead, then
+/// bulkhead's own series and new alerts under their own keys.
+#[derive(Debug, Serialize)]
+struct Line {
+    utc_timestamp_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    properties: Option<Value>,
+    get_api_requests: BTreeMap<String, u64>,
+    put_api_requests: BTreeMap<String, u64>,
+    patch_api_requests: BTreeMap<String, u64>,
+    /// `block_<drive_id>` and `net_<iface_id>`.
+    #[serde(flatten)]
+    devices: BTreeMap<String, DeviceGroup>,
+    block: BlockGroup,
+    net: NetGroup,
+    vsock: VsockGroup,
+    vcpu: VcpuGroup,
+    seccomp: SeccompGroup,
+    vmm: VmmGroup,
+    bulkhead: BTreeMap<String, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bulkhead_series_omitted: Option<u64>,
+    bulkhead_alerts: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bulkhead_alerts_omitted: Option<u64>,
+}
+
 pub(super) fn metrics_line(
     sink: &mut MetricsSink,
     prom: &Exposition,
@@ -116,8 +197,9 @@ pub(super) fn metrics_line(
     api: &ApiCounts,
     devices: &Devices,
 ) -> Value {
+    let last = &mut sink.last;
     let mut delta = |key: &str, total: f64| -> u64 {
-        let before = sink.last.insert(key.to_string(), total).unwrap_or(0.0);
+        let before = last.insert(key.to_string(), total).unwrap_or(0.0);
         (total - before).max(0.0) as u64
     };
     // A device's series: every device of a kind (`virtio-blk`) or one (`virtio-blk0`).
@@ -134,13 +216,6 @@ pub(super) fn metrics_line(
             s.label(Label::Reason) == Some(kind.name())
         })
     };
-    let vcpu = json!({
-        "exit_io_in": delta("vcpu.io_in", exits(ExitKind::IoIn)),
-        "exit_io_out": delta("vcpu.io_out", exits(ExitKind::IoOut)),
-        "exit_mmio_read": delta("vcpu.mmio_read", exits(ExitKind::MmioRead)),
-        "exit_mmio_write": delta("vcpu.mmio_write", exits(ExitKind::MmioWrite)),
-        "failures": delta("vcpu.failures", prom.sum(Family::VcpuFailures, |_| true)),
-    });
     let bytes = |dev: &Dev, dir: ByteDirection| -> f64 {
         prom.sum(Family::VirtioBytes, |s| {
             of(s, dev) && s.label(Label::Direction) == Some(dir.name())
@@ -155,96 +230,73 @@ pub(super) fn metrics_line(
             of(s, dev) && s.label(Label::Reason) == Some(reason)
         })
     };
-    let (blk, net, vsock) = (
-        Dev::Kind("virtio-blk"),
-        Dev::Kind("virtio-net"),
-        Dev::Kind("virtio-vsock"),
-    );
-    let block = json!({
-        "read_bytes": delta("block.read", bytes(&blk, ByteDirection::ToGuest)),
-        "write_bytes": delta("block.write", bytes(&blk, ByteDirection::FromGuest)),
-        "invalid_reqs_count": delta("block.refused", refused(&blk)),
-        "rate_limiter_throttled_events": delta("block.throttled", throttled(&blk)),
-    });
-    let net_all = json!({
-        "rx_bytes_count": delta("net.rx", bytes(&net, ByteDirection::ToGuest)),
-        "tx_bytes_count": delta("net.tx", bytes(&net, ByteDirection::FromGuest)),
-        "tx_spoofed_mac_count": delta("net.spoof", spoofed(&net)),
-    });
-    let vsock = json!({
-        "rx_bytes_count": delta("vsock.rx", bytes(&vsock, ByteDirection::ToGuest)),
-        "tx_bytes_count": delta("vsock.tx", bytes(&vsock, ByteDirection::FromGuest)),
-    });
-    // Per device, as Firecracker's `block_<drive_id>` and `net_<iface_id>`.
-    let mut per_device = Vec::new();
+    // Each group's counters are deltas since the previous line, kept under `key`.
+    let mut block_group = |key: &str, dev: &Dev| BlockGroup {
+        read_bytes: delta(&format!("{key}.read"), bytes(dev, ByteDirection::ToGuest)),
+        write_bytes: delta(
+            &format!("{key}.write"),
+            bytes(dev, ByteDirection::FromGuest),
+        ),
+        invalid_reqs_count: delta(&format!("{key}.refused"), refused(dev)),
+        rate_limiter_throttled_events: delta(&format!("{key}.throttled"), throttled(dev)),
+    };
+    let mut groups = BTreeMap::new();
+    let block = block_group("block", &Dev::Kind("virtio-blk"));
     for (i, drive) in devices.drives.iter().enumerate() {
         let name = format!("virtio-blk{i}");
-        let dev = Dev::One(&name);
-        per_device.push((
-            format!("block_{drive}"),
-            json!({
-                "read_bytes": delta(&format!("{name}.read"), bytes(&dev, ByteDirection::ToGuest)),
-                "write_bytes": delta(&format!("{name}.write"), bytes(&dev, ByteDirection::FromGuest)),
-                "rate_limiter_throttled_events": delta(&format!("{name}.throttled"), throttled(&dev)),
-                "invalid_reqs_count": delta(&format!("{name}.refused"), refused(&dev)),
-            }),
-        ));
+        let group = block_group(&name, &Dev::One(&name));
+        groups.insert(format!("block_{drive}"), DeviceGroup::Block(group));
     }
+    let mut net_group = |key: &str, dev: &Dev| NetGroup {
+        rx_bytes_count: delta(&format!("{key}.rx"), bytes(dev, ByteDirection::ToGuest)),
+        tx_bytes_count: delta(&format!("{key}.tx"), bytes(dev, ByteDirection::FromGuest)),
+        tx_spoofed_mac_count: delta(&format!("{key}.spoof"), spoofed(dev)),
+    };
+    let net = net_group("net", &Dev::Kind("virtio-net"));
     for (i, iface) in devices.nets.iter().enumerate() {
         let name = format!("virtio-net{i}");
-        let dev = Dev::One(&name);
-        per_device.push((
-            format!("net_{iface}"),
-            json!({
-                "rx_bytes_count": delta(&format!("{name}.rx"), bytes(&dev, ByteDirection::ToGuest)),
-                "tx_bytes_count": delta(&format!("{name}.tx"), bytes(&dev, ByteDirection::FromGuest)),
-                "tx_spoofed_mac_count": delta(&format!("{name}.spoof"), spoofed(&dev)),
-            }),
-        ));
+        let group = net_group(&name, &Dev::One(&name));
+        groups.insert(format!("net_{iface}"), DeviceGroup::Net(group));
     }
-    let vmm = json!({ "panic_count": delta("vmm.panics", prom.sum(Family::VmmPanics, |_| true)) });
-    let seccomp_faults = prom.sum(Family::VmExit, |s| {
-        s.label(Label::Reason) == Some(crate::supervisor::EXIT_SECCOMP_VIOLATION)
-    });
-    let mut line = serde_json::Map::new();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    line.insert("utc_timestamp_ms".into(), json!(now_ms));
-    if sink.emit_id {
-        line.insert("id".into(), json!(id));
-    }
-    if let Some(p) = &sink.properties {
-        line.insert("properties".into(), p.clone());
-    }
-    for group in ApiGroup::ALL {
-        let mut g = serde_json::Map::new();
-        for ((_, field), &total) in api.iter().filter(|((g, _), _)| *g == group) {
-            // Counts since the previous line, as Firecracker reports them.
-            let key = format!("api.{}.{field}", group.name());
-            let total = total as f64;
-            let before = sink.last.insert(key, total).unwrap_or(0.0);
-            g.insert(field.clone(), json!((total - before).max(0.0) as u64));
-        }
-        line.insert(group.name().into(), Value::Object(g));
-    }
-    for (key, group) in per_device {
-        line.insert(key, group);
-    }
-    line.insert("block".into(), block);
-    line.insert("net".into(), net_all);
-    line.insert("vsock".into(), vsock);
-    line.insert("vcpu".into(), vcpu);
-    line.insert(
-        "seccomp".into(),
-        json!({ "num_faults": seccomp_faults as u64 }),
+    let vsock_dev = Dev::Kind("virtio-vsock");
+    let vsock = VsockGroup {
+        rx_bytes_count: delta("vsock.rx", bytes(&vsock_dev, ByteDirection::ToGuest)),
+        tx_bytes_count: delta("vsock.tx", bytes(&vsock_dev, ByteDirection::FromGuest)),
+    };
+    let vcpu = VcpuGroup {
+        exit_io_in: delta("vcpu.io_in", exits(ExitKind::IoIn)),
+        exit_io_out: delta("vcpu.io_out", exits(ExitKind::IoOut)),
+        exit_mmio_read: delta("vcpu.mmio_read", exits(ExitKind::MmioRead)),
+        exit_mmio_write: delta("vcpu.mmio_write", exits(ExitKind::MmioWrite)),
+        failures: delta("vcpu.failures", prom.sum(Family::VcpuFailures, |_| true)),
+    };
+    let vmm = VmmGroup {
+        panic_count: delta("vmm.panics", prom.sum(Family::VmmPanics, |_| true)),
+    };
+    let seccomp = SeccompGroup {
+        num_faults: prom.sum(Family::VmExit, |s| {
+            s.label(Label::Reason) == Some(crate::supervisor::EXIT_SECCOMP_VIOLATION)
+        }) as u64,
+    };
+    let mut api_group = |group: ApiGroup| -> BTreeMap<String, u64> {
+        api.iter()
+            .filter(|((g, _), _)| *g == group)
+            .map(|((_, field), &total)| {
+                // Counts since the previous line, as Firecracker reports them.
+                let key = format!("api.{}.{field}", group.name());
+                (field.clone(), delta(&key, total as f64))
+            })
+            .collect()
+    };
+    let (get, put, patch) = (
+        api_group(ApiGroup::Get),
+        api_group(ApiGroup::Put),
+        api_group(ApiGroup::Patch),
     );
-    line.insert("vmm".into(), vmm);
     // bulkhead's own series that are not zero: all of them (every refusal reason of every
-    // device) would not fit a line Kata's reader takes.
-    // At most half a line of them (a guest can make many series non-zero); how many did
-    // not fit is said.
-    let mut series = serde_json::Map::new();
+    // device) would not fit a line Kata's reader takes. At most half a line of them (a guest
+    // can make many series non-zero); how many did not fit is said.
+    let mut series = BTreeMap::new();
     let mut room = MAX_LINE / 2;
     let mut omitted = 0u64;
     for sample in prom.samples.iter().filter(|s| s.value != 0.0) {
@@ -255,16 +307,32 @@ pub(super) fn metrics_line(
             continue;
         }
         room -= len;
-        series.insert(key, json!(sample.value));
+        series.insert(key, sample.value);
     }
-    line.insert("bulkhead".into(), Value::Object(series));
-    if omitted > 0 {
-        line.insert("bulkhead_series_omitted".into(), json!(omitted));
-    }
+    let mut line = Line {
+        utc_timestamp_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        id: sink.emit_id.then(|| id.to_string()),
+        properties: sink.properties.clone(),
+        get_api_requests: get,
+        put_api_requests: put,
+        patch_api_requests: patch,
+        devices: groups,
+        block,
+        net,
+        vsock,
+        vcpu,
+        seccomp,
+        vmm,
+        bulkhead: series,
+        bulkhead_series_omitted: (omitted > 0).then_some(omitted),
+        bulkhead_alerts: Vec::new(),
+        bulkhead_alerts_omitted: None,
+    };
     // New alerts, as many as fit; the rest go in the next line. One too large for any line
     // is passed over (it is in the alerts file) and counted.
-    let mut size = Value::Object(line.clone()).to_string().len();
-    let mut new_alerts = Vec::new();
+    let mut size = serde_json::to_string(&line).map_or(MAX_LINE, |t| t.len());
     let mut too_large = 0u64;
     for alert in alerts.iter().skip(sink.alerts_sent) {
         let len = alert.to_string().len() + 1;
@@ -278,13 +346,10 @@ pub(super) fn metrics_line(
         }
         size += len;
         sink.alerts_sent += 1;
-        new_alerts.push(alert.clone());
+        line.bulkhead_alerts.push(alert.clone());
     }
-    line.insert("bulkhead_alerts".into(), json!(new_alerts));
-    if too_large > 0 {
-        line.insert("bulkhead_alerts_omitted".into(), json!(too_large));
-    }
-    Value::Object(line)
+    line.bulkhead_alerts_omitted = (too_large > 0).then_some(too_large);
+    serde_json::to_value(&line).unwrap_or(Value::Null)
 }
 
 /// The longest metrics line written: Kata's Go runtime reads the metrics FIFO with a
@@ -295,6 +360,7 @@ pub const MAX_LINE: usize = 60 << 10;
 mod tests {
     use super::*;
     use crate::telemetry::{MetricsSnapshot, Region, RequestViolation, SupervisorFacts, VmCounter};
+    use serde_json::json;
 
     /// A sink that writes nowhere and has sent nothing yet.
     fn test_sink() -> MetricsSink {
@@ -346,6 +412,21 @@ mod tests {
         assert_eq!(line["net_eth0"]["tx_spoofed_mac_count"], 2, "{line}");
         assert_eq!(line["vcpu"]["failures"], 1, "{line}");
         assert_eq!(line["vmm"]["panic_count"], 1, "{line}");
+        // Every group Firecracker's readers look for is there, and nothing is left empty.
+        for key in [
+            "utc_timestamp_ms",
+            "get_api_requests",
+            "put_api_requests",
+            "patch_api_requests",
+            "vsock",
+            "bulkhead",
+            "bulkhead_alerts",
+        ] {
+            assert!(line.get(key).is_some(), "no {key}: {line}");
+        }
+        assert_eq!(line["seccomp"]["num_faults"], 0, "{line}");
+        assert_eq!(line["vsock"]["rx_bytes_count"], 0, "{line}");
+        assert!(line.get("id").is_none(), "an id nobody asked for: {line}");
         // Firecracker's counters are deltas: nothing new, all zero.
         let again = metrics_line(&mut sink, &text, &[], "vm-1", &ApiCounts::new(), &devices);
         assert_eq!(again["net"]["tx_spoofed_mac_count"], 0, "{again}");
