@@ -8,7 +8,7 @@
 //! plain `waitpid` of that one pid.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -193,10 +193,5 @@ impl Supervisor {
     /// Kills and reaps it.
     pub fn kill(self) {
         process::kill_and_reap(self.pid);
-    }
-
-    /// The descriptor that becomes readable when it ends.
-    pub fn pidfd(&self) -> RawFd {
-        self.pidfd.as_raw_fd()
     }
 }
