@@ -3,11 +3,12 @@
 //! 1. open the kernel, initrd and disk files and the taps, so bad input is reported before
 //!    anything else;
 //! 2. open KVM and check it;
-//! 3. create this VM's own memory;
+//! 3. create this VM's own memory: private anonymous memory, or with shares one sealed memfd
+//!    mapped shared, which the shares' backends map too;
 //! 4. create the VM (memslots, irqchip, PIT);
 //! 5. attach devices: legacy ports (serial, i8042, bulkhead's own, and with ACPI the power
-//!    registers and pvpanic), then virtio-mmio (disks, network devices, vsock, rng), each with
-//!    its ioeventfds and irqfd;
+//!    registers and pvpanic), then virtio-mmio (disks, network devices, vsock, rng, shares),
+//!    each with its ioeventfds and irqfd;
 //! 6. load kernel, initrd and command line; write the boot tables: ACPI (devices are announced
 //!    there, and on the command line only when asked or without ACPI), the MP table, the reset
 //!    vector;
@@ -30,9 +31,11 @@ use crate::devices::legacy::{
     SerialPort, I8042,
 };
 use crate::devices::virtio::block::{self, BlockError, Disk};
+use crate::devices::virtio::fs::{self, FsError};
 use crate::devices::virtio::net::{Net, NetQueues, Tap, TapError};
 use crate::devices::virtio::rate_limiter::{RateLimiter, TokenBucket};
 use crate::devices::virtio::rng::{Rng, RngQueue};
+use crate::devices::virtio::vhost_user::{Backend, VhostUserError};
 use crate::devices::virtio::vsock::{Vsock, VsockBackend, VsockError, VsockQueues};
 use crate::devices::virtio::{
     mmio, DeviceShared, MmioTransport, QueueHandler, VirtioDevice, VirtioWorker,
@@ -81,6 +84,16 @@ pub enum BuildError {
     Vsock(#[from] VsockError),
     #[error("cannot take the vsock connection broker: {0}")]
     Broker(#[source] std::io::Error),
+    #[error("share {tag}: {source}")]
+    Share {
+        tag: String,
+        #[source]
+        source: VhostUserError,
+    },
+    #[error("share {0}: the supervisor handed over no backend for it")]
+    ShareBackend(String),
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::RegionError),
     #[error("cannot open console file {path}: {source}")]
@@ -124,6 +137,8 @@ pub struct BuildEnv {
     /// The supervisor's vsock connection broker: guest connections to host ports go through
     /// it, so the VM process never calls `connect`.
     pub broker: Option<std::os::fd::OwnedFd>,
+    /// Each share's vhost-user backend, connected by the supervisor, in share order.
+    pub shares: Vec<std::os::fd::OwnedFd>,
 }
 
 /// What [`BuildEnv::after_open`] runs.
@@ -138,6 +153,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         after_open,
         control,
         broker,
+        shares,
     } = env;
     let mut kernel_file =
         BootFile::open_with("kernel", &config.vm.kernel, config.process.no_follow)?;
@@ -176,13 +192,31 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         }
         None => None,
     };
+    let mut share_sockets = shares.into_iter();
+    let mut backends = Vec::with_capacity(config.vm.shares.len());
+    for share in &config.vm.shares {
+        let socket = share_sockets
+            .next()
+            .ok_or_else(|| BuildError::ShareBackend(share.tag.clone()))?;
+        let stream = std::os::unix::net::UnixStream::from(socket);
+        let backend = Backend::over(stream, fs::QUEUES).map_err(|source| BuildError::Share {
+            tag: share.tag.clone(),
+            source,
+        })?;
+        backends.push((share.tag.as_str(), backend));
+    }
     let kvm = kvm::open_kvm(&config.process.kvm_device)?;
     kvm::check_vcpu_limit(&kvm, config.vm.vcpus)?;
     if let Some(lock) = after_open {
         lock().map_err(BuildError::AfterOpen)?;
     }
-    let guest_memory =
-        memory::create_guest_memory(config.vm.mem_bytes(), memory::Backing::Private)?;
+    // A share's backend maps guest RAM itself; nothing else may.
+    let backing = if backends.is_empty() {
+        memory::Backing::Private
+    } else {
+        memory::Backing::Shared
+    };
+    let guest_memory = memory::create_guest_memory(config.vm.mem_bytes(), backing)?;
     let vm = Vm::new(&kvm, guest_memory, config.vm.irqchip)?;
     if !vm.msrs_filtered() {
         log::warn!("this KVM can not filter MSRs to user space: msr_probe alerts are off");
@@ -264,6 +298,11 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     if config.vm.rng {
         let queue = RngQueue::with_limiter(limiter(config.vm.rng_rate_limiter));
         virtio.attach(&vm, Box::new(Rng), Box::new(queue))?;
+    }
+    for (tag, backend) in backends {
+        let (device, queues) = fs::split(tag, backend)?;
+        log::debug!("virtio-fs: tag {tag}");
+        virtio.attach(&vm, Box::new(device), Box::new(queues))?;
     }
 
     if config.vm.irqchip == IrqChip::Split {
@@ -397,6 +436,15 @@ impl VirtioBus {
             Some(r) => DeviceTelemetry::new(r.clone(), u16::try_from(index).unwrap_or(u16::MAX)),
             None => DeviceTelemetry::detached().map_err(BuildError::Telemetry)?,
         };
+        let backend_evt_error = |source| BuildError::EventFd {
+            what: "a vhost-user backend",
+            source,
+        };
+        let backend_irq = if handler.served_elsewhere() {
+            Some(irq_evt.try_clone().map_err(backend_evt_error)?)
+        } else {
+            None
+        };
         let shared = Arc::new(DeviceShared::new(
             name,
             irq_evt,
@@ -414,6 +462,13 @@ impl VirtioBus {
                 source,
             })?);
             queue_evts.push(evt);
+        }
+        let mut handler = handler;
+        if let Some(irq) = backend_irq {
+            handler
+                .take_eventfds(&queue_evts, &irq)
+                .map_err(backend_evt_error)?;
+            shared.interrupt.set_raised_elsewhere();
         }
         let mem = vm.memory().clone();
         let transport =

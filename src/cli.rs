@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use bulkhead::config::{RateLimiterConfig, RawDisk, RawJail, RawNet, RawVsock};
+use bulkhead::config::{RateLimiterConfig, RawDisk, RawJail, RawNet, RawShare, RawVsock};
 use bulkhead::test_hooks::TestHook;
 use bulkhead::RawConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -216,6 +216,16 @@ pub struct RunArgs {
     /// [default: 32, which allows 102 connections of 320 KiB each].
     #[arg(long, value_name = "cid=N,uds=PATH[,buffer_mib=MIB]")]
     pub vsock: Option<RawVsock>,
+    /// Share a host directory with the guest over virtio-fs (repeatable); the guest mounts it
+    /// with `mount -t virtiofs TAG DIR`. Read-only unless `rw` is given. Each share is served
+    /// by a virtiofsd the supervisor starts in its own sandbox; guest RAM is then a shared
+    /// memfd that virtiofsd maps.
+    #[arg(long = "share", value_name = "DIR:TAG[,ro|,rw]")]
+    pub shares: Vec<RawShare>,
+    /// The virtiofsd program for --share [default: virtiofsd on PATH, then
+    /// /usr/libexec/virtiofsd].
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]
     pub no_rng: bool,
@@ -297,6 +307,8 @@ impl RunArgs {
             disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
             vsock: self.vsock.clone(),
+            shares: (!self.shares.is_empty()).then(|| self.shares.clone()),
+            virtiofsd: self.virtiofsd.clone(),
             rng: self.no_rng.then_some(false),
             rng_rate_limiter: self.rng_limit,
             acpi: self.no_acpi.then_some(false),

@@ -10,6 +10,7 @@ mod jail;
 mod limits;
 mod raw;
 pub mod serve;
+mod shares;
 mod spec;
 mod supervision;
 
@@ -18,6 +19,8 @@ use devices::{validate_disks, validate_nets, validate_vsock};
 pub use jail::{JailConfig, RawJail, DEFAULT_JAIL_DIR, MIN_FILE_SIZE_MIB};
 pub use limits::{RateLimiterConfig, TokenBucketConfig};
 pub use raw::{PinnedFile, RawConfig, ThreadNames};
+use shares::validate_shares;
+pub use shares::{is_share_tag, RawShare, ShareConfig, MAX_TAG_LEN};
 pub use spec::{ConsoleConfig, IrqChip, ProcessSpec, Quirks, VmConfig, VmSpec};
 pub use supervision::{AlertsTarget, HttpTarget, RawSupervision, Supervision, MAX_TIMEOUT_SECS};
 
@@ -83,6 +86,14 @@ pub enum ConfigError {
     Random(#[source] crate::Cause<std::io::Error>),
     #[error("invalid --disk {0:?}: expected PATH[,ro][,id=NAME][,bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES]][,ops_size=N,ops_refill_time=MS[,ops_one_time_burst=N]]")]
     Disk(String),
+    #[error("invalid --share {0:?}: expected DIR:TAG[,ro|,rw]")]
+    Share(String),
+    #[error("invalid share tag {0:?}: use 1 to {MAX_TAG_LEN} characters from A-Z a-z 0-9 . _ -")]
+    ShareTag(String),
+    #[error("two shares have the tag {0:?}; the guest tells shares apart by tag")]
+    DuplicateShareTag(String),
+    #[error("handover_fd and shares: a VM handed over to another process can not have a virtio-fs share")]
+    HandoverShares,
     #[error("invalid rate limit for {device}: {why}")]
     RateLimit { device: String, why: String },
     #[error("invalid disk id {0:?}: use 1 to {MAX_DISK_ID_LEN} characters from A-Z a-z 0-9 . _ -")]
@@ -169,6 +180,11 @@ impl VmConfig {
         let disks = validate_disks(raw.disks.unwrap_or_default())?;
         let nets = validate_nets(raw.nets.unwrap_or_default(), &vm_id)?;
         let vsock = validate_vsock(raw.vsock)?;
+        let shares = validate_shares(raw.shares.unwrap_or_default())?;
+        // The share's backend connection is handed to a forked VM process only.
+        if !shares.is_empty() && raw.handover_fd.is_some() {
+            return Err(ConfigError::HandoverShares);
+        }
         let rng = raw.rng.unwrap_or(true);
         let rng_rate_limiter = RateLimiterConfig::validate(raw.rng_rate_limiter, "virtio-rng")?;
         let acpi = raw.acpi.unwrap_or(true);
@@ -226,7 +242,11 @@ impl VmConfig {
         // A jail follows no symlink anywhere in these paths; outside one, when asked.
         let no_follow = raw.no_follow.unwrap_or(false) || jail.is_some();
         let firecracker_names = raw.thread_names == Some(ThreadNames::Firecracker);
-        let devices = disks.len() + nets.len() + usize::from(vsock.is_some()) + usize::from(rng);
+        let devices = disks.len()
+            + nets.len()
+            + usize::from(vsock.is_some())
+            + usize::from(rng)
+            + shares.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -244,6 +264,7 @@ impl VmConfig {
                 vsock,
                 rng,
                 rng_rate_limiter,
+                shares,
                 acpi,
                 cmdline_devices,
                 irqchip,
@@ -259,6 +280,7 @@ impl VmConfig {
                 handover_fd: raw.handover_fd.filter(|fd| *fd > 2),
                 no_follow,
                 pinned_files: raw.pinned_files.unwrap_or_default(),
+                virtiofsd: raw.virtiofsd,
             },
             quirks: Quirks {
                 firecracker_names,
@@ -275,7 +297,7 @@ pub fn is_disk_id(id: &str) -> bool {
     id_chars_ok(id, MAX_DISK_ID_LEN)
 }
 
-fn id_chars_ok(value: &str, max: usize) -> bool {
+pub(crate) fn id_chars_ok(value: &str, max: usize) -> bool {
     !value.is_empty()
         && value.len() <= max
         && value

@@ -85,13 +85,15 @@ fn count_panics(region: Arc<Region>) {
 }
 
 /// The sockets the VM process gets from its supervisor besides stdio: the front end's control
-/// channel, and the vsock connection broker.
+/// channel, the vsock connection broker, and each share's connected backend.
 #[derive(Debug, Default)]
 pub struct Channels {
     pub control: Option<OwnedFd>,
     pub broker: Option<OwnedFd>,
     /// The supervisor's life pipe, for a VM process the supervisor did not fork.
     pub lifeline: Option<OwnedFd>,
+    /// Each share's vhost-user backend (its virtiofsd), connected, in share order.
+    pub shares: Vec<OwnedFd>,
 }
 
 /// Builds and runs the VM; returns the process's exit status. `region` is the supervisor's
@@ -163,6 +165,7 @@ pub fn run(
         after_open,
         control: channels.control,
         broker: channels.broker,
+        shares: channels.shares,
     };
 
     let vmm = match build_vm(config, env) {
@@ -242,6 +245,7 @@ pub fn run_handed(config: &VmConfig, parts: Parts, socket: UnixDatagram) -> i32 
         control,
         broker,
         lifeline: Some(life),
+        shares: Vec::new(),
     };
     let own = run(
         config,

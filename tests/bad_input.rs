@@ -354,3 +354,57 @@ fn no_follow_refuses_a_kernel_or_disk_that_is_a_symlink() {
         "disk-link.img",
     );
 }
+
+/// Each bad share is refused before any backend or VM process starts, with a message naming
+/// the share and what is wrong with it. No KVM is needed: the supervisor checks shares first.
+#[test]
+fn bad_shares_are_refused_with_the_share_named_before_anything_starts() {
+    let dir = scratch("bad-shares");
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let link = dir.join("link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    let kernel = guest("hello");
+    let kernel = kernel.to_str().unwrap();
+    let file_share = format!("{}:t", file.display());
+    let long_tag = format!("{}:{}", dir.display(), "t".repeat(37));
+    let link_share = format!("{}:t", link.display());
+    let dir_share = format!("{}:t", dir.display());
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["--share", "/nonexistent/dir:t"],
+            "share t: /nonexistent/dir: No such file",
+        ),
+        (&["--share", &file_share], "is not a directory"),
+        (&["--share", &long_tag], "invalid share tag"),
+        (&["--share", "/proc/self:t"], "the host's /proc"),
+        (&["--share", "/srv"], "invalid --share \"/srv\""),
+        (
+            &["--share", &dir_share, "--virtiofsd", "/nonexistent/virtiofsd"],
+            "the virtiofsd /nonexistent/virtiofsd given can not be run",
+        ),
+        (
+            &["--share", &dir_share, "--share", &dir_share],
+            "two shares have the tag \"t\"",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["run", "--kernel", kernel];
+        args.extend_from_slice(extra);
+        assert_refused(&bulkhead(&args), needle);
+    }
+    // A share reached through a symlink is refused under --no-follow (what a jail implies).
+    let run = bulkhead(&["run", "--kernel", kernel, "--no-follow", "--share", &link_share]);
+    assert_refused(&run, "leads through a symlink");
+    // With no virtiofsd anywhere the message names the package to install.
+    let run = common::command_with_limit(
+        std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .env("PATH", "/nonexistent")
+            .args(["run", "--kernel", kernel, "--share", &dir_share]),
+        std::time::Duration::from_secs(30),
+    );
+    if !std::path::Path::new("/usr/libexec/virtiofsd").exists() {
+        assert_refused(&run, "install Debian's virtiofsd package");
+    }
+}

@@ -172,6 +172,49 @@ fn linux_guest_keeps_synced_ext4_data_on_virtio_blk_across_a_killed_vmm_and_read
     );
 }
 
+/// Run inside L1 by the share lane test: $1 bulkhead, $2 kernel, $3 initramfs. A read-only and
+/// a read-write share: the guest reads one, writes the other, and fails to write the first.
+const SHARE_LANE_SCRIPT: &str = r#"
+bulkhead=$1 kernel=$2 initramfs=$3
+mkdir -p /tmp/ro /tmp/rw
+echo host-ro-token > /tmp/ro/file
+"$bulkhead" run --metrics-file /tmp/share.prom --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --share /tmp/ro:hostro --share /tmp/rw:hostrw,rw --cmdline 'panic=-1 reboot=t -- sh -c "mkdir /ro /rw && mount -t virtiofs hostro /ro && mount -t virtiofs hostrw /rw && cat /ro/file && echo guest-wrote-$((6 * 7)) > /rw/out && if echo x > /ro/new; then echo RO-WRITE-$((1 + 1)); else echo guest-ro-write-refused; fi"'
+echo "lane: share boot status $?"
+echo "lane: host reads $(cat /tmp/rw/out)"
+test -e /tmp/ro/new && echo "lane: the read-only share was written"
+# Each backend ended with its VM and was reaped: no virtiofsd is left.
+pgrep virtiofsd && echo "lane: a virtiofsd outlived its VM"
+grep -v '^#' /tmp/share.prom | grep -E 'bulkhead_vm_exit|virtio-fs' | head -5
+"#;
+
+#[test]
+fn a_linux_guest_reads_a_read_only_share_writes_a_read_write_one_and_no_backend_outlives_it() {
+    let test =
+        "a_linux_guest_reads_a_read_only_share_writes_a_read_write_one_and_no_backend_outlives_it";
+    if !lane_available(test) {
+        return;
+    }
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("lane-share");
+    let (status, out) = lane_script(&dir, SHARE_LANE_SCRIPT, &[]);
+    assert_eq!(status, 0, "{out}");
+    for line in [
+        "host-ro-token",
+        "guest-ro-write-refused",
+        "lane: share boot status 0",
+        "lane: host reads guest-wrote-42",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    for line in [
+        "RO-WRITE-2",
+        "the read-only share was written",
+        "outlived its VM",
+    ] {
+        assert!(!out.contains(line), "{line:?} in:\n{out}");
+    }
+}
+
 /// Run inside L1 by the network lane test: $1 bulkhead, $2 kernel, $3 initramfs. In a network
 /// namespace of its own, bulkhead creates tap bhtap0; the guest (10.0.0.2) pings the tap's
 /// side (10.0.0.1), and then the tap's side pings the guest.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConfigError, RateLimiterConfig, RawDisk, RawJail, RawNet, RawVsock};
+use super::{ConfigError, RateLimiterConfig, RawDisk, RawJail, RawNet, RawShare, RawVsock};
 
 /// How the VM process names its vCPU threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -40,6 +40,11 @@ pub struct RawConfig {
     pub nets: Option<Vec<RawNet>>,
     /// The vsock device.
     pub vsock: Option<RawVsock>,
+    /// Host directories shared over virtio-fs, each served by a virtiofsd the supervisor
+    /// starts.
+    pub shares: Option<Vec<RawShare>>,
+    /// The virtiofsd program; by default `virtiofsd` on PATH, then /usr/libexec/virtiofsd.
+    pub virtiofsd: Option<PathBuf>,
     /// `false` leaves out the virtio-rng device.
     pub rng: Option<bool>,
     /// Limits on what the guest may draw from virtio-rng (Firecracker's entropy limiter).
@@ -124,6 +129,8 @@ impl RawConfig {
             disks: over.disks.or(self.disks),
             nets: over.nets.or(self.nets),
             vsock: over.vsock.or(self.vsock),
+            shares: over.shares.or(self.shares),
+            virtiofsd: over.virtiofsd.or(self.virtiofsd),
             rng: over.rng.or(self.rng),
             rng_rate_limiter: over.rng_rate_limiter.or(self.rng_rate_limiter),
             acpi: over.acpi.or(self.acpi),

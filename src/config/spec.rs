@@ -5,8 +5,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use super::{
-    ConfigError, DiskConfig, JailConfig, NetConfig, PinnedFile, RateLimiterConfig, Supervision,
-    VsockConfig,
+    ConfigError, DiskConfig, JailConfig, NetConfig, PinnedFile, RateLimiterConfig, ShareConfig,
+    Supervision, VsockConfig,
 };
 use crate::test_hooks::TestHook;
 
@@ -40,6 +40,9 @@ pub struct VmSpec {
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
     pub rng_rate_limiter: Option<RateLimiterConfig>,
+    /// Host directories shared over virtio-fs. Guest RAM is then a shared memfd, which each
+    /// share's virtiofsd maps; without shares it is private anonymous memory.
+    pub shares: Vec<ShareConfig>,
     /// ACPI tables in guest memory.
     pub acpi: bool,
     /// `virtio_mmio.device=` entries on the command line: when asked, when ACPI is off, or
@@ -67,6 +70,8 @@ pub struct ProcessSpec {
     pub no_follow: bool,
     /// Files a jail must find unchanged (see [`PinnedFile`]).
     pub pinned_files: Vec<PinnedFile>,
+    /// The virtiofsd program the shares' backends run, if not the one found by default.
+    pub virtiofsd: Option<PathBuf>,
 }
 
 /// Compatibility with what Firecracker's users expect.
@@ -145,12 +150,18 @@ impl VmSpec {
     }
 
     /// The virtio devices' names, in the order the guest finds them (and their telemetry slots
-    /// are numbered): disks, network devices, vsock, rng.
+    /// are numbered): disks, network devices, vsock, rng, shares.
     pub fn device_names(&self) -> Vec<String> {
         let disks = (0..self.disks.len()).map(|i| format!("virtio-blk{i}"));
         let nets = (0..self.nets.len()).map(|i| format!("virtio-net{i}"));
         let vsock = self.vsock.iter().map(|_| "virtio-vsock0".to_string());
         let rng = self.rng.then(|| "virtio-rng0".to_string());
-        disks.chain(nets).chain(vsock).chain(rng).collect()
+        let shares = (0..self.shares.len()).map(|i| format!("virtio-fs{i}"));
+        disks
+            .chain(nets)
+            .chain(vsock)
+            .chain(rng)
+            .chain(shares)
+            .collect()
     }
 }

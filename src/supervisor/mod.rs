@@ -9,6 +9,7 @@
 mod ending;
 mod http;
 mod outputs;
+mod shares;
 mod spawn;
 mod terminal;
 mod watch;
@@ -132,6 +133,21 @@ pub fn run(config: &VmConfig) -> i32 {
         Some((server, far)) => (Some(server), Some(far)),
         None => (None, None),
     };
+    // Each share's backend starts now, while this process is single-threaded (it forks).
+    let (backends, share_sockets) = match shares::Backends::start(config) {
+        Ok(started) => started,
+        Err(e) => {
+            log::error!("VM {}: {}", config.process.vm_id, crate::error_chain(&e));
+            if let Some(j) = jail.as_mut() {
+                j.remove();
+            }
+            return if e.is_bad_input() {
+                status::BAD_INPUT
+            } else {
+                status::RUNTIME_ERROR
+            };
+        }
+    };
     let spawned = match &handover {
         // The VM runs in the process at the socket's other end (config forbids a jail here).
         Some(socket) => spawn::hand_over(
@@ -147,8 +163,11 @@ pub fn run(config: &VmConfig) -> i32 {
             region,
             outputs.console.as_ref(),
             jail.as_ref(),
-            control,
-            broker_far,
+            spawn::Handed {
+                control,
+                broker: broker_far,
+                shares: share_sockets,
+            },
         ),
     };
     drop(handover);
@@ -201,6 +220,8 @@ pub fn run(config: &VmConfig) -> i32 {
     )
     .run();
     let end = watched.end;
+    // Each backend ends once the VM process's end of its socket has closed; reaped here.
+    drop(backends);
     if let Some(j) = jail.as_mut() {
         j.remove();
     }

@@ -52,6 +52,15 @@ pub enum SpawnError {
     Handover(#[from] crate::handover::HandoverError),
 }
 
+/// What the VM process is handed besides its own descriptors: the front end's control
+/// channel, the vsock broker's far end, and each share's connected backend.
+#[derive(Default)]
+pub struct Handed {
+    pub control: Option<OwnedFd>,
+    pub broker: Option<OwnedFd>,
+    pub shares: Vec<OwnedFd>,
+}
+
 /// The running VM process, as the supervisor holds it.
 pub struct VmProcess {
     pub pid: libc::pid_t,
@@ -78,9 +87,13 @@ pub fn spawn(
     (region, _memfd): (Region, OwnedFd),
     console: Option<&File>,
     jail: Option<&VmJail>,
-    control: Option<OwnedFd>,
-    broker: Option<OwnedFd>,
+    handed: Handed,
 ) -> Result<VmProcess, SpawnError> {
+    let Handed {
+        control,
+        broker,
+        shares,
+    } = handed;
     let config = jail.map_or(config, |j| &j.config);
     let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(SpawnError::Wake)?;
     let console_fd = console.map(AsRawFd::as_raw_fd);
@@ -106,21 +119,22 @@ pub fn spawn(
     }
     if pid == 0 {
         drop(life_write);
-        let control_fd = control.as_ref().map(AsRawFd::as_raw_fd);
-        let broker_fd = broker.as_ref().map(AsRawFd::as_raw_fd);
-        let kept = become_vm_process(
-            life_read,
-            console_fd,
-            wake.as_raw_fd(),
-            [control_fd, broker_fd],
-        );
+        let mut channel_fds = vec![
+            control.as_ref().map(AsRawFd::as_raw_fd),
+            broker.as_ref().map(AsRawFd::as_raw_fd),
+        ];
+        channel_fds.extend(shares.iter().map(|fd| Some(fd.as_raw_fd())));
+        let kept = become_vm_process(life_read, console_fd, wake.as_raw_fd(), &channel_fds);
         let status = match kept {
-            Ok((console, wake, life, [control, broker])) => {
+            Ok((console, wake, life, kept)) => {
                 let jailed = jail.map(|j| (j, life));
+                let mut kept = kept.into_iter();
+                let (control, broker) = (kept.next().flatten(), kept.next().flatten());
                 let channels = crate::vmproc::Channels {
                     control,
                     broker,
                     lifeline: None,
+                    shares: kept.flatten().collect(),
                 };
                 // A panic on the VMM thread ends here, never unwinding into the supervisor's
                 // frames this process was forked from (whose values are the supervisor's).
@@ -145,9 +159,11 @@ pub fn spawn(
             return Err(SpawnError::PidNamespace(e));
         }
     }
-    // The control channel and the broker's far end are the VM process's alone.
+    // The control channel, the broker's far end and the shares' sockets are the VM
+    // process's alone.
     drop(control);
     drop(broker);
+    drop(shares);
     Ok(VmProcess {
         pid,
         region,
@@ -241,18 +257,19 @@ fn life_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// What the VM process keeps: the console file, the wake eventfd, the life pipe, and the
-/// control channel and broker when there are.
-type Kept = (Option<File>, EventFd, OwnedFd, [Option<OwnedFd>; 2]);
+/// What the VM process keeps: the console file, the wake eventfd, the life pipe, and its
+/// channels (the control channel, the broker, the shares' sockets) that there are.
+type Kept = (Option<File>, EventFd, OwnedFd, Vec<Option<OwnedFd>>);
 
 /// In the child: dies with the supervisor, restores the signal mask, and keeps only the
 /// descriptors it needs (stdio, the console file, the wake eventfd and the life pipe, moved to
-/// 3, 4 and 5, and the control channel and broker when there are, at 6 and 7).
+/// 3, 4 and 5, then its channels when there are: the control channel at 6, the broker at 7,
+/// the shares' sockets from 8).
 fn become_vm_process(
     life: OwnedFd,
     console: Option<RawFd>,
     wake: RawFd,
-    channels: [Option<RawFd>; 2],
+    channels: &[Option<RawFd>],
 ) -> std::io::Result<Kept> {
     let check = |rc: libc::c_int| {
         if rc < 0 {
@@ -278,20 +295,25 @@ fn become_vm_process(
     // Move the two descriptors the VM process keeps out of the way of each other, then close
     // everything above them: the supervisor's signalfd, the region's memfd (the mapping stays),
     // its metrics and alert files.
+    // Copies go above every number they are then placed at, so placing one never closes
+    // another's copy.
+    let high_base = (CONTROL_FD + channels.len() as RawFd).max(10);
     // SAFETY: fcntl and dup2 on descriptors this process owns.
-    let wake_high = check(unsafe { libc::fcntl(wake, libc::F_DUPFD, 10) })?;
+    let wake_high = check(unsafe { libc::fcntl(wake, libc::F_DUPFD, high_base) })?;
     // SAFETY: as above.
-    let life_high = check(unsafe { libc::fcntl(life.as_raw_fd(), libc::F_DUPFD, 10) })?;
-    let mut channels_high = [None; 2];
+    let life_high = check(unsafe { libc::fcntl(life.as_raw_fd(), libc::F_DUPFD, high_base) })?;
+    let mut channels_high = vec![None; channels.len()];
     for (high, fd) in channels_high.iter_mut().zip(channels) {
         if let Some(fd) = fd {
             // SAFETY: as above.
-            *high = Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?);
+            *high = Some(check(unsafe {
+                libc::fcntl(*fd, libc::F_DUPFD, high_base)
+            })?);
         }
     }
     let console_high = match console {
         // SAFETY: as above.
-        Some(fd) => Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?),
+        Some(fd) => Some(check(unsafe { libc::fcntl(fd, libc::F_DUPFD, high_base) })?),
         None => None,
     };
     match console_high {
@@ -304,15 +326,19 @@ fn become_vm_process(
     check(unsafe { libc::dup2(wake_high, WAKE_FD) })?;
     // SAFETY: as above.
     check(unsafe { libc::dup2(life_high, LIFE_FD) })?;
-    for (high, at) in channels_high.iter().zip([CONTROL_FD, BROKER_FD]) {
+    for (high, at) in channels_high.iter().zip(CONTROL_FD..) {
         if let Some(fd) = high {
             // SAFETY: as above.
             check(unsafe { libc::dup2(*fd, at) })?;
         }
     }
+    let last = (CONTROL_FD..)
+        .zip(&channels_high)
+        .last()
+        .map_or(BROKER_FD, |(at, _)| at);
     // SAFETY: close_range closes descriptors only; nothing in this process uses the ones above
-    // BROKER_FD any more.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, BROKER_FD + 1, u32::MAX, 0) };
+    // its last channel any more.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, last.max(BROKER_FD) + 1, u32::MAX, 0) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -325,12 +351,9 @@ fn become_vm_process(
     std::mem::forget(life);
     // SAFETY: as above.
     let life = unsafe { OwnedFd::from_raw_fd(LIFE_FD) };
-    let mut kept = [None, None];
-    for ((slot, high), at) in kept
-        .iter_mut()
-        .zip(channels_high)
-        .zip([CONTROL_FD, BROKER_FD])
-    {
+    let mut kept: Vec<Option<OwnedFd>> = Vec::with_capacity(channels_high.len());
+    kept.resize_with(channels_high.len(), || None);
+    for ((slot, high), at) in kept.iter_mut().zip(channels_high).zip(CONTROL_FD..) {
         *slot = match high {
             // SAFETY: as above.
             Some(_) => Some(unsafe { OwnedFd::from_raw_fd(at) }),

@@ -340,6 +340,11 @@ fn daemon_field(raw: &RawConfig) -> Option<(&'static str, &'static str)> {
             "network devices are not offered through the daemon yet",
         ),
         (
+            raw.shares.is_some() || raw.virtiofsd.is_some(),
+            "shares",
+            "host directories are not shared through the daemon yet",
+        ),
+        (
             raw.control_fd.is_some(),
             "control_fd",
             "the control channel is the Firecracker personality's",

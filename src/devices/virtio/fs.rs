@@ -1,15 +1,32 @@
 //! virtio-fs (virtio 1.2 section 5.11), the register side: device id 26, a high-priority queue
 //! and one request queue, and a read-only config space holding the share's tag (what the guest
 //! mounts: `mount -t virtiofs TAG DIR`) and the number of request queues. The queues are
-//! served by the vhost-user backend ([`super::vhost_user`]), never by the VMM.
+//! served by the vhost-user backend ([`super::vhost_user`]), never by the VMM: the queue side
+//! here ([`FsQueues`]) only hands them to the backend when the driver starts the device and
+//! takes them back when it resets it.
+//!
+//! What the guest writes reaches the backend through the transport's checks (feature
+//! negotiation, status order, each ring inside RAM and not overlapping another) and nothing
+//! else: FUSE requests are the backend's to parse, in its own sandbox.
 
-use super::{read_config_bytes, VirtioDevice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::vhost_user::{Backend, BackendQueue};
+use super::{
+    read_config_bytes, ActivateError, QueueConfig, QueueContext, QueueHandler, VirtioDevice,
+};
+use crate::warn_limited;
 
 pub const VIRTIO_ID_FS: u32 = 26;
 /// The tag field's size in the config space; a shorter tag is NUL-padded.
-pub const TAG_LEN: usize = 36;
+pub const TAG_LEN: usize = crate::config::MAX_TAG_LEN;
 /// The high-priority queue, then one request queue.
 const QUEUE_SIZES: [u16; 2] = [1024, 1024];
+/// How many queues a share's backend serves.
+pub const QUEUES: usize = QUEUE_SIZES.len();
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// What the guest may be offered of the backend's features: the ring features the backend
@@ -23,27 +40,34 @@ pub enum FsError {
     Tag(String),
 }
 
-/// Whether `tag` may name a share: 1 to [`TAG_LEN`] characters a mount command line and a
-/// log line take as they are. The one rule for a tag.
-pub fn is_tag(tag: &str) -> bool {
-    (1..=TAG_LEN).contains(&tag.len())
-        && tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
 /// The register side of one share.
 #[derive(Debug)]
 pub struct Fs {
     /// The config space: the tag, NUL-padded, then `num_request_queues` (le32).
     config: [u8; TAG_LEN + 4],
     features: u64,
+    /// What the driver acked at its last start, for the queue side to tell the backend.
+    acked: Arc<AtomicU64>,
+}
+
+/// A share's two sides: the register side, and the queue side that hands the queues to
+/// `backend`.
+pub fn split(tag: &str, backend: Backend) -> Result<(Fs, FsQueues), FsError> {
+    let fs = Fs::new(tag, backend.features())?;
+    let queues = FsQueues {
+        backend,
+        acked: fs.acked.clone(),
+        kicks: Vec::new(),
+        call: None,
+        started: 0,
+    };
+    Ok((fs, queues))
 }
 
 impl Fs {
     /// The device for the share tagged `tag`, offering what of `backend_features` may pass.
     pub fn new(tag: &str, backend_features: u64) -> Result<Fs, FsError> {
-        if !is_tag(tag) {
+        if !crate::config::is_share_tag(tag) {
             return Err(FsError::Tag(tag.to_string()));
         }
         let mut config = [0u8; TAG_LEN + 4];
@@ -53,6 +77,7 @@ impl Fs {
         Ok(Fs {
             config,
             features: backend_features & PASSED_FEATURES,
+            acked: Arc::new(AtomicU64::new(0)),
         })
     }
 }
@@ -77,6 +102,93 @@ impl VirtioDevice for Fs {
     /// The config space is read-only.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
         false
+    }
+
+    /// Both queues must be ready (the default rule); the acked features are kept for the
+    /// backend.
+    fn activate(
+        &mut self,
+        features: u64,
+        queues: &[Option<QueueConfig>],
+    ) -> Result<(), ActivateError> {
+        if let Some(index) = queues.iter().position(Option::is_none) {
+            return Err(ActivateError::QueueNotReady(
+                u16::try_from(index).unwrap_or(u16::MAX),
+            ));
+        }
+        self.acked.store(features, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// The queue side of a share: the backend serves the queues; this gives them to it at each
+/// start of the device and takes them back at each reset, on the VMM thread.
+pub struct FsQueues {
+    backend: Backend,
+    acked: Arc<AtomicU64>,
+    /// The queues' notification eventfds (the backend waits on them) and the device's irqfd
+    /// (the backend signals it).
+    kicks: Vec<EventFd>,
+    call: Option<EventFd>,
+    /// How many queues the backend holds now.
+    started: usize,
+}
+
+impl QueueHandler for FsQueues {
+    /// Never called with work: the worker leaves the queues' eventfds to the backend.
+    fn process_queue(&mut self, _ctx: &mut QueueContext<'_>, _queue: usize) {}
+
+    fn served_elsewhere(&self) -> bool {
+        true
+    }
+
+    fn take_eventfds(&mut self, queues: &[EventFd], irq: &EventFd) -> std::io::Result<()> {
+        self.kicks = queues
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<_, _>>()?;
+        self.call = Some(irq.try_clone()?);
+        Ok(())
+    }
+
+    fn activated(&mut self, ctx: &mut QueueContext<'_>) {
+        let acked = self.acked.load(Ordering::Acquire);
+        let queues: Option<Vec<BackendQueue<'_>>> = match &self.call {
+            Some(call) => ctx
+                .queues
+                .iter()
+                .zip(&self.kicks)
+                .map(|(q, kick)| {
+                    q.as_ref().map(|q| BackendQueue {
+                        config: *q.config(),
+                        kick,
+                        call,
+                    })
+                })
+                .collect(),
+            None => None,
+        };
+        let result = match &queues {
+            // The register side refused a start without every queue: not reached.
+            None => return,
+            Some(queues) => self.backend.activate(acked, ctx.mem, queues),
+        };
+        match result {
+            Ok(()) => self.started = queues.map_or(0, |q| q.len()),
+            Err(e) => {
+                // The host's fault (the backend went away), not the guest's: nothing is
+                // counted against it, and the driver learns the device can not run.
+                warn_limited!("{}: {}", ctx.shared.name(), crate::error_chain(&e));
+                ctx.shared.set_needs_reset();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        let started = std::mem::take(&mut self.started);
+        if let Err(e) = self.backend.stop(started) {
+            warn_limited!("virtio-fs: {}", crate::error_chain(&e));
+        }
     }
 }
 

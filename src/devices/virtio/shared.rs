@@ -22,6 +22,10 @@ use crate::warn_limited;
 pub struct Interrupt {
     status: AtomicU32,
     irq: EventFd,
+    /// A backend in another process signals the irqfd for used buffers and can not set the
+    /// status bit: the register then always reports VRING, and the driver finds out from the
+    /// rings themselves whether there is anything new (what it does anyway).
+    raised_elsewhere: AtomicBool,
 }
 
 impl Interrupt {
@@ -29,11 +33,22 @@ impl Interrupt {
         Interrupt {
             status: AtomicU32::new(0),
             irq,
+            raised_elsewhere: AtomicBool::new(false),
         }
     }
 
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::Acquire)
+        let vring = if self.raised_elsewhere.load(Ordering::Acquire) {
+            VIRTIO_MMIO_INT_VRING
+        } else {
+            0
+        };
+        self.status.load(Ordering::Acquire) | vring
+    }
+
+    /// Used-buffer interrupts come from a backend in another process, through the irqfd.
+    pub fn set_raised_elsewhere(&self) {
+        self.raised_elsewhere.store(true, Ordering::Release);
     }
 
     pub fn ack(&self, bits: u32) {

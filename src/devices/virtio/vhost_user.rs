@@ -9,6 +9,7 @@
 //! refused, never passed on.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -78,7 +79,17 @@ impl Backend {
             path: path.to_path_buf(),
             source,
         };
-        let mut frontend = Frontend::connect(path, queues as u64).map_err(connect)?;
+        let frontend = Frontend::connect(path, queues as u64).map_err(connect)?;
+        Backend::handshake(frontend, queues)
+    }
+
+    /// Takes the backend at the other end of `stream`, a connection the supervisor made (the
+    /// VM process itself connects nowhere), and agrees on what `queues` queues need.
+    pub fn over(stream: UnixStream, queues: usize) -> Result<Backend, VhostUserError> {
+        Backend::handshake(Frontend::from_stream(stream, queues as u64), queues)
+    }
+
+    fn handshake(mut frontend: Frontend, queues: usize) -> Result<Backend, VhostUserError> {
         request("SET_OWNER", frontend.set_owner())?;
         let offered = request("GET_FEATURES", frontend.get_features())?;
         let protocol = offered & PROTOCOL_FEATURES_BIT != 0;
@@ -176,6 +187,22 @@ impl Backend {
                     self.frontend.set_vring_enable(index, true),
                 )?;
             }
+        }
+        Ok(())
+    }
+
+    /// Takes the first `queues` queues back from the backend (the driver reset the device):
+    /// each is disabled, then stopped (GET_VRING_BASE), so the backend lets go of rings the
+    /// driver has reclaimed before the device can start again.
+    pub fn stop(&mut self, queues: usize) -> Result<(), VhostUserError> {
+        for index in 0..queues.min(self.queues) {
+            if self.protocol {
+                request(
+                    "SET_VRING_ENABLE",
+                    self.frontend.set_vring_enable(index, false),
+                )?;
+            }
+            request("GET_VRING_BASE", self.frontend.get_vring_base(index))?;
         }
         Ok(())
     }

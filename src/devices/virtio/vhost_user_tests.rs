@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use vm_memory::Bytes;
@@ -63,6 +63,8 @@ fn mock(listener: UnixListener, features: u64, protocol: u64, queues: u64) -> Se
             1 => Some(features),
             15 => Some(protocol),
             17 => Some(queues),
+            // GET_VRING_BASE: the queue asked for, and where the backend stopped (7).
+            11 => Some(u64::from(u32_at(&body, 0)) | 7 << 32),
             2 => {
                 seen.features = Some(u64_at(&body, 0));
                 None
@@ -259,4 +261,25 @@ fn a_backend_with_too_few_queues_is_refused_at_connect() {
     );
     backend.join().unwrap();
     let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_reset_disables_then_stops_each_queue_the_backend_holds_over_a_handed_connection() {
+    let (path, listener) = socket("stop");
+    let backend =
+        std::thread::spawn(move || mock(listener, VERSION_1 | PROTOCOL_FEATURES_BIT, MQ, 2));
+    // Connected elsewhere (the supervisor does it), handed over as a stream.
+    let stream = UnixStream::connect(&path).unwrap();
+    let mut b = Backend::over(stream, 2).unwrap();
+    let mem = create_guest_memory(16 << 20, Backing::Shared).unwrap();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    b.activate(VERSION_1, &mem, &queue(&kick, &call, 0x1000))
+        .unwrap();
+    b.stop(1).unwrap();
+    drop(b);
+    let seen = backend.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+    // Enabled at the start, then disabled before GET_VRING_BASE takes it back.
+    assert_eq!(seen.enabled, [(0, 1), (0, 0)]);
+    assert_eq!(seen.requests[seen.requests.len() - 2..], [18, 11]);
 }

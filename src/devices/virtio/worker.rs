@@ -63,6 +63,17 @@ pub trait QueueHandler: Send {
     fn fd_changes(&mut self) -> Vec<FdChange> {
         Vec::new()
     }
+    /// Whether another process (a vhost-user backend) serves the queues: the worker then
+    /// leaves the queues' eventfds to it, and the backend raises the device's interrupt
+    /// through the irqfd itself.
+    fn served_elsewhere(&self) -> bool {
+        false
+    }
+    /// The queues' notification eventfds and the device's irqfd, given once when the device
+    /// is attached, for a handler whose queues are served elsewhere.
+    fn take_eventfds(&mut self, _queues: &[EventFd], _irq: &EventFd) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One device's queue side as an event-manager subscriber.
@@ -346,8 +357,11 @@ impl MutEventSubscriber for VirtioWorker {
             (self.resume_evt.as_raw_fd(), RESUME_EVENT),
             (self.timer.as_raw_fd(), THROTTLE_EVENT),
         ];
-        for (index, evt) in (0u32..).zip(&self.queue_evts) {
-            fds.push((evt.as_raw_fd(), index));
+        // A backend in another process reads the queues' eventfds itself.
+        if !self.handler.served_elsewhere() {
+            for (index, evt) in (0u32..).zip(&self.queue_evts) {
+                fds.push((evt.as_raw_fd(), index));
+            }
         }
         let mut edge = Vec::new();
         for (fd, token) in self.handler.backend_fds() {
