@@ -1,5 +1,8 @@
 //! Compiles the seccomp filters in seccomp/*.json to BPF at build time; src/seccomp.rs embeds
 //! the result. A filter that fails to compile fails the build.
+//!
+//! Also compiles `bulkhead exec`'s guest init (src/exec/init.c) into a static program that
+//! src/exec embeds and puts in the initramfs it makes.
 
 use std::env;
 use std::fs::{self, File};
@@ -54,5 +57,31 @@ fn main() {
         let dst = out_dir.join(format!("{role}.bpf"));
         fs::write(&dst, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", dst.display()));
     }
+    build_exec_init(&out_dir);
     println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// The guest init: static, so the initramfs needs nothing else; small, so it loads fast.
+fn build_exec_init(out_dir: &std::path::Path) {
+    let src = PathBuf::from("src/exec/init.c");
+    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-env-changed=CC");
+    let cc = env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let dst = out_dir.join("exec-init");
+    let status = std::process::Command::new(&cc)
+        .args(["-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&dst)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run the C compiler {cc} for {}: {e} (apt-get install build-essential)",
+                src.display()
+            )
+        });
+    assert!(
+        status.success(),
+        "{cc} could not build {} (a static build needs libc6-dev: apt-get install build-essential)",
+        src.display()
+    );
 }

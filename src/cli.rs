@@ -48,6 +48,10 @@ impl From<LogLevel> for log::LevelFilter {
 pub enum Command {
     /// Boot one VM and wait for it to end; exits with the guest's status.
     Run(RunArgs),
+    /// Run a command in a fresh VM that sees the host's files (its `/` read-only, writable
+    /// tmpfs on /tmp and /run, an overlay on /var), in this directory as this user; its
+    /// stdout and stderr come back separately and its status is this command's.
+    Exec(ExecArgs),
     /// Work with the management plane's audit log.
     #[command(subcommand)]
     AuditLog(AuditLogCommand),
@@ -152,6 +156,43 @@ pub enum AuditLogCommand {
         #[arg(long, value_name = "HASH")]
         head: Option<String>,
     },
+}
+
+/// `bulkhead exec`'s flags.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The guest kernel (vmlinux or bzImage) with virtio-mmio, vsock and virtio-fs built in
+    /// (`scripts/kernel-config` prints a fragment), or as modules with --modules.
+    #[arg(long, env = "BULKHEAD_KERNEL", value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// The kernel's modules directory (/lib/modules/VERSION, the host's or from the kernel's
+    /// package): the ones the VM needs are put in its initramfs and loaded first.
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// Also share this host directory read-write at the same path (repeatable).
+    #[arg(long = "share", value_name = "DIR")]
+    pub shares: Vec<PathBuf>,
+    /// Guest RAM in MiB (only what the guest touches is used).
+    #[arg(long, default_value_t = 512)]
+    pub mem_mib: u64,
+    /// vCPUs [default: this host's CPUs, at most 4].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Seconds the command may run; then the VM is stopped and the status is 124.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// More kernel command-line parameters.
+    #[arg(long, value_name = "PARAMS")]
+    pub cmdline: Option<String>,
+    /// The virtiofsd program [default: virtiofsd on PATH, then /usr/libexec/virtiofsd].
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
+    /// Turn the seccomp filters off (debugging only).
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]

@@ -35,6 +35,9 @@ pub mod status {
     pub const POLICY_STOP: i32 = 86;
     /// The guest kernel panicked and said so through the pvpanic device.
     pub const GUEST_PANIC: i32 = 87;
+    /// `bulkhead exec`: the VM ended before the command's status came back (it never ran, or
+    /// the guest stopped under it); the console's last lines are printed.
+    pub const EXEC_NOT_RUN: i32 = 88;
     /// `--timeout` ended the VM (the status timeout(1) uses).
     pub const TIMEOUT: i32 = 124;
     /// The VM was stopped from outside (SIGTERM to `bulkhead run`): 128 + SIGTERM.

@@ -1,7 +1,7 @@
 //! Reading a settings file the operator names (`bulkhead run --config`, the Firecracker
 //! personality's `--config-file`, `bulkhead serve --config`): a regular file only, opened
 //! without blocking (a FIFO must not hang start-up), and no larger than a settings file can
-//! sensibly be.
+//! sensibly be. And the private scratch directories bulkhead makes for its own files.
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -55,6 +55,22 @@ pub fn read_settings(path: &Path) -> Result<String, HostFileError> {
         .read_to_string(&mut text)
         .map_err(fail)?;
     Ok(text)
+}
+
+/// A new directory under the temporary directory that only this user may enter, named
+/// `PREFIX-PID-N` (never one that already exists, so nobody can have prepared it).
+pub fn private_dir(prefix: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for attempt in 0..64u32 {
+        let dir = base.join(format!("{prefix}-{}-{attempt}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists))
 }
 
 #[cfg(test)]

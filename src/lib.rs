@@ -13,6 +13,7 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod exec;
 pub mod exit;
 pub mod handover;
 pub mod hostfile;

@@ -10,7 +10,7 @@ use bulkhead::exit::status;
 use bulkhead::RawConfig;
 use clap::Parser;
 
-use cli::{AuditLogCommand, Cli, Command, CtlArgs, CtlCommand, RunArgs};
+use cli::{AuditLogCommand, Cli, Command, CtlArgs, CtlCommand, ExecArgs, LogLevel, RunArgs};
 
 fn main() -> ExitCode {
     let invoked_as = std::env::args_os()
@@ -67,6 +67,7 @@ fn main() -> ExitCode {
     bulkhead::logger::init("bulkhead", cli.log_level.into());
     let code = match cli.command {
         Command::Run(args) => run(&args),
+        Command::Exec(args) => exec(&args, cli.log_level),
         Command::AuditLog(AuditLogCommand::Verify { file, head }) => {
             verify_audit_log(&file, head.as_deref())
         }
@@ -99,6 +100,45 @@ fn run(args: &RunArgs) -> i32 {
         log::warn!("*** --no-seccomp: seccomp filters are OFF; this VMM is not confined. Debugging only. ***");
     }
     bulkhead::supervisor::run(&config)
+}
+
+/// `bulkhead exec`: the VM's own log lines are shown from warnings up unless more was asked.
+fn exec(args: &ExecArgs, level: LogLevel) -> i32 {
+    let modules = match &args.modules {
+        Some(dir) => match bulkhead::exec::initramfs::Modules::resolve(
+            dir,
+            &bulkhead::exec::initramfs::NEEDED_MODULES,
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("bulkhead exec: --modules {}: {e}", dir.display());
+                return status::BAD_INPUT;
+            }
+        },
+        None => Default::default(),
+    };
+    let vcpus = args.vcpus.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32)
+    });
+    let options = bulkhead::exec::ExecOptions {
+        kernel: args.kernel.clone(),
+        shares: args.shares.clone(),
+        mem_mib: args.mem_mib,
+        vcpus,
+        timeout: args.timeout,
+        modules,
+        cmdline: args.cmdline.clone(),
+        virtiofsd: args.virtiofsd.clone(),
+        no_seccomp: args.no_seccomp,
+        command: args.command.clone(),
+    };
+    let level = match level {
+        LogLevel::Error => "error",
+        LogLevel::Warn | LogLevel::Info => "warn",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    };
+    bulkhead::exec::run(&options, Some(level))
 }
 
 /// The Firecracker personality. `--version` prints Firecracker's version (the one Kata pins)

@@ -381,7 +381,12 @@ fn bad_shares_are_refused_with_the_share_named_before_anything_starts() {
         (&["--share", "/proc/self:t"], "the host's /proc"),
         (&["--share", "/srv"], "invalid --share \"/srv\""),
         (
-            &["--share", &dir_share, "--virtiofsd", "/nonexistent/virtiofsd"],
+            &[
+                "--share",
+                &dir_share,
+                "--virtiofsd",
+                "/nonexistent/virtiofsd",
+            ],
             "the virtiofsd /nonexistent/virtiofsd given can not be run",
         ),
         (
@@ -395,7 +400,14 @@ fn bad_shares_are_refused_with_the_share_named_before_anything_starts() {
         assert_refused(&bulkhead(&args), needle);
     }
     // A share reached through a symlink is refused under --no-follow (what a jail implies).
-    let run = bulkhead(&["run", "--kernel", kernel, "--no-follow", "--share", &link_share]);
+    let run = bulkhead(&[
+        "run",
+        "--kernel",
+        kernel,
+        "--no-follow",
+        "--share",
+        &link_share,
+    ]);
     assert_refused(&run, "leads through a symlink");
     // With no virtiofsd anywhere the message names the package to install.
     let run = common::command_with_limit(
@@ -407,4 +419,26 @@ fn bad_shares_are_refused_with_the_share_named_before_anything_starts() {
     if !std::path::Path::new("/usr/libexec/virtiofsd").exists() {
         assert_refused(&run, "install Debian's virtiofsd package");
     }
+}
+
+/// `bulkhead exec` refuses what it can not run with status 2 and the input named: a kernel
+/// that is not there, a share that is not there, and no command at all.
+#[test]
+fn exec_refuses_a_missing_kernel_a_missing_share_and_no_command() {
+    let kernel = guest("hello");
+    let kernel = kernel.to_str().unwrap();
+    let run = bulkhead(&["exec", "--kernel", "/nonexistent/bzImage", "--", "true"]);
+    assert_refused(&run, "/nonexistent/bzImage");
+    let run = bulkhead(&[
+        "exec",
+        "--kernel",
+        kernel,
+        "--share",
+        "/nonexistent/dir",
+        "--",
+        "true",
+    ]);
+    assert_refused(&run, "share /nonexistent/dir");
+    let run = bulkhead(&["exec", "--kernel", kernel]);
+    assert_eq!(run.status, 2, "{}", run.stderr);
 }

@@ -6,7 +6,8 @@
 //!
 //! Each directory is checked here, on the host, before anything starts: it must exist, be a
 //! directory, and not be (or be under) the host's /proc, /sys or /dev; with a jail, the path
-//! must be the directory itself, through no symlink.
+//! must be the directory itself, through no symlink. A directory that holds those trees (`/`,
+//! which `bulkhead exec` shares) has them covered by empty tmpfs in its backend's view.
 //!
 //! A backend ends by itself when the VM process's end of its socket closes; the supervisor
 //! then reaps it. One that does not end in time dies with the supervisor (PR_SET_PDEATHSIG),
@@ -221,7 +222,8 @@ fn start_backend(
         tag: share.tag.clone(),
         source,
     };
-    let private = private_dir(&share.tag).map_err(socket_error)?;
+    let private = crate::hostfile::private_dir(&format!("bulkhead-fs-{}", share.tag))
+        .map_err(socket_error)?;
     let path = private.join("fs.sock");
     let bound = UnixListener::bind(&path).and_then(|listener| {
         // Queued now, accepted once virtiofsd is up: nothing to wait for here.
@@ -243,8 +245,21 @@ fn start_backend(
     if !share.writable {
         command.arg("--readonly");
     }
+    // The host trees under the shared directory (all three when it is `/`, as `bulkhead exec`
+    // shares it) are covered in the backend's own mount namespace by an empty read-only tmpfs
+    // before it starts: virtiofsd serves every submount, and no guest may browse the host's
+    // /sys or /dev. (virtiofsd puts its own /proc in its sandbox.)
+    let hidden: Vec<std::ffi::CString> = FORBIDDEN
+        .iter()
+        // virtiofsd reads the host's /proc as it starts, and then mounts its own there.
+        .filter(|tree| **tree != "/proc")
+        .map(Path::new)
+        .filter(|tree| tree.starts_with(dir) && tree.is_dir())
+        .filter_map(|tree| std::ffi::CString::new(tree.as_os_str().as_encoded_bytes()).ok())
+        .collect();
     // SAFETY: the closure runs in the forked child before exec and makes only
-    // async-signal-safe calls (fcntl, prctl, setpgid) on this child's own state.
+    // async-signal-safe calls (fcntl, prctl, setpgid, unshare, mount) on this child's own
+    // state, with strings made before the fork.
     unsafe {
         command.pre_exec(move || {
             // The listening socket is the one descriptor virtiofsd inherits on purpose.
@@ -255,6 +270,23 @@ fn start_backend(
                 || libc::setpgid(0, 0) != 0
             {
                 return Err(std::io::Error::last_os_error());
+            }
+            if !hidden.is_empty() {
+                let none = c"none".as_ptr();
+                let tmpfs = c"tmpfs".as_ptr();
+                let root = c"/".as_ptr();
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    // Nothing done here reaches the host's mounts.
+                    || libc::mount(none, root, std::ptr::null(), libc::MS_SLAVE | libc::MS_REC, std::ptr::null()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for tree in &hidden {
+                    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                    if libc::mount(tmpfs, tree.as_ptr(), tmpfs, flags, c"size=4k".as_ptr().cast()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
             }
             Ok(())
         });
@@ -272,24 +304,6 @@ fn start_backend(
         if share.writable { "" } else { " read-only" }
     );
     Ok((child, OwnedFd::from(stream)))
-}
-
-/// A new directory only this user may enter, for one socket.
-fn private_dir(tag: &str) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let base = std::env::temp_dir();
-    for attempt in 0..16u32 {
-        let dir = base.join(format!(
-            "bulkhead-fs-{}-{tag}-{attempt}",
-            std::process::id()
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists))
 }
 
 #[cfg(test)]

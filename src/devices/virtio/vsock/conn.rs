@@ -33,6 +33,9 @@ pub(super) struct Conn {
     pub(super) staged: Vec<u8>,
     /// The socket may have more to read.
     pub(super) readable: bool,
+    /// The guest shut the connection down with data still to pass on: it ends once `out` is
+    /// flushed.
+    pub(super) closing: bool,
 }
 
 impl Conn {
@@ -50,6 +53,7 @@ impl Conn {
             tx_cnt: 0,
             staged: Vec::new(),
             readable: true,
+            closing: false,
         }
     }
 

@@ -239,7 +239,8 @@ impl VsockQueues {
             State::AwaitResponse => {}
             State::Established => {
                 conn.readable = true;
-                if conn.flush().is_err() {
+                let flushed = conn.flush();
+                if flushed.is_err() || (conn.closing && conn.out.is_empty()) {
                     self.reset_conn(token);
                 }
             }
@@ -307,9 +308,13 @@ impl VsockQueues {
                     self.queue_control(header(self.cid, conn, Op::CreditUpdate, 0, 0));
                 }
             }
-            // A guest shutting down either direction ends the connection here: bulkhead
-            // does not keep half-closed streams.
-            (Op::Shutdown, Some(t)) => self.reset_conn(t),
+            // A guest shutting down either direction ends the connection here (bulkhead
+            // does not keep half-closed streams), once what the guest sent before has reached
+            // the host socket: the end of a stream is never cut off.
+            (Op::Shutdown, Some(t)) => match self.conns.get_mut(&t) {
+                Some(conn) if !conn.out.is_empty() => conn.closing = true,
+                _ => self.reset_conn(t),
+            },
             (Op::Rst, Some(t)) => self.close(t),
             (Op::Rst, None) => {}
             (_, None) => self.queue_control(self.rst_for(&h)),
@@ -380,7 +385,8 @@ impl VsockQueues {
         let Some(conn) = self.conns.get_mut(&token) else {
             return Ok(());
         };
-        if conn.state != State::Established {
+        // Data after the guest's own shutdown, or before the connection is up, ends it.
+        if conn.state != State::Established || conn.closing {
             self.reset_conn(token);
             return Ok(());
         }
