@@ -105,9 +105,9 @@ fn run(args: &RunArgs) -> i32 {
 /// `bulkhead exec`: the VM's own log lines are shown from warnings up unless more was asked.
 fn exec(args: &ExecArgs, level: LogLevel) -> i32 {
     let modules = match &args.modules {
-        Some(dir) => match bulkhead::exec::initramfs::Modules::resolve(
+        Some(dir) => match bulkhead::exec::modules::Modules::resolve(
             dir,
-            &bulkhead::exec::initramfs::NEEDED_MODULES,
+            &bulkhead::exec::modules::NEEDED_MODULES,
         ) {
             Ok(m) => m,
             Err(e) => {

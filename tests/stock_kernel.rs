@@ -12,15 +12,22 @@ use common::lane::{build, ext4_file, ext4_image, lane_available, lane_script_wit
 struct StockImages {
     bzimage: PathBuf,
     initramfs: PathBuf,
+    /// The package's /lib/modules/VERSION, as unpacked (no modules.dep).
+    modules: PathBuf,
 }
 
 fn stock() -> &'static StockImages {
     static IMAGES: OnceLock<StockImages> = OnceLock::new();
     IMAGES.get_or_init(|| {
         let built = build("build-stock-linux");
+        let bzimage = built.get("bzimage");
+        let kver = built.get("kver");
+        // bzimage is .../boot/vmlinuz-KVER; the modules are beside it, under lib/modules.
+        let root = bzimage.parent().and_then(|b| b.parent()).unwrap();
         StockImages {
-            bzimage: built.get("bzimage"),
+            modules: root.join("lib/modules").join(kver),
             initramfs: built.get("initramfs"),
+            bzimage,
         }
     })
 }
@@ -87,4 +94,54 @@ fn debians_stock_kernel_sees_every_vcpu_and_device_writes_its_disk_and_powers_of
         ext4_file(&disk, "token").contains("stock-kernel-token"),
         "the host image does not hold the file"
     );
+}
+
+/// Run inside L1: $1 bulkhead, $2 the stock bzImage, $4 the modules directory (only the
+/// modules exec needs were carried into L1, at their paths, without a modules.dep).
+const STOCK_EXEC_SCRIPT: &str = r#"
+bulkhead=$1 kernel=$2 modules=$4
+"$bulkhead" exec --kernel "$kernel" --modules "$modules" --mem-mib 256 -- sh -c 'echo stock-exec-$((6 * 7)); grep -c virtiofs /proc/mounts; exit 5'
+echo "lane: stock exec status $?"
+"#;
+
+#[test]
+fn exec_runs_a_command_on_debians_stock_kernel_loading_its_virtio_vsock_and_virtiofs_modules() {
+    let test =
+        "exec_runs_a_command_on_debians_stock_kernel_loading_its_virtio_vsock_and_virtiofs_modules";
+    if !lane_available(test) {
+        return;
+    }
+    let images = stock();
+    let modules = bulkhead::exec::modules::Modules::resolve(
+        &images.modules,
+        &bulkhead::exec::modules::NEEDED_MODULES,
+    )
+    .expect("the stock kernel's modules");
+    let names: Vec<String> = modules
+        .files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for needed in ["virtio_mmio.ko", "fuse.ko", "virtiofs.ko", "vsock.ko"] {
+        assert!(
+            names.iter().any(|n| n == needed),
+            "{needed} not in {names:?}"
+        );
+    }
+    let _serial = LANE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("lane-stock-exec");
+    let mut extra = vec![images.modules.to_str().unwrap()];
+    // Named, so nested-kvm carries each into L1.
+    extra.extend(modules.files.iter().map(|f| f.to_str().unwrap()));
+    let (status, out) = lane_script_with(
+        &dir,
+        STOCK_EXEC_SCRIPT,
+        &images.bzimage,
+        &images.initramfs,
+        &extra,
+    );
+    assert_eq!(status, 0, "{out}");
+    for line in ["stock-exec-42", "lane: stock exec status 5"] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
 }

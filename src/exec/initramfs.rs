@@ -5,7 +5,9 @@
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+pub use super::modules::Modules;
 
 /// The guest init program.
 const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/exec-init"));
@@ -59,12 +61,6 @@ impl Spec {
         }
         out
     }
-}
-
-/// Kernel modules for the initramfs: files to put under /modules, in load order.
-#[derive(Debug, Default, Clone)]
-pub struct Modules {
-    pub files: Vec<PathBuf>,
 }
 
 /// A newc archive being written, numbering its entries.
@@ -127,62 +123,6 @@ pub fn write(out: impl Write, spec: &Spec, modules: &Modules) -> std::io::Result
     Ok(())
 }
 
-/// What a kernel needs loaded for `bulkhead exec` when it has them as modules: the
-/// virtio-mmio transport, vsock over virtio, virtio-fs, and overlayfs.
-pub const NEEDED_MODULES: [&str; 4] = [
-    "virtio_mmio",
-    "vmw_vsock_virtio_transport",
-    "virtiofs",
-    "overlay",
-];
-
-impl Modules {
-    /// The modules of `dir` (a /lib/modules/VERSION directory) that `wanted` need, each after
-    /// the ones it depends on, from its modules.dep. A module not listed there is taken to be
-    /// built into the kernel.
-    pub fn resolve(dir: &Path, wanted: &[&str]) -> std::io::Result<Modules> {
-        let dep = std::fs::read_to_string(dir.join("modules.dep")).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("{}/modules.dep: {e}", dir.display()))
-        })?;
-        let entries: Vec<(&str, Vec<&str>)> = dep
-            .lines()
-            .filter_map(|line| {
-                let (module, deps) = line.split_once(':')?;
-                Some((module.trim(), deps.split_whitespace().collect()))
-            })
-            .collect();
-        let name_of = |path: &str| {
-            let file = path.rsplit('/').next().unwrap_or(path);
-            file.split(".ko").next().unwrap_or(file).replace('-', "_")
-        };
-        let mut order: Vec<&str> = Vec::new();
-        fn visit<'a>(
-            path: &'a str,
-            entries: &[(&'a str, Vec<&'a str>)],
-            order: &mut Vec<&'a str>,
-            depth: usize,
-        ) {
-            if order.contains(&path) || depth > 64 {
-                return;
-            }
-            if let Some((_, deps)) = entries.iter().find(|(m, _)| *m == path) {
-                for d in deps {
-                    visit(d, entries, order, depth + 1);
-                }
-            }
-            order.push(path);
-        }
-        for want in wanted {
-            if let Some((path, _)) = entries.iter().find(|(m, _)| name_of(m) == *want) {
-                visit(path, &entries, &mut order, 0);
-            }
-        }
-        Ok(Modules {
-            files: order.into_iter().map(|p| dir.join(p)).collect(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,39 +164,6 @@ mod tests {
             b"exit 7",
         ];
         assert_eq!(fields, expected);
-    }
-
-    #[test]
-    fn modules_come_after_the_ones_they_depend_on_and_built_in_ones_are_skipped() {
-        let dir = std::env::temp_dir().join(format!("bulkhead-modules-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("modules.dep"),
-            "kernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko\n\
-             kernel/fs/fuse/fuse.ko:\n\
-             kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/net/vmw_vsock/vsock.ko\n\
-             kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko\n\
-             kernel/net/vmw_vsock/vsock.ko:\n",
-        )
-        .unwrap();
-        let modules = Modules::resolve(&dir, &NEEDED_MODULES).unwrap();
-        let names: Vec<String> = modules
-            .files
-            .iter()
-            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        // virtio_mmio and overlay are not listed: built in.
-        assert_eq!(
-            names,
-            [
-                "vsock.ko",
-                "vmw_vsock_virtio_transport_common.ko",
-                "vmw_vsock_virtio_transport.ko",
-                "fuse.ko",
-                "virtiofs.ko"
-            ]
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

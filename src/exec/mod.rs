@@ -16,6 +16,7 @@
 //! files. Only the command's own status is not followed by a line of bulkhead's on stderr.
 
 pub mod initramfs;
+pub mod modules;
 pub mod streams;
 
 use std::ffi::OsString;

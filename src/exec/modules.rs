@@ -1,0 +1,199 @@
+//! Kernel modules for a kernel whose drivers are modules (a distribution kernel such as
+//! Debian's cloud kernel): the ones `bulkhead exec` needs, and what they depend on, in load
+//! order, for the initramfs. Dependencies come from the tree's modules.dep, or, in a tree
+//! unpacked from a package (which has none: depmod makes it at install), from each module's
+//! own `depends=` entry.
+
+use std::path::{Path, PathBuf};
+
+/// What a kernel needs loaded for `bulkhead exec` when it has them as modules: the
+/// virtio-mmio transport, vsock over virtio, virtio-fs, and overlayfs. A module the tree does
+/// not have is taken to be built in.
+pub const NEEDED_MODULES: [&str; 4] = [
+    "virtio_mmio",
+    "vmw_vsock_virtio_transport",
+    "virtiofs",
+    "overlay",
+];
+
+/// Module files to put in the initramfs, in load order.
+#[derive(Debug, Default, Clone)]
+pub struct Modules {
+    pub files: Vec<PathBuf>,
+}
+
+/// One module of the tree: its name (with `_` for `-`), file, and the names it depends on.
+struct Module {
+    name: String,
+    path: PathBuf,
+    deps: Vec<String>,
+}
+
+impl Modules {
+    /// The modules of `dir` (a /lib/modules/VERSION directory) that `wanted` need, each after
+    /// the ones it depends on.
+    pub fn resolve(dir: &Path, wanted: &[&str]) -> std::io::Result<Modules> {
+        let tree = match std::fs::read_to_string(dir.join("modules.dep")) {
+            Ok(dep) => from_modules_dep(dir, &dep),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => from_modinfo(dir)?,
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}/modules.dep: {e}", dir.display()),
+                ))
+            }
+        };
+        if tree.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{} holds no kernel modules",
+                dir.display()
+            )));
+        }
+        let mut order: Vec<usize> = Vec::new();
+        for want in wanted {
+            visit(want, &tree, &mut order, 0);
+        }
+        Ok(Modules {
+            files: order.into_iter().map(|i| tree[i].path.clone()).collect(),
+        })
+    }
+}
+
+/// Puts module `name` after everything it depends on; a name the tree lacks is built in.
+fn visit(name: &str, tree: &[Module], order: &mut Vec<usize>, depth: usize) {
+    let Some(index) = tree.iter().position(|m| m.name == name) else {
+        return;
+    };
+    if order.contains(&index) || depth > 64 {
+        return;
+    }
+    for dep in &tree[index].deps {
+        visit(dep, tree, order, depth + 1);
+    }
+    order.push(index);
+}
+
+/// `kernel/fs/fuse/virtio-fs.ko.xz` is `virtio_fs`.
+fn name_of(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+fn from_modules_dep(dir: &Path, dep: &str) -> Vec<Module> {
+    dep.lines()
+        .filter_map(|line| {
+            let (module, deps) = line.split_once(':')?;
+            Some(Module {
+                name: name_of(module.trim()),
+                path: dir.join(module.trim()),
+                deps: deps.split_whitespace().map(name_of).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Every module file under `dir`, with the dependencies its `.modinfo` names. A compressed
+/// module's are not read: it is taken to depend on nothing.
+fn from_modinfo(dir: &Path) -> std::io::Result<Vec<Module>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(at) = dirs.pop() {
+        for entry in std::fs::read_dir(&at)? {
+            let entry = entry?;
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_file() && file.contains(".ko") {
+                let deps = if file.ends_with(".ko") {
+                    depends(&std::fs::read(&path)?)
+                } else {
+                    Vec::new()
+                };
+                found.push(Module {
+                    name: name_of(&file),
+                    path,
+                    deps,
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The `depends=a,b` entry of a module's `.modinfo` section, as names.
+fn depends(module: &[u8]) -> Vec<String> {
+    const KEY: &[u8] = b"\0depends=";
+    let Some(at) = module.windows(KEY.len()).position(|w| w == KEY) else {
+        return Vec::new();
+    };
+    let value = &module[at + KEY.len()..];
+    let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
+    String::from_utf8_lossy(&value[..end])
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| d.replace('-', "_"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_names(modules: &Modules) -> Vec<String> {
+        modules
+            .files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn modules_come_after_the_ones_they_depend_on_and_built_in_ones_are_skipped() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-modules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("modules.dep"),
+            "kernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko\n\
+             kernel/fs/fuse/fuse.ko:\n\
+             kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/net/vmw_vsock/vsock.ko\n\
+             kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko\n\
+             kernel/net/vmw_vsock/vsock.ko:\n",
+        )
+        .unwrap();
+        let modules = Modules::resolve(&dir, &NEEDED_MODULES).unwrap();
+        // virtio_mmio and overlay are not listed: built in.
+        assert_eq!(
+            file_names(&modules),
+            [
+                "vsock.ko",
+                "vmw_vsock_virtio_transport_common.ko",
+                "vmw_vsock_virtio_transport.ko",
+                "fuse.ko",
+                "virtiofs.ko"
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_tree_without_modules_dep_is_read_from_each_modules_own_depends_entry() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-modinfo-{}", std::process::id()));
+        let fuse = dir.join("kernel/fs/fuse");
+        std::fs::create_dir_all(&fuse).unwrap();
+        std::fs::write(
+            fuse.join("virtiofs.ko"),
+            b"\x7fELF..\0license=GPL\0depends=fuse\0vermagic=6.1\0",
+        )
+        .unwrap();
+        std::fs::write(fuse.join("fuse.ko"), b"\x7fELF..\0depends=\0").unwrap();
+        let modules = Modules::resolve(&dir, &["virtiofs"]).unwrap();
+        assert_eq!(file_names(&modules), ["fuse.ko", "virtiofs.ko"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            Modules::resolve(&dir, &["virtiofs"]).is_err(),
+            "a missing tree"
+        );
+    }
+}
