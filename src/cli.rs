@@ -166,7 +166,8 @@ pub struct ExecArgs {
     #[arg(long, env = "BULKHEAD_KERNEL", value_name = "PATH")]
     pub kernel: PathBuf,
     /// The kernel's modules directory (/lib/modules/VERSION, the host's or from the kernel's
-    /// package): the ones the VM needs are put in its initramfs and loaded first.
+    /// package): the ones the VM needs are put in its initramfs and loaded first [default:
+    /// the host's /lib/modules/VERSION when the kernel is a bzImage of that version].
     #[arg(long, value_name = "DIR")]
     pub modules: Option<PathBuf>,
     /// Also share this host directory read-write at the same path (repeatable).

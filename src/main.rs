@@ -104,7 +104,12 @@ fn run(args: &RunArgs) -> i32 {
 
 /// `bulkhead exec`: the VM's own log lines are shown from warnings up unless more was asked.
 fn exec(args: &ExecArgs, level: LogLevel) -> i32 {
-    let modules = match &args.modules {
+    // Without --modules, the host's own tree when the kernel is the same version.
+    let tree = args
+        .modules
+        .clone()
+        .or_else(|| bulkhead::exec::modules::host_tree_for(&args.kernel));
+    let modules = match &tree {
         Some(dir) => match bulkhead::exec::modules::Modules::resolve(
             dir,
             &bulkhead::exec::modules::NEEDED_MODULES,

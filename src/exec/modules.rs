@@ -59,6 +59,38 @@ impl Modules {
     }
 }
 
+/// The host's module tree for `kernel`, when it is a bzImage whose version (from its setup
+/// header) names a directory under /lib/modules: the host runs, or has installed, the same
+/// kernel, so its modules fit.
+pub fn host_tree_for(kernel: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    let mut head = vec![0u8; 64 << 10];
+    let mut file = std::fs::File::open(kernel).ok()?;
+    let n = file.read(&mut head).ok()?;
+    head.truncate(n);
+    let version = bzimage_version(&head)?;
+    let dir = Path::new("/lib/modules").join(version);
+    dir.is_dir().then_some(dir)
+}
+
+/// The first word of a bzImage's kernel_version string (boot protocol 2.00+: a pointer at
+/// 0x20e, relative to 0x200, in the setup code).
+fn bzimage_version(head: &[u8]) -> Option<String> {
+    if head.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let at = u16::from_le_bytes(head.get(0x20e..0x210)?.try_into().ok()?);
+    if at == 0 {
+        return None;
+    }
+    let text = head.get(usize::from(at) + 0x200..)?;
+    let end = text.iter().position(|&b| b == 0 || b == b' ')?;
+    let version = std::str::from_utf8(text.get(..end)?).ok()?;
+    // One path component, nothing else.
+    (!version.is_empty() && !version.contains('/') && version != "." && version != "..")
+        .then(|| version.to_string())
+}
+
 /// Puts module `name` after everything it depends on; a name the tree lacks is built in.
 fn visit(name: &str, tree: &[Module], order: &mut Vec<usize>, depth: usize) {
     let Some(index) = tree.iter().position(|m| m.name == name) else {
@@ -175,6 +207,24 @@ mod tests {
             ]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bzimages_version_is_read_from_its_setup_header() {
+        let mut head = vec![0u8; 0x1000];
+        head[0x202..0x206].copy_from_slice(b"HdrS");
+        head[0x20e..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        head[0x500..0x500 + 26].copy_from_slice(b"6.1.0-57-cloud-amd64 (deb)");
+        assert_eq!(
+            bzimage_version(&head).as_deref(),
+            Some("6.1.0-57-cloud-amd64")
+        );
+        // Not a bzImage, no version, or one that is not a single name.
+        assert_eq!(bzimage_version(&head[..0x100]), None);
+        head[0x500..0x508].copy_from_slice(b"../etc \0");
+        assert_eq!(bzimage_version(&head), None);
+        head[0x20e..0x210].copy_from_slice(&[0, 0]);
+        assert_eq!(bzimage_version(&head), None);
     }
 
     #[test]
