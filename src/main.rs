@@ -116,7 +116,10 @@ fn exec(args: &ExecArgs, level: LogLevel) -> i32 {
         ) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("bulkhead exec: --modules {}: {e}", dir.display());
+                eprintln!(
+                    "bulkhead exec: the kernel modules in {}: {e}",
+                    dir.display()
+                );
                 return status::BAD_INPUT;
             }
         },

@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -42,7 +43,7 @@
 #define PORT_STATUS 10242
 #define MAX_FIELDS 65536
 
-static int status_fd = -1;
+static int status_fd = -1, out_fd = -1, err_fd = -1;
 
 /* Says why the command never ran (to the host when the status stream is up, and to the
  * console), then powers off. */
@@ -54,8 +55,19 @@ static void fail(const char *fmt, ...)
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     fprintf(stderr, "bulkhead-init: %s\n", msg);
-    if (status_fd >= 0)
+    if (status_fd >= 0) {
+        /* The same order as a command's end: the output streams end, then the status, and the
+         * host's close says it has it (bounded: a host that went away must not keep us). */
+        if (out_fd >= 0)
+            shutdown(out_fd, SHUT_WR);
+        if (err_fd >= 0)
+            shutdown(err_fd, SHUT_WR);
         dprintf(status_fd, "error %s\n", msg);
+        struct pollfd p = {.fd = status_fd, .events = POLLIN};
+        char ack;
+        while (poll(&p, 1, 2000) == 1 && read(status_fd, &ack, 1) > 0)
+            ;
+    }
     sync();
     reboot(RB_POWER_OFF);
     _exit(1);
@@ -198,8 +210,8 @@ int main(void)
     mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
     load_modules();
 
-    int out = vsock_connect(PORT_STDOUT);
-    int err = vsock_connect(PORT_STDERR);
+    int out = out_fd = vsock_connect(PORT_STDOUT);
+    int err = err_fd = vsock_connect(PORT_STDERR);
     status_fd = vsock_connect(PORT_STATUS);
 
     read_spec();
@@ -264,7 +276,7 @@ int main(void)
     if (child < 0)
         fail("fork: %s", strerror(errno));
     if (child == 0) {
-        int null = open("/dev/null", O_RDONLY);
+        int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
             _exit(127);
         if (setgroups(ngroups, groups) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {

@@ -177,7 +177,15 @@ fn run_inner(options: &ExecOptions, log_level: Option<&'static str>) -> Result<i
         ..RawConfig::default()
     };
     let settings = dir.join("settings.json");
-    std::fs::write(&settings, raw.to_json()).map_err(|source| ExecError::Settings {
+    let json = raw.to_json();
+    if json.is_empty() {
+        // Settings are JSON strings: a path that is not UTF-8 can not be passed on.
+        return Err(ExecError::Settings {
+            path: settings,
+            source: std::io::Error::other("a path (kernel, share or TMPDIR) is not UTF-8"),
+        });
+    }
+    std::fs::write(&settings, json).map_err(|source| ExecError::Settings {
         path: settings.clone(),
         source,
     })?;

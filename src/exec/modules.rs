@@ -7,13 +7,14 @@
 use std::path::{Path, PathBuf};
 
 /// What a kernel needs loaded for `bulkhead exec` when it has them as modules: the
-/// virtio-mmio transport, vsock over virtio, virtio-fs, and overlayfs. A module the tree does
-/// not have is taken to be built in.
-pub const NEEDED_MODULES: [&str; 4] = [
+/// virtio-mmio transport, vsock over virtio, virtio-fs, overlayfs, and pvpanic (a panic then
+/// ends the VM with its own status). A module the tree does not have is taken to be built in.
+pub const NEEDED_MODULES: [&str; 5] = [
     "virtio_mmio",
     "vmw_vsock_virtio_transport",
     "virtiofs",
     "overlay",
+    "pvpanic_mmio",
 ];
 
 /// Module files to put in the initramfs, in load order.
@@ -33,9 +34,9 @@ impl Modules {
     /// The modules of `dir` (a /lib/modules/VERSION directory) that `wanted` need, each after
     /// the ones it depends on.
     pub fn resolve(dir: &Path, wanted: &[&str]) -> std::io::Result<Modules> {
-        let tree = match std::fs::read_to_string(dir.join("modules.dep")) {
-            Ok(dep) => from_modules_dep(dir, &dep),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => from_modinfo(dir)?,
+        let (tree, listed) = match std::fs::read_to_string(dir.join("modules.dep")) {
+            Ok(dep) => (from_modules_dep(dir, &dep), true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (from_modinfo(dir)?, false),
             Err(e) => {
                 return Err(std::io::Error::new(
                     e.kind(),
@@ -52,6 +53,19 @@ impl Modules {
         let mut order: Vec<usize> = Vec::new();
         for want in wanted {
             visit(want, &tree, &mut order, 0);
+        }
+        // A compressed module's dependencies are not read here: without modules.dep they
+        // would be missing from the initramfs, and loading it would fail in the guest.
+        if let Some(m) = order
+            .iter()
+            .map(|&i| &tree[i])
+            .find(|m| !listed && !m.path.to_string_lossy().ends_with(".ko"))
+        {
+            return Err(std::io::Error::other(format!(
+                "{} is compressed and {} has no modules.dep: run `depmod -b ROOT VERSION` on the tree first",
+                m.path.display(),
+                dir.display()
+            )));
         }
         Ok(Modules {
             files: order.into_iter().map(|i| tree[i].path.clone()).collect(),

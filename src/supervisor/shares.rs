@@ -262,8 +262,15 @@ fn start_backend(
     // state, with strings made before the fork.
     unsafe {
         command.pre_exec(move || {
-            // The listening socket is the one descriptor virtiofsd inherits on purpose.
-            if libc::fcntl(listener_fd, libc::F_SETFD, 0) != 0
+            // The listening socket is the one descriptor virtiofsd inherits: every other one
+            // this process got from its own parent closes at exec.
+            let all_cloexec = libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            if all_cloexec != 0 || libc::fcntl(listener_fd, libc::F_SETFD, 0) != 0
                 // It dies with the supervisor if it outlives the VM.
                 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
                 // Ctrl-C at the terminal is the supervisor's to act on, not the backend's.

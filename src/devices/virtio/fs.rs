@@ -10,7 +10,8 @@
 //! else: FUSE requests are the backend's to parse, in its own sandbox.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,6 +28,37 @@ pub const TAG_LEN: usize = crate::config::MAX_TAG_LEN;
 const QUEUE_SIZES: [u16; 2] = [1024, 1024];
 /// How many queues a share's backend serves.
 pub const QUEUES: usize = QUEUE_SIZES.len();
+/// How long a reset waits for the backend to let go of the rings.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether the backend holds the queues, so that a reset (the driver writing 0 to Status, on
+/// a vCPU thread) returns only once the queue side has taken them back on the VMM thread:
+/// the driver frees the rings when the write returns, and the backend must not write into
+/// them after that.
+#[derive(Debug, Default)]
+struct Held {
+    queues: Mutex<bool>,
+    released: Condvar,
+}
+
+impl Held {
+    fn set(&self, held: bool) {
+        *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = held;
+        if !held {
+            self.released.notify_all();
+        }
+    }
+
+    /// Waits until the backend no longer holds the queues; false if it still did at the end.
+    fn wait_released(&self, limit: Duration) -> bool {
+        let held = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let (held, _) = self
+            .released
+            .wait_timeout_while(held, limit, |held| *held)
+            .unwrap_or_else(|e| e.into_inner());
+        !*held
+    }
+}
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// What the guest may be offered of the backend's features: the ring features the backend
@@ -48,6 +80,7 @@ pub struct Fs {
     features: u64,
     /// What the driver acked at its last start, for the queue side to tell the backend.
     acked: Arc<AtomicU64>,
+    held: Arc<Held>,
 }
 
 /// A share's two sides: the register side, and the queue side that hands the queues to
@@ -57,9 +90,9 @@ pub fn split(tag: &str, backend: Backend) -> Result<(Fs, FsQueues), FsError> {
     let queues = FsQueues {
         backend,
         acked: fs.acked.clone(),
+        held: fs.held.clone(),
         kicks: Vec::new(),
         call: None,
-        started: 0,
     };
     Ok((fs, queues))
 }
@@ -78,6 +111,7 @@ impl Fs {
             config,
             features: backend_features & PASSED_FEATURES,
             acked: Arc::new(AtomicU64::new(0)),
+            held: Arc::new(Held::default()),
         })
     }
 }
@@ -119,6 +153,16 @@ impl VirtioDevice for Fs {
         self.acked.store(features, Ordering::Release);
         Ok(())
     }
+
+    /// Returns once the backend has let go of the rings (the queue side stops it when it sees
+    /// the reset), so the driver may free them.
+    fn reset(&mut self) {
+        if !self.held.wait_released(STOP_WAIT) {
+            warn_limited!(
+                "virtio-fs: the backend did not give the queues back within {STOP_WAIT:?}"
+            );
+        }
+    }
 }
 
 /// The queue side of a share: the backend serves the queues; this gives them to it at each
@@ -130,8 +174,17 @@ pub struct FsQueues {
     /// (the backend signals it).
     kicks: Vec<EventFd>,
     call: Option<EventFd>,
-    /// How many queues the backend holds now.
-    started: usize,
+    held: Arc<Held>,
+}
+
+impl FsQueues {
+    /// Takes every queue back from the backend, then lets a waiting reset return.
+    fn stop(&mut self) {
+        if let Err(e) = self.backend.stop(QUEUES) {
+            warn_limited!("virtio-fs: {}", crate::error_chain(&e));
+        }
+        self.held.set(false);
+    }
 }
 
 impl QueueHandler for FsQueues {
@@ -171,24 +224,25 @@ impl QueueHandler for FsQueues {
         let result = match &queues {
             // The register side refused a start without every queue: not reached.
             None => return,
-            Some(queues) => self.backend.activate(acked, ctx.mem, queues),
-        };
-        match result {
-            Ok(()) => self.started = queues.map_or(0, |q| q.len()),
-            Err(e) => {
-                // The host's fault (the backend went away), not the guest's: nothing is
-                // counted against it, and the driver learns the device can not run.
-                warn_limited!("{}: {}", ctx.shared.name(), crate::error_chain(&e));
-                ctx.shared.set_needs_reset();
+            Some(queues) => {
+                // Held from the first request on: a reset must wait even for a start that
+                // failed half-way.
+                self.held.set(true);
+                self.backend.activate(acked, ctx.mem, queues)
             }
+        };
+        if let Err(e) = result {
+            // The host's fault (the backend went away), not the guest's: nothing is counted
+            // against it, and the driver learns the device can not run. Whatever queues the
+            // backend did take are taken back now.
+            warn_limited!("{}: {}", ctx.shared.name(), crate::error_chain(&e));
+            ctx.shared.set_needs_reset();
+            self.stop();
         }
     }
 
     fn reset(&mut self) {
-        let started = std::mem::take(&mut self.started);
-        if let Err(e) = self.backend.stop(started) {
-            warn_limited!("virtio-fs: {}", crate::error_chain(&e));
-        }
+        self.stop();
     }
 }
 
@@ -213,6 +267,25 @@ mod tests {
         assert_eq!(fs.queue_max_sizes().len(), 2);
         // Only the ring features pass, however much the backend offers.
         assert_eq!(fs.features(), PASSED_FEATURES);
+    }
+
+    #[test]
+    fn a_reset_waits_until_the_queue_side_has_taken_the_queues_back() {
+        let held = Arc::new(Held::default());
+        // Nothing held: no wait.
+        assert!(held.wait_released(Duration::ZERO));
+        held.set(true);
+        assert!(!held.wait_released(Duration::from_millis(10)), "still held");
+        let releaser = {
+            let held = held.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                held.set(false);
+            })
+        };
+        // Released by the other side well within the limit: the wait ends then.
+        assert!(held.wait_released(Duration::from_secs(60)));
+        releaser.join().unwrap();
     }
 
     #[test]

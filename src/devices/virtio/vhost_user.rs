@@ -193,18 +193,26 @@ impl Backend {
 
     /// Takes the first `queues` queues back from the backend (the driver reset the device):
     /// each is disabled, then stopped (GET_VRING_BASE), so the backend lets go of rings the
-    /// driver has reclaimed before the device can start again.
+    /// driver has reclaimed before the device can start again. Goes on past a refusal, so one
+    /// queue's error leaves no other running; returns the first.
     pub fn stop(&mut self, queues: usize) -> Result<(), VhostUserError> {
+        let mut first = Ok(());
         for index in 0..queues.min(self.queues) {
-            if self.protocol {
+            let disabled = if self.protocol {
                 request(
                     "SET_VRING_ENABLE",
                     self.frontend.set_vring_enable(index, false),
-                )?;
+                )
+            } else {
+                Ok(())
+            };
+            let stopped =
+                request("GET_VRING_BASE", self.frontend.get_vring_base(index)).map(|_| ());
+            if first.is_ok() {
+                first = disabled.and(stopped);
             }
-            request("GET_VRING_BASE", self.frontend.get_vring_base(index))?;
         }
-        Ok(())
+        first
     }
 }
 
