@@ -9,6 +9,8 @@ use common::lane::{lane_available, lane_script, LANE};
 /// Run inside L1: $1 bulkhead, $2 kernel. Each case prints `case NAME status N`.
 const EXEC_LANE_SCRIPT: &str = r#"
 bulkhead=$1 kernel=$2
+# The guest runs the command in this directory; /tmp is its own, so not one under /tmp.
+cd /
 ex() { "$bulkhead" exec --kernel "$kernel" --mem-mib 256 --vcpus 1 "$@"; }
 ex -- sh -c 'exit 7'
 echo "case exit7 status $?"

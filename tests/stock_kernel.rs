@@ -100,6 +100,8 @@ fn debians_stock_kernel_sees_every_vcpu_and_device_writes_its_disk_and_powers_of
 /// modules exec needs were carried into L1, at their paths, without a modules.dep).
 const STOCK_EXEC_SCRIPT: &str = r#"
 bulkhead=$1 kernel=$2 modules=$4
+# The guest runs the command in this directory; /tmp is its own, so not one under /tmp.
+cd /
 "$bulkhead" exec --kernel "$kernel" --modules "$modules" --mem-mib 256 -- sh -c 'echo stock-exec-$((6 * 7)); grep -c virtiofs /proc/mounts; exit 5'
 echo "lane: stock exec status $?"
 "#;
