@@ -202,14 +202,7 @@ fn run_inner(options: &ExecOptions, log_level: Option<&'static str>) -> Result<i
         dies_with_us: true,
     })?;
     let pid = supervisor.pid();
-    let wake: Vec<PathBuf> = [
-        streams::PORT_STDOUT,
-        streams::PORT_STDERR,
-        streams::PORT_STATUS,
-    ]
-    .iter()
-    .map(|p| PathBuf::from(format!("{}_{p}", uds.display())))
-    .collect();
+    let wake = serving.paths().clone();
     // The VM's end wakes whichever stream the guest never opened.
     let reaper = std::thread::Builder::new()
         .name("exec-reaper".into())

@@ -161,6 +161,11 @@ impl Serving {
         ending
     }
 
+    /// The three sockets' paths: a connection to each ends an accept still waiting.
+    pub fn paths(&self) -> &[PathBuf; 3] {
+        &self.paths
+    }
+
     fn join_output(&mut self) {
         for handle in [self.out.take(), self.err.take()].into_iter().flatten() {
             let _ = handle.join();
