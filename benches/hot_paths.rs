@@ -82,6 +82,8 @@ fn vcpu_io(mmio: Bus) -> VcpuIo {
         mmio: Arc::new(mmio),
         reporter: Reporter::detached().expect("reporter"),
         exit,
+        pause: Arc::new(bulkhead::vstate::pause::PauseGate::new(1)),
+        msr_list: Arc::from(Vec::new()),
     }
 }
 

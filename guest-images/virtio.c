@@ -13,6 +13,11 @@
  *   mode=blk-ro    the same disk attached read-only: a write fails with IOERR, reads work
  *   mode=blk-hostio  reads the last sector, then waits for a line on the console (meanwhile
  *                  the host shrinks the backing file) and reads it again: IOERR
+ *   mode=tick      for snapshots: starts virtio-rng, then every period= ms (default 50) draws
+ *                  16 random bytes and prints "tick N", ticks= times (default 40), then
+ *                  "tick: done". Its output and status are the same whether or not it was
+ *                  snapshotted and restored in between; a restored device that lost its queue
+ *                  position stops answering, and the guest fails
  *   mode=hostile   every bad input the devices must refuse; each must be answered as the
  *                  device type allows, and the device must keep working (or ask for a reset
  *                  and work after it)
@@ -719,6 +724,31 @@ static void test_vsock(void) {
     check(reset, "vsock: sending past the credit resets the connection");
 }
 
+static void tick(void) {
+    struct dev d;
+    check(open_device(&d, ID_RNG, &queues[0], 0), "rng: device initialised");
+    if (failures) return;
+    u64 ticks = cmdline_u64("ticks", 40), period = cmdline_u64("period", 50);
+    u64 next = now_ns();
+    for (u64 i = 0; i < ticks; i++) {
+        /* Each tick a fresh chain: the ring's position moves with the guest's time. */
+        u16 head = (u16)(i % QSIZE);
+        memset(data, 0, 16);
+        set_desc(d.q->desc, head, data, 16, F_WRITE, 0);
+        if (submit(&d, head) != 16) {
+            puts("tick: the rng did not answer\n");
+            failures++;
+            return;
+        }
+        puts("tick ");
+        put_dec(i);
+        putc('\n');
+        next += period * 1000000ULL;
+        while (now_ns() < next) __asm__ volatile("pause");
+    }
+    puts("tick: done\n");
+}
+
 /* Says where the devices are announced: the DSDT, and how many command-line entries. */
 static void report_announcements(void) {
     static const char key[] = "virtio_mmio.device=";
@@ -750,6 +780,8 @@ void guest_main(void) {
         test_vsock();
     } else if (mode && str_eq(mode, len, "net")) {
         test_net();
+    } else if (mode && str_eq(mode, len, "tick")) {
+        tick();
     } else if (mode && str_eq(mode, len, "hostile")) {
         test_hostile();
     } else {

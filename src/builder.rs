@@ -18,12 +18,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::Arc;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::acpi::{self, Board, PortDevice, PowerRegisters, VirtioMmio};
-use crate::arch::x86_64::{layout, mptable, reset_vector, ArchError};
-use crate::boot::{self, BootError, BootFile};
+use crate::arch::x86_64::acpi::{Board, PortDevice, PowerRegisters, VirtioMmio};
+use crate::arch::x86_64::{layout, mptable, ArchError};
+use crate::boot::{BootError, BootFile};
 use crate::broker::BrokerClient;
 use crate::config::{ConsoleConfig, IrqChip, RateLimiterConfig, TokenBucketConfig, VmConfig};
 use crate::devices::legacy::{
@@ -46,8 +45,15 @@ use crate::telemetry::{DeviceTelemetry, OnViolation, Reporter};
 use crate::vmm::{Control, RawTerminal, Vmm};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError, VcpuIo};
+use crate::vstate::pause::PauseGate;
+use crate::vstate::vcpu::{VcpuError, VcpuIo};
 use crate::vstate::vm::{Vm, VmError};
+
+mod kernel;
+mod restore;
+
+use kernel::boot;
+pub use restore::RestoreError;
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +102,10 @@ pub enum BuildError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::RegionError),
+    #[error("cannot read KVM's MSR list: {0}")]
+    MsrList(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
     #[error("cannot open console file {path}: {source}")]
     ConsoleFile {
         path: std::path::PathBuf,
@@ -110,6 +120,7 @@ impl BuildError {
         match self {
             BuildError::Kvm(e) => e.is_bad_input(),
             BuildError::Boot(e) => e.is_bad_input(),
+            BuildError::Restore(e) => e.is_bad_input(),
             BuildError::ConsoleFile { .. }
             | BuildError::Disk(_)
             | BuildError::Tap(_)
@@ -146,6 +157,10 @@ pub type AfterOpen = Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + 
 
 /// Builds the VM described by `config`, ready for [`Vmm::run`].
 pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
+    // The user that started the VM, who alone (with root) may use its control socket; read
+    // before a jail changes this process's credentials.
+    // SAFETY: getuid has no preconditions.
+    let owner = unsafe { libc::getuid() };
     let BuildEnv {
         reporter,
         console_file,
@@ -155,15 +170,26 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         broker,
         shares,
     } = env;
-    let mut kernel_file =
-        BootFile::open_with("kernel", &config.vm.kernel, config.process.no_follow)?;
-    let mut initrd_file = match &config.vm.initrd {
-        Some(path) => Some(BootFile::open_with(
+    // A restore reads no kernel: the snapshot's memory holds the running guest.
+    let restore = match &config.vm.restore {
+        Some(spec) => Some(restore::open(spec, config)?),
+        None => None,
+    };
+    let mut kernel_file = match restore {
+        Some(_) => None,
+        None => Some(BootFile::open_with(
+            "kernel",
+            &config.vm.kernel,
+            config.process.no_follow,
+        )?),
+    };
+    let mut initrd_file = match (&config.vm.initrd, &restore) {
+        (Some(path), None) => Some(BootFile::open_with(
             "initrd",
             path,
             config.process.no_follow,
         )?),
-        None => None,
+        _ => None,
     };
     let mut disks = Vec::with_capacity(config.vm.disks.len());
     for disk in &config.vm.disks {
@@ -216,7 +242,17 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     } else {
         memory::Backing::Shared
     };
-    let guest_memory = memory::create_guest_memory(config.vm.mem_bytes(), backing)?;
+    let (guest_memory, restore) = match restore {
+        Some(r) => {
+            let (mem_file, state) = r.into_parts();
+            let mem = memory::map_snapshot(config.vm.mem_bytes(), mem_file)?;
+            (mem, Some(state))
+        }
+        None => (
+            memory::create_guest_memory(config.vm.mem_bytes(), backing)?,
+            None,
+        ),
+    };
     let vm = Vm::new(&kvm, guest_memory, config.vm.irqchip)?;
     if !vm.msrs_filtered() {
         log::warn!("this KVM can not filter MSRs to user space: msr_probe alerts are off");
@@ -239,7 +275,11 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         .as_ref()
         .and_then(|_| RawTerminal::new(libc::STDIN_FILENO));
     let serial_irq = irq_line(&vm, legacy::SERIAL_IRQ, "the serial IRQ")?;
-    let serial = Arc::new(SerialPort::new(serial_irq, console_out));
+    let serial = Arc::new(match &restore {
+        Some(state) => SerialPort::restored(serial_irq, console_out, &state.devices.serial)
+            .ok_or(restore::RestoreError::Device("serial".into()))?,
+        None => SerialPort::new(serial_irq, console_out),
+    });
     let keyboard_irq = irq_line(&vm, legacy::I8042_IRQ, "the keyboard IRQ")?;
     let i8042 = Arc::new(I8042::new(keyboard_irq, exit.clone()));
     let mut pio = pio_bus(&serial, &i8042, &exit, &reporter, start_ns)?;
@@ -305,78 +345,57 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         virtio.attach(&vm, Box::new(device), Box::new(queues))?;
     }
 
-    if config.vm.irqchip == IrqChip::Split {
-        let ioapic = Ioapic::new(mptable::apic_id(config.vm.vcpus), Box::new(vm.msi_routes()));
+    let ioapic = if config.vm.irqchip == IrqChip::Split {
+        let ioapic = Arc::new(Ioapic::new(
+            mptable::apic_id(config.vm.vcpus),
+            Box::new(vm.msi_routes()),
+        ));
         virtio
             .bus
-            .insert(Arc::new(ioapic), layout::IOAPIC_START, ioapic::IOAPIC_LEN)?;
-    }
-
-    let mem = vm.memory();
-    let kernel = boot::load_kernel(mem, &mut kernel_file)?;
-    let initrd = match initrd_file.as_mut() {
-        Some(file) => Some(boot::load_initrd(
-            mem,
-            file,
-            config.vm.mem_bytes(),
-            &kernel,
-        )?),
-        None => None,
-    };
-    let announced: Vec<String> = if config.vm.cmdline_devices {
-        virtio
-            .windows
-            .iter()
-            .map(VirtioMmio::cmdline_entry)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let cmdline = boot::build_cmdline(&config.vm.cmdline, &announced)?;
-    let rsdp = if config.vm.acpi {
-        Some(acpi::Tables::build(&board(config.vm.vcpus, &virtio.windows))?.write(mem)?)
+            .insert(ioapic.clone(), layout::IOAPIC_START, ioapic::IOAPIC_LEN)?;
+        Some(ioapic)
     } else {
         None
     };
-    boot::write_boot_info(
-        mem,
-        config.vm.mem_bytes(),
-        &kernel,
-        initrd.as_ref(),
-        &cmdline,
-        rsdp,
-    )?;
-    mptable::setup_mptable(mem, config.vm.vcpus)?;
-    reset_vector::write(mem, legacy::I8042_COMMAND_PORT, legacy::I8042_PULSE_RESET)?;
 
-    let supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::Cpuid)?;
-    let mut vcpus = Vec::new();
-    for index in 0..config.vm.vcpus {
-        let vcpu = Vcpu::new(&vm, index)?;
-        let boot = (index == 0).then_some(BootEntry {
-            entry: kernel.entry,
-            mode: kernel.mode,
-        });
-        vcpu.configure(&supported_cpuid, config.vm.vcpus, mem, boot)?;
-        vcpus.push(vcpu);
-    }
-    log::debug!(
-        "built VM {} for tenant {}: {} vCPU(s), {} MiB, kernel entry {:#x} ({:?})",
-        config.process.vm_id,
-        config.process.tenant,
-        config.vm.vcpus,
-        config.vm.mem_mib,
-        kernel.entry,
-        kernel.mode
-    );
+    let msr_list: Arc<[u32]> = kvm
+        .get_msr_index_list()
+        .map_err(BuildError::MsrList)?
+        .as_slice()
+        .into();
+    let pause = Arc::new(PauseGate::new(config.vm.vcpus as usize));
+    let sources = crate::snapshot::Sources {
+        vm: vm.clone(),
+        serial: serial.clone(),
+        i8042: i8042.clone(),
+        ioapic,
+        transports: virtio.transports.clone(),
+        pause: pause.clone(),
+        machine: config.vm.machine.clone(),
+        mem_bytes: config.vm.mem_bytes(),
+        shares: !config.vm.shares.is_empty(),
+    };
+    let vcpus = match (restore, kernel_file.as_mut()) {
+        (Some(state), _) => restore::apply(&vm, &sources, &mut virtio.workers, &state)?,
+        (None, Some(kernel_file)) => boot(
+            config,
+            &kvm,
+            &vm,
+            &virtio.windows,
+            kernel_file,
+            initrd_file.as_mut(),
+        )?,
+        // Without a restore the kernel was opened above.
+        (None, None) => return Err(BuildError::Restore(restore::RestoreError::NoKernel)),
+    };
 
     let io = Arc::new(VcpuIo {
         pio: Arc::new(pio),
         mmio: Arc::new(virtio.bus),
         reporter,
         exit,
+        pause,
+        msr_list,
     });
     Ok(Vmm {
         vm,
@@ -388,11 +407,8 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         raw_terminal,
         seccomp: config.process.seccomp,
         firecracker_names: config.quirks.firecracker_names,
-        control: control.map(|channel| Control {
-            channel: std::os::unix::net::UnixStream::from(channel),
-            i8042: i8042.clone(),
-            disks: disk_handles,
-        }),
+        control: control.map(|channel| Control::new(channel, owner, i8042, disk_handles)),
+        snapshot: sources,
         test_hook: config.test_hook,
     })
 }
@@ -404,6 +420,8 @@ struct VirtioBus {
     /// Each device's register window and interrupt, for the DSDT.
     windows: Vec<VirtioMmio>,
     devices: Vec<Arc<DeviceShared>>,
+    /// Each device's register side, for snapshots.
+    transports: Vec<Arc<MmioTransport>>,
     workers: Vec<VirtioWorker>,
     /// Each device's name, by attach order (`VmConfig::device_names`).
     names: Vec<String>,
@@ -473,7 +491,9 @@ impl VirtioBus {
         let mem = vm.memory().clone();
         let transport =
             MmioTransport::new(device, shared.clone(), mem.clone()).notify_by(transport_evts);
-        self.bus.insert(Arc::new(transport), base, mmio::MMIO_LEN)?;
+        let transport = Arc::new(transport);
+        self.bus.insert(transport.clone(), base, mmio::MMIO_LEN)?;
+        self.transports.push(transport);
         self.windows.push(VirtioMmio {
             base,
             size: mmio::MMIO_LEN,

@@ -63,6 +63,9 @@ pub enum Command {
     },
     /// Talk to the management daemon.
     Ctl(CtlArgs),
+    /// Snapshots of a running `bulkhead run --control-socket PATH`.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Firecracker's command line, config file and API (also what this binary does when
     /// invoked as `firecracker`).
     Firecracker(FcArgs),
@@ -80,6 +83,35 @@ pub enum Command {
         /// this program's directory, as cargo builds them].
         #[arg(long, value_name = "DIR")]
         guests: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Pause the VM, write its state and memory, and resume it (or leave it paused, or end it).
+    Create {
+        /// The VM's control socket (`bulkhead run --control-socket`).
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// The state file to write (created mode 0600, replaced if it exists).
+        #[arg(long, value_name = "PATH")]
+        state: PathBuf,
+        /// The memory file to write (created mode 0600, replaced if it exists).
+        #[arg(long, value_name = "PATH")]
+        mem: PathBuf,
+        /// Leave the VM paused afterwards (`bulkhead snapshot resume` lets it go on).
+        #[arg(long)]
+        keep_paused: bool,
+    },
+    /// Pause a running VM.
+    Pause {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+    },
+    /// Resume a paused VM.
+    Resume {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
     },
 }
 
@@ -324,6 +356,17 @@ pub struct RunArgs {
     /// a new, empty one.
     #[arg(long, value_name = "PATH", requires = "jail")]
     pub jail_netns: Option<PathBuf>,
+    /// Start from a snapshot's state file (with --restore-mem) instead of booting a kernel;
+    /// the machine settings come from the snapshot.
+    #[arg(long, value_name = "STATE", requires = "restore_mem")]
+    pub restore: Option<PathBuf>,
+    /// The snapshot's memory file, mapped copy-on-write.
+    #[arg(long, value_name = "MEM", requires = "restore")]
+    pub restore_mem: Option<PathBuf>,
+    /// Take control requests (pause, resume, snapshot) on this Unix socket, created mode 0600
+    /// and removed at exit; only this user and root may connect.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// KVM device to open.
     #[arg(long, value_name = "PATH", hide = true)]
     pub kvm_device: Option<PathBuf>,
@@ -368,6 +411,12 @@ impl RunArgs {
             vsock_cid_shared: None,
             console_limit: self.console_limit,
             no_follow: self.no_follow.then_some(true),
+            restore: self
+                .restore
+                .clone()
+                .zip(self.restore_mem.clone())
+                .map(|(state, mem)| bulkhead::config::RawRestore { state, mem }),
+            control_socket: self.control_socket.clone(),
             jail: self.jail.then(|| RawJail {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,

@@ -18,10 +18,10 @@ pub use devices::{format_mac, DiskConfig, NetConfig, RawDisk, RawNet, RawVsock, 
 use devices::{validate_disks, validate_nets, validate_vsock};
 pub use jail::{JailConfig, RawJail, DEFAULT_JAIL_DIR, MIN_FILE_SIZE_MIB};
 pub use limits::{RateLimiterConfig, TokenBucketConfig};
-pub use raw::{PinnedFile, RawConfig, ThreadNames};
+pub use raw::{PinnedFile, RawConfig, RawRestore, ThreadNames};
 use shares::validate_shares;
 pub use shares::{is_share_tag, RawShare, ShareConfig, MAX_TAG_LEN};
-pub use spec::{ConsoleConfig, IrqChip, ProcessSpec, Quirks, VmConfig, VmSpec};
+pub use spec::{ConsoleConfig, IrqChip, ProcessSpec, Quirks, RestoreSpec, VmConfig, VmSpec};
 pub use supervision::{AlertsTarget, HttpTarget, RawSupervision, Supervision, MAX_TIMEOUT_SECS};
 
 /// Smallest guest RAM accepted; below this even the test guests' page tables and stacks are
@@ -130,6 +130,12 @@ pub enum ConfigError {
     OnViolation(#[from] crate::telemetry::policy::UnknownPolicy),
     #[error("invalid --irqchip {0:?}: expected split or full")]
     IrqChip(String),
+    #[error("a VM with shares can not be restored from a snapshot: a share's backend keeps state no snapshot has")]
+    RestoreShares,
+    #[error(
+        "a restore in a jail is not supported yet: the jail does not bind the snapshot's files"
+    )]
+    RestoreJailed,
 }
 
 /// True when the kernel's part of `cmdline` (before any `--`) holds `acpi=off`.
@@ -143,6 +149,20 @@ fn kernel_turns_acpi_off(cmdline: &str) -> bool {
 impl VmConfig {
     /// Validates `raw` against this host (`host_mem_mib` is its RAM).
     pub fn from_raw(raw: RawConfig, host_mem_mib: u64) -> Result<VmConfig, ConfigError> {
+        let machine = raw.machine().to_json();
+        let restore = raw.restore.clone().map(|r| RestoreSpec {
+            state: r.state,
+            mem: r.mem,
+        });
+        if restore.is_some() {
+            if raw.jail.is_some() {
+                return Err(ConfigError::RestoreJailed);
+            }
+            // A share's backend holds state of its own that no snapshot has.
+            if raw.shares.as_ref().is_some_and(|s| !s.is_empty()) {
+                return Err(ConfigError::RestoreShares);
+            }
+        }
         let kernel = raw.kernel.ok_or(ConfigError::MissingKernel)?;
         let vcpus = raw.vcpus.unwrap_or(DEFAULT_VCPUS);
         if vcpus == 0 || vcpus > MAX_VCPUS {
@@ -268,6 +288,8 @@ impl VmConfig {
                 acpi,
                 cmdline_devices,
                 irqchip,
+                restore,
+                machine,
             },
             process: ProcessSpec {
                 tenant,
@@ -277,6 +299,7 @@ impl VmConfig {
                 supervision,
                 jail,
                 control_fd: raw.control_fd.filter(|fd| *fd > 2),
+                control_socket: raw.control_socket,
                 handover_fd: raw.handover_fd.filter(|fd| *fd > 2),
                 no_follow,
                 pinned_files: raw.pinned_files.unwrap_or_default(),

@@ -1,7 +1,8 @@
-//! The control channel's protocol: how a front end (the Firecracker personality) asks the
-//! running VM process to act, and what it answers. One Unix stream socket; every message either
-//! way is 8 bytes (a code byte, three zero bytes, a little-endian u32 argument), and a disk swap
-//! carries the new backing file as SCM_RIGHTS. Both ends encode and decode with the types here,
+//! The control channel's protocol: how a front end (the Firecracker personality, or
+//! `bulkhead snapshot` through `--control-socket`) asks the running VM process to act, and what
+//! it answers. One Unix stream socket; every message either way is 8 bytes (a code byte, three
+//! zero bytes, a little-endian u32 argument); a disk swap carries the new backing file and a
+//! snapshot its state and memory files, as SCM_RIGHTS. Both ends encode and decode with the types here,
 //! so a request the two ends spell differently does not compile.
 //!
 //! The front end is host input, not guest input, but the VM process still checks it: a message
@@ -27,6 +28,13 @@ pub enum Request {
     /// Are you running? Answered once the VMM serves its event loop (the vCPUs run), with
     /// [`Answer::Running`].
     Ping,
+    /// Stop the vCPUs where they are (outside KVM_RUN), for a snapshot.
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// Write a full snapshot of the paused VM: its state into the first file sent along, guest
+    /// RAM into the second (empty) one.
+    Snapshot,
 }
 
 /// What the VM process answers.
@@ -44,6 +52,12 @@ pub enum Answer {
     NoFile,
     /// The file sent along is not a disk the VM process can use.
     BadFile,
+    /// A snapshot was asked of a VM that is not paused.
+    NotPaused,
+    /// The VM process could not carry the request out (its log says why).
+    Failed,
+    /// This VM can not do that (a snapshot of a VM with virtio-fs shares).
+    Unsupported,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +85,9 @@ impl Request {
             Request::CtrlAltDel => message(1, 0),
             Request::SwapDisk { index } => message(2, index),
             Request::Ping => message(3, 0),
+            Request::Pause => message(4, 0),
+            Request::Resume => message(5, 0),
+            Request::Snapshot => message(6, 0),
         }
     }
 
@@ -83,6 +100,9 @@ impl Request {
             (1, 0) => Some(Request::CtrlAltDel),
             (2, index) => Some(Request::SwapDisk { index }),
             (3, 0) => Some(Request::Ping),
+            (4, 0) => Some(Request::Pause),
+            (5, 0) => Some(Request::Resume),
+            (6, 0) => Some(Request::Snapshot),
             _ => None,
         }
     }
@@ -97,6 +117,9 @@ impl Answer {
             Answer::NoSuchDisk => message(2, 0),
             Answer::NoFile => message(3, 0),
             Answer::BadFile => message(4, 0),
+            Answer::NotPaused => message(6, 0),
+            Answer::Failed => message(7, 0),
+            Answer::Unsupported => message(8, 0),
         }
     }
 
@@ -111,24 +134,44 @@ impl Answer {
             (2, 0) => Answer::NoSuchDisk,
             (3, 0) => Answer::NoFile,
             (4, 0) => Answer::BadFile,
+            (6, 0) => Answer::NotPaused,
+            (7, 0) => Answer::Failed,
+            (8, 0) => Answer::Unsupported,
             _ => return None,
         })
     }
 }
 
-/// Receives one request and the file sent with it. `Ok(None)` when the peer closed the
+/// The most files one request carries (a snapshot's two).
+pub const MAX_FILES: usize = 2;
+
+/// Receives one request and the files sent with it. `Ok(None)` when the peer closed the
 /// channel; a message that is no request decodes as `Err(Malformed)`.
-pub fn receive(channel: &UnixStream) -> Result<Option<(Request, Option<File>)>, ControlError> {
+pub fn receive(channel: &UnixStream) -> Result<Option<(Request, Vec<File>)>, ControlError> {
+    use std::os::fd::FromRawFd;
     let mut msg = [0u8; MESSAGE_LEN];
-    let (n, file) = channel
-        .recv_with_fd(&mut msg)
+    let mut iov = [libc::iovec {
+        iov_base: msg.as_mut_ptr().cast(),
+        iov_len: msg.len(),
+    }];
+    let mut fds = [-1; MAX_FILES];
+    // SAFETY: the iovec points at `msg`, which lives across the call; the kernel writes at
+    // most its length there, and at most MAX_FILES descriptors into `fds`.
+    let (n, nfds) = unsafe { channel.recv_with_fds(&mut iov, &mut fds) }
         .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    let files: Vec<File> = fds
+        .iter()
+        .take(nfds)
+        .filter(|fd| **fd >= 0)
+        // SAFETY: each descriptor came with this message and is owned by nobody else yet.
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
     if n == 0 {
         return Ok(None);
     }
     // A short message is padded with zeros and so decodes as no request unless it was whole.
     match (n == MESSAGE_LEN).then(|| Request::decode(&msg)).flatten() {
-        Some(request) => Ok(Some((request, file))),
+        Some(request) => Ok(Some((request, files))),
         None => Err(ControlError::Malformed(msg)),
     }
 }
@@ -146,14 +189,25 @@ pub fn ask(
     request: Request,
     file: Option<&File>,
 ) -> Result<Answer, ControlError> {
+    let files: Vec<&File> = file.into_iter().collect();
+    ask_with(channel, request, &files)
+}
+
+/// Sends `request` with `files` (a snapshot's state and memory files) and reads its answer.
+pub fn ask_with(
+    channel: &UnixStream,
+    request: Request,
+    files: &[&File],
+) -> Result<Answer, ControlError> {
     let msg = request.encode();
-    match file {
-        Some(f) => channel
-            .send_with_fd(&msg[..], f.as_raw_fd())
-            .map(drop)
-            .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno()))),
-        None => (&*channel).write_all(&msg).map_err(ControlError::Io),
-    }?;
+    if files.is_empty() {
+        (&*channel).write_all(&msg).map_err(ControlError::Io)?;
+    } else {
+        let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        channel
+            .send_with_fds(&[&msg[..]], &fds)
+            .map_err(|e| ControlError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    }
     let mut answer = [0u8; MESSAGE_LEN];
     (&*channel).read_exact(&mut answer).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -176,6 +230,9 @@ mod tests {
             Request::Ping,
             Request::SwapDisk { index: 0 },
             Request::SwapDisk { index: u32::MAX },
+            Request::Pause,
+            Request::Resume,
+            Request::Snapshot,
         ] {
             assert_eq!(Request::decode(&r.encode()), Some(r));
         }
@@ -186,6 +243,9 @@ mod tests {
             Answer::NoSuchDisk,
             Answer::NoFile,
             Answer::BadFile,
+            Answer::NotPaused,
+            Answer::Failed,
+            Answer::Unsupported,
         ] {
             assert_eq!(Answer::decode(&a.encode()), Some(a));
         }
@@ -195,18 +255,20 @@ mod tests {
     fn a_message_with_an_unknown_code_or_stray_bytes_is_no_request() {
         assert_eq!(Request::decode(&[9, 0, 0, 0, 0, 0, 0, 0]), None);
         assert_eq!(Request::decode(&[1, 1, 0, 0, 0, 0, 0, 0]), None);
-        // Ctrl-Alt-Del and ping take no argument.
-        assert_eq!(Request::decode(&[1, 0, 0, 0, 1, 0, 0, 0]), None);
-        assert_eq!(Answer::decode(&[7, 0, 0, 0, 0, 0, 0, 0]), None);
+        // Ctrl-Alt-Del, ping, pause, resume and snapshot take no argument.
+        for code in [1, 3, 4, 5, 6] {
+            assert_eq!(Request::decode(&[code, 0, 0, 0, 1, 0, 0, 0]), None);
+        }
+        assert_eq!(Answer::decode(&[9, 0, 0, 0, 0, 0, 0, 0]), None);
     }
 
     #[test]
     fn a_request_crosses_the_channel_with_its_file_and_gets_its_answer() {
         let (front, vm) = UnixStream::pair().unwrap();
         let served = std::thread::spawn(move || {
-            let (request, file) = receive(&vm).unwrap().unwrap();
+            let (request, files) = receive(&vm).unwrap().unwrap();
             assert_eq!(request, Request::SwapDisk { index: 3 });
-            assert!(file.is_some());
+            assert_eq!(files.len(), 1);
             reply(&vm, Answer::BadFile).unwrap();
             // A short message is refused as malformed, and the peer's close is seen.
             assert!(matches!(receive(&vm), Err(ControlError::Malformed(_))));

@@ -23,6 +23,7 @@ pub mod process;
 pub mod procfs;
 pub mod seccomp;
 pub mod signal;
+pub mod snapshot;
 pub mod supervisor;
 pub mod telemetry;
 pub mod test_hooks;

@@ -73,6 +73,7 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => serve(&config),
         Command::Ctl(args) => ctl(&args),
+        Command::Snapshot(command) => snapshot(&command),
         Command::Audit { out, guests } => audit(&out, guests),
         Command::Firecracker(args) => firecracker(&args),
         Command::Jailer(args) => {
@@ -175,6 +176,33 @@ fn serve(path: &std::path::Path) -> i32 {
         Ok(config) => bulkhead::api::serve::serve(config),
         Err(e) => {
             log::error!("{}: {e}", path.display());
+            status::BAD_INPUT
+        }
+    }
+}
+
+/// `bulkhead snapshot`: 0 when done, 1 when the VM refused or failed, 2 when it can not be
+/// reached or a file can not be made.
+fn snapshot(command: &cli::SnapshotCommand) -> i32 {
+    use bulkhead::snapshot::client::{self, ClientError};
+    let result = match command {
+        cli::SnapshotCommand::Create {
+            control_socket,
+            state,
+            mem,
+            keep_paused,
+        } => client::create(control_socket, state, mem, *keep_paused),
+        cli::SnapshotCommand::Pause { control_socket } => client::pause(control_socket, true),
+        cli::SnapshotCommand::Resume { control_socket } => client::pause(control_socket, false),
+    };
+    match result {
+        Ok(()) => status::OK,
+        Err(e @ ClientError::Refused { .. }) => {
+            log::error!("{e}");
+            status::RUNTIME_ERROR
+        }
+        Err(e) => {
+            log::error!("{}", bulkhead::error_chain(&e));
             status::BAD_INPUT
         }
     }
@@ -350,6 +378,35 @@ enum LoadError {
     Invalid(#[from] bulkhead::ConfigError),
     #[error("--test-hook exists only in debug builds")]
     TestHookInRelease,
+    #[error("a restore takes the machine from the snapshot; these settings can not be given with it: {0}")]
+    RestoreMachine(String),
+    #[error("snapshot {}: {source}", path.display())]
+    Snapshot {
+        path: std::path::PathBuf,
+        #[source]
+        source: bulkhead::snapshot::SnapshotError,
+    },
+}
+
+/// The settings of a restore: the snapshot's machine, and from `raw` only who runs it and how
+/// (a machine setting given again is refused: the snapshot fixes it).
+fn from_snapshot(raw: RawConfig, state: &std::path::Path) -> Result<RawConfig, LoadError> {
+    let given = raw.machine_fields_given();
+    if !given.is_empty() {
+        return Err(LoadError::RestoreMachine(given.join(", ")));
+    }
+    let snapshot_error = |source| LoadError::Snapshot {
+        path: state.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(state)
+        .map_err(|e| snapshot_error(bulkhead::snapshot::SnapshotError::Read(e)))?;
+    let saved = bulkhead::snapshot::read(&file).map_err(snapshot_error)?;
+    let machine = RawConfig::from_json(&saved.machine).map_err(|source| LoadError::File {
+        path: state.to_path_buf(),
+        source,
+    })?;
+    Ok(machine.overlay(raw))
 }
 
 fn load_config(args: &RunArgs) -> Result<VmConfig, LoadError> {
@@ -370,6 +427,10 @@ fn load_config(args: &RunArgs) -> Result<VmConfig, LoadError> {
         None => RawConfig::default(),
     };
     let raw = file.overlay(args.raw_config());
+    let raw = match raw.restore.clone() {
+        Some(restore) => from_snapshot(raw, &restore.state)?,
+        None => raw,
+    };
     let mut config = VmConfig::from_raw(raw, host_mem_mib())?;
     if let Some(hook) = args.test_hook {
         if !cfg!(debug_assertions) {

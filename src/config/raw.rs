@@ -85,9 +85,23 @@ pub struct RawConfig {
     pub console_limit: Option<u64>,
     /// `true`: a kernel, initrd or disk that is itself a symlink is refused.
     pub no_follow: Option<bool>,
+    /// Start from a snapshot instead of booting: its state file and memory file. The machine
+    /// settings come from the snapshot and may not be given again.
+    pub restore: Option<RawRestore>,
+    /// A Unix socket (created, mode 0600) on which the running VM takes control requests:
+    /// pause, resume, snapshot (`bulkhead snapshot create`).
+    pub control_socket: Option<PathBuf>,
     /// Files that must still be the ones checked earlier (the daemon's checks as the tenant):
     /// a jail refuses a path that now names another file.
     pub pinned_files: Option<Vec<PinnedFile>>,
+}
+
+/// A snapshot to start from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRestore {
+    pub state: PathBuf,
+    pub mem: PathBuf,
 }
 
 /// A file by path and identity: its device and inode (for a block device, the device it names
@@ -111,6 +125,53 @@ impl RawConfig {
     pub fn to_json(&self) -> String {
         // Every field is a plain value, a path or a list of them: serialising can not fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The machine part: what the VM is made of (boot, size, devices), without who runs it,
+    /// where its outputs go or how it is supervised. A snapshot keeps it and a restore starts
+    /// from it.
+    pub fn machine(&self) -> RawConfig {
+        RawConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            disks: self.disks.clone(),
+            nets: self.nets.clone(),
+            vsock: self.vsock.clone(),
+            shares: self.shares.clone(),
+            rng: self.rng,
+            rng_rate_limiter: self.rng_rate_limiter,
+            acpi: self.acpi,
+            cmdline_devices: self.cmdline_devices,
+            irqchip: self.irqchip.clone(),
+            ..RawConfig::default()
+        }
+    }
+
+    /// The machine settings given in `self` (by name), which a restore may not give again.
+    pub fn machine_fields_given(&self) -> Vec<&'static str> {
+        let m = self.machine();
+        [
+            ("kernel", m.kernel.is_some()),
+            ("initrd", m.initrd.is_some()),
+            ("cmdline", m.cmdline.is_some()),
+            ("vcpus", m.vcpus.is_some()),
+            ("mem_mib", m.mem_mib.is_some()),
+            ("disks", m.disks.is_some()),
+            ("nets", m.nets.is_some()),
+            ("vsock", m.vsock.is_some()),
+            ("shares", m.shares.is_some()),
+            ("rng", m.rng.is_some()),
+            ("rng_rate_limiter", m.rng_rate_limiter.is_some()),
+            ("acpi", m.acpi.is_some()),
+            ("cmdline_devices", m.cmdline_devices.is_some()),
+            ("irqchip", m.irqchip.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
     }
 
     /// Lays `over` on top of `self`: every field set in `over` wins.
@@ -148,6 +209,8 @@ impl RawConfig {
             console_limit: over.console_limit.or(self.console_limit),
             no_follow: over.no_follow.or(self.no_follow),
             pinned_files: over.pinned_files.or(self.pinned_files),
+            restore: over.restore.or(self.restore),
+            control_socket: over.control_socket.or(self.control_socket),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),

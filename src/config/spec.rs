@@ -49,6 +49,18 @@ pub struct VmSpec {
     /// when the command line turns it off (`acpi=off`).
     pub cmdline_devices: bool,
     pub irqchip: IrqChip,
+    /// Start from this snapshot instead of booting the kernel.
+    pub restore: Option<RestoreSpec>,
+    /// The machine settings as given ([`crate::RawConfig::machine`], as JSON): what a
+    /// snapshot of this VM keeps.
+    pub machine: String,
+}
+
+/// A snapshot to start from: its state file and memory file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSpec {
+    pub state: PathBuf,
+    pub mem: PathBuf,
 }
 
 /// Who the VM is, and how its processes are supervised, confined and controlled.
@@ -63,6 +75,8 @@ pub struct ProcessSpec {
     pub jail: Option<JailConfig>,
     /// The inherited control channel's descriptor.
     pub control_fd: Option<i32>,
+    /// A Unix socket the supervisor creates for control requests (`--control-socket`).
+    pub control_socket: Option<PathBuf>,
     /// The inherited hand-over socket's descriptor: the VM runs in the process at its other
     /// end, not in a fork of the supervisor.
     pub handover_fd: Option<i32>,

@@ -85,6 +85,21 @@ pub fn run(config: &VmConfig) -> i32 {
             return status::BAD_INPUT;
         }
     };
+    // A control socket is a listener the VM process serves; its path goes when the VM does.
+    let (control, _control_socket) = match (&config.process.control_socket, control) {
+        (Some(path), None) => match ControlSocket::bind(path) {
+            Ok((socket, fd)) => (Some(fd), Some(socket)),
+            Err(e) => {
+                log::error!("control socket {}: {e}", path.display());
+                return status::BAD_INPUT;
+            }
+        },
+        (Some(_), Some(_)) => {
+            log::error!("--control-socket can not be used with an inherited control channel");
+            return status::BAD_INPUT;
+        }
+        (None, control) => (control, None),
+    };
     let handover = match config.process.handover_fd.map(take_control) {
         None => None,
         Some(Ok(fd)) => Some(std::os::unix::net::UnixDatagram::from(fd)),
@@ -287,6 +302,33 @@ fn announce(jail: &VmJail) {
             jail.host_path(&v.uds).display(),
             jail.host_path(&v.uds).display()
         );
+    }
+}
+
+/// A control socket's path, removed when the supervisor is done with the VM.
+struct ControlSocket(std::ffi::CString);
+
+impl ControlSocket {
+    /// Binds a listening socket at `path` (which must not exist), mode 0600: the VM process
+    /// serves it, and takes connections from this user or root only.
+    fn bind(path: &std::path::Path) -> std::io::Result<(ControlSocket, std::os::fd::OwnedFd)> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let socket = ControlSocket(cpath);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok((socket, listener.into()))
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        // unlinkat, which the supervisor's filter allows (plain unlink it does not).
+        // SAFETY: the path is a NUL-terminated string that outlives the call.
+        unsafe { libc::unlinkat(libc::AT_FDCWD, self.0.as_ptr(), 0) };
     }
 }
 

@@ -1,37 +1,197 @@
 //! The VM process's end of the control channel ([`crate::control`]): carries out what the
-//! front end (the Firecracker personality) asks of the running VM. A request it can not carry
-//! out (an unknown message, a disk index out of range, a file that is not a disk) is refused
-//! with its answer, never trusted.
+//! front end (the Firecracker personality, or `bulkhead snapshot` through `--control-socket`)
+//! asks of the running VM. A request it can not carry out (an unknown message, a disk index out
+//! of range, a file that is not a disk, a snapshot of a running VM) is refused with its answer,
+//! never trusted.
+//!
+//! The channel is either a connected socket the front end holds the other end of, or a
+//! listening socket (`--control-socket`): the VMM then takes one connection at a time, from the
+//! user that started the VM or root only.
 
-use std::os::unix::net::UnixStream;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::control::{self, Answer, ControlError, Request};
 use crate::devices::legacy::I8042;
 use crate::devices::virtio::block::DiskHandle;
 use crate::devices::virtio::shared::DeviceShared;
+use crate::devices::virtio::VirtioWorker;
+use crate::snapshot::{self, CreateError, Sources};
+use crate::vstate::pause::PauseError;
+
+/// How long a pause waits for every vCPU to leave KVM_RUN.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where requests come from.
+enum Channel {
+    Connected(UnixStream),
+    /// A listening socket, its current connection, and who may connect.
+    Listening {
+        listener: UnixListener,
+        peer: Option<UnixStream>,
+        owner: u32,
+    },
+}
+
+/// What the snapshot requests act on, filled in when the VM starts running.
+pub struct Running {
+    pub sources: Sources,
+    pub workers: Vec<Arc<Mutex<VirtioWorker>>>,
+    /// Each vCPU thread, to kick out of KVM_RUN for a pause.
+    pub vcpu_threads: Vec<libc::pthread_t>,
+}
 
 /// What the control channel acts on.
 pub struct Control {
-    pub channel: UnixStream,
+    channel: Channel,
     pub i8042: Arc<I8042>,
     /// Each disk's handle and its device, in the guest's order.
     pub disks: Vec<(DiskHandle, Arc<DeviceShared>)>,
+    pub running: Option<Running>,
+}
+
+/// What the event loop must do after a control event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Nothing more.
+    Done,
+    /// A new connection: watch this descriptor too.
+    Accepted(RawFd),
+    /// The connection at this descriptor closed: stop watching it.
+    Closed(RawFd),
+    /// The control channel itself is gone.
+    Gone,
+}
+
+/// True when `fd` is a listening socket.
+fn is_listener(fd: &OwnedFd) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, an int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && value != 0
+}
+
+/// The uid of the process at the other end of `stream`.
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
 }
 
 impl Control {
-    /// Reads and carries out one request; false when the front end has gone away.
-    pub fn serve(&self) -> bool {
-        let answer = match control::receive(&self.channel) {
-            Ok(None) | Err(ControlError::Io(_) | ControlError::Closed) => return false,
-            Err(ControlError::Malformed(_)) => Answer::Unknown,
-            Ok(Some((request, file))) => self.carry_out(request, file),
+    /// The control channel on `fd`: a connected socket, or a listening one whose connections
+    /// must come from `owner` (the uid that started the VM) or root.
+    pub fn new(
+        fd: OwnedFd,
+        owner: u32,
+        i8042: Arc<I8042>,
+        disks: Vec<(DiskHandle, Arc<DeviceShared>)>,
+    ) -> Control {
+        let channel = if is_listener(&fd) {
+            Channel::Listening {
+                listener: UnixListener::from(fd),
+                peer: None,
+                owner,
+            }
+        } else {
+            Channel::Connected(UnixStream::from(fd))
         };
-        control::reply(&self.channel, answer).is_ok()
+        Control {
+            channel,
+            i8042,
+            disks,
+            running: None,
+        }
     }
 
-    fn carry_out(&self, request: Request, file: Option<std::fs::File>) -> Answer {
+    /// The descriptor the event loop watches first.
+    pub fn fd(&self) -> RawFd {
+        match &self.channel {
+            Channel::Connected(s) => s.as_raw_fd(),
+            Channel::Listening { listener, .. } => listener.as_raw_fd(),
+        }
+    }
+
+    /// Serves an event on descriptor `fd` (the channel, the listener or its connection).
+    pub fn serve(&mut self, fd: RawFd) -> Served {
+        if let Channel::Listening {
+            listener,
+            peer,
+            owner,
+        } = &mut self.channel
+        {
+            if fd == listener.as_raw_fd() {
+                return match listener.accept() {
+                    Ok((stream, _)) => {
+                        let allowed = peer_uid(&stream).is_some_and(|u| u == *owner || u == 0);
+                        if !allowed || peer.is_some() {
+                            // One controller at a time, and only the VM's owner.
+                            log::warn!("control socket: a connection was refused");
+                            return Served::Done;
+                        }
+                        let raw = stream.as_raw_fd();
+                        *peer = Some(stream);
+                        Served::Accepted(raw)
+                    }
+                    Err(_) => Served::Done,
+                };
+            }
+        }
+        let stream = match &self.channel {
+            Channel::Connected(s) => s,
+            Channel::Listening { peer: Some(p), .. } => p,
+            Channel::Listening { peer: None, .. } => return Served::Done,
+        };
+        let answer = match control::receive(stream) {
+            Ok(None) | Err(ControlError::Io(_) | ControlError::Closed) => None,
+            Err(ControlError::Malformed(_)) => Some(Answer::Unknown),
+            Ok(Some((request, files))) => Some(self.carry_out(request, files)),
+        };
+        match answer {
+            Some(answer) if control::reply(stream, answer).is_ok() => Served::Done,
+            _ => self.closed(),
+        }
+    }
+
+    /// The connection went away: a listener waits for the next one.
+    fn closed(&mut self) -> Served {
+        match &mut self.channel {
+            Channel::Connected(_) => Served::Gone,
+            Channel::Listening { peer, .. } => match peer.take() {
+                Some(p) => Served::Closed(p.as_raw_fd()),
+                None => Served::Done,
+            },
+        }
+    }
+
+    fn carry_out(&self, request: Request, files: Vec<File>) -> Answer {
         match request {
             Request::CtrlAltDel => {
                 self.i8042.ctrl_alt_del();
@@ -40,28 +200,89 @@ impl Control {
             Request::Ping => Answer::Running {
                 pid: std::process::id(),
             },
-            Request::SwapDisk { index } => {
-                let disk = usize::try_from(index).ok().and_then(|i| self.disks.get(i));
-                let Some((handle, device)) = disk else {
-                    return Answer::NoSuchDisk;
-                };
-                let Some(file) = file else {
-                    return Answer::NoFile;
-                };
-                match handle.swap(file, Path::new("(from the control channel)")) {
-                    Ok(sectors) => {
-                        log::info!(
-                            "{}: backing file swapped ({sectors} sectors)",
-                            device.name()
-                        );
-                        device.config_changed();
-                        Answer::Done
-                    }
-                    Err(e) => {
-                        log::warn!("{}: swap refused: {e}", device.name());
-                        Answer::BadFile
-                    }
+            Request::SwapDisk { index } => self.swap_disk(index, files.into_iter().next()),
+            Request::Pause => self.pause(),
+            Request::Resume => match &self.running {
+                Some(r) => {
+                    r.sources.pause.resume();
+                    Answer::Done
                 }
+                None => Answer::Failed,
+            },
+            Request::Snapshot => self.snapshot(files),
+        }
+    }
+
+    fn pause(&self) -> Answer {
+        let Some(running) = &self.running else {
+            return Answer::Failed;
+        };
+        let kick = || {
+            for &t in &running.vcpu_threads {
+                super::kick(t);
+            }
+        };
+        match running.sources.pause.pause(kick, PAUSE_TIMEOUT) {
+            Ok(()) => {
+                log::info!("the VM is paused");
+                Answer::Done
+            }
+            Err(e) => {
+                log::warn!("the VM could not be paused: {e}");
+                Answer::Failed
+            }
+        }
+    }
+
+    fn snapshot(&self, files: Vec<File>) -> Answer {
+        let Some(running) = &self.running else {
+            return Answer::Failed;
+        };
+        let [state, mem] = files.as_slice() else {
+            return Answer::NoFile;
+        };
+        let started = std::time::Instant::now();
+        match snapshot::create(&running.sources, &running.workers, state, mem) {
+            Ok(done) => {
+                log::info!(
+                    "snapshot written in {:?}: state {} bytes, memory {} MiB ({} pages written, {} zero pages left as holes)",
+                    started.elapsed(),
+                    done.state_bytes,
+                    done.memory.bytes >> 20,
+                    done.memory.pages_written,
+                    done.memory.pages_skipped
+                );
+                Answer::Done
+            }
+            Err(CreateError::Pause(PauseError::NotPaused)) => Answer::NotPaused,
+            Err(CreateError::Shares) => Answer::Unsupported,
+            Err(e) => {
+                log::warn!("snapshot failed: {e}");
+                Answer::Failed
+            }
+        }
+    }
+
+    fn swap_disk(&self, index: u32, file: Option<File>) -> Answer {
+        let disk = usize::try_from(index).ok().and_then(|i| self.disks.get(i));
+        let Some((handle, device)) = disk else {
+            return Answer::NoSuchDisk;
+        };
+        let Some(file) = file else {
+            return Answer::NoFile;
+        };
+        match handle.swap(file, Path::new("(from the control channel)")) {
+            Ok(sectors) => {
+                log::info!(
+                    "{}: backing file swapped ({sectors} sectors)",
+                    device.name()
+                );
+                device.config_changed();
+                Answer::Done
+            }
+            Err(e) => {
+                log::warn!("{}: swap refused: {e}", device.name());
+                Answer::BadFile
             }
         }
     }

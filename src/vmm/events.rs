@@ -10,6 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::console::ConsoleInput;
+use super::control::Served;
 use super::watchdog::{HaltWatchdog, BASE_TICK};
 use crate::exit::{ExitSignal, VmExitReason};
 
@@ -29,6 +30,8 @@ pub(super) struct VmmEvents {
     /// fork (no death signal ties them): its hang-up means the supervisor is gone.
     pub(super) lifeline: Option<OwnedFd>,
     pub(super) finished: bool,
+    /// The vCPUs' pause gate: the halt watchdog does not judge paused vCPUs.
+    pub(super) pause: Arc<crate::vstate::pause::PauseGate>,
 }
 
 const EV_EXIT: u32 = 1;
@@ -37,6 +40,8 @@ const EV_CONSOLE: u32 = 3;
 const EV_STOP: u32 = 4;
 const EV_CONTROL: u32 = 5;
 const EV_LIFELINE: u32 = 6;
+/// A connection to the control socket.
+const EV_CONTROL_PEER: u32 = 7;
 
 impl MutEventSubscriber for VmmEvents {
     fn init(&mut self, ops: &mut EventOps<'_>) {
@@ -62,7 +67,7 @@ impl MutEventSubscriber for VmmEvents {
             }
         }
         if let Some(control) = &self.control {
-            let ev = Events::with_data_raw(control.channel.as_raw_fd(), EV_CONTROL, EventSet::IN);
+            let ev = Events::with_data_raw(control.fd(), EV_CONTROL, EventSet::IN);
             if let Err(e) = ops.add(ev) {
                 log::warn!("the control channel is not served: {e:?}");
                 self.control = None;
@@ -94,6 +99,10 @@ impl MutEventSubscriber for VmmEvents {
                 let _ = self.exit.event_fd().read();
                 self.finished = true;
             }
+            EV_TIMER if self.pause.is_paused() => {
+                // Paused vCPUs sleep outside KVM: they are neither halted nor stuck.
+                let _ = self.timer.wait();
+            }
             EV_TIMER => {
                 let expirations = self.timer.wait().unwrap_or(1);
                 let tick = self.watchdog.tick(expirations);
@@ -108,15 +117,7 @@ impl MutEventSubscriber for VmmEvents {
                 }
             }
             EV_CONSOLE => self.console_input(events, ops),
-            EV_CONTROL => {
-                let open = self.control.as_ref().is_some_and(|c| c.serve());
-                if !open {
-                    // The front end is gone: the VM runs on, uncontrolled but for signals.
-                    if let Some(c) = self.control.take() {
-                        let _ = ops.remove(Events::empty_raw(c.channel.as_raw_fd()));
-                    }
-                }
-            }
+            EV_CONTROL | EV_CONTROL_PEER => self.control_event(events.fd(), ops),
             EV_STOP => {
                 if let Some(stop) = &self.stop {
                     while crate::signal::read_signal(stop).is_some() {}
@@ -136,6 +137,32 @@ impl MutEventSubscriber for VmmEvents {
 }
 
 impl VmmEvents {
+    fn control_event(&mut self, fd: std::os::fd::RawFd, ops: &mut EventOps<'_>) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        match control.serve(fd) {
+            Served::Done => {}
+            Served::Accepted(peer) => {
+                let ev = Events::with_data_raw(peer, EV_CONTROL_PEER, EventSet::IN);
+                if let Err(e) = ops.add(ev) {
+                    log::warn!("a control connection is not served: {e:?}");
+                }
+            }
+            Served::Closed(peer) => {
+                let _ = ops.remove(Events::empty_raw(peer));
+            }
+            Served::Gone => {
+                // The front end is gone: the VM runs on, uncontrolled but for signals. A pause
+                // it left behind is taken back, so the VM does not stay frozen for ever.
+                self.pause.resume();
+                if let Some(c) = self.control.take() {
+                    let _ = ops.remove(Events::empty_raw(c.fd()));
+                }
+            }
+        }
+    }
+
     fn console_input(&mut self, events: Events, ops: &mut EventOps<'_>) {
         let Some(console) = self.console.as_mut() else {
             return;

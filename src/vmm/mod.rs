@@ -70,6 +70,8 @@ pub struct Vmm {
     pub(crate) firecracker_names: bool,
     /// The front end's control channel, if it has one.
     pub(crate) control: Option<Control>,
+    /// What a snapshot reads.
+    pub(crate) snapshot: crate::snapshot::Sources,
     pub(crate) test_hook: Option<TestHook>,
 }
 
@@ -105,7 +107,8 @@ impl Vmm {
             raw_terminal,
             seccomp,
             firecracker_names,
-            control,
+            mut control,
+            snapshot,
             test_hook,
         } = self;
         let exit = io.exit.clone();
@@ -148,6 +151,18 @@ impl Vmm {
         timer
             .reset(watchdog::BASE_TICK, Some(watchdog::BASE_TICK))
             .map_err(VmmError::Timer)?;
+        let pause = io.pause.clone();
+        let workers: Vec<Arc<Mutex<VirtioWorker>>> = virtio_workers
+            .into_iter()
+            .map(|w| Arc::new(Mutex::new(w)))
+            .collect();
+        if let Some(control) = control.as_mut() {
+            control.running = Some(control::Running {
+                sources: snapshot,
+                workers: workers.clone(),
+                vcpu_threads: threads.iter().map(|t| t.handle.as_pthread_t()).collect(),
+            });
+        }
         let events = Arc::new(Mutex::new(VmmEvents {
             exit: exit.clone(),
             timer,
@@ -161,10 +176,11 @@ impl Vmm {
             control,
             lifeline,
             finished: false,
+            pause: pause.clone(),
         }));
         event_manager.add_subscriber(events.clone());
-        for worker in virtio_workers {
-            event_manager.add_subscriber(Arc::new(Mutex::new(worker)));
+        for worker in &workers {
+            event_manager.add_subscriber(worker.clone());
         }
 
         // INVARIANT: the VMM filter is in place before any guest I/O is served.
@@ -183,7 +199,9 @@ impl Vmm {
             }
         }
 
-        // Stop every vCPU: the exit signal is set, so each leaves its loop once kicked.
+        // Stop every vCPU: the exit signal is set, so each leaves its loop once kicked (a paused
+        // one once the gate lets it go).
+        pause.resume();
         for t in &threads {
             kick(t.handle.as_pthread_t());
         }

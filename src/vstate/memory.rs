@@ -44,6 +44,8 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the memory file is {size} bytes, but the snapshot's RAM is {wanted}")]
+    SnapshotSize { size: u64, wanted: u64 },
     #[error("madvise({advice}) on guest RAM failed: {source}")]
     Madvise {
         advice: &'static str,
@@ -72,6 +74,39 @@ pub fn create_guest_memory(
         Backing::Private => None,
         Backing::Shared => Some(std::sync::Arc::new(sealed_memfd(mem_bytes)?)),
     };
+    map_regions(mem_bytes, memfd, libc::MAP_SHARED | libc::MAP_NORESERVE)
+}
+
+/// Guest RAM from a snapshot's memory file, mapped `MAP_PRIVATE`: the guest's writes stay its
+/// own, and what it only reads is the page cache's, shared by every clone of the snapshot.
+pub fn map_snapshot(mem_bytes: u64, file: std::fs::File) -> Result<GuestMemoryMmap, MemoryError> {
+    let size = file
+        .metadata()
+        .map_err(|source| MemoryError::Memfd {
+            what: "fstat of the memory file",
+            source,
+        })?
+        .len();
+    if size != mem_bytes {
+        return Err(MemoryError::SnapshotSize {
+            size,
+            wanted: mem_bytes,
+        });
+    }
+    map_regions(
+        mem_bytes,
+        Some(std::sync::Arc::new(file)),
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+    )
+}
+
+/// Maps each RAM region: anonymous memory without `file`, else the file's bytes at the
+/// region's offset (regions one after another) with `file_flags`.
+fn map_regions(
+    mem_bytes: u64,
+    memfd: Option<std::sync::Arc<std::fs::File>>,
+    file_flags: i32,
+) -> Result<GuestMemoryMmap, MemoryError> {
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (guest_addr, size) in layout::ram_regions(mem_bytes) {
@@ -81,10 +116,7 @@ pub fn create_guest_memory(
                 None,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             ),
-            Some(fd) => (
-                Some(FileOffset::from_arc(fd.clone(), offset)),
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-            ),
+            Some(fd) => (Some(FileOffset::from_arc(fd.clone(), offset)), file_flags),
         };
         offset += size;
         let mapping = MmapRegion::build(file, len, libc::PROT_READ | libc::PROT_WRITE, flags)

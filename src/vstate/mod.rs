@@ -2,5 +2,7 @@
 
 pub mod kvm;
 pub mod memory;
+pub mod pause;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;

@@ -14,6 +14,8 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
+use super::pause::PauseGate;
+use super::vcpu_state::{self, VcpuState};
 use super::vm::Vm;
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::{cpuid, msr, ArchError};
@@ -52,6 +54,12 @@ pub enum VcpuError {
     },
     #[error(transparent)]
     Arch(#[from] ArchError),
+    #[error("cannot restore vCPU {index}: {source}")]
+    Restore {
+        index: u32,
+        #[source]
+        source: vcpu_state::VcpuStateError,
+    },
 }
 
 /// Where the boot vCPU starts.
@@ -78,6 +86,10 @@ pub struct VcpuIo {
     pub mmio: Arc<Bus>,
     pub reporter: Reporter,
     pub exit: Arc<ExitSignal>,
+    /// Where a kicked vCPU parks while the VM is paused (for a snapshot).
+    pub pause: Arc<PauseGate>,
+    /// KVM's MSR index list: the MSRs a snapshot saves.
+    pub msr_list: Arc<[u32]>,
 }
 
 /// One vCPU, created and configured on the VMM thread, then moved to its own thread to run.
@@ -183,6 +195,7 @@ impl Vcpu {
                     if shared.check_halt.swap(false, Ordering::AcqRel) {
                         shared.stuck.store(self.is_stuck(), Ordering::Release);
                     }
+                    self.park_if_paused(io);
                     ExitAction::Continue
                 }
                 Err(e) if e.errno() == libc::EAGAIN => ExitAction::Continue,
@@ -207,6 +220,30 @@ impl Vcpu {
             }
         }
         signal::set_kvm_run(std::ptr::null_mut());
+    }
+
+    /// Parks on the pause gate while the VM is paused, saving this vCPU's state when the VMM
+    /// collects it. The guest's kvmclock is told it was paused (KVM_KVMCLOCK_CTRL), so its
+    /// soft-lockup watchdog does not count the pause against it.
+    fn park_if_paused(&self, io: &VcpuIo) {
+        if !io.pause.is_paused() {
+            return;
+        }
+        // EINVAL when the guest never enabled kvmclock: nothing to tell it then.
+        let _ = self.fd.kvmclock_ctrl();
+        io.pause.park_if_asked(
+            self.index as usize,
+            || io.exit.is_stopping(),
+            || vcpu_state::save(&self.fd, &io.msr_list).map_err(|e| e.to_string()),
+        );
+    }
+
+    /// Sets a saved state on this vCPU, which has not run yet (a restore).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        vcpu_state::restore(&self.fd, state).map_err(|source| VcpuError::Restore {
+            index: self.index,
+            source,
+        })
     }
 
     /// True if this vCPU can not run again on its own: halted with interrupts disabled, or
@@ -482,6 +519,8 @@ mod tests {
             mmio: Arc::new(Bus::new()),
             reporter: Reporter::detached().unwrap(),
             exit,
+            pause: Arc::new(PauseGate::new(1)),
+            msr_list: Arc::from(Vec::new()),
         }
     }
 

@@ -5,14 +5,15 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
-    kvm_irq_routing_msi, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
-    KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI,
+    kvm_clock_data, kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
+    kvm_irq_routing_msi, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI,
     KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{
     Cap, IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd,
 };
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -43,6 +44,8 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("the snapshot's irqchip is not the kind this VM was made with")]
+    IrqchipMismatch,
     #[error("cannot route GSI {gsi} to an eventfd: {source}")]
     Irqfd {
         gsi: u32,
@@ -51,14 +54,39 @@ pub enum VmError {
     },
 }
 
-/// One VM and the memory that belongs to it alone.
-#[derive(Debug)]
+/// A VM's state outside its vCPUs and devices, as a snapshot keeps it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmArchState {
+    /// kvmclock: the guest's time base.
+    pub clock: kvm_clock_data,
+    /// KVM's PIC, IOAPIC and PIT, for a full irqchip (a split one's IOAPIC is bulkhead's own
+    /// device and saved with the devices).
+    pub irqchip: Option<KvmIrqchipState>,
+}
+
+/// KVM's own interrupt controllers and PIT.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct KvmIrqchipState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+}
+
+const IRQCHIP_PIC_MASTER: u32 = 0;
+const IRQCHIP_PIC_SLAVE: u32 = 1;
+const IRQCHIP_IOAPIC: u32 = 2;
+
+/// One VM and the memory that belongs to it alone. A clone is another handle on the same VM
+/// (the snapshot path holds one).
+#[derive(Debug, Clone)]
 pub struct Vm {
     /// Shared with the IOAPIC's routes ([`Vm::msi_routes`]) and the devices' queue notifiers
     /// ([`Vm::queue_notifiers`]).
     fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     msrs_filtered: bool,
+    irqchip: IrqChip,
 }
 
 impl Vm {
@@ -78,6 +106,7 @@ impl Vm {
             fd,
             memory,
             msrs_filtered,
+            irqchip,
         };
         vm.register_memslots(kvm.get_nr_memslots())?;
         match irqchip {
@@ -113,6 +142,57 @@ impl Vm {
     /// own answers, and `msr_probe` can not fire).
     pub fn msrs_filtered(&self) -> bool {
         self.msrs_filtered
+    }
+
+    /// Reads the clock and, for a full irqchip, KVM's PIC, IOAPIC and PIT. The vCPUs must be
+    /// paused.
+    pub fn save_state(&self) -> Result<VmArchState, VmError> {
+        let get = |what| move |source| VmError::Setup { what, source };
+        let clock = self.fd.get_clock().map_err(get("reading the clock"))?;
+        let irqchip = match self.irqchip {
+            IrqChip::Split => None,
+            IrqChip::Full => {
+                let chip = |chip_id, what| {
+                    let mut chip = kvm_irqchip {
+                        chip_id,
+                        ..Default::default()
+                    };
+                    self.fd.get_irqchip(&mut chip).map_err(get(what))?;
+                    Ok::<_, VmError>(chip)
+                };
+                Some(KvmIrqchipState {
+                    pic_master: chip(IRQCHIP_PIC_MASTER, "reading the master PIC")?,
+                    pic_slave: chip(IRQCHIP_PIC_SLAVE, "reading the slave PIC")?,
+                    ioapic: chip(IRQCHIP_IOAPIC, "reading the IOAPIC")?,
+                    pit: self.fd.get_pit2().map_err(get("reading the PIT"))?,
+                })
+            }
+        };
+        Ok(VmArchState { clock, irqchip })
+    }
+
+    /// Sets a saved clock and irqchip on this VM, made with the same irqchip, before any vCPU
+    /// runs.
+    pub fn restore_state(&self, state: &VmArchState) -> Result<(), VmError> {
+        let set = |what| move |source| VmError::Setup { what, source };
+        // KVM takes no flags back but the ones that say which fields to set; the saved ones
+        // describe the host it was read on.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(set("the clock"))?;
+        match (&state.irqchip, self.irqchip) {
+            (Some(chips), IrqChip::Full) => {
+                for chip in [&chips.pic_master, &chips.pic_slave, &chips.ioapic] {
+                    self.fd.set_irqchip(chip).map_err(set("an irqchip"))?;
+                }
+                self.fd.set_pit2(&chips.pit).map_err(set("the PIT"))?;
+            }
+            (None, IrqChip::Split) => {}
+            _ => return Err(VmError::IrqchipMismatch),
+        }
+        Ok(())
     }
 
     fn register_memslots(&self, max_slots: usize) -> Result<(), VmError> {

@@ -64,6 +64,43 @@ struct State {
     last_was_command: bool,
 }
 
+impl Pending {
+    fn code(self) -> u8 {
+        match self {
+            Pending::None => 0,
+            Pending::WriteCtr => 1,
+            Pending::WriteOutputPort => 2,
+            Pending::WriteKbdOutput => 3,
+            Pending::WriteAuxOutput => 4,
+            Pending::WriteToAux => 5,
+            Pending::KbdArgument => 6,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Pending> {
+        Some(match code {
+            0 => Pending::None,
+            1 => Pending::WriteCtr,
+            2 => Pending::WriteOutputPort,
+            3 => Pending::WriteKbdOutput,
+            4 => Pending::WriteAuxOutput,
+            5 => Pending::WriteToAux,
+            6 => Pending::KbdArgument,
+            _ => return None,
+        })
+    }
+}
+
+/// The controller's state, as a snapshot keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub ctr: u8,
+    pub output_port: u8,
+    pub output: Vec<u8>,
+    pub pending: u8,
+    pub last_was_command: bool,
+}
+
 /// The i8042 at ports 0x60-0x64.
 pub struct I8042 {
     state: Mutex<State>,
@@ -84,6 +121,36 @@ impl I8042 {
             irq,
             exit,
         }
+    }
+
+    pub fn save(&self) -> I8042State {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        I8042State {
+            ctr: state.ctr,
+            output_port: state.output_port,
+            output: state.output.iter().copied().collect(),
+            pending: state.pending.code(),
+            last_was_command: state.last_was_command,
+        }
+    }
+
+    /// Sets a saved state; false (nothing changed) for one no controller can be in.
+    pub fn restore(&self, saved: &I8042State) -> bool {
+        let Some(pending) = Pending::from_code(saved.pending) else {
+            return false;
+        };
+        if saved.output.len() > OUTPUT_LIMIT {
+            return false;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state = State {
+            ctr: saved.ctr,
+            output_port: saved.output_port,
+            output: saved.output.iter().copied().collect(),
+            pending,
+            last_was_command: saved.last_was_command,
+        };
+        true
     }
 
     /// Presses Ctrl-Alt-Del (scan code set 2: Ctrl, Alt, then the extended Delete), as the

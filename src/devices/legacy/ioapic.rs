@@ -177,6 +177,46 @@ impl Ioapic {
     }
 }
 
+/// The IOAPIC's state, as a snapshot keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IoapicState {
+    pub select: u32,
+    pub entries: Vec<u64>,
+}
+
+impl Ioapic {
+    pub fn save(&self) -> IoapicState {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        IoapicState {
+            select: state.select,
+            entries: state.entries.to_vec(),
+        }
+    }
+
+    /// Sets a saved state, and gives KVM the routes its entries make. An entry with a refused
+    /// delivery mode stays silent, as it did when it was written. False when the state does not
+    /// have one entry per pin or KVM refused the routes.
+    pub fn restore(&self, saved: &IoapicState) -> bool {
+        let Ok(entries) = <[u64; PINS]>::try_from(saved.entries.as_slice()) else {
+            return false;
+        };
+        let mut routes = [None; PINS];
+        for (slot, entry) in routes.iter_mut().zip(entries) {
+            if let Route::Deliver(msi) = route(entry) {
+                *slot = Some(msi);
+            }
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.select = saved.select & 0xff;
+        state.entries = entries;
+        if self.router.set_routes(&routes).is_err() {
+            return false;
+        }
+        state.routes = routes;
+        true
+    }
+}
+
 /// The pin and half (true for bits 32-63) of a redirection-table register.
 fn table_slot(register: u32) -> Option<(usize, bool)> {
     let index = register.checked_sub(REG_TABLE)? as usize;

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::Mutex;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,10 +29,66 @@ pub struct SerialPort {
     uart: Mutex<Uart>,
 }
 
+/// The UART's registers and receive FIFO, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegs {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialPort {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> SerialPort {
         SerialPort {
             uart: Mutex::new(Serial::new(EventFdTrigger(irq), out)),
+        }
+    }
+
+    /// A UART in a saved state; None when vm-superio refuses it (a receive FIFO beyond its
+    /// capacity).
+    pub fn restored(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        saved: &SerialRegs,
+    ) -> Option<SerialPort> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, EventFdTrigger(irq), NoEvents, out).ok()?;
+        Some(SerialPort {
+            uart: Mutex::new(uart),
+        })
+    }
+
+    pub fn save(&self) -> SerialRegs {
+        let s = self.uart.lock().unwrap_or_else(|e| e.into_inner()).state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 

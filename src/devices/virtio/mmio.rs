@@ -493,6 +493,9 @@ impl BusDevice for MmioTransport {
     }
 }
 
+mod state;
+pub use state::{QueueRegs, RingPosition, TransportState, TransportStateError};
+
 #[cfg(test)]
 #[path = "mmio_tests.rs"]
 mod tests;

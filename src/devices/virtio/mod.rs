@@ -22,7 +22,7 @@ pub mod worker;
 use crate::telemetry::TransportViolation;
 pub use mmio::MmioTransport;
 pub use shared::DeviceShared;
-pub use worker::{QueueContext, QueueHandler, RequestError, VirtioWorker};
+pub use worker::{HandlerState, QueueContext, QueueHandler, RequestError, VirtioWorker};
 
 /// A virtqueue as the driver configured it, handed to the device when it is activated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -60,6 +60,19 @@ impl GuestQueue {
         &self.config
     }
 
+    /// Where the device is in the rings: the next available entry it will take, and the next
+    /// used entry it will fill.
+    pub fn position(&self) -> (u16, u16) {
+        (self.ring.next_avail(), self.ring.next_used())
+    }
+
+    /// Puts the device back at a saved position (a restore). The driver's available index is
+    /// still checked against it on the next pop, as always.
+    pub fn set_position(&mut self, next_avail: u16, next_used: u16) {
+        self.ring.set_next_avail(next_avail);
+        self.ring.set_next_used(next_used);
+    }
+
     /// The next available chain, validated, or None when the driver has made nothing new
     /// available. `max_bytes` is the largest request the device accepts.
     pub fn pop(&mut self, mem: &GuestMemoryMmap, max_bytes: u64) -> Option<Popped> {

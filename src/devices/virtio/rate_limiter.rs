@@ -86,6 +86,38 @@ impl TokenBucket {
     }
 }
 
+/// A bucket's contents as a snapshot keeps them (its size and refill time come from the
+/// settings, which the snapshot also keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketState {
+    pub tokens: i64,
+    pub burst: u64,
+}
+
+/// A limiter's buckets' contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct LimiterState {
+    pub bandwidth: Option<BucketState>,
+    pub ops: Option<BucketState>,
+}
+
+impl TokenBucket {
+    fn save(&self) -> BucketState {
+        BucketState {
+            tokens: i64::try_from(self.tokens).unwrap_or(i64::MIN),
+            burst: self.burst,
+        }
+    }
+
+    /// Takes saved contents, at most a full bucket and the burst it started with; the time
+    /// the guest was away earns nothing.
+    fn restore(&mut self, saved: BucketState, now: Instant) {
+        self.tokens = i128::from(saved.tokens).min(i128::from(self.size));
+        self.burst = saved.burst.min(self.burst);
+        self.last = now;
+    }
+}
+
 /// A device's (or one direction's) limits: bytes and operations.
 #[derive(Debug, Clone, Default)]
 pub struct RateLimiter {
@@ -100,6 +132,25 @@ impl RateLimiter {
             return None;
         }
         Some(RateLimiter { bandwidth, ops })
+    }
+
+    pub fn save(&self) -> LimiterState {
+        LimiterState {
+            bandwidth: self.bandwidth.as_ref().map(TokenBucket::save),
+            ops: self.ops.as_ref().map(TokenBucket::save),
+        }
+    }
+
+    /// Sets saved contents on the buckets this limiter has (the settings decide which).
+    pub fn restore(&mut self, saved: &LimiterState, now: Instant) {
+        for (bucket, state) in [
+            (&mut self.bandwidth, saved.bandwidth),
+            (&mut self.ops, saved.ops),
+        ] {
+            if let (Some(b), Some(s)) = (bucket, state) {
+                b.restore(s, now);
+            }
+        }
     }
 
     /// How long until `bytes` and one operation can be taken: Ok when they can now. Takes
@@ -135,6 +186,18 @@ impl RateLimiter {
         if let Some(b) = &mut self.ops {
             b.take(1);
         }
+    }
+}
+
+/// The contents of an optional limiter's buckets (None: no limiter).
+pub fn save(limiter: &Option<RateLimiter>) -> Option<LimiterState> {
+    limiter.as_ref().map(RateLimiter::save)
+}
+
+/// Sets saved contents on an optional limiter.
+pub fn restore(limiter: &mut Option<RateLimiter>, saved: Option<&LimiterState>) {
+    if let (Some(l), Some(s)) = (limiter.as_mut(), saved) {
+        l.restore(s, Instant::now());
     }
 }
 

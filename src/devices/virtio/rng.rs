@@ -5,7 +5,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::Chain;
 use super::rate_limiter::RateLimiter;
-use super::worker::{drain, QueueContext, QueueHandler};
+use super::worker::{drain, HandlerState, QueueContext, QueueHandler};
 use super::VirtioDevice;
 use crate::telemetry::{DeviceCounter, RequestViolation};
 use crate::warn_limited;
@@ -71,6 +71,19 @@ fn requested_bytes(chain: &Chain) -> u64 {
 impl QueueHandler for RngQueue {
     fn reset(&mut self) {
         self.parked = None;
+    }
+
+    fn held_chains(&self, _queue: usize) -> u16 {
+        u16::from(self.parked.is_some())
+    }
+
+    fn save_state(&self) -> HandlerState {
+        HandlerState::of_limiters(&[&self.limiter])
+    }
+
+    fn restore_state(&mut self, state: &HandlerState) -> bool {
+        state.restore_limiters(&mut [&mut self.limiter]);
+        true
     }
 
     fn process_queue(&mut self, ctx: &mut QueueContext<'_>, queue: usize) {

@@ -59,6 +59,20 @@ impl Interrupt {
         self.status.store(0, Ordering::Release);
     }
 
+    /// The bits a driver has not acknowledged yet, without the ones a backend raises itself.
+    pub fn pending(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// Sets saved pending bits (a restore). The interrupt itself is not raised again: it was
+    /// delivered when it was raised, and the interrupt controller's saved state holds it.
+    pub fn restore(&self, bits: u32) {
+        self.status.store(
+            bits & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG),
+            Ordering::Release,
+        );
+    }
+
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::AcqRel);
         if let Err(e) = self.irq.write(1) {
@@ -189,6 +203,11 @@ impl DeviceShared {
 
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Sets a saved NEEDS_RESET without raising a configuration interrupt again (a restore).
+    pub fn restore_needs_reset(&self, needs_reset: bool) {
+        self.needs_reset.store(needs_reset, Ordering::Release);
     }
 
     /// The device can not go on until the driver resets it: say so through the status

@@ -19,6 +19,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::context::Budget;
 pub use super::context::{drain, QueueContext, RequestError, WAKEUP_BYTES, WAKEUP_CHAINS};
+use super::rate_limiter::LimiterState;
 use super::shared::{Activation, DeviceShared};
 use crate::telemetry::{DeviceCounter, Evidence, TransportViolation};
 use crate::warn_limited;
@@ -63,6 +64,22 @@ pub trait QueueHandler: Send {
     fn fd_changes(&mut self) -> Vec<FdChange> {
         Vec::new()
     }
+    /// How many chains taken from `queue` this side still holds unanswered (parked by a rate
+    /// limiter, or half done). A snapshot leaves them available in the ring, so a restored
+    /// device takes them again; a handler holding any must have stopped taking chains from
+    /// that queue until they are answered, so they are the last ones it took.
+    fn held_chains(&self, _queue: usize) -> u16 {
+        0
+    }
+    /// The queue side's own state for a snapshot: its rate limiters' buckets.
+    fn save_state(&self) -> HandlerState {
+        HandlerState::default()
+    }
+    /// Takes a saved state, before the device is restored live (see
+    /// [`HandlerState::restored`]); false for one this side can not take.
+    fn restore_state(&mut self, _state: &HandlerState) -> bool {
+        true
+    }
     /// Whether another process (a vhost-user backend) serves the queues: the worker then
     /// leaves the queues' eventfds to it, and the backend raises the device's interrupt
     /// through the irqfd itself.
@@ -79,6 +96,35 @@ pub trait QueueHandler: Send {
 /// One device's queue side as an event-manager subscriber.
 /// Where a device's queue notifications can be taken in the kernel: an ioeventfd per queue on
 /// its QUEUE_NOTIFY register.
+/// A queue side's state in a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandlerState {
+    /// The driver had started the device (set by the worker, not the handler).
+    pub live: bool,
+    /// Each rate limiter's buckets, in the order the handler lists them.
+    pub limiters: Vec<Option<LimiterState>>,
+}
+
+impl HandlerState {
+    /// The state of a queue side whose only state is `limiters`' buckets.
+    pub fn of_limiters(limiters: &[&Option<super::rate_limiter::RateLimiter>]) -> HandlerState {
+        HandlerState {
+            live: false,
+            limiters: limiters
+                .iter()
+                .map(|l| super::rate_limiter::save(l))
+                .collect(),
+        }
+    }
+
+    /// Gives each of `limiters` its saved buckets, in the order [`Self::of_limiters`] took them.
+    pub fn restore_limiters(&self, limiters: &mut [&mut Option<super::rate_limiter::RateLimiter>]) {
+        for (i, limiter) in limiters.iter_mut().enumerate() {
+            super::rate_limiter::restore(limiter, self.limiters.get(i).and_then(Option::as_ref));
+        }
+    }
+}
+
 pub trait QueueNotifiers: Send {
     /// Makes a driver's write of `queue` to QUEUE_NOTIFY signal `evt` without an exit.
     fn attach(&self, queue: u32, evt: &EventFd) -> Result<(), std::io::Error>;
@@ -124,6 +170,19 @@ impl VirtioWorker {
     }
 
     /// Attaches the queues' eventfds to `notifiers` when the driver first starts the device.
+    /// The device's register side and queue side: what a snapshot asks of each.
+    pub fn shared(&self) -> &Arc<DeviceShared> {
+        &self.shared
+    }
+
+    pub fn handler(&self) -> &dyn QueueHandler {
+        self.handler.as_ref()
+    }
+
+    pub fn handler_mut(&mut self) -> &mut dyn QueueHandler {
+        self.handler.as_mut()
+    }
+
     pub fn with_notifiers(mut self, notifiers: Box<dyn QueueNotifiers>) -> VirtioWorker {
         self.notifiers = Some(notifiers);
         self

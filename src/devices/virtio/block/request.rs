@@ -19,7 +19,7 @@ use std::sync::Arc;
 use super::{magic, Backing, Disk, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
 use crate::devices::virtio::chain::{Buffer, Chain};
 use crate::devices::virtio::rate_limiter::RateLimiter;
-use crate::devices::virtio::worker::{drain, QueueContext, QueueHandler};
+use crate::devices::virtio::worker::{drain, HandlerState, QueueContext, QueueHandler};
 use crate::devices::virtio::RequestError;
 use crate::telemetry::{DeviceCounter, ImageFormat, RequestViolation};
 use crate::warn_limited;
@@ -500,6 +500,20 @@ impl QueueHandler for BlockQueue {
         // The driver reset the device: the requests are forgotten with the rings.
         self.in_flight = None;
         self.parked = None;
+    }
+
+    fn held_chains(&self, _queue: usize) -> u16 {
+        // No chain is taken while one is in flight, so at most one of the two is held.
+        u16::from(self.in_flight.is_some()) + u16::from(self.parked.is_some())
+    }
+
+    fn save_state(&self) -> HandlerState {
+        HandlerState::of_limiters(&[&self.limiter])
+    }
+
+    fn restore_state(&mut self, state: &HandlerState) -> bool {
+        state.restore_limiters(&mut [&mut self.limiter]);
+        true
     }
 }
 

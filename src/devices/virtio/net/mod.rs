@@ -14,7 +14,7 @@ pub use tap::{Tap, TapError, MAX_NAME_LEN as MAX_TAP_NAME_LEN};
 
 use super::chain::Chain;
 use super::rate_limiter::{self, RateLimiter};
-use super::worker::{drain, QueueContext, QueueHandler};
+use super::worker::{drain, HandlerState, QueueContext, QueueHandler};
 use super::RequestError;
 use super::{read_config_bytes, VirtioDevice};
 use crate::telemetry::{DeviceCounter, RequestViolation};
@@ -280,6 +280,25 @@ impl QueueHandler for NetQueues {
     fn reset(&mut self) {
         self.pending = None;
         self.tx_parked = None;
+    }
+
+    fn held_chains(&self, queue: usize) -> u16 {
+        // A received frame waiting for room is host data, not a chain: it is dropped, as a
+        // frame on a busy link may be.
+        if queue == TX {
+            u16::from(self.tx_parked.is_some())
+        } else {
+            0
+        }
+    }
+
+    fn save_state(&self) -> HandlerState {
+        HandlerState::of_limiters(&[&self.rx_limiter, &self.tx_limiter])
+    }
+
+    fn restore_state(&mut self, state: &HandlerState) -> bool {
+        state.restore_limiters(&mut [&mut self.rx_limiter, &mut self.tx_limiter]);
+        true
     }
 
     fn backend_fds(&self) -> Vec<(RawFd, u32)> {

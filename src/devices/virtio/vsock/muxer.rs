@@ -14,13 +14,16 @@ use super::conn::{Conn, State};
 use super::packet::{Header, HeaderError, Op, HEADER_LEN, HOST_CID};
 use super::{sock, Connector, VsockBackend};
 use crate::devices::virtio::chain::Chain;
-use crate::devices::virtio::worker::{drain, FdChange, QueueContext, QueueHandler};
+use crate::devices::virtio::worker::{drain, FdChange, HandlerState, QueueContext, QueueHandler};
 use crate::devices::virtio::RequestError;
 use crate::telemetry::{DeviceCounter, RequestViolation};
 use crate::warn_limited;
 
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// virtio 1.2, 5.10.6.7: the only event, "the transport was reset".
+const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Bytes of guest data each connection buffers for its host socket.
 const BUF_ALLOC: u32 = 256 * 1024;
 /// The largest payload bulkhead accepts from, or stages for, the guest in one packet.
@@ -57,6 +60,9 @@ pub struct VsockQueues {
     /// Connections the VM's buffer budget allows (each reserves [`CONN_BUFFER_BYTES`]).
     max_conns: usize,
     connector: Connector,
+    /// Restored from a snapshot: the guest's connections are gone with the old host sockets,
+    /// and it is told so with a transport reset event as soon as it gives an event buffer.
+    transport_reset: bool,
 }
 
 impl VsockQueues {
@@ -84,7 +90,26 @@ impl VsockQueues {
             changes: Vec::new(),
             max_conns,
             connector,
+            transport_reset: false,
         }
+    }
+
+    /// Sends the transport reset event, when one is owed and the driver gave a buffer for it.
+    fn send_transport_reset(&mut self, ctx: &mut QueueContext<'_>) {
+        if !self.transport_reset {
+            return;
+        }
+        let Some(chain) = ctx.next_chain(EVENT, 64) else {
+            return;
+        };
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = if chain.write_parts(ctx.mem, &[&event]) {
+            event.len() as u32
+        } else {
+            0
+        };
+        ctx.complete(EVENT, chain.head, written);
+        self.transport_reset = written == 0;
     }
 
     fn rst_for(&self, h: &Header) -> Header {
@@ -548,14 +573,21 @@ impl QueueHandler for VsockQueues {
                 self.receive(ctx);
             }
             RX => self.receive(ctx),
-            // The event queue only carries transport resets, which bulkhead never sends.
-            _ => {}
+            // The event queue only carries transport resets, sent after a restore.
+            _ => self.send_transport_reset(ctx),
         }
     }
 
     fn activated(&mut self, ctx: &mut QueueContext<'_>) {
+        self.send_transport_reset(ctx);
         self.accept_all();
         self.receive(ctx);
+    }
+
+    fn restore_state(&mut self, state: &HandlerState) -> bool {
+        // Connections are not saved: their host ends belong to the VM that was snapshotted.
+        self.transport_reset = state.live;
+        true
     }
 
     fn reset(&mut self) {

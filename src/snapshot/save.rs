@@ -1,0 +1,142 @@
+//! Taking a snapshot of a running VM, on the VMM thread, with the vCPUs paused: everything a
+//! snapshot reads is named in [`Sources`], which the builder fills.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{
+    encode, write_memory, DevicesState, MemoryWritten, SnapshotError, VirtioState, VmState,
+};
+use crate::devices::legacy::{Ioapic, SerialPort, I8042};
+use crate::devices::virtio::{MmioTransport, VirtioWorker};
+use crate::vstate::pause::{PauseError, PauseGate};
+use crate::vstate::vm::{Vm, VmError};
+
+/// How long the VMM waits for the vCPUs to save their state.
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a snapshot reads: the VM, its devices' register sides (the queue sides are the
+/// workers, given separately), the vCPUs' pause gate, and the settings the VM was built with.
+pub struct Sources {
+    pub vm: Vm,
+    pub serial: Arc<SerialPort>,
+    pub i8042: Arc<I8042>,
+    pub ioapic: Option<Arc<Ioapic>>,
+    pub transports: Vec<Arc<MmioTransport>>,
+    pub pause: Arc<PauseGate>,
+    /// The machine settings, as JSON.
+    pub machine: String,
+    pub mem_bytes: u64,
+    /// The VM has virtio-fs shares, whose backends' state no snapshot can hold.
+    pub shares: bool,
+}
+
+/// Why a snapshot was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("the VM has virtio-fs shares: their backends hold state a snapshot can not")]
+    Shares,
+    #[error("the vCPUs: {0}")]
+    Pause(#[from] PauseError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Encode(#[from] SnapshotError),
+    #[error("the memory file is not empty ({0} bytes): it must be created or truncated for the snapshot")]
+    MemoryFileNotEmpty(u64),
+    #[error("cannot write the {what} file: {source}")]
+    Write {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The size of the file behind `file`, by the fstat system call on its descriptor (the VMM
+/// thread's filter allows nothing that names a path, and std's metadata() uses statx).
+fn fd_size(file: &File) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is open and `st` valid for writes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fstat,
+            file.as_raw_fd(),
+            &mut st as *mut libc::stat,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::try_from(st.st_size).unwrap_or(0))
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct Created {
+    pub state_bytes: u64,
+    pub memory: MemoryWritten,
+}
+
+/// Writes a full snapshot of the paused VM: its state into `state_file`, guest RAM into
+/// `mem_file` (which must be empty).
+pub fn create(
+    sources: &Sources,
+    workers: &[Arc<Mutex<VirtioWorker>>],
+    state_file: &File,
+    mem_file: &File,
+) -> Result<Created, CreateError> {
+    use std::io::Write;
+    if sources.shares {
+        return Err(CreateError::Shares);
+    }
+    let mem_len = fd_size(mem_file).map_err(|source| CreateError::Write {
+        what: "memory",
+        source,
+    })?;
+    if mem_len != 0 {
+        return Err(CreateError::MemoryFileNotEmpty(mem_len));
+    }
+    let vcpus = sources.pause.collect(COLLECT_TIMEOUT)?;
+    let vm = sources.vm.save_state()?;
+    let virtio = sources
+        .transports
+        .iter()
+        .zip(workers)
+        .map(|(transport, worker)| {
+            let worker = worker.lock().unwrap_or_else(|e| e.into_inner());
+            let handler = worker.handler();
+            let mut handler_state = handler.save_state();
+            handler_state.live = worker.shared().active().is_some();
+            VirtioState {
+                name: worker.shared().name().to_string(),
+                transport: transport.save(|q| handler.held_chains(q)),
+                handler: handler_state,
+            }
+        })
+        .collect();
+    let state = VmState {
+        machine: sources.machine.clone(),
+        mem_bytes: sources.mem_bytes,
+        vm,
+        vcpus,
+        devices: DevicesState {
+            serial: sources.serial.save(),
+            i8042: sources.i8042.save(),
+            ioapic: sources.ioapic.as_ref().map(|i| i.save()),
+            virtio,
+        },
+    };
+    let bytes = encode(&state)?;
+    let write_err = |what| move |source| CreateError::Write { what, source };
+    (&*state_file)
+        .write_all(&bytes)
+        .map_err(write_err("state"))?;
+    let memory = write_memory(sources.vm.memory(), mem_file).map_err(write_err("memory"))?;
+    Ok(Created {
+        state_bytes: bytes.len() as u64,
+        memory,
+    })
+}
