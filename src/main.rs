@@ -388,10 +388,13 @@ enum LoadError {
     },
 }
 
-/// The settings of a restore: the snapshot's machine, and from `raw` only who runs it and how
-/// (a machine setting given again is refused: the snapshot fixes it).
+/// The settings of a restore: the snapshot's machine, and from `raw` who runs it and how (a
+/// machine setting given again is refused: the snapshot fixes it). The one exception is the
+/// vsock device's CID and socket: each clone of a snapshot needs its own (the guest learns its
+/// new CID from the transport reset it gets on restore).
 fn from_snapshot(raw: RawConfig, state: &std::path::Path) -> Result<RawConfig, LoadError> {
-    let given = raw.machine_fields_given();
+    let mut given = raw.machine_fields_given();
+    given.retain(|f| *f != "vsock");
     if !given.is_empty() {
         return Err(LoadError::RestoreMachine(given.join(", ")));
     }
@@ -406,6 +409,11 @@ fn from_snapshot(raw: RawConfig, state: &std::path::Path) -> Result<RawConfig, L
         path: state.to_path_buf(),
         source,
     })?;
+    if raw.vsock.is_some() && machine.vsock.is_none() {
+        return Err(LoadError::RestoreMachine(
+            "vsock (the snapshot has no vsock device)".into(),
+        ));
+    }
     Ok(machine.overlay(raw))
 }
 

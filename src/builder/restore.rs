@@ -83,9 +83,6 @@ pub fn open(spec: &RestoreSpec, config: &VmConfig) -> Result<Opened, RestoreErro
         path: spec.state.clone(),
         what,
     };
-    if state.machine != config.vm.machine {
-        return Err(mismatch("its machine"));
-    }
     if state.vcpus.len() != config.vm.vcpus as usize {
         return Err(mismatch("its vCPU count"));
     }

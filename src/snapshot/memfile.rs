@@ -10,6 +10,16 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const PAGE: usize = 4096;
 
+/// Whether every byte of `page` is zero, eight at a time (a byte loop made a 256 MiB guest's
+/// snapshot take seconds in a debug build).
+fn is_zero(page: &[u8]) -> bool {
+    let mut words = page.chunks_exact(8);
+    let zero_words = words
+        .by_ref()
+        .all(|w| <[u8; 8]>::try_from(w).is_ok_and(|w| u64::from_ne_bytes(w) == 0));
+    zero_words && words.remainder().iter().all(|&b| b == 0)
+}
+
 /// What writing guest RAM did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryWritten {
@@ -43,7 +53,7 @@ pub fn write_memory(mem: &GuestMemoryMmap, file: &File) -> std::io::Result<Memor
             let last = at + page.len() as u64 == offset + len as u64;
             // The last page is always written, so the file has the RAM's size without an
             // ftruncate.
-            if !last && page.iter().all(|&b| b == 0) {
+            if !last && is_zero(page) {
                 done.pages_skipped += 1;
                 continue;
             }
@@ -54,4 +64,21 @@ pub fn write_memory(mem: &GuestMemoryMmap, file: &File) -> std::io::Result<Memor
     }
     done.bytes = offset;
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_page_of_zeros_is_zero() {
+        let mut page = vec![0u8; PAGE];
+        assert!(is_zero(&page));
+        for at in [0, 7, 8, PAGE - 1] {
+            page[at] = 1;
+            assert!(!is_zero(&page), "byte {at}");
+            page[at] = 0;
+        }
+        assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 3]));
+    }
 }

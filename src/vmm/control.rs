@@ -55,14 +55,15 @@ pub struct Control {
 }
 
 /// What the event loop must do after a control event.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Served {
     /// Nothing more.
     Done,
     /// A new connection: watch this descriptor too.
     Accepted(RawFd),
-    /// The connection at this descriptor closed: stop watching it.
-    Closed(RawFd),
+    /// The connection closed: stop watching it, then drop it (in that order: the event loop
+    /// can only forget a descriptor that is still open, or the number stays taken for it).
+    Closed(UnixStream),
     /// The control channel itself is gone.
     Gone,
 }
@@ -185,7 +186,7 @@ impl Control {
         match &mut self.channel {
             Channel::Connected(_) => Served::Gone,
             Channel::Listening { peer, .. } => match peer.take() {
-                Some(p) => Served::Closed(p.as_raw_fd()),
+                Some(p) => Served::Closed(p),
                 None => Served::Done,
             },
         }

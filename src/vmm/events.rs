@@ -150,7 +150,8 @@ impl VmmEvents {
                 }
             }
             Served::Closed(peer) => {
-                let _ = ops.remove(Events::empty_raw(peer));
+                let _ = ops.remove(Events::empty_raw(peer.as_raw_fd()));
+                drop(peer);
             }
             Served::Gone => {
                 // The front end is gone: the VM runs on, uncontrolled but for signals. A pause
