@@ -364,6 +364,9 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         .as_slice()
         .into();
     let pause = Arc::new(PauseGate::new(config.vm.vcpus as usize));
+    if config.process.start_paused {
+        pause.start_paused();
+    }
     let sources = crate::snapshot::Sources {
         vm: vm.clone(),
         serial: serial.clone(),

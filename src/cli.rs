@@ -417,6 +417,7 @@ impl RunArgs {
                 .zip(self.restore_mem.clone())
                 .map(|(state, mem)| bulkhead::config::RawRestore { state, mem }),
             control_socket: self.control_socket.clone(),
+            start_paused: None,
             jail: self.jail.then(|| RawJail {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,

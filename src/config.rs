@@ -300,6 +300,7 @@ impl VmConfig {
                 jail,
                 control_fd: raw.control_fd.filter(|fd| *fd > 2),
                 control_socket: raw.control_socket,
+                start_paused: raw.start_paused.unwrap_or(false),
                 handover_fd: raw.handover_fd.filter(|fd| *fd > 2),
                 no_follow,
                 pinned_files: raw.pinned_files.unwrap_or_default(),

@@ -378,43 +378,8 @@ enum LoadError {
     Invalid(#[from] bulkhead::ConfigError),
     #[error("--test-hook exists only in debug builds")]
     TestHookInRelease,
-    #[error("a restore takes the machine from the snapshot; these settings can not be given with it: {0}")]
-    RestoreMachine(String),
-    #[error("snapshot {}: {source}", path.display())]
-    Snapshot {
-        path: std::path::PathBuf,
-        #[source]
-        source: bulkhead::snapshot::SnapshotError,
-    },
-}
-
-/// The settings of a restore: the snapshot's machine, and from `raw` who runs it and how (a
-/// machine setting given again is refused: the snapshot fixes it). The one exception is the
-/// vsock device's CID and socket: each clone of a snapshot needs its own (the guest learns its
-/// new CID from the transport reset it gets on restore).
-fn from_snapshot(raw: RawConfig, state: &std::path::Path) -> Result<RawConfig, LoadError> {
-    let mut given = raw.machine_fields_given();
-    given.retain(|f| *f != "vsock");
-    if !given.is_empty() {
-        return Err(LoadError::RestoreMachine(given.join(", ")));
-    }
-    let snapshot_error = |source| LoadError::Snapshot {
-        path: state.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::open(state)
-        .map_err(|e| snapshot_error(bulkhead::snapshot::SnapshotError::Read(e)))?;
-    let saved = bulkhead::snapshot::read(&file).map_err(snapshot_error)?;
-    let machine = RawConfig::from_json(&saved.machine).map_err(|source| LoadError::File {
-        path: state.to_path_buf(),
-        source,
-    })?;
-    if raw.vsock.is_some() && machine.vsock.is_none() {
-        return Err(LoadError::RestoreMachine(
-            "vsock (the snapshot has no vsock device)".into(),
-        ));
-    }
-    Ok(machine.overlay(raw))
+    #[error(transparent)]
+    Restore(#[from] bulkhead::snapshot::RestoreSettingsError),
 }
 
 fn load_config(args: &RunArgs) -> Result<VmConfig, LoadError> {
@@ -435,10 +400,7 @@ fn load_config(args: &RunArgs) -> Result<VmConfig, LoadError> {
         None => RawConfig::default(),
     };
     let raw = file.overlay(args.raw_config());
-    let raw = match raw.restore.clone() {
-        Some(restore) => from_snapshot(raw, &restore.state)?,
-        None => raw,
-    };
+    let raw = bulkhead::snapshot::restore_settings(raw)?;
     let mut config = VmConfig::from_raw(raw, host_mem_mib())?;
     if let Some(hook) = args.test_hook {
         if !cfg!(debug_assertions) {

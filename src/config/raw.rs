@@ -91,6 +91,9 @@ pub struct RawConfig {
     /// A Unix socket (created, mode 0600) on which the running VM takes control requests:
     /// pause, resume, snapshot (`bulkhead snapshot create`).
     pub control_socket: Option<PathBuf>,
+    /// `true`: the vCPUs start paused and run once a control request resumes them (a
+    /// Firecracker snapshot load without `resume_vm`).
+    pub start_paused: Option<bool>,
     /// Files that must still be the ones checked earlier (the daemon's checks as the tenant):
     /// a jail refuses a path that now names another file.
     pub pinned_files: Option<Vec<PinnedFile>>,
@@ -211,6 +214,7 @@ impl RawConfig {
             pinned_files: over.pinned_files.or(self.pinned_files),
             restore: over.restore.or(self.restore),
             control_socket: over.control_socket.or(self.control_socket),
+            start_paused: over.start_paused.or(self.start_paused),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),

@@ -77,6 +77,8 @@ pub struct ProcessSpec {
     pub control_fd: Option<i32>,
     /// A Unix socket the supervisor creates for control requests (`--control-socket`).
     pub control_socket: Option<PathBuf>,
+    /// The vCPUs wait, paused, until a control request resumes them.
+    pub start_paused: bool,
     /// The inherited hand-over socket's descriptor: the VM runs in the process at its other
     /// end, not in a fork of the supervisor.
     pub handover_fd: Option<i32>,

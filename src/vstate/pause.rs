@@ -104,6 +104,14 @@ impl PauseGate {
         Ok(())
     }
 
+    /// Pauses the vCPUs before they first run: each parks on the gate before its first
+    /// KVM_RUN, and needs no kick.
+    pub fn start_paused(&self) {
+        let mut gate = self.lock();
+        gate.paused = true;
+        self.requested.store(true, Ordering::Release);
+    }
+
     pub fn is_paused(&self) -> bool {
         self.requested.load(Ordering::Acquire)
     }

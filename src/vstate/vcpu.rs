@@ -178,6 +178,8 @@ impl Vcpu {
     pub fn run(mut self, io: &VcpuIo, shared: &VcpuShared) {
         signal::set_kvm_run(self.fd.get_kvm_run());
         let row = io.reporter.region().vcpu(self.index as usize);
+        // A VM that starts paused (a snapshot loaded without resuming) parks here first.
+        self.park_if_paused(io);
         while !io.exit.is_stopping() {
             let action = match self.fd.run() {
                 Ok(exit) => {

@@ -15,8 +15,6 @@ pub enum FcError {
     Started,
     #[error("The microVM is not running.")]
     NotRunning,
-    #[error("The microVM is paused: resume it first.")]
-    Paused,
     #[error(transparent)]
     Pending(#[from] PendingError),
     #[error("Logger error: Invalid log level: {0}")]
@@ -41,8 +39,6 @@ pub enum FcError {
     DidNotStart,
     #[error("The microVM's VMM is not running.")]
     VmmGone(#[source] ControlError),
-    #[error("Cannot pause/resume: {0}")]
-    Signal(#[source] std::io::Error),
     #[error("Drive config error: Unable to patch the block device: Failed perform action on device: Device not found Please verify the request arguments.")]
     NoSuchDrive,
     #[error("Drive config error: Unable to patch the block device: Block: Running method expected different backend. Please verify the request arguments.")]
@@ -63,4 +59,25 @@ pub enum FcError {
     Json(#[source] serde_json::Error),
     #[error("\"{0}\" is not supported by bulkhead")]
     Unsupported(&'static str),
+    #[error("Create snapshot error: Cannot save the microVM state: Operation not allowed: the microVM is not paused")]
+    SnapshotNotPaused,
+    #[error("Create snapshot error: {0} is not supported by bulkhead yet")]
+    SnapshotUnsupported(&'static str),
+    #[error("Create snapshot error: Cannot perform open on the {what} file {}: {source}", path.display())]
+    SnapshotFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Create snapshot error: the VMM could not write the snapshot ({0:?}); see the log")]
+    SnapshotFailed(Answer),
+    #[error("Loading a microVM snapshot not allowed after configuring boot-specific resources.")]
+    LoadNotAllowed,
+    #[error("Load snapshot error: {0}")]
+    LoadParams(&'static str),
+    #[error("Load snapshot error: Failed to restore from snapshot: {0}")]
+    LoadState(#[source] crate::snapshot::SnapshotError),
+    #[error("Failed to {0} the microVM: the VMM answered {1:?}")]
+    PauseRefused(&'static str, Answer),
 }

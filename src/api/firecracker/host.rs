@@ -140,6 +140,8 @@ fn wait_readable(socket: &UnixDatagram, term: &OwnedFd, front_end: libc::pid_t) 
 pub enum HostError {
     #[error("cannot read the VM's settings: {0}")]
     Read(#[from] crate::hostfile::HostFileError),
+    #[error(transparent)]
+    Restore(#[from] crate::snapshot::RestoreSettingsError),
     #[error("the VM's settings {path}: {source}")]
     Config {
         path: String,
@@ -163,5 +165,6 @@ fn load_config(work: &Path, no_seccomp: bool) -> Result<VmConfig, HostError> {
         seccomp: no_seccomp.then_some(false),
         ..RawConfig::default()
     };
-    VmConfig::from_raw(file.overlay(flags), host_mem_mib()).map_err(config)
+    let raw = crate::snapshot::restore_settings(file.overlay(flags))?;
+    VmConfig::from_raw(raw, host_mem_mib()).map_err(config)
 }

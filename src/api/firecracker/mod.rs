@@ -35,7 +35,10 @@ use crate::exit::status;
 use crate::telemetry::Exposition;
 pub use error::FcError;
 use metrics::{metrics_line, ApiCounts, Devices, MetricsSink};
-use model::{ConfigFile, Logger, Metrics, PartialDrive};
+use model::{
+    ConfigFile, Logger, MemoryBackendType, Metrics, PartialDrive, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType,
+};
 use state::{Pending, Phase};
 
 /// The command line, as Firecracker takes it.
@@ -56,6 +59,9 @@ pub struct Options {
 const CHILD_CONTROL_FD: i32 = 3;
 /// Where it finds the socket to the VM's host process (see [`host`]).
 const CHILD_HANDOVER_FD: i32 = 4;
+
+/// How long the personality waits for a snapshot to be written.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The default API socket.
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
@@ -135,9 +141,15 @@ impl Personality {
         if self.phase != Phase::NotStarted {
             return Err(FcError::Started);
         }
-        let mut config = self
+        let config = self
             .pending
             .to_bulkhead(&self.id, self.seccomp, &self.cwd)?;
+        self.launch(config, Phase::Running)
+    }
+
+    /// Starts a `bulkhead run` supervisor with `config` (and this process's outputs and
+    /// channels) and waits until its VMM serves its event loop; the VM is then in `phase`.
+    fn launch(&mut self, mut config: crate::RawConfig, phase: Phase) -> Result<(), FcError> {
         config.metrics_file = Some(self.work.join("metrics.prom"));
         // The VM process's end of the control channel reaches it as descriptor 3.
         let (ours, theirs) =
@@ -189,17 +201,137 @@ impl Personality {
         // Reaped by the process's wait loop.
         self.supervisor = Some(supervisor);
         self.vm_pid = vm_pid;
-        self.phase = Phase::Running;
+        self.phase = phase;
         let _ = self.flush_metrics();
         Ok(())
     }
 
+    /// `PATCH /vm`: the vCPUs park outside KVM_RUN (or run again); the VMM thread goes on
+    /// serving the control channel, so a paused VM can be snapshotted.
     pub fn pause(&mut self, pause: bool) -> Result<(), FcError> {
-        let vm = self.vm_process().ok_or(FcError::NotRunning)?;
-        let signal = if pause { libc::SIGSTOP } else { libc::SIGCONT };
-        crate::process::signal(vm, signal).map_err(FcError::Signal)?;
-        self.phase = if pause { Phase::Paused } else { Phase::Running };
-        Ok(())
+        if self.vm_process().is_none() {
+            return Err(FcError::NotRunning);
+        }
+        let (request, what) = if pause {
+            (Request::Pause, "pause")
+        } else {
+            (Request::Resume, "resume")
+        };
+        match self.command(request, None)? {
+            Answer::Done => {
+                self.phase = if pause { Phase::Paused } else { Phase::Running };
+                Ok(())
+            }
+            other => Err(FcError::PauseRefused(what, other)),
+        }
+    }
+
+    /// `PUT /snapshot/create`: of a paused VM, into files this process creates (0600).
+    pub fn snapshot_create(&mut self, params: SnapshotCreateParams) -> Result<(), FcError> {
+        if self.phase != Phase::Paused {
+            return Err(FcError::SnapshotNotPaused);
+        }
+        if params.snapshot_type == SnapshotType::Diff {
+            return Err(FcError::SnapshotUnsupported("a diff snapshot"));
+        }
+        let create = |what, path: &Path| {
+            let path = self.resolve(path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|source| FcError::SnapshotFile { what, path, source })
+        };
+        let state = create("snapshot", &params.snapshot_path)?;
+        let mem = create("memory", &params.mem_file_path)?;
+        let channel = self
+            .control
+            .as_ref()
+            .ok_or(FcError::VmmGone(control::ControlError::Closed))?;
+        // A snapshot of a large VM takes longer than a ping may.
+        let _ = channel.set_read_timeout(Some(SNAPSHOT_TIMEOUT));
+        let answer = control::ask_with(channel, Request::Snapshot, &[&state, &mem]);
+        let _ = channel.set_read_timeout(Some(Duration::from_secs(10)));
+        match answer {
+            Ok(Answer::Done) => Ok(()),
+            Ok(other) => Err(FcError::SnapshotFailed(other)),
+            Err(e) => {
+                self.control = None;
+                Err(FcError::VmmGone(e))
+            }
+        }
+    }
+
+    /// `PUT /snapshot/load`: starts the VM from a snapshot, paused unless `resume_vm`.
+    pub fn snapshot_load(&mut self, params: SnapshotLoadParams) -> Result<(), FcError> {
+        if self.phase != Phase::NotStarted {
+            return Err(FcError::Started);
+        }
+        if self.pending.configured() {
+            return Err(FcError::LoadNotAllowed);
+        }
+        let mem = match (&params.mem_file_path, &params.mem_backend) {
+            (Some(path), None) => path.clone(),
+            (None, Some(b)) if b.backend_type == MemoryBackendType::File => b.backend_path.clone(),
+            (None, Some(_)) => {
+                return Err(FcError::LoadParams(
+                    "a Uffd memory backend is not supported by bulkhead yet",
+                ))
+            }
+            _ => {
+                return Err(FcError::LoadParams(
+                    "exactly one of mem_file_path and mem_backend must be given",
+                ))
+            }
+        };
+        if params
+            .network_overrides
+            .as_ref()
+            .is_some_and(|n| !n.is_empty())
+        {
+            return Err(FcError::LoadParams(
+                "network_overrides are not supported by bulkhead yet",
+            ));
+        }
+        if params.track_dirty_pages == Some(true) || params.enable_diff_snapshots == Some(true) {
+            log::warn!("PUT /snapshot/load: dirty page tracking is not supported by bulkhead yet; diff snapshots will be refused");
+        }
+        let state_path = self.resolve(&params.snapshot_path);
+        let mut config = crate::RawConfig {
+            restore: Some(crate::config::RawRestore {
+                state: state_path.clone(),
+                mem: self.resolve(&mem),
+            }),
+            vm_id: Some(self.id.clone()),
+            console: Some(crate::config::ConsoleConfig::Stdio.to_string()),
+            seccomp: Some(self.seccomp),
+            thread_names: Some(crate::config::ThreadNames::Firecracker),
+            vsock_cid_shared: Some(true),
+            start_paused: Some(!params.resume_vm),
+            ..crate::RawConfig::default()
+        };
+        if let Some(o) = &params.vsock_override {
+            // The CID stays the snapshot's: only the socket moves.
+            let file = File::open(&state_path)
+                .map_err(|e| FcError::LoadState(crate::snapshot::SnapshotError::Read(e)))?;
+            let saved = crate::snapshot::read(&file).map_err(FcError::LoadState)?;
+            let machine = crate::RawConfig::from_json(&saved.machine)
+                .map_err(|_| FcError::LoadParams("the snapshot's settings do not parse"))?;
+            let Some(mut vsock) = machine.vsock else {
+                return Err(FcError::LoadParams("the snapshot has no vsock device"));
+            };
+            vsock.uds = self.resolve(&o.uds_path);
+            config.vsock = Some(vsock);
+        }
+        let phase = if params.resume_vm {
+            Phase::Running
+        } else {
+            Phase::Paused
+        };
+        self.launch(config, phase)
     }
 
     /// Swaps a running drive's backing file. A new rate limiter is accepted and logged: a
@@ -274,12 +406,8 @@ impl Personality {
     }
 
     /// Sends one request on the control channel, with `file` passed along, and returns the
-    /// VM process's answer.
+    /// VM process's answer. A paused VM answers too: only its vCPUs are stopped.
     fn command(&mut self, request: Request, file: Option<&File>) -> Result<Answer, FcError> {
-        if self.phase == Phase::Paused {
-            // The VMM thread is stopped with the rest of the VM process: it could not answer.
-            return Err(FcError::Paused);
-        }
         let channel = self
             .control
             .as_ref()

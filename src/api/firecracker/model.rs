@@ -248,6 +248,65 @@ pub enum VmStateRequest {
     Resumed,
 }
 
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    pub mem_file_path: PathBuf,
+    pub snapshot_path: PathBuf,
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: Option<PathBuf>,
+    pub mem_backend: Option<MemoryBackend>,
+    pub enable_diff_snapshots: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default)]
+    pub resume_vm: bool,
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+    pub vsock_override: Option<VsockOverride>,
+    pub clock_realtime: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    pub backend_type: MemoryBackendType,
+    pub backend_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MemoryBackendType {
+    File,
+    Uffd,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
 /// The `--config-file`: Firecracker's thirteen keys. Unknown keys are ignored, as Firecracker
 /// ignores them; keys for features bulkhead does not have are refused when set.
 #[derive(Debug, Clone, Default, Deserialize)]

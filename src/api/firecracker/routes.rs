@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::model::{
     ActionType, BootSource, Drive, EntropyDevice, InstanceActionInfo, InstanceInfo, Logger,
     MachineConfiguration, MachineConfigurationPatch, Metrics, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, Vm, VmStateRequest, Vsock,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm, VmStateRequest, Vsock,
 };
 use super::state::Phase;
 use super::Personality;
@@ -62,7 +62,6 @@ fn unsupported(path: &str) -> Option<&'static str> {
     let first = path.split('/').nth(1).unwrap_or("");
     Some(match first {
         "balloon" => "the balloon device",
-        "snapshot" => "snapshots",
         "mmds" => "the microVM metadata service (MMDS)",
         "hotplug" => "memory hotplug",
         "cpu-config" => "custom CPU templates",
@@ -212,6 +211,14 @@ pub fn route(p: &mut Personality, method: &str, path: &str, body: &[u8]) -> Answ
             },
             Err(a) => a,
         },
+        ("PUT", ["snapshot", "create"]) => match parse::<SnapshotCreateParams>(body) {
+            Ok(s) => p.snapshot_create(s).map_or_else(|e| fault(e.to_string()), |()| ok()),
+            Err(a) => a,
+        },
+        ("PUT", ["snapshot", "load"]) => match parse::<SnapshotLoadParams>(body) {
+            Ok(s) => p.snapshot_load(s).map_or_else(|e| fault(e.to_string()), |()| ok()),
+            Err(a) => a,
+        },
         ("PATCH", ["vm"]) => match parse::<Vm>(body) {
             Ok(vm) => p
                 .pause(vm.state == VmStateRequest::Paused)
@@ -229,6 +236,16 @@ pub fn route(p: &mut Personality, method: &str, path: &str, body: &[u8]) -> Answ
         },
     };
     p.count_request(method, &parts, Some(answer.status >= 300));
+    // As in Firecracker, configuring any boot resource (every pre-boot call but the logger's
+    // and the metrics') rules out loading a snapshot into this process.
+    let boot_resource = is_pre_boot_only(method, &parts)
+        && !matches!(
+            parts.as_slice(),
+            ["logger" | "metrics"] | ["snapshot", "load"]
+        );
+    if boot_resource && answer.status < 300 {
+        p.pending.boot_path = true;
+    }
     answer
 }
 
@@ -241,6 +258,7 @@ fn is_pre_boot_only(method: &str, parts: &[&str]) -> bool {
             ["machine-config" | "boot-source" | "vsock" | "entropy" | "logger" | "metrics"]
         ) | ("PATCH", ["machine-config"])
             | ("PUT", ["drives" | "network-interfaces", _])
+            | ("PUT", ["snapshot", "load"])
     )
 }
 
@@ -248,7 +266,9 @@ fn is_pre_boot_only(method: &str, parts: &[&str]) -> bool {
 fn is_post_boot_only(method: &str, parts: &[&str]) -> bool {
     matches!(
         (method, parts),
-        ("PATCH", ["drives" | "network-interfaces", _]) | ("PATCH", ["vm"])
+        ("PATCH", ["drives" | "network-interfaces", _])
+            | ("PATCH", ["vm"])
+            | ("PUT", ["snapshot", "create"])
     )
 }
 

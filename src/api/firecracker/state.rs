@@ -44,6 +44,9 @@ pub struct Pending {
     pub entropy: Option<EntropyDevice>,
     pub logger: Option<Logger>,
     pub metrics: Option<Metrics>,
+    /// A boot-specific resource (anything but the logger and metrics) was configured: a
+    /// snapshot load is then refused, as Firecracker refuses it.
+    pub boot_path: bool,
 }
 
 /// Why the settings can not make a VM.
@@ -215,6 +218,12 @@ impl Pending {
             }),
             ..RawConfig::default()
         })
+    }
+
+    /// Whether a boot-specific resource was configured (what makes a snapshot load refused,
+    /// as in Firecracker).
+    pub fn configured(&self) -> bool {
+        self.boot_path
     }
 
     /// `GET /vm/config`, in Firecracker's layout.
