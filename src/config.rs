@@ -132,10 +132,6 @@ pub enum ConfigError {
     IrqChip(String),
     #[error("a VM with shares can not be restored from a snapshot: a share's backend keeps state no snapshot has")]
     RestoreShares,
-    #[error(
-        "a restore in a jail is not supported yet: the jail does not bind the snapshot's files"
-    )]
-    RestoreJailed,
 }
 
 /// True when the kernel's part of `cmdline` (before any `--`) holds `acpi=off`.
@@ -155,9 +151,6 @@ impl VmConfig {
             mem: r.mem,
         });
         if restore.is_some() {
-            if raw.jail.is_some() {
-                return Err(ConfigError::RestoreJailed);
-            }
             // A share's backend holds state of its own that no snapshot has.
             if raw.shares.as_ref().is_some_and(|s| !s.is_empty()) {
                 return Err(ConfigError::RestoreShares);

@@ -1289,3 +1289,145 @@ fn a_file_that_hangs_is_refused_within_the_deadline_and_holds_up_nobody() {
     // Closing the connection ends the stuck lookups.
     drop(fuse);
 }
+
+/// Waits until the console of VM `id` (in the daemon's state directory) holds `line`.
+fn wait_console(h: &Host, id: &str, line: &str) -> String {
+    let console = h.dir.join("state/vms").join(id).join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.lines().any(|l| l == line) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{line:?} never came on VM {id}'s console: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_tenant_snapshots_its_vm_and_clones_it_while_the_other_tenant_is_refused_audited_and_alerted() {
+    let test = "serve_snapshots";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let h = Host::new("snap", 4);
+    let body = json!({"kernel": h.path("acme", "virtio"),
+                      "cmdline": "mode=tick ticks=100 period=50"});
+    let a = as_tenant(&h, "acme", "POST", "/v1/vms", Some(body));
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let vm = json_of(&a)["id"].as_str().unwrap().to_string();
+    wait_console(&h, &vm, "tick 5");
+
+    // The other tenant can not snapshot it: a 404, as for a missing VM.
+    let theirs = as_tenant(
+        &h,
+        "globex",
+        "POST",
+        &format!("/v1/vms/{vm}/snapshot"),
+        None,
+    );
+    assert_eq!(theirs.status, 404);
+    let taken = as_tenant(&h, "acme", "POST", &format!("/v1/vms/{vm}/snapshot"), None);
+    assert_eq!(
+        taken.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&taken.body)
+    );
+    let snap = json_of(&taken)["snapshot"].as_str().unwrap().to_string();
+    // It is acme's, in acme's directory, readable by root alone.
+    let dir = h.dir.join("state/tenants/acme/snapshots").join(&snap);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    for f in ["vm.state", "vm.mem", "snapshot.json"] {
+        let m = std::fs::metadata(dir.join(f)).unwrap();
+        assert_eq!((m.mode() & 0o777, m.uid()), (0o600, 0), "{f}");
+    }
+    // The snapshotted VM runs on to its end.
+    wait_console(&h, &vm, "tick: done");
+    let listed = json_of(&as_tenant(&h, "acme", "GET", "/v1/snapshots", None));
+    assert_eq!(listed["snapshots"][0]["id"], snap.as_str(), "{listed}");
+    assert_eq!(listed["snapshots"][0]["vm"], vm.as_str());
+    let none = json_of(&as_tenant(&h, "globex", "GET", "/v1/snapshots", None));
+    assert_eq!(none["snapshots"], json!([]));
+
+    // globex naming acme's snapshot gets what a missing one gets, and it is alerted and
+    // audited with the reason.
+    let missing = as_tenant(
+        &h,
+        "globex",
+        "POST",
+        "/v1/vms",
+        Some(json!({"snapshot": "0123456789abcdef0123456789abcdef"})),
+    );
+    let stolen = as_tenant(
+        &h,
+        "globex",
+        "POST",
+        "/v1/vms",
+        Some(json!({ "snapshot": snap })),
+    );
+    assert_eq!((missing.status, stolen.status), (404, 404));
+    assert_eq!(
+        json_of(&stolen)["error"]
+            .as_str()
+            .unwrap()
+            .replace(&snap, "ID"),
+        json_of(&missing)["error"]
+            .as_str()
+            .unwrap()
+            .replace("0123456789abcdef0123456789abcdef", "ID")
+    );
+    let alerts = h.alerts("snapshot_cross_tenant");
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["output_fields"]["tenant"], "acme");
+    assert!(
+        h.audit().iter().any(|l| l["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("snapshot_cross_tenant"))),
+        "no audit line says why"
+    );
+    // A machine setting is refused with a snapshot: the snapshot fixes it.
+    let sized = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(json!({"snapshot": snap, "mem_mib": 256})),
+    );
+    assert_eq!(
+        sized.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&sized.body)
+    );
+
+    // acme's clone finishes the run from where the snapshot was taken.
+    let cloned = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(json!({ "snapshot": snap })),
+    );
+    assert_eq!(
+        cloned.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&cloned.body)
+    );
+    let clone = json_of(&cloned)["id"].as_str().unwrap().to_string();
+    let text = wait_console(&h, &clone, "tick: done");
+    let first: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tick "))
+        .and_then(|n| n.parse().ok())
+        .expect("no tick in the clone");
+    assert!(first > 5, "{text}");
+    assert!(!text.contains("tick 0\n"), "{text}");
+    let ended = wait_state(&h, "acme", &clone, "exited");
+    assert_eq!(ended["exit"]["status"], 0, "{ended}");
+}

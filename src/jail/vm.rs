@@ -193,16 +193,34 @@ impl VmJail {
                 }),
                 _ => Ok(()),
             };
-        let (kernel, _, id) = resolve("kernel", &config.vm.kernel)?;
-        unchanged("kernel", &kernel, id)?;
-        config.vm.kernel = kernel;
-        files.push(JailFile {
-            path: config.vm.kernel.clone(),
-            read_only: true,
-            device: false,
-            id,
-        });
-        if let Some(initrd) = &config.vm.initrd {
+        // A restore reads the snapshot's files, and no kernel or initrd.
+        if let Some(restore) = &mut config.vm.restore {
+            for (what, path) in [
+                ("snapshot state", &mut restore.state),
+                ("snapshot memory", &mut restore.mem),
+            ] {
+                let (real, _, id) = resolve(what, path)?;
+                unchanged(what, &real, id)?;
+                *path = real.clone();
+                files.push(JailFile {
+                    path: real,
+                    read_only: true,
+                    device: false,
+                    id,
+                });
+            }
+        } else {
+            let (kernel, _, id) = resolve("kernel", &config.vm.kernel)?;
+            unchanged("kernel", &kernel, id)?;
+            config.vm.kernel = kernel;
+            files.push(JailFile {
+                path: config.vm.kernel.clone(),
+                read_only: true,
+                device: false,
+                id,
+            });
+        }
+        if let (Some(initrd), None) = (&config.vm.initrd, &config.vm.restore) {
             let (real, _, id) = resolve("initrd", initrd)?;
             unchanged("initrd", &real, id)?;
             files.push(JailFile {
@@ -243,6 +261,14 @@ impl VmJail {
                 }
                 _ => mib << 20,
             },
+            // A VM that can be snapshotted writes all of its RAM into the memory file.
+            None if config.process.control_fd.is_some()
+                || config.process.control_socket.is_some() =>
+            {
+                (MIN_FILE_SIZE_MIB << 20)
+                    .max(largest_size)
+                    .max(config.vm.mem_bytes())
+            }
             None => (MIN_FILE_SIZE_MIB << 20).max(largest_size),
         };
         let (kvm, _, id) = resolve("KVM device", &config.process.kvm_device)?;

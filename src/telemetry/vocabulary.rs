@@ -404,6 +404,7 @@ vocabulary! {
         ManagementCrossTenant = "management_cross_tenant",
         ManagementAdminOverride = "management_admin_override",
         ManagementAuditRecovered = "management_audit_recovered",
+        SnapshotCrossTenant = "snapshot_cross_tenant",
     }
 }
 
@@ -428,6 +429,8 @@ impl Rule {
             | TripleFault
             | ManagementCrossTenant
             | ManagementAuditRecovered => Priority::Warning,
+            // Loading another tenant's snapshot would hand over its memory, keys and all.
+            SnapshotCrossTenant => Priority::Error,
             PioScan | MmioScan | MsrProbe | ExitStorm | ManagementAdminOverride => Priority::Notice,
         }
     }
@@ -463,6 +466,7 @@ impl Rule {
             ManagementCrossTenant => &["bulkhead", "management", "mitre_discovery"],
             ManagementAdminOverride => &["bulkhead", "management", "break_glass"],
             ManagementAuditRecovered => &["bulkhead", "management", "logs"],
+            SnapshotCrossTenant => &["bulkhead", "management", "snapshot", "mitre_collection"],
         }
     }
 
@@ -508,6 +512,9 @@ impl Rule {
             ManagementAuditRecovered => {
                 "the audit log's last line was left unfinished (a full disk or a crash mid-write) and was set aside at start"
             }
+            SnapshotCrossTenant => {
+                "a tenant asked to start a VM from, or to see, a snapshot of another tenant (answered as if it did not exist)"
+            }
         }
     }
 }
@@ -540,12 +547,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn there_are_twenty_two_rules_with_distinct_names() {
-        assert_eq!(Rule::COUNT, 22);
+    fn there_are_twenty_three_rules_with_distinct_names() {
+        assert_eq!(Rule::COUNT, 23);
         let mut names: Vec<&str> = Rule::ALL.iter().map(|r| r.name()).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 22);
+        assert_eq!(names.len(), 23);
     }
 
     #[test]
@@ -591,6 +598,7 @@ mod tests {
                     | Rule::ManagementCrossTenant
                     | Rule::ManagementAdminOverride
                     | Rule::ManagementAuditRecovered
+                    | Rule::SnapshotCrossTenant
             );
             assert!(
                 from_refusals.contains(rule) != other_source,

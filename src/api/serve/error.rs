@@ -15,6 +15,8 @@ pub enum ServeError {
     NoEndpoint { method: String, path: String },
     #[error("no VM {0}")]
     NoVm(String),
+    #[error("no snapshot {0}")]
+    NoSnapshot(String),
 
     // The caller may not do this.
     #[error("uid {uid} is not a member of tenant {tenant}")]
@@ -63,6 +65,8 @@ pub enum ServeError {
     },
     #[error("VM {0} is still running: stop it first")]
     StillRunning(String),
+    #[error("VM {0} has no control socket (it was started by an older daemon): it can not be snapshotted")]
+    NoControl(String),
     #[error("disk {} is in use by another VM", .0.display())]
     DiskInUse(PathBuf),
 
@@ -100,6 +104,10 @@ pub enum ServeError {
     RelativePath { what: &'static str, path: PathBuf },
     #[error("no kernel given")]
     NoKernel,
+    #[error("a VM made from a snapshot takes its machine from it; \"{0}\" can not be given")]
+    SnapshotMachine(&'static str),
+    #[error(transparent)]
+    SnapshotSettings(crate::snapshot::RestoreSettingsError),
     #[error("console_limit {asked} is above tenant {tenant}'s cap of {cap} bytes")]
     ConsoleLimit {
         asked: u64,
@@ -118,6 +126,12 @@ pub enum ServeError {
     AuditUnwritable(#[source] AuditError),
 
     // The daemon failed.
+    #[error("cannot snapshot VM {id}: {source}")]
+    Snapshot {
+        id: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot read the {what}: {source}")]
     Read {
         what: String,

@@ -32,9 +32,14 @@ pub fn status(e: &ServeError) -> u16 {
         | FileRefused { .. }
         | FileTooSlow { .. }
         | Quota { .. } => 403,
-        NoEndpoint { .. } | NoVm(_) => 404,
+        NoEndpoint { .. } | NoVm(_) | NoSnapshot(_) => 404,
         BodyTimeout => 408,
-        NotLive { .. } | NotRunning(_) | WrongState { .. } | StillRunning(_) | DiskInUse(_) => 409,
+        NotLive { .. }
+        | NotRunning(_)
+        | WrongState { .. }
+        | StillRunning(_)
+        | DiskInUse(_)
+        | NoControl(_) => 409,
         BodyTooLarge(_) => 413,
         NoTenantNamed
         | NoSuchTenant(_)
@@ -43,10 +48,18 @@ pub fn status(e: &ServeError) -> u16 {
         | Console
         | RelativePath { .. }
         | NoKernel
+        | SnapshotMachine(_)
+        | SnapshotSettings(_)
         | ConsoleLimit { .. }
         | Invalid(_) => 422,
         RateLimited => 429,
-        Read { .. } | Prepare { .. } | VmLog(_) | Start { .. } | VmId(_) | Worker => 500,
+        Read { .. }
+        | Prepare { .. }
+        | VmLog(_)
+        | Start { .. }
+        | VmId(_)
+        | Worker
+        | Snapshot { .. } => 500,
         ChecksBusy { .. } | AuditUnwritable(_) => 503,
     }
 }

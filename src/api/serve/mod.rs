@@ -20,6 +20,7 @@ pub mod registry;
 pub mod report;
 pub mod routes;
 pub mod server;
+pub mod snapshots;
 pub mod vms;
 
 pub use error::ServeError;

@@ -371,6 +371,7 @@ impl Daemon {
             vm_id: Some(id.clone()),
             console: Some(ConsoleConfig::File(paths.console()).to_string()),
             metrics_file: Some(paths.metrics()),
+            control_socket: Some(paths.control()),
             // A CID is the VM's own (its host side is its sockets, in its jail): tenants
             // need not, and must not be able to, learn which CIDs others use.
             vsock_cid_shared: Some(true),

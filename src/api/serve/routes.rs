@@ -15,6 +15,7 @@ use super::error::ServeError;
 use super::http::Reply;
 use super::paths::{self, Usable, Use, Verdict};
 use super::registry::{Daemon, Launch, Principal};
+use super::snapshots;
 use super::vms::{DiskId, VmRecord, VmState};
 use crate::config::{host_mem_mib, PinnedFile, RawConfig, VmConfig};
 use crate::telemetry::Rule;
@@ -28,6 +29,7 @@ pub const VM_ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/stop"),
     ("POST", "/pause"),
     ("POST", "/resume"),
+    ("POST", "/snapshot"),
     ("DELETE", ""),
 ];
 
@@ -46,6 +48,7 @@ pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request) -> Reply {
     match (req.method.as_str(), parts.as_slice()) {
         ("POST", ["v1", "vms"]) => create(d, who, &req).unwrap_or_else(Reply::from),
         ("GET", ["v1", "vms"]) => list(d, who),
+        ("GET", ["v1", "snapshots"]) => snapshots::list(d, who),
         ("GET", ["v1", "audit-log"]) => {
             admin_file(who, &d.config.audit_log, "audit log").unwrap_or_else(Reply::from)
         }
@@ -65,6 +68,7 @@ pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request) -> Reply {
                 ("POST", ["stop"]) => stop(d, &record),
                 ("POST", ["pause"]) => pause(d, &record, true),
                 ("POST", ["resume"]) => pause(d, &record, false),
+                ("POST", ["snapshot"]) => snapshots::take(d, &record),
                 ("GET", ["metrics"]) => vm_file(d, &record, VmFile::Metrics),
                 ("GET", ["alerts"]) => vm_file(d, &record, VmFile::Alerts),
                 ("GET", ["report"]) => Ok(report(d, &record, req.query.as_deref())),
@@ -276,9 +280,17 @@ fn pause(d: &Arc<Daemon>, r: &VmRecord, pause: bool) -> Result<Reply, ServeError
             want: from,
         });
     }
-    // The VM process, not the supervisor: the supervisor goes on watching and reporting.
-    let vm = live_supervisor(r).and_then(crate::procfs::first_child);
-    if !vm.is_some_and(|vm| crate::process::signal(vm, signal).is_ok()) {
+    // The vCPUs park in the VM process, whose VMM thread goes on serving (so a paused VM can
+    // be snapshotted); a VM an older daemon started has no control socket, and its VM process
+    // is stopped whole instead. The supervisor goes on watching and reporting either way.
+    let control = d.paths(&r.id).control();
+    let paused = if control.exists() {
+        crate::snapshot::client::pause(&control, pause).is_ok()
+    } else {
+        let vm = live_supervisor(r).and_then(crate::procfs::first_child);
+        vm.is_some_and(|vm| crate::process::signal(vm, signal).is_ok())
+    };
+    if !paused {
         return Err(ServeError::NotRunning(r.id.clone()));
     }
     d.update(&r.id, |rec| rec.state = to);
@@ -364,17 +376,34 @@ fn daemon_field(raw: &RawConfig) -> Option<(&'static str, &'static str)> {
             "vsock_cid_shared",
             "the daemon sets it",
         ),
+        (
+            raw.control_socket.is_some(),
+            "control_socket",
+            "the daemon keeps each VM's control socket",
+        ),
+        (
+            raw.restore.is_some() || raw.start_paused.is_some(),
+            "restore",
+            "name one of your snapshots as \"snapshot\" instead",
+        ),
     ];
     set.into_iter()
         .find(|(is_set, _, _)| *is_set)
         .map(|(_, field, why)| (field, why))
 }
 
+/// `POST /v1/vms`.
 fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, ServeError> {
-    let body: Value = match serde_json::from_slice(&req.body) {
+    let mut body: Value = match serde_json::from_slice(&req.body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return Err(ServeError::NotAnObject),
         Err(e) => return Err(ServeError::NotJson(e)),
+    };
+    // `"snapshot": ID`: the VM starts from one of the tenant's snapshots.
+    let snapshot = match body.as_object_mut().and_then(|o| o.remove("snapshot")) {
+        Some(Value::String(id)) => Some(id),
+        Some(_) => return Err(ServeError::NoSnapshot("(not a string)".into())),
+        None => None,
     };
     let raw = serde_json::from_value::<RawConfig>(body).map_err(ServeError::Settings)?;
     let tenant = match (who, raw.tenant.as_deref()) {
@@ -447,8 +476,34 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, Serv
             }),
         }
     };
-    let Some(kernel) = raw.kernel.as_deref() else {
-        return Err(ServeError::NoKernel);
+    // From a snapshot, the machine is the snapshot's: the body gives who runs it and how (and
+    // may move its vsock socket), and the snapshot's disks are checked as the tenant's files
+    // again, as a boot's would be.
+    let machine = match &snapshot {
+        Some(id) => {
+            if let Some(field) = raw
+                .machine_fields_given()
+                .into_iter()
+                .find(|f| *f != "vsock")
+            {
+                return Err(ServeError::SnapshotMachine(field));
+            }
+            // Another tenant's snapshot is answered as a missing one, already made (with its
+            // alert, and the reason for the audit line).
+            let paths = match snapshots::find(d, who, &tenant, id) {
+                Ok(paths) => paths,
+                Err(refused) => return Ok(refused),
+            };
+            resolved.restore = Some(crate::config::RawRestore {
+                state: paths.state(),
+                mem: paths.mem(),
+            });
+            Some(
+                crate::snapshot::restore_settings(resolved.clone())
+                    .map_err(ServeError::SnapshotSettings)?,
+            )
+        }
+        None => None,
     };
     // Each file as checked, by identity: the jail refuses a path that names another file by
     // the time it opens it (as root), so a swap after the check gains the tenant nothing.
@@ -460,17 +515,23 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, Serv
             ino: u.ino,
         })
     };
-    let u = check("kernel", kernel, Use::Boot)?;
-    pin(&u);
-    resolved.kernel = Some(u.path);
-    if let Some(initrd) = raw.initrd.as_deref() {
-        let u = check("initrd", initrd, Use::Boot)?;
+    if machine.is_none() {
+        let Some(kernel) = raw.kernel.as_deref() else {
+            return Err(ServeError::NoKernel);
+        };
+        let u = check("kernel", kernel, Use::Boot)?;
         pin(&u);
-        resolved.initrd = Some(u.path);
+        resolved.kernel = Some(u.path);
+        if let Some(initrd) = raw.initrd.as_deref() {
+            let u = check("initrd", initrd, Use::Boot)?;
+            pin(&u);
+            resolved.initrd = Some(u.path);
+        }
     }
     let mut disks = Vec::new();
     let mut disk_ids = Vec::new();
-    for disk in raw.disks.iter().flatten() {
+    let all_disks = machine.as_ref().unwrap_or(&raw).disks.clone();
+    for disk in all_disks.iter().flatten() {
         let write = !disk.read_only;
         let u = check("disk", &disk.path, Use::Disk { write })?;
         pin(&u);
@@ -483,7 +544,9 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, Serv
             writable: write,
         });
     }
-    resolved.disks = raw.disks.as_ref().map(|_| disks.clone());
+    if machine.is_none() {
+        resolved.disks = raw.disks.as_ref().map(|_| disks.clone());
+    }
     resolved.pinned_files = Some(pins);
     resolved.tenant = Some(tenant.clone());
     resolved.console = Some("none".to_string());
@@ -499,7 +562,14 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, Serv
         Some(asked) => resolved.console_limit = Some(asked),
         None => resolved.console_limit = Some(t.console_limit),
     }
-    let vm = VmConfig::from_raw(resolved.clone(), host_mem_mib()).map_err(ServeError::Invalid)?;
+    // What the VM will be: for a snapshot, its machine with this request's settings over it
+    // (the supervisor makes the same from the same files).
+    let effective = match machine {
+        Some(_) => crate::snapshot::restore_settings(resolved.clone())
+            .map_err(ServeError::SnapshotSettings)?,
+        None => resolved.clone(),
+    };
+    let vm = VmConfig::from_raw(effective, host_mem_mib()).map_err(ServeError::Invalid)?;
     if let Principal::Admin { uid: admin } = who {
         let reason = req.reason.clone().unwrap_or_default();
         d.alert(

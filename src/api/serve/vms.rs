@@ -143,6 +143,10 @@ impl VmPaths {
     pub fn console(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// The VM's control socket (pause, resume, snapshot), made by its supervisor.
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
     pub fn log(&self) -> PathBuf {
         self.dir.join("vmm.log")
     }

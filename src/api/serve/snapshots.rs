@@ -1,0 +1,226 @@
+//! Snapshots through the daemon: a tenant snapshots its own VM and starts VMs from its own
+//! snapshots, and nobody else's.
+//!
+//! A snapshot lives in `STATE_DIR/tenants/TENANT/snapshots/ID/` (directories 0700, files 0600,
+//! all root's): its state file, its memory file and `snapshot.json` (who made it, from which
+//! VM, when). The daemon writes them through the VM's control socket (the VM process only
+//! writes into the descriptors it is sent) and reads them back only for the tenant whose
+//! directory they are in. A tenant naming another tenant's snapshot is answered exactly as for
+//! a missing one (404), the attempt is in the audit log with its reason, and it raises
+//! `snapshot_cross_tenant`.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::error::ServeError;
+use super::http::Reply;
+use super::registry::{Daemon, Principal};
+use super::vms::{now_rfc3339, VmRecord, VmState};
+use crate::telemetry::Rule;
+
+/// What `snapshot.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub tenant: String,
+    /// The VM it was taken of.
+    pub vm: String,
+    pub created: String,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+}
+
+/// A snapshot's files.
+#[derive(Debug, Clone)]
+pub struct SnapshotPaths {
+    pub dir: PathBuf,
+}
+
+impl SnapshotPaths {
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("vm.state")
+    }
+    pub fn mem(&self) -> PathBuf {
+        self.dir.join("vm.mem")
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("snapshot.json")
+    }
+}
+
+/// A tenant's snapshot directory.
+fn tenant_dir(d: &Daemon, tenant: &str) -> PathBuf {
+    d.config
+        .state_dir
+        .join("tenants")
+        .join(tenant)
+        .join("snapshots")
+}
+
+fn paths(d: &Daemon, tenant: &str, id: &str) -> SnapshotPaths {
+    SnapshotPaths {
+        dir: tenant_dir(d, tenant).join(id),
+    }
+}
+
+/// A snapshot id as the daemon makes them (so a path built from one stays one component).
+fn is_snapshot_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// `POST /v1/vms/ID/snapshot`: pauses the VM (unless paused already), writes its snapshot
+/// into the tenant's directory, and resumes it. Answers 201 with the snapshot's id.
+pub fn take(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
+    if !matches!(r.state, VmState::Running | VmState::Paused) {
+        return Err(ServeError::NotLive {
+            id: r.id.clone(),
+            state: r.state,
+        });
+    }
+    let control = d.paths(&r.id).control();
+    if !control.exists() {
+        return Err(ServeError::NoControl(r.id.clone()));
+    }
+    let id = crate::config::random_vm_id().map_err(ServeError::VmId)?;
+    let paths = paths(d, &r.tenant, &id);
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.dir);
+    made.map_err(|source| ServeError::Snapshot {
+        id: r.id.clone(),
+        source: Box::new(source),
+    })?;
+    let keep_paused = r.state == VmState::Paused;
+    let written =
+        crate::snapshot::client::create(&control, &paths.state(), &paths.mem(), keep_paused);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        return Err(ServeError::Snapshot {
+            id: r.id.clone(),
+            source: Box::new(e),
+        });
+    }
+    let record = SnapshotRecord {
+        id: id.clone(),
+        tenant: r.tenant.clone(),
+        vm: r.id.clone(),
+        created: now_rfc3339(),
+        vcpus: r.vcpus,
+        mem_mib: r.mem_mib,
+    };
+    let saved = serde_json::to_vec(&record)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| write_private(&paths.record(), &bytes));
+    if let Err(e) = saved {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        return Err(ServeError::Snapshot {
+            id: r.id.clone(),
+            source: Box::new(e),
+        });
+    }
+    Ok(Reply::json(201, json!({ "snapshot": id, "vm": r.id })))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+fn read_record(paths: &SnapshotPaths) -> Option<SnapshotRecord> {
+    let bytes = std::fs::read(paths.record()).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The tenant that holds snapshot `id`, if any does.
+fn owner_of(d: &Daemon, id: &str) -> Option<String> {
+    let tenants = std::fs::read_dir(d.config.state_dir.join("tenants")).ok()?;
+    tenants
+        .flatten()
+        .filter_map(|t| t.file_name().into_string().ok())
+        .find(|t| read_record(&paths(d, t, id)).is_some_and(|r| r.id == id && &r.tenant == t))
+}
+
+/// Snapshot `id` of `tenant`, for `who`: another tenant's is answered as a missing one, and
+/// raises `snapshot_cross_tenant`.
+pub fn find(
+    d: &Arc<Daemon>,
+    who: &Principal,
+    tenant: &str,
+    id: &str,
+) -> Result<SnapshotPaths, Reply> {
+    let missing = || Reply::from(ServeError::NoSnapshot(id.to_string()));
+    if !is_snapshot_id(id) {
+        return Err(missing());
+    }
+    let mine = paths(d, tenant, id);
+    if read_record(&mine).is_some_and(|r| r.tenant == tenant && r.id == id) {
+        return Ok(mine);
+    }
+    let Some(owner) = owner_of(d, id) else {
+        return Err(missing());
+    };
+    let caller = match who {
+        Principal::Tenant { name, uid } => format!("tenant {name} (uid {uid})"),
+        Principal::Admin { uid } => format!("admin uid {uid}, for tenant {tenant},"),
+    };
+    d.alert(
+        Rule::SnapshotCrossTenant,
+        "",
+        &owner,
+        format!("{caller} asked to start a VM from snapshot {id}, which belongs to another tenant"),
+        vec![("caller_tenant", json!(tenant)), ("snapshot", json!(id))],
+    );
+    let mut reply = missing();
+    reply.audit_reason = Some(format!(
+        "snapshot_cross_tenant: snapshot {id} belongs to {owner}"
+    ));
+    Err(reply)
+}
+
+/// `GET /v1/snapshots`: the caller's tenant's snapshots (an admin's: every tenant's).
+pub fn list(d: &Arc<Daemon>, who: &Principal) -> Reply {
+    let tenants: Vec<String> = match who {
+        Principal::Tenant { name, .. } => vec![name.clone()],
+        Principal::Admin { .. } => d.config.tenants.keys().cloned().collect(),
+    };
+    let mut found = Vec::new();
+    for tenant in tenants {
+        let Ok(entries) = std::fs::read_dir(tenant_dir(d, &tenant)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Some(id) = e.file_name().into_string().ok() else {
+                continue;
+            };
+            if let Some(r) = read_record(&paths(d, &tenant, &id)).filter(|r| r.tenant == tenant) {
+                found.push(r);
+            }
+        }
+    }
+    found.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+    Reply::json(200, json!({ "snapshots": found }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_daemons_own_ids_name_a_snapshot_directory() {
+        assert!(is_snapshot_id("0a1b2c3d4e5f"));
+        for bad in ["", "..", "a/b", "a.b", &"x".repeat(65)] {
+            assert!(!is_snapshot_id(bad), "{bad}");
+        }
+    }
+}
