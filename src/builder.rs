@@ -27,7 +27,7 @@ use crate::broker::BrokerClient;
 use crate::config::{ConsoleConfig, IrqChip, RateLimiterConfig, TokenBucketConfig, VmConfig};
 use crate::devices::legacy::{
     self, ioapic, power, AcpiPower, BootCompletePort, GuestExitPort, IoDelayPort, Ioapic, PvPanic,
-    SerialPort, I8042,
+    SerialPort, VmGenId, I8042,
 };
 use crate::devices::virtio::block::{self, BlockError, Disk};
 use crate::devices::virtio::fs::{self, FsError};
@@ -106,6 +106,8 @@ pub enum BuildError {
     MsrList(#[source] kvm_ioctls::Error),
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    #[error(transparent)]
+    VmGenId(#[from] crate::devices::legacy::vmgenid::VmGenIdError),
     #[error("cannot open console file {path}: {source}")]
     ConsoleFile {
         path: std::path::PathBuf,
@@ -275,9 +277,12 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         .as_ref()
         .and_then(|_| RawTerminal::new(libc::STDIN_FILENO));
     let serial_irq = irq_line(&vm, legacy::SERIAL_IRQ, "the serial IRQ")?;
+    // A restored UART with an interrupt pending raises its line here, before the interrupt
+    // controllers are restored: that edge goes nowhere (no route yet), and the one the guest
+    // had not yet taken is in the restored controllers' state.
     let serial = Arc::new(match &restore {
         Some(state) => SerialPort::restored(serial_irq, console_out, &state.devices.serial)
-            .ok_or(restore::RestoreError::Device("serial".into()))?,
+            .ok_or(restore::RestoreError::Device("serial"))?,
         None => SerialPort::new(serial_irq, console_out),
     });
     let keyboard_irq = irq_line(&vm, legacy::I8042_IRQ, "the keyboard IRQ")?;
@@ -358,6 +363,14 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         None
     };
 
+    // With ACPI, the VM generation ID: new at boot, and new again for each restore.
+    let vmgenid = if config.vm.acpi {
+        let irq = irq_line(&vm, legacy::GED_IRQ, "the generation change IRQ")?;
+        Some(VmGenId::new(layout::VMGENID_START, irq))
+    } else {
+        None
+    };
+
     let msr_list: Arc<[u32]> = kvm
         .get_msr_index_list()
         .map_err(BuildError::MsrList)?
@@ -379,15 +392,29 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         shares: !config.vm.shares.is_empty(),
     };
     let vcpus = match (restore, kernel_file.as_mut()) {
-        (Some(state), _) => restore::apply(&vm, &sources, &mut virtio.workers, &state)?,
-        (None, Some(kernel_file)) => boot(
-            config,
-            &kvm,
-            &vm,
-            &virtio.windows,
-            kernel_file,
-            initrd_file.as_mut(),
-        )?,
+        (Some(state), _) => {
+            let vcpus = restore::apply(&vm, &sources, &mut virtio.workers, &state)?;
+            // A clone is a new generation: the guest is told once it runs, its interrupt
+            // controllers restored by now.
+            if let Some(gen) = &vmgenid {
+                gen.new_generation(vm.memory())?;
+            }
+            vcpus
+        }
+        (None, Some(kernel_file)) => {
+            let vcpus = boot(
+                config,
+                &kvm,
+                &vm,
+                &virtio.windows,
+                kernel_file,
+                initrd_file.as_mut(),
+            )?;
+            if let Some(gen) = &vmgenid {
+                gen.write_new(vm.memory())?;
+            }
+            vcpus
+        }
         // Without a restore the kernel was opened above.
         (None, None) => return Err(BuildError::Restore(restore::RestoreError::NoKernel)),
     };
@@ -587,7 +614,8 @@ fn acpi_ports(
     Ok(())
 }
 
-/// What the ACPI tables describe: the legacy devices `pio_bus` places and the virtio devices.
+/// What the ACPI tables describe: the legacy devices `pio_bus` places, the virtio devices and
+/// the VM generation ID.
 fn board(vcpus: u32, virtio: &[VirtioMmio]) -> Board {
     // The legacy ports are all below 0x1000, so they fit the descriptors' 16 bits.
     let port = |p: u64| p as u16;
@@ -612,6 +640,7 @@ fn board(vcpus: u32, virtio: &[VirtioMmio]) -> Board {
             s5_sleep_type: power::S5_SLEEP_TYPE,
         },
         virtio: virtio.to_vec(),
+        vmgenid: Some((layout::VMGENID_START, legacy::GED_IRQ)),
     }
 }
 

@@ -132,6 +132,8 @@ pub enum ConfigError {
     IrqChip(String),
     #[error("a VM with shares can not be restored from a snapshot: a share's backend keeps state no snapshot has")]
     RestoreShares,
+    #[error("\"start_paused\" needs a control channel or --control-socket: nothing else could resume the VM")]
+    StartPausedUncontrolled,
 }
 
 /// True when the kernel's part of `cmdline` (before any `--`) holds `acpi=off`.
@@ -155,6 +157,13 @@ impl VmConfig {
             if raw.shares.as_ref().is_some_and(|s| !s.is_empty()) {
                 return Err(ConfigError::RestoreShares);
             }
+        }
+        // Only a control request can let a VM that starts paused run.
+        if raw.start_paused == Some(true)
+            && raw.control_fd.is_none()
+            && raw.control_socket.is_none()
+        {
+            return Err(ConfigError::StartPausedUncontrolled);
         }
         let kernel = raw.kernel.ok_or(ConfigError::MissingKernel)?;
         let vcpus = raw.vcpus.unwrap_or(DEFAULT_VCPUS);

@@ -21,7 +21,7 @@ dd if=/dev/zero bs=1M count=4 >> /tmp/disk.img 2>/dev/null
 "$bulkhead" run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --vcpus 2 \
     --disk /tmp/disk.img,ro --vsock cid=3,uds=/tmp/o.sock --control-socket /tmp/o.ctl \
     --console file:/tmp/o.log --timeout 200 \
-    --cmdline 'panic=-1 reboot=t -- sh -c "echo GUEST-READY; vsock-tool listen 1234; vsock-tool listen 1235; head -n 1 /dev/vda; echo CLONE-DONE; poweroff -f"' \
+    --cmdline 'panic=-1 reboot=t -- sh -c "echo GUEST-READY; vsock-tool listen 1234; vsock-tool listen 1235; head -n 1 /dev/vda; echo RANDOM-$(head -c 16 /dev/urandom | od -An -tx1); echo CLONE-DONE; poweroff -f"' \
     > /tmp/o.err 2>&1 &
 opid=$!
 # connect WHO PORT: the host side of one line over vsock, tried until the guest listens.
@@ -83,6 +83,25 @@ fn a_linux_guest_snapshotted_after_boot_runs_on_in_two_clones_that_answer_on_vso
         ] {
             assert!(out.contains(&line), "missing {line:?} in:\n{out}");
         }
+    }
+    // Each clone is a new VM generation: its RNG was reseeded with the new ID, so the two
+    // clones (and the original) draw different random numbers, though their RNG state was
+    // one and the same when the snapshot was taken.
+    let random = |who: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{who}| RANDOM-")))
+            .unwrap_or_else(|| panic!("{who} drew nothing:\n{out}"))
+            .to_string()
+    };
+    let (o, a, b) = (random("o"), random("a"), random("b"));
+    assert!(o != a && a != b && o != b, "{o} / {a} / {b}");
+    for who in ["a", "b"] {
+        assert!(
+            out.contains(&format!("{who}| "))
+                && out.lines().any(|l| l.starts_with(&format!("{who}| "))
+                    && l.contains("crng reseeded due to virtual machine fork")),
+            "clone {who} did not reseed:\n{out}"
+        );
     }
     // The clones never booted: they start after GUEST-READY.
     for who in ["a", "b"] {

@@ -12,6 +12,7 @@ mod lane;
 mod launch;
 mod memory;
 mod report;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,12 +39,15 @@ struct Options {
     density_cap: usize,
     budget_mib: u64,
     out: PathBuf,
+    /// Only the snapshot figures (a quick run of one part).
+    snapshot_only: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench [--peer-firecracker PATH] [--rounds N] [--lane-rounds N] [--no-lane]\n\
          \x20            [--burst N] [--density-cap N] [--budget-mib N] [--out DIR]\n\
+         \x20            [--snapshot-only]\n\
          \x20            [--bulkhead PATH] [--floor PATH] [--guest PATH]"
     );
     std::process::exit(2)
@@ -62,6 +66,7 @@ fn options(root: &Path) -> Options {
         density_cap: 3000,
         budget_mib: 4096,
         out: root.join("docs/bench"),
+        snapshot_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -79,6 +84,7 @@ fn options(root: &Path) -> Options {
             "--density-cap" => o.density_cap = number(value()),
             "--budget-mib" => o.budget_mib = number(value()) as u64,
             "--out" => o.out = PathBuf::from(value()),
+            "--snapshot-only" => o.snapshot_only = true,
             _ => usage(),
         }
     }
@@ -453,12 +459,22 @@ fn main() {
     // Let the builds that scripts/bench just ran settle: their page cache writeback and
     // freed memory otherwise land in the first start-up rounds.
     std::thread::sleep(Duration::from_secs(3));
-    let mut figures = startup(&vmms, o.rounds);
-    figures.push(exits(&vmms, o.rounds.div_ceil(3)));
-    figures.extend(footprint(&vmms, o.rounds.div_ceil(3)));
-    figures.extend(burst(&vmms, o.burst, o.rounds.div_ceil(5)));
-    figures.push(max_idle(&vmms, o.budget_mib, o.density_cap));
-    if o.lane {
+    let mut figures = Vec::new();
+    if !o.snapshot_only {
+        figures.extend(startup(&vmms, o.rounds));
+        figures.push(exits(&vmms, o.rounds.div_ceil(3)));
+        figures.extend(footprint(&vmms, o.rounds.div_ceil(3)));
+        figures.extend(burst(&vmms, o.burst, o.rounds.div_ceil(5)));
+        figures.push(max_idle(&vmms, o.budget_mib, o.density_cap));
+    }
+    figures.extend(snapshot::figures(
+        &o.bulkhead,
+        o.peer.as_deref(),
+        &o.guest,
+        &scratch,
+        o.rounds,
+    ));
+    if o.lane && !o.snapshot_only {
         figures.extend(lane::figures(&root, &o));
     }
     let _ = std::fs::remove_dir_all(&scratch);

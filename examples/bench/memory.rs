@@ -42,7 +42,7 @@ fn kib(value: &str) -> Option<u64> {
 }
 
 /// Field `field` (with its colon) of the proc file at `path`, in KiB; 0 when absent.
-fn proc_kib(path: &str, field: &str) -> u64 {
+pub fn proc_kib(path: &str, field: &str) -> u64 {
     let text = fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .find_map(|l| l.strip_prefix(field))
@@ -52,7 +52,7 @@ fn proc_kib(path: &str, field: &str) -> u64 {
 
 /// Resident KiB of the mappings exactly `guest_kib` long: the guest's RAM (one region, as
 /// 128 MiB lies below the MMIO gap), in each VMM's own layout.
-fn guest_rss_kib(pid: u32, guest_kib: u64) -> u64 {
+pub fn guest_rss_kib(pid: u32, guest_kib: u64) -> u64 {
     let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
     let mut total = 0;
     let mut in_guest = false;

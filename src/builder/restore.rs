@@ -36,7 +36,13 @@ pub enum RestoreError {
         wanted: u64,
     },
     #[error("snapshot: the {0} state is not one the device can be in")]
-    Device(String),
+    Device(&'static str),
+    #[error(
+        "snapshot: device {device} is saved as {saved}; the settings do not make the same devices"
+    )]
+    DeviceOrder { device: String, saved: String },
+    #[error("snapshot: device {0}'s queue side refused its saved state")]
+    Handler(String),
     #[error("snapshot: device {device}: {source}")]
     Transport {
         device: String,
@@ -110,15 +116,15 @@ pub fn apply(
 ) -> Result<Vec<Vcpu>, RestoreError> {
     let devices = &state.devices;
     if !sources.i8042.restore(&devices.i8042) {
-        return Err(RestoreError::Device("i8042".into()));
+        return Err(RestoreError::Device("i8042"));
     }
     match (&sources.ioapic, &devices.ioapic) {
         (Some(ioapic), Some(saved)) if ioapic.restore(saved) => {}
         (None, None) => {}
-        _ => return Err(RestoreError::Device("IOAPIC".into())),
+        _ => return Err(RestoreError::Device("IOAPIC")),
     }
     if devices.virtio.len() != sources.transports.len() || workers.len() != devices.virtio.len() {
-        return Err(RestoreError::Device("virtio device list".into()));
+        return Err(RestoreError::Device("virtio device list"));
     }
     for ((saved, transport), worker) in devices
         .virtio
@@ -128,13 +134,13 @@ pub fn apply(
     {
         let name = worker.shared().name().to_string();
         if saved.name != name {
-            return Err(RestoreError::Device(format!(
-                "{} (saved as {})",
-                name, saved.name
-            )));
+            return Err(RestoreError::DeviceOrder {
+                device: name,
+                saved: saved.name.clone(),
+            });
         }
         if !worker.handler_mut().restore_state(&saved.handler) {
-            return Err(RestoreError::Device(name));
+            return Err(RestoreError::Handler(name));
         }
         transport
             .restore(&saved.transport)

@@ -101,6 +101,7 @@ struct RawTenant {
     max_mem_mib: u64,
     console_limit: Option<u64>,
     max_exited_vms: Option<u32>,
+    max_snapshot_mib: Option<u64>,
     requests_per_second: Option<u32>,
     request_burst: Option<u32>,
 }
@@ -123,6 +124,9 @@ pub struct Tenant {
     pub console_limit: u64,
     /// Records of exited VMs kept; the oldest go first.
     pub max_exited_vms: u32,
+    /// Guest RAM its snapshots may hold in all (each costs at most its RAM on the state
+    /// disk); by default its `max_mem_mib`.
+    pub max_snapshot_mib: u64,
     /// Requests its socket takes a second, after a burst of `request_burst`.
     pub requests_per_second: u32,
     pub request_burst: u32,
@@ -285,6 +289,7 @@ fn check_tenant(
     }
     let console_limit = raw.console_limit.unwrap_or(DEFAULT_CONSOLE_LIMIT);
     let max_exited_vms = raw.max_exited_vms.unwrap_or(DEFAULT_MAX_EXITED_VMS);
+    let max_snapshot_mib = raw.max_snapshot_mib.unwrap_or(raw.max_mem_mib);
     let requests_per_second = raw
         .requests_per_second
         .unwrap_or(DEFAULT_REQUESTS_PER_SECOND);
@@ -295,6 +300,7 @@ fn check_tenant(
         ("max_mem_mib", raw.max_mem_mib),
         ("console_limit", console_limit),
         ("max_exited_vms", u64::from(max_exited_vms)),
+        ("max_snapshot_mib", max_snapshot_mib),
         ("requests_per_second", u64::from(requests_per_second)),
         ("request_burst", u64::from(request_burst)),
     ] {
@@ -315,6 +321,7 @@ fn check_tenant(
         },
         console_limit,
         max_exited_vms,
+        max_snapshot_mib,
         requests_per_second,
         request_burst,
     })

@@ -42,7 +42,9 @@ fn expect_done(channel: &UnixStream, request: Request, files: &[&File]) -> Resul
             request,
             answer,
             hint: match answer {
-                Answer::Unsupported => " (a VM with virtio-fs shares can not be snapshotted)",
+                Answer::Unsupported => {
+                    " (a VM with virtio-fs shares, or whose disk was swapped, can not be snapshotted)"
+                }
                 Answer::Failed => " (the VM's log says why)",
                 _ => "",
             },
@@ -57,20 +59,69 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
     })
 }
 
-/// A new, empty file for the snapshot, readable by its owner only; an existing one is
-/// replaced (never followed through a symlink).
-fn create_file(path: &Path) -> Result<File, ClientError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|source| ClientError::Create {
+/// A snapshot file being written: a new file beside its final path (made here, mode 0600, never
+/// through a symlink), renamed over that path once the snapshot is complete and removed if it
+/// is not. An existing file at the path is never written into: clones may be mapping it (a
+/// truncated memory file would take their pages away), and a failed snapshot must not destroy
+/// the last good one.
+pub struct NewFile {
+    file: File,
+    temp: PathBuf,
+    path: PathBuf,
+    done: bool,
+}
+
+impl NewFile {
+    pub fn create(path: &Path) -> Result<NewFile, ClientError> {
+        let error = |source| ClientError::Create {
             path: path.to_path_buf(),
             source,
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| error(std::io::Error::from_raw_os_error(libc::EISDIR)))?;
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".{}.partial", std::process::id()));
+        let temp = path.with_file_name(temp_name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temp)
+            .map_err(error)?;
+        Ok(NewFile {
+            file,
+            temp,
+            path: path.to_path_buf(),
+            done: false,
         })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Makes the written file durable and puts it at its path.
+    pub fn commit(mut self) -> Result<(), ClientError> {
+        let error = |source| ClientError::Create {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.sync_all().map_err(error)?;
+        std::fs::rename(&self.temp, &self.path).map_err(error)?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
 }
 
 /// Pauses the VM, writes its snapshot to `state` and `mem`, and resumes it unless
@@ -84,14 +135,24 @@ pub fn create(
     let channel = connect(socket)?;
     expect_done(&channel, Request::Pause, &[])?;
     let written = (|| {
-        let state_file = create_file(state)?;
-        let mem_file = create_file(mem)?;
-        expect_done(&channel, Request::Snapshot, &[&state_file, &mem_file])
+        let state_file = NewFile::create(state)?;
+        let mem_file = NewFile::create(mem)?;
+        expect_done(
+            &channel,
+            Request::Snapshot,
+            &[state_file.file(), mem_file.file()],
+        )?;
+        state_file.commit()?;
+        mem_file.commit()
     })();
-    if !keep_paused {
-        expect_done(&channel, Request::Resume, &[])?;
-    }
-    written
+    // The VM runs on whatever became of the snapshot; the snapshot's own error is the one
+    // reported.
+    let resumed = if keep_paused {
+        Ok(())
+    } else {
+        expect_done(&channel, Request::Resume, &[])
+    };
+    written.and(resumed)
 }
 
 /// Pauses (`true`) or resumes the VM.

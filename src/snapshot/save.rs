@@ -13,8 +13,10 @@ use crate::devices::virtio::{MmioTransport, VirtioWorker};
 use crate::vstate::pause::{PauseError, PauseGate};
 use crate::vstate::vm::{Vm, VmError};
 
-/// How long the VMM waits for the vCPUs to save their state.
-const COLLECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the VMM waits for the vCPUs to save their state: a base, and more per vCPU (each
+/// saves on its own thread, but a nested or busy host schedules them slowly).
+const COLLECT_BASE: Duration = Duration::from_secs(2);
+const COLLECT_PER_VCPU: Duration = Duration::from_millis(100);
 
 /// What a snapshot reads: the VM, its devices' register sides (the queue sides are the
 /// workers, given separately), the vCPUs' pause gate, and the settings the VM was built with.
@@ -99,7 +101,8 @@ pub fn create(
     if mem_len != 0 {
         return Err(CreateError::MemoryFileNotEmpty(mem_len));
     }
-    let vcpus = sources.pause.collect(COLLECT_TIMEOUT)?;
+    let timeout = COLLECT_BASE + COLLECT_PER_VCPU * sources.pause.vcpus() as u32;
+    let vcpus = sources.pause.collect(timeout)?;
     let vm = sources.vm.save_state()?;
     let virtio = sources
         .transports

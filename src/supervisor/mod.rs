@@ -313,12 +313,17 @@ impl ControlSocket {
     /// serves it, and takes connections from this user or root only.
     fn bind(path: &std::path::Path) -> std::io::Result<(ControlSocket, std::os::fd::OwnedFd)> {
         use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::PermissionsExt;
-        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        // Made 0600 by the umask, not chmod'ed after: a path swapped for a symlink in between
+        // would have its target's mode changed. (The supervisor is one thread here.)
+        // SAFETY: umask has no memory effects.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = bound?;
         let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         let socket = ControlSocket(cpath);
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         Ok((socket, listener.into()))
     }

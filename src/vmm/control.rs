@@ -52,6 +52,9 @@ pub struct Control {
     /// Each disk's handle and its device, in the guest's order.
     pub disks: Vec<(DiskHandle, Arc<DeviceShared>)>,
     pub running: Option<Running>,
+    /// A disk's backing file was swapped: the settings a snapshot keeps would name the old one,
+    /// so snapshots are refused from then on.
+    disk_swapped: std::sync::atomic::AtomicBool,
 }
 
 /// What the event loop must do after a control event.
@@ -129,6 +132,7 @@ impl Control {
             i8042,
             disks,
             running: None,
+            disk_swapped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -242,6 +246,10 @@ impl Control {
         let [state, mem] = files.as_slice() else {
             return Answer::NoFile;
         };
+        if self.disk_swapped.load(std::sync::atomic::Ordering::Relaxed) {
+            log::warn!("snapshot refused: a disk's backing file was swapped since the VM started, and a restore would open the old one");
+            return Answer::Unsupported;
+        }
         let started = std::time::Instant::now();
         match snapshot::create(&running.sources, &running.workers, state, mem) {
             Ok(done) => {
@@ -279,6 +287,8 @@ impl Control {
                     device.name()
                 );
                 device.config_changed();
+                self.disk_swapped
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 Answer::Done
             }
             Err(e) => {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::vcpu_state::VcpuState;
+use super::vcpu_state::{VcpuState, VcpuStateError};
 
 /// What the gate holds.
 #[derive(Debug, Default)]
@@ -18,7 +18,7 @@ struct Gate {
     parked: usize,
     /// Set while the VMM collects states: each parked vCPU fills its slot.
     collecting: bool,
-    saved: Vec<Option<Result<VcpuState, String>>>,
+    saved: Vec<Option<Result<VcpuState, VcpuStateError>>>,
 }
 
 /// The vCPUs' pause gate, shared by every vCPU thread and the VMM thread.
@@ -32,7 +32,7 @@ pub struct PauseGate {
 }
 
 /// Why the vCPUs could not be paused or their state collected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum PauseError {
     #[error("{parked} of {vcpus} vCPUs paused within {waited:?}")]
     Timeout {
@@ -42,8 +42,12 @@ pub enum PauseError {
     },
     #[error("the VM is not paused")]
     NotPaused,
-    #[error("vCPU {index}: {error}")]
-    Save { index: usize, error: String },
+    #[error("vCPU {index}: {source}")]
+    Save {
+        index: usize,
+        #[source]
+        source: VcpuStateError,
+    },
 }
 
 impl PauseGate {
@@ -112,6 +116,10 @@ impl PauseGate {
         self.requested.store(true, Ordering::Release);
     }
 
+    pub fn vcpus(&self) -> usize {
+        self.vcpus
+    }
+
     pub fn is_paused(&self) -> bool {
         self.requested.load(Ordering::Acquire)
     }
@@ -153,7 +161,7 @@ impl PauseGate {
             .enumerate()
             .map(|(index, s)| match s {
                 Some(Ok(state)) => Ok(state),
-                Some(Err(error)) => Err(PauseError::Save { index, error }),
+                Some(Err(source)) => Err(PauseError::Save { index, source }),
                 None => Err(PauseError::NotPaused),
             })
             .collect()
@@ -166,7 +174,7 @@ impl PauseGate {
         &self,
         index: usize,
         stopping: impl Fn() -> bool,
-        mut save: impl FnMut() -> Result<VcpuState, String>,
+        mut save: impl FnMut() -> Result<VcpuState, VcpuStateError>,
     ) {
         if !self.requested.load(Ordering::Acquire) {
             return;
@@ -180,11 +188,15 @@ impl PauseGate {
         while gate.paused && !stopping() {
             let slot_empty = gate.saved.get(index).is_some_and(Option::is_none);
             if gate.collecting && slot_empty {
+                // Saved without the lock, so the vCPUs save side by side.
+                drop(gate);
                 let state = save();
-                if let Some(slot) = gate.saved.get_mut(index) {
+                gate = self.lock();
+                if let Some(slot) = gate.saved.get_mut(index).filter(|s| s.is_none()) {
                     *slot = Some(state);
                 }
                 self.changed.notify_all();
+                continue;
             }
             // Woken by resume, by a collection, or to look at `stopping` again.
             gate = match self.changed.wait_timeout(gate, Duration::from_millis(100)) {
@@ -215,7 +227,7 @@ mod tests {
                     let mut parks = 0;
                     while !stop.load(Ordering::Acquire) {
                         if kicked.swap(false, Ordering::AcqRel) || gate.is_paused() {
-                            gate.park_if_asked(i, || false, || Err(format!("vcpu {i}")));
+                            gate.park_if_asked(i, || false, || Err(VcpuStateError::Size("test")));
                             parks += 1;
                         }
                         std::thread::yield_now();
@@ -244,9 +256,9 @@ mod tests {
         let err = gate.pause(|| {}, Duration::from_millis(20)).unwrap_err();
         assert!(matches!(err, PauseError::Timeout { parked: 0, .. }));
         assert!(!gate.is_paused());
-        assert_eq!(
-            gate.collect(Duration::from_millis(1)).unwrap_err(),
-            PauseError::NotPaused
-        );
+        assert!(matches!(
+            gate.collect(Duration::from_millis(1)),
+            Err(PauseError::NotPaused)
+        ));
     }
 }

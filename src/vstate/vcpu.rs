@@ -236,7 +236,7 @@ impl Vcpu {
         io.pause.park_if_asked(
             self.index as usize,
             || io.exit.is_stopping(),
-            || vcpu_state::save(&self.fd, &io.msr_list).map_err(|e| e.to_string()),
+            || vcpu_state::save(&self.fd, &io.msr_list),
         );
     }
 

@@ -119,8 +119,10 @@ fn save_msrs(fd: &VcpuFd, msr_list: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuSt
                 source,
             })?;
         saved.extend(msrs.as_slice().iter().take(read).copied());
-        // The MSR at `read` failed: skip it.
-        rest = rest.get(read + 1..).unwrap_or(&[]);
+        // A short read stopped at an MSR KVM would not read: skip that one, and go on after
+        // it. A whole batch read goes on with the next.
+        let next = if read < batch.len() { read + 1 } else { read };
+        rest = rest.get(next..).unwrap_or(&[]);
     }
     Ok(saved)
 }

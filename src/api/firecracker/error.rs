@@ -68,7 +68,13 @@ pub enum FcError {
         what: &'static str,
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::snapshot::client::ClientError,
+    },
+    #[error("Create snapshot error: Cannot perform rename on the {what} file: {source}")]
+    SnapshotCommit {
+        what: &'static str,
+        #[source]
+        source: crate::snapshot::client::ClientError,
     },
     #[error("Create snapshot error: the VMM could not write the snapshot ({0:?}); see the log")]
     SnapshotFailed(Answer),

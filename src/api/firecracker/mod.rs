@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use super::launch::{Launch, Supervisor};
 use crate::control::{self, Answer, Request};
 use crate::exit::status;
+use crate::snapshot::client::NewFile;
 use crate::telemetry::Exposition;
 pub use error::FcError;
 use metrics::{metrics_line, ApiCounts, Devices, MetricsSink};
@@ -59,9 +60,6 @@ pub struct Options {
 const CHILD_CONTROL_FD: i32 = 3;
 /// Where it finds the socket to the VM's host process (see [`host`]).
 const CHILD_HANDOVER_FD: i32 = 4;
-
-/// How long the personality waits for a snapshot to be written.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The default API socket.
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
@@ -236,14 +234,7 @@ impl Personality {
         }
         let create = |what, path: &Path| {
             let path = self.resolve(path);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|source| FcError::SnapshotFile { what, path, source })
+            NewFile::create(&path).map_err(|source| FcError::SnapshotFile { what, path, source })
         };
         let state = create("snapshot", &params.snapshot_path)?;
         let mem = create("memory", &params.mem_file_path)?;
@@ -251,18 +242,24 @@ impl Personality {
             .control
             .as_ref()
             .ok_or(FcError::VmmGone(control::ControlError::Closed))?;
-        // A snapshot of a large VM takes longer than a ping may.
-        let _ = channel.set_read_timeout(Some(SNAPSHOT_TIMEOUT));
-        let answer = control::ask_with(channel, Request::Snapshot, &[&state, &mem]);
+        // A snapshot of a large VM takes as long as writing its RAM does: no time limit (the
+        // VMM answers, or the channel closes with it).
+        let _ = channel.set_read_timeout(None);
+        let answer = control::ask_with(channel, Request::Snapshot, &[state.file(), mem.file()]);
         let _ = channel.set_read_timeout(Some(Duration::from_secs(10)));
         match answer {
-            Ok(Answer::Done) => Ok(()),
-            Ok(other) => Err(FcError::SnapshotFailed(other)),
+            Ok(Answer::Done) => {}
+            Ok(other) => return Err(FcError::SnapshotFailed(other)),
             Err(e) => {
                 self.control = None;
-                Err(FcError::VmmGone(e))
+                return Err(FcError::VmmGone(e));
             }
         }
+        for (what, file) in [("snapshot", state), ("memory", mem)] {
+            file.commit()
+                .map_err(|source| FcError::SnapshotCommit { what, source })?;
+        }
+        Ok(())
     }
 
     /// `PUT /snapshot/load`: starts the VM from a snapshot, paused unless `resume_vm`.

@@ -25,6 +25,8 @@ pub enum ServeError {
     NotAdmin { uid: u32 },
     #[error("the {0} is for admins, on the admin socket")]
     AdminsOnly(&'static str),
+    #[error("{0} is for the tenant itself, on its socket")]
+    TenantsOnly(&'static str),
     #[error("an admin acting on a tenant's VM must give a reason (X-Bulkhead-Reason, at most 512 bytes)")]
     NoAdminReason,
     #[error("an admin acting for a tenant must give a reason (X-Bulkhead-Reason)")]

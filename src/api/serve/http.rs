@@ -26,6 +26,7 @@ pub fn status(e: &ServeError) -> u16 {
         NotMember { .. }
         | NotAdmin { .. }
         | AdminsOnly(_)
+        | TenantsOnly(_)
         | NoAdminReason
         | NoAdminReasonToCreate
         | OtherTenant { .. }

@@ -49,6 +49,7 @@ pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request) -> Reply {
         ("POST", ["v1", "vms"]) => create(d, who, &req).unwrap_or_else(Reply::from),
         ("GET", ["v1", "vms"]) => list(d, who),
         ("GET", ["v1", "snapshots"]) => snapshots::list(d, who),
+        ("DELETE", ["v1", "snapshots", id]) => snapshots::delete(d, who, id).about(id),
         ("GET", ["v1", "audit-log"]) => {
             admin_file(who, &d.config.audit_log, "audit log").unwrap_or_else(Reply::from)
         }

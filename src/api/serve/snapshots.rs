@@ -85,6 +85,23 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
     if !control.exists() {
         return Err(ServeError::NoControl(r.id.clone()));
     }
+    // One snapshot at a time per daemon: the quota check and the write go together.
+    let _one = TAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let max = d
+        .config
+        .tenants
+        .get(&r.tenant)
+        .map_or(0, |t| t.max_snapshot_mib);
+    let used: u64 = records(d, &r.tenant).iter().map(|s| s.mem_mib).sum();
+    if used + r.mem_mib > max {
+        return Err(ServeError::Quota {
+            tenant: r.tenant.clone(),
+            what: "MiB of snapshots",
+            used,
+            max,
+            asked: r.mem_mib,
+        });
+    }
     let id = crate::config::random_vm_id().map_err(ServeError::VmId)?;
     let paths = paths(d, &r.tenant, &id);
     let made = std::fs::DirBuilder::new()
@@ -178,7 +195,7 @@ pub fn find(
         Rule::SnapshotCrossTenant,
         "",
         &owner,
-        format!("{caller} asked to start a VM from snapshot {id}, which belongs to another tenant"),
+        format!("{caller} asked for snapshot {id}, which belongs to another tenant"),
         vec![("caller_tenant", json!(tenant)), ("snapshot", json!(id))],
     );
     let mut reply = missing();
@@ -188,28 +205,49 @@ pub fn find(
     Err(reply)
 }
 
+/// Held while a snapshot is checked against its tenant's quota and written.
+static TAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A tenant's snapshots.
+fn records(d: &Daemon, tenant: &str) -> Vec<SnapshotRecord> {
+    let Ok(entries) = std::fs::read_dir(tenant_dir(d, tenant)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|id| read_record(&paths(d, tenant, &id)).filter(|r| r.tenant == tenant))
+        .collect()
+}
+
 /// `GET /v1/snapshots`: the caller's tenant's snapshots (an admin's: every tenant's).
 pub fn list(d: &Arc<Daemon>, who: &Principal) -> Reply {
     let tenants: Vec<String> = match who {
         Principal::Tenant { name, .. } => vec![name.clone()],
         Principal::Admin { .. } => d.config.tenants.keys().cloned().collect(),
     };
-    let mut found = Vec::new();
-    for tenant in tenants {
-        let Ok(entries) = std::fs::read_dir(tenant_dir(d, &tenant)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Some(id) = e.file_name().into_string().ok() else {
-                continue;
-            };
-            if let Some(r) = read_record(&paths(d, &tenant, &id)).filter(|r| r.tenant == tenant) {
-                found.push(r);
-            }
-        }
-    }
+    let mut found: Vec<SnapshotRecord> = tenants.iter().flat_map(|t| records(d, t)).collect();
     found.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
     Reply::json(200, json!({ "snapshots": found }))
+}
+
+/// `DELETE /v1/snapshots/ID`: a tenant deletes one of its snapshots (another tenant's is
+/// answered as a missing one, and alerted).
+pub fn delete(d: &Arc<Daemon>, who: &Principal, id: &str) -> Reply {
+    let Principal::Tenant { name, .. } = who else {
+        return Reply::from(ServeError::TenantsOnly("deleting a snapshot"));
+    };
+    let paths = match find(d, who, name, id) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
+    match std::fs::remove_dir_all(&paths.dir) {
+        Ok(()) => Reply::text(204, "application/json", Vec::new()),
+        Err(source) => Reply::from(ServeError::Snapshot {
+            id: id.to_string(),
+            source: Box::new(source),
+        }),
+    }
 }
 
 #[cfg(test)]

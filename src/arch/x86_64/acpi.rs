@@ -9,7 +9,8 @@
 //! where they live: the RSDP at 0xE0000, where Linux scans for it, the rest right after it.
 
 use acpi_tables::aml::{
-    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, IO,
+    Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package,
+    Path, ResourceTemplate, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -86,6 +87,9 @@ pub struct Board {
     pub pvpanic_port: u16,
     pub power: PowerRegisters,
     pub virtio: Vec<VirtioMmio>,
+    /// The VM generation ID's address, and the Generic Event Device interrupt that announces
+    /// a new one.
+    pub vmgenid: Option<(u64, u32)>,
 }
 
 /// The tables and where each goes in guest memory.
@@ -259,6 +263,9 @@ fn dsdt(board: &Board) -> Result<Vec<u8>, ArchError> {
         )
         .to_aml_bytes(&mut body);
     }
+    if let Some((addr, gsi)) = board.vmgenid {
+        vmgenid(addr, gsi, &mut body);
+    }
     // Only SLP_TYPa is read on a hardware-reduced board.
     Name::new(
         "_S5_".into(),
@@ -268,6 +275,40 @@ fn dsdt(board: &Board) -> Result<Vec<u8>, ArchError> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"BLKHDSDT", OEM_REVISION);
     dsdt.append_slice(&body);
     Ok(dsdt.as_slice().to_vec())
+}
+
+/// The VM generation ID device (what Linux's vmgenid driver binds: `ADDR` is the ID's address
+/// as two 32-bit halves) and the Generic Event Device whose interrupt `gsi` tells the guest
+/// to look at it again (hardware-reduced ACPI has no GPEs to do it).
+fn vmgenid(addr: u64, gsi: u32, body: &mut Vec<u8>) {
+    let (low, high) = (addr as u32, (addr >> 32) as u32);
+    Device::new(
+        Path::new("_SB_.VGEN"),
+        vec![
+            &Name::new("_HID".into(), &"VMGENCTR"),
+            &Name::new("_CID".into(), &"VM_Gen_Counter"),
+            &Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &Name::new("ADDR".into(), &Package::new(vec![&low, &high])),
+        ],
+    )
+    .to_aml_bytes(body);
+    let vgen = Path::new("\\_SB_.VGEN");
+    let notify = Notify::new(&vgen, &0x80u8);
+    let is_ours = Equal::new(&Arg(0), &gsi);
+    let on_ours = If::new(&is_ours, vec![&notify]);
+    Device::new(
+        Path::new("_SB_.GED_"),
+        vec![
+            &Name::new("_HID".into(), &"ACPI0013"),
+            &Name::new("_UID".into(), &0u8),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![&Interrupt::new(true, true, false, false, gsi)]),
+            ),
+            &Method::new("_EVT".into(), 1, true, vec![&on_ours]),
+        ],
+    )
+    .to_aml_bytes(body);
 }
 
 #[cfg(test)]

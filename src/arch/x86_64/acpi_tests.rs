@@ -25,6 +25,7 @@ fn board(vcpus: u32, devices: usize) -> Board {
                 gsi: 5 + i as u32,
             })
             .collect(),
+        vmgenid: Some((0xd_f000, 3)),
     }
 }
 
@@ -143,6 +144,13 @@ fn the_dsdt_names_every_device_and_how_to_power_off() {
         assert_eq!(count(dsdt, b"LNRO0005\0"), devices);
         assert_eq!(count(dsdt, b"QEMU0001\0"), 1);
         assert_eq!(count(dsdt, b"_S5_"), 1);
+        // The VM generation ID, and the event device that tells the guest it changed.
+        assert_eq!(count(dsdt, b"VMGENCTR\0"), 1);
+        assert_eq!(count(dsdt, b"VM_Gen_Counter\0"), 2);
+        assert_eq!(count(dsdt, b"ACPI0013\0"), 1);
+        assert_eq!(count(dsdt, b"_EVT"), 1);
+        // ADDR: a package of the two halves of 0xdf000 (a DWord then a Zero).
+        assert_eq!(count(dsdt, &[0x0c, 0x00, 0xf0, 0x0d, 0x00, 0x00]), 1);
         for i in 0..devices {
             assert_eq!(count(dsdt, format!("V{i:03}").as_bytes()), 1);
             // Memory32Fixed: descriptor 0x86, length 9, read-write, base, size.

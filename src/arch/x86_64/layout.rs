@@ -51,6 +51,9 @@ pub const ACPI_TABLES_END: u64 = RESET_VECTOR;
 /// (`reboot=b`, and what an EFI-enabled kernel falls back to on a hardware-reduced ACPI machine
 /// when its command line has no `reboot=`).
 pub const RESET_VECTOR: u64 = 0xf_fff0;
+/// The VM generation ID (16 bytes, ACPI `VMGENCTR`), in the reserved legacy hole below the
+/// ACPI tables: a restored clone gets a new one, and Linux reseeds its RNG on the change.
+pub const VMGENID_START: u64 = 0xd_f000;
 /// Base memory ends here: the MP table, then the legacy VGA/BIOS hole up to 1 MiB, are
 /// reserved.
 pub const EBDA_START: u64 = MPTABLE_START;

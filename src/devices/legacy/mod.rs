@@ -8,6 +8,7 @@ pub mod ports;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
+pub mod vmgenid;
 
 pub use i8042::I8042;
 pub use ioapic::{Ioapic, MsiMessage, MsiRoutes};
@@ -15,6 +16,7 @@ pub use ports::{BootCompletePort, GuestExitPort, IoDelayPort};
 pub use power::AcpiPower;
 pub use pvpanic::PvPanic;
 pub use serial::{EventFdTrigger, SerialPort};
+pub use vmgenid::VmGenId;
 
 use crate::devices::BusDevice;
 
@@ -51,6 +53,9 @@ pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_PORT_BASE: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
 pub const I8042_IRQ: u32 = 1;
+/// The ACPI Generic Event Device's interrupt (hardware-reduced ACPI has no SCI): raised when the
+/// VM generation ID changes. 3 is COM2's line on a PC, which bulkhead has no use for.
+pub const GED_IRQ: u32 = 3;
 /// The i8042's command port, and the command that pulses the CPU reset line.
 pub const I8042_COMMAND_PORT: u8 = 0x64;
 pub const I8042_PULSE_RESET: u8 = 0xfe;

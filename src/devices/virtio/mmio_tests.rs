@@ -439,3 +439,105 @@ fn notifications_that_exit_to_user_space_reach_their_queues_eventfd_and_no_other
     assert!(!w(&t, VIRTIO_MMIO_QUEUE_NOTIFY, 2));
     assert!(evts.iter().all(|e| e.read().is_err()));
 }
+
+/// A live device with queue 0 at a position of its own: what a snapshot finds.
+fn live_device() -> (MmioTransport, Arc<DeviceShared>) {
+    let (t, _, shared) = transport_with_shared(false);
+    negotiate(&t);
+    assert!(setup_queue(&t, 0, 128, 0x1_0000_1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    if let Some(a) = shared.active().as_mut() {
+        a.queues[0].as_mut().unwrap().set_position(7, 5);
+    }
+    (t, shared)
+}
+
+#[test]
+fn a_saved_live_device_is_restored_live_at_its_ring_positions_less_the_chains_it_held() {
+    let (t, _) = live_device();
+    let saved = t.save(|q| if q == 0 { 2 } else { 0 });
+    assert_eq!(
+        saved.rings,
+        Some(vec![
+            Some(RingPosition {
+                next_avail: 5,
+                next_used: 5
+            }),
+            None
+        ])
+    );
+    let (fresh, seen, shared) = transport_with_shared(false);
+    fresh.restore(&saved).unwrap();
+    assert_eq!(r(&fresh, VIRTIO_MMIO_STATUS), DOK);
+    assert!(seen.lock().unwrap().activated.is_some());
+    let active = shared.active();
+    let queue = active.as_ref().unwrap().queues[0].as_ref().unwrap();
+    assert_eq!(queue.position(), (5, 5));
+    drop(active);
+    // Restored once more, it saves the same again.
+    assert_eq!(fresh.save(|_| 0), saved);
+}
+
+#[test]
+fn what_a_guest_can_leave_behind_restores_features_written_early_and_a_failed_start() {
+    // Features no device offers, written before FEATURES_OK: the transport kept them (it
+    // checks them at FEATURES_OK), and a snapshot must too.
+    let (t, _) = transport(false);
+    assert!(w(&t, VIRTIO_MMIO_STATUS, ACK));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DRV));
+    assert!(w(&t, VIRTIO_MMIO_DRIVER_FEATURES, 0xffff_ffff));
+    let (fresh, _) = transport(false);
+    fresh.restore(&t.save(|_| 0)).unwrap();
+    assert_eq!(r(&fresh, VIRTIO_MMIO_STATUS), DRV);
+    // DRIVER_OK taken, the device's start refused: NEEDS_RESET, no queues.
+    let (t, _) = transport(true);
+    negotiate(&t);
+    assert!(setup_queue(&t, 0, 128, 0x1_0000_1000));
+    assert!(w(&t, VIRTIO_MMIO_STATUS, DOK));
+    let saved = t.save(|_| 0);
+    assert!(saved.needs_reset && saved.rings.is_none());
+    let (fresh, seen, shared) = transport_with_shared(false);
+    fresh.restore(&saved).unwrap();
+    assert!(shared.needs_reset() && shared.active().is_none());
+    assert!(seen.lock().unwrap().activated.is_none());
+}
+
+#[test]
+fn a_crafted_transport_state_is_refused_and_changes_nothing() {
+    let (t, _) = live_device();
+    let good = t.save(|_| 0);
+    let mut cases = Vec::new();
+    let mut bad = good.clone();
+    bad.device_type = 1;
+    cases.push(bad);
+    let mut bad = good.clone();
+    bad.queues.pop();
+    cases.push(bad);
+    let mut bad = good.clone();
+    bad.status = DOK & !VIRTIO_CONFIG_S_DRIVER;
+    cases.push(bad);
+    let mut bad = good.clone();
+    bad.driver_features |= 1 << 40;
+    cases.push(bad);
+    let mut bad = good.clone();
+    bad.queues[0].desc_table = 0x1_0000_1004;
+    cases.push(bad);
+    let mut bad = good.clone();
+    bad.queues[0].used_ring = 0x8000_0000;
+    cases.push(bad);
+    let mut bad = good.clone();
+    bad.queues[0].size = 512;
+    cases.push(bad);
+    let mut bad = good.clone();
+    bad.rings = None;
+    cases.push(bad);
+    let mut bad = good.clone();
+    bad.rings = Some(vec![None, None]);
+    cases.push(bad);
+    for (i, bad) in cases.iter().enumerate() {
+        let (fresh, _, shared) = transport_with_shared(false);
+        assert!(fresh.restore(bad).is_err(), "case {i} was taken");
+        assert_eq!(r(&fresh, VIRTIO_MMIO_STATUS), 0, "case {i}");
+        assert!(shared.active().is_none(), "case {i}");
+    }
+}

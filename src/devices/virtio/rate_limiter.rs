@@ -8,6 +8,11 @@
 
 use std::time::{Duration, Instant};
 
+/// The most a restored bucket may owe: above what the largest request any device takes (a
+/// block request of 254 segments of 1 MiB) can leave behind a full bucket, so a saved state
+/// keeps its debt, but a crafted one can not stall a device for ever.
+const MAX_DEBT: u64 = 1 << 30;
+
 /// One bucket.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -103,16 +108,21 @@ pub struct LimiterState {
 
 impl TokenBucket {
     fn save(&self) -> BucketState {
+        let tokens = self
+            .tokens
+            .clamp(i128::from(i64::MIN), i128::from(i64::MAX));
         BucketState {
-            tokens: i64::try_from(self.tokens).unwrap_or(i64::MIN),
+            tokens: i64::try_from(tokens).unwrap_or(0),
             burst: self.burst,
         }
     }
 
-    /// Takes saved contents, at most a full bucket and the burst it started with; the time
-    /// the guest was away earns nothing.
+    /// Takes saved contents, at most a full bucket and the burst it started with, and no more
+    /// debt than one over-sized request leaves (a full bucket less the largest request any
+    /// device takes); the time the guest was away earns nothing.
     fn restore(&mut self, saved: BucketState, now: Instant) {
-        self.tokens = i128::from(saved.tokens).min(i128::from(self.size));
+        let size = i128::from(self.size);
+        self.tokens = i128::from(saved.tokens).clamp(size - i128::from(MAX_DEBT), size);
         self.burst = saved.burst.min(self.burst);
         self.last = now;
     }

@@ -143,8 +143,10 @@ impl MmioTransport {
         if !matches!(status, 0 | ACK | DRV | FOK | DOK) {
             return Err(TransportStateError::Status(saved.status));
         }
+        // Before FEATURES_OK the driver may have written anything (the transport checks it at
+        // FEATURES_OK); from then on the features are what the device accepted.
         let offered = Self::device_features(&state);
-        if saved.driver_features & !offered != 0 {
+        if status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && saved.driver_features & !offered != 0 {
             return Err(TransportStateError::Features(saved.driver_features));
         }
         let mut queues = Vec::with_capacity(saved.queues.len());
@@ -162,7 +164,10 @@ impl MmioTransport {
             }
             queues.push(q);
         }
-        let live = status == DOK && saved.status & VIRTIO_CONFIG_S_FAILED == 0;
+        // A device the driver started is live, unless its start failed (DRIVER_OK taken, but
+        // NEEDS_RESET and no queues): that one waits for the driver's reset, as it did.
+        let failed_start = status == DOK && saved.rings.is_none() && saved.needs_reset;
+        let live = status == DOK && saved.status & VIRTIO_CONFIG_S_FAILED == 0 && !failed_start;
         let mut guest_queues = Vec::new();
         if live {
             let rings = saved.rings.as_ref().ok_or(TransportStateError::Rings)?;
