@@ -40,7 +40,7 @@ impl VmGenId {
     /// Writes a fresh random ID (at boot, before the guest runs: no interrupt).
     pub fn write_new(&self, mem: &GuestMemoryMmap) -> Result<[u8; VMGENID_LEN], VmGenIdError> {
         let mut id = [0u8; VMGENID_LEN];
-        fill_random(&mut id).map_err(VmGenIdError::Random)?;
+        crate::devices::virtio::rng::getrandom(&mut id).map_err(VmGenIdError::Random)?;
         mem.write_slice(&id, GuestAddress(self.addr))
             .map_err(|source| VmGenIdError::Write {
                 addr: self.addr,
@@ -55,24 +55,6 @@ impl VmGenId {
         self.write_new(mem)?;
         self.irq.write(1).map_err(VmGenIdError::Interrupt)
     }
-}
-
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = buf.get_mut(filled..).unwrap_or_default();
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n as usize;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

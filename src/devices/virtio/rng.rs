@@ -137,7 +137,7 @@ fn fill(ctx: &QueueContext<'_>, buffers: &[super::chain::Buffer]) -> u32 {
 }
 
 /// Fills `buf` from the kernel's CSPRNG (blocking only until it is first seeded).
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let Some(rest) = buf.get_mut(done..) else {
