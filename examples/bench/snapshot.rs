@@ -108,6 +108,49 @@ fn restore(api: &Api, sock: &Path, state: &Path, mem: &Path) -> (Child, Duration
     (child, answered - started, answered - asked)
 }
 
+/// `bulkhead run --restore` of the same snapshot: from its start until its VMM answers a ping
+/// on the control socket (it does once its event loop runs, the vCPUs released).
+fn native_restore(bulkhead: &Path, sock: &Path, state: &Path, mem: &Path) -> Duration {
+    use bulkhead::control::{self, Answer, Request};
+    let _ = std::fs::remove_file(sock);
+    let mut cmd = Command::new(bulkhead);
+    cmd.args([
+        "run",
+        "--console",
+        "none",
+        "--log-level",
+        "error",
+        "--restore",
+    ])
+    .arg(state)
+    .arg("--restore-mem")
+    .arg(mem)
+    .arg("--control-socket")
+    .arg(sock)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let started = Instant::now();
+    let child = cmd.spawn().expect("start bulkhead run");
+    let deadline = started + Duration::from_secs(10);
+    let running = loop {
+        assert!(
+            Instant::now() < deadline,
+            "bulkhead run --restore never ran"
+        );
+        let Ok(channel) = std::os::unix::net::UnixStream::connect(sock) else {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        };
+        if let Ok(Answer::Running { .. }) = control::ask(&channel, Request::Ping, None) {
+            break started.elapsed();
+        }
+    };
+    launch::kill(child);
+    running
+}
+
 /// Proportional memory (Pss, page cache shared with other clones counted in part) of a
 /// VMM's processes, and the resident pages of its guest RAM mapping, in KiB.
 fn clone_memory(pid: u32) -> (u64, u64) {
@@ -159,13 +202,25 @@ pub fn figures(
         restore_samples.push((api.name, Vec::new()));
         load_samples.push((api.name, Vec::new()));
     }
+    let mut native_samples: Vec<(&'static str, Vec<f64>)> = vec![("bulkhead", Vec::new())];
+    if let Some(fc) = restore_samples.get(1) {
+        // Firecracker's own restore, the same runs as in the figure above.
+        native_samples.push((fc.0, Vec::new()));
+    }
     for round in 0..rounds {
+        let sock = scratch.join(format!("native-{round}.sock"));
+        let (state, mem) = &snapshots[0];
+        let t = native_restore(bulkhead, &sock, state, mem);
+        native_samples[0].1.push(t.as_secs_f64() * 1e3);
         for (i, (api, (state, mem))) in apis.iter().zip(&snapshots).enumerate() {
             let sock = scratch.join(format!("restore-{}-{round}.sock", api.name));
             let (child, whole, load) = restore(api, &sock, state, mem);
             launch::kill(child);
             let _ = std::fs::remove_file(&sock);
             restore_samples[i].1.push(whole.as_secs_f64() * 1e3);
+            if i == 1 {
+                native_samples[1].1.push(whole.as_secs_f64() * 1e3);
+            }
             load_samples[i].1.push(load.as_secs_f64() * 1e3);
         }
     }
@@ -204,6 +259,20 @@ pub fn figures(
             samples: restore_samples,
             goals: vec![Goal::at_most("bulkhead", "firecracker", 0.5)],
             method: format!("{how}: from the VMM process's start to the load's answer"),
+        },
+        Figure {
+            key: "restore_native",
+            label: "Snapshot restore to running, bulkhead run".to_string(),
+            unit: "ms",
+            higher_is_better: false,
+            samples: native_samples,
+            goals: Vec::new(),
+            method: format!(
+                "bulkhead's own front end against the figure above's Firecracker runs: \
+                 `bulkhead run --restore` of bulkhead's snapshot, from its start until its VMM \
+                 answers a ping on --control-socket (its event loop runs, the vCPUs released); \
+                 {how}"
+            ),
         },
         Figure {
             key: "restore_load_call",
