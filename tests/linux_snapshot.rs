@@ -20,19 +20,22 @@ dd if=/dev/zero bs=1M count=4 >> /tmp/disk.img 2>/dev/null
 # or not.
 "$bulkhead" run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --vcpus 2 \
     --disk /tmp/disk.img,ro --vsock cid=3,uds=/tmp/o.sock --control-socket /tmp/o.ctl \
-    --console file:/tmp/o.log --timeout 200 \
+    --console file:/tmp/o.log --timeout 90 \
     --cmdline 'panic=-1 reboot=t -- sh -c "echo GUEST-READY; vsock-tool listen 1234; vsock-tool listen 1235; head -n 1 /dev/vda; echo RANDOM-$(head -c 16 /dev/urandom | od -An -tx1); echo CLONE-DONE; poweroff -f"' \
     > /tmp/o.err 2>&1 &
 opid=$!
 # connect WHO PORT: the host side of one line over vsock, tried until the guest listens.
+# At most a minute in all, and each step says where it is, so a run cut short shows where.
 connect() {
     i=0
-    until timeout -s KILL 20 "$tool" unix-connect /tmp/$1.sock $2 hello-$1 > /tmp/$1.h2g 2>&1 || [ $i -ge 60 ]; do
+    until timeout -s KILL 5 "$tool" unix-connect /tmp/$1.sock $2 hello-$1 > /tmp/$1.h2g 2>&1 || [ $i -ge 12 ]; do
         sleep 1; i=$((i + 1))
     done
+    echo "lane: $1 port $2 after $i retries: $(cat /tmp/$1.h2g)"
 }
 i=0
 until grep -q GUEST-READY /tmp/o.log 2>/dev/null || [ $i -ge 150 ]; do sleep 1; i=$((i + 1)); done
+echo "lane: ready after $i s"
 # The original answers once before the snapshot: vsock is live when it is taken.
 connect o 1234
 echo "lane: before the snapshot: $(cat /tmp/o.h2g)"
@@ -40,12 +43,13 @@ echo "lane: before the snapshot: $(cat /tmp/o.h2g)"
 echo "lane: create status $?"
 echo "lane: memory file $(du -k /tmp/s.mem | cut -f1) KiB on disk"
 "$bulkhead" run --restore /tmp/s.state --restore-mem /tmp/s.mem --vsock cid=4,uds=/tmp/a.sock \
-    --console file:/tmp/a.log --timeout 120 > /tmp/a.err 2>&1 &
+    --console file:/tmp/a.log --timeout 60 > /tmp/a.err 2>&1 &
 apid=$!
 "$bulkhead" run --restore /tmp/s.state --restore-mem /tmp/s.mem --vsock cid=5,uds=/tmp/b.sock \
-    --console file:/tmp/b.log --timeout 120 > /tmp/b.err 2>&1 &
+    --console file:/tmp/b.log --timeout 60 > /tmp/b.err 2>&1 &
 bpid=$!
 for who in o a b; do connect $who 1235; done
+# Each VM ends by itself once answered (or its --timeout ends it).
 wait $opid; echo "lane: o status $?"
 wait $apid; echo "lane: a status $?"
 wait $bpid; echo "lane: b status $?"
