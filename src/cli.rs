@@ -86,6 +86,8 @@ pub enum Command {
     },
 }
 
+// Parsed once at start-up; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
     /// Pause the VM, write its state and memory, and resume it (or leave it paused, or end it).
@@ -113,6 +115,9 @@ pub enum SnapshotCommand {
         #[arg(long, value_name = "PATH")]
         control_socket: PathBuf,
     },
+    /// Start a VM from a snapshot and wait for it to end: `bulkhead run --restore STATE
+    /// --restore-mem MEM` (`--state` and `--mem` name them here), with the same flags.
+    Load(RunArgs),
 }
 
 #[derive(Debug, Args)]
@@ -358,10 +363,10 @@ pub struct RunArgs {
     pub jail_netns: Option<PathBuf>,
     /// Start from a snapshot's state file (with --restore-mem) instead of booting a kernel;
     /// the machine settings come from the snapshot.
-    #[arg(long, value_name = "STATE", requires = "restore_mem")]
+    #[arg(long, value_name = "STATE", requires = "restore_mem", alias = "state")]
     pub restore: Option<PathBuf>,
     /// The snapshot's memory file, mapped copy-on-write.
-    #[arg(long, value_name = "MEM", requires = "restore")]
+    #[arg(long, value_name = "MEM", requires = "restore", alias = "mem")]
     pub restore_mem: Option<PathBuf>,
     /// Take control requests (pause, resume, snapshot) on this Unix socket, created mode 0600
     /// and removed at exit; only this user and root may connect.

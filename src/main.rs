@@ -194,6 +194,13 @@ fn snapshot(command: &cli::SnapshotCommand) -> i32 {
         } => client::create(control_socket, state, mem, *keep_paused),
         cli::SnapshotCommand::Pause { control_socket } => client::pause(control_socket, true),
         cli::SnapshotCommand::Resume { control_socket } => client::pause(control_socket, false),
+        cli::SnapshotCommand::Load(args) => {
+            if args.restore.is_none() {
+                log::error!("bulkhead snapshot load needs --state STATE --mem MEM");
+                return status::BAD_INPUT;
+            }
+            return run(args);
+        }
     };
     match result {
         Ok(()) => status::OK,

@@ -119,12 +119,41 @@ fn finish(mut child: Child) -> (i32, String) {
 }
 
 fn restore(state: &Path, mem: &Path, console: &Path, extra: &[&str]) -> Child {
+    restore_with(
+        &["run", "--restore"],
+        "--restore-mem",
+        state,
+        mem,
+        console,
+        extra,
+    )
+}
+
+/// A restore through `bulkhead snapshot load`, the same as `bulkhead run --restore`.
+fn load(state: &Path, mem: &Path, console: &Path) -> Child {
+    restore_with(
+        &["snapshot", "load", "--state"],
+        "--mem",
+        state,
+        mem,
+        console,
+        &[],
+    )
+}
+
+fn restore_with(
+    command: &[&str],
+    mem_flag: &str,
+    state: &Path,
+    mem: &Path,
+    console: &Path,
+    extra: &[&str],
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(command)
         .args([
-            "run",
-            "--restore",
             state.to_str().unwrap(),
-            "--restore-mem",
+            mem_flag,
             mem.to_str().unwrap(),
             "--console",
             &format!("file:{}", console.display()),
@@ -211,7 +240,7 @@ fn a_snapshot_of_a_multi_vcpu_guest_with_the_full_irqchip_restores() {
     let (status, err) = finish(ticking.child);
     assert_eq!(status, 0, "the snapshotted VM: {err}");
     let log = dir.join("clone.log");
-    let (status, err) = finish(restore(&state, &mem, &log, &[]));
+    let (status, err) = finish(load(&state, &mem, &log));
     assert_eq!(status, 0, "the clone: {err}");
     assert_finishes_the_run(&std::fs::read_to_string(&log).unwrap(), "the clone");
 }

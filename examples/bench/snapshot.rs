@@ -111,6 +111,13 @@ fn restore(api: &Api, sock: &Path, state: &Path, mem: &Path) -> (Child, Duration
 /// `bulkhead run --restore` of the same snapshot: from its start until its VMM answers a ping
 /// on the control socket (it does once its event loop runs, the vCPUs released).
 fn native_restore(bulkhead: &Path, sock: &Path, state: &Path, mem: &Path) -> Duration {
+    let (child, t) = native_clone(bulkhead, sock, state, mem);
+    launch::kill(child);
+    t
+}
+
+/// Starts `bulkhead run --restore` and waits until its VMM answers a ping; returns it running.
+fn native_clone(bulkhead: &Path, sock: &Path, state: &Path, mem: &Path) -> (Child, Duration) {
     use bulkhead::control::{self, Answer, Request};
     let _ = std::fs::remove_file(sock);
     let mut cmd = Command::new(bulkhead);
@@ -147,8 +154,7 @@ fn native_restore(bulkhead: &Path, sock: &Path, state: &Path, mem: &Path) -> Dur
             break started.elapsed();
         }
     };
-    launch::kill(child);
-    running
+    (child, running)
 }
 
 /// Proportional memory (Pss, page cache shared with other clones counted in part) of a
@@ -245,6 +251,27 @@ pub fn figures(
         ));
         touched_samples.push((api.name, measured.iter().map(|m| m.1 as f64).collect()));
     }
+    // The same clones through bulkhead's own front end: two processes, not the personality's
+    // three.
+    let (state, mem) = &snapshots[0];
+    let natives: Vec<Child> = (0..CLONES)
+        .map(|c| {
+            let sock = scratch.join(format!("native-clone-{c}.sock"));
+            native_clone(bulkhead, &sock, state, mem).0
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let native_pss: Vec<f64> = natives
+        .iter()
+        .map(|c| clone_memory(c.id()).0 as f64 / 1024.0)
+        .collect();
+    for c in natives {
+        launch::kill(c);
+    }
+    let mut native_memory = vec![("bulkhead", native_pss)];
+    if let Some(fc) = pss_samples.get(1) {
+        native_memory.push(fc.clone());
+    }
     let how = format!(
         "through Firecracker's API for both (bulkhead's personality, the peer with \
          --no-seccomp): a {GUEST_MIB} MiB, 1-vCPU idle guest (exitcodes mode=idle) snapshotted \
@@ -294,6 +321,18 @@ pub fn figures(
                 "{how}, {CLONES} clones running at once: each clone's Pss (its processes' \
                  private memory, and the memory file's page cache counted in part), 300 ms \
                  after its load"
+            ),
+        },
+        Figure {
+            key: "clone_memory_native",
+            label: format!("Memory per clone, {CLONES} at once, bulkhead run"),
+            unit: "MiB",
+            higher_is_better: false,
+            samples: native_memory,
+            goals: Vec::new(),
+            method: format!(
+                "the figure above, with bulkhead's clones started by `bulkhead run --restore` \
+                 (supervisor and VM process) instead of the Firecracker personality; {how}"
             ),
         },
         Figure {
