@@ -315,3 +315,51 @@ fn a_corrupt_cut_or_foreign_state_file_or_a_machine_setting_is_refused_before_an
             .is_empty());
     }
 }
+
+#[test]
+fn only_the_vms_owner_or_root_is_served_on_its_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+
+    use bulkhead::control::{self, Answer, Request};
+    use bulkhead::jail::privileges::become_on_this_thread;
+
+    let test = "control socket owner";
+    if !common::root_and_kvm_available(test) {
+        return;
+    }
+    let dir = scratch("snapshot-control-owner");
+    let ticking = start_ticking(&dir, &[]);
+    wait_for_line(&ticking.console, "tick 1");
+    let socket = ticking.socket.clone();
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o600, 0));
+    // Another user: the file refuses it...
+    let as_other = |socket: PathBuf| {
+        std::thread::spawn(move || {
+            become_on_this_thread(4242).unwrap();
+            match UnixStream::connect(&socket) {
+                Err(e) => Err(e.kind()),
+                Ok(s) => Ok(control::ask(&s, Request::Ping, None).ok()),
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(
+        as_other(socket.clone()),
+        Err(std::io::ErrorKind::PermissionDenied)
+    );
+    // ...and were the file opened to all, the VM process still answers its owner alone.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(as_other(socket.clone()), Ok(None));
+    let root = UnixStream::connect(&socket).unwrap();
+    assert!(matches!(
+        control::ask(&root, Request::Ping, None),
+        Ok(Answer::Running { .. })
+    ));
+    drop(root);
+    let mut child = ticking.child;
+    let _ = child.kill();
+    let _ = child.wait();
+}
