@@ -25,6 +25,20 @@ pub enum HostFileError {
     TooLarge { path: PathBuf, len: u64 },
 }
 
+/// fstat of an open descriptor by the fstat system call itself: glibc's fstat() is
+/// newfstatat(), which names a path, and std's metadata() is statx, both of which the VMM
+/// thread's filter refuses.
+pub fn fstat(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<libc::stat> {
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open (borrowed for the call) and `st` is valid for writes.
+    let rc = unsafe { libc::syscall(libc::SYS_fstat, fd.as_raw_fd(), &mut st as *mut libc::stat) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
 /// Reads the settings file at `path`.
 pub fn read_settings(path: &Path) -> Result<String, HostFileError> {
     let fail = |source| HostFileError::Read {

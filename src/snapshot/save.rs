@@ -55,23 +55,9 @@ pub enum CreateError {
     },
 }
 
-/// The size of the file behind `file`, by the fstat system call on its descriptor (the VMM
-/// thread's filter allows nothing that names a path, and std's metadata() uses statx).
+/// The size of the file behind `file`, asked of its descriptor (on the VMM thread).
 fn fd_size(file: &File) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `file` is open and `st` valid for writes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_fstat,
-            file.as_raw_fd(),
-            &mut st as *mut libc::stat,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let st = crate::hostfile::fstat(file)?;
     Ok(u64::try_from(st.st_size).unwrap_or(0))
 }
 

@@ -104,25 +104,11 @@ impl Disk {
         read_only: bool,
         id: &str,
     ) -> Result<Disk, BlockError> {
-        // fstat on the descriptor itself (the VMM thread's filter allows nothing that names
-        // a path).
-        // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // The fstat system call itself: glibc's fstat() is newfstatat(), which takes a path.
-        // SAFETY: `file` is open and `st` valid for writes.
-        if unsafe {
-            libc::syscall(
-                libc::SYS_fstat,
-                file.as_raw_fd(),
-                &mut st as *mut libc::stat,
-            )
-        } != 0
-        {
-            return Err(BlockError::Open {
-                path: path.to_path_buf(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        // On the descriptor itself: the VMM thread's filter allows nothing that names a path.
+        let st = crate::hostfile::fstat(&file).map_err(|source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let kind = st.st_mode & libc::S_IFMT;
         let (is_file, is_block) = (kind == libc::S_IFREG, kind == libc::S_IFBLK);
         if !(is_file || is_block) {
