@@ -564,10 +564,10 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, Serv
         None => resolved.console_limit = Some(t.console_limit),
     }
     // What the VM will be: for a snapshot, its machine with this request's settings over it
-    // (the supervisor makes the same from the same files).
+    // (the supervisor makes the same from the same files). The settings read from the state
+    // file above already are that machine; only process fields were added since.
     let effective = match machine {
-        Some(_) => crate::snapshot::restore_settings(resolved.clone())
-            .map_err(ServeError::SnapshotSettings)?,
+        Some(machine) => machine.overlay(resolved.clone()),
         None => resolved.clone(),
     };
     let vm = VmConfig::from_raw(effective, host_mem_mib()).map_err(ServeError::Invalid)?;
