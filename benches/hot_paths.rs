@@ -9,10 +9,11 @@
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 
+use bulkhead::vstate::dirty::GuestMemoryMmap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VcpuExit;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use bulkhead::devices::legacy::{IoDelayPort, SerialPort};

@@ -9,6 +9,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::vstate::dirty::GuestMemoryMmap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
@@ -16,7 +17,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Error as ElfError, PvhBootCapability};
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::EntryMode;

@@ -247,11 +247,16 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
     let (guest_memory, restore) = match restore {
         Some(r) => {
             let (mem_file, state) = r.into_parts();
-            let mem = memory::map_snapshot(config.vm.mem_bytes(), mem_file)?;
+            let mem =
+                memory::map_snapshot(config.vm.mem_bytes(), mem_file, config.vm.track_dirty_pages)?;
             (mem, Some(state))
         }
         None => (
-            memory::create_guest_memory(config.vm.mem_bytes(), backing)?,
+            memory::create_guest_memory(
+                config.vm.mem_bytes(),
+                backing,
+                config.vm.track_dirty_pages,
+            )?,
             None,
         ),
     };

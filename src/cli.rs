@@ -104,6 +104,24 @@ pub enum SnapshotCommand {
         /// Leave the VM paused afterwards (`bulkhead snapshot resume` lets it go on).
         #[arg(long)]
         keep_paused: bool,
+        /// Write only the pages changed since the VM's last snapshot (or its start or
+        /// restore): the VM must run with --track-dirty-pages, and `bulkhead snapshot rebase`
+        /// lays the memory file over the last snapshot's before a load.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Lay a diff snapshot's memory file over the memory file of the snapshot it follows,
+    /// into a new full memory file (neither input is written; --out may name the base).
+    Rebase {
+        /// The memory file of the snapshot the diff was taken after (full, or itself rebased).
+        #[arg(long, value_name = "PATH")]
+        base: PathBuf,
+        /// The diff snapshot's memory file.
+        #[arg(long, value_name = "PATH")]
+        diff: PathBuf,
+        /// The memory file to write (created mode 0600, replaced if it exists).
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
     },
     /// Pause a running VM.
     Pause {
@@ -372,6 +390,10 @@ pub struct RunArgs {
     /// and removed at exit; only this user and root may connect.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Log which guest pages change, so `bulkhead snapshot create --diff` can write only those
+    /// (may be given with --restore).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// KVM device to open.
     #[arg(long, value_name = "PATH", hide = true)]
     pub kvm_device: Option<PathBuf>,
@@ -423,6 +445,7 @@ impl RunArgs {
                 .map(|(state, mem)| bulkhead::config::RawRestore { state, mem }),
             control_socket: self.control_socket.clone(),
             start_paused: None,
+            track_dirty_pages: self.track_dirty_pages.then_some(true),
             jail: self.jail.then(|| RawJail {
                 dir: self.jail_dir.clone(),
                 uid: self.jail_uid,

@@ -134,6 +134,8 @@ pub enum ConfigError {
     RestoreShares,
     #[error("\"start_paused\" needs a control channel or --control-socket: nothing else could resume the VM")]
     StartPausedUncontrolled,
+    #[error("--track-dirty-pages can not be given with shares: virtiofsd writes guest RAM where no dirty log sees it")]
+    TrackDirtyShares,
 }
 
 /// True when the kernel's part of `cmdline` (before any `--`) holds `acpi=off`.
@@ -157,6 +159,12 @@ impl VmConfig {
             if raw.shares.as_ref().is_some_and(|s| !s.is_empty()) {
                 return Err(ConfigError::RestoreShares);
             }
+        }
+        let track_dirty_pages = raw.track_dirty_pages.unwrap_or(false);
+        // virtiofsd writes guest RAM where no log sees it (and a VM with shares can not be
+        // snapshotted anyway).
+        if track_dirty_pages && raw.shares.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(ConfigError::TrackDirtyShares);
         }
         // Only a control request can let a VM that starts paused run.
         if raw.start_paused == Some(true)
@@ -291,6 +299,7 @@ impl VmConfig {
                 cmdline_devices,
                 irqchip,
                 restore,
+                track_dirty_pages,
                 machine,
             },
             process: ProcessSpec {

@@ -15,6 +15,8 @@ use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+pub use crate::snapshot::SnapshotKind;
+
 /// The size of every message on the channel, either way.
 pub const MESSAGE_LEN: usize = 8;
 
@@ -32,9 +34,9 @@ pub enum Request {
     Pause,
     /// Let paused vCPUs run again.
     Resume,
-    /// Write a full snapshot of the paused VM: its state into the first file sent along, guest
-    /// RAM into the second (empty) one.
-    Snapshot,
+    /// Write a snapshot of the paused VM: its state into the first file sent along, guest RAM
+    /// (all of it, or the pages changed since the last snapshot) into the second (empty) one.
+    Snapshot { kind: SnapshotKind },
 }
 
 /// What the VM process answers.
@@ -58,6 +60,8 @@ pub enum Answer {
     Failed,
     /// This VM can not do that (a snapshot of a VM with virtio-fs shares).
     Unsupported,
+    /// A diff snapshot was asked of a VM that does not track dirty pages.
+    NotTracking,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +91,7 @@ impl Request {
             Request::Ping => message(3, 0),
             Request::Pause => message(4, 0),
             Request::Resume => message(5, 0),
-            Request::Snapshot => message(6, 0),
+            Request::Snapshot { kind } => message(6, kind.code()),
         }
     }
 
@@ -102,7 +106,7 @@ impl Request {
             (3, 0) => Some(Request::Ping),
             (4, 0) => Some(Request::Pause),
             (5, 0) => Some(Request::Resume),
-            (6, 0) => Some(Request::Snapshot),
+            (6, kind) => SnapshotKind::from_code(kind).map(|kind| Request::Snapshot { kind }),
             _ => None,
         }
     }
@@ -120,6 +124,7 @@ impl Answer {
             Answer::NotPaused => message(6, 0),
             Answer::Failed => message(7, 0),
             Answer::Unsupported => message(8, 0),
+            Answer::NotTracking => message(9, 0),
         }
     }
 
@@ -137,6 +142,7 @@ impl Answer {
             (6, 0) => Answer::NotPaused,
             (7, 0) => Answer::Failed,
             (8, 0) => Answer::Unsupported,
+            (9, 0) => Answer::NotTracking,
             _ => return None,
         })
     }
@@ -232,7 +238,12 @@ mod tests {
             Request::SwapDisk { index: u32::MAX },
             Request::Pause,
             Request::Resume,
-            Request::Snapshot,
+            Request::Snapshot {
+                kind: SnapshotKind::Full,
+            },
+            Request::Snapshot {
+                kind: SnapshotKind::Diff,
+            },
         ] {
             assert_eq!(Request::decode(&r.encode()), Some(r));
         }
@@ -246,6 +257,7 @@ mod tests {
             Answer::NotPaused,
             Answer::Failed,
             Answer::Unsupported,
+            Answer::NotTracking,
         ] {
             assert_eq!(Answer::decode(&a.encode()), Some(a));
         }
@@ -255,11 +267,12 @@ mod tests {
     fn a_message_with_an_unknown_code_or_stray_bytes_is_no_request() {
         assert_eq!(Request::decode(&[9, 0, 0, 0, 0, 0, 0, 0]), None);
         assert_eq!(Request::decode(&[1, 1, 0, 0, 0, 0, 0, 0]), None);
-        // Ctrl-Alt-Del, ping, pause, resume and snapshot take no argument.
-        for code in [1, 3, 4, 5, 6] {
+        // Ctrl-Alt-Del, ping, pause and resume take no argument; a snapshot's is its kind.
+        for code in [1, 3, 4, 5] {
             assert_eq!(Request::decode(&[code, 0, 0, 0, 1, 0, 0, 0]), None);
         }
-        assert_eq!(Answer::decode(&[9, 0, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(Request::decode(&[6, 0, 0, 0, 2, 0, 0, 0]), None);
+        assert_eq!(Answer::decode(&[10, 0, 0, 0, 0, 0, 0, 0]), None);
     }
 
     #[test]

@@ -191,7 +191,33 @@ fn snapshot(command: &cli::SnapshotCommand) -> i32 {
             state,
             mem,
             keep_paused,
-        } => client::create(control_socket, state, mem, *keep_paused),
+            diff,
+        } => {
+            let kind = if *diff {
+                bulkhead::snapshot::SnapshotKind::Diff
+            } else {
+                bulkhead::snapshot::SnapshotKind::Full
+            };
+            client::create(control_socket, state, mem, kind, *keep_paused)
+        }
+        cli::SnapshotCommand::Rebase { base, diff, out } => {
+            return match bulkhead::snapshot::rebase::rebase(base, diff, out) {
+                Ok(done) => {
+                    log::info!(
+                        "{}: {} MiB of guest RAM, {} KiB from the base, {} KiB from the diff",
+                        out.display(),
+                        done.bytes >> 20,
+                        done.from_base >> 10,
+                        done.from_diff >> 10
+                    );
+                    status::OK
+                }
+                Err(e) => {
+                    log::error!("{}", bulkhead::error_chain(&e));
+                    status::BAD_INPUT
+                }
+            };
+        }
         cli::SnapshotCommand::Pause { control_socket } => client::pause(control_socket, true),
         cli::SnapshotCommand::Resume { control_socket } => client::pause(control_socket, false),
         cli::SnapshotCommand::Load(args) => {

@@ -960,9 +960,9 @@ fn firecracker_failure_metrics_count_a_spoofed_frame_a_bad_block_request_and_a_f
 
 /// Firecracker's snapshot calls, in the orders its users make them, and their statuses: a
 /// create of a running VM (400), pause, create (204), a diff create (400: no dirty page
-/// tracking), resume; a load after configuring the machine (400); a load into a fresh process,
-/// not resumed (Paused), then resumed (Running); a second load (400); a load naming both memory
-/// fields (400).
+/// tracking), resume; a load after configuring the machine (400); a load into a fresh process
+/// with dirty page tracking, not resumed (Paused), then resumed (Running); a diff create of it
+/// (204); a second load (400); a load naming both memory fields (400).
 fn snapshot_statuses(program: &str, dir: &Path) -> Vec<(String, u16)> {
     let kernel = idle_kernel(dir);
     let mut out = Vec::new();
@@ -1030,16 +1030,25 @@ fn snapshot_statuses(program: &str, dir: &Path) -> Vec<(String, u16)> {
         "load naming both",
         c.call("PUT", "/snapshot/load", Some(both)).0,
     );
-    step(
-        "load",
-        c.call("PUT", "/snapshot/load", Some(load.clone())).0,
-    );
+    let mut tracked = load.clone();
+    tracked["track_dirty_pages"] = json!(true);
+    step("load", c.call("PUT", "/snapshot/load", Some(tracked)).0);
     step("loaded paused", u16::from(c.state() == "Paused"));
     step(
         "resume loaded",
         c.call("PATCH", "/vm", Some(json!({"state": "Resumed"}))).0,
     );
     step("loaded running", u16::from(c.state() == "Running"));
+    step(
+        "pause loaded",
+        c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
+    );
+    let diff = json!({"snapshot_path": dir.join("c.state"), "mem_file_path": dir.join("c.mem"),
+                      "snapshot_type": "Diff"});
+    step(
+        "create diff of loaded",
+        c.call("PUT", "/snapshot/create", Some(diff)).0,
+    );
     step("load again", c.call("PUT", "/snapshot/load", Some(load)).0);
     out
 }
@@ -1071,6 +1080,8 @@ fn firecrackers_snapshot_calls_get_firecrackers_answers() {
         ("loaded paused", 1),
         ("resume loaded", 204),
         ("loaded running", 1),
+        ("pause loaded", 204),
+        ("create diff of loaded", 204),
         ("load again", 400),
     ]
     .iter()
@@ -1087,9 +1098,9 @@ fn the_firecracker_peer_answers_the_snapshot_calls_as_bulkhead_does() {
     }
     let ours = snapshot_statuses("bulkhead", &scratch("fc-peer-ours-snapshot"));
     let theirs = snapshot_statuses(PEER, &scratch("fc-peer-theirs-snapshot"));
-    // The one difference: Firecracker writes a diff snapshot even without dirty page tracking;
-    // bulkhead has no diff snapshots yet and refuses the call (with a 400 that says so, never a
-    // full snapshot in its place).
+    // The one difference: Firecracker writes a diff snapshot even without dirty page tracking
+    // (of the pages mincore finds resident, which misses any that were swapped out); bulkhead
+    // refuses it with a 400 that says to turn tracking on, never a diff that may be short.
     assert_eq!(
         differing_steps(&ours, &theirs),
         ["create diff"],

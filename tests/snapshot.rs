@@ -82,20 +82,8 @@ fn snapshot_of_ticking_guest(dir: &Path, extra: &[&str]) -> (Ticking, PathBuf, P
     let ticking = start_ticking(dir, extra);
     wait_for_line(&ticking.console, "tick 5");
     let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
-    let create = bulkhead_with_limit(
-        &[
-            "snapshot",
-            "create",
-            "--control-socket",
-            ticking.socket.to_str().unwrap(),
-            "--state",
-            state.to_str().unwrap(),
-            "--mem",
-            mem.to_str().unwrap(),
-        ],
-        LIMIT,
-    );
-    assert_eq!(create.status, 0, "snapshot create: {}", create.stderr);
+    let created = create(&ticking.socket, &state, &mem, &[]);
+    assert_eq!(created.status, 0, "snapshot create: {}", created.stderr);
     (ticking, state, mem)
 }
 
@@ -362,4 +350,145 @@ fn only_the_vms_owner_or_root_is_served_on_its_control_socket() {
     let mut child = ticking.child;
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `bulkhead snapshot create` of the VM behind `socket`, with `extra` flags.
+fn create(socket: &Path, state: &Path, mem: &Path, extra: &[&str]) -> common::Run {
+    let mut args = vec![
+        "snapshot",
+        "create",
+        "--control-socket",
+        socket.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--mem",
+        mem.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    bulkhead_with_limit(&args, LIMIT)
+}
+
+/// `bulkhead snapshot rebase` of `diff` over `base` into `out`.
+fn rebase(base: &Path, diff: &Path, out: &Path) {
+    let run = bulkhead_with_limit(
+        &[
+            "snapshot",
+            "rebase",
+            "--base",
+            base.to_str().unwrap(),
+            "--diff",
+            diff.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    assert_eq!(run.status, 0, "rebase: {}", run.stderr);
+}
+
+#[test]
+fn diff_snapshots_rebased_in_turn_on_the_snapshot_before_them_are_that_moments_full_snapshot() {
+    if !kvm_available("diff snapshot") {
+        return;
+    }
+    let dir = scratch("snapshot-diff");
+    let path = |name: &str| dir.join(name);
+    // The base: a full snapshot of a VM that tracks nothing.
+    let (ticking, base_state, base_mem) = snapshot_of_ticking_guest(&dir, &[]);
+    let mut original = ticking.child;
+    let _ = original.kill();
+    let _ = original.wait();
+    // A clone of it that tracks dirty pages. Restoring wrote it a new VM generation ID, a page
+    // only the VMM writes (the guest never does), so only the VMM's own log has it.
+    let socket = path("clone.sock");
+    let console = path("clone.log");
+    let clone = restore(
+        &base_state,
+        &base_mem,
+        &console,
+        &[
+            "--track-dirty-pages",
+            "--control-socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    wait_for_line(&console, "tick 12");
+    let first = create(&socket, &path("d1.state"), &path("d1.mem"), &["--diff"]);
+    assert_eq!(first.status, 0, "first diff: {}", first.stderr);
+    wait_for_line(&console, "tick 20");
+    // A diff of what changed since the first, and while the VM stays paused a full snapshot
+    // of the same moment to hold the diffs to.
+    let second = create(
+        &socket,
+        &path("d2.state"),
+        &path("d2.mem"),
+        &["--diff", "--keep-paused"],
+    );
+    assert_eq!(second.status, 0, "second diff: {}", second.stderr);
+    let full = create(&socket, &path("full.state"), &path("full.mem"), &[]);
+    assert_eq!(full.status, 0, "full snapshot: {}", full.stderr);
+    let (status, err) = finish(clone);
+    assert_eq!(status, 0, "the tracking clone: {err}");
+
+    // Each diff holds fewer pages than a full snapshot...
+    let allocated = |name: &str| std::fs::metadata(path(name)).unwrap().blocks() * 512;
+    for diff in ["d1.mem", "d2.mem"] {
+        assert_eq!(std::fs::metadata(path(diff)).unwrap().len(), 128 << 20);
+        assert!(
+            allocated(diff) < allocated("full.mem"),
+            "{diff} ({} bytes) is not smaller than the full snapshot ({} bytes)",
+            allocated(diff),
+            allocated("full.mem")
+        );
+    }
+    // ...and laid over the base in turn they are that full snapshot, byte for byte: every page
+    // the guest wrote (KVM's log) and every page the VMM wrote (its own) is in one of them.
+    rebase(&base_mem, &path("d1.mem"), &path("at-d1.mem"));
+    rebase(&path("at-d1.mem"), &path("d2.mem"), &path("at-d2.mem"));
+    let rebased = std::fs::read(path("at-d2.mem")).unwrap();
+    let whole = std::fs::read(path("full.mem")).unwrap();
+    let differing: Vec<usize> = (0..whole.len() / 4096)
+        .filter(|&p| rebased[p * 4096..(p + 1) * 4096] != whole[p * 4096..(p + 1) * 4096])
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{} pages differ from the full snapshot, the first at {:#x}",
+        differing.len(),
+        differing.first().map_or(0, |p| p * 4096)
+    );
+    // The second diff's state with the rebased memory finishes the run from after tick 20.
+    let log = path("from-diff.log");
+    let (status, err) = finish(restore(&path("d2.state"), &path("at-d2.mem"), &log, &[]));
+    assert_eq!(status, 0, "the clone of the diff: {err}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_finishes_the_run(&text, "the clone of the diff");
+    assert!(ticks(&text)[0] > 20, "it started before the diff: {text}");
+}
+
+#[test]
+fn a_diff_snapshot_of_a_vm_that_does_not_track_dirty_pages_is_refused_and_the_vm_runs_on() {
+    if !kvm_available("diff snapshot") {
+        return;
+    }
+    let dir = scratch("snapshot-diff-untracked");
+    let ticking = start_ticking(&dir, &[]);
+    wait_for_line(&ticking.console, "tick 2");
+    let (state, mem) = (dir.join("d.state"), dir.join("d.mem"));
+    let refused = create(&ticking.socket, &state, &mem, &["--diff"]);
+    assert_eq!(refused.status, 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("--track-dirty-pages"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        !state.exists() && !mem.exists(),
+        "a refused snapshot left files"
+    );
+    let (status, err) = finish(ticking.child);
+    assert_eq!(status, 0, "the VM after the refusal: {err}");
+    assert_eq!(
+        ticks(&std::fs::read_to_string(&ticking.console).unwrap()),
+        (0..TICKS).collect::<Vec<_>>()
+    );
 }

@@ -16,7 +16,8 @@ use bulkhead::devices::virtio::shared::DeviceShared;
 use bulkhead::devices::virtio::worker::QueueHandler;
 use bulkhead::devices::virtio::{QueueConfig, VirtioWorker};
 use bulkhead::telemetry::{ChainViolation, DeviceCounter, DeviceTelemetry, OnViolation, Violation};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use bulkhead::vstate::dirty::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Queue size the harness configures (the rings of 16 entries the fuzzer fills).

@@ -94,6 +94,9 @@ pub struct RawConfig {
     /// `true`: the vCPUs start paused and run once a control request resumes them (a
     /// Firecracker snapshot load without `resume_vm`).
     pub start_paused: Option<bool>,
+    /// `true`: log which guest pages change (KVM's dirty log and the VMM's own writes), so a
+    /// diff snapshot can write only those. Not a machine setting: a restore may give it.
+    pub track_dirty_pages: Option<bool>,
     /// Files that must still be the ones checked earlier (the daemon's checks as the tenant):
     /// a jail refuses a path that now names another file.
     pub pinned_files: Option<Vec<PinnedFile>>,
@@ -215,6 +218,7 @@ impl RawConfig {
             restore: over.restore.or(self.restore),
             control_socket: over.control_socket.or(self.control_socket),
             start_paused: over.start_paused.or(self.start_paused),
+            track_dirty_pages: over.track_dirty_pages.or(self.track_dirty_pages),
             jail: match (self.jail, over.jail) {
                 (Some(base), Some(over)) => Some(base.overlay(over)),
                 (base, over) => over.or(base),

@@ -51,6 +51,8 @@ pub struct VmSpec {
     pub irqchip: IrqChip,
     /// Start from this snapshot instead of booting the kernel.
     pub restore: Option<RestoreSpec>,
+    /// Log the pages that change, for diff snapshots.
+    pub track_dirty_pages: bool,
     /// The machine settings as given ([`crate::RawConfig::machine`], as JSON): what a
     /// snapshot of this VM keeps.
     pub machine: String,

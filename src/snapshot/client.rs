@@ -8,6 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use super::SnapshotKind;
 use crate::control::{self, Answer, ControlError, Request};
 
 /// Why a snapshot request failed.
@@ -46,6 +47,9 @@ fn expect_done(channel: &UnixStream, request: Request, files: &[&File]) -> Resul
                     " (a VM with virtio-fs shares, or whose disk was swapped, can not be snapshotted)"
                 }
                 Answer::Failed => " (the VM's log says why)",
+                Answer::NotTracking => {
+                    " (a diff snapshot needs the VM started with --track-dirty-pages)"
+                }
                 _ => "",
             },
         }),
@@ -124,12 +128,13 @@ impl Drop for NewFile {
     }
 }
 
-/// Pauses the VM, writes its snapshot to `state` and `mem`, and resumes it unless
+/// Pauses the VM, writes its snapshot of `kind` to `state` and `mem`, and resumes it unless
 /// `keep_paused`. The VM is resumed even when the snapshot failed.
 pub fn create(
     socket: &Path,
     state: &Path,
     mem: &Path,
+    kind: SnapshotKind,
     keep_paused: bool,
 ) -> Result<(), ClientError> {
     let channel = connect(socket)?;
@@ -139,7 +144,7 @@ pub fn create(
         let mem_file = NewFile::create(mem)?;
         expect_done(
             &channel,
-            Request::Snapshot,
+            Request::Snapshot { kind },
             &[state_file.file(), mem_file.file()],
         )?;
         state_file.commit()?;

@@ -1,14 +1,28 @@
 //! Guest RAM to a memory file: each region at its offset (regions one after another in guest
-//! address order), written page by page with pages that are all zero skipped. The file is made
-//! the whole RAM's size first, so a skipped page is a hole that reads as zero: a 128 MiB guest
-//! that touched 20 MiB costs 20 MiB of disk and of page cache for its clones.
+//! address order), written page by page.
+//!
+//! A full snapshot skips the pages that are all zero. The file has the whole RAM's size, so a
+//! skipped page is a hole that reads as zero: a 128 MiB guest that touched 20 MiB costs 20 MiB
+//! of disk and of page cache for its clones.
+//!
+//! A diff snapshot writes the pages that changed since the last snapshot, zero or not, and
+//! nothing else: its holes mean "as in the snapshot before", and `bulkhead snapshot rebase`
+//! lays its data over that snapshot's memory file (see [`super::rebase`]).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use crate::vstate::dirty::{page_set, GuestMemoryMmap, PAGE_SIZE as PAGE};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-const PAGE: usize = 4096;
+/// Which pages of guest RAM a memory file gets.
+#[derive(Debug, Clone, Copy)]
+pub enum Pages<'a> {
+    /// Every page with data (a full snapshot).
+    All,
+    /// The pages set in each region's bitmap, one bit per page (a diff snapshot).
+    Dirty(&'a [Vec<u64>]),
+}
 
 /// Whether every byte of `page` is zero, eight at a time (a byte loop made a 256 MiB guest's
 /// snapshot take seconds in a debug build).
@@ -25,23 +39,27 @@ fn is_zero(page: &[u8]) -> bool {
 pub struct MemoryWritten {
     /// The file's size: all of guest RAM.
     pub bytes: u64,
-    /// Pages with data, written.
+    /// Pages written.
     pub pages_written: u64,
-    /// Pages of zeros, left as holes.
+    /// Pages left as holes: zero pages in a full snapshot, unchanged ones in a diff.
     pub pages_skipped: u64,
 }
 
-/// Writes guest RAM into `file`, which must be empty or is truncated to the RAM's size by its
-/// caller (the VMM thread has no `ftruncate`; the front end sizes the file). The vCPUs must be
-/// paused and the queue sides idle (they run on the thread calling this).
-pub fn write_memory(mem: &GuestMemoryMmap, file: &File) -> std::io::Result<MemoryWritten> {
+/// Writes `pages` of guest RAM into `file`, which must be empty (the VMM thread has no
+/// `ftruncate`: the last page is always written, which gives the file the RAM's size). The
+/// vCPUs must be paused and the queue sides idle (they run on the thread calling this).
+pub fn write_memory(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    pages: Pages,
+) -> std::io::Result<MemoryWritten> {
     let mut done = MemoryWritten {
         bytes: 0,
         pages_written: 0,
         pages_skipped: 0,
     };
     let mut offset = 0u64;
-    for region in mem.iter() {
+    for (index, region) in mem.iter().enumerate() {
         let len = usize::try_from(region.len())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
         // SAFETY: the region is a live mapping of `len` bytes that outlives this borrow; the
@@ -52,8 +70,12 @@ pub fn write_memory(mem: &GuestMemoryMmap, file: &File) -> std::io::Result<Memor
             let at = offset + (i * PAGE) as u64;
             let last = at + page.len() as u64 == offset + len as u64;
             // The last page is always written, so the file has the RAM's size without an
-            // ftruncate.
-            if !last && is_zero(page) {
+            // ftruncate (in a diff, its current bytes are as right as a hole would be).
+            let skip = match pages {
+                Pages::All => is_zero(page),
+                Pages::Dirty(dirty) => !dirty.get(index).is_some_and(|d| page_set(d, i)),
+            };
+            if !last && skip {
                 done.pages_skipped += 1;
                 continue;
             }

@@ -7,11 +7,17 @@
 //! A restore maps it `MAP_PRIVATE`, so clones of one snapshot share its pages copy-on-write
 //! through the page cache.
 //!
+//! A diff snapshot's memory file holds only the pages that changed since the snapshot before
+//! (KVM's dirty log and the VMM's own, see [`crate::vstate::dirty`]); `bulkhead snapshot
+//! rebase` lays it over that snapshot's memory file into a new full one ([`rebase`]), which
+//! the diff's state file then loads with.
+//!
 //! A state file whose magic, version, length or CRC is wrong is refused with what was wrong,
 //! before anything is built; nothing is half restored.
 
 pub mod client;
 mod memfile;
+pub mod rebase;
 mod save;
 mod settings;
 
@@ -27,7 +33,7 @@ use crate::devices::virtio::HandlerState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmArchState;
 
-pub use memfile::{write_memory, MemoryWritten};
+pub use memfile::{write_memory, MemoryWritten, Pages};
 pub use save::{create, CreateError, Created, Sources};
 pub use settings::{restore_settings, RestoreSettingsError};
 
@@ -38,6 +44,35 @@ pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 32;
 /// A state file larger than this is not one bulkhead wrote (254 vCPUs' state is under 2 MiB).
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
+
+/// Which pages a snapshot's memory file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotKind {
+    /// All of guest RAM (zero pages as holes).
+    #[default]
+    Full,
+    /// The pages that changed since the VM's last snapshot (or its start or restore), for
+    /// `bulkhead snapshot rebase` to lay over that snapshot's memory file.
+    Diff,
+}
+
+impl SnapshotKind {
+    /// The kind's number in the state file's header and on the control channel.
+    pub fn code(self) -> u32 {
+        match self {
+            SnapshotKind::Full => 0,
+            SnapshotKind::Diff => 1,
+        }
+    }
+
+    pub fn from_code(code: u32) -> Option<SnapshotKind> {
+        match code {
+            0 => Some(SnapshotKind::Full),
+            1 => Some(SnapshotKind::Diff),
+            _ => None,
+        }
+    }
+}
 
 /// What a snapshot holds besides memory.
 #[derive(Serialize, Deserialize)]
@@ -79,6 +114,10 @@ pub enum SnapshotError {
     Magic([u8; 8]),
     #[error("the snapshot's format is version {found}; this bulkhead reads version {FORMAT_VERSION} only")]
     Version { found: u32 },
+    #[error(
+        "the state file's header names snapshot kind {0}, which is neither full (0) nor diff (1)"
+    )]
+    Kind(u32),
     #[error("the state file says its body is {said} bytes, but {found} follow the header")]
     Length { said: u64, found: usize },
     #[error(
@@ -111,14 +150,13 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// The state file's bytes for `state`.
-pub fn encode(state: &VmState) -> Result<Vec<u8>, SnapshotError> {
+/// The state file's bytes for `state`, a snapshot of `kind`.
+pub fn encode(state: &VmState, kind: SnapshotKind) -> Result<Vec<u8>, SnapshotError> {
     let body = postcard::to_stdvec(state).map_err(SnapshotError::Encode)?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    // Kind: 0, a full snapshot (the only kind so far).
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&kind.code().to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
@@ -139,6 +177,10 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, SnapshotError> {
     let version = u32_at(header, 8);
     if version != FORMAT_VERSION {
         return Err(SnapshotError::Version { found: version });
+    }
+    let kind = u32_at(header, 12);
+    if SnapshotKind::from_code(kind).is_none() {
+        return Err(SnapshotError::Kind(kind));
     }
     let said = u64_at(header, 16);
     if said != body.len() as u64 {

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{
-    encode, write_memory, DevicesState, MemoryWritten, SnapshotError, VirtioState, VmState,
+    encode, write_memory, DevicesState, MemoryWritten, Pages, SnapshotError, SnapshotKind,
+    VirtioState, VmState,
 };
 use crate::devices::legacy::{Ioapic, SerialPort, I8042};
 use crate::devices::virtio::{MmioTransport, VirtioWorker};
@@ -68,13 +69,16 @@ pub struct Created {
     pub memory: MemoryWritten,
 }
 
-/// Writes a full snapshot of the paused VM: its state into `state_file`, guest RAM into
-/// `mem_file` (which must be empty).
+/// Writes a snapshot of `kind` of the paused VM: its state into `state_file`, guest RAM (all of
+/// it, or for a diff the pages changed since the last snapshot) into `mem_file` (which must be
+/// empty). A VM that tracks dirty pages starts a new diff after either kind; a diff that was
+/// not written leaves its pages for the next.
 pub fn create(
     sources: &Sources,
     workers: &[Arc<Mutex<VirtioWorker>>],
     state_file: &File,
     mem_file: &File,
+    kind: SnapshotKind,
 ) -> Result<Created, CreateError> {
     use std::io::Write;
     if sources.shares {
@@ -86,6 +90,9 @@ pub fn create(
     })?;
     if mem_len != 0 {
         return Err(CreateError::MemoryFileNotEmpty(mem_len));
+    }
+    if kind == SnapshotKind::Diff && !sources.vm.tracks_dirty_pages() {
+        return Err(CreateError::Vm(VmError::NotTracking));
     }
     let timeout = COLLECT_BASE + COLLECT_PER_VCPU * sources.pause.vcpus() as u32;
     let vcpus = sources.pause.collect(timeout)?;
@@ -118,12 +125,31 @@ pub fn create(
             virtio,
         },
     };
-    let bytes = encode(&state)?;
+    let bytes = encode(&state, kind)?;
     let write_err = |what| move |source| CreateError::Write { what, source };
     (&*state_file)
         .write_all(&bytes)
         .map_err(write_err("state"))?;
-    let memory = write_memory(sources.vm.memory(), mem_file).map_err(write_err("memory"))?;
+    // The logs are taken after the state is written and before memory is: the VM is paused,
+    // so nothing writes guest RAM in between.
+    let dirty = if sources.vm.tracks_dirty_pages() {
+        Some(sources.vm.take_dirty_pages()?)
+    } else {
+        None
+    };
+    let pages = match (kind, &dirty) {
+        (SnapshotKind::Diff, Some(dirty)) => Pages::Dirty(dirty),
+        _ => Pages::All,
+    };
+    let memory = write_memory(sources.vm.memory(), mem_file, pages).map_err(|source| {
+        if let Some(dirty) = &dirty {
+            sources.vm.return_dirty_pages(dirty);
+        }
+        CreateError::Write {
+            what: "memory",
+            source,
+        }
+    })?;
     Ok(Created {
         state_bytes: bytes.len() as u64,
         memory,

@@ -1,7 +1,7 @@
 use super::*;
 
 fn bytes_of(state: &VmState) -> Vec<u8> {
-    encode(state).unwrap()
+    encode(state, SnapshotKind::Full).unwrap()
 }
 
 fn sample() -> VmState {
@@ -82,4 +82,15 @@ fn another_version_a_wrong_magic_or_a_cut_file_is_refused_with_what_was_wrong() 
         decode(&bytes[..10]),
         Err(SnapshotError::TooShort(10))
     ));
+    let mut kind = bytes.clone();
+    kind[12] = 2;
+    assert!(matches!(decode(&kind), Err(SnapshotError::Kind(2))));
+}
+
+#[test]
+fn a_diff_state_file_says_so_in_its_header_and_decodes_alike() {
+    let diff = encode(&sample(), SnapshotKind::Diff).unwrap();
+    assert_eq!(u32_at(&diff, 12), 1);
+    assert_eq!(u32_at(&bytes_of(&sample()), 12), 0);
+    assert_eq!(decode(&diff).unwrap().mem_bytes, 64 << 20);
 }

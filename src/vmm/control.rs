@@ -22,6 +22,7 @@ use crate::devices::virtio::shared::DeviceShared;
 use crate::devices::virtio::VirtioWorker;
 use crate::snapshot::{self, CreateError, Sources};
 use crate::vstate::pause::PauseError;
+use crate::vstate::vm::VmError;
 
 /// How long a pause waits for every vCPU to leave KVM_RUN.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -214,7 +215,7 @@ impl Control {
                 }
                 None => Answer::Failed,
             },
-            Request::Snapshot => self.snapshot(files),
+            Request::Snapshot { kind } => self.snapshot(files, kind),
         }
     }
 
@@ -239,7 +240,7 @@ impl Control {
         }
     }
 
-    fn snapshot(&self, files: Vec<File>) -> Answer {
+    fn snapshot(&self, files: Vec<File>, kind: snapshot::SnapshotKind) -> Answer {
         let Some(running) = &self.running else {
             return Answer::Failed;
         };
@@ -251,20 +252,25 @@ impl Control {
             return Answer::Unsupported;
         }
         let started = std::time::Instant::now();
-        match snapshot::create(&running.sources, &running.workers, state, mem) {
+        match snapshot::create(&running.sources, &running.workers, state, mem, kind) {
             Ok(done) => {
                 log::info!(
-                    "snapshot written in {:?}: state {} bytes, memory {} MiB ({} pages written, {} zero pages left as holes)",
+                    "{kind:?} snapshot written in {:?}: state {} bytes, memory {} MiB ({} pages written, {} {} pages left as holes)",
                     started.elapsed(),
                     done.state_bytes,
                     done.memory.bytes >> 20,
                     done.memory.pages_written,
-                    done.memory.pages_skipped
+                    done.memory.pages_skipped,
+                    match kind {
+                        snapshot::SnapshotKind::Full => "zero",
+                        snapshot::SnapshotKind::Diff => "unchanged",
+                    }
                 );
                 Answer::Done
             }
             Err(CreateError::Pause(PauseError::NotPaused)) => Answer::NotPaused,
             Err(CreateError::Shares) => Answer::Unsupported,
+            Err(CreateError::Vm(VmError::NotTracking)) => Answer::NotTracking,
             Err(e) => {
                 log::warn!("snapshot failed: {e}");
                 Answer::Failed

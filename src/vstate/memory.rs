@@ -17,10 +17,10 @@
 //! with the same dump, fork and merge advice. Only such a VM pays shmem's fault path, and its
 //! isolation report says which backing it has.
 
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MmapRegion,
-};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::dirty::{DirtyPages, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::layout;
 
@@ -65,21 +65,32 @@ pub enum Backing {
     Shared,
 }
 
-/// Creates `mem_bytes` of zeroed guest RAM laid out around the MMIO gap.
+/// Creates `mem_bytes` of zeroed guest RAM laid out around the MMIO gap; with `track_dirty`,
+/// each region logs the VMM's writes to it (see [`super::dirty`]).
 pub fn create_guest_memory(
     mem_bytes: u64,
     backing: Backing,
+    track_dirty: bool,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let memfd = match backing {
         Backing::Private => None,
         Backing::Shared => Some(std::sync::Arc::new(sealed_memfd(mem_bytes)?)),
     };
-    map_regions(mem_bytes, memfd, libc::MAP_SHARED | libc::MAP_NORESERVE)
+    map_regions(
+        mem_bytes,
+        memfd,
+        libc::MAP_SHARED | libc::MAP_NORESERVE,
+        track_dirty,
+    )
 }
 
 /// Guest RAM from a snapshot's memory file, mapped `MAP_PRIVATE`: the guest's writes stay its
 /// own, and what it only reads is the page cache's, shared by every clone of the snapshot.
-pub fn map_snapshot(mem_bytes: u64, file: std::fs::File) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn map_snapshot(
+    mem_bytes: u64,
+    file: std::fs::File,
+    track_dirty: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     let size = file
         .metadata()
         .map_err(|source| MemoryError::Memfd {
@@ -97,6 +108,7 @@ pub fn map_snapshot(mem_bytes: u64, file: std::fs::File) -> Result<GuestMemoryMm
         mem_bytes,
         Some(std::sync::Arc::new(file)),
         libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        track_dirty,
     )
 }
 
@@ -106,6 +118,7 @@ fn map_regions(
     mem_bytes: u64,
     memfd: Option<std::sync::Arc<std::fs::File>>,
     file_flags: i32,
+    track_dirty: bool,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let mut regions = Vec::new();
     let mut offset = 0u64;
@@ -119,12 +132,18 @@ fn map_regions(
             Some(fd) => (Some(FileOffset::from_arc(fd.clone(), offset)), file_flags),
         };
         offset += size;
-        let mapping = MmapRegion::build(file, len, libc::PROT_READ | libc::PROT_WRITE, flags)
-            .map_err(|source| MemoryError::Map {
-                addr: guest_addr,
-                size,
-                source,
-            })?;
+        let mut builder =
+            MmapRegionBuilder::new_with_bitmap(len, DirtyPages::new(track_dirty, len))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags);
+        if let Some(file) = file {
+            builder = builder.with_file_offset(file);
+        }
+        let mapping = builder.build().map_err(|source| MemoryError::Map {
+            addr: guest_addr,
+            size,
+            source,
+        })?;
         advise(mapping.as_ptr(), len)?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(guest_addr))
             .ok_or(MemoryError::Region(guest_addr))?;
@@ -226,7 +245,7 @@ mod tests {
 
     #[test]
     fn guest_ram_is_zeroed_and_split_around_the_gap() {
-        let mem = create_guest_memory(64 << 20, Backing::Private).unwrap();
+        let mem = create_guest_memory(64 << 20, Backing::Private, false).unwrap();
         assert_eq!(mem.num_regions(), 1);
         let mut buf = [0xffu8; 4096];
         for addr in [0u64, 0x10_0000, (64 << 20) - 4096] {
@@ -234,7 +253,7 @@ mod tests {
             assert!(buf.iter().all(|&b| b == 0));
         }
         // A big VM: only the address space is reserved (MAP_NORESERVE), nothing is touched.
-        let big = create_guest_memory((4 << 30) + (64 << 20), Backing::Private).unwrap();
+        let big = create_guest_memory((4 << 30) + (64 << 20), Backing::Private, false).unwrap();
         let regions = host_regions(&big);
         assert_eq!(regions.len(), 2);
         assert_eq!((regions[0].0, regions[0].1), (0, layout::MMIO_GAP_START));
@@ -246,7 +265,7 @@ mod tests {
 
     #[test]
     fn guest_ram_is_private_anonymous_undumpable_unforkable_and_not_mergeable() {
-        let mem = create_guest_memory(16 << 20, Backing::Private).unwrap();
+        let mem = create_guest_memory(16 << 20, Backing::Private, false).unwrap();
         let host = host_regions(&mem)[0].2;
         let flags = smaps_flags_for(host).expect("mapping not found in smaps");
         let flags: Vec<&str> = flags.split_whitespace().collect();
@@ -265,7 +284,7 @@ mod tests {
     fn shared_guest_ram_is_one_sealed_memfd_a_backend_sees_the_guests_writes_through() {
         use std::os::unix::fs::FileExt;
         let size = (4 << 30) + (16 << 20);
-        let mem = create_guest_memory(size, Backing::Shared).unwrap();
+        let mem = create_guest_memory(size, Backing::Shared, false).unwrap();
         let regions: Vec<_> = mem.iter().collect();
         assert_eq!(regions.len(), 2);
         let (low, high) = (regions[0], regions[1]);

@@ -8,14 +8,17 @@ use kvm_bindings::{
     kvm_clock_data, kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
     kvm_irq_routing_msi, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQ_ROUTING_MSI,
-    KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{
     Cap, IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd,
 };
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::dirty::{self, GuestMemoryMmap};
 
 use super::memory::host_regions;
 use crate::arch::x86_64::{layout, msr};
@@ -46,6 +49,14 @@ pub enum VmError {
     },
     #[error("the snapshot's irqchip is not the kind this VM was made with")]
     IrqchipMismatch,
+    #[error("the VM does not track dirty pages (--track-dirty-pages): a diff snapshot needs it")]
+    NotTracking,
+    #[error("cannot read KVM's dirty log of memslot {slot}: {source}")]
+    DirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot route GSI {gsi} to an eventfd: {source}")]
     Irqfd {
         gsi: u32,
@@ -203,10 +214,16 @@ impl Vm {
                 slots: max_slots,
             });
         }
+        // KVM logs the guest's writes to a region whose own log (of the VMM's writes) is on.
+        let flags = if self.tracks_dirty_pages() {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, (guest_addr, size, host_addr)) in (0u32..).zip(regions) {
             let region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: guest_addr,
                 memory_size: size,
                 userspace_addr: host_addr,
@@ -224,6 +241,46 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// Whether guest RAM logs the pages that change (it was made with `track_dirty`).
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.memory.iter().all(|r| dirty::log_of(r).tracking()) && self.memory.num_regions() > 0
+    }
+
+    /// The pages written since the last call, per region (memslot), one bit per page: the
+    /// guest's writes from KVM's log and the VMM's own from the regions' logs. Both logs are
+    /// cleared. The vCPUs must be paused and the devices idle, or a write can land between
+    /// the two reads and be in neither this answer nor the next.
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        if !self.tracks_dirty_pages() {
+            return Err(VmError::NotTracking);
+        }
+        (0u32..)
+            .zip(self.memory.iter())
+            .map(|(slot, region)| {
+                let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+                let mut pages = self
+                    .fd
+                    .get_dirty_log(slot, len)
+                    .map_err(|source| VmError::DirtyLog { slot, source })?;
+                for (word, vmm) in pages.iter_mut().zip(dirty::log_of(region).take()) {
+                    *word |= vmm;
+                }
+                Ok(pages)
+            })
+            .collect()
+    }
+
+    /// Puts pages taken by [`Vm::take_dirty_pages`] back (into the VMM's log), for when the
+    /// diff they were taken for was not written: the next diff must still have them.
+    pub fn return_dirty_pages(&self, taken: &[Vec<u64>]) {
+        for (region, words) in self.memory.iter().zip(taken) {
+            let pages = usize::try_from(region.len()).unwrap_or(0) / dirty::PAGE_SIZE;
+            for page in (0..pages).filter(|&p| dirty::page_set(words, p)) {
+                dirty::log_of(region).mark_dirty(page * dirty::PAGE_SIZE, dirty::PAGE_SIZE);
+            }
+        }
     }
 
     /// Makes a write to `evt` raise `gsi`.

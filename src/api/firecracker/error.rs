@@ -61,8 +61,8 @@ pub enum FcError {
     Unsupported(&'static str),
     #[error("Create snapshot error: Cannot save the microVM state: Operation not allowed: the microVM is not paused")]
     SnapshotNotPaused,
-    #[error("Create snapshot error: {0} is not supported by bulkhead yet")]
-    SnapshotUnsupported(&'static str),
+    #[error("Create snapshot error: Diff snapshots need dirty page tracking: set track_dirty_pages in /machine-config, or in /snapshot/load for a restored microVM")]
+    DiffUntracked,
     #[error("Create snapshot error: Cannot perform open on the {what} file {}: {source}", path.display())]
     SnapshotFile {
         what: &'static str,

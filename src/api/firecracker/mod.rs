@@ -38,7 +38,7 @@ pub use error::FcError;
 use metrics::{metrics_line, ApiCounts, Devices, MetricsSink};
 use model::{
     ConfigFile, Logger, MemoryBackendType, Metrics, PartialDrive, SnapshotCreateParams,
-    SnapshotLoadParams, SnapshotType,
+    SnapshotLoadParams,
 };
 use state::{Pending, Phase};
 
@@ -229,9 +229,6 @@ impl Personality {
         if self.phase != Phase::Paused {
             return Err(FcError::SnapshotNotPaused);
         }
-        if params.snapshot_type == SnapshotType::Diff {
-            return Err(FcError::SnapshotUnsupported("a diff snapshot"));
-        }
         let create = |what, path: &Path| {
             let path = self.resolve(path);
             NewFile::create(&path).map_err(|source| FcError::SnapshotFile { what, path, source })
@@ -245,10 +242,14 @@ impl Personality {
         // A snapshot of a large VM takes as long as writing its RAM does: no time limit (the
         // VMM answers, or the channel closes with it).
         let _ = channel.set_read_timeout(None);
-        let answer = control::ask_with(channel, Request::Snapshot, &[state.file(), mem.file()]);
+        let request = Request::Snapshot {
+            kind: params.snapshot_type.kind(),
+        };
+        let answer = control::ask_with(channel, request, &[state.file(), mem.file()]);
         let _ = channel.set_read_timeout(Some(Duration::from_secs(10)));
         match answer {
             Ok(Answer::Done) => {}
+            Ok(Answer::NotTracking) => return Err(FcError::DiffUntracked),
             Ok(other) => return Err(FcError::SnapshotFailed(other)),
             Err(e) => {
                 self.control = None;
@@ -293,9 +294,8 @@ impl Personality {
                 "network_overrides are not supported by bulkhead yet",
             ));
         }
-        if params.track_dirty_pages == Some(true) || params.enable_diff_snapshots == Some(true) {
-            log::warn!("PUT /snapshot/load: dirty page tracking is not supported by bulkhead yet; diff snapshots will be refused");
-        }
+        // enable_diff_snapshots is the field's deprecated name.
+        let track_dirty_pages = params.track_dirty_pages.or(params.enable_diff_snapshots);
         let state_path = self.resolve(&params.snapshot_path);
         let mut config = crate::RawConfig {
             restore: Some(crate::config::RawRestore {
@@ -308,6 +308,7 @@ impl Personality {
             thread_names: Some(crate::config::ThreadNames::Firecracker),
             vsock_cid_shared: Some(true),
             start_paused: Some(!params.resume_vm),
+            track_dirty_pages,
             ..crate::RawConfig::default()
         };
         if let Some(o) = &params.vsock_override {

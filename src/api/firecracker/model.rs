@@ -265,6 +265,15 @@ pub enum SnapshotType {
     Diff,
 }
 
+impl SnapshotType {
+    pub fn kind(self) -> crate::snapshot::SnapshotKind {
+        match self {
+            SnapshotType::Full => crate::snapshot::SnapshotKind::Full,
+            SnapshotType::Diff => crate::snapshot::SnapshotKind::Diff,
+        }
+    }
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

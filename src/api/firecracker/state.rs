@@ -90,9 +90,6 @@ impl Pending {
         if m.cpu_template.as_deref().is_some_and(|t| t != "None") {
             return Err(PendingError::MachineFeature("cpu_template"));
         }
-        if m.track_dirty_pages {
-            return Err(PendingError::MachineFeature("track_dirty_pages"));
-        }
         self.machine = m;
         Ok(())
     }
@@ -198,6 +195,7 @@ impl Pending {
             cmdline: Some(cmdline),
             vcpus: Some(u32::from(self.machine.vcpu_count)),
             mem_mib: Some(self.machine.mem_size_mib),
+            track_dirty_pages: Some(self.machine.track_dirty_pages),
             vm_id: Some(id.to_string()),
             console: Some(ConsoleConfig::Stdio.to_string()),
             rng: Some(self.entropy.is_some()),

@@ -113,8 +113,13 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
         source: Box::new(source),
     })?;
     let keep_paused = r.state == VmState::Paused;
-    let written =
-        crate::snapshot::client::create(&control, &paths.state(), &paths.mem(), keep_paused);
+    let written = crate::snapshot::client::create(
+        &control,
+        &paths.state(),
+        &paths.mem(),
+        crate::snapshot::SnapshotKind::Full,
+        keep_paused,
+    );
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&paths.dir);
         return Err(ServeError::Snapshot {

@@ -8,6 +8,7 @@
 //! themselves come from rust-vmm's `acpi_tables`; this file decides what goes in them and
 //! where they live: the RSDP at 0xE0000, where Linux scans for it, the rest right after it.
 
+use crate::vstate::dirty::GuestMemoryMmap;
 use acpi_tables::aml::{
     Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package,
     Path, ResourceTemplate, IO,
@@ -21,7 +22,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     ACPI_RSDP_START, ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, IOAPIC_START,

@@ -1,7 +1,8 @@
 //! The Intel MultiProcessor Specification 1.4 table that tells a guest without ACPI how many
 //! CPUs it has and how legacy interrupts reach the IOAPIC.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::dirty::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_START, IOAPIC_PINS, IOAPIC_START, MPTABLE_START, MP_FLOATING_POINTER};
 use super::ArchError;

@@ -1,7 +1,8 @@
 //! Boot register state and identity-mapped page tables for the boot vCPU.
 
+use crate::vstate::dirty::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{self, kvm_segment_from_gdt};
 use super::layout::*;

@@ -4,7 +4,8 @@
 //! has no `reboot=`. The few bytes here pull the machine's reset line the way a BIOS would:
 //! through the i8042.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::dirty::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::RESET_VECTOR;
 use super::ArchError;

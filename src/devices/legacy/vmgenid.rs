@@ -5,7 +5,8 @@
 //! then mixes the new ID into its RNG and reseeds it at once, so two clones of one snapshot
 //! never go on drawing the same random numbers.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::dirty::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The ID's size.
@@ -66,6 +67,7 @@ mod tests {
         let mem = crate::vstate::memory::create_guest_memory(
             16 << 20,
             crate::vstate::memory::Backing::Private,
+            false,
         )
         .unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();

@@ -9,7 +9,8 @@
 //! (not merely inside RAM), and no buffer may overlap the queue's own rings, so a device can
 //! never be made to write over the structures it reads its work from.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use crate::vstate::dirty::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::QueueConfig;
 pub use crate::telemetry::ChainViolation;

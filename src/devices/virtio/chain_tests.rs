@@ -1,6 +1,7 @@
 //! Unit and property tests of chain validation, against rings built by hand in guest memory.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::dirty::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 

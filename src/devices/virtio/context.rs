@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::time::Duration;
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::dirty::GuestMemoryMmap;
 
 use super::chain::Chain;
 use super::queue::{GuestQueue, Popped};

@@ -1,9 +1,10 @@
 //! A live virtqueue on the device side: virtio-queue keeps the ring indices, memory ordering
 //! and notification suppression; [`read_chain`] decides whether each chain is acceptable.
 
+use crate::vstate::dirty::GuestMemoryMmap;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::chain::{check_rings, read_chain, Chain, ChainError, ChainViolation};
 use super::QueueConfig;

@@ -157,7 +157,7 @@ fn a_backend_maps_the_guests_ram_from_the_table_and_finds_each_ring_and_eventfd(
             2,
         )
     });
-    let mem = create_guest_memory(16 << 20, Backing::Shared).unwrap();
+    let mem = create_guest_memory(16 << 20, Backing::Shared, false).unwrap();
     mem.write_slice(b"descriptors", GuestAddress(0x1000))
         .unwrap();
     let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
@@ -213,12 +213,12 @@ fn a_ring_outside_ram_or_private_ram_is_refused_before_the_backend_sees_the_queu
     let backend = std::thread::spawn(move || mock(listener, VERSION_1, 0, 1));
     let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
     let mut b = Backend::connect(&path, 1).unwrap();
-    let private = create_guest_memory(16 << 20, Backing::Private).unwrap();
+    let private = create_guest_memory(16 << 20, Backing::Private, false).unwrap();
     assert!(matches!(
         b.activate(VERSION_1, &private, &queue(&kick, &call, 0x1000)),
         Err(VhostUserError::NotShared(0))
     ));
-    let shared = create_guest_memory(16 << 20, Backing::Shared).unwrap();
+    let shared = create_guest_memory(16 << 20, Backing::Shared, false).unwrap();
     let err = b
         .activate(VERSION_1, &shared, &queue(&kick, &call, 32 << 20))
         .unwrap_err();
@@ -271,7 +271,7 @@ fn a_reset_disables_then_stops_each_queue_the_backend_holds_over_a_handed_connec
     // Connected elsewhere (the supervisor does it), handed over as a stream.
     let stream = UnixStream::connect(&path).unwrap();
     let mut b = Backend::over(stream, 2).unwrap();
-    let mem = create_guest_memory(16 << 20, Backing::Shared).unwrap();
+    let mem = create_guest_memory(16 << 20, Backing::Shared, false).unwrap();
     let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
     b.activate(VERSION_1, &mem, &queue(&kick, &call, 0x1000))
         .unwrap();

@@ -323,7 +323,8 @@ mod tests {
     use std::os::fd::FromRawFd;
     use std::time::{Duration, Instant};
 
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use crate::vstate::dirty::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
