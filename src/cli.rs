@@ -301,10 +301,12 @@ pub struct RunArgs {
     /// Attach a virtio network device on a tap interface (repeatable). Frames the guest
     /// sends from any other MAC than this one are dropped [default MAC: derived from the VM
     /// id]. Rate limits as for --disk, prefixed `rx_` (what the guest receives) or `tx_`
-    /// (what it sends): `rx_bw_size=BYTES,rx_bw_refill_time=MS,tx_ops_size=N,...`.
+    /// (what it sends): `rx_bw_size=BYTES,rx_bw_refill_time=MS,tx_ops_size=N,...`. `id`
+    /// names the interface in snapshots. With --restore, `tap=NAME` alone, once per device of
+    /// the snapshot: the clone's own taps.
     #[arg(
         long = "net",
-        value_name = "tap=NAME[,mac=MAC][,rx_bw_size=..][,tx_ops_size=..]"
+        value_name = "tap=NAME[,mac=MAC][,id=NAME][,rx_bw_size=..][,tx_ops_size=..]"
     )]
     pub nets: Vec<RawNet>,
     /// Attach a virtio-vsock device with guest CID N. The host reaches guest port P by

@@ -149,7 +149,7 @@ fn kernel_turns_acpi_off(cmdline: &str) -> bool {
 impl VmConfig {
     /// Validates `raw` against this host (`host_mem_mib` is its RAM).
     pub fn from_raw(raw: RawConfig, host_mem_mib: u64) -> Result<VmConfig, ConfigError> {
-        let machine = raw.machine().to_json();
+        let mut machine = raw.machine();
         let restore = raw.restore.clone().map(|r| RestoreSpec {
             state: r.state,
             mem: r.mem,
@@ -209,6 +209,11 @@ impl VmConfig {
         validate_id("--vm-id", &vm_id)?;
         let disks = validate_disks(raw.disks.unwrap_or_default())?;
         let nets = validate_nets(raw.nets.unwrap_or_default(), &vm_id)?;
+        // A MAC not given is made from the VM id, which a clone does not share: the snapshot
+        // keeps the one the guest has, or a clone would refuse its own frames as spoofed.
+        for (saved, net) in machine.nets.iter_mut().flatten().zip(&nets) {
+            saved.mac = Some(devices::format_mac(&net.mac));
+        }
         let vsock = validate_vsock(raw.vsock)?;
         let shares = validate_shares(raw.shares.unwrap_or_default())?;
         // The share's backend connection is handed to a forked VM process only.
@@ -300,7 +305,7 @@ impl VmConfig {
                 irqchip,
                 restore,
                 track_dirty_pages,
-                machine,
+                machine: machine.to_json(),
             },
             process: ProcessSpec {
                 tenant,

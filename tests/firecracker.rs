@@ -1108,14 +1108,20 @@ fn the_firecracker_peer_answers_the_snapshot_calls_as_bulkhead_does() {
     );
 }
 
-/// A ticking guest booted through the API, paused, snapshotted and resumed, finishes its run;
-/// a fresh personality loads the snapshot with `resume_vm` and finishes the same run from where
-/// the snapshot was taken, with the same status.
+/// A ticking guest with a network interface booted through the API, paused, snapshotted and
+/// resumed, finishes its run; a fresh personality loads the snapshot with `resume_vm`, moving
+/// the interface to a tap of its own (`network_overrides`; an unknown `iface_id` is a 400), and
+/// finishes the same run from where the snapshot was taken, with the same status.
 #[test]
 fn a_snapshot_taken_through_the_firecracker_api_loads_in_a_fresh_process_and_finishes_the_run() {
-    if !kvm_available("fc_snapshot_tick") {
+    let test = "fc_snapshot_tick";
+    if !kvm_available(test) {
         return;
     }
+    let (Some(tap_a), Some(tap_b)) = (common::TestTap::create(test), common::TestTap::create(test))
+    else {
+        return;
+    };
     let dir = scratch("fc-snapshot-tick");
     let kernel = dir.join("virtio");
     std::fs::copy(guest("virtio"), &kernel).unwrap();
@@ -1131,6 +1137,11 @@ fn a_snapshot_taken_through_the_firecracker_api_loads_in_a_fresh_process_and_fin
         json!({"kernel_image_path": kernel, "boot_args": "mode=tick ticks=100 period=50"}),
     );
     a.ok("PUT", "/entropy", json!({}));
+    a.ok(
+        "PUT",
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": tap_a.name}),
+    );
     a.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
     let console = dir.join("a").join("stdout");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1155,12 +1166,22 @@ fn a_snapshot_taken_through_the_firecracker_api_loads_in_a_fresh_process_and_fin
     assert_eq!(status.code(), Some(0), "{}", a.log());
 
     let mut b = Vmm::start("bulkhead", &subdir(&dir, "b"), &[]);
-    b.ok(
-        "PUT",
-        "/snapshot/load",
-        json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem},
-               "resume_vm": true}),
+    let mut load = json!({"snapshot_path": state,
+                          "mem_backend": {"backend_type": "File", "backend_path": mem},
+                          "resume_vm": true,
+                          "network_overrides": [{"iface_id": "eth1", "host_dev_name": tap_b.name}]});
+    let (status, body) = b.call("PUT", "/snapshot/load", Some(load.clone()));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("eth1"), "{body}");
+    load["network_overrides"][0]["iface_id"] = json!("eth0");
+    b.ok("PUT", "/snapshot/load", load);
+    let carrier = |tap: &str| std::fs::read_to_string(format!("/sys/class/net/{tap}/carrier"));
+    assert_eq!(
+        carrier(&tap_b.name).unwrap().trim(),
+        "1",
+        "the clone's tap is not held"
     );
+    assert_ne!(carrier(&tap_a.name).unwrap_or_default().trim(), "1");
     let status = b
         .wait_exit(Duration::from_secs(60))
         .expect("the clone did not end");

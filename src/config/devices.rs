@@ -57,12 +57,16 @@ pub struct DiskConfig {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
-/// A network device as given: `--net tap=NAME[,mac=MAC]`, or an entry of `nets` in JSON.
+/// A network device as given: `--net tap=NAME[,mac=MAC][,id=NAME]`, or an entry of `nets` in
+/// JSON.
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RawNet {
     pub tap: String,
     pub mac: Option<String>,
+    /// A name for the interface (Firecracker's `iface_id`), kept in snapshots so a restore can
+    /// name the device whose tap it moves.
+    pub id: Option<String>,
     /// Limits on what the guest receives and sends (Firecracker's names).
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     pub tx_rate_limiter: Option<RateLimiterConfig>,
@@ -73,12 +77,13 @@ impl std::str::FromStr for RawNet {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ConfigError::Net(s.to_string());
-        let (mut tap, mut mac) = (None, None);
+        let (mut tap, mut mac, mut id) = (None, None, None);
         let (mut rx, mut tx) = (None, None);
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("tap", v)) if tap.is_none() => tap = Some(v.to_string()),
                 Some(("mac", v)) if mac.is_none() => mac = Some(v.to_string()),
+                Some(("id", v)) if id.is_none() && !v.is_empty() => id = Some(v.to_string()),
                 Some((key, value)) => {
                     let (limiter, key) = match (key.strip_prefix("rx_"), key.strip_prefix("tx_")) {
                         (Some(k), _) => (&mut rx, k),
@@ -95,6 +100,7 @@ impl std::str::FromStr for RawNet {
         Ok(RawNet {
             tap: tap.ok_or_else(bad)?,
             mac,
+            id,
             rx_rate_limiter: rx,
             tx_rate_limiter: tx,
         })
@@ -320,6 +326,8 @@ mod tests {
         let n: RawNet = "tap=tap0,mac=06:00:00:00:00:01".parse().unwrap();
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac.as_deref(), Some("06:00:00:00:00:01"));
+        let n: RawNet = "id=eth0,tap=tap1".parse().unwrap();
+        assert_eq!((n.tap.as_str(), n.id.as_deref()), ("tap1", Some("eth0")));
         let n: RawNet =
             "tap=tap0,rx_bw_size=5,rx_bw_refill_time=1,tx_ops_size=2,tx_ops_refill_time=3"
                 .parse()
@@ -338,6 +346,7 @@ mod tests {
             "mac=06:00:00:00:00:01",
             "tap=a,tap=b",
             "tap=a,x=1",
+            "tap=a,id=",
             "tap0",
         ] {
             assert!(bad.parse::<RawNet>().is_err(), "{bad:?} accepted");
@@ -390,5 +399,25 @@ mod tests {
         );
         assert_eq!(c.vm.nets[0].mac, default_mac("vm-7", 0));
         assert!(RawConfig::from_json(r#"{"disks": [{"path": "/d", "size": 1}]}"#).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_mac_a_net_was_given_by_default_so_a_clone_with_another_id_has_it() {
+        let raw =
+            RawConfig::from_json(r#"{"kernel": "k", "vm_id": "vm-7", "nets": [{"tap": "tap0"}]}"#)
+                .unwrap();
+        let c = VmConfig::from_raw(raw, 1 << 20).unwrap();
+        let machine = RawConfig::from_json(&c.vm.machine).unwrap();
+        let nets = machine.nets.clone().unwrap();
+        assert_eq!(
+            nets[0].mac.as_deref(),
+            Some(format_mac(&default_mac("vm-7", 0)).as_str())
+        );
+        let clone = RawConfig {
+            vm_id: Some("vm-8".into()),
+            ..machine
+        };
+        let c = VmConfig::from_raw(clone, 1 << 20).unwrap();
+        assert_eq!(c.vm.nets[0].mac, default_mac("vm-7", 0));
     }
 }

@@ -82,6 +82,8 @@ pub enum FcError {
     LoadNotAllowed,
     #[error("Load snapshot error: {0}")]
     LoadParams(&'static str),
+    #[error("Load snapshot error: network_overrides names iface_id {0:?}, which the snapshot has no network interface of")]
+    NoSuchIface(String),
     #[error("Load snapshot error: Failed to restore from snapshot: {0}")]
     LoadState(#[source] crate::snapshot::SnapshotError),
     #[error("Failed to {0} the microVM: the VMM answered {1:?}")]

@@ -285,15 +285,6 @@ impl Personality {
                 ))
             }
         };
-        if params
-            .network_overrides
-            .as_ref()
-            .is_some_and(|n| !n.is_empty())
-        {
-            return Err(FcError::LoadParams(
-                "network_overrides are not supported by bulkhead yet",
-            ));
-        }
         // enable_diff_snapshots is the field's deprecated name.
         let track_dirty_pages = params.track_dirty_pages.or(params.enable_diff_snapshots);
         let state_path = self.resolve(&params.snapshot_path);
@@ -311,18 +302,24 @@ impl Personality {
             track_dirty_pages,
             ..crate::RawConfig::default()
         };
-        if let Some(o) = &params.vsock_override {
-            // The CID stays the snapshot's: only the socket moves.
+        let overrides = params.network_overrides.unwrap_or_default();
+        if params.vsock_override.is_some() || !overrides.is_empty() {
             let file = File::open(&state_path)
                 .map_err(|e| FcError::LoadState(crate::snapshot::SnapshotError::Read(e)))?;
             let saved = crate::snapshot::read(&file).map_err(FcError::LoadState)?;
             let machine = crate::RawConfig::from_json(&saved.machine)
                 .map_err(|_| FcError::LoadParams("the snapshot's settings do not parse"))?;
-            let Some(mut vsock) = machine.vsock else {
-                return Err(FcError::LoadParams("the snapshot has no vsock device"));
-            };
-            vsock.uds = self.resolve(&o.uds_path);
-            config.vsock = Some(vsock);
+            if let Some(o) = &params.vsock_override {
+                // The CID stays the snapshot's: only the socket moves.
+                let Some(mut vsock) = machine.vsock.clone() else {
+                    return Err(FcError::LoadParams("the snapshot has no vsock device"));
+                };
+                vsock.uds = self.resolve(&o.uds_path);
+                config.vsock = Some(vsock);
+            }
+            if !overrides.is_empty() {
+                config.nets = Some(moved_taps(machine.nets.unwrap_or_default(), &overrides)?);
+            }
         }
         let phase = if params.resume_vm {
             Phase::Running
@@ -642,4 +639,32 @@ pub fn run(opts: Options) -> i32 {
         log::debug!("the VM's host process did not take the status: {e}");
     }
     code
+}
+
+/// The snapshot's network devices, each named by its tap alone (the restore keeps its MAC and
+/// limits), with the taps `overrides` move by `iface_id`.
+fn moved_taps(
+    saved: Vec<crate::config::RawNet>,
+    overrides: &[model::NetworkOverride],
+) -> Result<Vec<crate::config::RawNet>, FcError> {
+    if let Some(unknown) = overrides
+        .iter()
+        .find(|o| !saved.iter().any(|n| n.id.as_deref() == Some(&o.iface_id)))
+    {
+        return Err(FcError::NoSuchIface(unknown.iface_id.clone()));
+    }
+    Ok(saved
+        .into_iter()
+        .map(|n| {
+            let moved = overrides
+                .iter()
+                .rev()
+                .find(|o| n.id.as_deref() == Some(&o.iface_id));
+            crate::config::RawNet {
+                tap: moved.map_or(n.tap, |o| o.host_dev_name.clone()),
+                id: n.id,
+                ..crate::config::RawNet::default()
+            }
+        })
+        .collect())
 }

@@ -185,6 +185,7 @@ impl Pending {
             .map(|n| RawNet {
                 tap: n.host_dev_name.clone(),
                 mac: n.guest_mac.clone(),
+                id: Some(n.iface_id.clone()),
                 rx_rate_limiter: RateLimiter::to_bulkhead(&n.rx_rate_limiter),
                 tx_rate_limiter: RateLimiter::to_bulkhead(&n.tx_rate_limiter),
             })
