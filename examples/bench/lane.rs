@@ -90,7 +90,7 @@ pub fn figures(root: &Path, o: &Options) -> Vec<Figure> {
             unit: "s",
             higher_is_better: false,
             samples: boot,
-            goals: vec![Goal::at_most("bulkhead", "firecracker", 0.8)],
+            goals: vec![Goal::at_most("bulkhead", "firecracker", 0.95)],
             method: "Debian's stock cloud kernel (6.1) with an initramfs, 2 vCPUs, 256 MiB, in \
                      the nested lane (QEMU TCG L1 with KVM); VMM start to /init saying it is \
                      ready, from L1's /proc/uptime"
