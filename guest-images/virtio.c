@@ -17,7 +17,9 @@
  *                  16 random bytes and prints "tick N", ticks= times (default 40), then
  *                  "tick: done". Its output and status are the same whether or not it was
  *                  snapshotted and restored in between; a restored device that lost its queue
- *                  position stops answering, and the guest fails
+ *                  position stops answering, and the guest fails. With disk=1 each tick also
+ *                  reads sector (N % 64) of the first disk into a page only the device writes
+ *                  (what a diff snapshot must catch from the VMM's side)
  *   mode=hostile   every bad input the devices must refuse; each must be answered as the
  *                  device type allows, and the device must keep working (or ask for a reset
  *                  and work after it)
@@ -724,9 +726,14 @@ static void test_vsock(void) {
     check(reset, "vsock: sending past the credit resets the connection");
 }
 
+/* Where tick mode's disk reads land: the guest itself never writes this page. */
+static u8 tick_sector[512] __attribute__((aligned(4096)));
+
 static void tick(void) {
-    struct dev d;
+    struct dev d, blk;
     check(open_device(&d, ID_RNG, &queues[0], 0), "rng: device initialised");
+    int disk = cmdline_u64("disk", 0) != 0;
+    if (disk) check(open_device(&blk, ID_BLOCK, &queues[1], 0), "blk: device initialised");
     if (failures) return;
     u64 ticks = cmdline_u64("ticks", 40), period = cmdline_u64("period", 50);
     u64 next = now_ns();
@@ -737,6 +744,11 @@ static void tick(void) {
         set_desc(d.q->desc, head, data, 16, F_WRITE, 0);
         if (submit(&d, head) != 16) {
             puts("tick: the rng did not answer\n");
+            failures++;
+            return;
+        }
+        if (disk && blk_request(&blk, BLK_T_IN, i % 64, tick_sector, 512, 0) != 0) {
+            puts("tick: the disk did not answer\n");
             failures++;
             return;
         }

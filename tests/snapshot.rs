@@ -23,7 +23,8 @@ struct Ticking {
     socket: PathBuf,
 }
 
-fn start_ticking(dir: &Path, extra: &[&str]) -> Ticking {
+/// `guest_args` are added to the guest's command line (`disk=1`: read the disk every tick).
+fn start_ticking(dir: &Path, guest_args: &str, extra: &[&str]) -> Ticking {
     let console = dir.join("orig.log");
     let socket = dir.join("control.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
@@ -32,7 +33,7 @@ fn start_ticking(dir: &Path, extra: &[&str]) -> Ticking {
             "--kernel",
             guest("virtio").to_str().unwrap(),
             "--cmdline",
-            &format!("mode=tick ticks={TICKS} period=50"),
+            &format!("mode=tick ticks={TICKS} period=50 {guest_args}"),
             "--console",
             &format!("file:{}", console.display()),
             "--control-socket",
@@ -78,8 +79,12 @@ fn ticks(log: &str) -> Vec<u64> {
         .collect()
 }
 
-fn snapshot_of_ticking_guest(dir: &Path, extra: &[&str]) -> (Ticking, PathBuf, PathBuf) {
-    let ticking = start_ticking(dir, extra);
+fn snapshot_of_ticking_guest(
+    dir: &Path,
+    guest_args: &str,
+    extra: &[&str],
+) -> (Ticking, PathBuf, PathBuf) {
+    let ticking = start_ticking(dir, guest_args, extra);
     wait_for_line(&ticking.console, "tick 5");
     let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
     let created = create(&ticking.socket, &state, &mem, &[]);
@@ -182,7 +187,7 @@ fn a_guest_snapshotted_mid_run_finishes_its_run_in_two_clones_with_the_same_outp
         return;
     }
     let dir = scratch("snapshot-clones");
-    let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, &[]);
+    let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, "", &[]);
     let original_console = ticking.console.clone();
     let (status, err) = finish(ticking.child);
     assert_eq!(status, 0, "the snapshotted VM: {err}");
@@ -224,7 +229,7 @@ fn a_snapshot_of_a_multi_vcpu_guest_with_the_full_irqchip_restores() {
         return;
     }
     let dir = scratch("snapshot-full-irqchip");
-    let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, &["--vcpus", "2", "--no-acpi"]);
+    let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, "", &["--vcpus", "2", "--no-acpi"]);
     let (status, err) = finish(ticking.child);
     assert_eq!(status, 0, "the snapshotted VM: {err}");
     let log = dir.join("clone.log");
@@ -239,7 +244,7 @@ fn a_corrupt_cut_or_foreign_state_file_or_a_machine_setting_is_refused_before_an
         return;
     }
     let dir = scratch("snapshot-refusals");
-    let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, &[]);
+    let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, "", &[]);
     let mut child = ticking.child;
     let _ = child.kill();
     let _ = child.wait();
@@ -317,7 +322,7 @@ fn only_the_vms_owner_or_root_is_served_on_its_control_socket() {
         return;
     }
     let dir = scratch("snapshot-control-owner");
-    let ticking = start_ticking(&dir, &[]);
+    let ticking = start_ticking(&dir, "", &[]);
     wait_for_line(&ticking.console, "tick 1");
     let socket = ticking.socket.clone();
     let meta = std::fs::metadata(&socket).unwrap();
@@ -393,13 +398,21 @@ fn diff_snapshots_rebased_in_turn_on_the_snapshot_before_them_are_that_moments_f
     }
     let dir = scratch("snapshot-diff");
     let path = |name: &str| dir.join(name);
+    // A disk whose sector n holds byte n + 1: the guest reads sector (tick % 64) every tick into
+    // a page it never writes itself, so only the VMM's log can have that page.
+    let disk = path("disk.img");
+    let sectors: Vec<u8> = (0..64u8).flat_map(|n| [n + 1; 512]).collect();
+    std::fs::write(&disk, sectors).unwrap();
+    let disk_flag = format!("{},ro", disk.display());
     // The base: a full snapshot of a VM that tracks nothing.
-    let (ticking, base_state, base_mem) = snapshot_of_ticking_guest(&dir, &[]);
+    let (ticking, base_state, base_mem) =
+        snapshot_of_ticking_guest(&dir, "disk=1", &["--disk", &disk_flag]);
     let mut original = ticking.child;
     let _ = original.kill();
     let _ = original.wait();
     // A clone of it that tracks dirty pages. Restoring wrote it a new VM generation ID, a page
-    // only the VMM writes (the guest never does), so only the VMM's own log has it.
+    // only the VMM writes (the guest never does), so only the VMM's own log has it; so are the
+    // pages the disk reads fill.
     let socket = path("clone.sock");
     let console = path("clone.log");
     let clone = restore(
@@ -471,7 +484,7 @@ fn a_diff_snapshot_of_a_vm_that_does_not_track_dirty_pages_is_refused_and_the_vm
         return;
     }
     let dir = scratch("snapshot-diff-untracked");
-    let ticking = start_ticking(&dir, &[]);
+    let ticking = start_ticking(&dir, "", &[]);
     wait_for_line(&ticking.console, "tick 2");
     let (state, mem) = (dir.join("d.state"), dir.join("d.mem"));
     let refused = create(&ticking.socket, &state, &mem, &["--diff"]);
@@ -511,7 +524,7 @@ fn a_clone_given_a_tap_of_its_own_runs_on_it_with_the_snapshots_network_device()
     };
     let dir = scratch("snapshot-tap-move");
     let net = |tap: &str| format!("tap={tap}");
-    let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, &["--net", &net(&first.name)]);
+    let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, "", &["--net", &net(&first.name)]);
     assert!(
         tap_attached(&first.name),
         "the original does not hold its tap"

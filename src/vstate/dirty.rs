@@ -3,10 +3,11 @@
 //! Two writers change guest RAM and each is seen by its own log: the guest's vCPUs, whose
 //! writes KVM logs per memslot (`KVM_MEM_LOG_DIRTY_PAGES`, read and cleared by
 //! `KVM_GET_DIRTY_LOG`), and the VMM's own devices (used rings, the buffers of a block read,
-//! received packets, the generation ID), whose writes go through vm-memory and never through
-//! the guest's page tables, so KVM does not see them. [`DirtyPages`] is the second log: a bitmap
-//! each guest-RAM region carries, set by every write vm-memory makes. A page is in a diff when
-//! either log has it.
+//! received packets, the generation ID), whose writes go through the VMM's own mapping and never
+//! through the guest's page tables, so KVM does not see them. [`DirtyPages`] is the second log: a bitmap
+//! each guest-RAM region carries, set by every write vm-memory makes. A write through a raw
+//! pointer (virtio-blk's `pread` into guest RAM) is not one of those, and marks its range
+//! itself. A page is in a diff when either log has it.
 //!
 //! A VM that does not track dirty pages carries no bitmap at all: its writes pay one branch.
 

@@ -13,6 +13,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use std::sync::Arc;
@@ -362,6 +363,13 @@ impl BlockQueue {
             let slice = mem
                 .get_slice(GuestAddress(seg.addr), len)
                 .map_err(std::io::Error::other)?;
+            if direction == Direction::ToGuest {
+                // pread fills guest RAM through a raw pointer, which vm-memory's dirty log
+                // never sees (nor does KVM's: the kernel writes through the VMM's mapping).
+                // Log the whole segment first: a short or failed read may have changed any
+                // byte of it, and a diff snapshot must not miss one.
+                slice.bitmap().mark_dirty(0, len);
+            }
             let guard = slice.ptr_guard_mut();
             let mut done = 0usize;
             while done < len {
