@@ -214,7 +214,13 @@ fn snapshot(command: &cli::SnapshotCommand) -> i32 {
                 }
                 Err(e) => {
                     log::error!("{}", bulkhead::error_chain(&e));
-                    status::BAD_INPUT
+                    // Bad inputs are status 2; failing to write the result is a run-time error.
+                    match e {
+                        bulkhead::snapshot::rebase::RebaseError::Write { .. } => {
+                            status::RUNTIME_ERROR
+                        }
+                        _ => status::BAD_INPUT,
+                    }
                 }
             };
         }

@@ -7,10 +7,13 @@
 //! it. Neither input is written: clones may be mapping the base, and the result goes through a
 //! temporary file renamed into place, so `--out` may name the base itself.
 //!
-//! Holes are read with `SEEK_DATA`/`SEEK_HOLE`. A filesystem that does not report them would
-//! make every unchanged page of the diff read as zeros and overwrite the base with them, so a
-//! diff whose file is sparse on disk but shows no hole is refused, as is one on a filesystem
-//! whose blocks are larger than a page (a block's clean pages would read as data).
+//! Holes are read with `SEEK_DATA`/`SEEK_HOLE`, so a diff is only as good as its holes. Two
+//! ways to lose them are caught: a diff that is sparse on disk but shows no hole (a filesystem
+//! that does not report holes), and one whose filesystem prefers blocks larger than a page (a
+//! block's unchanged pages would read as data). Others are not: a diff copied densely (its
+//! unchanged pages become zero data and overwrite the base), or copied with zero runs punched
+//! into holes (`cp --sparse=always`, `rsync -S`: the base's old bytes survive where the guest
+//! wrote zeros). A diff must stay as the VMM wrote it.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -33,8 +36,12 @@ pub enum RebaseError {
     Size { base: u64, diff: u64 },
     #[error("{}: its filesystem does not report holes (or its blocks of {block} bytes are larger than a page), so a diff's unchanged pages can not be told from its data; keep diffs on ext4, xfs, btrfs or tmpfs", path.display())]
     NoHoles { path: PathBuf, block: u64 },
-    #[error("cannot write the rebased memory file: {0}")]
-    Write(#[source] std::io::Error),
+    #[error("cannot write the rebased memory file {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Create(#[from] ClientError),
 }
@@ -86,8 +93,12 @@ fn data_extents(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(extents)
 }
 
-/// Copies `extents` of `from` to the same offsets of `to`.
-fn copy_extents(from: &File, to: &File, extents: &[(u64, u64)]) -> std::io::Result<u64> {
+/// Copies `extents` of `from` (at `from_path`) to the same offsets of `to` (at `to_path`).
+fn copy_extents(
+    (from, from_path): (&File, &Path),
+    (to, to_path): (&File, &Path),
+    extents: &[(u64, u64)],
+) -> Result<u64, RebaseError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut copied = 0;
     for &(start, len) in extents {
@@ -95,8 +106,16 @@ fn copy_extents(from: &File, to: &File, extents: &[(u64, u64)]) -> std::io::Resu
         while done < len {
             let n = usize::try_from((len - done).min(buf.len() as u64)).unwrap_or(buf.len());
             let chunk = buf.get_mut(..n).unwrap_or_default();
-            from.read_exact_at(chunk, start + done)?;
-            to.write_all_at(chunk, start + done)?;
+            from.read_exact_at(chunk, start + done)
+                .map_err(|source| RebaseError::Read {
+                    path: from_path.to_path_buf(),
+                    source,
+                })?;
+            to.write_all_at(chunk, start + done)
+                .map_err(|source| RebaseError::Write {
+                    path: to_path.to_path_buf(),
+                    source,
+                })?;
             done += n as u64;
         }
         copied += len;
@@ -141,9 +160,14 @@ pub fn rebase(base: &Path, diff: &Path, out: &Path) -> Result<Rebased, RebaseErr
     }
     let base_data = extents(&base_file, base)?;
     let new = NewFile::create(out)?;
-    new.file().set_len(len).map_err(RebaseError::Write)?;
-    let from_base = copy_extents(&base_file, new.file(), &base_data).map_err(RebaseError::Write)?;
-    let from_diff = copy_extents(&diff_file, new.file(), &diff_data).map_err(RebaseError::Write)?;
+    new.file()
+        .set_len(len)
+        .map_err(|source| RebaseError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    let from_base = copy_extents((&base_file, base), (new.file(), out), &base_data)?;
+    let from_diff = copy_extents((&diff_file, diff), (new.file(), out), &diff_data)?;
     new.commit()?;
     Ok(Rebased {
         bytes: len,

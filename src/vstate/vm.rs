@@ -256,20 +256,24 @@ impl Vm {
         if !self.tracks_dirty_pages() {
             return Err(VmError::NotTracking);
         }
-        (0u32..)
-            .zip(self.memory.iter())
-            .map(|(slot, region)| {
-                let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
-                let mut pages = self
-                    .fd
-                    .get_dirty_log(slot, len)
-                    .map_err(|source| VmError::DirtyLog { slot, source })?;
-                for (word, vmm) in pages.iter_mut().zip(dirty::log_of(region).take()) {
-                    *word |= vmm;
+        let mut taken = Vec::with_capacity(self.memory.num_regions());
+        for (slot, region) in (0u32..).zip(self.memory.iter()) {
+            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            let mut pages = match self.fd.get_dirty_log(slot, len) {
+                Ok(pages) => pages,
+                Err(source) => {
+                    // The slots read so far were cleared: their pages go back for the next
+                    // diff.
+                    self.return_dirty_pages(&taken);
+                    return Err(VmError::DirtyLog { slot, source });
                 }
-                Ok(pages)
-            })
-            .collect()
+            };
+            for (word, vmm) in pages.iter_mut().zip(dirty::log_of(region).take()) {
+                *word |= vmm;
+            }
+            taken.push(pages);
+        }
+        Ok(taken)
     }
 
     /// Puts pages taken by [`Vm::take_dirty_pages`] back (into the VMM's log), for when the

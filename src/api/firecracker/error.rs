@@ -82,7 +82,7 @@ pub enum FcError {
     LoadNotAllowed,
     #[error("Load snapshot error: {0}")]
     LoadParams(&'static str),
-    #[error("Load snapshot error: network_overrides names iface_id {0:?}, which the snapshot has no network interface of")]
+    #[error("Load snapshot error: network_overrides names iface_id {0:?}, which the snapshot has no network interface of (snapshots bulkhead took before it kept interface ids have none)")]
     NoSuchIface(String),
     #[error("Load snapshot error: Failed to restore from snapshot: {0}")]
     LoadState(#[source] crate::snapshot::SnapshotError),

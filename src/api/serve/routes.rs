@@ -387,6 +387,11 @@ fn daemon_field(raw: &RawConfig) -> Option<(&'static str, &'static str)> {
             "restore",
             "name one of your snapshots as \"snapshot\" instead",
         ),
+        (
+            raw.track_dirty_pages.is_some(),
+            "track_dirty_pages",
+            "the daemon takes full snapshots only",
+        ),
     ];
     set.into_iter()
         .find(|(is_set, _, _)| *is_set)
