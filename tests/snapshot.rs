@@ -506,11 +506,6 @@ fn a_diff_snapshot_of_a_vm_that_does_not_track_dirty_pages_is_refused_and_the_vm
     );
 }
 
-/// Whether a process holds `tap` open: a tap has carrier while it is attached.
-fn tap_attached(tap: &str) -> bool {
-    std::fs::read_to_string(format!("/sys/class/net/{tap}/carrier")).is_ok_and(|c| c.trim() == "1")
-}
-
 #[test]
 fn a_clone_given_a_tap_of_its_own_runs_on_it_with_the_snapshots_network_device() {
     let test = "snapshot tap move";
@@ -525,10 +520,7 @@ fn a_clone_given_a_tap_of_its_own_runs_on_it_with_the_snapshots_network_device()
     let dir = scratch("snapshot-tap-move");
     let net = |tap: &str| format!("tap={tap}");
     let (ticking, state, mem) = snapshot_of_ticking_guest(&dir, "", &["--net", &net(&first.name)]);
-    assert!(
-        tap_attached(&first.name),
-        "the original does not hold its tap"
-    );
+    assert!(first.attached(), "the original does not hold its tap");
     let mut original = ticking.child;
     let _ = original.kill();
     let _ = original.wait();
@@ -548,11 +540,8 @@ fn a_clone_given_a_tap_of_its_own_runs_on_it_with_the_snapshots_network_device()
     assert!(refused.1.contains("MAC, id or rate limit"), "{}", refused.1);
     let mut clone = restore(&state, &mem, &log, &["--net", &net(&second.name)]);
     wait_for_line(&log, "tick 40");
-    assert!(
-        tap_attached(&second.name),
-        "the clone does not hold its own tap"
-    );
-    assert!(!tap_attached(&first.name), "the original's tap is held");
+    assert!(second.attached(), "the clone does not hold its own tap");
+    assert!(!first.attached(), "the original's tap is held");
     let status = clone.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert_finishes_the_run(&std::fs::read_to_string(&log).unwrap(), "the clone");

@@ -98,15 +98,10 @@ mod tests {
 
     use super::*;
 
+    /// Guest RAM as the VMM makes it for a VM that tracks dirty pages.
     fn tracked(len: usize) -> GuestMemoryMmap {
-        let mapping =
-            vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(len, DirtyPages::new(true, len))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
-                .build()
-                .unwrap();
-        let region = GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap();
-        GuestMemoryMmap::from_regions(vec![region]).unwrap()
+        use crate::vstate::memory::{create_guest_memory, Backing};
+        create_guest_memory(len as u64, Backing::Private, true).unwrap()
     }
 
     #[test]

@@ -380,6 +380,12 @@ impl TestTap {
         );
         Some(tap)
     }
+
+    /// Whether a process holds the tap open: a tap has carrier while it is attached.
+    pub fn attached(&self) -> bool {
+        std::fs::read_to_string(format!("/sys/class/net/{}/carrier", self.name))
+            .is_ok_and(|c| c.trim() == "1")
+    }
 }
 
 impl Drop for TestTap {
