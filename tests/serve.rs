@@ -881,10 +881,16 @@ fn a_tenant_talks_to_its_guest_over_vsock_both_ways_through_its_jail() {
     let dir = h.dir.join("run/jail").join(&id).join("root/vsock");
     let socket = dir.join("v.sock");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
+    // The jail binds the socket and then gives it to the tenant (owner, then mode 0660): it is
+    // the tenant's to connect to once both are done.
+    let given = |socket: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(socket).is_ok_and(|m| m.uid() == ACME && m.mode() & 0o777 == 0o660)
+    };
+    while !given(&socket) {
         assert!(
             Instant::now() < deadline,
-            "no socket at {}",
+            "no socket given to the tenant at {}",
             socket.display()
         );
         std::thread::sleep(Duration::from_millis(10));
