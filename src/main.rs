@@ -29,14 +29,7 @@ fn main() -> ExitCode {
                 log::error!("jailer: {}", bulkhead::error_chain(&e));
                 exit_code(status::BAD_INPUT)
             }
-            Err(e) => {
-                let _ = e.print();
-                exit_code(if e.use_stderr() {
-                    status::BAD_INPUT
-                } else {
-                    status::OK
-                })
-            }
+            Err(e) => parse_error(&e, status::BAD_INPUT),
         };
     }
     if invoked_as == "firecracker" {
@@ -45,24 +38,23 @@ fn main() -> ExitCode {
                 bulkhead::logger::init("firecracker", log::LevelFilter::Info);
                 exit_code(firecracker(&fc.args))
             }
-            Err(e) => {
-                let _ = e.print();
-                // Firecracker's status for an argument error.
-                exit_code(if e.use_stderr() { 153 } else { status::OK })
+            // Firecracker's status for an argument error.
+            Err(e) => parse_error(&e, 153),
+        };
+    }
+    // Every VM's supervisor starts here; `cli::RunCli` says why `run` is parsed alone.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "run") {
+        return match cli::RunCli::try_parse_from(std::env::args_os().skip(1)) {
+            Ok(r) => {
+                bulkhead::logger::init("bulkhead", r.log_level.into());
+                exit_code(run(&r.args))
             }
+            Err(e) => parse_error(&e, status::BAD_INPUT),
         };
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            let code = if e.use_stderr() {
-                status::BAD_INPUT
-            } else {
-                status::OK
-            };
-            return exit_code(code);
-        }
+        Err(e) => return parse_error(&e, status::BAD_INPUT),
     };
     bulkhead::logger::init("bulkhead", cli.log_level.into());
     let code = match cli.command {
@@ -83,6 +75,12 @@ fn main() -> ExitCode {
         }
     };
     exit_code(code)
+}
+
+/// Prints clap's message; `--help` and `--version` end with 0, a bad command line with `bad`.
+fn parse_error(e: &clap::Error, bad: i32) -> ExitCode {
+    let _ = e.print();
+    exit_code(if e.use_stderr() { bad } else { status::OK })
 }
 
 fn exit_code(code: i32) -> ExitCode {
