@@ -5,10 +5,15 @@
 //! src/exec embeds and puts in the initramfs it makes.
 
 use std::env;
-use std::fs::{self, File};
+use std::fs;
 use std::path::PathBuf;
 
 use seccompiler::{compile_from_json, TargetArch};
+
+#[path = "build/bpf_run.rs"]
+mod bpf_run;
+#[path = "build/seccomp_dispatch.rs"]
+mod seccomp_dispatch;
 
 /// One filter per thread role; each JSON file holds one filter named for its role.
 const ROLES: &[&str] = &["vmm", "vcpu", "supervisor"];
@@ -28,11 +33,11 @@ fn main() {
     for role in ROLES {
         let src = PathBuf::from("seccomp").join(format!("{role}.json"));
         println!("cargo:rerun-if-changed={}", src.display());
-        let file =
-            File::open(&src).unwrap_or_else(|e| panic!("cannot open {}: {e}", src.display()));
-        let mut filters = compile_from_json(file, arch)
+        let json = fs::read_to_string(&src)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display()));
+        let mut filters = compile_from_json(json.as_bytes(), arch)
             .unwrap_or_else(|e| panic!("cannot compile {}: {e}", src.display()));
-        let program = filters
+        let linear = filters
             .remove(*role)
             .unwrap_or_else(|| panic!("{} has no filter named {role:?}", src.display()));
         assert!(
@@ -40,6 +45,7 @@ fn main() {
             "{} holds filters other than {role:?}",
             src.display()
         );
+        let program = seccomp_dispatch::compile(&json, role, arch, &linear);
         for insn in &program {
             assert!(
                 !PLACEHOLDERS.contains(&insn.k) || insn.code == JEQ_K,

@@ -119,6 +119,11 @@ pub fn confine_supervisor(vm_pid: libc::pid_t) -> Result<(), SeccompError> {
     })
 }
 
+/// The interpreter build.rs checks the dispatch with, for the tests below.
+#[cfg(test)]
+#[path = "../build/bpf_run.rs"]
+mod bpf_run;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,36 +133,9 @@ mod tests {
     const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 
     /// Runs `prog` the way the kernel does for system call `nr` with `args` and returns the
-    /// action: a small classic-BPF interpreter for the instructions seccompiler emits.
+    /// action.
     fn verdict(prog: &[sock_filter], nr: i64, args: [u64; 6]) -> u32 {
-        let mut data = Vec::with_capacity(64);
-        data.extend_from_slice(&(nr as u32).to_le_bytes());
-        data.extend_from_slice(&AUDIT_ARCH_X86_64.to_le_bytes());
-        data.extend_from_slice(&0u64.to_le_bytes());
-        for a in args {
-            data.extend_from_slice(&a.to_le_bytes());
-        }
-        let (mut acc, mut pc) = (0u32, 0usize);
-        loop {
-            let i = &prog[pc];
-            pc += 1;
-            let jump = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
-            match i.code {
-                0x20 => {
-                    // ld [k]
-                    let k = i.k as usize;
-                    acc = u32::from_le_bytes(data[k..k + 4].try_into().unwrap());
-                }
-                0x54 => acc &= i.k,         // and #k
-                0x05 => pc += i.k as usize, // ja
-                0x15 => pc += jump(acc == i.k),
-                0x25 => pc += jump(acc > i.k),
-                0x35 => pc += jump(acc >= i.k),
-                0x45 => pc += jump(acc & i.k != 0),
-                0x06 => return i.k, // ret #k
-                code => panic!("instruction {code:#x} at {} not interpreted", pc - 1),
-            }
-        }
+        super::bpf_run::run(prog, nr as u32, AUDIT_ARCH_X86_64, args)
     }
 
     fn allowed(prog: &[sock_filter], nr: i64, args: [u64; 6]) -> bool {
