@@ -20,8 +20,6 @@ const ROLES: &[&str] = &["vmm", "vcpu", "supervisor"];
 /// Values the filters compare with that are only known at run time (src/seccomp.rs patches
 /// them in): the process's own pid, SIGRTMIN, and the VM process's pid (the supervisor's).
 const PLACEHOLDERS: &[u32] = &[0x7fff_fff1, 0x7fff_fff2, 0x7fff_fff3];
-/// `BPF_JMP | BPF_JEQ | BPF_K`: the only instruction a placeholder may appear in.
-const JEQ_K: u16 = 0x15;
 
 fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -48,7 +46,8 @@ fn main() {
         let program = seccomp_dispatch::compile(&json, role, arch, &linear);
         for insn in &program {
             assert!(
-                !PLACEHOLDERS.contains(&insn.k) || insn.code == JEQ_K,
+                // An equality test is the only instruction a placeholder may appear in.
+                !PLACEHOLDERS.contains(&insn.k) || insn.code == seccomp_dispatch::JEQ_K,
                 "{}: a placeholder value appears outside an equality test",
                 src.display()
             );

@@ -15,7 +15,8 @@ use serde_json::{Map, Value};
 
 const LD_W_ABS: u16 = 0x20;
 const JA: u16 = 0x05;
-const JEQ_K: u16 = 0x15;
+/// `BPF_JMP | BPF_JEQ | BPF_K`.
+pub const JEQ_K: u16 = 0x15;
 const JGE_K: u16 = 0x35;
 const RET_K: u16 = 0x06;
 /// At most this many calls are compared one by one at a leaf of the search.
