@@ -21,6 +21,7 @@ pub mod jail;
 pub mod logger;
 pub mod process;
 pub mod procfs;
+pub mod residency;
 pub mod seccomp;
 pub mod signal;
 pub mod snapshot;

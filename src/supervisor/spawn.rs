@@ -114,8 +114,7 @@ pub fn spawn(
     // The heap still holds what parsing the command line and the settings touched (clap's
     // command tree alone is about 250 KiB) though most of it is free: give the free pages back
     // before the fork, or both processes keep them for the VM's life.
-    // SAFETY: malloc_trim takes no pointer and only releases free heap memory.
-    unsafe { libc::malloc_trim(0) };
+    crate::residency::trim_heap();
     // SAFETY: the process is single-threaded here (see above), so the child may go on running
     // ordinary code; fork has no memory effects on this process.
     let pid = unsafe { libc::fork() };

@@ -183,6 +183,10 @@ impl Vmm {
             event_manager.add_subscriber(worker.clone());
         }
 
+        // Building the VM is over: what it left in the heap and on this thread's stack would
+        // stay resident for the VM's life. (The filter below allows no open of /proc.)
+        crate::residency::trim_heap();
+        crate::residency::release_spent_stack();
         // INVARIANT: the VMM filter is in place before any guest I/O is served.
         if seccomp {
             seccomp::apply(ThreadRole::Vmm)?;

@@ -214,6 +214,9 @@ impl Personality {
             (Request::Pause, "pause")
         } else {
             (Request::Resume, "resume")
+        // The settings and the start are done with: their freed memory goes back rather than
+        // staying with this process for the VM's life.
+        crate::residency::trim_heap();
         };
         match self.command(request, None)? {
             Answer::Done => {
