@@ -37,6 +37,10 @@ pub enum Request {
     /// Write a snapshot of the paused VM: its state into the first file sent along, guest RAM
     /// (all of it, or the pages changed since the last snapshot) into the second (empty) one.
     Snapshot { kind: SnapshotKind },
+    /// The files of the last snapshot are in place (synced, renamed to their paths): the pages
+    /// it took from the dirty log are forgotten. Until this comes, the next snapshot takes them
+    /// again, so a diff whose files the front end could not keep loses nothing to the next.
+    SnapshotKept,
 }
 
 /// What the VM process answers.
@@ -92,6 +96,7 @@ impl Request {
             Request::Pause => message(4, 0),
             Request::Resume => message(5, 0),
             Request::Snapshot { kind } => message(6, kind.code()),
+            Request::SnapshotKept => message(7, 0),
         }
     }
 
@@ -107,6 +112,7 @@ impl Request {
             (4, 0) => Some(Request::Pause),
             (5, 0) => Some(Request::Resume),
             (6, kind) => SnapshotKind::from_code(kind).map(|kind| Request::Snapshot { kind }),
+            (7, 0) => Some(Request::SnapshotKept),
             _ => None,
         }
     }
@@ -244,6 +250,7 @@ mod tests {
             Request::Snapshot {
                 kind: SnapshotKind::Diff,
             },
+            Request::SnapshotKept,
         ] {
             assert_eq!(Request::decode(&r.encode()), Some(r));
         }

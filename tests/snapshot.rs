@@ -391,6 +391,43 @@ fn rebase(base: &Path, diff: &Path, out: &Path) {
     assert_eq!(run.status, 0, "rebase: {}", run.stderr);
 }
 
+/// A full snapshot of a ticking guest (`guest_args`, `extra`) that tracks nothing, and a clone
+/// of it run with `--track-dirty-pages` and a control socket in `dir`: the base memory file,
+/// the clone, its control socket and its console log. Restoring wrote the clone a new VM
+/// generation ID, a page only the VMM writes (the guest never does).
+fn tracking_clone(
+    dir: &Path,
+    guest_args: &str,
+    extra: &[&str],
+) -> (PathBuf, Child, PathBuf, PathBuf) {
+    let (ticking, base_state, base_mem) = snapshot_of_ticking_guest(dir, guest_args, extra);
+    let mut original = ticking.child;
+    let _ = original.kill();
+    let _ = original.wait();
+    let socket = dir.join("clone.sock");
+    let console = dir.join("clone.log");
+    let clone = restore(
+        &base_state,
+        &base_mem,
+        &console,
+        &[
+            "--track-dirty-pages",
+            "--control-socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    (base_mem, clone, socket, console)
+}
+
+/// The indices of the 4 KiB pages in which two memory files differ.
+fn differing_pages(a: &Path, b: &Path) -> Vec<usize> {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(a.len(), b.len(), "the memory files differ in size");
+    (0..a.len() / 4096)
+        .filter(|&p| a[p * 4096..(p + 1) * 4096] != b[p * 4096..(p + 1) * 4096])
+        .collect()
+}
+
 #[test]
 fn diff_snapshots_rebased_in_turn_on_the_snapshot_before_them_are_that_moments_full_snapshot() {
     if !kvm_available("diff snapshot") {
@@ -405,26 +442,10 @@ fn diff_snapshots_rebased_in_turn_on_the_snapshot_before_them_are_that_moments_f
     std::fs::write(&disk, sectors).unwrap();
     let disk_flag = format!("{},ro", disk.display());
     // The base: a full snapshot of a VM that tracks nothing.
-    let (ticking, base_state, base_mem) =
-        snapshot_of_ticking_guest(&dir, "disk=1", &["--disk", &disk_flag]);
-    let mut original = ticking.child;
-    let _ = original.kill();
-    let _ = original.wait();
-    // A clone of it that tracks dirty pages. Restoring wrote it a new VM generation ID, a page
-    // only the VMM writes (the guest never does), so only the VMM's own log has it; so are the
-    // pages the disk reads fill.
-    let socket = path("clone.sock");
-    let console = path("clone.log");
-    let clone = restore(
-        &base_state,
-        &base_mem,
-        &console,
-        &[
-            "--track-dirty-pages",
-            "--control-socket",
-            socket.to_str().unwrap(),
-        ],
-    );
+    let (base_mem, clone, socket, console) =
+        tracking_clone(&dir, "disk=1", &["--disk", &disk_flag]);
+    // Only the VMM's own log has the clone's new generation ID; so are the pages the disk
+    // reads fill.
     wait_for_line(&console, "tick 12");
     let first = create(&socket, &path("d1.state"), &path("d1.mem"), &["--diff"]);
     assert_eq!(first.status, 0, "first diff: {}", first.stderr);
@@ -458,11 +479,7 @@ fn diff_snapshots_rebased_in_turn_on_the_snapshot_before_them_are_that_moments_f
     // the guest wrote (KVM's log) and every page the VMM wrote (its own) is in one of them.
     rebase(&base_mem, &path("d1.mem"), &path("at-d1.mem"));
     rebase(&path("at-d1.mem"), &path("d2.mem"), &path("at-d2.mem"));
-    let rebased = std::fs::read(path("at-d2.mem")).unwrap();
-    let whole = std::fs::read(path("full.mem")).unwrap();
-    let differing: Vec<usize> = (0..whole.len() / 4096)
-        .filter(|&p| rebased[p * 4096..(p + 1) * 4096] != whole[p * 4096..(p + 1) * 4096])
-        .collect();
+    let differing = differing_pages(&path("at-d2.mem"), &path("full.mem"));
     assert!(
         differing.is_empty(),
         "{} pages differ from the full snapshot, the first at {:#x}",
@@ -476,6 +493,50 @@ fn diff_snapshots_rebased_in_turn_on_the_snapshot_before_them_are_that_moments_f
     let text = std::fs::read_to_string(&log).unwrap();
     assert_finishes_the_run(&text, "the clone of the diff");
     assert!(ticks(&text)[0] > 20, "it started before the diff: {text}");
+}
+
+#[test]
+fn a_diff_whose_files_could_not_be_kept_leaves_its_pages_to_the_next_diff() {
+    if !kvm_available("diff snapshot") {
+        return;
+    }
+    let dir = scratch("snapshot-diff-lost");
+    let path = |name: &str| dir.join(name);
+    // The clone's new VM generation ID is a page written once and never again: the lost diff
+    // below takes it from the log, and only that diff had it.
+    let (base_mem, clone, socket, console) = tracking_clone(&dir, "", &[]);
+    wait_for_line(&console, "tick 12");
+    // A directory where its memory file should go: the snapshot is written, then the rename
+    // that would put it in place fails, and the client removes it.
+    std::fs::create_dir(path("lost.mem")).unwrap();
+    let lost = create(&socket, &path("lost.state"), &path("lost.mem"), &["--diff"]);
+    assert_ne!(lost.status, 0, "the lost diff was reported kept");
+    assert!(
+        lost.stderr.contains("lost.mem"),
+        "the failure does not name the file: {}",
+        lost.stderr
+    );
+    wait_for_line(&console, "tick 20");
+    let next = create(
+        &socket,
+        &path("next.state"),
+        &path("next.mem"),
+        &["--diff", "--keep-paused"],
+    );
+    assert_eq!(next.status, 0, "the next diff: {}", next.stderr);
+    let full = create(&socket, &path("full.state"), &path("full.mem"), &[]);
+    assert_eq!(full.status, 0, "full snapshot: {}", full.stderr);
+    let (status, err) = finish(clone);
+    assert_eq!(status, 0, "the tracking clone: {err}");
+    // Laid over the base, the next diff alone is the full snapshot of its moment.
+    rebase(&base_mem, &path("next.mem"), &path("at-next.mem"));
+    let differing = differing_pages(&path("at-next.mem"), &path("full.mem"));
+    assert!(
+        differing.is_empty(),
+        "{} pages the lost diff took are missing from the next, the first at {:#x}",
+        differing.len(),
+        differing.first().map_or(0, |p| p * 4096)
+    );
 }
 
 #[test]

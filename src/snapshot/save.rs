@@ -63,16 +63,20 @@ fn fd_size(file: &File) -> std::io::Result<u64> {
 }
 
 /// What a snapshot wrote.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Created {
     pub state_bytes: u64,
     pub memory: MemoryWritten,
+    /// The pages it took from the dirty log (a VM that tracks them), per memslot: until the
+    /// front end says the files are kept, the caller holds them to give back
+    /// ([`crate::vstate::vm::Vm::return_dirty_pages`]) should another snapshot come first.
+    pub taken: Option<Vec<Vec<u64>>>,
 }
 
 /// Writes a snapshot of `kind` of the paused VM: its state into `state_file`, guest RAM (all of
 /// it, or for a diff the pages changed since the last snapshot) into `mem_file` (which must be
 /// empty). A VM that tracks dirty pages starts a new diff after either kind; a diff that was
-/// not written leaves its pages for the next.
+/// not written leaves its pages for the next, and so must one the caller gives back.
 pub fn create(
     sources: &Sources,
     workers: &[Arc<Mutex<VirtioWorker>>],
@@ -153,5 +157,6 @@ pub fn create(
     Ok(Created {
         state_bytes: bytes.len() as u64,
         memory,
+        taken: dirty,
     })
 }

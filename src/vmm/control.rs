@@ -56,6 +56,11 @@ pub struct Control {
     /// A disk's backing file was swapped: the settings a snapshot keeps would name the old one,
     /// so snapshots are refused from then on.
     disk_swapped: std::sync::atomic::AtomicBool,
+    /// The dirty pages the last snapshot took, until the front end says its files are kept
+    /// ([`Request::SnapshotKept`]). A front end that could not keep them (a failed rename or
+    /// fsync) or died first never says so, and the next snapshot takes these pages again: a
+    /// diff made after a lost one still holds everything since the last kept snapshot.
+    unkept: Mutex<Option<Vec<Vec<u64>>>>,
 }
 
 /// What the event loop must do after a control event.
@@ -134,6 +139,7 @@ impl Control {
             disks,
             running: None,
             disk_swapped: std::sync::atomic::AtomicBool::new(false),
+            unkept: Mutex::new(None),
         }
     }
 
@@ -216,6 +222,10 @@ impl Control {
                 None => Answer::Failed,
             },
             Request::Snapshot { kind } => self.snapshot(files, kind),
+            Request::SnapshotKept => {
+                self.unkept.lock().unwrap_or_else(|e| e.into_inner()).take();
+                Answer::Done
+            }
         }
     }
 
@@ -252,8 +262,15 @@ impl Control {
             return Answer::Unsupported;
         }
         let started = std::time::Instant::now();
+        let mut unkept = self.unkept.lock().unwrap_or_else(|e| e.into_inner());
+        // The last snapshot's files were never said to be kept: its pages go back into the
+        // log, for this one to take again.
+        if let Some(taken) = unkept.take() {
+            running.sources.vm.return_dirty_pages(&taken);
+        }
         match snapshot::create(&running.sources, &running.workers, state, mem, kind) {
             Ok(done) => {
+                *unkept = done.taken;
                 log::info!(
                     "{kind:?} snapshot written in {:?}: state {} bytes, memory {} MiB ({} pages written, {} {} pages left as holes)",
                     started.elapsed(),

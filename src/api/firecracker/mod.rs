@@ -276,6 +276,12 @@ impl Personality {
         }
         let mem = match (&params.mem_file_path, &params.mem_backend) {
             (Some(path), None) => path.clone(),
+        // Only now may the VM forget the pages this snapshot took (a diff whose files were
+        // not kept leaves them to the next). Not told, it writes them again in the next diff.
+        match self.command(Request::SnapshotKept, None) {
+            Ok(Answer::Done) => {}
+            other => log::warn!("the snapshot is kept, but the VM was not told so ({other:?}): its next diff snapshot writes this one's pages again"),
+        }
             (None, Some(b)) if b.backend_type == MemoryBackendType::File => b.backend_path.clone(),
             (None, Some(_)) => {
                 return Err(FcError::LoadParams(
