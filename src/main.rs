@@ -95,9 +95,6 @@ fn run(args: &RunArgs) -> i32 {
             return status::BAD_INPUT;
         }
     };
-    if !config.process.seccomp {
-        log::warn!("*** --no-seccomp: seccomp filters are OFF; this VMM is not confined. Debugging only. ***");
-    }
     bulkhead::supervisor::run(&config)
 }
 

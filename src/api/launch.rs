@@ -25,6 +25,8 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot fork a supervisor: {0}")]
+    Fork(#[source] std::io::Error),
     #[error("cannot watch supervisor {pid}: {source}")]
     Watch {
         pid: i32,
@@ -99,31 +101,13 @@ impl Supervisor {
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the forked child before exec and calls only fcntl, dup2,
-        // prctl, getppid and _exit, which are async-signal-safe, and allocates nothing.
+        // prctl, getppid and _exit (through place_descriptors and die_with), which are
+        // async-signal-safe, and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
-                // Every source out of the way first (to 10 and up): one may sit at another's
-                // target. The copies are close-on-exec; dup2 makes the targets survive exec.
-                let mut moved = [-1; 8];
-                for (slot, (from, _)) in moved.iter_mut().zip(&inherit) {
-                    *slot = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 10);
-                    if *slot < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for (copy, (_, to)) in moved.iter().zip(&inherit) {
-                    if libc::dup2(*copy, *to) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
+                place_descriptors(&inherit)?;
                 if dies_with_us {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The front end died before the death signal was set.
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
+                    die_with(parent)?;
                 }
                 Ok(())
             });
@@ -135,6 +119,49 @@ impl Supervisor {
         // The std handle is dropped without waiting: the pid is reaped here, by `reap`.
         let pid = i32::try_from(child.id()).unwrap_or(-1);
         drop(child);
+        Self::watch(pid)
+    }
+
+    /// Starts a supervisor for `settings` in a child of this process, without exec: it shares
+    /// this process's pages copy-on-write (the binary's relocated data, the heap) instead of
+    /// starting the program again and parsing a settings file, and it is running sooner.
+    /// The child dies with this process (PR_SET_PDEATHSIG), keeps standard input, output and
+    /// error, gets `inherit`'s descriptors at their numbers and no other descriptor.
+    ///
+    /// Only a process with one thread may do this: a fork copies the calling thread alone, and
+    /// a lock another thread held would stay held in the child. None when this process has
+    /// more; the caller starts one with [`Supervisor::start`] then.
+    pub fn fork(
+        settings: crate::RawConfig,
+        inherit: &[(RawFd, RawFd)],
+    ) -> Result<Option<Supervisor>, LaunchError> {
+        if !single_threaded() {
+            return Ok(None);
+        }
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: this process has one thread (checked above; it starts none in between), so
+        // the child may go on running ordinary code; fork has no memory effects here.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(LaunchError::Fork(std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // The child never returns into the front end's code: the supervisor's status is
+            // its exit status, a panic a runtime error.
+            let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                forked_supervisor(parent, settings, inherit)
+            }))
+            .unwrap_or(crate::exit::status::RUNTIME_ERROR);
+            // SAFETY: _exit ends this child at once, running none of the front end's exit
+            // handlers or destructors (its runtime and sockets are the parent's).
+            unsafe { libc::_exit(status) };
+        }
+        Self::watch(pid).map(Some)
+    }
+
+    /// Watches a child this process just started, through a pidfd.
+    fn watch(pid: i32) -> Result<Supervisor, LaunchError> {
         // SAFETY: pidfd_open with an integer pid and no flags; the result is checked.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         let Ok(fd) =
@@ -194,4 +221,81 @@ impl Supervisor {
     pub fn kill(self) {
         process::kill_and_reap(self.pid);
     }
+}
+
+/// Moves each (from, to) descriptor to `to`, every source out of the way first (to 10 and up,
+/// close-on-exec): one may sit at another's target. dup2 makes the targets survive exec.
+/// Async-signal-safe and allocation-free (it runs between fork and exec).
+fn place_descriptors(inherit: &[(RawFd, RawFd)]) -> std::io::Result<()> {
+    let mut moved = [-1; 8];
+    if inherit.len() > moved.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    for (slot, (from, _)) in moved.iter_mut().zip(inherit) {
+        // SAFETY: fcntl on a descriptor number; the result is checked.
+        *slot = unsafe { libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 10) };
+        if *slot < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (copy, (_, to)) in moved.iter().zip(inherit) {
+        // SAFETY: dup2 between descriptor numbers; the result is checked.
+        if unsafe { libc::dup2(*copy, *to) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Has this (child) process killed when `parent` dies; ends it at once if `parent` already
+/// did. Async-signal-safe.
+fn die_with(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments; getppid and _exit have no preconditions.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The front end died before the death signal was set.
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process has one thread (the caller's).
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+}
+
+/// The child [`Supervisor::fork`] made: set up as an exec'd `bulkhead run` would find itself
+/// (its descriptors and no others, default signal handlers), then the supervisor.
+fn forked_supervisor(
+    parent: libc::pid_t,
+    settings: crate::RawConfig,
+    inherit: &[(RawFd, RawFd)],
+) -> i32 {
+    let start_ns = crate::telemetry::monotonic_ns();
+    if let Err(e) = die_with(parent).and_then(|()| place_descriptors(inherit)) {
+        log::error!("the supervisor's descriptors: {e}");
+        return crate::exit::status::RUNTIME_ERROR;
+    }
+    // Every other descriptor the front end had (its API socket, its runtime's) is closed, as
+    // close-on-exec would have; standard input, output and error stay.
+    let keep: Vec<RawFd> = inherit.iter().map(|(_, to)| *to).collect();
+    let top = keep.iter().copied().max().unwrap_or(2).max(2);
+    for fd in 3..top {
+        if !keep.contains(&fd) {
+            // SAFETY: closing a descriptor number this child does not use.
+            unsafe { libc::close(fd) };
+        }
+    }
+    // SAFETY: close_range on numbers above every kept one; no flags.
+    unsafe { libc::syscall(libc::SYS_close_range, top + 1, libc::c_uint::MAX, 0) };
+    // The front end's runtime caught SIGTERM and SIGCHLD; exec would have reset them.
+    for signal in [libc::SIGTERM, libc::SIGCHLD, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: signal with a standard signal number and SIG_DFL.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    crate::supervisor::run_settings(settings, start_ns)
 }

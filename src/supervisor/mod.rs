@@ -31,9 +31,40 @@ use outputs::Outputs;
 use terminal::SavedTerminal;
 use watch::Watch;
 
+/// Why settings a front end handed over make no VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Restore(#[from] crate::snapshot::RestoreSettingsError),
+    #[error(transparent)]
+    Invalid(#[from] crate::ConfigError),
+}
+
 /// Runs one VM under supervision and returns `bulkhead run`'s exit status.
 pub fn run(config: &VmConfig) -> i32 {
-    let start_ns = crate::logger::process_start_ns();
+    run_from(config, crate::logger::process_start_ns())
+}
+
+/// [`run`] for settings a front end holds (a snapshot's, when they name one, filled in as
+/// `bulkhead run` does), in a process the front end forked for it: the VM's timings count
+/// from `start_ns` (CLOCK_MONOTONIC), not from the front end's own start.
+pub fn run_settings(raw: crate::RawConfig, start_ns: u64) -> i32 {
+    let config = crate::snapshot::restore_settings(raw)
+        .map_err(SettingsError::from)
+        .and_then(|raw| Ok(VmConfig::from_raw(raw, crate::config::host_mem_mib())?));
+    match config {
+        Ok(config) => run_from(&config, start_ns),
+        Err(e) => {
+            log::error!("{e}");
+            status::BAD_INPUT
+        }
+    }
+}
+
+fn run_from(config: &VmConfig, start_ns: u64) -> i32 {
+    if !config.process.seccomp {
+        log::warn!("*** --no-seccomp: seccomp filters are OFF; this VMM is not confined. Debugging only. ***");
+    }
     let start_wall = SystemTime::now();
     if let Err(e) = signal::install_sigsys_reporter(signal::SigsysReporter::Supervisor) {
         log::error!("cannot install the SIGSYS reporter: {e}");
@@ -214,6 +245,11 @@ pub fn run(config: &VmConfig) -> i32 {
         tenant: config.process.tenant.clone(),
         hostname: hostname(),
     };
+    // What the set-up freed stays resident for the VM's life unless given back: a supervisor
+    // that handed its VM over (the Firecracker personality's) forked nothing, so the trim
+    // before the fork never ran, and it held 244 KiB of heap against 40.
+    crate::residency::trim_heap();
+    crate::residency::release_spent_stack();
     if config.process.seccomp {
         if let Err(e) = seccomp::confine_supervisor(vm.pid) {
             log::error!("{e}");
@@ -245,11 +281,6 @@ pub fn run(config: &VmConfig) -> i32 {
     }
     let message = format!(
         "VM {} (tenant {}): {end}",
-    // What the set-up freed stays resident for the VM's life unless given back: a supervisor
-    // that handed its VM over (the Firecracker personality's) forked nothing, so the trim
-    // before the fork never ran, and it held 244 KiB of heap against 40.
-    crate::residency::trim_heap();
-    crate::residency::release_spent_stack();
         config.process.vm_id, config.process.tenant
     );
     if end.is_orderly() {
