@@ -1320,6 +1320,24 @@ fn wait_console(h: &Host, id: &str, line: &str) -> String {
     }
 }
 
+/// Waits until acme's VM `id` (a tick guest) has ticked to its end and exited with status 0;
+/// returns its console.
+fn clone_runs_to_its_end(h: &Host, id: &str) -> String {
+    let text = wait_console(h, id, "tick: done");
+    let ended = wait_state(h, "acme", id, "exited");
+    assert_eq!(ended["exit"]["status"], 0, "{ended}");
+    text
+}
+
+/// The first tick a tick guest's console shows.
+fn first_tick(console: &str) -> u64 {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("tick "))
+        .and_then(|n| n.parse().ok())
+        .expect("no tick on the console")
+}
+
 #[test]
 fn a_tenant_snapshots_its_vm_and_clones_it_while_the_other_tenant_is_refused_audited_and_alerted() {
     let test = "serve_snapshots";
@@ -1433,14 +1451,106 @@ fn a_tenant_snapshots_its_vm_and_clones_it_while_the_other_tenant_is_refused_aud
         String::from_utf8_lossy(&cloned.body)
     );
     let clone = json_of(&cloned)["id"].as_str().unwrap().to_string();
-    let text = wait_console(&h, &clone, "tick: done");
-    let first: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("tick "))
-        .and_then(|n| n.parse().ok())
-        .expect("no tick in the clone");
-    assert!(first > 5, "{text}");
+    let text = clone_runs_to_its_end(&h, &clone);
+    assert!(first_tick(&text) > 5, "{text}");
     assert!(!text.contains("tick 0\n"), "{text}");
-    let ended = wait_state(&h, "acme", &clone, "exited");
-    assert_eq!(ended["exit"]["status"], 0, "{ended}");
+}
+
+#[test]
+fn a_diff_snapshot_names_its_base_starts_a_vm_from_its_moment_and_keeps_its_base_from_deletion() {
+    let test = "serve_diff_snapshots";
+    if !root_and_kvm_available(test) {
+        return;
+    }
+    let h = Host::new("diffsnap", 4);
+    let body_of = |answer: &Answer| String::from_utf8_lossy(&answer.body).into_owned();
+    let snapshot = |vm: &str, body: Option<Value>| {
+        as_tenant(&h, "acme", "POST", &format!("/v1/vms/{vm}/snapshot"), body)
+    };
+    let diff = || Some(json!({"kind": "diff"}));
+    // A VM that does not track dirty pages takes full snapshots only.
+    let plain = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(
+            json!({"kernel": h.path("acme", "virtio"), "cmdline": "mode=tick ticks=20 period=50"}),
+        ),
+    );
+    assert_eq!(plain.status, 201, "{}", body_of(&plain));
+    let plain = json_of(&plain)["id"].as_str().unwrap().to_string();
+    wait_console(&h, &plain, "tick 2");
+    let refused = snapshot(&plain, diff());
+    assert_eq!(refused.status, 409, "{}", body_of(&refused));
+    assert!(
+        body_of(&refused).contains("track_dirty_pages"),
+        "{}",
+        body_of(&refused)
+    );
+
+    let tracked = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(json!({"kernel": h.path("acme", "virtio"),
+                    "cmdline": "mode=tick ticks=60 period=50",
+                    "track_dirty_pages": true})),
+    );
+    assert_eq!(tracked.status, 201, "{}", body_of(&tracked));
+    let vm = json_of(&tracked)["id"].as_str().unwrap().to_string();
+    wait_console(&h, &vm, "tick 5");
+    // Nothing to take a diff against yet; a body that is no kind is refused.
+    let early = snapshot(&vm, diff());
+    assert_eq!(early.status, 409, "{}", body_of(&early));
+    assert_eq!(snapshot(&vm, Some(json!({"kind": "partial"}))).status, 400);
+    let full = snapshot(&vm, None);
+    assert_eq!(full.status, 201, "{}", body_of(&full));
+    let full = json_of(&full)["snapshot"].as_str().unwrap().to_string();
+    wait_console(&h, &vm, "tick 12");
+    let taken = snapshot(&vm, diff());
+    assert_eq!(taken.status, 201, "{}", body_of(&taken));
+    let taken = json_of(&taken);
+    assert_eq!(
+        (&taken["kind"], &taken["parent"]),
+        (&json!("diff"), &json!(full))
+    );
+    let diff_id = taken["snapshot"].as_str().unwrap().to_string();
+    let listed = json_of(&as_tenant(&h, "acme", "GET", "/v1/snapshots", None));
+    assert!(
+        listed["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == diff_id.as_str() && s["parent"] == full.as_str()),
+        "{listed}"
+    );
+    // The diff's base stays while the diff does.
+    let base_gone = as_tenant(&h, "acme", "DELETE", &format!("/v1/snapshots/{full}"), None);
+    assert_eq!(base_gone.status, 409, "{}", body_of(&base_gone));
+
+    // A VM started from the diff runs on from the diff's moment, on its chain's memory.
+    let cloned = as_tenant(
+        &h,
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(json!({ "snapshot": diff_id })),
+    );
+    assert_eq!(cloned.status, 201, "{}", body_of(&cloned));
+    let clone = json_of(&cloned)["id"].as_str().unwrap().to_string();
+    let text = clone_runs_to_its_end(&h, &clone);
+    assert!(
+        first_tick(&text) > 12,
+        "the clone started before the diff: {text}"
+    );
+    let dir = h.dir.join("state/tenants/acme/snapshots").join(&diff_id);
+    assert!(dir.join("vm.rebased.mem").exists());
+
+    // With the diff deleted, its base goes too.
+    for id in [&diff_id, &full] {
+        let gone = as_tenant(&h, "acme", "DELETE", &format!("/v1/snapshots/{id}"), None);
+        assert_eq!(gone.status, 204, "{id}: {}", body_of(&gone));
+    }
 }

@@ -69,12 +69,20 @@ pub enum ServeError {
     StillRunning(String),
     #[error("VM {0} has no control socket (it was started by an older daemon): it can not be snapshotted")]
     NoControl(String),
+    #[error("VM {0} does not track dirty pages (create it with \"track_dirty_pages\": true): it takes full snapshots only")]
+    DiffUntracked(String),
+    #[error("VM {0} has no snapshot of its own since it started to take a diff against: take a full snapshot first")]
+    DiffWithoutBase(String),
+    #[error("snapshot {id} is the base of diff snapshot {diff}: delete that one first")]
+    SnapshotIsBase { id: String, diff: String },
     #[error("disk {} is in use by another VM", .0.display())]
     DiskInUse(PathBuf),
 
     // The request itself is malformed.
     #[error("the body must be a JSON object")]
     NotAnObject,
+    #[error("a snapshot's body is empty, {{\"kind\": \"full\"}} or {{\"kind\": \"diff\"}}")]
+    SnapshotKind,
     #[error("the body is not JSON: {0}")]
     NotJson(#[source] serde_json::Error),
     #[error("invalid VM settings: {0}")]
@@ -128,6 +136,14 @@ pub enum ServeError {
     AuditUnwritable(#[source] AuditError),
 
     // The daemon failed.
+    #[error("snapshot {0}: its chain of diffs has no full snapshot at its root")]
+    BrokenChain(String),
+    #[error("cannot lay diff snapshot {id} over its chain: {source}")]
+    Rebase {
+        id: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot snapshot VM {id}: {source}")]
     Snapshot {
         id: String,

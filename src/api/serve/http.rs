@@ -22,7 +22,7 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 pub fn status(e: &ServeError) -> u16 {
     use ServeError::*;
     match e {
-        Body(_) | NotAnObject | NotJson(_) | Settings(_) => 400,
+        Body(_) | NotAnObject | SnapshotKind | NotJson(_) | Settings(_) => 400,
         NotMember { .. }
         | NotAdmin { .. }
         | AdminsOnly(_)
@@ -40,7 +40,10 @@ pub fn status(e: &ServeError) -> u16 {
         | WrongState { .. }
         | StillRunning(_)
         | DiskInUse(_)
-        | NoControl(_) => 409,
+        | NoControl(_)
+        | DiffUntracked(_)
+        | DiffWithoutBase(_)
+        | SnapshotIsBase { .. } => 409,
         BodyTooLarge(_) => 413,
         NoTenantNamed
         | NoSuchTenant(_)
@@ -60,6 +63,8 @@ pub fn status(e: &ServeError) -> u16 {
         | Start { .. }
         | VmId(_)
         | Worker
+        | BrokenChain(_)
+        | Rebase { .. }
         | Snapshot { .. } => 500,
         ChecksBusy { .. } | AuditUnwritable(_) => 503,
     }

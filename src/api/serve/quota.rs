@@ -61,6 +61,7 @@ mod tests {
             config: Default::default(),
             disks: Vec::new(),
             ended: None,
+            last_snapshot: None,
         }
     }
 

@@ -55,6 +55,8 @@ pub struct Launch<'a> {
     /// The settings with the tenant's files resolved, as the record keeps them.
     pub resolved: RawConfig,
     pub disks: Vec<DiskId>,
+    /// The snapshot it starts from, the base of its first diff snapshot.
+    pub snapshot: Option<String>,
 }
 
 /// The daemon: its settings, its VMs, its audit log and alerts.
@@ -326,6 +328,7 @@ impl Daemon {
             vm,
             resolved,
             disks,
+            snapshot,
         } = launch;
         let mut vms = self.vms();
         quota::check(quota, tenant, vms.values(), vm.vm.vcpus, vm.vm.mem_mib)?;
@@ -434,6 +437,7 @@ impl Daemon {
             config: resolved,
             disks,
             ended: None,
+            last_snapshot: snapshot,
         };
         if let Err(e) = vms::save(&paths, &record) {
             log::error!("{e}");

@@ -69,7 +69,7 @@ pub fn route(d: &Arc<Daemon>, who: &Principal, req: Request) -> Reply {
                 ("POST", ["stop"]) => stop(d, &record),
                 ("POST", ["pause"]) => pause(d, &record, true),
                 ("POST", ["resume"]) => pause(d, &record, false),
-                ("POST", ["snapshot"]) => snapshots::take(d, &record),
+                ("POST", ["snapshot"]) => snapshots::take(d, &record, &req.body),
                 ("GET", ["metrics"]) => vm_file(d, &record, VmFile::Metrics),
                 ("GET", ["alerts"]) => vm_file(d, &record, VmFile::Alerts),
                 ("GET", ["report"]) => Ok(report(d, &record, req.query.as_deref())),
@@ -387,11 +387,6 @@ fn daemon_field(raw: &RawConfig) -> Option<(&'static str, &'static str)> {
             "restore",
             "name one of your snapshots as \"snapshot\" instead",
         ),
-        (
-            raw.track_dirty_pages.is_some(),
-            "track_dirty_pages",
-            "the daemon takes full snapshots only",
-        ),
     ];
     set.into_iter()
         .find(|(is_set, _, _)| *is_set)
@@ -500,9 +495,14 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, Serv
                 Ok(paths) => paths,
                 Err(refused) => return Ok(refused),
             };
+            // A diff's memory is laid over its chain first (once; kept beside it).
+            let mem = match snapshots::memory_of(d, who, &tenant, &paths) {
+                Ok(mem) => mem,
+                Err(refused) => return Ok(refused),
+            };
             resolved.restore = Some(crate::config::RawRestore {
                 state: paths.state(),
-                mem: paths.mem(),
+                mem,
             });
             Some(
                 crate::snapshot::restore_settings(resolved.clone())
@@ -598,6 +598,7 @@ fn create(d: &Arc<Daemon>, who: &Principal, req: &Request) -> Result<Reply, Serv
         vm: &vm,
         resolved,
         disks: disk_ids,
+        snapshot,
     };
     let id = d.start(launch)?;
     let mut reply = Reply::json(201, json!({ "id": id })).about(&id);

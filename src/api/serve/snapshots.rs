@@ -22,6 +22,15 @@ use super::registry::{Daemon, Principal};
 use super::vms::{now_rfc3339, VmRecord, VmState};
 use crate::telemetry::Rule;
 
+/// A full snapshot, or a diff: the pages changed since its parent.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Full,
+    Diff,
+}
+
 /// What `snapshot.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotRecord {
@@ -32,6 +41,28 @@ pub struct SnapshotRecord {
     pub created: String,
     pub vcpus: u32,
     pub mem_mib: u64,
+    #[serde(default)]
+    pub kind: Kind,
+    /// A diff's base: the same VM's snapshot before it (or the one the VM started from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+/// The body of `POST /v1/vms/ID/snapshot`: empty, or the kind.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TakeBody {
+    #[serde(default)]
+    kind: Kind,
+}
+
+fn requested_kind(body: &[u8]) -> Result<Kind, ServeError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Kind::Full);
+    }
+    serde_json::from_slice::<TakeBody>(body)
+        .map(|b| b.kind)
+        .map_err(|_| ServeError::SnapshotKind)
 }
 
 /// A snapshot's files.
@@ -49,6 +80,11 @@ impl SnapshotPaths {
     }
     pub fn record(&self) -> PathBuf {
         self.dir.join("snapshot.json")
+    }
+    /// A diff's memory laid over its chain: the full memory of its moment, made when a VM is
+    /// first started from it.
+    pub fn rebased(&self) -> PathBuf {
+        self.dir.join("vm.rebased.mem")
     }
 }
 
@@ -73,14 +109,30 @@ fn is_snapshot_id(id: &str) -> bool {
 }
 
 /// `POST /v1/vms/ID/snapshot`: pauses the VM (unless paused already), writes its snapshot
-/// into the tenant's directory, and resumes it. Answers 201 with the snapshot's id.
-pub fn take(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
+/// into the tenant's directory, and resumes it. Answers 201 with the snapshot's id. With
+/// `{"kind": "diff"}` (a VM that tracks dirty pages) the memory file holds only the pages
+/// changed since the VM's last snapshot, which the record names as its parent.
+pub fn take(d: &Arc<Daemon>, r: &VmRecord, body: &[u8]) -> Result<Reply, ServeError> {
+    let kind = requested_kind(body)?;
     if !matches!(r.state, VmState::Running | VmState::Paused) {
         return Err(ServeError::NotLive {
             id: r.id.clone(),
             state: r.state,
         });
     }
+    let parent = match kind {
+        Kind::Full => None,
+        Kind::Diff => {
+            if r.config.track_dirty_pages != Some(true) {
+                return Err(ServeError::DiffUntracked(r.id.clone()));
+            }
+            let kept = r
+                .last_snapshot
+                .clone()
+                .filter(|p| read_record(&paths(d, &r.tenant, p)).is_some());
+            Some(kept.ok_or_else(|| ServeError::DiffWithoutBase(r.id.clone()))?)
+        }
+    };
     let control = d.paths(&r.id).control();
     if !control.exists() {
         return Err(ServeError::NoControl(r.id.clone()));
@@ -92,7 +144,7 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
         .tenants
         .get(&r.tenant)
         .map_or(0, |t| t.max_snapshot_mib);
-    let used: u64 = records(d, &r.tenant).iter().map(|s| s.mem_mib).sum();
+    let used: u64 = records(d, &r.tenant).iter().map(|s| stored_mib(d, s)).sum();
     if used + r.mem_mib > max {
         return Err(ServeError::Quota {
             tenant: r.tenant.clone(),
@@ -117,16 +169,12 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
         &control,
         &paths.state(),
         &paths.mem(),
-        crate::snapshot::SnapshotKind::Full,
+        match kind {
+            Kind::Full => crate::snapshot::SnapshotKind::Full,
+            Kind::Diff => crate::snapshot::SnapshotKind::Diff,
+        },
         keep_paused,
     );
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&paths.dir);
-        return Err(ServeError::Snapshot {
-            id: r.id.clone(),
-            source: Box::new(e),
-        });
-    }
     let record = SnapshotRecord {
         id: id.clone(),
         tenant: r.tenant.clone(),
@@ -134,18 +182,97 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord) -> Result<Reply, ServeError> {
         created: now_rfc3339(),
         vcpus: r.vcpus,
         mem_mib: r.mem_mib,
+        kind,
+        parent,
     };
-    let saved = serde_json::to_vec(&record)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| write_private(&paths.record(), &bytes));
-    if let Err(e) = saved {
+    let saved = written.map_err(Cause::from).and_then(|()| {
+        let bytes = serde_json::to_vec(&record).map_err(Cause::from)?;
+        write_private(&paths.record(), &bytes).map_err(Cause::from)
+    });
+    if let Err(source) = saved {
         let _ = std::fs::remove_dir_all(&paths.dir);
+        // The VM may have counted this snapshot kept (its files were renamed before the
+        // failure): its log no longer holds what it changed since the last one, so its next
+        // snapshot must be a full one.
+        d.update(&r.id, |vm| vm.last_snapshot = None);
         return Err(ServeError::Snapshot {
             id: r.id.clone(),
-            source: Box::new(e),
+            source,
         });
     }
-    Ok(Reply::json(201, json!({ "snapshot": id, "vm": r.id })))
+    d.update(&r.id, |vm| vm.last_snapshot = Some(id.clone()));
+    Ok(Reply::json(
+        201,
+        json!({ "snapshot": id, "vm": r.id, "kind": kind, "parent": record.parent }),
+    ))
+}
+
+/// Why writing or reading back a snapshot failed ([`ServeError::Snapshot`]'s source).
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a snapshot holds on disk, for the tenant's quota: its memory's size, twice once a
+/// diff's has been laid over its chain.
+fn stored_mib(d: &Daemon, s: &SnapshotRecord) -> u64 {
+    let rebased = paths(d, &s.tenant, &s.id).rebased().exists();
+    s.mem_mib * if rebased { 2 } else { 1 }
+}
+
+/// A diff chain longer than this is refused (a record naming itself through its parents).
+const MAX_CHAIN: usize = 256;
+
+/// The memory file a VM started from snapshot `paths` maps: a full snapshot's own; for a
+/// diff, its chain's diffs laid in turn over the full snapshot at its root, made once into
+/// `vm.rebased.mem` beside it and kept there (clones of it share its page cache; deleting
+/// the snapshot deletes it).
+pub fn memory_of(
+    d: &Arc<Daemon>,
+    who: &Principal,
+    tenant: &str,
+    paths: &SnapshotPaths,
+) -> Result<PathBuf, Reply> {
+    memory_at_depth(d, who, tenant, paths, 0)
+}
+
+fn memory_at_depth(
+    d: &Arc<Daemon>,
+    who: &Principal,
+    tenant: &str,
+    paths: &SnapshotPaths,
+    depth: usize,
+) -> Result<PathBuf, Reply> {
+    let record = read_record(paths)
+        .ok_or_else(|| Reply::from(ServeError::NoSnapshot(paths.dir.display().to_string())))?;
+    if record.kind == Kind::Full {
+        return Ok(paths.mem());
+    }
+    let rebased = paths.rebased();
+    if rebased.exists() {
+        return Ok(rebased);
+    }
+    let Some(parent_id) = record.parent.as_deref().filter(|_| depth < MAX_CHAIN) else {
+        return Err(ServeError::BrokenChain(record.id).into());
+    };
+    let parent = find(d, who, tenant, parent_id)?;
+    let base = memory_at_depth(d, who, tenant, &parent, depth + 1)?;
+    static TEMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = TEMPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Named for this daemon and this attempt: one that died half-way left its own behind.
+    let temp = paths.dir.join(format!(
+        ".vm.rebased.mem.{}.{n}.partial",
+        std::process::id()
+    ));
+    let made = crate::snapshot::rebase::rebase(&base, &paths.mem(), &temp)
+        .map_err(Cause::from)
+        .and_then(|_| std::fs::rename(&temp, &rebased).map_err(Cause::from));
+    if let Err(source) = made {
+        let _ = std::fs::remove_file(&temp);
+        return Err(ServeError::Rebase {
+            id: record.id,
+            source,
+        }
+        .into());
+    }
+    Ok(rebased)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -246,6 +373,16 @@ pub fn delete(d: &Arc<Daemon>, who: &Principal, id: &str) -> Reply {
         Ok(p) => p,
         Err(refused) => return refused,
     };
+    // A diff's chain needs every snapshot before it.
+    if let Some(diff) = records(d, name)
+        .into_iter()
+        .find(|s| s.parent.as_deref() == Some(id))
+    {
+        return Reply::from(ServeError::SnapshotIsBase {
+            id: id.to_string(),
+            diff: diff.id,
+        });
+    }
     match std::fs::remove_dir_all(&paths.dir) {
         Ok(()) => Reply::text(204, "application/json", Vec::new()),
         Err(source) => Reply::from(ServeError::Snapshot {

@@ -99,6 +99,10 @@ pub struct VmRecord {
     /// When the VM was seen to end (RFC 3339, UTC): exited records go oldest first.
     #[serde(default)]
     pub ended: Option<String>,
+    /// The VM's last snapshot the daemon kept (or the one it was started from): what its
+    /// dirty-page log counts from, so the base of its next diff snapshot.
+    #[serde(default)]
+    pub last_snapshot: Option<String>,
 }
 
 /// A disk file: its device and inode, and whether the VM writes it.
@@ -251,6 +255,7 @@ mod tests {
         let mk = |id: &str, pid: i32, pid_start: Option<u64>| VmRecord {
             disks: Vec::new(),
             ended: None,
+            last_snapshot: None,
             id: id.into(),
             tenant: "acme".into(),
             state: VmState::Running,
