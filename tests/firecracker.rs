@@ -459,10 +459,28 @@ fn kata_rust_configures_through_the_api_starts_and_is_killed() {
     assert_eq!(kata_vcpu_threads(vmm.child.id()).len(), 1);
     let front_end = first_child(vmm.child.id()).expect("no front end");
     let supervisor = first_child(front_end).expect("no supervisor");
+    // The personality's working directory, where the supervisor writes its alerts.
+    let work = std::fs::read_dir(format!("/proc/{supervisor}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .find(|target| target.ends_with("alerts.jsonl"))
+        .and_then(|alerts| alerts.parent().map(Path::to_path_buf))
+        .expect("the supervisor has no alerts file open");
+    assert!(work.is_dir(), "{}", work.display());
     assert_eq!(vmm.signal(libc::SIGKILL), 137);
-    // SIGKILL leaves nothing behind: the front end and the supervisor die with the VM.
+    // SIGKILL leaves nothing behind: the front end and the supervisor die with the VM, and
+    // the working directory goes with them.
     for (pid, what) in [(front_end, "front end"), (supervisor, "supervisor")] {
         wait_gone(pid, what);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while work.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} outlived a SIGKILLed personality",
+            work.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

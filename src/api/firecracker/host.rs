@@ -14,7 +14,9 @@
 //! Signals: a SIGTERM before the VM starts goes on to the front end (which ends with 143); after
 //! it, it stops the VM in order, as a SIGTERM to a VM process does. Either way this process
 //! exits with the status `bulkhead run` (or, without a VM, the front end) ended with. A
-//! SIGKILL ends the VM at once; the front end and its supervisor die with it (death signals).
+//! SIGKILL ends the VM at once; the front end's death signal is SIGTERM, so it ends its
+//! supervisor (whose own death signal is SIGKILL) and removes its working directory before it
+//! exits: a Firecracker killed by its orchestrator leaves nothing behind.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
@@ -59,7 +61,10 @@ pub fn split(work: &Path, no_seccomp: bool) -> Split {
         drop(host_end);
         // SAFETY: prctl with integer arguments; getppid and _exit have no preconditions.
         unsafe {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+            // SIGTERM, not SIGKILL: the front end then ends the way a SIGTERM ends it (its
+            // supervisor stopped, its working directory removed) instead of leaving its
+            // settings and outputs behind in the temporary directory for good.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
                 || libc::getppid() != host
             {
                 // The host died before the death signal was set.
