@@ -597,13 +597,6 @@ fn malformed_oversized_and_slow_requests_get_a_4xx_and_the_daemon_serves_on() {
             422,
             "jail",
         ),
-        (
-            json!({"kernel": kernel, "track_dirty_pages": true})
-                .to_string()
-                .into_bytes(),
-            422,
-            "track_dirty_pages",
-        ),
         (vec![b' '; 70 * 1024], 413, "larger than"),
     ] {
         let a = as_uid(
