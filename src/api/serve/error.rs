@@ -75,6 +75,8 @@ pub enum ServeError {
     DiffWithoutBase(String),
     #[error("snapshot {id} is the base of diff snapshot {diff}: delete that one first")]
     SnapshotIsBase { id: String, diff: String },
+    #[error("VM {vm}'s chain of diff snapshots is {max} long: take a full snapshot")]
+    ChainTooLong { vm: String, max: usize },
     #[error("disk {} is in use by another VM", .0.display())]
     DiskInUse(PathBuf),
 

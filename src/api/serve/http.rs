@@ -43,7 +43,8 @@ pub fn status(e: &ServeError) -> u16 {
         | NoControl(_)
         | DiffUntracked(_)
         | DiffWithoutBase(_)
-        | SnapshotIsBase { .. } => 409,
+        | SnapshotIsBase { .. }
+        | ChainTooLong { .. } => 409,
         BodyTooLarge(_) => 413,
         NoTenantNamed
         | NoSuchTenant(_)

@@ -120,25 +120,33 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord, body: &[u8]) -> Result<Reply, ServeEr
             state: r.state,
         });
     }
-    let parent = match kind {
-        Kind::Full => None,
-        Kind::Diff => {
-            if r.config.track_dirty_pages != Some(true) {
-                return Err(ServeError::DiffUntracked(r.id.clone()));
-            }
-            let kept = r
-                .last_snapshot
-                .clone()
-                .filter(|p| read_record(&paths(d, &r.tenant, p)).is_some());
-            Some(kept.ok_or_else(|| ServeError::DiffWithoutBase(r.id.clone()))?)
-        }
-    };
+    if kind == Kind::Diff && r.config.track_dirty_pages != Some(true) {
+        return Err(ServeError::DiffUntracked(r.id.clone()));
+    }
     let control = d.paths(&r.id).control();
     if !control.exists() {
         return Err(ServeError::NoControl(r.id.clone()));
     }
-    // One snapshot at a time per daemon: the quota check and the write go together.
+    // One snapshot (or deletion, or chain laid) at a time per daemon: the quota check, the
+    // base and the write go together.
     let _one = TAKING.lock().unwrap_or_else(|e| e.into_inner());
+    // The base as it is now, not as the request found it: a snapshot taken meanwhile has
+    // emptied the VM's log since.
+    let last = d.vms().get(&r.id).and_then(|vm| vm.last_snapshot.clone());
+    let parent = match kind {
+        Kind::Full => None,
+        Kind::Diff => {
+            let kept = last.filter(|p| read_record(&paths(d, &r.tenant, p)).is_some());
+            let base = kept.ok_or_else(|| ServeError::DiffWithoutBase(r.id.clone()))?;
+            if chain_length(d, &r.tenant, &base) >= MAX_CHAIN {
+                return Err(ServeError::ChainTooLong {
+                    vm: r.id.clone(),
+                    max: MAX_CHAIN,
+                });
+            }
+            Some(base)
+        }
+    };
     let max = d
         .config
         .tenants
@@ -165,6 +173,10 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord, body: &[u8]) -> Result<Reply, ServeEr
         source: Box::new(source),
     })?;
     let keep_paused = r.state == VmState::Paused;
+    // From the moment the VM may count this snapshot kept, its log no longer holds what
+    // changed since the base: should the daemon die before the record is written, the VM
+    // must not be left naming that base for its next diff.
+    d.update(&r.id, |vm| vm.last_snapshot = None);
     let written = crate::snapshot::client::create(
         &control,
         &paths.state(),
@@ -192,9 +204,7 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord, body: &[u8]) -> Result<Reply, ServeEr
     if let Err(source) = saved {
         let _ = std::fs::remove_dir_all(&paths.dir);
         // The VM may have counted this snapshot kept (its files were renamed before the
-        // failure): its log no longer holds what it changed since the last one, so its next
-        // snapshot must be a full one.
-        d.update(&r.id, |vm| vm.last_snapshot = None);
+        // failure): its next snapshot must be a full one (last_snapshot stays cleared).
         return Err(ServeError::Snapshot {
             id: r.id.clone(),
             source,
@@ -217,8 +227,20 @@ fn stored_mib(d: &Daemon, s: &SnapshotRecord) -> u64 {
     s.mem_mib * if rebased { 2 } else { 1 }
 }
 
-/// A diff chain longer than this is refused (a record naming itself through its parents).
-const MAX_CHAIN: usize = 256;
+/// The longest chain of diffs a VM may take or start from.
+const MAX_CHAIN: usize = 64;
+
+/// How many snapshots the chain ending at `id` holds (MAX_CHAIN once it is that long, or
+/// loops).
+fn chain_length(d: &Daemon, tenant: &str, id: &str) -> usize {
+    let mut next = Some(id.to_string());
+    let mut length = 0;
+    while let Some(id) = next.filter(|_| length < MAX_CHAIN) {
+        length += 1;
+        next = read_record(&paths(d, tenant, &id)).and_then(|r| r.parent);
+    }
+    length
+}
 
 /// The memory file a VM started from snapshot `paths` maps: a full snapshot's own; for a
 /// diff, its chain's diffs laid in turn over the full snapshot at its root, made once into
@@ -230,7 +252,20 @@ pub fn memory_of(
     tenant: &str,
     paths: &SnapshotPaths,
 ) -> Result<PathBuf, Reply> {
+    // One at a time: two VMs started from one diff at once make its memory once.
+    let _one = TAKING.lock().unwrap_or_else(|e| e.into_inner());
     memory_at_depth(d, who, tenant, paths, 0)
+}
+
+/// Removes the unfinished rebased memory files in `dir`.
+fn remove_partials(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".vm.rebased.mem.") && name.ends_with(".partial") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn memory_at_depth(
@@ -248,6 +283,22 @@ fn memory_at_depth(
     let rebased = paths.rebased();
     if rebased.exists() {
         return Ok(rebased);
+    }
+    // Within the tenant's snapshot quota; what a daemon that died while making one left
+    // behind goes first (the caller holds TAKING: nobody else is making one).
+    remove_partials(&paths.dir);
+    if let Some(t) = d.config.tenants.get(tenant) {
+        let used: u64 = records(d, tenant).iter().map(|s| stored_mib(d, s)).sum();
+        if used + record.mem_mib > t.max_snapshot_mib {
+            return Err(ServeError::Quota {
+                tenant: tenant.to_string(),
+                what: "MiB of snapshots",
+                used,
+                max: t.max_snapshot_mib,
+                asked: record.mem_mib,
+            }
+            .into());
+        }
     }
     let Some(parent_id) = record.parent.as_deref().filter(|_| depth < MAX_CHAIN) else {
         return Err(ServeError::BrokenChain(record.id).into());
@@ -337,7 +388,8 @@ pub fn find(
     Err(reply)
 }
 
-/// Held while a snapshot is checked against its tenant's quota and written.
+/// Held while a snapshot is checked against its tenant's quota, given its base and written,
+/// while one is deleted, and while a diff's memory is laid over its chain.
 static TAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A tenant's snapshots.
@@ -373,6 +425,9 @@ pub fn delete(d: &Arc<Daemon>, who: &Principal, id: &str) -> Reply {
         Ok(p) => p,
         Err(refused) => return refused,
     };
+    // Not while a diff is being taken (it may have chosen this one as its base) or a chain
+    // laid.
+    let _one = TAKING.lock().unwrap_or_else(|e| e.into_inner());
     // A diff's chain needs every snapshot before it.
     if let Some(diff) = records(d, name)
         .into_iter()
