@@ -273,6 +273,31 @@ pub fn install_handlers() -> io::Result<()> {
     install(kick_signal(), kick_handler as *const () as usize, 0)
 }
 
+/// Blocks `signals` for the calling thread (and threads it starts later): one sent meanwhile
+/// stays pending until [`unblock`].
+pub fn block(signals: &[libc::c_int]) {
+    mask(libc::SIG_BLOCK, signals);
+}
+
+/// Unblocks `signals` for the calling thread; a pending one is delivered now.
+pub fn unblock(signals: &[libc::c_int]) {
+    mask(libc::SIG_UNBLOCK, signals);
+}
+
+fn mask(how: libc::c_int, signals: &[libc::c_int]) {
+    // SAFETY: an all-zero sigset_t is a valid buffer for sigemptyset; sigaddset only edits it;
+    // pthread_sigmask reads the initialised set and does not want the old mask. It can only
+    // fail for a bad `how`, which the two callers above do not pass.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 /// Blocks `signals` for the calling thread (and threads it starts later) and returns a
 /// non-blocking signalfd that reports them instead.
 pub fn signalfd(signals: &[libc::c_int]) -> io::Result<std::os::fd::OwnedFd> {

@@ -290,12 +290,44 @@ fn forked_supervisor(
             unsafe { libc::close(fd) };
         }
     }
-    // SAFETY: close_range on numbers above every kept one; no flags.
-    unsafe { libc::syscall(libc::SYS_close_range, top + 1, libc::c_uint::MAX, 0) };
-    // The front end's runtime caught SIGTERM and SIGCHLD; exec would have reset them.
-    for signal in [libc::SIGTERM, libc::SIGCHLD, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: signal with a standard signal number and SIG_DFL.
-        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    close_above(top);
+    // A signal the front end catches (its runtime catches SIGTERM and SIGCHLD) goes back to its
+    // default action, as exec would have done; one it ignores stays ignored.
+    for signal in 1..libc::SIGRTMIN() {
+        // SAFETY: sigaction is plain data (all-zero is a valid value), and sigaction with a
+        // null new action only reads the current one into it.
+        let (read, old) = unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            (libc::sigaction(signal, std::ptr::null(), &mut old), old)
+        };
+        let caught =
+            read == 0 && old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN;
+        if caught {
+            // SAFETY: signal with a valid signal number and SIG_DFL.
+            unsafe { libc::signal(signal, libc::SIG_DFL) };
+        }
     }
     crate::supervisor::run_settings(settings, start_ns)
+}
+
+/// Closes every descriptor above `top`: close_range, or where the kernel (or a container's
+/// filter) refuses it, each one /proc/self/fd lists.
+fn close_above(top: RawFd) {
+    let first = libc::c_uint::try_from(top + 1).unwrap_or(3);
+    // SAFETY: close_range on numbers above every kept one; no flags.
+    if unsafe { libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, 0) } == 0 {
+        return;
+    }
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > top)
+        .collect();
+    for fd in open {
+        // SAFETY: closing a descriptor number above every kept one (the listing's own is
+        // closed already, and closing it again only fails).
+        unsafe { libc::close(fd) };
+    }
 }

@@ -59,6 +59,9 @@ pub fn split(work: &Path, no_seccomp: bool) -> Split {
     }
     if child == 0 {
         drop(host_end);
+        // Until the front end watches SIGTERM (`server`), one sent to it, its death signal
+        // included, waits: its default action would end it without removing `work`.
+        signal::block(&[libc::SIGTERM]);
         // SAFETY: prctl with integer arguments; getppid and _exit have no preconditions.
         unsafe {
             // SIGTERM, not SIGKILL: the front end then ends the way a SIGTERM ends it (its
@@ -67,7 +70,9 @@ pub fn split(work: &Path, no_seccomp: bool) -> Split {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
                 || libc::getppid() != host
             {
-                // The host died before the death signal was set.
+                // The host died before the death signal was set: nobody else removes its
+                // working directory.
+                let _ = std::fs::remove_dir_all(work);
                 libc::_exit(status::RUNTIME_ERROR);
             }
         }

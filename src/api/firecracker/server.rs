@@ -48,6 +48,9 @@ async fn main_loop(p: Arc<Mutex<Personality>>, opts: Options) -> i32 {
             return status::RUNTIME_ERROR;
         }
     };
+    // The host blocked SIGTERM before forking this process (its death signal): one sent
+    // meanwhile waits, and reaches the watch above now.
+    crate::signal::unblock(&[libc::SIGTERM]);
     let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
         Ok(s) => s,
         Err(e) => {
@@ -98,8 +101,10 @@ async fn main_loop(p: Arc<Mutex<Personality>>, opts: Options) -> i32 {
                 match supervisor {
                     // An orderly stop: the supervisor stops the VM and ends with 143.
                     Some(pid) => {
-                        // A paused VM process must run to stop in order.
-                        if let Some(vm) = vm {
+                        // A paused VM process must run to stop in order. It is this
+                        // process's parent (see `host`): while it is, the pid is still it.
+                        // SAFETY: getppid has no preconditions.
+                        if let Some(vm) = vm.filter(|&vm| vm == unsafe { libc::getppid() }) {
                             let _ = crate::process::signal(vm, libc::SIGCONT);
                         }
                         let _ = crate::process::signal(pid, libc::SIGTERM);
