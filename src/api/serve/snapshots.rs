@@ -284,8 +284,14 @@ fn memory_at_depth(
     if rebased.exists() {
         return Ok(rebased);
     }
-    // Within the tenant's snapshot quota; what a daemon that died while making one left
-    // behind goes first (the caller holds TAKING: nobody else is making one).
+    let Some(parent_id) = record.parent.as_deref().filter(|_| depth < MAX_CHAIN) else {
+        return Err(ServeError::BrokenChain(record.id).into());
+    };
+    let parent = find(d, who, tenant, parent_id)?;
+    let base = memory_at_depth(d, who, tenant, &parent, depth + 1)?;
+    // Within the tenant's snapshot quota, counted once the chain below is laid; what a daemon
+    // that died while making one left behind goes first (the caller holds TAKING: nobody else
+    // is making one).
     remove_partials(&paths.dir);
     if let Some(t) = d.config.tenants.get(tenant) {
         let used: u64 = records(d, tenant).iter().map(|s| stored_mib(d, s)).sum();
@@ -300,11 +306,6 @@ fn memory_at_depth(
             .into());
         }
     }
-    let Some(parent_id) = record.parent.as_deref().filter(|_| depth < MAX_CHAIN) else {
-        return Err(ServeError::BrokenChain(record.id).into());
-    };
-    let parent = find(d, who, tenant, parent_id)?;
-    let base = memory_at_depth(d, who, tenant, &parent, depth + 1)?;
     static TEMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = TEMPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Named for this daemon and this attempt: one that died half-way left its own behind.
