@@ -459,14 +459,7 @@ fn kata_rust_configures_through_the_api_starts_and_is_killed() {
     assert_eq!(kata_vcpu_threads(vmm.child.id()).len(), 1);
     let front_end = first_child(vmm.child.id()).expect("no front end");
     let supervisor = first_child(front_end).expect("no supervisor");
-    // The personality's working directory, where the supervisor writes its alerts.
-    let work = std::fs::read_dir(format!("/proc/{supervisor}/fd"))
-        .unwrap()
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .find(|target| target.ends_with("alerts.jsonl"))
-        .and_then(|alerts| alerts.parent().map(Path::to_path_buf))
-        .expect("the supervisor has no alerts file open");
-    assert!(work.is_dir(), "{}", work.display());
+    let work = work_dir_of(supervisor);
     assert_eq!(vmm.signal(libc::SIGKILL), 137);
     // SIGKILL leaves nothing behind: the front end and the supervisor die with the VM, and
     // the working directory goes with them.
@@ -482,6 +475,56 @@ fn kata_rust_configures_through_the_api_starts_and_is_killed() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The personality's working directory, where its supervisor writes its alerts.
+fn work_dir_of(supervisor: u32) -> PathBuf {
+    let work = std::fs::read_dir(format!("/proc/{supervisor}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .find(|target| target.ends_with("alerts.jsonl"))
+        .and_then(|alerts| alerts.parent().map(Path::to_path_buf))
+        .expect("the supervisor has no alerts file open");
+    assert!(work.is_dir(), "{}", work.display());
+    work
+}
+
+#[test]
+fn the_working_directory_of_a_personality_killed_whole_is_removed_by_the_next_one() {
+    let Some((mut vmm, _dir)) = kata_rust_running("fc_killed_whole") else {
+        return;
+    };
+    let front_end = first_child(vmm.child.id()).expect("no front end");
+    let supervisor = first_child(front_end).expect("no supervisor");
+    let work = work_dir_of(supervisor);
+    // Killed whole, as a process group or cgroup is: nobody is left to remove it.
+    for pid in [vmm.child.id(), front_end, supervisor] {
+        // SAFETY: kill on processes this test started (its child and that child's children).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let _ = vmm.child.wait();
+    for (pid, what) in [(front_end, "front end"), (supervisor, "supervisor")] {
+        wait_gone(pid, what);
+    }
+    assert!(
+        work.is_dir(),
+        "{} went with its personality",
+        work.display()
+    );
+    // The next personality's front end removes it, a second after it starts.
+    let Some((mut next, _dir)) = kata_rust_running("fc_killed_whole_next") else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while work.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} was not removed by the next personality",
+            work.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(next.signal(libc::SIGKILL), 137);
 }
 
 /// Waits until process `pid` is gone or a zombie, for at most 5 s.

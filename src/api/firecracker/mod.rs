@@ -18,11 +18,12 @@ pub mod model;
 pub mod routes;
 mod server;
 pub mod state;
+mod workdir;
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -214,6 +215,7 @@ impl Personality {
         self.vm_pid = vm_pid;
         self.phase = phase;
         let _ = self.flush_metrics();
+
         // The settings and the start are done with: their freed memory goes back rather than
         // staying with this process for the VM's life.
         crate::residency::trim_heap();
@@ -585,33 +587,22 @@ pub fn run(opts: Options) -> i32 {
             return status::RUNTIME_ERROR;
         }
     }
-    // Its own directory for the VMM's settings and outputs, under a name nobody can guess: in
-    // the temporary directory, or, in a jail that has none, in /run (the one place the jailer
-    // lets it write; its root is root's), or in the working directory.
-    let name = format!(
-        "bulkhead-fc-{}",
-        crate::config::random_vm_id().unwrap_or_else(|_| std::process::id().to_string())
-    );
-    let candidates = [
-        std::env::temp_dir().join(&name),
-        PathBuf::from("/run").join(&name),
-        PathBuf::from(&name),
-    ];
-    let Some(work) = candidates
-        .into_iter()
-        .find(|dir| std::fs::DirBuilder::new().mode(0o700).create(dir).is_ok())
-    else {
-        log::error!("cannot create a working directory {name}");
+    // Its own directory for the VMM's settings and outputs (see `workdir`), locked by this
+    // process and, once forked, its front end.
+    let Some(workdir) = workdir::WorkDir::create() else {
         return status::RUNTIME_ERROR;
     };
-    let work = std::env::current_dir()
-        .map(|cwd| cwd.join(&work))
-        .unwrap_or(work);
+    let work = workdir.path.clone();
     // This process, the one the orchestrator started, keeps the vCPU threads, where Kata
     // looks for them; the API front end goes on in a child (see `host`).
     let front_end = match host::split(&work, opts.no_seccomp) {
         host::Split::FrontEnd(socket) => socket,
-        host::Split::HostEnded(code) => return code,
+        host::Split::HostEnded(code) => {
+            // The lock is the front end's to hold now: the host closed every descriptor but
+            // the VM's when it became the VM process, its copy of the lock's among them.
+            std::mem::forget(workdir);
+            return code;
+        }
     };
     // In a jail without /proc, the absolute path it was started by (the jailer's `/NAME`).
     let argv0 = std::env::args_os()

@@ -25,6 +25,9 @@ fn lock(p: &Mutex<Personality>) -> std::sync::MutexGuard<'_, Personality> {
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// When the front end looks for working directories left behind.
+const SWEEP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub fn serve(p: Arc<Mutex<Personality>>, opts: &Options) -> i32 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -91,8 +94,21 @@ async fn main_loop(p: Arc<Mutex<Personality>>, opts: Options) -> i32 {
     }
     let mut tick = tokio::time::interval(METRICS_PERIOD);
     tick.tick().await;
+    // A second in, off any request's path: the working directories personalities killed with
+    // their whole process group left behind (see `workdir`).
+    let sweep = tokio::time::sleep(SWEEP_AFTER);
+    tokio::pin!(sweep);
+    let mut swept = false;
     let code = loop {
         tokio::select! {
+            () = &mut sweep, if !swept => {
+                swept = true;
+                let work = lock(&p).work.clone();
+                let removed = super::workdir::sweep_stale(&work);
+                if removed > 0 {
+                    log::info!("removed {removed} working directories of personalities that are gone");
+                }
+            }
             _ = sigterm.recv() => {
                 let (supervisor, vm) = {
                     let g = lock(&p);
