@@ -466,13 +466,18 @@ fn kata_rust_configures_through_the_api_starts_and_is_killed() {
     for (pid, what) in [(front_end, "front end"), (supervisor, "supervisor")] {
         wait_gone(pid, what);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while work.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} outlived a SIGKILLed personality",
-            work.display()
-        );
+    wait_removed(
+        &work,
+        Duration::from_secs(5),
+        "outlived a SIGKILLed personality",
+    );
+}
+
+/// Waits until `path` is gone, for at most `limit`; `what` says what it did otherwise.
+fn wait_removed(path: &Path, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while path.exists() {
+        assert!(Instant::now() < deadline, "{} {what}", path.display());
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -515,15 +520,11 @@ fn the_working_directory_of_a_personality_killed_whole_is_removed_by_the_next_on
     let Some((mut next, _dir)) = kata_rust_running("fc_killed_whole_next") else {
         return;
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while work.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} was not removed by the next personality",
-            work.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_removed(
+        &work,
+        Duration::from_secs(10),
+        "was not removed by the next personality",
+    );
     assert_eq!(next.signal(libc::SIGKILL), 137);
 }
 

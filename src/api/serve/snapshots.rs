@@ -147,21 +147,7 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord, body: &[u8]) -> Result<Reply, ServeEr
             Some(base)
         }
     };
-    let max = d
-        .config
-        .tenants
-        .get(&r.tenant)
-        .map_or(0, |t| t.max_snapshot_mib);
-    let used: u64 = records(d, &r.tenant).iter().map(|s| stored_mib(d, s)).sum();
-    if used + r.mem_mib > max {
-        return Err(ServeError::Quota {
-            tenant: r.tenant.clone(),
-            what: "MiB of snapshots",
-            used,
-            max,
-            asked: r.mem_mib,
-        });
-    }
+    within_quota(d, &r.tenant, r.mem_mib)?;
     let id = crate::config::random_vm_id().map_err(ServeError::VmId)?;
     let paths = paths(d, &r.tenant, &id);
     let made = std::fs::DirBuilder::new()
@@ -219,6 +205,26 @@ pub fn take(d: &Arc<Daemon>, r: &VmRecord, body: &[u8]) -> Result<Reply, ServeEr
 
 /// Why writing or reading back a snapshot failed ([`ServeError::Snapshot`]'s source).
 type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether `tenant` may store `asked` MiB more of snapshots (an unknown tenant none).
+fn within_quota(d: &Daemon, tenant: &str, asked: u64) -> Result<(), ServeError> {
+    let max = d
+        .config
+        .tenants
+        .get(tenant)
+        .map_or(0, |t| t.max_snapshot_mib);
+    let used: u64 = records(d, tenant).iter().map(|s| stored_mib(d, s)).sum();
+    if used + asked > max {
+        return Err(ServeError::Quota {
+            tenant: tenant.to_string(),
+            what: "MiB of snapshots",
+            used,
+            max,
+            asked,
+        });
+    }
+    Ok(())
+}
 
 /// What a snapshot holds on disk, for the tenant's quota: its memory's size, twice once a
 /// diff's has been laid over its chain.
@@ -293,19 +299,7 @@ fn memory_at_depth(
     // that died while making one left behind goes first (the caller holds TAKING: nobody else
     // is making one).
     remove_partials(&paths.dir);
-    if let Some(t) = d.config.tenants.get(tenant) {
-        let used: u64 = records(d, tenant).iter().map(|s| stored_mib(d, s)).sum();
-        if used + record.mem_mib > t.max_snapshot_mib {
-            return Err(ServeError::Quota {
-                tenant: tenant.to_string(),
-                what: "MiB of snapshots",
-                used,
-                max: t.max_snapshot_mib,
-                asked: record.mem_mib,
-            }
-            .into());
-        }
-    }
+    within_quota(d, tenant, record.mem_mib)?;
     static TEMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = TEMPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Named for this daemon and this attempt: one that died half-way left its own behind.
