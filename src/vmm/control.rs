@@ -42,8 +42,8 @@ enum Channel {
 pub struct Running {
     pub sources: Sources,
     pub workers: Vec<Arc<Mutex<VirtioWorker>>>,
-    /// Each vCPU thread, to kick out of KVM_RUN for a pause.
-    pub vcpu_threads: Vec<libc::pthread_t>,
+    /// Each vCPU thread's id, to kick out of KVM_RUN for a pause.
+    pub vcpu_threads: Vec<libc::pid_t>,
 }
 
 /// What the control channel acts on.

@@ -10,7 +10,6 @@ mod events;
 mod watchdog;
 
 use std::fs::File;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::thread;
@@ -81,8 +80,9 @@ pub struct RunOutcome {
     pub reason: VmExitReason,
 }
 
+/// A running vCPU thread. Not joined: each reports its end on a channel ([`Vmm::run`] waits
+/// for those with a timeout, which a join could not have), and is kicked by thread id.
 pub(crate) struct VcpuThread {
-    pub(crate) handle: thread::JoinHandle<()>,
     pub(crate) shared: Arc<VcpuShared>,
 }
 
@@ -134,11 +134,11 @@ impl Vmm {
                 test_hook,
                 name: name.clone(),
             };
-            let handle = thread::Builder::new()
+            thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || vcpu_thread(vcpu, ctx))
                 .map_err(|source| VmmError::Spawn { name, source })?;
-            threads.push(VcpuThread { handle, shared });
+            threads.push(VcpuThread { shared });
         }
         drop(done_tx);
 
@@ -160,7 +160,10 @@ impl Vmm {
             control.running = Some(control::Running {
                 sources: snapshot,
                 workers: workers.clone(),
-                vcpu_threads: threads.iter().map(|t| t.handle.as_pthread_t()).collect(),
+                vcpu_threads: threads
+                    .iter()
+                    .map(|t| t.shared.tid.load(Ordering::Acquire))
+                    .collect(),
             });
         }
         let events = Arc::new(Mutex::new(VmmEvents {
@@ -207,7 +210,7 @@ impl Vmm {
         // one once the gate lets it go).
         pause.resume();
         for t in &threads {
-            kick(t.handle.as_pthread_t());
+            kick(t.shared.tid.load(Ordering::Acquire));
         }
         let mut remaining = vcpu_count;
         while remaining > 0 {
@@ -241,7 +244,19 @@ struct VcpuThreadCtx {
     name: String,
 }
 
+/// A vCPU thread: runs its vCPU, reports its end, then waits for the process to end instead of
+/// ending itself. A thread's end takes the C library's thread-list lock, which musl waits for
+/// with a process-shared futex when two threads end at once (every vCPU at a VM's end), and the
+/// vCPU and VMM filters allow process-private futexes only. The VM process ends them all with
+/// exit_group once the VMM has heard from each.
 fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
+    run_vcpu_thread(vcpu, ctx);
+    loop {
+        thread::park();
+    }
+}
+
+fn run_vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
     let index = vcpu.index();
     signal::set_thread_name(&ctx.name);
     // SAFETY: gettid has no preconditions.
@@ -283,10 +298,13 @@ fn vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
 
 /// Sends the kick signal to a vCPU thread, making it leave KVM_RUN.
 ///
-/// Only call this for a vCPU thread of the running VM: [`Vmm::run`] holds every vCPU's
-/// JoinHandle and joins none of them until after the last kick, so the pthread is alive.
-pub(super) fn kick(pthread: libc::pthread_t) {
-    // SAFETY: the thread is alive (see above), and the kick signal has a handler installed for
-    // the whole process, so it interrupts KVM_RUN instead of killing the process.
-    unsafe { libc::pthread_kill(pthread, signal::kick_signal()) };
+/// By thread id, with tgkill(2) on this process: what the VMM filter allows, whichever libc is
+/// linked (musl's pthread_kill calls tkill). A vCPU thread that has already ended is gone, and
+/// tgkill fails harmlessly; its id could only have been reused by another thread of this
+/// process, which the kick signal's empty handler does not disturb.
+pub(super) fn kick(tid: libc::pid_t) {
+    // SAFETY: tgkill with integer arguments touches no memory. It reaches this process
+    // alone, whose kick signal has a handler installed for the whole process, so it
+    // interrupts KVM_RUN instead of killing it.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, signal::kick_signal()) };
 }

@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +48,7 @@ pub(super) struct HaltWatchdog {
 
 struct WatchedVcpu {
     stat: Option<File>,
-    pthread: libc::pthread_t,
+    tid: libc::pid_t,
     shared: Arc<VcpuShared>,
     sleeping_ticks: u32,
     next_check: u64,
@@ -65,7 +64,7 @@ impl HaltWatchdog {
                 WatchedVcpu {
                     // Opened now, before the VMM's seccomp filter forbids open.
                     stat: File::open(format!("/proc/self/task/{tid}/stat")).ok(),
-                    pthread: t.handle.as_pthread_t(),
+                    tid,
                     shared: t.shared.clone(),
                     sleeping_ticks: 0,
                     next_check: 0,
@@ -105,7 +104,7 @@ impl HaltWatchdog {
             let stuck = v.shared.stuck.load(Ordering::Acquire);
             if !stuck && v.sleeping_ticks >= SLEEP_TICKS_BEFORE_CHECK && self.tick >= v.next_check {
                 v.shared.check_halt.store(true, Ordering::Release);
-                kick(v.pthread);
+                kick(v.tid);
                 v.next_check = self.tick + u64::from(v.backoff);
                 v.backoff = (v.backoff * 2).min(MAX_CHECK_BACKOFF);
             }
