@@ -62,6 +62,9 @@ const OWN_PID: u32 = 0x7fff_fff1;
 const SIGRTMIN: u32 = 0x7fff_fff2;
 /// In seccomp/supervisor.json, the VM process's pid: the only process the supervisor may kill.
 const VM_PID: u32 = 0x7fff_fff3;
+/// In seccomp/*.json, the id of the thread installing the filter: musl's abort() raises SIGABRT
+/// with tkill(2), which names no process, so it may name this thread alone.
+const OWN_TID: u32 = 0x7fff_fff4;
 /// `BPF_JMP | BPF_JEQ | BPF_K`; build.rs checks the placeholders appear nowhere else.
 const JEQ_K: u16 = 0x15;
 
@@ -75,6 +78,8 @@ pub fn program(role: ThreadRole, vm_pid: Option<libc::pid_t>) -> Result<BpfProgr
     let malformed = |_| SeccompError::Malformed(role.name());
     // SAFETY: getpid has no preconditions.
     let pid = u32::try_from(unsafe { libc::getpid() }).map_err(malformed)?;
+    // SAFETY: gettid has no preconditions.
+    let tid = u32::try_from(unsafe { libc::gettid() }).map_err(malformed)?;
     let rtmin = u32::try_from(crate::signal::kick_signal()).map_err(malformed)?;
     let vm_pid = vm_pid.map(u32::try_from).transpose().map_err(malformed)?;
     bytes
@@ -89,6 +94,7 @@ pub fn program(role: ThreadRole, vm_pid: Option<libc::pid_t>) -> Result<BpfProgr
             if insn.code == JEQ_K {
                 insn.k = match insn.k {
                     OWN_PID => pid,
+                    OWN_TID => tid,
                     SIGRTMIN => rtmin,
                     VM_PID => vm_pid.ok_or(SeccompError::NoVmPid(role.name()))?,
                     k => k,
@@ -253,6 +259,23 @@ mod tests {
             libc::SYS_tgkill,
             [own + 1, 7, kick, 0, 0, 0]
         ));
+    }
+
+    #[test]
+    fn tkill_reaches_only_the_thread_that_installed_the_filter_and_only_to_abort() {
+        // SAFETY: gettid has no preconditions.
+        let own = unsafe { libc::gettid() } as u64;
+        let sigabrt = libc::SIGABRT as u64;
+        for role in ROLES {
+            let prog = program(role, Some(SOME_VM)).unwrap();
+            let tkill =
+                |tid: u64, sig: u64| allowed(&prog, libc::SYS_tkill, [tid, sig, 0, 0, 0, 0]);
+            assert!(tkill(own, sigabrt), "{role:?}: musl's abort()");
+            assert!(!tkill(own + 1, sigabrt), "{role:?}: another thread");
+            assert!(!tkill(SOME_VM as u64, sigabrt), "{role:?}: the VM process");
+            assert!(!tkill(own, libc::SIGKILL as u64), "{role:?}: SIGKILL");
+            assert!(!tkill(own, libc::SIGSYS as u64), "{role:?}: SIGSYS");
+        }
     }
 
     #[test]
