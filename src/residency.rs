@@ -6,9 +6,13 @@
 
 /// Gives the heap's free pages back to the kernel (malloc_trim). Cheap; call once set-up is
 /// over, before a process's steady loop (and before a fork, so the child does not copy them).
+/// musl's allocator returns freed groups by itself and has no trim: nothing to do there.
 pub fn trim_heap() {
     // SAFETY: malloc_trim takes no pointer and only releases free heap memory.
-    unsafe { libc::malloc_trim(0) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// Room left below this function's own frame: what it and the calls it makes may still use

@@ -111,9 +111,12 @@ pub fn run(
 ) -> i32 {
     // One malloc arena for every thread. glibc then never makes or shrinks a heap of a
     // thread's own; shrinking one maps PROT_NONE over it with MAP_FIXED and may read /proc,
-    // calls the vCPU and VMM filters refuse.
+    // calls the vCPU and VMM filters refuse. (musl's allocator has one heap for all threads.)
     // SAFETY: mallopt with integer arguments, before this process starts a thread.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1)
+    };
     if let Err(e) = harden() {
         log::error!("VM process: cannot harden itself: {e}");
         return status::RUNTIME_ERROR;

@@ -13,13 +13,23 @@ use serde_json::json;
 
 const UID: u32 = 123_457;
 
+/// A scratch directory under the system's temporary directory: the API socket's path in the
+/// chroot below it must fit a socket address (107 bytes), which one under the target
+/// directory of a deep checkout does not.
+fn short_scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bh-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("cannot create scratch dir");
+    dir
+}
+
 #[test]
 fn the_jailer_lays_out_firecrackers_chroot_writes_the_pid_file_and_runs_the_vmm_unprivileged() {
     let test = "jailer_layout";
     if !root_and_kvm_available(test) {
         return;
     }
-    let base = scratch(test);
+    let base = short_scratch(test);
     let id = format!("jailer-test-{}", std::process::id());
     // The exec file is named firecracker, as Kata's pid file expects.
     std::fs::create_dir_all(base.join("bin")).unwrap();
@@ -124,6 +134,7 @@ fn the_jailer_lays_out_firecrackers_chroot_writes_the_pid_file_and_runs_the_vmm_
     let status = jailer.wait().unwrap();
     assert_eq!(status.code(), Some(143), "{}", log());
     assert!(!Path::new(&socket).exists());
+    let _ = std::fs::remove_dir_all(&base);
 }
 
 /// Runs the jailer for `id` under `base` with a short-lived VMM (`--version`); its exit status
