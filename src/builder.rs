@@ -152,6 +152,9 @@ pub struct BuildEnv {
     pub broker: Option<std::os::fd::OwnedFd>,
     /// Each share's vhost-user backend, connected by the supervisor, in share order.
     pub shares: Vec<std::os::fd::OwnedFd>,
+    /// KVM's supported CPUID, when the supervisor had it (crate::cpuid_cache); else the
+    /// builder asks KVM.
+    pub supported_cpuid: Option<kvm_bindings::CpuId>,
 }
 
 /// What [`BuildEnv::after_open`] runs.
@@ -171,6 +174,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         control,
         broker,
         shares,
+        supported_cpuid,
     } = env;
     // A restore reads no kernel: the snapshot's memory holds the running guest.
     let restore = match &config.vm.restore {
@@ -410,6 +414,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
             let vcpus = boot(
                 config,
                 &kvm,
+                supported_cpuid,
                 &vm,
                 &virtio.windows,
                 kernel_file,

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod builder;
 pub mod config;
 pub mod control;
+pub mod cpuid_cache;
 pub mod devices;
 pub mod exec;
 pub mod exit;

@@ -94,6 +94,8 @@ pub struct Channels {
     pub lifeline: Option<OwnedFd>,
     /// Each share's vhost-user backend (its virtiofsd), connected, in share order.
     pub shares: Vec<OwnedFd>,
+    /// KVM's supported CPUID, when the supervisor had it: the builder then does not ask.
+    pub supported_cpuid: Option<kvm_bindings::CpuId>,
 }
 
 /// Builds and runs the VM; returns the process's exit status. `region` is the supervisor's
@@ -169,6 +171,7 @@ pub fn run(
         control: channels.control,
         broker: channels.broker,
         shares: channels.shares,
+        supported_cpuid: channels.supported_cpuid,
     };
 
     let vmm = match build_vm(config, env) {
@@ -249,6 +252,7 @@ pub fn run_handed(config: &VmConfig, parts: Parts, socket: UnixDatagram) -> i32 
         broker,
         lifeline: Some(life),
         shares: Vec::new(),
+        supported_cpuid: None,
     };
     let own = run(
         config,

@@ -1,7 +1,7 @@
 //! Booting from a kernel: load it (and the initrd), write the command line and boot tables, and
 //! make the vCPUs ready at its entry point.
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
 use super::{board, BuildError};
@@ -15,10 +15,12 @@ use crate::vstate::vm::Vm;
 
 /// Loads the kernel and initrd into `vm`'s memory, writes the command line (announcing the
 /// virtio `windows` when asked), the ACPI tables, MP table and reset vector, and makes the vCPUs,
-/// the first at the kernel's entry point.
+/// the first at the kernel's entry point. `supported_cpuid` is KVM's, when the supervisor had
+/// it; else KVM is asked here.
 pub(super) fn boot(
     config: &VmConfig,
     kvm: &Kvm,
+    supported_cpuid: Option<CpuId>,
     vm: &Vm,
     windows: &[VirtioMmio],
     kernel_file: &mut BootFile,
@@ -57,9 +59,12 @@ pub(super) fn boot(
     mptable::setup_mptable(mem, config.vm.vcpus)?;
     reset_vector::write(mem, legacy::I8042_COMMAND_PORT, legacy::I8042_PULSE_RESET)?;
 
-    let supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::Cpuid)?;
+    let supported_cpuid = match supported_cpuid {
+        Some(cpuid) => cpuid,
+        None => kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(BuildError::Cpuid)?,
+    };
     let mut vcpus = Vec::new();
     for index in 0..config.vm.vcpus {
         let vcpu = Vcpu::new(vm, index)?;

@@ -213,6 +213,11 @@ fn run_from(config: &VmConfig, start_ns: u64) -> i32 {
                 control,
                 broker: broker_far,
                 shares: share_sockets,
+                // A restored VM's vCPUs take the CPUID saved with them.
+                supported_cpuid: match config.vm.restore {
+                    Some(_) => None,
+                    None => crate::cpuid_cache::supported(&config.process.kvm_device),
+                },
             },
         ),
     };

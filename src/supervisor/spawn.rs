@@ -59,6 +59,8 @@ pub struct Handed {
     pub control: Option<OwnedFd>,
     pub broker: Option<OwnedFd>,
     pub shares: Vec<OwnedFd>,
+    /// KVM's supported CPUID, when the supervisor had it (crate::cpuid_cache).
+    pub supported_cpuid: Option<kvm_bindings::CpuId>,
 }
 
 /// The running VM process, as the supervisor holds it.
@@ -93,6 +95,7 @@ pub fn spawn(
         control,
         broker,
         shares,
+        supported_cpuid,
     } = handed;
     let config = jail.map_or(config, |j| &j.config);
     let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(SpawnError::Wake)?;
@@ -139,6 +142,7 @@ pub fn spawn(
                     broker,
                     lifeline: None,
                     shares: kept.flatten().collect(),
+                    supported_cpuid,
                 };
                 // A panic on the VMM thread ends here, never unwinding into the supervisor's
                 // frames this process was forked from (whose values are the supervisor's).
