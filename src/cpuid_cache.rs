@@ -98,21 +98,32 @@ fn cache_dir() -> Option<PathBuf> {
     if unsafe { libc::geteuid() } == 0 {
         return Some(PathBuf::from("/run/bulkhead/cache"));
     }
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")?;
-    Some(Path::new(&runtime).join("bulkhead/cache"))
+    let runtime = PathBuf::from(std::env::var_os("XDG_RUNTIME_DIR")?);
+    // An empty or relative value would put the cache under the working directory.
+    runtime
+        .is_absolute()
+        .then(|| runtime.join("bulkhead/cache"))
 }
 
 /// Makes `dir` (mode 0700) if missing, and checks it and its parent are this user's, written
-/// by it alone, and no symbolic links.
+/// by it alone, and no symbolic links. The directories above it that are made are 0755:
+/// /run/bulkhead also holds the jail directory and serve's sockets, which other users pass.
 fn private_dir(dir: &Path) -> Result<(), CpuidCacheError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| CpuidCacheError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CpuidCacheError::Io { path, source }
+    };
+    if let Some(parent) = dir.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(io(parent))?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io(dir)(e)),
+        _ => {}
+    }
     for d in [Some(dir), dir.parent()].into_iter().flatten() {
         let meta = fs::symlink_metadata(d).map_err(|source| CpuidCacheError::Io {
             path: d.to_path_buf(),
@@ -285,6 +296,9 @@ mod tests {
     fn a_written_cpuid_reads_back_the_same() {
         let (dir, root) = scratch("roundtrip");
         private_dir(&dir).unwrap();
+        // The directory above stays passable for others (it is /run/bulkhead in use).
+        assert_eq!(fs::metadata(&root).unwrap().mode() & 0o777, 0o755);
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
         let path = dir.join("cpuid-x");
         assert!(read(&path).unwrap().is_none(), "no file yet");
         write(&path, &sample()).unwrap();
