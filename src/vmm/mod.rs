@@ -299,9 +299,9 @@ fn run_vcpu_thread(vcpu: Vcpu, ctx: VcpuThreadCtx) {
 /// Sends the kick signal to a vCPU thread, making it leave KVM_RUN.
 ///
 /// By thread id, with tgkill(2) on this process: what the VMM filter allows, whichever libc is
-/// linked (musl's pthread_kill calls tkill). A vCPU thread that has already ended is gone, and
-/// tgkill fails harmlessly; its id could only have been reused by another thread of this
-/// process, which the kick signal's empty handler does not disturb.
+/// linked (musl's pthread_kill calls tkill). A vCPU thread never ends (it parks once done, see
+/// [`vcpu_thread`]), so its id stays its own for the process's life; a kick to one that has
+/// finished only wakes it from its park.
 pub(super) fn kick(tid: libc::pid_t) {
     // SAFETY: tgkill with integer arguments touches no memory. It reaches this process
     // alone, whose kick signal has a handler installed for the whole process, so it
