@@ -18,9 +18,16 @@ mod seccomp_dispatch;
 /// One filter per thread role; each JSON file holds one filter named for its role.
 const ROLES: &[&str] = &["vmm", "vcpu", "supervisor"];
 /// Values the filters compare with that are only known at run time (src/seccomp.rs patches
-/// them in): the process's own pid, SIGRTMIN, the VM process's pid (the supervisor's), and the
-/// id of the thread installing the filter.
-const PLACEHOLDERS: &[u32] = &[0x7fff_fff1, 0x7fff_fff2, 0x7fff_fff3, 0x7fff_fff4];
+/// them in): the process's own pid, SIGRTMIN, the VM process's pid (the supervisor's), the
+/// id of the thread installing the filter, and the supervisor's two other threads' ids.
+const PLACEHOLDERS: &[u32] = &[
+    0x7fff_fff1,
+    0x7fff_fff2,
+    0x7fff_fff3,
+    0x7fff_fff4,
+    0x7fff_fff5,
+    0x7fff_fff6,
+];
 
 fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -65,12 +65,26 @@ const VM_PID: u32 = 0x7fff_fff3;
 /// In seccomp/*.json, the id of the thread installing the filter: musl's abort() raises SIGABRT
 /// with tkill(2), which names no process, so it may name this thread alone.
 const OWN_TID: u32 = 0x7fff_fff4;
+/// In seccomp/supervisor.json, the ids of the supervisor's other threads (started before its
+/// filter, which goes on all threads at once), for their abort(); the installing thread's id
+/// where there are fewer.
+const OTHER_TIDS: [u32; 2] = [0x7fff_fff5, 0x7fff_fff6];
 /// `BPF_JMP | BPF_JEQ | BPF_K`; build.rs checks the placeholders appear nowhere else.
 const JEQ_K: u16 = 0x15;
 
 /// Decodes the embedded BPF program for `role`, with the run-time values patched in for the
 /// calling process; `vm_pid` is the VM process the supervisor watches (its role needs it).
 pub fn program(role: ThreadRole, vm_pid: Option<libc::pid_t>) -> Result<BpfProgram, SeccompError> {
+    program_for_threads(role, vm_pid, &[])
+}
+
+/// [`program`], with `others` the ids of the process's other threads a filter installed on
+/// all threads at once covers (the supervisor's; two at most are listed).
+fn program_for_threads(
+    role: ThreadRole,
+    vm_pid: Option<libc::pid_t>,
+    others: &[libc::pid_t],
+) -> Result<BpfProgram, SeccompError> {
     let bytes = role.bpf();
     if bytes.is_empty() || bytes.len() % 8 != 0 {
         return Err(SeccompError::Malformed(role.name()));
@@ -80,6 +94,10 @@ pub fn program(role: ThreadRole, vm_pid: Option<libc::pid_t>) -> Result<BpfProgr
     let pid = u32::try_from(unsafe { libc::getpid() }).map_err(malformed)?;
     // SAFETY: gettid has no preconditions.
     let tid = u32::try_from(unsafe { libc::gettid() }).map_err(malformed)?;
+    let mut other_tids = [tid; OTHER_TIDS.len()];
+    for (slot, &other) in other_tids.iter_mut().zip(others) {
+        *slot = u32::try_from(other).map_err(malformed)?;
+    }
     let rtmin = u32::try_from(crate::signal::kick_signal()).map_err(malformed)?;
     let vm_pid = vm_pid.map(u32::try_from).transpose().map_err(malformed)?;
     bytes
@@ -95,6 +113,8 @@ pub fn program(role: ThreadRole, vm_pid: Option<libc::pid_t>) -> Result<BpfProgr
                 insn.k = match insn.k {
                     OWN_PID => pid,
                     OWN_TID => tid,
+                    k if k == OTHER_TIDS[0] => other_tids[0],
+                    k if k == OTHER_TIDS[1] => other_tids[1],
                     SIGRTMIN => rtmin,
                     VM_PID => vm_pid.ok_or(SeccompError::NoVmPid(role.name()))?,
                     k => k,
@@ -118,7 +138,20 @@ pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
 /// HTTP thread was started before), with `vm_pid` the one process it may signal.
 pub fn confine_supervisor(vm_pid: libc::pid_t) -> Result<(), SeccompError> {
     let role = ThreadRole::Supervisor;
-    let program = program(role, Some(vm_pid))?;
+    // SAFETY: gettid has no preconditions.
+    let own = unsafe { libc::gettid() };
+    // The other threads running now, which the filter covers too: their abort() is tkill on
+    // themselves. (Beyond two, or unlisted, a thread's abort() is a refused call.)
+    let others: Vec<libc::pid_t> = std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| t.file_name().to_str()?.parse().ok())
+                .filter(|&t| t != own)
+                .collect()
+        })
+        .unwrap_or_default();
+    let program = program_for_threads(role, Some(vm_pid), &others)?;
     seccompiler::apply_filter_all_threads(&program).map_err(|source| SeccompError::Install {
         role: role.name(),
         source,
@@ -259,6 +292,27 @@ mod tests {
             libc::SYS_tgkill,
             [own + 1, 7, kick, 0, 0, 0]
         ));
+    }
+
+    #[test]
+    fn the_supervisors_other_threads_may_abort_themselves_and_no_one_else() {
+        // SAFETY: gettid has no preconditions.
+        let own = unsafe { libc::gettid() } as u64;
+        let (broker, http) = (own + 100, own + 200);
+        let prog = program_for_threads(
+            ThreadRole::Supervisor,
+            Some(SOME_VM),
+            &[broker as i32, http as i32],
+        )
+        .unwrap();
+        let tkill =
+            |tid: u64, sig: i32| allowed(&prog, libc::SYS_tkill, [tid, sig as u64, 0, 0, 0, 0]);
+        for t in [own, broker, http] {
+            assert!(tkill(t, libc::SIGABRT), "{t}");
+            assert!(!tkill(t, libc::SIGKILL), "{t}: SIGKILL");
+        }
+        assert!(!tkill(own + 300, libc::SIGABRT), "a thread not listed");
+        assert!(!tkill(SOME_VM as u64, libc::SIGABRT), "the VM process");
     }
 
     #[test]
