@@ -12,7 +12,7 @@
 //! symbolic link is not used. A file that fails its checksum is asked again and replaced.
 //! Anything amiss means no cache: the VM process asks KVM itself, as without one.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, DirEntryExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -57,6 +57,14 @@ pub enum CpuidCacheError {
     Kvm(#[from] crate::vstate::kvm::KvmError),
     #[error("asking KVM for its supported CPUID: {0}")]
     Ioctl(#[source] kvm_ioctls::Error),
+    #[error("writing the cache: {0}")]
+    Write(#[from] crate::snapshot::client::ClientError),
+}
+
+/// Turns an I/O error on `path` into a [`CpuidCacheError`].
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CpuidCacheError {
+    let path = path.to_path_buf();
+    move |source| CpuidCacheError::Io { path, source }
 }
 
 /// KVM's supported CPUID for `kvm_device`, from this boot's cache, else asked of KVM and kept
@@ -109,10 +117,6 @@ fn cache_dir() -> Option<PathBuf> {
 /// by it alone, and no symbolic links. The directories above it that are made are 0755:
 /// /run/bulkhead also holds the jail directory and serve's sockets, which other users pass.
 fn private_dir(dir: &Path) -> Result<(), CpuidCacheError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CpuidCacheError::Io { path, source }
-    };
     if let Some(parent) = dir.parent() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -125,10 +129,7 @@ fn private_dir(dir: &Path) -> Result<(), CpuidCacheError> {
         _ => {}
     }
     for d in [Some(dir), dir.parent()].into_iter().flatten() {
-        let meta = fs::symlink_metadata(d).map_err(|source| CpuidCacheError::Io {
-            path: d.to_path_buf(),
-            source,
-        })?;
+        let meta = fs::symlink_metadata(d).map_err(io(d))?;
         if !meta.file_type().is_dir() || !owned_and_private(&meta) {
             return Err(CpuidCacheError::UnsafeDir {
                 path: d.to_path_buf(),
@@ -146,10 +147,6 @@ fn owned_and_private(meta: &fs::Metadata) -> bool {
 /// What KVM's answer depends on, hashed: the kernel's boot, the device and the loads of the
 /// KVM modules; and this build's file layout.
 fn key(kvm_device: &Path) -> Result<String, CpuidCacheError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CpuidCacheError::Io { path, source }
-    };
     let boot_id = Path::new("/proc/sys/kernel/random/boot_id");
     let rdev = fs::metadata(kvm_device)
         .map_err(io(kvm_device))?
@@ -187,10 +184,6 @@ fn key(kvm_device: &Path) -> Result<String, CpuidCacheError> {
 
 /// The cached CPUID at `path`; None when there is no such file.
 fn read(path: &Path) -> Result<Option<CpuId>, CpuidCacheError> {
-    let io = |source| CpuidCacheError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let mut file = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -198,16 +191,16 @@ fn read(path: &Path) -> Result<Option<CpuId>, CpuidCacheError> {
     {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(e)),
+        Err(e) => return Err(io(path)(e)),
     };
-    let meta = file.metadata().map_err(io)?;
+    let meta = file.metadata().map_err(io(path))?;
     if !meta.file_type().is_file() || !owned_and_private(&meta) || meta.len() > MAX_FILE_BYTES {
         return Err(CpuidCacheError::UnsafeFile {
             path: path.to_path_buf(),
         });
     }
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(io)?;
+    file.read_to_end(&mut bytes).map_err(io(path))?;
     decode(&bytes)
         .map(Some)
         .map_err(|what| CpuidCacheError::Damaged {
@@ -216,29 +209,15 @@ fn read(path: &Path) -> Result<Option<CpuId>, CpuidCacheError> {
         })
 }
 
-/// Writes `cpuid` to `path` whole or not at all (a private temporary file, then a rename).
+/// Writes `cpuid` to `path` whole or not at all: the snapshot files' [`NewFile`] (a private
+/// new file beside it, never through a link, renamed over it once written, removed if not).
+///
+/// [`NewFile`]: crate::snapshot::client::NewFile
 fn write(path: &Path, cpuid: &CpuId) -> Result<(), CpuidCacheError> {
-    let bytes = encode(cpuid);
-    // SAFETY: getpid has no preconditions.
-    let tmp = path.with_extension(format!("tmp{}", unsafe { libc::getpid() }));
-    let io = |p: &Path| {
-        let path = p.to_path_buf();
-        move |source| CpuidCacheError::Io { path, source }
-    };
-    let mut file: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    let written = file.write_all(&bytes).map_err(io(&tmp));
-    drop(file);
-    let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(io(path)));
-    if renamed.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    renamed
+    let new = crate::snapshot::client::NewFile::create(path)?;
+    new.file().write_all(&encode(cpuid)).map_err(io(path))?;
+    new.commit()?;
+    Ok(())
 }
 
 /// MAGIC, the hash of the rest, then the entries (postcard).

@@ -142,15 +142,12 @@ pub fn confine_supervisor(vm_pid: libc::pid_t) -> Result<(), SeccompError> {
     let own = unsafe { libc::gettid() };
     // The other threads running now, which the filter covers too: their abort() is tkill on
     // themselves. (Beyond two, or unlisted, a thread's abort() is a refused call.)
-    let others: Vec<libc::pid_t> = std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter_map(|t| t.file_name().to_str()?.parse().ok())
-                .filter(|&t| t != own)
-                .collect()
-        })
-        .unwrap_or_default();
+    // SAFETY: getpid has no preconditions.
+    let others: Vec<libc::pid_t> = crate::procfs::threads(unsafe { libc::getpid() })
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&t| t != own)
+        .collect();
     let program = program_for_threads(role, Some(vm_pid), &others)?;
     seccompiler::apply_filter_all_threads(&program).map_err(|source| SeccompError::Install {
         role: role.name(),
