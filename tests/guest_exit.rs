@@ -203,6 +203,13 @@ fn triple_fault_ends_the_run_with_status_81() {
         "stderr: {}",
         run.stderr
     );
+    // Where it faulted: the guest's ud2 under an IDT of limit 0 (a #UD, vector 6).
+    assert!(
+        run.stderr.contains("triple-faulted at rip 0x")
+            && run.stderr.contains("idt 0x0+0x0; exception: nr 6 "),
+        "stderr: {}",
+        run.stderr
+    );
 }
 
 #[test]

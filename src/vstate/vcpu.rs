@@ -218,7 +218,12 @@ impl Vcpu {
                         },
                     );
                 }
-                ExitAction::Stop(reason) => stop(io, reason),
+                ExitAction::Stop(reason) => {
+                    if matches!(reason, VmExitReason::TripleFault { .. }) {
+                        self.log_fault_state();
+                    }
+                    stop(io, reason)
+                }
             }
         }
         signal::set_kvm_run(std::ptr::null_mut());
@@ -259,6 +264,43 @@ impl Vcpu {
             KVM_MP_STATE_HALTED => self.fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0),
             _ => false,
         }
+    }
+
+    /// Where a triple fault left the vCPU: the instruction, the mode, the stack and the
+    /// exception KVM was delivering. The VM ends right after, so this is the one look at it
+    /// (a kernel's symbol table turns `rip` into a function; for a guest that tried to break
+    /// out it is evidence).
+    fn log_fault_state(&self) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return;
+        };
+        let exception = self.fd.get_vcpu_events().map_or_else(
+            |_| "unknown".to_string(),
+            |e| {
+                format!(
+                    "nr {} injected {} pending {} error code {:#x}",
+                    e.exception.nr,
+                    e.exception.injected,
+                    e.exception.pending,
+                    e.exception.error_code
+                )
+            },
+        );
+        warn_limited!(
+            "vCPU {} triple-faulted at rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}+{:#x}; exception: {exception}",
+            self.index,
+            regs.rip,
+            regs.rsp,
+            regs.rflags,
+            sregs.cs.selector,
+            sregs.cr0,
+            sregs.cr2,
+            sregs.cr3,
+            sregs.cr4,
+            sregs.efer,
+            sregs.idt.base,
+            sregs.idt.limit,
+        );
     }
 
     fn internal_error_suberror(&mut self) -> u32 {
