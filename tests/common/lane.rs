@@ -161,14 +161,16 @@ fn emulation_fault(out: &str) -> Option<&'static str> {
 ///
 /// Why: since 2026-12-05 the lane's hosts (Intel, where they were AMD) make the emulated SVM
 /// stop a Linux L2 guest now and then with a triple fault in early boot that the guest did not
-/// cause: at a random instruction, on either vCPU, in roughly one boot in ten to one in three
-/// (more when the L1 is busy), with any irqchip, with and without bulkhead's halt watchdog,
-/// with the console in a file or on L1's serial line. The same commit passed every lane test
-/// on the earlier hosts. Rarer, L1 itself ends in the middle of a run with no kernel panic on
-/// its console (CI, 2026-12-07: tests/exec.rs, 11 s in, after its first case had passed; the
-/// same test passed 8 times of 8 on this kind of machine afterwards): bulkhead is a process in
-/// L1 and can not reset L1's CPU. No lane test expects either, and one that bulkhead caused
-/// would come back on every attempt, so three in a row still fail the test.
+/// cause: on either vCPU, with any irqchip, with and without bulkhead's halt watchdog, with the
+/// console in a file or on L1's serial line, in up to one boot in three when L1 or its host is
+/// busy (three in one CI run on 2026-12-07 that shared the host with a second lane, each right
+/// after Linux registered rtc_cmos), and in none of 120 boots on the idle host that day
+/// (Firecracker, alternating with them in 80 of those, had none either). The same commit
+/// passed every lane test on the earlier hosts. Rarer, L1 itself ends in the middle of a run
+/// with no kernel panic on its console (CI, 2026-12-07: tests/exec.rs, 11 s in; here once in
+/// 16 boots of a 2-vCPU guest with a disk): bulkhead is a process in L1 and can not reset L1's
+/// CPU. No lane test expects either, and one that bulkhead caused would come back on every
+/// attempt, so three in a row still fail the test.
 fn with_retries<T>(mut attempt: impl FnMut() -> (T, String)) -> T {
     let mut tried = 0;
     loop {
