@@ -212,6 +212,7 @@ fn footprint(vmms: &[Vmm], rounds: usize) -> Vec<Figure> {
     eprintln!("bench: memory, {rounds} rounds");
     let results = alternate(vmms, rounds, |v, round| {
         let tag = format!("mem-{round}");
+        memory::drop_from_page_cache(&v.binary);
         let child =
             idle(v, &tag).unwrap_or_else(|| panic!("{}: the idle guest never came up", v.name()));
         // Let the VMM finish whatever follows the guest's first halt.
@@ -226,7 +227,8 @@ fn footprint(vmms: &[Vmm], rounds: usize) -> Vec<Figure> {
         ]
     });
     let method = "an idle 128 MiB, 1-vCPU guest (exitcodes mode=idle), sampled 300 ms after it \
-                  says so; peak RSS is the sum of VmHWM over the VMM's processes";
+                  says so, the VMM's binary dropped from the page cache before each start; peak \
+                  RSS is the sum of VmHWM over the VMM's processes";
     vec![
         Figure {
             key: "peak_rss",
