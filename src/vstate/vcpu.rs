@@ -269,11 +269,20 @@ impl Vcpu {
     /// Where a triple fault left the vCPU: the instruction, the mode, the stack and the
     /// exception KVM was delivering. The VM ends right after, so this is the one look at it
     /// (a kernel's symbol table turns `rip` into a function; for a guest that tried to break
-    /// out it is evidence).
+    /// out it is evidence). Intel's KVM keeps that state; AMD's resets the vCPU first.
     fn log_fault_state(&self) {
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
             return;
         };
+        // On AMD, KVM re-initialises the vCPU before it reports the shutdown: what is left is
+        // the reset state, not the fault's.
+        if regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 {
+            warn_limited!(
+                "vCPU {} triple-faulted; KVM reset the vCPU before reporting it (as on AMD), so where is not known",
+                self.index
+            );
+            return;
+        }
         let exception = self.fd.get_vcpu_events().map_or_else(
             |_| "unknown".to_string(),
             |e| {
