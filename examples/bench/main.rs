@@ -344,12 +344,15 @@ fn max_idle(vmms: &[Vmm], budget_mib: u64, cap: usize) -> Figure {
     // a run found the host less able to give memory than later ones (2026-12-07, pack order
     // bulkhead, Firecracker, bulkhead, Firecracker: 2868, 2494, 2984, 2669 VMs), and one pass
     // in a fixed order handed that to whichever VMM came first.
+    let at_start = memory::available_kib();
     for v in vmms.iter().chain(vmms.iter().rev()) {
         eprintln!(
             "bench: idle {}s within {budget_mib} MiB (at most {cap})",
             v.name()
         );
-        std::thread::sleep(Duration::from_millis(500));
+        // The pass before's VM processes (not the launcher's children) may still be giving
+        // memory back: a pass that started meanwhile would count it as room of its own.
+        settle_after_packing(at_start);
         let before = memory::available_kib();
         let mut running = Vec::new();
         let mut fitted = 0usize;

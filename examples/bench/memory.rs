@@ -119,10 +119,19 @@ pub fn footprint(pid: u32, guest_kib: u64) -> Footprint {
 /// bulkhead's freshly copied binary held 3.0 MiB in an idle VM's two processes, the same file
 /// read in by its own starts 2.7 MiB; each VMM and the floor start from the same state this way.
 pub fn drop_from_page_cache(binary: &std::path::Path) {
-    if let Ok(file) = fs::File::open(binary) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain advice call on a descriptor this function owns; it reads no memory.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let Ok(file) = fs::File::open(binary) else {
+        return;
+    };
+    // Dirty pages (a build finished seconds ago) are not dropped: written out first.
+    let _ = file.sync_data();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain advice call on a descriptor this function owns; it reads no memory.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        eprintln!(
+            "bench: could not drop {} from the page cache (error {rc})",
+            binary.display()
+        );
     }
 }
 
