@@ -113,11 +113,13 @@ fn program_for_threads(
                 insn.k = match insn.k {
                     OWN_PID => pid,
                     OWN_TID => tid,
-                    k if k == OTHER_TIDS[0] => other_tids[0],
-                    k if k == OTHER_TIDS[1] => other_tids[1],
                     SIGRTMIN => rtmin,
                     VM_PID => vm_pid.ok_or(SeccompError::NoVmPid(role.name()))?,
-                    k => k,
+                    k => OTHER_TIDS
+                        .iter()
+                        .zip(other_tids)
+                        .find(|(&placeholder, _)| placeholder == k)
+                        .map_or(k, |(_, other)| other),
                 };
             }
             Ok(insn)
