@@ -13,6 +13,19 @@ use crate::devices::legacy;
 use crate::vstate::vcpu::{BootEntry, Vcpu};
 use crate::vstate::vm::Vm;
 
+/// Random bits for the kernel's KASLR base when bulkhead unpacks it. getrandom failing (it
+/// does not, once the host's pool is ready) leaves 0: the link-time base, as with `nokaslr`.
+fn kaslr_random() -> u64 {
+    let mut bytes = [0u8; 8];
+    match crate::devices::virtio::rng::getrandom(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(e) => {
+            log::warn!("no random bits for the guest kernel's KASLR base: {e}");
+            0
+        }
+    }
+}
+
 /// Loads the kernel and initrd into `vm`'s memory, writes the command line (announcing the
 /// virtio `windows` when asked), the ACPI tables, MP table and reset vector, and makes the vCPUs,
 /// the first at the kernel's entry point. `supported_cpuid` is KVM's, when the supervisor had
@@ -27,7 +40,8 @@ pub(super) fn boot(
     initrd_file: Option<&mut BootFile>,
 ) -> Result<Vec<Vcpu>, BuildError> {
     let mem = vm.memory();
-    let kernel = boot::load_kernel(mem, kernel_file)?;
+    let kaslr = boot::kaslr_wanted(&config.vm.cmdline).then(kaslr_random);
+    let kernel = boot::load_kernel(mem, kernel_file, kaslr)?;
     let initrd = match initrd_file {
         Some(file) => Some(boot::load_initrd(
             mem,

@@ -2,7 +2,10 @@
 //! reads (Linux zero page or PVH start info).
 //!
 //! Any static ELF64 with a 64-bit entry point boots like a vmlinux; an ELF with a PVH note is
-//! entered through PVH instead; anything else must be a bzImage.
+//! entered through PVH instead; anything else must be a bzImage, whose kernel bulkhead unpacks
+//! itself when it can ([`unpack`]).
+
+mod unpack;
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -63,6 +66,12 @@ pub enum BootError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot unpack kernel {path}: {source}")]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: unpack::UnpackError,
     },
     #[error("cannot build the kernel command line: {0}")]
     Cmdline(#[from] linux_loader::cmdline::Error),
@@ -147,10 +156,12 @@ impl BootFile {
     }
 }
 
-/// Loads the kernel into `mem`.
+/// Loads the kernel into `mem`. A bzImage's kernel is unpacked here when bulkhead can (see
+/// [`unpack`]), with `kaslr` the random choice of its virtual base (None: `nokaslr`).
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     kernel: &mut BootFile,
+    kaslr: Option<u64>,
 ) -> Result<LoadedKernel, BootError> {
     let path = kernel.path.as_path();
     let file = &mut kernel.file;
@@ -174,12 +185,49 @@ pub fn load_kernel(
         }
         Err(loader::Error::Elf(ElfError::InvalidElfMagicNumber)) => {
             match BzImage::load(mem, None, file, himem) {
-                Ok(result) => Ok(LoadedKernel {
-                    entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
-                    mode: EntryMode::Linux64,
-                    end: result.kernel_end,
-                    setup_header: result.setup_header,
-                }),
+                Ok(result) => {
+                    let unpacked = match &result.setup_header {
+                        Some(hdr) => unpack::unpack_bzimage(
+                            mem,
+                            (result.kernel_load.0, result.kernel_end),
+                            hdr,
+                            kaslr,
+                        )
+                        .map_err(|source| BootError::Unpack {
+                            path: path.to_path_buf(),
+                            source,
+                        })?,
+                        None => None,
+                    };
+                    Ok(match unpacked {
+                        Some(u) => {
+                            log::debug!(
+                                "unpacked {} kernel ({:?}) in the VMM; virtual base moved by {:#x}{}",
+                                path.display(),
+                                u.format,
+                                u.virt_offset,
+                                if u.kaslr { " (KASLR)" } else { "" }
+                            );
+                            LoadedKernel {
+                                entry: u.entry,
+                                mode: EntryMode::Linux64,
+                                end: u.end.max(result.kernel_end),
+                                setup_header: result.setup_header.map(|mut hdr| {
+                                    if u.kaslr {
+                                        hdr.loadflags |= unpack::KASLR_FLAG;
+                                    }
+                                    hdr
+                                }),
+                            }
+                        }
+                        None => LoadedKernel {
+                            entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                            mode: EntryMode::Linux64,
+                            end: result.kernel_end,
+                            setup_header: result.setup_header,
+                        },
+                    })
+                }
                 Err(loader::Error::Bzimage(_)) if !looks_like_bzimage(file) => {
                     Err(BootError::NotAKernel {
                         path: path.to_path_buf(),
@@ -190,6 +238,13 @@ pub fn load_kernel(
         }
         Err(e) => Err(kernel_err(e)),
     }
+}
+
+/// Whether the user's command line leaves KASLR on (no `nokaslr` among the kernel's
+/// arguments; what follows `--` is init's).
+pub fn kaslr_wanted(user_cmdline: &str) -> bool {
+    let (kernel_args, _) = split_init_args(user_cmdline);
+    !kernel_args.split_whitespace().any(|a| a == "nokaslr")
 }
 
 /// True when the file has the "HdrS" setup-header magic, so a load failure is about a broken
@@ -429,6 +484,15 @@ mod tests {
     }
 
     #[test]
+    fn nokaslr_among_the_kernels_words_turns_kaslr_off_but_not_among_inits() {
+        assert!(kaslr_wanted("quiet panic=-1"));
+        assert!(!kaslr_wanted("quiet nokaslr panic=-1"));
+        assert!(!kaslr_wanted("nokaslr -- /bin/sh"));
+        assert!(kaslr_wanted("quiet -- echo nokaslr"));
+        assert!(kaslr_wanted("nokaslr=0x"));
+    }
+
+    #[test]
     fn empty_user_command_line_gives_the_base() {
         let c = build_cmdline("", &[]).unwrap();
         assert_eq!(c.as_cstring().unwrap().into_string().unwrap(), BASE_CMDLINE);
@@ -446,7 +510,7 @@ mod tests {
         let path = dir.join("junk");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
         let mut kernel = BootFile::open("kernel", &path).unwrap();
-        let err = load_kernel(&mem(16 << 20), &mut kernel).unwrap_err();
+        let err = load_kernel(&mem(16 << 20), &mut kernel, None).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         assert!(err.is_bad_input());
         std::fs::remove_dir_all(&dir).unwrap();
