@@ -157,11 +157,11 @@ impl BootFile {
 }
 
 /// Loads the kernel into `mem`. A bzImage's kernel is unpacked here when bulkhead can (see
-/// [`unpack`]), with `kaslr` the random choice of its virtual base (None: `nokaslr`).
+/// [`unpack`]), with `kaslr` giving the random bits for its virtual base (None: `nokaslr`).
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     kernel: &mut BootFile,
-    kaslr: Option<u64>,
+    kaslr: Option<fn() -> u64>,
 ) -> Result<LoadedKernel, BootError> {
     let path = kernel.path.as_path();
     let file = &mut kernel.file;

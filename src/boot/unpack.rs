@@ -80,14 +80,14 @@ pub enum Format {
 
 /// Unpacks the bzImage whose protected-mode part linux-loader put at `loaded_at..loaded_end`
 /// (with `hdr` its setup header) to the kernel's preferred address, then gives that part's
-/// pages back: nothing runs or reads it any more. `random` picks the KASLR base; None keeps
-/// the link-time base (`nokaslr`). Ok(None) when this kernel is left to its own decompressor
+/// pages back: nothing runs or reads it any more. `random` gives the bits that pick the KASLR
+/// base (asked only of a relocatable kernel); None keeps the link-time base (`nokaslr`). Ok(None) when this kernel is left to its own decompressor
 /// (see the module's comment); nothing has then been written.
 pub fn unpack_bzimage(
     mem: &GuestMemoryMmap,
     (loaded_at, loaded_end): (u64, u64),
     hdr: &setup_header,
-    random: Option<u64>,
+    random: Option<fn() -> u64>,
 ) -> Result<Option<Unpacked>, UnpackError> {
     let (version, offset, length) = (
         hdr.version,
@@ -127,7 +127,7 @@ pub fn unpack_bzimage(
     let placed = place_segments(out, out_len, base)?;
     let relocatable = hdr.relocatable_kernel != 0 && !placed.relocs.is_empty();
     let (virt_offset, kaslr) = match random {
-        Some(r) if relocatable => (choose_offset(r, base, span, hdr.kernel_alignment), true),
+        Some(r) if relocatable => (choose_offset(r(), base, span, hdr.kernel_alignment), true),
         _ => (0, false),
     };
     relocate(out, placed.image_len, base, &placed.relocs, virt_offset)?;

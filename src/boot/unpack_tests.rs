@@ -283,7 +283,7 @@ fn bzimage_in_guest_memory_is_unpacked_relocated_and_entered_at_startup_64() {
     let payload = gzip(&vmlinux(true));
     let mem = guest_with(&payload);
     let hdr = header(0x400, payload.len());
-    let u = unpack_bzimage(&mem, LOADED, &hdr, Some(3))
+    let u = unpack_bzimage(&mem, LOADED, &hdr, Some(|| 3))
         .unwrap()
         .unwrap();
     assert_eq!((u.entry, u.format), (BASE, Format::Gzip));
@@ -310,7 +310,10 @@ fn bzimage_left_to_its_own_decompressor_writes_nothing() {
     xz.resize(64, 1);
     let mem = guest_with(&xz);
     let hdr = header(0x400, xz.len());
-    assert_eq!(unpack_bzimage(&mem, LOADED, &hdr, Some(1)).unwrap(), None);
+    assert_eq!(
+        unpack_bzimage(&mem, LOADED, &hdr, Some(|| 1)).unwrap(),
+        None
+    );
     let kept: [u8; 6] = mem.read_obj(GuestAddress(LOADED.0 + 0x400)).unwrap();
     assert_eq!(&kept, b"\xfd7zXZ\x00");
     // An old boot protocol has no preferred address to unpack to.
@@ -320,7 +323,10 @@ fn bzimage_left_to_its_own_decompressor_writes_nothing() {
         version: 0x0209,
         ..header(0x400, payload.len())
     };
-    assert_eq!(unpack_bzimage(&mem, LOADED, &old, Some(1)).unwrap(), None);
+    assert_eq!(
+        unpack_bzimage(&mem, LOADED, &old, Some(|| 1)).unwrap(),
+        None
+    );
     // Too little RAM above the preferred address.
     let small =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (BASE + 0x8000) as usize)]).unwrap();
@@ -328,7 +334,10 @@ fn bzimage_left_to_its_own_decompressor_writes_nothing() {
         .write_slice(&payload, GuestAddress(0x10_0000 + 0x400))
         .unwrap();
     let hdr = header(0x400, payload.len());
-    assert_eq!(unpack_bzimage(&small, LOADED, &hdr, Some(1)).unwrap(), None);
+    assert_eq!(
+        unpack_bzimage(&small, LOADED, &hdr, Some(|| 1)).unwrap(),
+        None
+    );
     let untouched: u64 = small.read_obj(GuestAddress(BASE)).unwrap();
     assert_eq!(untouched, 0);
 }

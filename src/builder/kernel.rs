@@ -40,7 +40,7 @@ pub(super) fn boot(
     initrd_file: Option<&mut BootFile>,
 ) -> Result<Vec<Vcpu>, BuildError> {
     let mem = vm.memory();
-    let kaslr = boot::kaslr_wanted(&config.vm.cmdline).then(kaslr_random);
+    let kaslr = boot::kaslr_wanted(&config.vm.cmdline).then_some(kaslr_random as fn() -> u64);
     let kernel = boot::load_kernel(mem, kernel_file, kaslr)?;
     let initrd = match initrd_file {
         Some(file) => Some(boot::load_initrd(
