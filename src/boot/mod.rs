@@ -157,11 +157,13 @@ impl BootFile {
 }
 
 /// Loads the kernel into `mem`. A bzImage's kernel is unpacked here when bulkhead can (see
-/// [`unpack`]), with `kaslr` giving the random bits for its virtual base (None: `nokaslr`).
+/// [`unpack`]), with `kaslr` giving the random bits that place it (None: `nokaslr`) and
+/// `initrd_size` the bytes to leave room for above it.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     kernel: &mut BootFile,
     kaslr: Option<fn() -> u64>,
+    initrd_size: Option<u64>,
 ) -> Result<LoadedKernel, BootError> {
     let path = kernel.path.as_path();
     let file = &mut kernel.file;
@@ -192,6 +194,7 @@ pub fn load_kernel(
                             (result.kernel_load.0, result.kernel_end),
                             hdr,
                             kaslr,
+                            initrd_size.map(|size| (size, initrd_limit(Some(hdr)))),
                         )
                         .map_err(|source| BootError::Unpack {
                             path: path.to_path_buf(),
@@ -202,9 +205,10 @@ pub fn load_kernel(
                     Ok(match unpacked {
                         Some(u) => {
                             log::debug!(
-                                "unpacked {} kernel ({:?}) in the VMM; virtual base moved by {:#x}{}",
+                                "unpacked {} ({:?}) at {:#x}; virtual base moved by {:#x}{}",
                                 path.display(),
                                 u.format,
+                                u.load_addr,
                                 u.virt_offset,
                                 if u.kaslr { " (KASLR)" } else { "" }
                             );
@@ -237,6 +241,15 @@ pub fn load_kernel(
             }
         }
         Err(e) => Err(kernel_err(e)),
+    }
+}
+
+/// The address an initrd must end below: the kernel's `initrd_addr_max` (boot protocol 2.03 on)
+/// or the protocol's old default.
+fn initrd_limit(hdr: Option<&setup_header>) -> u64 {
+    match hdr {
+        Some(hdr) if hdr.version >= 0x203 => u64::from(hdr.initrd_addr_max) + 1,
+        _ => DEFAULT_INITRD_ADDR_MAX + 1,
     }
 }
 
@@ -273,10 +286,7 @@ pub fn load_initrd(
     };
     let size = file.seek(SeekFrom::End(0)).map_err(initrd_err)?;
     file.rewind().map_err(initrd_err)?;
-    let limit = match &kernel.setup_header {
-        Some(hdr) if hdr.version >= 0x203 => u64::from(hdr.initrd_addr_max) + 1,
-        _ => DEFAULT_INITRD_ADDR_MAX + 1,
-    };
+    let limit = initrd_limit(kernel.setup_header.as_ref());
     let top = layout::low_ram_end(mem_bytes).min(limit);
     let floor = kernel
         .end
@@ -510,7 +520,7 @@ mod tests {
         let path = dir.join("junk");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
         let mut kernel = BootFile::open("kernel", &path).unwrap();
-        let err = load_kernel(&mem(16 << 20), &mut kernel, None).unwrap_err();
+        let err = load_kernel(&mem(16 << 20), &mut kernel, None, None).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         assert!(err.is_bad_input());
         std::fs::remove_dir_all(&dir).unwrap();

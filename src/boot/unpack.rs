@@ -7,17 +7,18 @@
 //! then enters vmlinux's own 64-bit entry point, so the guest skips its slowest few instructions
 //! per byte: on the nested lane Debian's LZ4 kernel reached /init about a second sooner.
 //!
-//! Formats bulkhead has no decoder for (xz, zstd, bzip2, lzma, lzo), kernels that want the
-//! output where the compressed image lies, and machines too small to hold the unpacked kernel
-//! at its preferred address are left to the guest's own decompressor, as before. KASLR stays:
-//! the virtual base is chosen with getrandom(2) in the same range the decompressor uses, and
-//! `nokaslr` on the command line turns it off as it would there. The physical address is the
-//! kernel's preferred one (the decompressor would also randomise it; the guest's physical
-//! layout is not secret from the host, and the kernel still randomises its direct map itself).
+//! Formats bulkhead has no decoder for (xz, zstd, bzip2, lzma, lzo), an old boot protocol, a
+//! kernel that wants its output where the compressed image lies, a machine too small to hold
+//! the unpacked kernel, and ELF layouts or relocation tables this code does not expect are
+//! left to the guest's own decompressor, as before. KASLR stays as the decompressor does it:
+//! a random physical address (a multiple of the kernel's alignment in RAM, leaving room for
+//! the initrd above it) and, independently, a random virtual base in the kernel's 1 GiB window
+//! with the relocation table applied, both from getrandom(2); `nokaslr` on the command line
+//! turns both off, and a kernel that is not relocatable goes where it asks.
 
 use linux_loader::loader::bootparam::setup_header;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::vstate::dirty::GuestMemoryMmap;
 
@@ -30,6 +31,8 @@ const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
 /// `loadflags` bit telling the kernel its virtual base was randomised.
 pub const KASLR_FLAG: u8 = 1 << 1;
+/// x86_64 runs its kernel only at 2 MiB boundaries (its page tables map it with large pages).
+const MIN_ALIGN: u64 = 2 << 20;
 /// The boot protocol that added `pref_address` and `init_size` (2.10).
 const MIN_PROTOCOL: u16 = 0x020a;
 /// The LZ4 legacy format's magic, as the kernel's build writes it (`lz4 -l`).
@@ -46,6 +49,8 @@ pub enum UnpackError {
     #[error("its compressed kernel is damaged: {0}")]
     Lz4(#[source] lz4_flex::block::DecompressError),
     #[error("its compressed kernel is damaged: {0}")]
+    Lz4Framing(&'static str),
+    #[error("its compressed kernel is damaged: {0}")]
     Gzip(#[source] std::io::Error),
     #[error("its compressed kernel unpacks to {got} bytes, but the image says {want}")]
     Size { got: usize, want: usize },
@@ -53,8 +58,18 @@ pub enum UnpackError {
     Elf(&'static str),
     #[error("its relocation table is damaged: {0}")]
     Relocs(&'static str),
+    #[error("its unpacked kernel is laid out as bulkhead does not place it: {0}")]
+    Layout(&'static str),
     #[error("its relocation at {addr:#x} is outside the kernel image")]
     RelocOutside { addr: u64 },
+}
+
+impl UnpackError {
+    /// A kernel bulkhead does not place, but whose own decompressor (which reads its ELF and
+    /// relocation table more leniently) may: left to it rather than refused.
+    fn left_to_guest(&self) -> bool {
+        matches!(self, UnpackError::Layout(_) | UnpackError::Relocs(_))
+    }
 }
 
 /// A kernel unpacked into guest memory.
@@ -62,6 +77,8 @@ pub enum UnpackError {
 pub struct Unpacked {
     /// Physical address of vmlinux's 64-bit entry (`startup_64`).
     pub entry: u64,
+    /// Where the kernel starts in guest physical memory.
+    pub load_addr: u64,
     /// First byte after everything the kernel will use (its `init_size`) or unpacking wrote.
     pub end: u64,
     /// How far the kernel's virtual base was moved; 0 without KASLR.
@@ -79,66 +96,139 @@ pub enum Format {
 }
 
 /// Unpacks the bzImage whose protected-mode part linux-loader put at `loaded_at..loaded_end`
-/// (with `hdr` its setup header) to the kernel's preferred address, then gives that part's
-/// pages back: nothing runs or reads it any more. `random` gives the bits that pick the KASLR
-/// base (asked only of a relocatable kernel); None keeps the link-time base (`nokaslr`). Ok(None) when this kernel is left to its own decompressor
-/// (see the module's comment); nothing has then been written.
+/// (with `hdr` its setup header), then gives that part's pages back: nothing runs or reads it
+/// any more. `random` gives the bits that place the kernel (asked only of a relocatable
+/// kernel); None keeps the kernel's preferred address and link-time base (`nokaslr`).
+/// `initrd` is the initrd's size and the highest address it may end at, so a random physical
+/// address leaves it room. Ok(None) when this kernel is left to its own decompressor (see the
+/// module's comment); what was written below its image is then the guest's to overwrite.
 pub fn unpack_bzimage(
     mem: &GuestMemoryMmap,
     (loaded_at, loaded_end): (u64, u64),
     hdr: &setup_header,
     random: Option<fn() -> u64>,
+    initrd: Option<(u64, u64)>,
 ) -> Result<Option<Unpacked>, UnpackError> {
-    let (version, offset, length) = (
-        hdr.version,
-        u64::from(hdr.payload_offset),
-        u64::from(hdr.payload_length),
-    );
-    if version < MIN_PROTOCOL || length < 8 {
+    let (offset, length) = (u64::from(hdr.payload_offset), u64::from(hdr.payload_length));
+    if hdr.version < MIN_PROTOCOL || length < 8 {
         return Ok(None);
     }
-    let payload_at = loaded_at + offset;
     let outside = || UnpackError::PayloadOutside { offset, length };
+    if offset.saturating_add(length) > loaded_end.saturating_sub(loaded_at) {
+        return Err(outside());
+    }
+    let payload_at = loaded_at + offset;
     let payload = mem
         .get_slice(GuestAddress(payload_at), length as usize)
         .map_err(|_| outside())?;
-    let guard = payload.ptr_guard();
-    // SAFETY: the slice is `length` bytes of mapped guest memory, valid while `payload` (and
-    // so `guard`) lives; no vCPU runs yet and nothing else writes it while it is read here.
-    let input = unsafe { std::slice::from_raw_parts(guard.as_ptr(), payload.len()) };
-    let Some((format, out_len)) = inspect(input) else {
-        return Ok(None);
+    let unpacked = {
+        let guard = payload.ptr_guard();
+        // SAFETY: the slice is `length` bytes of mapped guest memory, valid while `payload`
+        // (and so `guard`) lives, which outlives this block; no vCPU runs yet and nothing
+        // writes it while it is read here.
+        let input = unsafe { std::slice::from_raw_parts(guard.as_ptr(), payload.len()) };
+        let Some((format, out_len)) = inspect(input) else {
+            return Ok(None);
+        };
+        let base = hdr.pref_address;
+        let span = round_up(out_len.max(hdr.init_size as usize) as u64, 4096);
+        let align = u64::from(hdr.kernel_alignment);
+        // The output must not overlap the compressed input, and must start where the kernel
+        // can run.
+        if base < payload_at + length || base % MIN_ALIGN != 0 {
+            return Ok(None);
+        }
+        let relocatable =
+            hdr.relocatable_kernel != 0 && align.is_power_of_two() && align >= MIN_ALIGN;
+        let random = random.filter(|_| relocatable);
+        let load_addr = match random {
+            Some(r) => {
+                let region_end = mem
+                    .find_region(GuestAddress(base))
+                    .map_or(base, |region| region.start_addr().0 + region.len());
+                choose_phys(r(), base, span, align, region_end, initrd)
+            }
+            None => base,
+        };
+        let Ok(window) = mem.get_slice(GuestAddress(load_addr), span as usize) else {
+            return Ok(None);
+        };
+        window.bitmap().mark_dirty(0, window.len());
+        let guard_mut = window.ptr_guard_mut();
+        // SAFETY: `window` is `span` bytes of mapped guest memory at or above `base`, so
+        // disjoint from `input` (checked above); no vCPU runs yet and this is the only
+        // reference to it while this block runs.
+        let out = unsafe { std::slice::from_raw_parts_mut(guard_mut.as_ptr(), window.len()) };
+        let virt = random.map(|r| (r(), align));
+        match unpack_into(format, input, out, out_len, base, virt) {
+            Ok((entry_offset, image_len, virt_offset)) => Unpacked {
+                entry: load_addr + entry_offset,
+                load_addr,
+                end: load_addr + span.max(image_len as u64),
+                virt_offset: virt_offset.unwrap_or(0),
+                kaslr: virt_offset.is_some(),
+                format,
+            },
+            Err(e) if e.left_to_guest() => {
+                log::debug!("bzImage left to its own decompressor: {e}");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
     };
-    let base = hdr.pref_address;
-    let span = round_up(out_len.max(hdr.init_size as usize) as u64, 4096);
-    // The output must not overlap the compressed input, and must fit in one RAM region.
-    if base < payload_at + length {
-        return Ok(None);
-    }
-    let Ok(window) = mem.get_slice(GuestAddress(base), span as usize) else {
-        return Ok(None);
-    };
-    window.bitmap().mark_dirty(0, window.len());
-    let guard_mut = window.ptr_guard_mut();
-    // SAFETY: `window` is `span` bytes of mapped guest memory disjoint from `input` (checked
-    // above); no vCPU runs yet and this is the only reference to it while this function runs.
-    let out = unsafe { std::slice::from_raw_parts_mut(guard_mut.as_ptr(), window.len()) };
+    give_back(mem, loaded_at, loaded_end.min(hdr.pref_address));
+    Ok(Some(unpacked))
+}
+
+/// Decompresses into `out`, places the segments, and with `virt` (random bits, alignment)
+/// moves the virtual base by a random offset when the kernel has a relocation table. Returns
+/// the entry's offset from the start of `out`, the image's length, and the offset applied.
+fn unpack_into(
+    format: Format,
+    input: &[u8],
+    out: &mut [u8],
+    out_len: usize,
+    base: u64,
+    virt: Option<(u64, u64)>,
+) -> Result<(u64, usize, Option<u64>), UnpackError> {
     decompress(format, input, &mut out[..out_len])?;
-    let placed = place_segments(out, out_len, base)?;
-    let relocatable = hdr.relocatable_kernel != 0 && !placed.relocs.is_empty();
-    let (virt_offset, kaslr) = match random {
-        Some(r) if relocatable => (choose_offset(r(), base, span, hdr.kernel_alignment), true),
-        _ => (0, false),
+    let layout = parse_elf(&out[..out_len], out.len(), base)?;
+    // The table is read before the segments move: their zero fill may reach over it.
+    let relocs = match virt {
+        Some(_) if out_len > layout.elf_end => Some(read_relocs(&out[..out_len], layout.elf_end)?),
+        _ => None,
     };
-    relocate(out, placed.image_len, base, &placed.relocs, virt_offset)?;
-    give_back(mem, loaded_at, loaded_end.min(base));
-    Ok(Some(Unpacked {
-        entry: placed.entry,
-        end: base + span.max(placed.image_len as u64),
-        virt_offset,
-        kaslr,
-        format,
-    }))
+    move_segments(out, &layout.segments);
+    let applied = match (virt, relocs) {
+        (Some((random, align)), Some(relocs)) => {
+            let offset = choose_offset(random, base, out.len() as u64, align);
+            relocate(out, layout.image_len, base, &relocs, offset)?;
+            Some(offset)
+        }
+        _ => None,
+    };
+    Ok((layout.entry - base, layout.image_len, applied))
+}
+
+/// A physical address for the kernel: a multiple of `align` above `base` where its `span`
+/// bytes end below `region_end`, and below the initrd's room when there is one (`initrd`: its
+/// size and the address it must end below). `base` when nothing else fits.
+fn choose_phys(
+    random: u64,
+    base: u64,
+    span: u64,
+    align: u64,
+    region_end: u64,
+    initrd: Option<(u64, u64)>,
+) -> u64 {
+    let top = match initrd {
+        Some((size, limit)) => region_end.min(limit).saturating_sub(round_up(size, 4096)),
+        None => region_end,
+    };
+    match top.checked_sub(span) {
+        Some(last) if last >= base => base + (random % ((last - base) / align + 1)) * align,
+        _ => base,
+    }
 }
 
 /// Drops the pages of `[from, to)` (rounded inwards to pages) from the host's memory, so the
@@ -242,13 +332,10 @@ fn decompress(format: Format, payload: &[u8], out: &mut [u8]) -> Result<(), Unpa
 /// LZ4's legacy framing: the magic, then blocks, each after its compressed size; the last
 /// four bytes (the appended unpacked size) are no block. Returns the bytes written.
 fn lz4_legacy(payload: &[u8], out: &mut [u8]) -> Result<usize, UnpackError> {
-    let body = &payload[..payload.len() - 4];
+    let body = &payload[..payload.len().saturating_sub(4)];
     let (mut at, mut written) = (4usize, 0usize);
     while at < body.len() {
-        let size = u32_at(body, at).ok_or(UnpackError::Size {
-            got: written,
-            want: out.len(),
-        })?;
+        let size = u32_at(body, at).ok_or(UnpackError::Lz4Framing("a block size is cut short"))?;
         at += 4;
         // Concatenated streams each start with the magic again.
         if size == LZ4_LEGACY_MAGIC {
@@ -256,9 +343,7 @@ fn lz4_legacy(payload: &[u8], out: &mut [u8]) -> Result<usize, UnpackError> {
         }
         let block = body
             .get(at..at.saturating_add(size as usize))
-            .ok_or(UnpackError::Lz4(
-                lz4_flex::block::DecompressError::ExpectedAnotherByte,
-            ))?;
+            .ok_or(UnpackError::Lz4Framing("a block runs past the end"))?;
         written += lz4_flex::block::decompress_into(block, &mut out[written..])
             .map_err(UnpackError::Lz4)?;
         at += size as usize;
@@ -266,13 +351,25 @@ fn lz4_legacy(payload: &[u8], out: &mut [u8]) -> Result<usize, UnpackError> {
     Ok(written)
 }
 
-/// vmlinux laid out at its physical addresses.
+/// Where vmlinux's loadable segments go.
 #[derive(Debug)]
-struct Placed {
+struct ElfLayout {
     entry: u64,
-    /// Bytes from `base` to the end of the last segment.
+    segments: Vec<Segment>,
+    /// First byte after everything the ELF file holds (the relocation table follows).
+    elf_end: usize,
+    /// Bytes from `base` to the end of the last segment in memory.
     image_len: usize,
-    relocs: Relocs,
+}
+
+/// One PT_LOAD segment: `filesz` bytes from `offset` in the file go to `dest` (from `base`),
+/// then zeros up to `dest_end`.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    offset: usize,
+    filesz: usize,
+    dest: usize,
+    dest_end: usize,
 }
 
 /// The relocation table the kernel's build appends to vmlinux: addresses (32-bit,
@@ -284,16 +381,9 @@ struct Relocs {
     r64: Vec<u32>,
 }
 
-impl Relocs {
-    fn is_empty(&self) -> bool {
-        self.r32.is_empty() && self.inverse32.is_empty() && self.r64.is_empty()
-    }
-}
-
-/// Reads the relocation table from `out[elf_end..out_len]` and moves each PT_LOAD segment of
-/// the ELF in `out` from its file offset to `p_paddr - base`, as the guest's decompressor does.
-fn place_segments(out: &mut [u8], out_len: usize, base: u64) -> Result<Placed, UnpackError> {
-    let elf = &out[..out_len];
+/// Reads the ELF header and program headers of `elf` (the unpacked file), for segments placed
+/// at `p_paddr - base` in a window of `room` bytes.
+fn parse_elf(elf: &[u8], room: usize, base: u64) -> Result<ElfLayout, UnpackError> {
     if !elf.starts_with(b"\x7fELF") || elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
         return Err(UnpackError::Elf("no 64-bit little-endian ELF header"));
     }
@@ -311,70 +401,81 @@ fn place_segments(out: &mut [u8], out_len: usize, base: u64) -> Result<Placed, U
     if phentsize < 56 {
         return Err(UnpackError::Elf("program headers too small"));
     }
-    let mut elf_end = phoff.saturating_add(phentsize.saturating_mul(phnum));
-    elf_end = elf_end.max(shoff.saturating_add(shentsize.saturating_mul(shnum)));
-    // (file offset, destination offset, file size, memory size) of each PT_LOAD.
-    let mut segments = Vec::new();
+    let mut elf_end = phoff.saturating_add(phentsize * phnum);
+    elf_end = elf_end.max(shoff.saturating_add(shentsize * shnum));
+    let mut segments: Vec<Segment> = Vec::new();
     for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        let bad = UnpackError::Elf("program header truncated");
-        if u32_at(elf, ph).ok_or(bad)? != PT_LOAD {
+        let ph = phoff.saturating_add(i * phentsize);
+        let get = |at: usize| {
+            u64_at(elf, ph.saturating_add(at)).ok_or(UnpackError::Elf("program header truncated"))
+        };
+        if get(0)? as u32 != PT_LOAD {
             continue;
         }
-        let get = |at| u64_at(elf, ph + at).ok_or(UnpackError::Elf("program header truncated"));
         let (offset, paddr, filesz, memsz) = (get(8)?, get(24)?, get(32)?, get(40)?);
-        let dest = paddr.checked_sub(base).ok_or(UnpackError::Elf(
+        let dest = paddr.checked_sub(base).ok_or(UnpackError::Layout(
             "a segment lies below the kernel's load address",
         ))?;
         let src_end = offset
             .checked_add(filesz)
-            .filter(|&e| e <= out_len as u64)
+            .filter(|&e| e <= elf.len() as u64)
             .ok_or(UnpackError::Elf("a segment lies outside the file"))?;
         let dest_end = dest
             .checked_add(memsz)
-            .filter(|&e| e <= out.len() as u64 && memsz >= filesz)
-            .ok_or(UnpackError::Elf(
+            .filter(|&e| e <= room as u64 && memsz >= filesz)
+            .ok_or(UnpackError::Layout(
                 "a segment is larger than the kernel's init_size",
             ))?;
-        // Moving down in file order never overwrites a segment not yet moved; anything else
-        // would need a scratch copy the guest's decompressor does not make either.
-        if dest > offset || segments.last().is_some_and(|&(o, _, f, _)| o + f > offset) {
-            return Err(UnpackError::Elf("segments out of order"));
+        // Each segment moves down, and in file and memory order: copying them one after
+        // another then never overwrites a segment not yet copied, and no zero fill (done after
+        // all copies) lands on another segment.
+        let ordered = segments.last().map_or(true, |p| {
+            p.offset + p.filesz <= offset as usize && p.dest_end <= dest as usize
+        });
+        if dest > offset || !ordered {
+            return Err(UnpackError::Layout("segments out of order"));
         }
         elf_end = elf_end.max(src_end as usize);
-        segments.push((offset, dest, filesz, dest_end));
+        segments.push(Segment {
+            offset: offset as usize,
+            filesz: filesz as usize,
+            dest: dest as usize,
+            dest_end: dest_end as usize,
+        });
     }
-    if segments.is_empty() {
-        return Err(UnpackError::Elf("no loadable segment"));
-    }
-    let relocs = read_relocs(&out[..out_len], elf_end)?;
-    let mut image_len = 0;
-    for (offset, dest, filesz, dest_end) in segments {
-        let (offset, dest, filesz) = (offset as usize, dest as usize, filesz as usize);
-        out.copy_within(offset..offset + filesz, dest);
-        out[dest + filesz..dest_end as usize].fill(0);
-        image_len = image_len.max(dest_end as usize);
-    }
+    let image_len = segments
+        .last()
+        .map(|s| s.dest_end)
+        .ok_or(UnpackError::Elf("no loadable segment"))?;
     if entry
         .checked_sub(base)
         .map_or(true, |e| e >= image_len as u64)
     {
         return Err(UnpackError::Elf("the entry point is outside the image"));
     }
-    Ok(Placed {
+    Ok(ElfLayout {
         entry,
+        segments,
+        elf_end,
         image_len,
-        relocs,
     })
 }
 
-/// Reads the relocation table backwards from the end of `unpacked` down to `elf_end`: 32-bit
-/// entries, then a zero, inverse 32-bit entries and a zero, 64-bit entries and a zero. No bytes
-/// after the ELF means no table (a kernel built without `CONFIG_RANDOMIZE_BASE`).
-fn read_relocs(unpacked: &[u8], elf_end: usize) -> Result<Relocs, UnpackError> {
-    if unpacked.len() <= elf_end {
-        return Ok(Relocs::default());
+/// Moves each segment from its file offset to its place (all copies first, then the zero
+/// fills), as the guest's decompressor does.
+fn move_segments(out: &mut [u8], segments: &[Segment]) {
+    for s in segments {
+        out.copy_within(s.offset..s.offset + s.filesz, s.dest);
     }
+    for s in segments {
+        out[s.dest + s.filesz..s.dest_end].fill(0);
+    }
+}
+
+/// Reads the relocation table backwards from the end of `unpacked` down to `elf_end`: 32-bit
+/// entries, then a zero, inverse 32-bit entries and a zero, 64-bit entries and a zero, which
+/// must end exactly where the ELF does (the build appends the table right after it).
+fn read_relocs(unpacked: &[u8], elf_end: usize) -> Result<Relocs, UnpackError> {
     let mut lists: [Vec<u32>; 3] = Default::default();
     let mut at = unpacked.len();
     for list in &mut lists {
@@ -390,6 +491,9 @@ fn read_relocs(unpacked: &[u8], elf_end: usize) -> Result<Relocs, UnpackError> {
             }
         }
     }
+    if at != elf_end {
+        return Err(UnpackError::Relocs("it does not end where vmlinux does"));
+    }
     let [r32, inverse32, r64] = lists;
     Ok(Relocs {
         r32,
@@ -401,9 +505,8 @@ fn read_relocs(unpacked: &[u8], elf_end: usize) -> Result<Relocs, UnpackError> {
 /// A KASLR offset from `random`: a multiple of the kernel's alignment that keeps the image
 /// (of `image_size` bytes from `base`) inside the kernel's virtual window, each equally likely
 /// but for the modulo's negligible bias.
-fn choose_offset(random: u64, base: u64, image_size: u64, alignment: u32) -> u64 {
-    let align = u64::from(alignment);
-    if !align.is_power_of_two() || align < 4096 {
+fn choose_offset(random: u64, base: u64, image_size: u64, align: u64) -> u64 {
+    if !align.is_power_of_two() || align < MIN_ALIGN {
         return 0;
     }
     let Some(room) = KERNEL_IMAGE_SIZE

@@ -105,7 +105,7 @@ fn lz4_block_running_past_the_payload_is_refused() {
     let mut out = vec![0u8; 3];
     assert!(matches!(
         decompress(Format::Lz4, &payload, &mut out),
-        Err(UnpackError::Lz4(_))
+        Err(UnpackError::Lz4Framing(_))
     ));
 }
 
@@ -140,29 +140,37 @@ fn formats_bulkhead_does_not_decode_are_left_to_the_guest() {
     }
 }
 
+/// Parses and places `data` in a window of `room` bytes; returns the window and the layout.
+fn place(data: &[u8], room: usize) -> Result<(Vec<u8>, ElfLayout), UnpackError> {
+    let mut out = data.to_vec();
+    out.resize(room.max(data.len()), 0xaa);
+    let layout = parse_elf(&out[..data.len()], out.len(), BASE)?;
+    move_segments(&mut out, &layout.segments);
+    Ok((out, layout))
+}
+
 #[test]
 fn segments_move_to_their_physical_addresses_and_bss_is_zeroed() {
     let data = vmlinux(true);
-    let mut out = data.clone();
-    out.resize(0x4000, 0xaa);
-    let placed = place_segments(&mut out, data.len(), BASE).unwrap();
-    assert_eq!(placed.entry, BASE);
-    assert_eq!(placed.image_len, 0x840);
+    let (out, layout) = place(&data, 0x4000).unwrap();
+    assert_eq!(layout.entry, BASE);
+    assert_eq!((layout.image_len, layout.elf_end), (0x840, 0x2040));
     assert_eq!(&out[..0x100], &data[0x1000..0x1100]);
     assert!(out[0x100..0x200].iter().all(|&b| b == 0));
     assert_eq!(&out[0x800..0x840], &data[0x2000..0x2040]);
-    assert_eq!(placed.relocs.r32.len(), 2);
-    assert_eq!(placed.relocs.inverse32, vec![entry_for(BASE + 0x30)]);
-    assert_eq!(placed.relocs.r64, vec![entry_for(BASE + 0x20)]);
+    let relocs = read_relocs(&data, layout.elf_end).unwrap();
+    assert_eq!(relocs.r32.len(), 2);
+    assert_eq!(relocs.inverse32, vec![entry_for(BASE + 0x30)]);
+    assert_eq!(relocs.r64, vec![entry_for(BASE + 0x20)]);
 }
 
 #[test]
 fn relocation_moves_every_kind_of_field_by_the_offset() {
     let data = vmlinux(true);
-    let mut out = data.clone();
-    let placed = place_segments(&mut out, data.len(), BASE).unwrap();
+    let (mut out, layout) = place(&data, data.len()).unwrap();
+    let relocs = read_relocs(&data, layout.elf_end).unwrap();
     let offset = 0x20_0000;
-    relocate(&mut out, placed.image_len, BASE, &placed.relocs, offset).unwrap();
+    relocate(&mut out, layout.image_len, BASE, &relocs, offset).unwrap();
     assert_eq!(u32_in(&out, 0x10), 0x8120_0000);
     assert_eq!(u64_at(&out, 0x20), Some(0xffff_ffff_8120_0123));
     assert_eq!(u32_in(&out, 0x30), 0x1000u32.wrapping_sub(0x20_0000));
@@ -187,60 +195,84 @@ fn relocation_outside_the_image_is_refused() {
 }
 
 #[test]
-fn kernel_without_a_table_has_no_relocations_and_a_damaged_table_is_refused() {
-    let data = vmlinux(false);
-    let mut out = data.clone();
-    assert!(place_segments(&mut out, data.len(), BASE)
-        .unwrap()
-        .relocs
-        .is_empty());
+fn relocation_table_must_end_where_vmlinux_does() {
     // Only two of the three terminators: the walk would run into the image.
     let mut data = vmlinux(false);
+    let elf_end = data.len();
     data.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]);
-    let mut out = data.clone();
     assert!(matches!(
-        place_segments(&mut out, data.len(), BASE),
+        read_relocs(&data, elf_end),
         Err(UnpackError::Relocs(_))
     ));
+    // Three lists, but with bytes between vmlinux and the table.
+    let mut data = vmlinux(false);
+    data.extend_from_slice(&[7; 8]);
+    data.extend_from_slice(&vmlinux(true)[elf_end..]);
+    let err = read_relocs(&data, elf_end).unwrap_err();
+    assert!(err.left_to_guest(), "{err}");
 }
 
 #[test]
-fn malformed_elf_is_refused_by_name() {
-    let mut out = vec![0u8; 0x100];
+fn malformed_elf_is_refused_by_name_and_odd_layouts_are_left_to_the_guest() {
+    let out = vec![0u8; 0x100];
     assert!(matches!(
-        place_segments(&mut out, 0x100, BASE),
+        parse_elf(&out, 0x100, BASE),
         Err(UnpackError::Elf(_))
     ));
-    // A segment below the load address.
     let data = vmlinux(true);
-    let mut out = data.clone();
-    assert!(matches!(
-        place_segments(&mut out, data.len(), BASE + 0x1000),
-        Err(UnpackError::Elf(_))
-    ));
+    // A segment below the load address.
+    let err = parse_elf(&data, data.len(), BASE + 0x1000).unwrap_err();
+    assert!(err.left_to_guest(), "{err}");
     // Segments whose move would overwrite one not yet moved.
-    let mut swapped = vmlinux(true);
+    let mut swapped = data.clone();
     let (a, b) = (64usize, 64usize + 56);
     let first: Vec<u8> = swapped[a..a + 56].to_vec();
     let second: Vec<u8> = swapped[b..b + 56].to_vec();
     swapped[a..a + 56].copy_from_slice(&second);
     swapped[b..b + 56].copy_from_slice(&first);
-    let mut out = swapped.clone();
     assert!(matches!(
-        place_segments(&mut out, swapped.len(), BASE),
-        Err(UnpackError::Elf("segments out of order"))
+        parse_elf(&swapped, swapped.len(), BASE),
+        Err(UnpackError::Layout("segments out of order"))
+    ));
+    // A first segment whose zero fill would reach the second one's place.
+    let mut long_bss = data.clone();
+    long_bss[64 + 40..64 + 48].copy_from_slice(&0x900u64.to_le_bytes());
+    assert!(matches!(
+        parse_elf(&long_bss, long_bss.len(), BASE),
+        Err(UnpackError::Layout("segments out of order"))
     ));
 }
 
 #[test]
+fn physical_address_is_aligned_and_leaves_room_for_the_initrd() {
+    let (span, align) = (70u64 << 20, 2u64 << 20);
+    let end = 256u64 << 20;
+    let mut seen = std::collections::BTreeSet::new();
+    for r in 0..200 {
+        let phys = choose_phys(r, BASE, span, align, end, Some((20 << 20, u64::MAX)));
+        assert_eq!((phys - BASE) % align, 0);
+        assert!(phys + span <= end - (20 << 20), "{phys:#x}");
+        seen.insert(phys);
+    }
+    // (256 - 20 - 70 - 16) MiB of room: 75 two-MiB steps, and the base itself.
+    assert_eq!(seen.len(), 76);
+    // The initrd's own limit counts, and no room leaves the kernel at its base.
+    assert_eq!(
+        choose_phys(5, BASE, span, align, end, Some((0, 100 << 20))),
+        BASE + (10 << 20)
+    );
+    assert_eq!(choose_phys(5, BASE, span, align, 80 << 20, None), BASE);
+}
+
+#[test]
 fn kaslr_offsets_are_aligned_and_keep_the_image_in_the_kernel_window() {
-    let (size, align) = (70 << 20, 0x20_0000u32);
-    let slots = (KERNEL_IMAGE_SIZE - size - BASE) / u64::from(align) + 1;
+    let (size, align) = (70 << 20, 0x20_0000u64);
+    let slots = (KERNEL_IMAGE_SIZE - size - BASE) / align + 1;
     assert_eq!(choose_offset(0, BASE, size, align), 0);
     let mut seen = std::collections::BTreeSet::new();
     for r in (0..slots * 3).chain([u64::MAX, u64::MAX - 1]) {
         let off = choose_offset(r, BASE, size, align);
-        assert_eq!(off % u64::from(align), 0);
+        assert_eq!(off % align, 0);
         assert!(BASE + off + size <= KERNEL_IMAGE_SIZE, "{off:#x}");
         seen.insert(off);
     }
@@ -283,22 +315,29 @@ fn bzimage_in_guest_memory_is_unpacked_relocated_and_entered_at_startup_64() {
     let payload = gzip(&vmlinux(true));
     let mem = guest_with(&payload);
     let hdr = header(0x400, payload.len());
-    let u = unpack_bzimage(&mem, LOADED, &hdr, Some(|| 3))
+    let u = unpack_bzimage(&mem, LOADED, &hdr, Some(|| 3), None)
         .unwrap()
         .unwrap();
-    assert_eq!((u.entry, u.format), (BASE, Format::Gzip));
+    // Both placements from the same 3: the physical one 3 steps of 2 MiB up the RAM, the
+    // virtual one 3 steps up the kernel's window.
+    let phys = BASE + 3 * 0x20_0000;
+    assert_eq!((u.entry, u.load_addr, u.format), (phys, phys, Format::Gzip));
     assert!(u.kaslr);
     assert_eq!(u.virt_offset, 3 * 0x20_0000);
-    assert_eq!(u.end, BASE + 0x1_0000);
-    let field: u32 = mem.read_obj(GuestAddress(BASE + 0x10)).unwrap();
+    assert_eq!(u.end, phys + 0x1_0000);
+    let field: u32 = mem.read_obj(GuestAddress(phys + 0x10)).unwrap();
     assert_eq!(field, 0x8100_0000 + 0x60_0000);
+    let untouched: u32 = mem.read_obj(GuestAddress(BASE + 0x10)).unwrap();
+    assert_eq!(untouched, 0);
     // The compressed image's pages were given back: they read as zeros.
     let gone: [u8; 16] = mem.read_obj(GuestAddress(LOADED.0 + 0x400)).unwrap();
     assert_eq!(gone, [0; 16]);
 
     // nokaslr: placed at the link-time base, nothing relocated.
     let mem = guest_with(&payload);
-    let u = unpack_bzimage(&mem, LOADED, &hdr, None).unwrap().unwrap();
+    let u = unpack_bzimage(&mem, LOADED, &hdr, None, None)
+        .unwrap()
+        .unwrap();
     assert_eq!((u.kaslr, u.virt_offset), (false, 0));
     let field: u32 = mem.read_obj(GuestAddress(BASE + 0x10)).unwrap();
     assert_eq!(field, 0x8100_0000);
@@ -311,7 +350,7 @@ fn bzimage_left_to_its_own_decompressor_writes_nothing() {
     let mem = guest_with(&xz);
     let hdr = header(0x400, xz.len());
     assert_eq!(
-        unpack_bzimage(&mem, LOADED, &hdr, Some(|| 1)).unwrap(),
+        unpack_bzimage(&mem, LOADED, &hdr, Some(|| 1), None).unwrap(),
         None
     );
     let kept: [u8; 6] = mem.read_obj(GuestAddress(LOADED.0 + 0x400)).unwrap();
@@ -324,7 +363,7 @@ fn bzimage_left_to_its_own_decompressor_writes_nothing() {
         ..header(0x400, payload.len())
     };
     assert_eq!(
-        unpack_bzimage(&mem, LOADED, &old, Some(|| 1)).unwrap(),
+        unpack_bzimage(&mem, LOADED, &old, Some(|| 1), None).unwrap(),
         None
     );
     // Too little RAM above the preferred address.
@@ -335,7 +374,7 @@ fn bzimage_left_to_its_own_decompressor_writes_nothing() {
         .unwrap();
     let hdr = header(0x400, payload.len());
     assert_eq!(
-        unpack_bzimage(&small, LOADED, &hdr, Some(|| 1)).unwrap(),
+        unpack_bzimage(&small, LOADED, &hdr, Some(|| 1), None).unwrap(),
         None
     );
     let untouched: u64 = small.read_obj(GuestAddress(BASE)).unwrap();
@@ -344,10 +383,77 @@ fn bzimage_left_to_its_own_decompressor_writes_nothing() {
 
 #[test]
 fn payload_outside_the_loaded_image_is_refused() {
+    // Inside guest RAM, but past the end of the loaded image.
     let mem = guest_with(&[0u8; 16]);
-    let hdr = header(0x400, 128 << 20);
+    let hdr = header(0x400, (LOADED.1 - LOADED.0) as usize);
     assert!(matches!(
-        unpack_bzimage(&mem, LOADED, &hdr, None),
+        unpack_bzimage(&mem, LOADED, &hdr, None, None),
         Err(UnpackError::PayloadOutside { .. })
     ));
+}
+
+#[test]
+fn odd_layout_in_a_bzimage_is_left_to_its_own_decompressor() {
+    let mut data = vmlinux(true);
+    let (a, b) = (64usize, 64usize + 56);
+    let first: Vec<u8> = data[a..a + 56].to_vec();
+    let second: Vec<u8> = data[b..b + 56].to_vec();
+    data[a..a + 56].copy_from_slice(&second);
+    data[b..b + 56].copy_from_slice(&first);
+    let payload = gzip(&data);
+    let mem = guest_with(&payload);
+    let hdr = header(0x400, payload.len());
+    assert_eq!(
+        unpack_bzimage(&mem, LOADED, &hdr, Some(|| 1), None).unwrap(),
+        None
+    );
+    let kept: [u8; 2] = mem.read_obj(GuestAddress(LOADED.0 + 0x400)).unwrap();
+    assert_eq!(kept, GZIP_MAGIC, "the compressed image stays for the guest");
+}
+
+/// A bzImage file: one setup sector after the boot sector, then the protected-mode part with
+/// `payload` at 0x400 in it.
+fn bzimage_file(payload: &[u8]) -> std::path::PathBuf {
+    let mut f = vec![0u8; 1024 + 0x400];
+    f[0x1f1] = 1; // setup_sects
+    f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    f[0x211] = 1; // LOADED_HIGH
+    f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    f[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes());
+    f[0x234] = 1; // relocatable
+    f[0x248..0x24c].copy_from_slice(&0x400u32.to_le_bytes());
+    f[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    f[0x258..0x260].copy_from_slice(&BASE.to_le_bytes());
+    f[0x260..0x264].copy_from_slice(&0x1_0000u32.to_le_bytes());
+    f.extend_from_slice(payload);
+    let path = std::env::temp_dir().join(format!(
+        "bulkhead-unpack-{}-{:?}.bzImage",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&path, f).unwrap();
+    path
+}
+
+#[test]
+fn loaded_bzimage_tells_the_kernel_of_kaslr_only_when_it_was_done() {
+    let path = bzimage_file(&gzip(&vmlinux(true)));
+    let load = |kaslr: Option<fn() -> u64>| {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mut file = crate::boot::BootFile::open("kernel", &path).unwrap();
+        crate::boot::load_kernel(&mem, &mut file, kaslr, Some(40 << 20)).unwrap()
+    };
+    let random = load(Some(|| 5));
+    let flags = random.setup_header.map(|h| h.loadflags).unwrap();
+    assert_eq!(flags & KASLR_FLAG, KASLR_FLAG);
+    // 40 MiB of initrd leaves 64 - 40 - 16 MiB less the image: 4 places, the kernel takes
+    // the second (5 mod 4); with no initrd to leave room for it would take the sixth.
+    assert_eq!(random.entry, BASE + 0x20_0000);
+    let fixed = load(None);
+    let flags = fixed.setup_header.map(|h| h.loadflags).unwrap();
+    assert_eq!((flags & KASLR_FLAG, fixed.entry), (0, BASE));
+    std::fs::remove_file(path).unwrap();
 }

@@ -41,7 +41,11 @@ pub(super) fn boot(
 ) -> Result<Vec<Vcpu>, BuildError> {
     let mem = vm.memory();
     let kaslr = boot::kaslr_wanted(&config.vm.cmdline).then_some(kaslr_random as fn() -> u64);
-    let kernel = boot::load_kernel(mem, kernel_file, kaslr)?;
+    let initrd_size = initrd_file
+        .as_ref()
+        .and_then(|f| f.file.metadata().ok())
+        .map(|m| m.len());
+    let kernel = boot::load_kernel(mem, kernel_file, kaslr, initrd_size)?;
     let initrd = match initrd_file {
         Some(file) => Some(boot::load_initrd(
             mem,
