@@ -40,18 +40,19 @@ const STOCK_SCRIPT: &str = r#"
 if [ "$1" != inner ]; then exec unshare -n sh "$0" inner "$@"; fi
 shift
 bulkhead=$1 kernel=$2 initramfs=$3 disk=$5
-# Where the kernel's text landed: bulkhead unpacks this LZ4 kernel itself and picks its KASLR
-# base; this boot and two more. (`nokaslr` is tested below the lane: this initramfs would run
-# it as a command, as the kernel hands init the words it does not know.)
-text="echo text=\$(grep ' _text\$' /proc/kallsyms | cut -d' ' -f1)"
+# Where the kernel's text landed, virtually and physically: bulkhead unpacks this LZ4 kernel
+# itself and places it at random; this boot and two more, which also log where bulkhead put
+# it. (`nokaslr` is tested below the lane: this initramfs would run it as a command, as the
+# kernel hands init the words it does not know.)
+text="echo text=\$(grep ' _text\$' /proc/kallsyms | cut -d' ' -f1) code=\$(grep 'Kernel code' /proc/iomem | tr -d ' ' | cut -d- -f1)"
 show="$text; echo cpus=\$(grep -c ^processor /proc/cpuinfo); dmesg | grep -vi 'command line' | grep -iE 'Using ACPI|symmetric I/O|virtual wire|IOAPIC\['; for d in /sys/bus/virtio/devices/*; do echo virtio: \${d##*/} device=\$(cat \$d/device) driver=\$(basename \$(readlink \$d/driver)); done; grep -q IO-APIC /proc/interrupts && echo interrupts=IO-\$(echo APIC); mkdir /m && mount /dev/vda /m && echo stock-kernel-token > /m/token && umount /m && echo disk=\$(echo written)"
 "$bulkhead" run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --vcpus 2 \
     --disk "$disk" --net tap=bhtap2,mac=06:00:0a:00:00:02 --vsock cid=3,uds=/tmp/stock.sock \
     --cmdline "quiet -- sh -c \"$show\"" 2>&1
 echo "lane: stock status $?"
 for boot in 2 3; do
-    "$bulkhead" run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 \
-        --cmdline "quiet -- sh -c \"$text\"" 2>&1 | grep '^text='
+    "$bulkhead" run --kernel "$kernel" --initrd "$initramfs" --mem-mib 256 --log-level debug \
+        --cmdline "quiet -- sh -c \"$text\"" 2>&1 | grep -E '^text=|unpacked'
 done
 "#;
 
@@ -106,26 +107,57 @@ fn debians_stock_kernel_boots_at_a_random_base_sees_every_vcpu_and_device_and_wr
     );
 }
 
-/// The `text=` lines: `_text` of the first boot and the two after it. KASLR bases are 2 MiB
-/// steps above the link-time base, inside the kernel's 1 GiB window; three random ones all
-/// equal would be one chance in 230,000.
+/// The hex number after `key` in `line`.
+fn hex_after(line: &str, key: &str) -> Option<u64> {
+    let rest = line.split(key).nth(1)?;
+    let digits: String = rest
+        .trim_start_matches("0x")
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    u64::from_str_radix(&digits, 16).ok()
+}
+
+/// The `text=` lines (`_text` and the physical start of the kernel's code, of the first boot
+/// and the two after it) and bulkhead's `unpacked ... at PHYS; virtual base moved by OFFSET`
+/// lines of the last two. KASLR bases are 2 MiB steps above the link-time base inside the
+/// kernel's 1 GiB window (three random ones all equal: one chance in 230,000), and each is
+/// where bulkhead says it put the kernel: the guest's own decompressor did not run.
 fn kaslr_moved_the_kernel(out: &str) {
     const LINKED: u64 = 0xffff_ffff_8100_0000;
-    let texts: Vec<u64> = out
+    let texts: Vec<(u64, u64)> = out
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("text="))
-        .map(|a| u64::from_str_radix(a, 16).unwrap_or_else(|_| panic!("{a:?} in:\n{out}")))
+        .filter(|l| l.trim_start().starts_with("text="))
+        .map(|l| {
+            hex_after(l, "text=")
+                .zip(hex_after(l, "code="))
+                .unwrap_or_else(|| panic!("{l:?} in:\n{out}"))
+        })
         .collect();
-    assert_eq!(texts.len(), 3, "{out}");
-    for &t in &texts {
+    let placed: Vec<(u64, u64)> = out
+        .lines()
+        .filter(|l| l.contains("unpacked"))
+        .map(|l| {
+            hex_after(l, " at ")
+                .zip(hex_after(l, "moved by "))
+                .unwrap_or_else(|| panic!("{l:?} in:\n{out}"))
+        })
+        .collect();
+    assert_eq!((texts.len(), placed.len()), (3, 2), "{out}");
+    for &(text, code) in &texts {
         assert!(
-            t >= LINKED && (t - LINKED) % (2 << 20) == 0 && t < 0xffff_ffff_c000_0000,
-            "_text {t:#x} is no KASLR base\n{out}"
+            text >= LINKED && (text - LINKED) % (2 << 20) == 0 && text < 0xffff_ffff_c000_0000,
+            "_text {text:#x} is no KASLR base\n{out}"
         );
+        assert_eq!(code % (2 << 20), 0, "kernel code at {code:#x}\n{out}");
     }
+    for (&(text, code), &(at, moved)) in texts[1..].iter().zip(&placed) {
+        assert_eq!((text, code), (LINKED + moved, at), "\n{out}");
+    }
+    let bases: Vec<u64> = texts.iter().map(|t| t.0).collect();
     assert!(
-        texts[0] != texts[1] || texts[1] != texts[2],
-        "three boots, one base: {texts:x?}"
+        bases[0] != bases[1] || bases[1] != bases[2],
+        "three boots, one base: {bases:x?}"
     );
 }
 
