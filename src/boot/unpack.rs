@@ -14,7 +14,10 @@
 //! a random physical address (a multiple of the kernel's alignment in RAM, leaving room for
 //! the initrd above it) and, independently, a random virtual base in the kernel's 1 GiB window
 //! with the relocation table applied, both from getrandom(2); `nokaslr` on the command line
-//! turns both off, and a kernel that is not relocatable goes where it asks.
+//! turns both off, and a kernel that is not relocatable goes where it asks. (A relocatable
+//! kernel built without KASLR, so with no table, still gets a random physical address here,
+//! where its decompressor would use its preferred one: it runs at any aligned address.) A
+//! damaged payload, an ELF that is not x86_64, or a relocation outside the image is refused.
 
 use linux_loader::loader::bootparam::setup_header;
 use vm_memory::bitmap::Bitmap;
@@ -101,7 +104,11 @@ pub enum Format {
 /// kernel); None keeps the kernel's preferred address and link-time base (`nokaslr`).
 /// `initrd` is the initrd's size and the highest address it may end at, so a random physical
 /// address leaves it room. Ok(None) when this kernel is left to its own decompressor (see the
-/// module's comment); what was written below its image is then the guest's to overwrite.
+/// module's comment): the loaded image is then as linux-loader left it, and what unpacking
+/// wrote above it is given back.
+// Kept out of its caller: inlined, it grew the boot recipe's code, which every VM runs and the
+// text layout list places with the rest of what a VM runs, by code only a bzImage boot runs.
+#[inline(never)]
 pub fn unpack_bzimage(
     mem: &GuestMemoryMmap,
     (loaded_at, loaded_end): (u64, u64),
@@ -133,9 +140,10 @@ pub fn unpack_bzimage(
         let base = hdr.pref_address;
         let span = round_up(out_len.max(hdr.init_size as usize) as u64, 4096);
         let align = u64::from(hdr.kernel_alignment);
-        // The output must not overlap the compressed input, and must start where the kernel
-        // can run.
-        if base < payload_at + length || base % MIN_ALIGN != 0 {
+        // The output must not overlap the loaded image (the compressed kernel and, after it,
+        // the decompressor's own code and data, which run if this falls back), and must start
+        // where the kernel can run.
+        if base < loaded_end || base % MIN_ALIGN != 0 {
             return Ok(None);
         }
         let relocatable =
@@ -161,23 +169,29 @@ pub fn unpack_bzimage(
         let out = unsafe { std::slice::from_raw_parts_mut(guard_mut.as_ptr(), window.len()) };
         let virt = random.map(|r| (r(), align));
         match unpack_into(format, input, out, out_len, base, virt) {
-            Ok((entry_offset, image_len, virt_offset)) => Unpacked {
+            Ok((entry_offset, image_len, virt_offset)) => Ok(Unpacked {
                 entry: load_addr + entry_offset,
                 load_addr,
                 end: load_addr + span.max(image_len as u64),
                 virt_offset: virt_offset.unwrap_or(0),
                 kaslr: virt_offset.is_some(),
                 format,
-            },
-            Err(e) if e.left_to_guest() => {
-                log::debug!("bzImage left to its own decompressor: {e}");
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
+            }),
+            Err(e) => Err((e, load_addr, load_addr + span)),
         }
     };
-    give_back(mem, loaded_at, loaded_end.min(hdr.pref_address));
-    Ok(Some(unpacked))
+    match unpacked {
+        Ok(unpacked) => {
+            give_back(mem, loaded_at, loaded_end);
+            Ok(Some(unpacked))
+        }
+        Err((e, from, to)) if e.left_to_guest() => {
+            log::debug!("bzImage left to its own decompressor: {e}");
+            give_back(mem, from, to);
+            Ok(None)
+        }
+        Err((e, ..)) => Err(e),
+    }
 }
 
 /// Decompresses into `out`, places the segments, and with `virt` (random bits, alignment)
@@ -232,8 +246,8 @@ fn choose_phys(
 }
 
 /// Drops the pages of `[from, to)` (rounded inwards to pages) from the host's memory, so the
-/// guest reads zeros there: 14 MB of compressed Debian kernel would otherwise stay resident for
-/// the VM's life. Only private anonymous RAM: a file-backed region (a memfd a vhost-user backend
+/// guest reads zeros there: 14 MB of compressed Debian kernel (or a fallen-back unpack's
+/// output) would otherwise stay resident for the VM's life. Only private anonymous RAM: a file-backed region (a memfd a vhost-user backend
 /// shares) keeps its pages, as MADV_DONTNEED would not free them.
 fn give_back(mem: &GuestMemoryMmap, from: u64, to: u64) {
     let (from, to) = (round_up(from, 4096), to & !4095);

@@ -3,6 +3,8 @@ use std::io::Write;
 use vm_memory::Bytes;
 
 const BASE: u64 = 0x100_0000;
+/// startup_64's offset in the test vmlinux (not 0, so an entry computed without it shows).
+const ENTRY: u64 = 0x40;
 /// Where linux-loader put the protected-mode part in these tests, and its end.
 const LOADED: (u64, u64) = (0x10_0000, 0x20_0000);
 
@@ -20,7 +22,7 @@ fn vmlinux(relocs: bool) -> Vec<u8> {
     f[4] = 2;
     f[5] = 1;
     f[0x12..0x14].copy_from_slice(&EM_X86_64.to_le_bytes());
-    f[0x18..0x20].copy_from_slice(&BASE.to_le_bytes());
+    f[0x18..0x20].copy_from_slice(&(BASE + ENTRY).to_le_bytes());
     f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
     f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
     f[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
@@ -153,7 +155,7 @@ fn place(data: &[u8], room: usize) -> Result<(Vec<u8>, ElfLayout), UnpackError> 
 fn segments_move_to_their_physical_addresses_and_bss_is_zeroed() {
     let data = vmlinux(true);
     let (out, layout) = place(&data, 0x4000).unwrap();
-    assert_eq!(layout.entry, BASE);
+    assert_eq!(layout.entry, BASE + ENTRY);
     assert_eq!((layout.image_len, layout.elf_end), (0x840, 0x2040));
     assert_eq!(&out[..0x100], &data[0x1000..0x1100]);
     assert!(out[0x100..0x200].iter().all(|&b| b == 0));
@@ -312,21 +314,26 @@ fn guest_with(payload: &[u8]) -> GuestMemoryMmap {
 
 #[test]
 fn bzimage_in_guest_memory_is_unpacked_relocated_and_entered_at_startup_64() {
+    fn three_then_four() -> u64 {
+        thread_local!(static DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(3) });
+        DRAWS.with(|d| d.replace(d.get() + 1))
+    }
     let payload = gzip(&vmlinux(true));
     let mem = guest_with(&payload);
     let hdr = header(0x400, payload.len());
-    let u = unpack_bzimage(&mem, LOADED, &hdr, Some(|| 3), None)
+    let u = unpack_bzimage(&mem, LOADED, &hdr, Some(three_then_four), None)
         .unwrap()
         .unwrap();
-    // Both placements from the same 3: the physical one 3 steps of 2 MiB up the RAM, the
-    // virtual one 3 steps up the kernel's window.
+    // The physical place is drawn first (3 steps of 2 MiB up the RAM), the virtual one second
+    // (4 steps up the kernel's window).
     let phys = BASE + 3 * 0x20_0000;
-    assert_eq!((u.entry, u.load_addr, u.format), (phys, phys, Format::Gzip));
+    let placed = (u.entry, u.load_addr, u.format);
+    assert_eq!(placed, (phys + ENTRY, phys, Format::Gzip));
     assert!(u.kaslr);
-    assert_eq!(u.virt_offset, 3 * 0x20_0000);
+    assert_eq!(u.virt_offset, 4 * 0x20_0000);
     assert_eq!(u.end, phys + 0x1_0000);
     let field: u32 = mem.read_obj(GuestAddress(phys + 0x10)).unwrap();
-    assert_eq!(field, 0x8100_0000 + 0x60_0000);
+    assert_eq!(field, 0x8100_0000 + 0x80_0000);
     let untouched: u32 = mem.read_obj(GuestAddress(BASE + 0x10)).unwrap();
     assert_eq!(untouched, 0);
     // The compressed image's pages were given back: they read as zeros.
@@ -366,6 +373,17 @@ fn bzimage_left_to_its_own_decompressor_writes_nothing() {
         unpack_bzimage(&mem, LOADED, &old, Some(|| 1), None).unwrap(),
         None
     );
+    // A loaded image reaching past the preferred address: its decompressor's own code would be
+    // under the output.
+    let mem = guest_with(&payload);
+    let hdr = header(0x400, payload.len());
+    let reaching = (LOADED.0, BASE + 0x1000);
+    assert_eq!(
+        unpack_bzimage(&mem, reaching, &hdr, Some(|| 1), None).unwrap(),
+        None
+    );
+    let kept: [u8; 2] = mem.read_obj(GuestAddress(LOADED.0 + 0x400)).unwrap();
+    assert_eq!(kept, GZIP_MAGIC);
     // Too little RAM above the preferred address.
     let small =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (BASE + 0x8000) as usize)]).unwrap();
@@ -404,11 +422,16 @@ fn odd_layout_in_a_bzimage_is_left_to_its_own_decompressor() {
     let mem = guest_with(&payload);
     let hdr = header(0x400, payload.len());
     assert_eq!(
-        unpack_bzimage(&mem, LOADED, &hdr, Some(|| 1), None).unwrap(),
+        unpack_bzimage(&mem, LOADED, &hdr, None, None).unwrap(),
         None
     );
     let kept: [u8; 2] = mem.read_obj(GuestAddress(LOADED.0 + 0x400)).unwrap();
     assert_eq!(kept, GZIP_MAGIC, "the compressed image stays for the guest");
+    let given_back: [u8; 16] = mem.read_obj(GuestAddress(BASE + 0x1000)).unwrap();
+    assert_eq!(
+        given_back, [0; 16],
+        "the unpacked output's pages were given back"
+    );
 }
 
 /// A bzImage file: one setup sector after the boot sector, then the protected-mode part with
@@ -444,16 +467,30 @@ fn loaded_bzimage_tells_the_kernel_of_kaslr_only_when_it_was_done() {
     let load = |kaslr: Option<fn() -> u64>| {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let mut file = crate::boot::BootFile::open("kernel", &path).unwrap();
-        crate::boot::load_kernel(&mem, &mut file, kaslr, Some(40 << 20)).unwrap()
+        let kernel = crate::boot::load_kernel(&mem, &mut file, kaslr, Some(40 << 20)).unwrap();
+        (mem, kernel)
     };
-    let random = load(Some(|| 5));
+    let (mem, random) = load(Some(|| 5));
     let flags = random.setup_header.map(|h| h.loadflags).unwrap();
     assert_eq!(flags & KASLR_FLAG, KASLR_FLAG);
     // 40 MiB of initrd leaves 64 - 40 - 16 MiB less the image: 4 places, the kernel takes
     // the second (5 mod 4); with no initrd to leave room for it would take the sixth.
-    assert_eq!(random.entry, BASE + 0x20_0000);
-    let fixed = load(None);
+    assert_eq!(random.entry, BASE + 0x20_0000 + ENTRY);
+    // And the initrd does fit above it, where load_initrd puts it.
+    let initrd_path = path.with_extension("initrd");
+    std::fs::File::create(&initrd_path)
+        .and_then(|f| f.set_len(40 << 20))
+        .unwrap();
+    let mut initrd = crate::boot::BootFile::open("initrd", &initrd_path).unwrap();
+    let placed = crate::boot::load_initrd(&mem, &mut initrd, 64 << 20, &random).unwrap();
+    assert!(
+        placed.addr >= random.end,
+        "{placed:?} below {:#x}",
+        random.end
+    );
+    let (_, fixed) = load(None);
     let flags = fixed.setup_header.map(|h| h.loadflags).unwrap();
-    assert_eq!((flags & KASLR_FLAG, fixed.entry), (0, BASE));
+    assert_eq!((flags & KASLR_FLAG, fixed.entry), (0, BASE + ENTRY));
     std::fs::remove_file(path).unwrap();
+    std::fs::remove_file(initrd_path).unwrap();
 }
