@@ -227,7 +227,7 @@ pub fn load_kernel(
                         None => LoadedKernel {
                             entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
                             mode: EntryMode::Linux64,
-                            end: result.kernel_end,
+                            end: decompressor_end(result.kernel_end, result.setup_header.as_ref()),
                             setup_header: result.setup_header,
                         },
                     })
@@ -241,6 +241,18 @@ pub fn load_kernel(
             }
         }
         Err(e) => Err(kernel_err(e)),
+    }
+}
+
+/// Where the memory a bzImage's own decompressor may write ends: its loaded image, and from
+/// boot protocol 2.10 on the `init_size` bytes from its preferred address, where it unpacks
+/// the kernel when it does not choose a place itself. The initrd goes above it.
+fn decompressor_end(loaded_end: u64, hdr: Option<&setup_header>) -> u64 {
+    match hdr {
+        Some(hdr) if hdr.version >= 0x020a => {
+            loaded_end.max(hdr.pref_address.saturating_add(u64::from(hdr.init_size)))
+        }
+        _ => loaded_end,
     }
 }
 
@@ -500,6 +512,23 @@ mod tests {
         assert!(!kaslr_wanted("nokaslr -- /bin/sh"));
         assert!(kaslr_wanted("quiet -- echo nokaslr"));
         assert!(kaslr_wanted("nokaslr=0x"));
+    }
+
+    #[test]
+    fn initrd_stays_above_where_a_bzimages_own_decompressor_unpacks() {
+        let hdr = setup_header {
+            version: 0x020f,
+            pref_address: 16 << 20,
+            init_size: 70 << 20,
+            ..Default::default()
+        };
+        assert_eq!(decompressor_end(15 << 20, Some(&hdr)), 86 << 20);
+        let old = setup_header {
+            version: 0x0209,
+            ..hdr
+        };
+        assert_eq!(decompressor_end(15 << 20, Some(&old)), 15 << 20);
+        assert_eq!(decompressor_end(15 << 20, None), 15 << 20);
     }
 
     #[test]

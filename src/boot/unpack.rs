@@ -105,7 +105,7 @@ pub enum Format {
 /// `initrd` is the initrd's size and the highest address it may end at, so a random physical
 /// address leaves it room. Ok(None) when this kernel is left to its own decompressor (see the
 /// module's comment): the loaded image is then as linux-loader left it, and what unpacking
-/// wrote above it is given back.
+/// wrote above it is given back (in private RAM; a `--share` VM's memfd keeps it).
 // Kept out of its caller: inlined, it grew the boot recipe's code, which every VM runs and the
 // text layout list places with the rest of what a VM runs, by code only a bzImage boot runs.
 #[inline(never)]
@@ -247,8 +247,9 @@ fn choose_phys(
 
 /// Drops the pages of `[from, to)` (rounded inwards to pages) from the host's memory, so the
 /// guest reads zeros there: 14 MB of compressed Debian kernel (or a fallen-back unpack's
-/// output) would otherwise stay resident for the VM's life. Only private anonymous RAM: a file-backed region (a memfd a vhost-user backend
-/// shares) keeps its pages, as MADV_DONTNEED would not free them.
+/// output) would otherwise stay resident for the VM's life. Only private anonymous RAM: a
+/// file-backed region (a memfd a vhost-user backend shares) keeps its pages, as MADV_DONTNEED
+/// would not free them.
 fn give_back(mem: &GuestMemoryMmap, from: u64, to: u64) {
     let (from, to) = (round_up(from, 4096), to & !4095);
     if to <= from {
