@@ -65,6 +65,15 @@ fn vmlinux(relocs: bool) -> Vec<u8> {
     f
 }
 
+/// The test vmlinux with its two program headers swapped: the second segment listed first,
+/// so moving them in order would overwrite one not yet moved.
+fn segments_swapped() -> Vec<u8> {
+    let mut data = vmlinux(true);
+    let (first, second) = data[64..64 + 2 * 56].split_at_mut(56);
+    first.swap_with_slice(second);
+    data
+}
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(data).unwrap();
@@ -226,12 +235,7 @@ fn malformed_elf_is_refused_by_name_and_odd_layouts_are_left_to_the_guest() {
     let err = parse_elf(&data, data.len(), BASE + 0x1000).unwrap_err();
     assert!(err.left_to_guest(), "{err}");
     // Segments whose move would overwrite one not yet moved.
-    let mut swapped = data.clone();
-    let (a, b) = (64usize, 64usize + 56);
-    let first: Vec<u8> = swapped[a..a + 56].to_vec();
-    let second: Vec<u8> = swapped[b..b + 56].to_vec();
-    swapped[a..a + 56].copy_from_slice(&second);
-    swapped[b..b + 56].copy_from_slice(&first);
+    let swapped = segments_swapped();
     assert!(matches!(
         parse_elf(&swapped, swapped.len(), BASE),
         Err(UnpackError::Layout("segments out of order"))
@@ -412,13 +416,7 @@ fn payload_outside_the_loaded_image_is_refused() {
 
 #[test]
 fn odd_layout_in_a_bzimage_is_left_to_its_own_decompressor() {
-    let mut data = vmlinux(true);
-    let (a, b) = (64usize, 64usize + 56);
-    let first: Vec<u8> = data[a..a + 56].to_vec();
-    let second: Vec<u8> = data[b..b + 56].to_vec();
-    data[a..a + 56].copy_from_slice(&second);
-    data[b..b + 56].copy_from_slice(&first);
-    let payload = gzip(&data);
+    let payload = gzip(&segments_swapped());
     let mem = guest_with(&payload);
     let hdr = header(0x400, payload.len());
     assert_eq!(
