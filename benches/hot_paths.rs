@@ -85,6 +85,7 @@ fn vcpu_io(mmio: Bus) -> VcpuIo {
         exit,
         pause: Arc::new(bulkhead::vstate::pause::PauseGate::new(1)),
         msr_list: Arc::from(Vec::new()),
+        coalesced: None,
     }
 }
 

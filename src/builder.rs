@@ -429,6 +429,23 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         (None, None) => return Err(BuildError::Restore(restore::RestoreError::NoKernel)),
     };
 
+    // The UART's data register, held back by KVM while a write only sends its byte. Through
+    // the first vCPU's file, which every VM has; without the ring, writes exit as before.
+    let coalesced = match vcpus.first() {
+        Some(vcpu) => match vm.coalesced_port(
+            &kvm,
+            vcpu,
+            legacy::SERIAL_PORT_BASE as u16,
+            serial.quiet_tx(),
+        ) {
+            Ok(ring) => ring.map(Arc::new),
+            Err(e) => {
+                log::debug!("serial writes not coalesced: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     let io = Arc::new(VcpuIo {
         pio: Arc::new(pio),
         mmio: Arc::new(virtio.bus),
@@ -436,6 +453,7 @@ pub fn build_vm(config: &VmConfig, env: BuildEnv) -> Result<Vmm, BuildError> {
         exit,
         pause,
         msr_list,
+        coalesced,
     });
     Ok(Vmm {
         vm,

@@ -256,3 +256,81 @@ fn unassigned_port_and_mmio_reads_are_all_ones_and_every_access_is_counted() {
     // Probes before the boot has settled raise no alert.
     assert!(o.alerts.is_empty(), "{:?}", o.alerts);
 }
+
+#[test]
+fn polled_console_bytes_skip_their_exits_yet_arrive_whole_in_order_and_counted() {
+    let test = "polled_console_bytes_skip_their_exits_yet_arrive_whole_in_order_and_counted";
+    if !kvm_available(test) {
+        return;
+    }
+    // The guest polls the line status before each byte, then writes the data register with
+    // the transmit interrupt off: KVM holds each write back and bulkhead handles it before
+    // the next status read.
+    let o = run_observed(
+        "coalesced-console",
+        "exitcodes",
+        &["--cmdline", "mode=reset"],
+    );
+    let line = "exitcodes: resetting through the i8042\n";
+    assert_eq!(o.run.status, 0, "stderr: {}", o.run.stderr);
+    assert!(o.run.stdout.contains(line), "stdout: {:?}", o.run.stdout);
+    let held = o.metrics.value("bulkhead_coalesced_pio_writes_total", &[]);
+    assert_eq!(
+        held as usize,
+        line.len(),
+        "every console byte was held back once"
+    );
+    let outs = o.metrics.value(
+        "bulkhead_vcpu_exits_total",
+        &[("vcpu", "0"), ("reason", "io_out")],
+    );
+    // The i8042's reset command is the one port write that still exits.
+    assert!(
+        outs < 5,
+        "{outs} port-write exits for {held} held-back bytes"
+    );
+}
+
+#[test]
+fn a_guests_last_console_line_arrives_while_it_sits_halted() {
+    let test = "a_guests_last_console_line_arrives_while_it_sits_halted";
+    if !kvm_available(test) {
+        return;
+    }
+    // The newline is the last byte the idle guest writes before it halts for good in KVM:
+    // no exit follows that would hand it over, so the VMM's timer must.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--kernel"])
+        .arg(common::guest("exitcodes"))
+        .args(["--cmdline", "mode=idle", "--timeout", "60"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = Vec::new();
+    let mut byte = [0u8; 1];
+    let stdout = child.stdout.as_mut().unwrap();
+    while !said.ends_with(b"exitcodes: idle\n") {
+        use std::io::Read;
+        if stdout.read(&mut byte).unwrap_or(0) != 1 {
+            break;
+        }
+        said.push(byte[0]);
+    }
+    // Stopped by us once the line is in: had it come only with the VM's end, the end would
+    // be the time limit's, not this signal's.
+    // SAFETY: kill with a child's pid and a signal number touches no memory.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.ends_with(b"exitcodes: idle\n"),
+        "stdout: {:?}",
+        String::from_utf8_lossy(&said)
+    );
+    assert!(
+        stderr.contains("stopped on signal 15"),
+        "the line only came when the VM ended: {stderr}"
+    );
+}

@@ -8,13 +8,16 @@
  *
  *   cc -O2 -o target/kvm-floor benches/floor/kvm-floor.c
  *   target/kvm-floor [--mem MIB] [--cmdline STR] [--irqchip | --split-irqchip [--irqfds N]] [--pit]
- *                    [--times] [--idle] GUEST.elf
+ *                    [--coalesce-serial] [--times] [--idle] GUEST.elf
  *
  * --irqchip and --pit add the in-kernel interrupt controllers and PIT that bulkhead creates;
  * --split-irqchip keeps only the local APICs in the kernel; --irqfds N (with either) adds N irqfds and N
  * ioeventfds, as N devices would. They show what each costs: --times
  * prints each phase's duration to stderr (setup, run, and the teardown that closing the VM
  * starts in the kernel).
+ * --coalesce-serial: KVM holds the serial data register's writes in its coalesced ring (drained
+ * before each exit is handled), as bulkhead does while the UART's transmit interrupt is off;
+ * the plain floor exits for every byte.
  * --idle: a halt (which exits here, with no in-kernel local APIC) flushes the output and
  * sleeps until a signal, as an idle guest would sit in the kernel; for memory figures.
  */
@@ -22,6 +25,9 @@
 #include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
+#ifndef PAGE_SIZE
+#define PAGE_SIZE 4096
+#endif
 #include <linux/kvm.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -142,10 +148,20 @@ static int port_io(struct kvm_run *run) {
     return -1;
 }
 
+/* Drains the coalesced ring (serial data-register writes KVM kept) before an exit is handled. */
+static void drain_coalesced(struct kvm_coalesced_mmio_ring *ring) {
+    if (!ring) return;
+    while (ring->first != ring->last) {
+        struct kvm_coalesced_mmio *e = &ring->coalesced_mmio[ring->first];
+        if (e->pio && e->phys_addr == 0x3f8 && e->len == 1) putchar(e->data[0]);
+        __atomic_store_n(&ring->first, (ring->first + 1) % KVM_COALESCED_MMIO_MAX, __ATOMIC_RELEASE);
+    }
+}
+
 int main(int argc, char **argv) {
     uint64_t mem_mib = 128;
     const char *cmdline = "", *guest = NULL;
-    int irqchip = 0, split = 0, pit = 0, times = 0, irqfds = 0, idle = 0;
+    int irqchip = 0, split = 0, pit = 0, times = 0, irqfds = 0, idle = 0, coalesce = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--mem") && i + 1 < argc) mem_mib = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--cmdline") && i + 1 < argc) cmdline = argv[++i];
@@ -155,6 +171,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--irqfds") && i + 1 < argc) irqfds = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--times")) times = 1;
         else if (!strcmp(argv[i], "--idle")) idle = 1;
+        else if (!strcmp(argv[i], "--coalesce-serial")) coalesce = 1;
         else if (argv[i][0] != '-' && !guest) guest = argv[i];
         else {
             guest = NULL;
@@ -162,7 +179,7 @@ int main(int argc, char **argv) {
         }
     }
     if (!guest || mem_mib < 2 || mem_mib > 3072 || strlen(cmdline) >= 2048 || (irqchip && split)) {
-        fprintf(stderr, "usage: kvm-floor [--mem MIB (2-3072)] [--cmdline STR] [--irqchip | --split-irqchip] [--pit] [--times] [--idle] GUEST.elf\n");
+        fprintf(stderr, "usage: kvm-floor [--mem MIB (2-3072)] [--cmdline STR] [--irqchip | --split-irqchip] [--pit] [--coalesce-serial] [--times] [--idle] GUEST.elf\n");
         return 2;
     }
     double t0 = now_ms();
@@ -206,6 +223,14 @@ int main(int argc, char **argv) {
     struct kvm_run *run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
     if (run == MAP_FAILED) die("mmap kvm_run");
     set_registers(vcpu, entry);
+    struct kvm_coalesced_mmio_ring *ring = NULL;
+    if (coalesce) {
+        int page = ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_PIO) > 0
+                       ? ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_MMIO) : 0;
+        struct kvm_coalesced_mmio_zone zone = {.addr = 0x3f8, .size = 1, .pio = 1};
+        if (page <= 0 || ioctl(vm, KVM_REGISTER_COALESCED_MMIO, &zone) < 0) die("KVM_REGISTER_COALESCED_MMIO");
+        ring = (struct kvm_coalesced_mmio_ring *)((uint8_t *)run + (size_t)page * 4096);
+    }
     double t1 = now_ms();
 
     int status = -1;
@@ -214,6 +239,7 @@ int main(int argc, char **argv) {
             if (errno == EINTR || errno == EAGAIN) continue;
             die("KVM_RUN");
         }
+        drain_coalesced(ring);
         switch (run->exit_reason) {
         case KVM_EXIT_IO: status = port_io(run); break;
         case KVM_EXIT_MMIO:

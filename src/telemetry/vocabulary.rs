@@ -85,6 +85,8 @@ vocabulary! {
         ConsoleDroppedBytes = "console_dropped_bytes",
         /// Panics of the VM process's own code (a bug in bulkhead, whatever thread).
         VmmPanics = "vmm_panics",
+        /// Port writes KVM held back in its ring and bulkhead handled without an exit each.
+        CoalescedPioWrites = "coalesced_pio_writes",
     }
 }
 

@@ -32,6 +32,9 @@ pub(super) struct VmmEvents {
     pub(super) finished: bool,
     /// The vCPUs' pause gate: the halt watchdog does not judge paused vCPUs.
     pub(super) pause: Arc<crate::vstate::pause::PauseGate>,
+    /// The buses and KVM's ring of held-back port writes, drained on every tick: a guest
+    /// that writes its last byte and goes quiet (halted in KVM) makes no exit that would.
+    pub(super) io: Arc<crate::vstate::vcpu::VcpuIo>,
 }
 
 const EV_EXIT: u32 = 1;
@@ -105,7 +108,10 @@ impl MutEventSubscriber for VmmEvents {
             }
             EV_TIMER => {
                 let expirations = self.timer.wait().unwrap_or(1);
-                let tick = self.watchdog.tick(expirations);
+                // Output still arriving keeps the timer at its shortest period, so the
+                // guest's last bytes are not held back for long.
+                let output = self.io.drain_coalesced() > 0;
+                let tick = self.watchdog.tick(expirations, output);
                 if tick.all_stuck {
                     self.exit.request(VmExitReason::AllHalted);
                 } else if tick.period != self.period {

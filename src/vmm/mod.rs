@@ -180,6 +180,7 @@ impl Vmm {
             lifeline,
             finished: false,
             pause: pause.clone(),
+            io: io.clone(),
         }));
         event_manager.add_subscriber(events.clone());
         for worker in &workers {
@@ -222,6 +223,8 @@ impl Vmm {
                 }
             }
         }
+        // The guest's last bytes, if it wrote them and ended without another exit.
+        io.drain_coalesced();
         serial.flush();
         drop(raw_terminal);
         drop(vm);

@@ -79,13 +79,14 @@ impl HaltWatchdog {
         }
     }
 
-    /// One look at every vCPU, `expirations` periods of the timer after the last.
-    pub(super) fn tick(&mut self, expirations: u64) -> Tick {
+    /// One look at every vCPU, `expirations` periods of the timer after the last;
+    /// `output_pending`: the guest wrote output this tick handled, more may follow.
+    pub(super) fn tick(&mut self, expirations: u64, output_pending: bool) -> Tick {
         let elapsed = expirations.max(1).saturating_mul(u64::from(self.period));
         self.tick = self.tick.saturating_add(elapsed);
         let elapsed = u32::try_from(elapsed).unwrap_or(u32::MAX);
         let mut all_stuck = !self.vcpus.is_empty();
-        let mut pending = false;
+        let mut pending = output_pending;
         let mut next_check: Option<u64> = None;
         for v in &mut self.vcpus {
             let asleep = v

@@ -14,6 +14,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::coalesced::CoalescedPort;
 use super::pause::PauseGate;
 use super::vcpu_state::{self, VcpuState};
 use super::vm::Vm;
@@ -90,6 +91,38 @@ pub struct VcpuIo {
     pub pause: Arc<PauseGate>,
     /// KVM's MSR index list: the MSRs a snapshot saves.
     pub msr_list: Arc<[u32]>,
+    /// Port writes KVM holds back in its ring (the UART's data register), when it can.
+    pub coalesced: Option<Arc<CoalescedPort>>,
+}
+
+impl VcpuIo {
+    /// Handles the port writes KVM held back, oldest first: before any exit is handled, so
+    /// nothing the guest did after them is seen before them. Returns how many.
+    pub fn drain_coalesced(&self) -> u64 {
+        let Some(ring) = &self.coalesced else {
+            return 0;
+        };
+        let n = ring.drain(&self.pio);
+        if n > 0 {
+            self.reporter
+                .region()
+                .add_vm(VmCounter::CoalescedPioWrites, n);
+        }
+        n
+    }
+
+    /// After an exit was handled: the zone follows what the device now allows, before this
+    /// vCPU runs the guest again.
+    fn follow_coalesced(&self) {
+        if let Some(ring) = &self.coalesced {
+            let n = ring.follow(&self.pio);
+            if n > 0 {
+                self.reporter
+                    .region()
+                    .add_vm(VmCounter::CoalescedPioWrites, n);
+            }
+        }
+    }
 }
 
 /// One vCPU, created and configured on the VMM thread, then moved to its own thread to run.
@@ -97,6 +130,12 @@ pub struct VcpuIo {
 pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
+}
+
+impl std::os::fd::AsRawFd for Vcpu {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 impl Vcpu {
@@ -187,12 +226,17 @@ impl Vcpu {
                         row.count(exit_kind(&exit));
                     }
                     shared.stuck.store(false, Ordering::Relaxed);
-                    handle_exit(exit, self.index, io)
+                    io.drain_coalesced();
+                    let action = handle_exit(exit, self.index, io);
+                    io.follow_coalesced();
+                    action
                 }
                 Err(e) if e.errno() == libc::EINTR => {
                     if let Some(row) = row {
                         row.count(ExitKind::Interrupted);
                     }
+                    // A pause or a stop: what the guest wrote is handled before it parks.
+                    io.drain_coalesced();
                     self.fd.set_kvm_immediate_exit(0);
                     if shared.check_halt.swap(false, Ordering::AcqRel) {
                         shared.stuck.store(self.is_stuck(), Ordering::Release);
@@ -574,6 +618,7 @@ mod tests {
             exit,
             pause: Arc::new(PauseGate::new(1)),
             msr_list: Arc::from(Vec::new()),
+            coalesced: None,
         }
     }
 

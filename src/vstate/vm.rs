@@ -2,6 +2,7 @@
 //! APICs in KVM, and either KVM's PIC, IOAPIC and PIT too or (split) nothing else, the IOAPIC
 //! then being `devices::legacy::Ioapic` with its routes set here.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -18,6 +19,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::coalesced::{CoalescedError, CoalescedPort};
 use super::dirty::{self, GuestMemoryMmap};
 
 use super::memory::host_regions;
@@ -309,6 +311,18 @@ impl Vm {
             fd: self.fd.clone(),
             addr,
         }
+    }
+
+    /// KVM's ring of held-back writes to `port`, mapped through `vcpu` (any of this VM's), its
+    /// zone registered while `wanted` is set; None when this KVM has no coalesced port I/O.
+    pub fn coalesced_port(
+        &self,
+        kvm: &Kvm,
+        vcpu: &impl std::os::fd::AsRawFd,
+        port: u16,
+        wanted: Arc<AtomicBool>,
+    ) -> Result<Option<CoalescedPort>, CoalescedError> {
+        CoalescedPort::new(kvm, self.fd.clone(), vcpu, port, wanted)
     }
 
     /// The GSI routing table, for the user-space IOAPIC of a split irqchip.

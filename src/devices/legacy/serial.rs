@@ -1,7 +1,8 @@
 //! The 16550A UART at 0x3f8 (vm-superio), wired to the console and to IRQ 4 by irqfd.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
@@ -24,9 +25,25 @@ impl Trigger for EventFdTrigger {
 
 type Uart = Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>;
 
+/// IER: the transmitter-empty interrupt is enabled.
+const IER_THR_EMPTY: u8 = 0b0000_0010;
+/// MCR: loopback, the transmitter feeds the receiver.
+const MCR_LOOP: u8 = 0b0001_0000;
+/// The registers whose writes can change what a data register write does: IER (or the
+/// divisor's high byte), LCR (which of the two offset 1 is) and MCR.
+const MODE_OFFSETS: [u8; 3] = [1, 3, 4];
+
 /// A serial port whose output goes to `out`.
 pub struct SerialPort {
     uart: Mutex<Uart>,
+    /// A data register write only hands a byte to the console: no transmit interrupt, no
+    /// loopback. KVM may then hold such writes back in its ring (`vstate::coalesced`).
+    quiet_tx: Arc<AtomicBool>,
+}
+
+/// Whether a UART in `state` does nothing with a written byte but send it.
+fn quiet(interrupt_enable: u8, modem_control: u8) -> bool {
+    interrupt_enable & IER_THR_EMPTY == 0 && modem_control & MCR_LOOP == 0
 }
 
 /// The UART's registers and receive FIFO, as a snapshot keeps them.
@@ -46,8 +63,14 @@ pub struct SerialRegs {
 
 impl SerialPort {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> SerialPort {
+        let uart = Serial::new(EventFdTrigger(irq), out);
+        let state = uart.state();
         SerialPort {
-            uart: Mutex::new(Serial::new(EventFdTrigger(irq), out)),
+            quiet_tx: Arc::new(AtomicBool::new(quiet(
+                state.interrupt_enable,
+                state.modem_control,
+            ))),
+            uart: Mutex::new(uart),
         }
     }
 
@@ -72,8 +95,17 @@ impl SerialPort {
         };
         let uart = Serial::from_state(&state, EventFdTrigger(irq), NoEvents, out).ok()?;
         Some(SerialPort {
+            quiet_tx: Arc::new(AtomicBool::new(quiet(
+                saved.interrupt_enable,
+                saved.modem_control,
+            ))),
             uart: Mutex::new(uart),
         })
+    }
+
+    /// Set while a data register write has no effect but the byte sent (see `quiet_tx`).
+    pub fn quiet_tx(&self) -> Arc<AtomicBool> {
+        self.quiet_tx.clone()
     }
 
     pub fn save(&self) -> SerialRegs {
@@ -122,11 +154,16 @@ impl ByteRegisters for SerialPort {
     }
 
     fn write_byte(&self, offset: u8, value: u8) -> bool {
-        let result = self
-            .uart
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(offset, value);
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let result = uart.write(offset, value);
+        if MODE_OFFSETS.contains(&offset) {
+            let state = uart.state();
+            self.quiet_tx.store(
+                quiet(state.interrupt_enable, state.modem_control),
+                Ordering::Release,
+            );
+        }
+        drop(uart);
         if let Err(e) = result {
             // The console sink failing (a closed pipe, a full disk) must not stop the guest.
             warn_limited!("serial console write failed: {e:?}");
@@ -183,5 +220,37 @@ mod tests {
         let mut rbr = [0u8];
         assert!(port.read(0, &mut rbr));
         assert_eq!(rbr[0], b'a');
+    }
+
+    #[test]
+    fn data_writes_are_quiet_only_without_transmit_interrupts_or_loopback() {
+        let port = SerialPort::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        let quiet = port.quiet_tx();
+        let is_quiet = || quiet.load(Ordering::Acquire);
+        assert!(
+            is_quiet(),
+            "a reset UART raises no interrupt for a sent byte"
+        );
+        assert!(port.write(1, &[IER_THR_EMPTY]));
+        assert!(!is_quiet(), "the transmit interrupt is on");
+        assert!(port.write(1, &[0x01]));
+        assert!(is_quiet(), "only the receive interrupt is on");
+        assert!(port.write(4, &[MCR_LOOP]));
+        assert!(!is_quiet(), "loopback feeds the byte to the receiver");
+        assert!(port.write(4, &[0x08]));
+        assert!(is_quiet());
+        // With DLAB set, offset 1 is the divisor's high byte, not IER.
+        assert!(port.write(3, &[0x80]));
+        assert!(port.write(1, &[IER_THR_EMPTY]));
+        assert!(is_quiet(), "a divisor write is not an interrupt enable");
+        assert!(port.write(3, &[0x03]));
+        assert!(port.write(1, &[IER_THR_EMPTY]));
+        assert!(!is_quiet());
+        // A restored UART starts as its saved registers say.
+        let saved = port.save();
+        let restored =
+            SerialPort::restored(EventFd::new(0).unwrap(), Box::new(std::io::sink()), &saved)
+                .unwrap();
+        assert!(!restored.quiet_tx().load(Ordering::Acquire));
     }
 }

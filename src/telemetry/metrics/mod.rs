@@ -109,6 +109,10 @@ impl MetricsSnapshot {
         }
         m.counter(Family::VcpuExits, exits);
         m.counter(
+            Family::CoalescedPioWrites,
+            one(page.vm_counter(VmCounter::CoalescedPioWrites)),
+        );
+        m.counter(
             Family::UnhandledPio,
             by_dir(
                 VmCounter::PioUnassignedReads,

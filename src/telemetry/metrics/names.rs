@@ -6,6 +6,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Family {
     VcpuExits,
+    CoalescedPioWrites,
     UnhandledPio,
     UnhandledMmio,
     MsrFiltered,
@@ -51,6 +52,7 @@ impl Family {
     /// Every family, in exposition order.
     pub const ALL: &'static [Family] = &[
         Family::VcpuExits,
+        Family::CoalescedPioWrites,
         Family::UnhandledPio,
         Family::UnhandledMmio,
         Family::MsrFiltered,
@@ -89,6 +91,7 @@ impl Family {
     fn describe(self) -> (&'static str, &'static str) {
         match self {
             Family::VcpuExits => ("bulkhead_vcpu_exits", "vCPU exits to user space, by vCPU and reason"),
+            Family::CoalescedPioWrites => ("bulkhead_coalesced_pio_writes", "port writes KVM held back in its ring instead of exiting (the UART's data register while it raises no transmit interrupt), handled in order before the next exit"),
             Family::UnhandledPio => ("bulkhead_unhandled_pio", "port accesses no device claims (reads get all-ones, writes are dropped)"),
             Family::UnhandledMmio => ("bulkhead_unhandled_mmio", "MMIO accesses to addresses with neither RAM nor a device"),
             Family::MsrFiltered => ("bulkhead_msr_filtered", "MSR accesses outside the allow-list, answered with #GP"),
@@ -136,6 +139,7 @@ impl Family {
     pub fn kind(self) -> Kind {
         match self {
             Family::VcpuExits
+            | Family::CoalescedPioWrites
             | Family::UnhandledPio
             | Family::UnhandledMmio
             | Family::MsrFiltered

@@ -1,0 +1,230 @@
+//! Port writes KVM keeps in a ring instead of leaving KVM_RUN for each (coalesced PIO).
+//!
+//! A polled console costs two exits per byte: the line status read, then the data register
+//! write. The read needs an answer; the write, while the UART raises no interrupt for it and
+//! loops nothing back, only hands a byte to the console. With the data register registered as a
+//! coalesced zone, KVM appends such writes to a ring page it shares with this process and lets
+//! the guest run on. The ring is drained in order before any exit is handled (so the status read
+//! that follows a write sees it done, and nothing is reordered against the guest's other
+//! accesses), on the VMM thread's timer when the guest is quiet, and when the VM stops or
+//! pauses. KVM puts a write it has no room for through as an ordinary exit, after the ring is
+//! drained. The device says when its writes may be held back (`wanted`); the zone follows it
+//! before the vCPU that changed it runs again.
+//!
+//! The ring's indices are written by KVM (`last`) and by us (`first`) and are checked before
+//! use; an entry only ever carries the registered port, as KVM wrote it, and is handed to the
+//! port bus like any other write.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_coalesced_mmio, kvm_coalesced_mmio_ring, KVM_COALESCED_MMIO_PAGE_OFFSET};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+
+use crate::devices::Bus;
+
+/// Errors setting up the ring.
+#[derive(Debug, thiserror::Error)]
+pub enum CoalescedError {
+    #[error("cannot map KVM's coalesced I/O ring: {0}")]
+    Map(#[source] std::io::Error),
+}
+
+/// The ring page, mapped from a vCPU's file (every vCPU maps the same VM-wide page; the mapping
+/// keeps the VM alive, so it outlives the descriptor it came from).
+struct RingPage {
+    base: NonNull<u8>,
+    len: usize,
+    /// Entries the page holds.
+    slots: u32,
+}
+
+// SAFETY: the page is shared memory that KVM and this process access through atomics and
+// volatile reads only (see `CoalescedPort::drain`), and consumption is serialised by a mutex.
+unsafe impl Send for RingPage {}
+// SAFETY: as above.
+unsafe impl Sync for RingPage {}
+
+impl RingPage {
+    fn map(vcpu_fd: &impl std::os::fd::AsRawFd) -> Result<RingPage, CoalescedError> {
+        // SAFETY: sysconf with a constant name.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let len = usize::try_from(page).unwrap_or(4096);
+        let offset = libc::off_t::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_mul(libc::off_t::from(KVM_COALESCED_MMIO_PAGE_OFFSET as u16)))
+            .ok_or_else(|| CoalescedError::Map(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+        // SAFETY: maps one page of the vCPU file at the offset KVM documents for the ring; a
+        // new mapping overlaps nothing of ours, and the result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu_fd.as_raw_fd(),
+                offset,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(CoalescedError::Map(std::io::Error::last_os_error()));
+        }
+        let base = NonNull::new(addr.cast::<u8>())
+            .ok_or_else(|| CoalescedError::Map(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+        let header = std::mem::size_of::<kvm_coalesced_mmio_ring>();
+        let entry = std::mem::size_of::<kvm_coalesced_mmio>();
+        let slots = u32::try_from(len.saturating_sub(header) / entry).unwrap_or(0);
+        Ok(RingPage { base, len, slots })
+    }
+
+    /// `first` (index 0) or `last` (index 1) of the ring's header.
+    fn index(&self, which: usize) -> &AtomicU32 {
+        // SAFETY: the header is two u32s at the start of the page, which is mapped, 4-byte
+        // aligned and lives as long as `self`; KVM reads and writes them concurrently, so
+        // they are only ever accessed atomically.
+        unsafe { &*self.base.as_ptr().cast::<AtomicU32>().add(which) }
+    }
+
+    /// Entry `slot`, copied out (`slot` < `slots`).
+    fn entry(&self, slot: u32) -> kvm_coalesced_mmio {
+        let header = std::mem::size_of::<kvm_coalesced_mmio_ring>();
+        let entry = std::mem::size_of::<kvm_coalesced_mmio>();
+        // SAFETY: slot < slots, so the entry lies inside the mapped page; KVM published it
+        // (its `last` moved past it, read with Acquire) and does not write it again until
+        // `first` moves on; a volatile read copies it out whole.
+        unsafe {
+            self.base
+                .as_ptr()
+                .add(header + entry * slot as usize)
+                .cast::<kvm_coalesced_mmio>()
+                .read_volatile()
+        }
+    }
+}
+
+impl Drop for RingPage {
+    fn drop(&mut self) {
+        // SAFETY: the page was mapped by `map` with this length and nothing refers to it
+        // once its owner is dropped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// One port whose writes KVM may hold back, and the ring they wait in.
+pub struct CoalescedPort {
+    fd: Arc<VmFd>,
+    port: u16,
+    ring: RingPage,
+    /// Set by the device: its writes to `port` have no effect but their data.
+    wanted: Arc<AtomicBool>,
+    /// Whether the zone is registered with KVM now.
+    registered: AtomicBool,
+    /// One consumer of the ring at a time; zone changes happen under it too.
+    lock: Mutex<()>,
+}
+
+impl CoalescedPort {
+    /// The ring for `port`, or None when this KVM can not hold port writes back. Registers the
+    /// zone at once if the device wants it.
+    pub fn new(
+        kvm: &Kvm,
+        fd: Arc<VmFd>,
+        vcpu_fd: &impl std::os::fd::AsRawFd,
+        port: u16,
+        wanted: Arc<AtomicBool>,
+    ) -> Result<Option<CoalescedPort>, CoalescedError> {
+        if !kvm.check_extension(Cap::CoalescedPio) || !kvm.check_extension(Cap::CoalescedMmio) {
+            return Ok(None);
+        }
+        let ring = RingPage::map(vcpu_fd)?;
+        if ring.slots < 2 {
+            return Ok(None);
+        }
+        let this = CoalescedPort {
+            fd,
+            port,
+            ring,
+            wanted,
+            registered: AtomicBool::new(false),
+            lock: Mutex::new(()),
+        };
+        this.follow_locked();
+        Ok(Some(this))
+    }
+
+    /// Handles every write waiting in the ring, oldest first, through `pio`. Returns how many.
+    pub fn drain(&self, pio: &Bus) -> u64 {
+        if self.is_empty() {
+            return 0;
+        }
+        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.drain_locked(pio)
+    }
+
+    /// After the device may have changed its mind: registers or drops the zone to match,
+    /// handling what the ring holds first. Cheap when nothing changed.
+    pub fn follow(&self, pio: &Bus) -> u64 {
+        if self.wanted.load(Ordering::Acquire) == self.registered.load(Ordering::Acquire) {
+            return 0;
+        }
+        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.drain_locked(pio);
+        self.follow_locked();
+        n
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ring.index(0).load(Ordering::Relaxed) == self.ring.index(1).load(Ordering::Acquire)
+    }
+
+    fn drain_locked(&self, pio: &Bus) -> u64 {
+        let slots = self.ring.slots;
+        let mut first = self.ring.index(0).load(Ordering::Relaxed);
+        let last = self.ring.index(1).load(Ordering::Acquire);
+        if first >= slots || last >= slots {
+            // Not what KVM writes; start over rather than read outside the page.
+            log::warn!("coalesced I/O ring indices out of range ({first}, {last}); reset");
+            self.ring.index(0).store(last % slots, Ordering::Release);
+            return 0;
+        }
+        let mut handled = 0;
+        while first != last {
+            let e = self.ring.entry(first);
+            let len = usize::try_from(e.len).unwrap_or(usize::MAX);
+            // SAFETY: both members of the union are a plain u32; any value is valid.
+            let is_port = unsafe { e.__bindgen_anon_1.pio } == 1;
+            if is_port && e.phys_addr == u64::from(self.port) {
+                if let Some(data) = e.data.get(..len) {
+                    pio.write(e.phys_addr, data);
+                    handled += 1;
+                }
+            }
+            first = (first + 1) % slots;
+            // Frees the slot for KVM, which reads `first` to see the room left.
+            self.ring.index(0).store(first, Ordering::Release);
+        }
+        handled
+    }
+
+    /// Registers or unregisters the zone to match `wanted`; with the lock held.
+    fn follow_locked(&self) {
+        let want = self.wanted.load(Ordering::Acquire);
+        if want == self.registered.load(Ordering::Relaxed) {
+            return;
+        }
+        let addr = IoEventAddress::Pio(u64::from(self.port));
+        let result = if want {
+            self.fd.register_coalesced_mmio(addr, 1)
+        } else {
+            self.fd.unregister_coalesced_mmio(addr, 1)
+        };
+        match result {
+            Ok(()) => self.registered.store(want, Ordering::Release),
+            // Unregistered, writes simply exit as before; still registered after a failed
+            // unregister would hold back writes the device needs at once, so say so.
+            Err(e) if want => log::debug!("port {:#x} writes not coalesced: {e}", self.port),
+            Err(e) => log::error!("cannot stop coalescing port {:#x} writes: {e}", self.port),
+        }
+    }
+}
