@@ -16,7 +16,12 @@
  *   mode=storm       write the serial scratch register `storm=N` times (one port-I/O exit each,
  *                    to a register every VMM's 16550 has), then reset through the i8042
  *   mode=idle        say "exitcodes: idle", then halt with interrupts on for good (an IDT of
- *                    bare iretq stubs takes any stray interrupt)
+ *                    bare iretq stubs takes any stray interrupt); with `chatter=N`, print
+ *                    mode=chatter's N bytes first
+ *   mode=chatter     print `chatter=N` (default 2000) bytes of a known pattern, lines of 64,
+ *                    polling the line status before each as a console does; then set DLAB,
+ *                    write the divisor latch through the data register's port and read it
+ *                    back: exit 0 when it reads what was written, 1 otherwise
  * reset, storm and idle end (or never end) in ways Firecracker and the bare-KVM floor
  * understand too, for scripts/bench.
  * The ACPI modes exit 0x7e when the tables lack what they need.
@@ -126,6 +131,23 @@ static void pvpanic(u8 event) {
     outb(port, event);
 }
 
+/* The pattern mode=chatter prints: byte i of a line is '0' + (line + i) % 64, lines of 63
+ * such bytes and a newline. */
+static void pattern(u64 n) {
+    for (u64 i = 0; i < n; i++) putc(i % 64 == 63 ? '\n' : (char)('0' + (i / 64 + i % 64) % 64));
+}
+
+static u8 chatter(void) {
+    pattern(cmdline_u64("chatter", 2000));
+    /* The divisor latch: written through the same port as console bytes, then read back. */
+    outb(SERIAL_PORT + 3, 0x83);
+    outb(SERIAL_PORT, 0x5a);
+    u8 back = inb(SERIAL_PORT);
+    outb(SERIAL_PORT + 3, 0x03);
+    puts(back == 0x5a ? "\nexitcodes: divisor read back\n" : "\nexitcodes: divisor lost\n");
+    return back == 0x5a ? 0 : 1;
+}
+
 void guest_main(void) {
     int len;
     const char *mode = cmdline_value("mode", &len);
@@ -140,7 +162,10 @@ void guest_main(void) {
         puts("exitcodes: storm done, resetting\n");
         outb(I8042_COMMAND_PORT, 0xfe);
     } else if (str_eq(mode, len, "idle")) {
+        pattern(cmdline_u64("chatter", 0));
         idle();
+    } else if (str_eq(mode, len, "chatter")) {
+        exit_guest(chatter());
     } else if (str_eq(mode, len, "triple")) {
         puts("exitcodes: triple fault\n");
         triple_fault();

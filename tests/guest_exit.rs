@@ -257,6 +257,19 @@ fn unassigned_port_and_mmio_reads_are_all_ones_and_every_access_is_counted() {
     assert!(o.alerts.is_empty(), "{:?}", o.alerts);
 }
 
+/// What exitcodes mode=chatter prints for `n` bytes.
+fn chatter_pattern(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            if i % 64 == 63 {
+                '\n'
+            } else {
+                char::from(b'0' + ((i / 64 + i % 64) % 64) as u8)
+            }
+        })
+        .collect()
+}
+
 #[test]
 fn polled_console_bytes_skip_their_exits_yet_arrive_whole_in_order_and_counted() {
     let test = "polled_console_bytes_skip_their_exits_yet_arrive_whole_in_order_and_counted";
@@ -264,30 +277,41 @@ fn polled_console_bytes_skip_their_exits_yet_arrive_whole_in_order_and_counted()
         return;
     }
     // The guest polls the line status before each byte, then writes the data register with
-    // the transmit interrupt off: KVM holds each write back and bulkhead handles it before
-    // the next status read.
+    // the transmit interrupt off: once enough of those have exited, KVM holds the writes back
+    // and bulkhead handles each before the next exit. Then the guest writes the divisor latch
+    // through the same port (held back too) and reads it back (an exit): it reads what it
+    // wrote only if the held-back write was handled before the read.
+    let bytes = 3000;
     let o = run_observed(
         "coalesced-console",
         "exitcodes",
-        &["--cmdline", "mode=reset"],
+        &["--cmdline", &format!("mode=chatter chatter={bytes}")],
     );
-    let line = "exitcodes: resetting through the i8042\n";
-    assert_eq!(o.run.status, 0, "stderr: {}", o.run.stderr);
-    assert!(o.run.stdout.contains(line), "stdout: {:?}", o.run.stdout);
-    let held = o.metrics.value("bulkhead_coalesced_pio_writes_total", &[]);
     assert_eq!(
-        held as usize,
-        line.len(),
-        "every console byte was held back once"
+        o.run.status, 0,
+        "the divisor did not read back; stderr: {}",
+        o.run.stderr
     );
+    let expected = format!("{}\nexitcodes: divisor read back\n", chatter_pattern(bytes));
+    assert!(
+        o.run.stdout.contains(&expected),
+        "console output lost or out of order: {:?}",
+        o.run.stdout
+    );
+    let held = o.metrics.value("bulkhead_coalesced_pio_writes_total", &[]);
     let outs = o.metrics.value(
         "bulkhead_vcpu_exits_total",
         &[("vcpu", "0"), ("reason", "io_out")],
     );
-    // The i8042's reset command is the one port write that still exits.
     assert!(
-        outs < 5,
-        "{outs} port-write exits for {held} held-back bytes"
+        held as usize >= bytes / 2,
+        "only {held} of {bytes} console bytes were held back ({outs} port-write exits)"
+    );
+    assert_eq!(
+        held + outs,
+        expected.len() as u64 + 4,
+        "each console byte, the divisor, two LCR writes and the exit port: held back or \
+         exiting, once each"
     );
 }
 
@@ -297,12 +321,13 @@ fn a_guests_last_console_line_arrives_while_it_sits_halted() {
     if !kvm_available(test) {
         return;
     }
-    // The newline is the last byte the idle guest writes before it halts for good in KVM:
-    // no exit follows that would hand it over, so the VMM's timer must.
+    // After enough output that KVM holds its console writes back, the guest writes its last
+    // line and halts for good in KVM: no exit follows that would hand the newline over, so
+    // the VMM must go and get it.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
         .args(["run", "--kernel"])
         .arg(common::guest("exitcodes"))
-        .args(["--cmdline", "mode=idle", "--timeout", "60"])
+        .args(["--cmdline", "mode=idle chatter=1000", "--timeout", "60"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -324,8 +349,9 @@ fn a_guests_last_console_line_arrives_while_it_sits_halted() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("{}exitcodes: idle\n", chatter_pattern(1000));
     assert!(
-        said.ends_with(b"exitcodes: idle\n"),
+        said.ends_with(expected.as_bytes()),
         "stdout: {:?}",
         String::from_utf8_lossy(&said)
     );

@@ -151,7 +151,7 @@ static int port_io(struct kvm_run *run) {
 /* Drains the coalesced ring (serial data-register writes KVM kept) before an exit is handled. */
 static void drain_coalesced(struct kvm_coalesced_mmio_ring *ring) {
     if (!ring) return;
-    while (ring->first != ring->last) {
+    while (ring->first != __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE)) {
         struct kvm_coalesced_mmio *e = &ring->coalesced_mmio[ring->first];
         if (e->pio && e->phys_addr == 0x3f8 && e->len == 1) putchar(e->data[0]);
         __atomic_store_n(&ring->first, (ring->first + 1) % KVM_COALESCED_MMIO_MAX, __ATOMIC_RELEASE);

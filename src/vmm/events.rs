@@ -32,9 +32,12 @@ pub(super) struct VmmEvents {
     pub(super) finished: bool,
     /// The vCPUs' pause gate: the halt watchdog does not judge paused vCPUs.
     pub(super) pause: Arc<crate::vstate::pause::PauseGate>,
-    /// The buses and KVM's ring of held-back port writes, drained on every tick: a guest
-    /// that writes its last byte and goes quiet (halted in KVM) makes no exit that would.
+    /// The buses and KVM's ring of held-back port writes: a guest that writes its last byte
+    /// and goes quiet (halted in KVM) makes no exit that would drain it, so a tick that finds
+    /// writes waiting kicks `first_vcpu`, whose thread drains them (the console's writes stay
+    /// off this thread, which a stalled console reader must not stop).
     pub(super) io: Arc<crate::vstate::vcpu::VcpuIo>,
+    pub(super) first_vcpu: Option<libc::pid_t>,
 }
 
 const EV_EXIT: u32 = 1;
@@ -108,9 +111,15 @@ impl MutEventSubscriber for VmmEvents {
             }
             EV_TIMER => {
                 let expirations = self.timer.wait().unwrap_or(1);
-                // Output still arriving keeps the timer at its shortest period, so the
-                // guest's last bytes are not held back for long.
-                let output = self.io.drain_coalesced() > 0;
+                // Output waiting keeps the timer at its shortest period until it is out.
+                let output = self
+                    .io
+                    .coalesced
+                    .as_ref()
+                    .is_some_and(|ring| ring.holds_writes());
+                if let (true, Some(tid)) = (output, self.first_vcpu) {
+                    super::kick(tid);
+                }
                 let tick = self.watchdog.tick(expirations, output);
                 if tick.all_stuck {
                     self.exit.request(VmExitReason::AllHalted);
@@ -134,6 +143,7 @@ impl MutEventSubscriber for VmmEvents {
                 // What PR_SET_PDEATHSIG does for a forked VM process: the supervisor is gone,
                 // nobody watches this VM any more, and it ends at once.
                 log::error!("the supervisor is gone; the VM ends");
+                self.io.drain_coalesced();
                 // SAFETY: _exit has no preconditions.
                 unsafe { libc::_exit(crate::exit::status::RUNTIME_ERROR) };
             }

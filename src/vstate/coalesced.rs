@@ -6,10 +6,12 @@
 //! coalesced zone, KVM appends such writes to a ring page it shares with this process and lets
 //! the guest run on. The ring is drained in order before any exit is handled (so the status read
 //! that follows a write sees it done, and nothing is reordered against the guest's other
-//! accesses), on the VMM thread's timer when the guest is quiet, and when the VM stops or
-//! pauses. KVM puts a write it has no room for through as an ordinary exit, after the ring is
-//! drained. The device says when its writes may be held back (`wanted`); the zone follows it
-//! before the vCPU that changed it runs again.
+//! accesses), when a vCPU is kicked (the VMM thread kicks one when its timer finds writes
+//! waiting), and when the VM stops or pauses. KVM puts a write it has no room for through as
+//! an ordinary exit, after the ring is drained. The device says when its writes may be held back
+//! (`wanted`). The zone is registered only once enough such writes exited (registering costs a
+//! short VM its teardown time, see `FIRST_THRESHOLD`), and dropped as soon as the device stops
+//! being quiet, before the vCPU that changed it runs again.
 //!
 //! The ring's indices are written by KVM (`last`) and by us (`first`) and are checked before
 //! use; an entry only ever carries the registered port, as KVM wrote it, and is handed to the
@@ -23,6 +25,7 @@ use kvm_bindings::{kvm_coalesced_mmio, kvm_coalesced_mmio_ring, KVM_COALESCED_MM
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 
 use crate::devices::Bus;
+use crate::warn_limited;
 
 /// Errors setting up the ring.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,16 @@ impl Drop for RingPage {
     }
 }
 
+/// Exiting writes to the port, while the device was quiet, that turn the zone on at first.
+/// Registering a zone makes KVM swap its I/O bus, and a VM destroyed within about 15 ms of
+/// that waits out an SRCU grace period: 12-17 ms added to a short VM's end (a test guest that
+/// prints a line and exits). A guest that writes this much console output lives long enough.
+const FIRST_THRESHOLD: u32 = 256;
+/// The most the threshold grows to: each time the zone is turned off (a driver turning its
+/// transmit interrupt on, as Linux's tty output does around every burst), it doubles, so a
+/// guest toggling IER costs at most one registration per this many quiet writes.
+const MAX_THRESHOLD: u32 = 1 << 20;
+
 /// One port whose writes KVM may hold back, and the ring they wait in.
 pub struct CoalescedPort {
     fd: Arc<VmFd>,
@@ -120,13 +133,19 @@ pub struct CoalescedPort {
     wanted: Arc<AtomicBool>,
     /// Whether the zone is registered with KVM now.
     registered: AtomicBool,
+    /// Writes to `port` that exited while the device was quiet and the zone off.
+    quiet_exits: AtomicU32,
+    /// How many of those turn the zone on.
+    threshold: AtomicU32,
+    /// A registration change failed: the zone is left as it is for the VM's life.
+    broken: AtomicBool,
     /// One consumer of the ring at a time; zone changes happen under it too.
     lock: Mutex<()>,
 }
 
 impl CoalescedPort {
-    /// The ring for `port`, or None when this KVM can not hold port writes back. Registers the
-    /// zone at once if the device wants it.
+    /// The ring for `port`, or None when this KVM can not hold port writes back. The zone is
+    /// registered later, once the guest has written enough to `port` while `wanted` is set.
     pub fn new(
         kvm: &Kvm,
         fd: Arc<VmFd>,
@@ -141,41 +160,90 @@ impl CoalescedPort {
         if ring.slots < 2 {
             return Ok(None);
         }
-        let this = CoalescedPort {
+        Ok(Some(CoalescedPort {
             fd,
             port,
             ring,
             wanted,
             registered: AtomicBool::new(false),
+            quiet_exits: AtomicU32::new(0),
+            threshold: AtomicU32::new(FIRST_THRESHOLD),
+            broken: AtomicBool::new(false),
             lock: Mutex::new(()),
-        };
-        this.follow_locked();
-        Ok(Some(this))
+        }))
+    }
+
+    /// Whether writes wait in the ring.
+    pub fn holds_writes(&self) -> bool {
+        self.ring.index(0).load(Ordering::Relaxed) != self.ring.index(1).load(Ordering::Acquire)
     }
 
     /// Handles every write waiting in the ring, oldest first, through `pio`. Returns how many.
     pub fn drain(&self, pio: &Bus) -> u64 {
-        if self.is_empty() {
+        if !self.holds_writes() {
             return 0;
         }
         let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.drain_locked(pio)
     }
 
-    /// After the device may have changed its mind: registers or drops the zone to match,
-    /// handling what the ring holds first. Cheap when nothing changed.
-    pub fn follow(&self, pio: &Bus) -> u64 {
-        if self.wanted.load(Ordering::Acquire) == self.registered.load(Ordering::Acquire) {
+    /// After an exit was handled (`wrote`: the port of a port write): turns the zone off at
+    /// once when the device stopped being quiet, and on once enough quiet writes exited.
+    /// Returns how many held-back writes it handled on the way.
+    pub fn follow(&self, pio: &Bus, wrote: Option<u16>) -> u64 {
+        // SeqCst on `wanted` and `registered`, here and where they are stored: a device turning
+        // quiet off on one vCPU while another registers the zone must see the other's store.
+        let want = self.wanted.load(Ordering::SeqCst);
+        let registered = self.registered.load(Ordering::SeqCst);
+        if registered == want || self.broken.load(Ordering::Relaxed) {
             return 0;
         }
+        if want {
+            if wrote != Some(self.port) {
+                return 0;
+            }
+            let exits = self.quiet_exits.fetch_add(1, Ordering::Relaxed) + 1;
+            if exits < self.threshold.load(Ordering::Relaxed) {
+                return 0;
+            }
+        }
         let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let n = self.drain_locked(pio);
-        self.follow_locked();
-        n
+        self.settle_locked(pio)
     }
 
-    fn is_empty(&self) -> bool {
-        self.ring.index(0).load(Ordering::Relaxed) == self.ring.index(1).load(Ordering::Acquire)
+    /// Registers or unregisters until the zone matches `wanted`; with the lock held.
+    fn settle_locked(&self, pio: &Bus) -> u64 {
+        let mut handled = 0;
+        while !self.broken.load(Ordering::Relaxed) {
+            let want = self.wanted.load(Ordering::SeqCst);
+            if want == self.registered.load(Ordering::SeqCst) {
+                break;
+            }
+            let addr = IoEventAddress::Pio(u64::from(self.port));
+            if want {
+                if let Err(e) = self.fd.register_coalesced_mmio(addr, 1) {
+                    self.broken.store(true, Ordering::Relaxed);
+                    warn_limited!("port {:#x} writes will exit each: {e}", self.port);
+                    break;
+                }
+                self.registered.store(true, Ordering::SeqCst);
+            } else {
+                // Off first, then drained: KVM appends until the unregister returns, and
+                // what it appended must not wait for the next exit.
+                if let Err(e) = self.fd.unregister_coalesced_mmio(addr, 1) {
+                    self.broken.store(true, Ordering::Relaxed);
+                    warn_limited!("cannot stop holding back port {:#x} writes: {e}", self.port);
+                    break;
+                }
+                self.registered.store(false, Ordering::SeqCst);
+                handled += self.drain_locked(pio);
+                self.quiet_exits.store(0, Ordering::Relaxed);
+                let next = self.threshold.load(Ordering::Relaxed).saturating_mul(2);
+                self.threshold
+                    .store(next.min(MAX_THRESHOLD), Ordering::Relaxed);
+            }
+        }
+        handled
     }
 
     fn drain_locked(&self, pio: &Bus) -> u64 {
@@ -184,7 +252,7 @@ impl CoalescedPort {
         let last = self.ring.index(1).load(Ordering::Acquire);
         if first >= slots || last >= slots {
             // Not what KVM writes; start over rather than read outside the page.
-            log::warn!("coalesced I/O ring indices out of range ({first}, {last}); reset");
+            warn_limited!("coalesced I/O ring indices out of range ({first}, {last}); reset");
             self.ring.index(0).store(last % slots, Ordering::Release);
             return 0;
         }
@@ -205,26 +273,5 @@ impl CoalescedPort {
             self.ring.index(0).store(first, Ordering::Release);
         }
         handled
-    }
-
-    /// Registers or unregisters the zone to match `wanted`; with the lock held.
-    fn follow_locked(&self) {
-        let want = self.wanted.load(Ordering::Acquire);
-        if want == self.registered.load(Ordering::Relaxed) {
-            return;
-        }
-        let addr = IoEventAddress::Pio(u64::from(self.port));
-        let result = if want {
-            self.fd.register_coalesced_mmio(addr, 1)
-        } else {
-            self.fd.unregister_coalesced_mmio(addr, 1)
-        };
-        match result {
-            Ok(()) => self.registered.store(want, Ordering::Release),
-            // Unregistered, writes simply exit as before; still registered after a failed
-            // unregister would hold back writes the device needs at once, so say so.
-            Err(e) if want => log::debug!("port {:#x} writes not coalesced: {e}", self.port),
-            Err(e) => log::error!("cannot stop coalescing port {:#x} writes: {e}", self.port),
-        }
     }
 }

@@ -111,11 +111,11 @@ impl VcpuIo {
         n
     }
 
-    /// After an exit was handled: the zone follows what the device now allows, before this
-    /// vCPU runs the guest again.
-    fn follow_coalesced(&self) {
+    /// After an exit was handled (`wrote`: the port of a port write): the zone follows what
+    /// the device now allows, before this vCPU runs the guest again.
+    fn follow_coalesced(&self, wrote: Option<u16>) {
         if let Some(ring) = &self.coalesced {
-            let n = ring.follow(&self.pio);
+            let n = ring.follow(&self.pio, wrote);
             if n > 0 {
                 self.reporter
                     .region()
@@ -227,8 +227,12 @@ impl Vcpu {
                     }
                     shared.stuck.store(false, Ordering::Relaxed);
                     io.drain_coalesced();
+                    let wrote = match &exit {
+                        VcpuExit::IoOut(port, _) => Some(*port),
+                        _ => None,
+                    };
                     let action = handle_exit(exit, self.index, io);
-                    io.follow_coalesced();
+                    io.follow_coalesced(wrote);
                     action
                 }
                 Err(e) if e.errno() == libc::EINTR => {

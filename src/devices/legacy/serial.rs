@@ -158,9 +158,10 @@ impl ByteRegisters for SerialPort {
         let result = uart.write(offset, value);
         if MODE_OFFSETS.contains(&offset) {
             let state = uart.state();
+            // SeqCst: paired with the zone's own flag (`vstate::coalesced`).
             self.quiet_tx.store(
                 quiet(state.interrupt_enable, state.modem_control),
-                Ordering::Release,
+                Ordering::SeqCst,
             );
         }
         drop(uart);

@@ -91,7 +91,7 @@ impl Family {
     fn describe(self) -> (&'static str, &'static str) {
         match self {
             Family::VcpuExits => ("bulkhead_vcpu_exits", "vCPU exits to user space, by vCPU and reason"),
-            Family::CoalescedPioWrites => ("bulkhead_coalesced_pio_writes", "port writes KVM held back in its ring instead of exiting (the UART's data register while it raises no transmit interrupt), handled in order before the next exit"),
+            Family::CoalescedPioWrites => ("bulkhead_coalesced_pio_writes", "writes to the UART's data register that KVM held back in its ring instead of exiting (while the UART raises no transmit interrupt and loops nothing back), each handled in order before the next exit, a kick or the VM's end"),
             Family::UnhandledPio => ("bulkhead_unhandled_pio", "port accesses no device claims (reads get all-ones, writes are dropped)"),
             Family::UnhandledMmio => ("bulkhead_unhandled_mmio", "MMIO accesses to addresses with neither RAM nor a device"),
             Family::MsrFiltered => ("bulkhead_msr_filtered", "MSR accesses outside the allow-list, answered with #GP"),
