@@ -21,7 +21,11 @@
  *   mode=chatter     print `chatter=N` (default 2000) bytes of a known pattern, lines of 64,
  *                    polling the line status before each as a console does; then set DLAB,
  *                    write the divisor latch through the data register's port and read it
- *                    back: exit 0 when it reads what was written, 1 otherwise
+ *                    back: exit 0 when it reads what was written, 1 otherwise; with
+ *                    `thri=M quiet=K`, M more bytes with the transmit interrupt enabled and
+ *                    K with it off again before the divisor
+ *   mode=spin        print `chatter=N` pattern bytes and "exitcodes: spinning", then spin
+ *                    with no exit for good
  * reset, storm and idle end (or never end) in ways Firecracker and the bare-KVM floor
  * understand too, for scripts/bench.
  * The ACPI modes exit 0x7e when the tables lack what they need.
@@ -139,6 +143,15 @@ static void pattern(u64 n) {
 
 static u8 chatter(void) {
     pattern(cmdline_u64("chatter", 2000));
+    /* With `thri=M`: M more bytes with the transmit interrupt enabled (IF stays clear, so
+     * the interrupt is never taken), then `quiet=K` bytes with it off again. */
+    u64 thri = cmdline_u64("thri", 0);
+    if (thri) {
+        outb(SERIAL_PORT + 1, 0x02);
+        pattern(thri);
+        outb(SERIAL_PORT + 1, 0x00);
+        pattern(cmdline_u64("quiet", 0));
+    }
     /* The divisor latch: written through the same port as console bytes, then read back. */
     outb(SERIAL_PORT + 3, 0x83);
     outb(SERIAL_PORT, 0x5a);
@@ -166,6 +179,10 @@ void guest_main(void) {
         idle();
     } else if (str_eq(mode, len, "chatter")) {
         exit_guest(chatter());
+    } else if (str_eq(mode, len, "spin")) {
+        pattern(cmdline_u64("chatter", 0));
+        puts("exitcodes: spinning\n");
+        for (;;) __asm__ volatile("pause");
     } else if (str_eq(mode, len, "triple")) {
         puts("exitcodes: triple fault\n");
         triple_fault();

@@ -80,7 +80,7 @@ fn main_stack() -> Option<(usize, usize)> {
         file.read_to_end(&mut all).ok()?;
         return stack_line(&String::from_utf8_lossy(&all));
     }
-    stack_line(std::str::from_utf8(buf.get(..len)?).ok()?)
+    stack_line(&String::from_utf8_lossy(buf.get(..len)?))
 }
 
 /// The `[stack]` line's range in the text of a maps file.

@@ -167,8 +167,14 @@ impl Vmm {
             socket,
             dir: dir.to_path_buf(),
         };
+        let mut vmm = vmm;
         let deadline = Instant::now() + Duration::from_secs(10);
         while client::request(&vmm.socket, "GET", "/", None, None).is_err() {
+            // A VM started from a config file may have ended already (a guest that
+            // triple-faults at once), its socket gone with it: the caller looks at how.
+            if vmm.child.try_wait().unwrap().is_some() {
+                break;
+            }
             assert!(Instant::now() < deadline, "no API socket: {}", vmm.log());
             std::thread::sleep(Duration::from_millis(10));
         }

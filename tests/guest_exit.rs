@@ -313,21 +313,70 @@ fn polled_console_bytes_skip_their_exits_yet_arrive_whole_in_order_and_counted()
         "each console byte, the divisor, two LCR writes and the exit port: held back or \
          exiting, once each"
     );
+
+    // A guest that prints a line and ends never has its writes held back: registering the
+    // zone would cost its teardown an SRCU grace period (12-17 ms).
+    let short = run_observed(
+        "coalesced-console-short",
+        "exitcodes",
+        &["--cmdline", "mode=chatter chatter=100"],
+    );
+    assert_eq!(short.run.status, 0, "stderr: {}", short.run.stderr);
+    assert_eq!(
+        short
+            .metrics
+            .value("bulkhead_coalesced_pio_writes_total", &[]),
+        0
+    );
 }
 
 #[test]
-fn a_guests_last_console_line_arrives_while_it_sits_halted() {
-    let test = "a_guests_last_console_line_arrives_while_it_sits_halted";
+fn console_writes_exit_again_while_the_transmit_interrupt_is_on_and_in_order() {
+    let test = "console_writes_exit_again_while_the_transmit_interrupt_is_on_and_in_order";
+    if !kvm_available(test) {
+        return;
+    }
+    // 600 quiet bytes (the zone is registered after the first 256), 100 with the transmit
+    // interrupt on (each must exit: the UART raises an interrupt for it), then 100 quiet ones
+    // again: fewer than the doubled threshold, so they exit too.
+    let o = run_observed(
+        "coalesced-console-thri",
+        "exitcodes",
+        &["--cmdline", "mode=chatter chatter=600 thri=100 quiet=100"],
+    );
+    assert_eq!(o.run.status, 0, "stderr: {}", o.run.stderr);
+    let expected = format!(
+        "{}{}{}\nexitcodes: divisor read back\n",
+        chatter_pattern(600),
+        chatter_pattern(100),
+        chatter_pattern(100)
+    );
+    assert!(
+        o.run.stdout.contains(&expected),
+        "console output lost or out of order: {:?}",
+        o.run.stdout
+    );
+    let held = o.metrics.value("bulkhead_coalesced_pio_writes_total", &[]);
+    assert_eq!(
+        held,
+        600 - 256,
+        "only the quiet bytes after the first 256 were held back"
+    );
+}
+
+#[test]
+fn a_guests_last_console_line_arrives_while_it_spins_without_an_exit() {
+    let test = "a_guests_last_console_line_arrives_while_it_spins_without_an_exit";
     if !kvm_available(test) {
         return;
     }
     // After enough output that KVM holds its console writes back, the guest writes its last
-    // line and halts for good in KVM: no exit follows that would hand the newline over, so
-    // the VMM must go and get it.
+    // line and spins for good without an exit: nothing on its vCPU would hand the newline
+    // over, and its thread never sleeps for the halt watchdog to kick, so the VMM's tick must.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
         .args(["run", "--kernel"])
         .arg(common::guest("exitcodes"))
-        .args(["--cmdline", "mode=idle chatter=1000", "--timeout", "60"])
+        .args(["--cmdline", "mode=spin chatter=1000", "--timeout", "60"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -336,7 +385,7 @@ fn a_guests_last_console_line_arrives_while_it_sits_halted() {
     let mut said = Vec::new();
     let mut byte = [0u8; 1];
     let stdout = child.stdout.as_mut().unwrap();
-    while !said.ends_with(b"exitcodes: idle\n") {
+    while !said.ends_with(b"exitcodes: spinning\n") {
         use std::io::Read;
         if stdout.read(&mut byte).unwrap_or(0) != 1 {
             break;
@@ -349,7 +398,7 @@ fn a_guests_last_console_line_arrives_while_it_sits_halted() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let expected = format!("{}exitcodes: idle\n", chatter_pattern(1000));
+    let expected = format!("{}exitcodes: spinning\n", chatter_pattern(1000));
     assert!(
         said.ends_with(expected.as_bytes()),
         "stdout: {:?}",

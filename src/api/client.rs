@@ -99,7 +99,12 @@ pub fn request(
         if complete(&raw) {
             break;
         }
-        let n = stream.read(&mut chunk).map_err(io)?;
+        // A socket with a read timeout is never restarted after a signal handler ran, even
+        // with SA_RESTART: a handled signal to this thread is not the server's answer.
+        let n = match stream.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other.map_err(io)?,
+        };
         if n == 0 {
             break;
         }

@@ -143,7 +143,11 @@ impl MutEventSubscriber for VmmEvents {
                 // What PR_SET_PDEATHSIG does for a forked VM process: the supervisor is gone,
                 // nobody watches this VM any more, and it ends at once.
                 log::error!("the supervisor is gone; the VM ends");
-                self.io.drain_coalesced();
+                // What is free to take: a vCPU blocked writing the console must not keep
+                // this VM alive.
+                if let Some(ring) = &self.io.coalesced {
+                    ring.try_drain(&self.io.pio);
+                }
                 // SAFETY: _exit has no preconditions.
                 unsafe { libc::_exit(crate::exit::status::RUNTIME_ERROR) };
             }

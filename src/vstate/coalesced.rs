@@ -124,6 +124,14 @@ const FIRST_THRESHOLD: u32 = 256;
 /// guest toggling IER costs at most one registration per this many quiet writes.
 const MAX_THRESHOLD: u32 = 1 << 20;
 
+/// What a port-write exit wrote to a port: one byte, or more (a wide access, or a string
+/// write, `rep outs`, whose bytes arrive together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WrittenPort {
+    Byte(u16),
+    Wide(u16),
+}
+
 /// One port whose writes KVM may hold back, and the ring they wait in.
 pub struct CoalescedPort {
     fd: Arc<VmFd>,
@@ -173,9 +181,24 @@ impl CoalescedPort {
         }))
     }
 
-    /// Whether writes wait in the ring.
+    /// Whether writes wait in the ring (never, with an index out of range: `drain` would
+    /// find nothing to hand over).
     pub fn holds_writes(&self) -> bool {
-        self.ring.index(0).load(Ordering::Relaxed) != self.ring.index(1).load(Ordering::Acquire)
+        let first = self.ring.index(0).load(Ordering::Relaxed);
+        let last = self.ring.index(1).load(Ordering::Acquire);
+        first != last && first < self.ring.slots && last < self.ring.slots
+    }
+
+    /// [`CoalescedPort::drain`], or nothing when another thread is draining: for a thread that
+    /// must not wait on a vCPU blocked writing the console.
+    pub fn try_drain(&self, pio: &Bus) -> u64 {
+        if !self.holds_writes() {
+            return 0;
+        }
+        match self.lock.try_lock() {
+            Ok(_held) => self.drain_locked(pio),
+            Err(_) => 0,
+        }
     }
 
     /// Handles every write waiting in the ring, oldest first, through `pio`. Returns how many.
@@ -187,10 +210,18 @@ impl CoalescedPort {
         self.drain_locked(pio)
     }
 
-    /// After an exit was handled (`wrote`: the port of a port write): turns the zone off at
-    /// once when the device stopped being quiet, and on once enough quiet writes exited.
-    /// Returns how many held-back writes it handled on the way.
-    pub fn follow(&self, pio: &Bus, wrote: Option<u16>) -> u64 {
+    /// After an exit was handled (`wrote`: what a port write exit wrote): turns the zone off
+    /// at once when the device stopped being quiet, and on once enough quiet writes exited.
+    /// More than a byte written to the port at once (`rep outsb` reaching user space) turns
+    /// it off for good: KVM may drop or repeat the part of a string write that does not fit
+    /// in the ring, and a guest that writes strings is not told apart from one that does not. Returns how many held-back writes it
+    /// handled on the way.
+    pub fn follow(&self, pio: &Bus, wrote: Option<WrittenPort>) -> u64 {
+        if wrote == Some(WrittenPort::Wide(self.port)) && !self.broken.load(Ordering::Relaxed) {
+            let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.stop_for_good();
+            return self.drain_locked(pio);
+        }
         // SeqCst on `wanted` and `registered`, here and where they are stored: a device turning
         // quiet off on one vCPU while another registers the zone must see the other's store.
         let want = self.wanted.load(Ordering::SeqCst);
@@ -199,7 +230,7 @@ impl CoalescedPort {
             return 0;
         }
         if want {
-            if wrote != Some(self.port) {
+            if wrote != Some(WrittenPort::Byte(self.port)) {
                 return 0;
             }
             let exits = self.quiet_exits.fetch_add(1, Ordering::Relaxed) + 1;
@@ -209,6 +240,21 @@ impl CoalescedPort {
         }
         let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.settle_locked(pio)
+    }
+
+    /// Stops coalescing for the VM's life: the zone is dropped and never registered again.
+    /// With the lock held; what the ring holds is the caller's to drain.
+    fn stop_for_good(&self) {
+        self.broken.store(true, Ordering::Relaxed);
+        if self.registered.load(Ordering::SeqCst) {
+            let addr = IoEventAddress::Pio(u64::from(self.port));
+            match self.fd.unregister_coalesced_mmio(addr, 1) {
+                Ok(()) => self.registered.store(false, Ordering::SeqCst),
+                Err(e) => {
+                    warn_limited!("cannot stop holding back port {:#x} writes: {e}", self.port)
+                }
+            }
+        }
     }
 
     /// Registers or unregisters until the zone matches `wanted`; with the lock held.

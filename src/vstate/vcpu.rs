@@ -14,7 +14,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::coalesced::CoalescedPort;
+use super::coalesced::{CoalescedPort, WrittenPort};
 use super::pause::PauseGate;
 use super::vcpu_state::{self, VcpuState};
 use super::vm::Vm;
@@ -111,9 +111,9 @@ impl VcpuIo {
         n
     }
 
-    /// After an exit was handled (`wrote`: the port of a port write): the zone follows what
-    /// the device now allows, before this vCPU runs the guest again.
-    fn follow_coalesced(&self, wrote: Option<u16>) {
+    /// After an exit was handled (`wrote`: what a port write exit wrote): the zone follows
+    /// what the device now allows, before this vCPU runs the guest again.
+    fn follow_coalesced(&self, wrote: Option<WrittenPort>) {
         if let Some(ring) = &self.coalesced {
             let n = ring.follow(&self.pio, wrote);
             if n > 0 {
@@ -228,7 +228,8 @@ impl Vcpu {
                     shared.stuck.store(false, Ordering::Relaxed);
                     io.drain_coalesced();
                     let wrote = match &exit {
-                        VcpuExit::IoOut(port, _) => Some(*port),
+                        VcpuExit::IoOut(port, [_]) => Some(WrittenPort::Byte(*port)),
+                        VcpuExit::IoOut(port, _) => Some(WrittenPort::Wide(*port)),
                         _ => None,
                     };
                     let action = handle_exit(exit, self.index, io);
