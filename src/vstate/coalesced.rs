@@ -145,7 +145,8 @@ pub struct CoalescedPort {
     quiet_exits: AtomicU32,
     /// How many of those turn the zone on.
     threshold: AtomicU32,
-    /// A registration change failed: the zone is left as it is for the VM's life.
+    /// Coalescing is over for the VM's life: a registration change failed (the zone is left
+    /// as it is), or the guest wrote more than a byte to the port at once (the zone is off).
     broken: AtomicBool,
     /// One consumer of the ring at a time; zone changes happen under it too.
     lock: Mutex<()>,
@@ -214,8 +215,8 @@ impl CoalescedPort {
     /// at once when the device stopped being quiet, and on once enough quiet writes exited.
     /// More than a byte written to the port at once (`rep outsb` reaching user space) turns
     /// it off for good: KVM may drop or repeat the part of a string write that does not fit
-    /// in the ring, and a guest that writes strings is not told apart from one that does not. Returns how many held-back writes it
-    /// handled on the way.
+    /// in the ring, and a guest that writes strings is not told apart from one that does not.
+    /// Returns how many held-back writes it handled on the way.
     pub fn follow(&self, pio: &Bus, wrote: Option<WrittenPort>) -> u64 {
         if wrote == Some(WrittenPort::Wide(self.port)) && !self.broken.load(Ordering::Relaxed) {
             let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
