@@ -34,10 +34,9 @@ pub(super) struct VmmEvents {
     pub(super) pause: Arc<crate::vstate::pause::PauseGate>,
     /// The buses and KVM's ring of held-back port writes: a guest that writes its last byte
     /// and goes quiet (halted in KVM) makes no exit that would drain it, so a tick that finds
-    /// writes waiting kicks `first_vcpu`, whose thread drains them (the console's writes stay
-    /// off this thread, which a stalled console reader must not stop).
+    /// writes waiting has the watchdog kick a vCPU, whose thread drains them (the console's
+    /// writes stay off this thread, which a stalled console reader must not stop).
     pub(super) io: Arc<crate::vstate::vcpu::VcpuIo>,
-    pub(super) first_vcpu: Option<libc::pid_t>,
 }
 
 const EV_EXIT: u32 = 1;
@@ -111,15 +110,11 @@ impl MutEventSubscriber for VmmEvents {
             }
             EV_TIMER => {
                 let expirations = self.timer.wait().unwrap_or(1);
-                // Output waiting keeps the timer at its shortest period until it is out.
                 let output = self
                     .io
                     .coalesced
                     .as_ref()
                     .is_some_and(|ring| ring.holds_writes());
-                if let (true, Some(tid)) = (output, self.first_vcpu) {
-                    super::kick(tid);
-                }
                 let tick = self.watchdog.tick(expirations, output);
                 if tick.all_stuck {
                     self.exit.request(VmExitReason::AllHalted);

@@ -181,9 +181,6 @@ impl Vmm {
             finished: false,
             pause: pause.clone(),
             io: io.clone(),
-            first_vcpu: threads
-                .first()
-                .map(|t| t.shared.tid.load(Ordering::Acquire)),
         }));
         event_manager.add_subscriber(events.clone());
         for worker in &workers {

@@ -80,8 +80,13 @@ impl HaltWatchdog {
     }
 
     /// One look at every vCPU, `expirations` periods of the timer after the last;
-    /// `output_pending`: the guest wrote output this tick handled, more may follow.
+    /// `output_pending`: the guest's writes wait in KVM's ring. The first vCPU is kicked then
+    /// (its thread drains the ring when KVM_RUN returns) and the timer stays at its shortest
+    /// period until they are out.
     pub(super) fn tick(&mut self, expirations: u64, output_pending: bool) -> Tick {
+        if let (true, Some(first)) = (output_pending, self.vcpus.first()) {
+            kick(first.tid);
+        }
         let elapsed = expirations.max(1).saturating_mul(u64::from(self.period));
         self.tick = self.tick.saturating_add(elapsed);
         let elapsed = u32::try_from(elapsed).unwrap_or(u32::MAX);

@@ -102,26 +102,25 @@ impl VcpuIo {
         let Some(ring) = &self.coalesced else {
             return 0;
         };
-        let n = ring.drain(&self.pio);
-        if n > 0 {
-            self.reporter
-                .region()
-                .add_vm(VmCounter::CoalescedPioWrites, n);
-        }
-        n
+        self.count_coalesced(ring.drain(&self.pio))
     }
 
     /// After an exit was handled (`wrote`: what a port write exit wrote): the zone follows
     /// what the device now allows, before this vCPU runs the guest again.
     fn follow_coalesced(&self, wrote: Option<WrittenPort>) {
         if let Some(ring) = &self.coalesced {
-            let n = ring.follow(&self.pio, wrote);
-            if n > 0 {
-                self.reporter
-                    .region()
-                    .add_vm(VmCounter::CoalescedPioWrites, n);
-            }
+            self.count_coalesced(ring.follow(&self.pio, wrote));
         }
+    }
+
+    /// Counts `n` held-back writes handled; returns `n`.
+    fn count_coalesced(&self, n: u64) -> u64 {
+        if n > 0 {
+            self.reporter
+                .region()
+                .add_vm(VmCounter::CoalescedPioWrites, n);
+        }
+        n
     }
 }
 
