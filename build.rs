@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 use seccompiler::{compile_from_json, TargetArch};
 
+#[path = "build/bpf_opt.rs"]
+mod bpf_opt;
 #[path = "build/bpf_run.rs"]
 mod bpf_run;
 #[path = "build/seccomp_dispatch.rs"]
@@ -51,7 +53,9 @@ fn main() {
             "{} holds filters other than {role:?}",
             src.display()
         );
-        let program = seccomp_dispatch::compile(&json, role, arch, &linear);
+        let dispatched = seccomp_dispatch::compile(&json, role, arch, &linear);
+        let program = bpf_opt::optimize(&dispatched, |k| PLACEHOLDERS.contains(&k));
+        seccomp_dispatch::check_same_verdicts(&json, role, &linear, &program);
         for insn in &program {
             assert!(
                 // An equality test is the only instruction a placeholder may appear in.

@@ -139,7 +139,6 @@ pub fn compile(json: &str, role: &str, arch: TargetArch, linear: &BpfProgram) ->
         "{role}: {} instructions, over the kernel's limit",
         out.len()
     );
-    check_same_verdicts(role, linear, &out);
     out
 }
 
@@ -176,25 +175,59 @@ fn search(items: &[(u32, usize)], out: &mut Vec<Op>) {
 }
 
 /// Every call number, with a few argument patterns and both architectures, gets the same
-/// verdict from both programs.
-fn check_same_verdicts(role: &str, linear: &[sock_filter], tree: &[sock_filter]) {
-    let patterns: [u64; 5] = [0, 1, 0x22, u64::MAX, 0x7fff_fff1];
+/// verdict from both programs; so do the arguments each rule in `json` allows, and each of
+/// those with one condition's argument changed so that condition fails.
+pub fn check_same_verdicts(json: &str, role: &str, linear: &[sock_filter], tree: &[sock_filter]) {
+    let mut arg_sets: Vec<[u64; 6]> = Vec::new();
+    for p in [0, 1, 0x22, u64::MAX, 0x7fff_fff1] {
+        for slot in 0..6 {
+            let mut args = [0u64; 6];
+            args[slot] = p;
+            arg_sets.push(args);
+        }
+    }
+    let doc: Value = serde_json::from_str(json).expect("the filter file is JSON");
+    for rule in doc[role]["filter"]
+        .as_array()
+        .expect("the filter's rules are a list")
+    {
+        let conds: Vec<(usize, u64, Option<u64>)> = rule["args"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                let index = c["index"].as_u64().expect("an argument index") as usize;
+                let val = c["val"].as_u64().expect("a condition's value");
+                (index, val, c["op"]["masked_eq"].as_u64())
+            })
+            .collect();
+        let mut allowed = [0u64; 6];
+        for &(index, val, _) in &conds {
+            allowed[index] = val;
+        }
+        arg_sets.push(allowed);
+        for &(index, val, mask) in &conds {
+            let mut failing = allowed;
+            failing[index] = match mask {
+                Some(mask) => val ^ mask,
+                None => val.wrapping_add(1),
+            };
+            arg_sets.push(failing);
+        }
+    }
     for arch in [0xc000_003e_u32, 0x4000_0003] {
         // The x86_64 calls, x32's (bit 30 set) and the largest number.
         let numbers = (0..1024u32)
             .chain(0x4000_0000..0x4000_0400)
             .chain([u32::MAX]);
         for nr in numbers {
-            for p in patterns {
-                for slot in 0..6 {
-                    let mut args = [0u64; 6];
-                    args[slot] = p;
-                    let (a, b) = (run(linear, nr, arch, args), run(tree, nr, arch, args));
-                    assert_eq!(
-                        a, b,
-                        "{role}: call {nr} arch {arch:#x} args {args:?}: {a:#x} != {b:#x}"
-                    );
-                }
+            for &args in &arg_sets {
+                let (a, b) = (run(linear, nr, arch, args), run(tree, nr, arch, args));
+                assert_eq!(
+                    a, b,
+                    "{role}: call {nr} arch {arch:#x} args {args:?}: {a:#x} != {b:#x}"
+                );
             }
         }
     }

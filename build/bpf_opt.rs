@@ -1,0 +1,424 @@
+//! Shrinks a classic-BPF seccomp program without changing a verdict.
+//!
+//! seccompiler's chains, and the dispatch build/seccomp_dispatch.rs puts in front of them,
+//! test the call number twice (at the search's leaf and again at the chain's head), jump to
+//! jumps and to returns, and leave returns no path reaches. The kernel pays for every
+//! instruction at each install: it checks and converts the program, JIT-compiles it in
+//! passes over the whole image, and runs it once per call number to fill its allow cache.
+//! Three passes here, repeated until nothing changes:
+//! - a test whose outcome is known, because an equality test just taken set the accumulator
+//!   and nothing loaded it since, becomes a plain jump;
+//! - a jump to a jump goes straight to the end of the chain, a plain jump to a return becomes
+//!   that return, a test whose branches meet becomes a plain jump;
+//! - instructions no path reaches, and jumps to the next instruction, are dropped.
+//!
+//! Only forward jumps exist in classic BPF, so one pass in program order sees every edge into
+//! an instruction before the instruction itself. Dropping instructions only shortens forward
+//! distances, so a test's 8-bit offsets that fit before a pass fit after it. A program with
+//! an instruction not listed below is returned unchanged. build.rs then runs both programs
+//! for every call number and a set of arguments and fails the build on any difference.
+
+use seccompiler::sock_filter;
+
+const LD_W_ABS: u16 = 0x20;
+const ALU_AND_K: u16 = 0x54;
+const RET_K: u16 = 0x06;
+const JA: u16 = 0x05;
+const JEQ_K: u16 = 0x15;
+const JGT_K: u16 = 0x25;
+const JGE_K: u16 = 0x35;
+const JSET_K: u16 = 0x45;
+
+/// Where control goes after an instruction, as absolute indices.
+#[derive(Clone, Copy, PartialEq)]
+enum Next {
+    /// ld, and: the next instruction.
+    Fall,
+    /// ja.
+    Jump(usize),
+    /// A test: taken, not taken.
+    Test(usize, usize),
+    Ret,
+}
+
+#[derive(Clone)]
+struct Node {
+    insn: sock_filter,
+    next: Next,
+}
+
+/// `prog` made shorter; `runtime(k)` says a constant is patched in at run time (so a test
+/// against it is never decided here).
+pub fn optimize(prog: &[sock_filter], runtime: impl Fn(u32) -> bool) -> Vec<sock_filter> {
+    let Some(mut nodes) = decode(prog) else {
+        return prog.to_vec();
+    };
+    loop {
+        let before = nodes.len();
+        let mut changed = fold_known(&mut nodes, &runtime);
+        changed |= thread(&mut nodes);
+        nodes = compact(nodes);
+        if !changed && nodes.len() == before {
+            break;
+        }
+    }
+    encode(&nodes)
+}
+
+fn decode(prog: &[sock_filter]) -> Option<Vec<Node>> {
+    let mut nodes = Vec::with_capacity(prog.len());
+    for (i, insn) in prog.iter().enumerate() {
+        let next = match insn.code {
+            LD_W_ABS | ALU_AND_K => Next::Fall,
+            RET_K => Next::Ret,
+            JA => Next::Jump(i + 1 + usize::try_from(insn.k).ok()?),
+            JEQ_K | JGT_K | JGE_K | JSET_K => {
+                Next::Test(i + 1 + usize::from(insn.jt), i + 1 + usize::from(insn.jf))
+            }
+            _ => return None,
+        };
+        let target_ok = match next {
+            Next::Fall => i + 1 < prog.len(),
+            Next::Jump(t) => t < prog.len(),
+            Next::Test(t, f) => t < prog.len() && f < prog.len(),
+            Next::Ret => true,
+        };
+        if !target_ok {
+            return None;
+        }
+        nodes.push(Node {
+            insn: insn.clone(),
+            next,
+        });
+    }
+    Some(nodes)
+}
+
+/// What is known of the accumulator on entry to an instruction.
+#[derive(Clone, Copy, PartialEq)]
+enum Acc {
+    Unreached,
+    Unknown,
+    Is(u32),
+}
+
+fn meet(a: Acc, b: Acc) -> Acc {
+    match (a, b) {
+        (Acc::Unreached, x) | (x, Acc::Unreached) => x,
+        (Acc::Is(x), Acc::Is(y)) if x == y => Acc::Is(x),
+        _ => Acc::Unknown,
+    }
+}
+
+/// Turns tests whose outcome the accumulator's known value decides into plain jumps.
+fn fold_known(nodes: &mut [Node], runtime: &impl Fn(u32) -> bool) -> bool {
+    let mut acc = vec![Acc::Unreached; nodes.len()];
+    if let Some(first) = acc.first_mut() {
+        *first = Acc::Unknown;
+    }
+    let mut changed = false;
+    for i in 0..nodes.len() {
+        let here = acc[i];
+        if here == Acc::Unreached {
+            continue;
+        }
+        let (insn, next) = (nodes[i].insn.clone(), nodes[i].next);
+        let decided = match (here, next) {
+            (Acc::Is(a), Next::Test(t, f)) if !runtime(insn.k) => Some(
+                if match insn.code {
+                    JEQ_K => a == insn.k,
+                    JGT_K => a > insn.k,
+                    JGE_K => a >= insn.k,
+                    _ => a & insn.k != 0,
+                } {
+                    t
+                } else {
+                    f
+                },
+            ),
+            _ => None,
+        };
+        if let Some(to) = decided {
+            nodes[i] = jump(to, i);
+            changed = true;
+        }
+        let out = match insn.code {
+            LD_W_ABS => Acc::Unknown,
+            ALU_AND_K => match here {
+                Acc::Is(a) => Acc::Is(a & insn.k),
+                _ => Acc::Unknown,
+            },
+            _ => here,
+        };
+        match nodes[i].next {
+            Next::Fall => acc[i + 1] = meet(acc[i + 1], out),
+            Next::Jump(t) => acc[t] = meet(acc[t], out),
+            Next::Test(t, f) => {
+                // An equality test taken leaves a known accumulator, unless its constant is
+                // only known at run time (two such may turn out equal).
+                let taken = if insn.code == JEQ_K && !runtime(insn.k) {
+                    Acc::Is(insn.k)
+                } else {
+                    out
+                };
+                acc[t] = meet(acc[t], taken);
+                acc[f] = meet(acc[f], out);
+            }
+            Next::Ret => {}
+        }
+    }
+    changed
+}
+
+fn jump(to: usize, from: usize) -> Node {
+    let k = u32::try_from(to - from - 1).expect("a forward jump");
+    Node {
+        insn: sock_filter {
+            code: JA,
+            jt: 0,
+            jf: 0,
+            k,
+        },
+        next: Next::Jump(to),
+    }
+}
+
+/// Sends jumps to where their chain of plain jumps ends; a plain jump to a return becomes the
+/// return.
+fn thread(nodes: &mut [Node]) -> bool {
+    let end = |nodes: &[Node], mut t: usize| {
+        while let Next::Jump(u) = nodes[t].next {
+            t = u;
+        }
+        t
+    };
+    let mut changed = false;
+    for i in 0..nodes.len() {
+        match nodes[i].next {
+            Next::Jump(t) => {
+                let to = end(nodes, t);
+                if nodes[to].next == Next::Ret {
+                    nodes[i] = nodes[to].clone();
+                    changed = true;
+                } else if to != t {
+                    nodes[i] = jump(to, i);
+                    changed = true;
+                }
+            }
+            Next::Test(t, f) => {
+                // A test's offsets are 8 bits: follow a chain only as far as one reaches.
+                let near = |to: usize| to - i - 1 <= usize::from(u8::MAX);
+                let (t2, f2) = (end(nodes, t), end(nodes, f));
+                let (t2, f2) = (if near(t2) { t2 } else { t }, if near(f2) { f2 } else { f });
+                if t2 == f2 {
+                    nodes[i] = jump(t2, i);
+                    changed = true;
+                } else if (t2, f2) != (t, f) {
+                    nodes[i].next = Next::Test(t2, f2);
+                    changed = true;
+                }
+            }
+            Next::Fall | Next::Ret => {}
+        }
+    }
+    changed
+}
+
+/// Drops what no path reaches and jumps to the next instruction, renumbering the rest.
+fn compact(nodes: Vec<Node>) -> Vec<Node> {
+    let mut live = vec![false; nodes.len()];
+    if let Some(first) = live.first_mut() {
+        *first = true;
+    }
+    for i in 0..nodes.len() {
+        if !live[i] {
+            continue;
+        }
+        match nodes[i].next {
+            Next::Fall => live[i + 1] = true,
+            Next::Jump(t) => live[t] = true,
+            Next::Test(t, f) => {
+                live[t] = true;
+                live[f] = true;
+            }
+            Next::Ret => {}
+        }
+    }
+    // A plain jump over nothing live goes: whatever reached it reaches its target instead,
+    // which is the instruction that now follows.
+    for i in 0..nodes.len() {
+        if let (true, Next::Jump(t)) = (live[i], nodes[i].next) {
+            if (i + 1..t).all(|j| !live[j]) {
+                live[i] = false;
+            }
+        }
+    }
+    // Each old index's new one: a dropped instruction's is that of the next kept one.
+    let mut new_index = vec![0; nodes.len() + 1];
+    let mut kept = 0;
+    for i in 0..nodes.len() {
+        new_index[i] = kept;
+        kept += usize::from(live[i]);
+    }
+    new_index[nodes.len()] = kept;
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| live[i])
+        .map(|(_, n)| Node {
+            insn: n.insn.clone(),
+            next: match n.next {
+                Next::Jump(t) => Next::Jump(new_index[t]),
+                Next::Test(t, f) => Next::Test(new_index[t], new_index[f]),
+                other => other,
+            },
+        })
+        .collect()
+}
+
+fn encode(nodes: &[Node]) -> Vec<sock_filter> {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut insn = n.insn.clone();
+            match n.next {
+                Next::Jump(t) => insn.k = u32::try_from(t - i - 1).expect("forward"),
+                Next::Test(t, f) => {
+                    insn.jt = u8::try_from(t - i - 1).expect("a test's offset fits");
+                    insn.jf = u8::try_from(f - i - 1).expect("a test's offset fits");
+                }
+                Next::Fall | Next::Ret => {}
+            }
+            insn
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALLOW: u32 = 0x7fff_0000;
+    const TRAP: u32 = 0x0003_0000;
+    const KILL: u32 = 0x8000_0000;
+    const ARCH: u32 = 0xc000_003e;
+
+    fn i(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
+        sock_filter { code, jt, jf, k }
+    }
+
+    fn verdict(prog: &[sock_filter], nr: u32, arg0: u64) -> u32 {
+        super::super::bpf_run::run(prog, nr, ARCH, [arg0, 0, 0, 0, 0, 0])
+    }
+
+    fn no_runtime(_: u32) -> bool {
+        false
+    }
+
+    #[test]
+    fn a_test_an_earlier_equality_decides_becomes_a_jump() {
+        // ld nr; nr == 5 ? (nr == 5 ? allow : trap) : trap
+        let prog = [
+            i(LD_W_ABS, 0, 0, 0),
+            i(JEQ_K, 0, 1, 5),
+            i(JA, 0, 0, 1),
+            i(RET_K, 0, 0, TRAP),
+            i(JEQ_K, 0, 1, 5),
+            i(RET_K, 0, 0, ALLOW),
+            i(RET_K, 0, 0, TRAP),
+        ];
+        let short = optimize(&prog, no_runtime);
+        assert_eq!(short.len(), 4, "{short:?}");
+        for nr in 3..8 {
+            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
+        }
+    }
+
+    #[test]
+    fn a_mask_leaves_the_masked_value_known() {
+        // nr == 6, then A &= 4: A is 4, not 6.
+        let prog = [
+            i(LD_W_ABS, 0, 0, 0),
+            i(JEQ_K, 0, 3, 6),
+            i(ALU_AND_K, 0, 0, 4),
+            i(JEQ_K, 2, 0, 6),
+            i(JEQ_K, 2, 1, 4),
+            i(RET_K, 0, 0, TRAP),
+            i(RET_K, 0, 0, KILL),
+            i(RET_K, 0, 0, ALLOW),
+        ];
+        let short = optimize(&prog, no_runtime);
+        assert_eq!(verdict(&short, 6, 0), ALLOW, "{short:?}");
+        assert_eq!(verdict(&short, 5, 0), TRAP);
+        assert!(short.len() < prog.len());
+    }
+
+    #[test]
+    fn paths_that_meet_with_different_values_know_neither() {
+        // nr == 1 or nr == 2 reach the same test of nr == 1, which must stay.
+        let prog = [
+            i(LD_W_ABS, 0, 0, 0),
+            i(JEQ_K, 1, 0, 1),
+            i(JEQ_K, 0, 2, 2),
+            i(JEQ_K, 0, 1, 1),
+            i(RET_K, 0, 0, ALLOW),
+            i(RET_K, 0, 0, KILL),
+            i(RET_K, 0, 0, TRAP),
+        ];
+        let short = optimize(&prog, no_runtime);
+        for nr in 0..4 {
+            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
+        }
+        assert_eq!(verdict(&short, 2, 0), KILL);
+    }
+
+    #[test]
+    fn tests_against_run_time_constants_are_never_decided() {
+        // arg0 == P1 ? (arg0 == P2 ? allow : trap) : trap, where P1 and P2 are patched in at
+        // run time and may turn out equal.
+        let (p1, p2) = (0x7fff_fff1, 0x7fff_fff4);
+        let prog = [
+            i(LD_W_ABS, 0, 0, 0x10),
+            i(JEQ_K, 0, 2, p1),
+            i(JEQ_K, 0, 1, p2),
+            i(RET_K, 0, 0, ALLOW),
+            i(RET_K, 0, 0, TRAP),
+        ];
+        let mut short = optimize(&prog, |k| k == p1 || k == p2);
+        for insn in &mut short {
+            if insn.code == JEQ_K && (insn.k == p1 || insn.k == p2) {
+                insn.k = 42;
+            }
+        }
+        assert_eq!(verdict(&short, 0, 42), ALLOW, "{short:?}");
+    }
+
+    #[test]
+    fn a_program_with_an_instruction_it_does_not_know_is_left_alone() {
+        // `ldx` is not one seccompiler emits.
+        let prog = [i(0x01, 0, 0, 0), i(JA, 0, 0, 0), i(RET_K, 0, 0, ALLOW)];
+        assert_eq!(optimize(&prog, no_runtime), prog);
+    }
+
+    #[test]
+    fn a_test_is_never_sent_beyond_its_reach() {
+        // A test taken jumps to a plain jump far beyond 255 instructions; threading it there
+        // would not fit in the test's offset.
+        let mut prog = vec![i(LD_W_ABS, 0, 0, 0), i(JEQ_K, 0, 1, 7), i(JA, 0, 0, 300)];
+        // 300 instructions the test's other branch reaches, so they stay: call 100 + n
+        // gets its own verdict.
+        for n in 0..150 {
+            prog.push(i(JEQ_K, 0, 1, 100 + n));
+            prog.push(i(RET_K, 0, 0, TRAP + n));
+        }
+        prog.push(i(RET_K, 0, 0, ALLOW));
+        assert_eq!(prog.len(), 3 + 300 + 1);
+        let short = optimize(&prog, no_runtime);
+        for nr in (6..10).chain(98..252) {
+            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
+        }
+        assert_eq!(verdict(&short, 7, 0), ALLOW);
+        assert_eq!(verdict(&short, 101, 0), TRAP + 1);
+    }
+}
