@@ -14,6 +14,8 @@ use seccompiler::{compile_from_json, TargetArch};
 mod bpf_opt;
 #[path = "build/bpf_run.rs"]
 mod bpf_run;
+#[path = "build/seccomp_check.rs"]
+mod seccomp_check;
 #[path = "build/seccomp_dispatch.rs"]
 mod seccomp_dispatch;
 
@@ -53,10 +55,11 @@ fn main() {
             "{} holds filters other than {role:?}",
             src.display()
         );
-        let dispatched = seccomp_dispatch::compile(&json, role, arch, &linear);
+        let (dispatched, calls) = seccomp_dispatch::compile(&json, role, arch, &linear);
         let program = bpf_opt::optimize(&dispatched, |k| PLACEHOLDERS.contains(&k));
-        seccomp_dispatch::check_same_verdicts(&json, role, &linear, &program);
-        for insn in &program {
+        seccomp_check::kernel_shape(role, &program);
+        seccomp_check::same_verdicts(&json, role, &calls, PLACEHOLDERS, &linear, &program);
+        for insn in linear.iter().chain(&program) {
             assert!(
                 // An equality test is the only instruction a placeholder may appear in.
                 !PLACEHOLDERS.contains(&insn.k) || insn.code == seccomp_dispatch::JEQ_K,

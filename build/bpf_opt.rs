@@ -15,8 +15,8 @@
 //! Only forward jumps exist in classic BPF, so one pass in program order sees every edge into
 //! an instruction before the instruction itself. Dropping instructions only shortens forward
 //! distances, so a test's 8-bit offsets that fit before a pass fit after it. A program with
-//! an instruction not listed below is returned unchanged. build.rs then runs both programs
-//! for every call number and a set of arguments and fails the build on any difference.
+//! an instruction not listed below is returned unchanged. build/seccomp_check.rs then checks
+//! the kernel will take the result and that it gives the original's verdicts.
 
 use seccompiler::sock_filter;
 
@@ -71,7 +71,11 @@ fn decode(prog: &[sock_filter]) -> Option<Vec<Node>> {
         let next = match insn.code {
             LD_W_ABS | ALU_AND_K => Next::Fall,
             RET_K => Next::Ret,
-            JA => Next::Jump(i + 1 + usize::try_from(insn.k).ok()?),
+            JA => Next::Jump(
+                usize::try_from(insn.k)
+                    .ok()
+                    .and_then(|k| (i + 1).checked_add(k))?,
+            ),
             JEQ_K | JGT_K | JGE_K | JSET_K => {
                 Next::Test(i + 1 + usize::from(insn.jt), i + 1 + usize::from(insn.jf))
             }
@@ -124,18 +128,16 @@ fn fold_known(nodes: &mut [Node], runtime: &impl Fn(u32) -> bool) -> bool {
         }
         let (insn, next) = (nodes[i].insn.clone(), nodes[i].next);
         let decided = match (here, next) {
-            (Acc::Is(a), Next::Test(t, f)) if !runtime(insn.k) => Some(
-                if match insn.code {
-                    JEQ_K => a == insn.k,
-                    JGT_K => a > insn.k,
-                    JGE_K => a >= insn.k,
-                    _ => a & insn.k != 0,
-                } {
-                    t
-                } else {
-                    f
-                },
-            ),
+            (Acc::Is(a), Next::Test(t, f)) if !runtime(insn.k) => {
+                let holds = match insn.code {
+                    JEQ_K => Some(a == insn.k),
+                    JGT_K => Some(a > insn.k),
+                    JGE_K => Some(a >= insn.k),
+                    JSET_K => Some(a & insn.k != 0),
+                    _ => None,
+                };
+                holds.map(|h| if h { t } else { f })
+            }
             _ => None,
         };
         if let Some(to) = decided {
@@ -143,19 +145,21 @@ fn fold_known(nodes: &mut [Node], runtime: &impl Fn(u32) -> bool) -> bool {
             changed = true;
         }
         let out = match insn.code {
-            LD_W_ABS => Acc::Unknown,
             ALU_AND_K => match here {
                 Acc::Is(a) => Acc::Is(a & insn.k),
                 _ => Acc::Unknown,
             },
-            _ => here,
+            // Jumps and returns leave the accumulator as it is; a load, or anything decode
+            // might let through later, leaves nothing known.
+            RET_K | JA | JEQ_K | JGT_K | JGE_K | JSET_K => here,
+            _ => Acc::Unknown,
         };
         match nodes[i].next {
             Next::Fall => acc[i + 1] = meet(acc[i + 1], out),
             Next::Jump(t) => acc[t] = meet(acc[t], out),
             Next::Test(t, f) => {
                 // An equality test taken leaves a known accumulator, unless its constant is
-                // only known at run time (two such may turn out equal).
+                // only known at run time (it may turn out equal to any other constant).
                 let taken = if insn.code == JEQ_K && !runtime(insn.k) {
                     Acc::Is(insn.k)
                 } else {
@@ -395,6 +399,55 @@ mod tests {
     }
 
     #[test]
+    fn a_literal_never_decides_a_test_against_a_run_time_constant() {
+        // arg0 == 42 ? (arg0 == P ? allow : kill) : trap, P patched in at run time: when P
+        // turns out 42, the call is allowed.
+        let p = 0x7fff_fff3;
+        let prog = [
+            i(LD_W_ABS, 0, 0, 0x10),
+            i(JEQ_K, 0, 3, 42),
+            i(JEQ_K, 0, 1, p),
+            i(RET_K, 0, 0, ALLOW),
+            i(RET_K, 0, 0, KILL),
+            i(RET_K, 0, 0, TRAP),
+        ];
+        let mut short = optimize(&prog, |k| k == p);
+        for insn in &mut short {
+            if insn.code == JEQ_K && insn.k == p {
+                insn.k = 42;
+            }
+        }
+        assert_eq!(verdict(&short, 0, 42), ALLOW, "{short:?}");
+        assert_eq!(verdict(&short, 0, 41), TRAP);
+    }
+
+    #[test]
+    fn a_jump_to_the_next_instruction_goes_and_what_reached_it_reaches_its_target() {
+        // ja +0 first; a load falling into a chain of two ja +0; a test whose branches are
+        // ja +0 (and a ja beyond them).
+        let prog = [
+            i(JA, 0, 0, 0),
+            i(LD_W_ABS, 0, 0, 0),
+            i(JA, 0, 0, 0),
+            i(JA, 0, 0, 0),
+            i(JEQ_K, 0, 1, 3),
+            i(JA, 0, 0, 1),
+            i(JA, 0, 0, 0),
+            i(JEQ_K, 0, 1, 4),
+            i(RET_K, 0, 0, KILL),
+            i(RET_K, 0, 0, ALLOW),
+        ];
+        let short = optimize(&prog, no_runtime);
+        assert!(short.iter().all(|insn| insn.code != JA), "{short:?}");
+        for nr in 0..6 {
+            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
+        }
+        assert_eq!(verdict(&short, 3, 0), ALLOW);
+        assert_eq!(verdict(&short, 4, 0), KILL);
+        assert_eq!(verdict(&short, 5, 0), ALLOW);
+    }
+
+    #[test]
     fn a_program_with_an_instruction_it_does_not_know_is_left_alone() {
         // `ldx` is not one seccompiler emits.
         let prog = [i(0x01, 0, 0, 0), i(JA, 0, 0, 0), i(RET_K, 0, 0, ALLOW)];
@@ -403,8 +456,8 @@ mod tests {
 
     #[test]
     fn a_test_is_never_sent_beyond_its_reach() {
-        // A test taken jumps to a plain jump far beyond 255 instructions; threading it there
-        // would not fit in the test's offset.
+        // A test taken jumps to a plain jump just after it whose target lies more than 255
+        // instructions on; threading the test there would not fit in its offset.
         let mut prog = vec![i(LD_W_ABS, 0, 0, 0), i(JEQ_K, 0, 1, 7), i(JA, 0, 0, 300)];
         // 300 instructions the test's other branch reaches, so they stay: call 100 + n
         // gets its own verdict.

@@ -6,12 +6,12 @@ use seccompiler::sock_filter;
 
 /// The classic-BPF subset seccompiler emits, run as the kernel would.
 pub fn run(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
-    let mut data = Vec::with_capacity(64);
-    data.extend_from_slice(&nr.to_le_bytes());
-    data.extend_from_slice(&arch.to_le_bytes());
-    data.extend_from_slice(&0u64.to_le_bytes());
-    for a in args {
-        data.extend_from_slice(&a.to_le_bytes());
+    // struct seccomp_data: nr, arch, instruction pointer (0 here), args.
+    let mut data = [0u8; 64];
+    data[..4].copy_from_slice(&nr.to_le_bytes());
+    data[4..8].copy_from_slice(&arch.to_le_bytes());
+    for (slot, a) in data[16..].chunks_exact_mut(8).zip(args) {
+        slot.copy_from_slice(&a.to_le_bytes());
     }
     let (mut acc, mut pc) = (0u32, 0usize);
     loop {
