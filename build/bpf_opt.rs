@@ -1,15 +1,18 @@
 //! Shrinks a classic-BPF seccomp program without changing a verdict.
 //!
 //! seccompiler's chains, and the dispatch build/seccomp_dispatch.rs puts in front of them,
-//! test the call number twice (at the search's leaf and again at the chain's head), jump to
-//! jumps and to returns, and leave returns no path reaches. The kernel pays for every
+//! test the call number twice (at the search's leaf and again at the chain's head), load the
+//! same argument again before each value it is compared with, jump to jumps and to returns,
+//! and end each rule with its own return (three values in all). The kernel pays for every
 //! instruction at each install: it checks and converts the program, JIT-compiles it in
 //! passes over the whole image, and runs it once per call number to fill its allow cache.
-//! Three passes here, repeated until nothing changes:
+//! Four passes here, repeated until nothing changes:
 //! - a test whose outcome is known, because an equality test just taken set the accumulator
-//!   and nothing loaded it since, becomes a plain jump;
+//!   (or a mask since) and nothing loaded it since, becomes a plain jump; a load of the word
+//!   the accumulator still holds becomes a jump to the next instruction;
 //! - a jump to a jump goes straight to the end of the chain, a plain jump to a return becomes
 //!   that return, a test whose branches meet becomes a plain jump;
+//! - a test jumping to a return jumps to one copy of it at the end of the program instead;
 //! - instructions no path reaches, and jumps to the next instruction, are dropped.
 //!
 //! Only forward jumps exist in classic BPF, so one pass in program order sees every edge into
@@ -57,6 +60,7 @@ pub fn optimize(prog: &[sock_filter], runtime: impl Fn(u32) -> bool) -> Vec<sock
         let before = nodes.len();
         let mut changed = fold_known(&mut nodes, &runtime);
         changed |= thread(&mut nodes);
+        changed |= share_returns(&mut nodes);
         nodes = compact(nodes);
         if !changed && nodes.len() == before {
             break;
@@ -98,37 +102,48 @@ fn decode(prog: &[sock_filter]) -> Option<Vec<Node>> {
     Some(nodes)
 }
 
-/// What is known of the accumulator on entry to an instruction.
+/// What is known of the accumulator on entry to an instruction: its value, and the word of
+/// the call's data it was loaded from (still holding it).
 #[derive(Clone, Copy, PartialEq)]
 enum Acc {
     Unreached,
-    Unknown,
-    Is(u32),
+    Known {
+        value: Option<u32>,
+        field: Option<u32>,
+    },
 }
 
+const NOTHING_KNOWN: Acc = Acc::Known {
+    value: None,
+    field: None,
+};
+
 fn meet(a: Acc, b: Acc) -> Acc {
+    let same = |x: Option<u32>, y: Option<u32>| if x == y { x } else { None };
     match (a, b) {
         (Acc::Unreached, x) | (x, Acc::Unreached) => x,
-        (Acc::Is(x), Acc::Is(y)) if x == y => Acc::Is(x),
-        _ => Acc::Unknown,
+        (Acc::Known { value: v, field: f }, Acc::Known { value: w, field: g }) => Acc::Known {
+            value: same(v, w),
+            field: same(f, g),
+        },
     }
 }
 
-/// Turns tests whose outcome the accumulator's known value decides into plain jumps.
+/// Turns tests whose outcome the accumulator's known value decides into plain jumps, and loads
+/// of the word the accumulator already holds into jumps to the next instruction.
 fn fold_known(nodes: &mut [Node], runtime: &impl Fn(u32) -> bool) -> bool {
     let mut acc = vec![Acc::Unreached; nodes.len()];
     if let Some(first) = acc.first_mut() {
-        *first = Acc::Unknown;
+        *first = NOTHING_KNOWN;
     }
     let mut changed = false;
     for i in 0..nodes.len() {
-        let here = acc[i];
-        if here == Acc::Unreached {
+        let Acc::Known { value, field } = acc[i] else {
             continue;
-        }
+        };
         let (insn, next) = (nodes[i].insn.clone(), nodes[i].next);
-        let decided = match (here, next) {
-            (Acc::Is(a), Next::Test(t, f)) if !runtime(insn.k) => {
+        let decided = match (value, next) {
+            (Some(a), Next::Test(t, f)) if !runtime(insn.k) => {
                 let holds = match insn.code {
                     JEQ_K => Some(a == insn.k),
                     JGT_K => Some(a > insn.k),
@@ -138,6 +153,7 @@ fn fold_known(nodes: &mut [Node], runtime: &impl Fn(u32) -> bool) -> bool {
                 };
                 holds.map(|h| if h { t } else { f })
             }
+            (_, Next::Fall) if insn.code == LD_W_ABS && field == Some(insn.k) => Some(i + 1),
             _ => None,
         };
         if let Some(to) = decided {
@@ -145,14 +161,21 @@ fn fold_known(nodes: &mut [Node], runtime: &impl Fn(u32) -> bool) -> bool {
             changed = true;
         }
         let out = match insn.code {
-            ALU_AND_K => match here {
-                Acc::Is(a) => Acc::Is(a & insn.k),
-                _ => Acc::Unknown,
+            // The call's data does not change while the filter runs: a load again leaves
+            // what the first left.
+            LD_W_ABS if field == Some(insn.k) => acc[i],
+            LD_W_ABS => Acc::Known {
+                value: None,
+                field: Some(insn.k),
             },
-            // Jumps and returns leave the accumulator as it is; a load, or anything decode
-            // might let through later, leaves nothing known.
-            RET_K | JA | JEQ_K | JGT_K | JGE_K | JSET_K => here,
-            _ => Acc::Unknown,
+            ALU_AND_K => Acc::Known {
+                value: value.map(|a| a & insn.k),
+                field: None,
+            },
+            // Jumps and returns leave the accumulator as it is; anything decode might let
+            // through later leaves nothing known.
+            RET_K | JA | JEQ_K | JGT_K | JGE_K | JSET_K => acc[i],
+            _ => NOTHING_KNOWN,
         };
         match nodes[i].next {
             Next::Fall => acc[i + 1] = meet(acc[i + 1], out),
@@ -160,15 +183,91 @@ fn fold_known(nodes: &mut [Node], runtime: &impl Fn(u32) -> bool) -> bool {
             Next::Test(t, f) => {
                 // An equality test taken leaves a known accumulator, unless its constant is
                 // only known at run time (it may turn out equal to any other constant).
-                let taken = if insn.code == JEQ_K && !runtime(insn.k) {
-                    Acc::Is(insn.k)
-                } else {
-                    out
+                let taken = match out {
+                    Acc::Known { field, .. } if insn.code == JEQ_K && !runtime(insn.k) => {
+                        Acc::Known {
+                            value: Some(insn.k),
+                            field,
+                        }
+                    }
+                    _ => out,
                 };
                 acc[t] = meet(acc[t], taken);
                 acc[f] = meet(acc[f], out);
             }
             Next::Ret => {}
+        }
+    }
+    changed
+}
+
+/// Sends each jump to a return to one copy of that return at the program's end, where the
+/// jump reaches it (a test's offsets are 8 bits); the copies no path reaches any more are
+/// dropped next. Programs end with a return, so the copies there keep that true.
+fn share_returns(nodes: &mut Vec<Node>) -> bool {
+    let is_ret = |n: &Node| n.next == Next::Ret;
+    // The returns already at the end, by value.
+    let mut shared: Vec<(u32, usize)> = Vec::new();
+    for (i, n) in nodes.iter().enumerate().rev() {
+        if !is_ret(n) {
+            break;
+        }
+        if !shared.iter().any(|&(k, _)| k == n.insn.k) {
+            shared.push((n.insn.k, i));
+        }
+    }
+    // The other values returned somewhere: a copy at the end, each, if a jump will use it.
+    let mut wanted: Vec<u32> = Vec::new();
+    for n in nodes.iter().filter(|n| is_ret(n)) {
+        if !shared.iter().any(|&(k, _)| k == n.insn.k) && !wanted.contains(&n.insn.k) {
+            wanted.push(n.insn.k);
+        }
+    }
+    let end = nodes.len() + wanted.len();
+    let fits = |from: usize, to: usize| to - from - 1 <= usize::from(u8::MAX);
+    let redirected = |from: usize, to: usize, nodes: &[Node]| -> bool {
+        to < nodes.len() && is_ret(&nodes[to]) && fits(from, end - 1)
+    };
+    // Only add copies some test will jump to: one nobody reaches would be dropped again.
+    let used = |k: u32| {
+        nodes.iter().enumerate().any(|(i, n)| match n.next {
+            Next::Test(t, f) => [t, f]
+                .iter()
+                .any(|&x| redirected(i, x, nodes) && nodes[x].insn.k == k),
+            _ => false,
+        })
+    };
+    wanted.retain(|&k| used(k));
+    for k in wanted {
+        shared.push((k, nodes.len()));
+        nodes.push(Node {
+            insn: sock_filter {
+                code: RET_K,
+                jt: 0,
+                jf: 0,
+                k,
+            },
+            next: Next::Ret,
+        });
+    }
+    let mut changed = false;
+    let len = nodes.len();
+    for i in 0..len {
+        if let Next::Test(t, f) = nodes[i].next {
+            let to_shared = |x: usize| {
+                if !is_ret(&nodes[x]) {
+                    return x;
+                }
+                match shared.iter().find(|&&(k, _)| k == nodes[x].insn.k) {
+                    Some(&(_, s)) if s != x && fits(i, s) => s,
+                    _ => x,
+                }
+            };
+            let (t2, f2) = (to_shared(t), to_shared(f));
+            if (t2, f2) != (t, f) {
+                nodes[i].next = Next::Test(t2, f2);
+                changed = true;
+            }
         }
     }
     changed
@@ -445,6 +544,104 @@ mod tests {
         assert_eq!(verdict(&short, 3, 0), ALLOW);
         assert_eq!(verdict(&short, 4, 0), KILL);
         assert_eq!(verdict(&short, 5, 0), ALLOW);
+    }
+
+    #[test]
+    fn a_load_of_the_word_the_accumulator_holds_goes_and_one_after_a_mask_stays() {
+        // arg1 == 1 or arg1 == 2: allow; else arg0 & 4 == 0: trap; else arg0 == 5: kill.
+        let prog = [
+            i(LD_W_ABS, 0, 0, 0x18),
+            i(JEQ_K, 2, 0, 1),
+            i(LD_W_ABS, 0, 0, 0x18),
+            i(JEQ_K, 0, 1, 2),
+            i(RET_K, 0, 0, ALLOW),
+            i(LD_W_ABS, 0, 0, 0x10),
+            i(ALU_AND_K, 0, 0, 4),
+            i(JEQ_K, 2, 0, 0),
+            i(LD_W_ABS, 0, 0, 0x10),
+            i(JEQ_K, 1, 0, 5),
+            i(RET_K, 0, 0, TRAP),
+            i(RET_K, 0, 0, KILL),
+        ];
+        let short = optimize(&prog, no_runtime);
+        let loads = |p: &[sock_filter], k| {
+            p.iter()
+                .filter(|insn| insn.code == LD_W_ABS && insn.k == k)
+                .count()
+        };
+        assert_eq!(loads(&short, 0x18), 1, "{short:?}");
+        assert_eq!(loads(&short, 0x10), 2, "{short:?}");
+        let run = |p: &[sock_filter], a0: u64, a1: u64| {
+            super::super::bpf_run::run(p, 0, ARCH, [a0, a1, 0, 0, 0, 0])
+        };
+        for (a0, a1) in [(0, 1), (0, 2), (0, 3), (5, 0), (4, 0), (1, 0), (7, 9)] {
+            assert_eq!(run(&short, a0, a1), run(&prog, a0, a1), "args {a0} {a1}");
+        }
+        assert_eq!(run(&short, 5, 0), KILL);
+    }
+
+    #[test]
+    fn loads_of_different_words_meeting_leave_the_next_load_in_place() {
+        // Either arg0 or arg1 was loaded last, depending on the call: arg0 is loaded again.
+        let prog = [
+            i(LD_W_ABS, 0, 0, 0),
+            i(JEQ_K, 0, 2, 1),
+            i(LD_W_ABS, 0, 0, 0x10),
+            i(JA, 0, 0, 1),
+            i(LD_W_ABS, 0, 0, 0x18),
+            i(LD_W_ABS, 0, 0, 0x10),
+            i(JEQ_K, 0, 1, 9),
+            i(RET_K, 0, 0, ALLOW),
+            i(RET_K, 0, 0, TRAP),
+        ];
+        let short = optimize(&prog, no_runtime);
+        for (nr, a0) in [(1, 9), (2, 9), (1, 8), (2, 8)] {
+            assert_eq!(
+                verdict(&short, nr, a0),
+                verdict(&prog, nr, a0),
+                "call {nr} arg {a0}"
+            );
+        }
+        assert_eq!(verdict(&short, 2, 9), ALLOW);
+    }
+
+    #[test]
+    fn tests_that_return_share_one_return_of_each_value() {
+        // Calls 1 to 6 allowed, each through its own test and its own return.
+        let mut prog = vec![i(LD_W_ABS, 0, 0, 0)];
+        for nr in 1..=6 {
+            prog.push(i(JEQ_K, 0, 1, nr));
+            prog.push(i(RET_K, 0, 0, ALLOW));
+        }
+        prog.push(i(RET_K, 0, 0, TRAP));
+        let short = optimize(&prog, no_runtime);
+        let returns = short.iter().filter(|insn| insn.code == RET_K).count();
+        assert_eq!(returns, 2, "{short:?}");
+        assert_eq!(short.len(), 1 + 6 + 2);
+        for nr in 0..9 {
+            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
+        }
+    }
+
+    #[test]
+    fn a_test_keeps_its_own_return_when_the_shared_one_is_out_of_reach() {
+        // Call 1 is allowed by the return just after its test; the program's last return,
+        // also an allow, lies 301 instructions on (loads of two words in turn, which stay),
+        // beyond a test's 8-bit offset.
+        let mut prog = vec![
+            i(LD_W_ABS, 0, 0, 0),
+            i(JEQ_K, 0, 1, 1),
+            i(RET_K, 0, 0, ALLOW),
+        ];
+        for n in 0..300 {
+            prog.push(i(LD_W_ABS, 0, 0, if n % 2 == 0 { 0x10 } else { 0x18 }));
+        }
+        prog.push(i(RET_K, 0, 0, ALLOW));
+        let short = optimize(&prog, no_runtime);
+        assert_eq!(short.len(), prog.len(), "{short:?}");
+        for nr in 0..3 {
+            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
+        }
     }
 
     #[test]
