@@ -424,6 +424,17 @@ mod tests {
         super::super::bpf_run::run(prog, nr, ARCH, [arg0, 0, 0, 0, 0, 0])
     }
 
+    /// `short` gives `prog`'s verdict for each call in `calls` (arguments 0).
+    fn same_verdicts(
+        prog: &[sock_filter],
+        short: &[sock_filter],
+        calls: impl Iterator<Item = u32>,
+    ) {
+        for nr in calls {
+            assert_eq!(verdict(short, nr, 0), verdict(prog, nr, 0), "call {nr}");
+        }
+    }
+
     fn no_runtime(_: u32) -> bool {
         false
     }
@@ -442,9 +453,7 @@ mod tests {
         ];
         let short = optimize(&prog, no_runtime);
         assert_eq!(short.len(), 4, "{short:?}");
-        for nr in 3..8 {
-            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
-        }
+        same_verdicts(&prog, &short, 3..8);
     }
 
     #[test]
@@ -479,9 +488,7 @@ mod tests {
             i(RET_K, 0, 0, TRAP),
         ];
         let short = optimize(&prog, no_runtime);
-        for nr in 0..4 {
-            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
-        }
+        same_verdicts(&prog, &short, 0..4);
         assert_eq!(verdict(&short, 2, 0), KILL);
     }
 
@@ -547,9 +554,7 @@ mod tests {
         ];
         let short = optimize(&prog, no_runtime);
         assert!(short.iter().all(|insn| insn.code != JA), "{short:?}");
-        for nr in 0..6 {
-            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
-        }
+        same_verdicts(&prog, &short, 0..6);
         assert_eq!(verdict(&short, 3, 0), ALLOW);
         assert_eq!(verdict(&short, 4, 0), KILL);
         assert_eq!(verdict(&short, 5, 0), ALLOW);
@@ -633,9 +638,7 @@ mod tests {
         let returns = short.iter().filter(|insn| insn.code == RET_K).count();
         assert_eq!(returns, 2, "{short:?}");
         assert_eq!(short.len(), 1 + 6 + 2);
-        for nr in 0..9 {
-            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
-        }
+        same_verdicts(&prog, &short, 0..9);
     }
 
     #[test]
@@ -654,9 +657,7 @@ mod tests {
             .filter(|&n| short[n].code == RET_K && short[n].k == ALLOW)
             .collect();
         assert_eq!(allows, [short.len() - 1], "{short:?}");
-        for nr in 0..11 {
-            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
-        }
+        same_verdicts(&prog, &short, 0..11);
     }
 
     #[test]
@@ -675,9 +676,7 @@ mod tests {
         prog.push(i(RET_K, 0, 0, ALLOW));
         let short = optimize(&prog, no_runtime);
         assert_eq!(short.len(), prog.len(), "{short:?}");
-        for nr in 0..3 {
-            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
-        }
+        same_verdicts(&prog, &short, 0..3);
     }
 
     #[test]
@@ -701,9 +700,7 @@ mod tests {
         prog.push(i(RET_K, 0, 0, ALLOW));
         assert_eq!(prog.len(), 3 + 300 + 1);
         let short = optimize(&prog, no_runtime);
-        for nr in (6..10).chain(98..252) {
-            assert_eq!(verdict(&short, nr, 0), verdict(&prog, nr, 0), "call {nr}");
-        }
+        same_verdicts(&prog, &short, (6..10).chain(98..252));
         assert_eq!(verdict(&short, 7, 0), ALLOW);
         assert_eq!(verdict(&short, 101, 0), TRAP + 1);
     }
