@@ -73,6 +73,14 @@ pub fn same_verdicts(
         );
     }
     let per_call = argument_combinations(json, role);
+    let mut patterns = Vec::new();
+    for p in [0, 1, 0x22, u64::MAX, 0x7fff_fff1] {
+        for slot in 0..6 {
+            let mut args = [0u64; 6];
+            args[slot] = p;
+            patterns.push(args);
+        }
+    }
     for same in [None, Some(0x22), Some(1), Some(0x7fff_fff1)] {
         let patch = |v: u32| match same {
             Some(s) if placeholders.contains(&v) => s,
@@ -91,14 +99,6 @@ pub fn same_verdicts(
                  {a:#x} != {b:#x}"
             );
         };
-        let mut patterns = Vec::new();
-        for p in [0, 1, 0x22, u64::MAX, 0x7fff_fff1] {
-            for slot in 0..6 {
-                let mut args = [0u64; 6];
-                args[slot] = p;
-                patterns.push(args);
-            }
-        }
         for arch in [AUDIT_ARCH_X86_64, 0x4000_0003] {
             let numbers = (0..CALL_NUMBERS)
                 .chain(0x4000_0000..0x4000_0000 + CALL_NUMBERS)
